@@ -1,0 +1,12 @@
+//! prefer: align language models with preferences.
+//!
+//! Layers (see DESIGN.md), top to bottom: `train` (the loop) → `objectives` (pure functions of
+//! sequence statistics) → `data` (readers, validation, tokenisation) → `model` (transformer,
+//! loaders, log-probs) → candle.
+
+pub mod error;
+pub mod model;
+pub mod tokenizer;
+pub mod util;
+
+pub use error::{Error, Result};

@@ -1,0 +1,329 @@
+//! `config.json` of the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5), in both the
+//! transformers 4 dialect (`rope_theta`, `rope_scaling`) and the transformers 5 dialect
+//! (`rope_parameters` holding `rope_type` and `rope_theta`).
+
+use crate::error::{Error, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// Llama-3 style frequency scaling of RoPE (`rope_type = "llama3"`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama with `attention_bias`).
+    pub o_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| Error::model(path, format!("config.json: missing or non-integer `{key}`")))
+}
+
+fn get_token_id(v: &Value, key: &str) -> Option<u32> {
+    match v.get(key) {
+        Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
+        // Llama 3 lists several eos ids; the first is the one appended to completions.
+        Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as u32),
+        _ => None,
+    }
+}
+
+impl ModelConfig {
+    /// Parse a `config.json` value. `path` is only used in error messages.
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama")
+            .to_string();
+        if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2") {
+            return Err(Error::model(
+                path,
+                format!(
+                    "model_type `{model_type}` is not supported; prefer handles llama, mistral and qwen2 (SmolLM2 is llama)"
+                ),
+            ));
+        }
+        if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
+            return Err(Error::model(path, "config.json: `mlp_bias = true` is not supported"));
+        }
+        let hidden_size = get_usize(v, "hidden_size", path)?;
+        let num_attention_heads = get_usize(v, "num_attention_heads", path)?;
+        let num_key_value_heads = v
+            .get("num_key_value_heads")
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .unwrap_or(num_attention_heads);
+        let head_dim = v
+            .get("head_dim")
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .unwrap_or(hidden_size / num_attention_heads);
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::model(
+                path,
+                format!("num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"),
+            ));
+        }
+        // transformers 5: rope_parameters {rope_type, rope_theta, factor, ...}
+        // transformers 4: rope_theta at top level, rope_scaling {rope_type|type, factor, ...}
+        let rope_params = v.get("rope_parameters").filter(|p| p.is_object());
+        let rope_theta = rope_params
+            .and_then(|p| p.get("rope_theta"))
+            .or_else(|| v.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        let scaling = rope_params.or_else(|| v.get("rope_scaling").filter(|p| p.is_object()));
+        let rope_scaling = match scaling {
+            None => None,
+            Some(s) => {
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "llama3" => {
+                        let f = |k: &str| {
+                            s.get(k).and_then(Value::as_f64).ok_or_else(|| {
+                                Error::model(path, format!("config.json: llama3 rope scaling lacks `{k}`"))
+                            })
+                        };
+                        Some(Llama3RopeScaling {
+                            factor: f("factor")?,
+                            low_freq_factor: f("low_freq_factor")?,
+                            high_freq_factor: f("high_freq_factor")?,
+                            original_max_position_embeddings: f("original_max_position_embeddings")?,
+                        })
+                    }
+                    other => {
+                        return Err(Error::model(
+                            path,
+                            format!("rope scaling type `{other}` is not supported (supported: default, llama3)"),
+                        ))
+                    }
+                }
+            }
+        };
+        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        let is_qwen = model_type == "qwen2";
+        Ok(ModelConfig {
+            vocab_size: get_usize(v, "vocab_size", path)?,
+            hidden_size,
+            intermediate_size: get_usize(v, "intermediate_size", path)?,
+            num_hidden_layers: get_usize(v, "num_hidden_layers", path)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: v
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .unwrap_or(4096) as usize,
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            qkv_bias: is_qwen || attention_bias,
+            o_bias: !is_qwen && attention_bias,
+            bos_token_id: get_token_id(v, "bos_token_id"),
+            eos_token_id: get_token_id(v, "eos_token_id"),
+            pad_token_id: get_token_id(v, "pad_token_id"),
+            model_type,
+        })
+    }
+
+    /// A transformers-4 style `config.json` (which transformers 5 also reads).
+    pub fn to_json(&self) -> Value {
+        let arch = match self.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        let mut v = json!({
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": 0.02,
+            "use_cache": true,
+            "torch_dtype": "float32",
+        });
+        let o = v.as_object_mut().expect("object literal");
+        if self.model_type == "llama" {
+            o.insert("attention_bias".into(), json!(self.qkv_bias));
+            o.insert("mlp_bias".into(), json!(false));
+            o.insert("pretraining_tp".into(), json!(1));
+        }
+        if let Some(s) = &self.rope_scaling {
+            o.insert(
+                "rope_scaling".into(),
+                json!({
+                    "rope_type": "llama3",
+                    "factor": s.factor,
+                    "low_freq_factor": s.low_freq_factor,
+                    "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_position_embeddings,
+                }),
+            );
+        } else {
+            o.insert("rope_scaling".into(), Value::Null);
+        }
+        for (k, id) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", self.pad_token_id),
+        ] {
+            if let Some(id) = id {
+                o.insert(k.into(), json!(id));
+            }
+        }
+        v
+    }
+
+    /// Inverse frequencies of RoPE, `1/theta^(2i/d)`, with Llama-3 scaling applied if set
+    /// (the same arithmetic as transformers' `_compute_llama3_parameters`).
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        let mut inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        if let Some(s) = &self.rope_scaling {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= s.factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        inv
+    }
+
+    /// Number of parameters (for FLOP counts).
+    pub fn num_params(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
+        let emb = self.vocab_size * h;
+        emb * if self.tie_word_embeddings { 1 } else { 2 } + self.num_hidden_layers * per_layer + h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_rope_dialects() {
+        let p = Path::new("config.json");
+        let base = json!({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1});
+        let mut v4 = base.clone();
+        v4["rope_theta"] = json!(500000.0);
+        v4["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let mut v5 = base.clone();
+        v5["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let c4 = ModelConfig::from_json(&v4, p).unwrap();
+        let c5 = ModelConfig::from_json(&v5, p).unwrap();
+        assert_eq!(c4, c5);
+        assert_eq!(c4.rope_theta, 500000.0);
+        assert_eq!(c4.head_dim, 4);
+        // transformers 5 default rope
+        let mut v5d = base.clone();
+        v5d["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1234.0});
+        let c = ModelConfig::from_json(&v5d, p).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.is_none()), (1234.0, true));
+        // round trip through to_json
+        assert_eq!(ModelConfig::from_json(&c4.to_json(), p).unwrap(), c4);
+    }
+
+    #[test]
+    fn llama3_scaling_matches_hand_values() {
+        let c = ModelConfig::from_json(
+            &json!({"vocab_size": 10, "hidden_size": 128, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 1, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+            Path::new("c"),
+        )
+        .unwrap();
+        let inv = c.rope_inv_freq();
+        // i = 0: wavelength 2π < 2048 (high-frequency band): unchanged.
+        assert!((inv[0] - 1.0).abs() < 1e-15);
+        // last: base freq 500000^(-126/128), wavelength > 8192: divided by factor 8.
+        let base = 1.0 / 500000f64.powf(126.0 / 128.0);
+        assert!((inv[63] - base / 8.0).abs() < 1e-18);
+        // a middle one in the smooth band: check against the formula by hand.
+        let i = (0..64)
+            .find(|&i| {
+                let w = 2.0 * std::f64::consts::PI * 500000f64.powf(2.0 * i as f64 / 128.0);
+                (2048.0..=8192.0).contains(&w)
+            })
+            .unwrap();
+        let f = 1.0 / 500000f64.powf(2.0 * i as f64 / 128.0);
+        let w = 2.0 * std::f64::consts::PI / f;
+        let s = (8192.0 / w - 1.0) / 3.0;
+        assert!((inv[i] - ((1.0 - s) * f / 8.0 + s * f)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_unknown_types_fail() {
+        let v = json!({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2});
+        let c = ModelConfig::from_json(&v, Path::new("c")).unwrap();
+        assert!(c.qkv_bias && !c.o_bias);
+        let mut bad = v.clone();
+        bad["model_type"] = json!("gpt2");
+        let e = ModelConfig::from_json(&bad, Path::new("c")).unwrap_err().to_string();
+        assert!(e.contains("gpt2"), "{e}");
+    }
+}

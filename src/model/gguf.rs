@@ -1,0 +1,294 @@
+//! GGUF (llama.cpp) files: architecture from metadata, tensors dequantised to the training
+//! dtype, llama.cpp's Q/K row permutation undone so the model is in HF layout, and the
+//! tokenizer and chat template rebuilt from metadata.
+
+use super::{config::ModelConfig, LoadedModel, Transformer};
+use crate::error::{Error, Result};
+use crate::tokenizer::{byte_level_bpe_json, byte_level_pre_tokenizer, TextTokenizer};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::path::Path;
+
+/// ggml type ids that candle cannot dequantise, by name (for the error message).
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    }
+}
+
+fn meta_u64(v: &Value) -> Option<u64> {
+    Some(match v {
+        Value::U8(x) => *x as u64,
+        Value::I8(x) => *x as u64,
+        Value::U16(x) => *x as u64,
+        Value::I16(x) => *x as u64,
+        Value::U32(x) => *x as u64,
+        Value::I32(x) => *x as u64,
+        Value::U64(x) => *x,
+        Value::I64(x) => *x as u64,
+        _ => return None,
+    })
+}
+
+fn meta_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::F32(x) => Some(*x as f64),
+        Value::F64(x) => Some(*x),
+        other => meta_u64(other).map(|x| x as f64),
+    }
+}
+
+struct Meta<'a> {
+    content: &'a Content,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+    fn u64(&self, key: &str) -> Result<u64> {
+        self.get(key)
+            .and_then(meta_u64)
+            .ok_or_else(|| Error::model(self.path, format!("GGUF metadata `{key}` is missing or not an integer")))
+    }
+    fn str(&self, key: &str) -> Option<&str> {
+        match self.get(key) {
+            Some(Value::String(s)) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        match self.get(key) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(Error::model(self.path, format!("GGUF metadata `{key}` has a non-string entry"))),
+                })
+                .collect(),
+            _ => Err(Error::model(self.path, format!("GGUF metadata `{key}` is missing"))),
+        }
+    }
+}
+
+/// Undo llama.cpp's permutation of Q/K rows: the converter did
+/// `W.reshape(h, 2, rows/h/2, cols).swap(1, 2)`; this applies the inverse.
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, rows / heads / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// The converter's permutation (for writing GGUF test fixtures).
+pub fn permute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, 2, rows / heads / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// The GGUF name of an HF parameter name.
+pub fn gguf_tensor_name(hf: &str) -> String {
+    if hf == "model.embed_tokens.weight" {
+        return "token_embd.weight".into();
+    }
+    if hf == "model.norm.weight" {
+        return "output_norm.weight".into();
+    }
+    if hf == "lm_head.weight" {
+        return "output.weight".into();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap_or(hf);
+    let (layer, rest) = rest.split_once('.').unwrap_or(("0", rest));
+    let part = [
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+    ]
+    .iter()
+    .find_map(|(h, g)| rest.strip_prefix(h).map(|suffix| format!("{g}{suffix}")))
+    .unwrap_or_else(|| rest.to_string());
+    format!("blk.{layer}.{part}")
+}
+
+/// Read the architecture from GGUF metadata as a [`ModelConfig`].
+fn config_from_meta(m: &Meta, has_output: bool) -> Result<ModelConfig> {
+    let arch = m.str("general.architecture").unwrap_or("llama").to_string();
+    let model_type = match arch.as_str() {
+        "llama" | "mistral" | "qwen2" => arch.clone(),
+        other => {
+            return Err(Error::model(
+                m.path,
+                format!("GGUF architecture `{other}` is not supported (llama, mistral, qwen2)"),
+            ))
+        }
+    };
+    let k = |s: &str| format!("{arch}.{s}");
+    let hidden = m.u64(&k("embedding_length"))? as usize;
+    let heads = m.u64(&k("attention.head_count"))? as usize;
+    let kv = m.get(&k("attention.head_count_kv")).and_then(meta_u64).map(|x| x as usize).unwrap_or(heads);
+    let vocab = match m.get(&k("vocab_size")).and_then(meta_u64) {
+        Some(v) => v as usize,
+        None => m.strings("tokenizer.ggml.tokens")?.len(),
+    };
+    let head_dim = m.get(&k("attention.key_length")).and_then(meta_u64).map(|x| x as usize).unwrap_or(hidden / heads);
+    let mut v = json!({
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": m.u64(&k("feed_forward_length"))?,
+        "num_hidden_layers": m.u64(&k("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": m.get(&k("attention.layer_norm_rms_epsilon")).and_then(meta_f64).unwrap_or(1e-5),
+        "rope_theta": m.get(&k("rope.freq_base")).and_then(meta_f64).unwrap_or(10000.0),
+        "max_position_embeddings": m.get(&k("context_length")).and_then(meta_u64).unwrap_or(4096),
+        "tie_word_embeddings": !has_output,
+    });
+    for (key, meta) in [
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(id) = m.get(meta).and_then(meta_u64) {
+            v[key] = json!(id);
+        }
+    }
+    // f32 rms_norm_eps in GGUF (9.9999997e-6): round to the value HF configs carry.
+    if let Some(e) = v["rms_norm_eps"].as_f64() {
+        v["rms_norm_eps"] = json!(format!("{e:.6e}").parse::<f64>().unwrap_or(e));
+    }
+    ModelConfig::from_json(&v, m.path)
+}
+
+fn tokenizer_from_meta(m: &Meta, cfg: &ModelConfig) -> Result<TextTokenizer> {
+    let model = m.str("tokenizer.ggml.model").unwrap_or("");
+    if model != "gpt2" {
+        return Err(Error::model(
+            m.path,
+            format!("GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); load the model's HF directory instead"),
+        ));
+    }
+    let tokens = m.strings("tokenizer.ggml.tokens")?;
+    let merges = m.strings("tokenizer.ggml.merges")?;
+    let types: Vec<i64> = match m.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(a)) => a.iter().map(|v| meta_u64(v).unwrap_or(1) as i64).collect(),
+        _ => vec![],
+    };
+    let pre = byte_level_pre_tokenizer(m.str("tokenizer.ggml.pre").unwrap_or("gpt2"))?;
+    let add_bos = matches!(m.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    let bos_id = cfg.bos_token_id;
+    let bos_tok = bos_id.and_then(|i| tokens.get(i as usize).cloned());
+    let bos = match (add_bos, bos_id, &bos_tok) {
+        (true, Some(id), Some(t)) => Some((id, t.as_str())),
+        _ => None,
+    };
+    let json = byte_level_bpe_json(&tokens, &merges, &types, pre, bos);
+    let mut tc = json!({});
+    let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+    if let Some(e) = name(cfg.eos_token_id) {
+        tc["eos_token"] = json!(e);
+    }
+    if let Some(b) = bos_tok {
+        tc["bos_token"] = json!(b);
+    }
+    if let Some(p) = name(cfg.pad_token_id) {
+        tc["pad_token"] = json!(p);
+    }
+    if let Some(t) = m.str("tokenizer.chat_template") {
+        tc["chat_template"] = json!(t);
+    }
+    TextTokenizer::from_parts(json.to_string(), &tc, cfg.eos_token_id, cfg.pad_token_id)
+}
+
+/// Load a `.gguf` file.
+pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| {
+        let msg = e.to_string();
+        match msg.rsplit_once("unknown dtype for tensor ") {
+            Some((_, id)) => {
+                let id: u32 = id.trim().parse().unwrap_or(u32::MAX);
+                Error::model(
+                    path,
+                    format!(
+                        "GGUF quantisation type {} (ggml type id {id}) is not supported; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K",
+                        ggml_type_name(id)
+                    ),
+                )
+            }
+            None => Error::model(path, format!("not a readable GGUF file: {msg}")),
+        }
+    })?;
+    let m = Meta { content: &content, path };
+    let cfg = config_from_meta(&m, content.tensor_infos.contains_key("output.weight"))?;
+    let transformer = Transformer::build(&cfg, |name, _| {
+        let gname = gguf_tensor_name(name);
+        let q = content
+            .tensor(&mut file, &gname, device)
+            .map_err(|e| Error::model(path, format!("tensor `{gname}`: {e}")))?;
+        let mut t = q.dequantize(device)?;
+        if name.ends_with("q_proj.weight") {
+            t = unpermute_qk(&t, cfg.num_attention_heads)?;
+        } else if name.ends_with("k_proj.weight") {
+            t = unpermute_qk(&t, cfg.num_key_value_heads)?;
+        }
+        Ok(t.to_dtype(dtype)?)
+    })?;
+    let tokenizer = tokenizer_from_meta(&m, &cfg)?;
+    Ok(LoadedModel {
+        transformer,
+        tokenizer,
+        source: path.to_path_buf(),
+        weight_files: vec![path.to_path_buf()],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_round_trips_and_names_map() {
+        let w = Tensor::arange(0f32, 48.0, &Device::Cpu).unwrap().reshape((8, 6)).unwrap();
+        let p = permute_qk(&w, 2).unwrap();
+        assert_ne!(p.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        // rows of head 0 were [0,1,2,3] (first half 0,1; second half 2,3): interleaved to 0,2,1,3
+        let first_col: Vec<f32> = p.to_vec2::<f32>().unwrap().iter().map(|r| r[0]).collect();
+        assert_eq!(first_col, vec![0.0, 12.0, 6.0, 18.0, 24.0, 36.0, 30.0, 42.0]);
+        let back = unpermute_qk(&p, 2).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        assert_eq!(gguf_tensor_name("model.layers.3.self_attn.k_proj.weight"), "blk.3.attn_k.weight");
+        assert_eq!(gguf_tensor_name("model.layers.0.post_attention_layernorm.weight"), "blk.0.ffn_norm.weight");
+        assert_eq!(gguf_tensor_name("model.layers.1.self_attn.q_proj.bias"), "blk.1.attn_q.bias");
+    }
+}

@@ -1,0 +1,105 @@
+//! Hugging Face checkpoint layout: `config.json` + `model.safetensors` (or sharded with
+//! `model.safetensors.index.json`), tokenizer files, `generation_config.json`. Writes are atomic.
+
+use super::{config::ModelConfig, LoadedModel, Transformer};
+use crate::error::{Error, Result};
+use crate::tokenizer::TextTokenizer;
+use crate::util::{read_to_string, write_atomic};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn read_json(path: &Path) -> Result<Value> {
+    serde_json::from_str(&read_to_string(path)?).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
+}
+
+/// The safetensors files of a checkpoint directory, single or sharded.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::model(&index, "no `weight_map` object"))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    Err(Error::model(
+        dir,
+        "no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not read; re-save with safe_serialization=True)",
+    ))
+}
+
+/// Load an HF checkpoint directory.
+pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let cfg_path = dir.join("config.json");
+    let cfg = ModelConfig::from_json(&read_json(&cfg_path)?, &cfg_path)?;
+    let files = weight_files(dir)?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for f in &files {
+        let loaded = candle_core::safetensors::load(f, device).map_err(|e| Error::model(f, e.to_string()))?;
+        tensors.extend(loaded);
+    }
+    let transformer = Transformer::build(&cfg, |name, _| {
+        let t = tensors.remove(name).ok_or_else(|| {
+            Error::model(dir, format!("tensor `{name}` is missing from the safetensors files"))
+        })?;
+        Ok(t.to_dtype(dtype)?)
+    })?;
+    let tokenizer = TextTokenizer::from_dir(dir, cfg.eos_token_id, cfg.pad_token_id)?;
+    Ok(LoadedModel {
+        transformer,
+        tokenizer,
+        source: dir.to_path_buf(),
+        weight_files: files,
+    })
+}
+
+/// Save `model` as an HF checkpoint directory that `transformers` loads unchanged. Weights are
+/// written in f32 (the training master precision); every file is written atomically.
+pub fn save_dir(model: &LoadedModel, dir: &Path) -> Result<()> {
+    crate::util::create_dir_all(dir)?;
+    let t = &model.transformer;
+    let mut cfg = t.cfg.clone();
+    cfg.eos_token_id = Some(model.tokenizer.eos_id);
+    cfg.pad_token_id = Some(model.tokenizer.pad_id);
+    if let Some(b) = &model.tokenizer.bos_token {
+        cfg.bos_token_id = model.tokenizer.inner.token_to_id(b);
+    }
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, p) in t.params() {
+        tensors.push((name.clone(), p.detach().to_dtype(DType::F32)?));
+    }
+    let st = model_safetensors_bytes(&tensors)?;
+    write_atomic(&dir.join("model.safetensors"), &st)?;
+    let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON value serialises");
+    write_atomic(&dir.join("config.json"), &pretty(&cfg.to_json()))?;
+    write_atomic(&dir.join("tokenizer.json"), model.tokenizer.json.as_bytes())?;
+    write_atomic(&dir.join("tokenizer_config.json"), &pretty(&model.tokenizer.config_json()))?;
+    let mut gen = json!({"eos_token_id": model.tokenizer.eos_id, "pad_token_id": model.tokenizer.pad_id});
+    if let Some(b) = cfg.bos_token_id {
+        gen["bos_token_id"] = json!(b);
+    }
+    write_atomic(&dir.join("generation_config.json"), &pretty(&gen))?;
+    Ok(())
+}
+
+/// Serialise tensors to safetensors bytes with `{"format": "pt"}` metadata (what transformers expects).
+pub fn model_safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    safetensors::serialize(views, Some(meta)).map_err(|e| Error::msg(format!("safetensors: {e}")))
+}

@@ -1,0 +1,66 @@
+//! The model layer: config, transformer, loaders (HF safetensors, GGUF), saving, log-probs.
+
+pub mod config;
+pub mod gguf;
+pub mod hf;
+pub mod logprobs;
+pub mod transformer;
+
+pub use config::ModelConfig;
+pub use logprobs::{sequence_logps, PaddingSide, ScoredSeq, SeqLogps};
+pub use transformer::{AttentionInputs, Transformer};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::TextTokenizer;
+use candle_core::{DType, Device, Var};
+use std::path::{Path, PathBuf};
+
+/// A model with its tokenizer, as loaded from disk.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    pub transformer: Transformer,
+    pub tokenizer: TextTokenizer,
+    /// Where it came from (a directory or a .gguf file).
+    pub source: PathBuf,
+    /// Files whose bytes identify the weights (for cache keys).
+    pub weight_files: Vec<PathBuf>,
+}
+
+/// Load a model from an HF directory (`config.json` + safetensors) or a `.gguf` file,
+/// with parameters in `dtype` on `device`.
+pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    if path.is_dir() {
+        hf::load_dir(path, dtype, device)
+    } else if path.is_file() {
+        gguf::load_gguf(path, dtype, device)
+    } else {
+        Err(Error::model(
+            path,
+            "no such model: give an HF model directory (config.json + model.safetensors) or a .gguf file",
+        ))
+    }
+}
+
+impl LoadedModel {
+    /// Make every parameter a trainable `Var`. The returned model reads the variables, so an
+    /// optimizer that updates them in place updates the model.
+    pub fn into_trainable(self) -> Result<(LoadedModel, Vec<(String, Var)>)> {
+        let mut vars = Vec::new();
+        let transformer = self.transformer.map(|name, t| {
+            let v = Var::from_tensor(t)?;
+            let out = v.as_tensor().clone();
+            vars.push((name.to_string(), v));
+            Ok(out)
+        })?;
+        Ok((LoadedModel { transformer, ..self }, vars))
+    }
+
+    /// An independent frozen copy (the reference model).
+    pub fn frozen_copy(&self) -> Result<LoadedModel> {
+        let transformer = self.transformer.map(|_, t| Ok(t.detach().copy()?))?;
+        Ok(LoadedModel {
+            transformer,
+            ..self.clone()
+        })
+    }
+}

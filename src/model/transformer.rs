@@ -1,0 +1,326 @@
+//! The decoder-only transformer of the Llama family, written on candle primitive ops so that
+//! every op on the training path has a backward (candle's fused `softmax_last_dim`,
+//! `rms_norm` and `rope*` kernels silently drop gradients; none of them is used here).
+//!
+//! Weight names are exactly the Hugging Face ones (`model.layers.{i}.self_attn.q_proj.weight`),
+//! and the model is built by one walk ([`Transformer::build`]) that asks a closure for each
+//! named tensor, so loading, saving, casting and making trainable variables share one code path.
+
+use super::config::ModelConfig;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// A dense layer `y = x W^T (+ b)`, with `W` of shape `[out, in]` as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * w`, on primitives (differentiable in x and w).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension on primitives. The max is a constant shift (detached): the
+/// result and its gradient do not depend on it.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// `log(sum(exp(x)))` over the last dimension, keeping it, on primitives.
+pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    Ok((x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?)
+}
+
+/// RoPE in the HF layout: `x * cos + rotate_half(x) * sin`, `rotate_half([a, b]) = [-b, a]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// Positions and attention mask for one forward pass.
+#[derive(Clone, Debug)]
+pub struct AttentionInputs {
+    /// `[B, 1, T, D]` cos and sin of the rotary embedding at each token's position.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[B, 1, T, T]` additive mask: 0 where query i may attend key j, a large negative elsewhere.
+    pub mask: Tensor,
+}
+
+impl AttentionInputs {
+    /// Causal attention over a padded batch. `valid[b][t]` is true for real tokens; padding may
+    /// be on either side. Positions count real tokens only (HF: `cumsum(mask) - 1`).
+    pub fn padded(cfg: &ModelConfig, valid: &[Vec<bool>], dtype: DType, device: &Device) -> Result<Self> {
+        // Position of a real token = number of real tokens before it; padding gets 0.
+        let positions: Vec<Vec<usize>> = valid
+            .iter()
+            .map(|row| {
+                let mut n = 0usize;
+                row.iter()
+                    .map(|&v| if v { n += 1; n - 1 } else { 0 })
+                    .collect()
+            })
+            .collect();
+        Self::new(cfg, &positions, |b, i, j| j <= i && valid[b][j] && valid[b][i] || i == j, dtype, device)
+    }
+
+    /// General form: per-row positions and a predicate `allowed(b, query, key)`. A query row
+    /// must allow at least itself (padding rows do) so no softmax row is empty.
+    pub fn new(
+        cfg: &ModelConfig,
+        positions: &[Vec<usize>],
+        allowed: impl Fn(usize, usize, usize) -> bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = positions.len();
+        let t = positions.first().map_or(0, Vec::len);
+        let inv = cfg.rope_inv_freq();
+        let d = cfg.head_dim;
+        let mut cos = Vec::with_capacity(b * t * d);
+        let mut sin = Vec::with_capacity(b * t * d);
+        for row in positions {
+            for &p in row {
+                for _half in 0..2 {
+                    for f in &inv {
+                        let a = p as f64 * f;
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+        }
+        let mut mask = Vec::with_capacity(b * t * t);
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    mask.push(if allowed(bi, i, j) { 0.0 } else { -1e9 });
+                }
+            }
+        }
+        let mk = |v: Vec<f64>, shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+        };
+        Ok(AttentionInputs {
+            cos: mk(cos, (b, 1, t, d))?,
+            sin: mk(sin, (b, 1, t, d))?,
+            mask: mk(mask, (b, 1, t, t))?,
+        })
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = apply_rope(&heads(self.q_proj.forward(x)?, h)?, &a.cos, &a.sin)?;
+        let k = apply_rope(&heads(self.k_proj.forward(x)?, kvh)?, &a.cos, &a.sin)?;
+        let v = heads(self.v_proj.forward(x)?, kvh)?;
+        let (k, v) = if h == kvh {
+            (k, v)
+        } else {
+            let rep = h / kvh;
+            let repeat = |z: Tensor| -> Result<Tensor> {
+                Ok(Tensor::cat(&vec![&z; rep], 2)?.reshape((b, h, t, d))?)
+            };
+            (repeat(k)?, repeat(v)?)
+        };
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        let probs = softmax_last(&scores.broadcast_add(&a.mask)?)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    /// `None` when the output projection is tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    /// Every parameter with its HF name, in a fixed order (the walk order of [`Self::build`]).
+    params: Vec<(String, Tensor)>,
+}
+
+impl Transformer {
+    /// Build the model by asking `get(name, shape)` for each parameter, in a fixed order.
+    pub fn build(cfg: &ModelConfig, mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Self> {
+        let mut params = Vec::new();
+        let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
+            let t = get(&name, shape)?;
+            if t.dims() != shape {
+                return Err(Error::msg(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?} from config.json",
+                    t.dims()
+                )));
+            }
+            params.push((name, t.clone()));
+            Ok(t)
+        };
+        let (hs, q, kv, is) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        );
+        let embed_tokens = take("model.embed_tokens.weight".into(), &[cfg.vocab_size, hs])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let weight = take(format!("{p}.{name}.weight"), &[out, inp])?;
+                let bias = if bias { Some(take(format!("{p}.{name}.bias"), &[out])?) } else { None };
+                Ok(Linear { weight, bias })
+            };
+            let self_attn = Attention {
+                q_proj: lin("self_attn.q_proj", q, hs, cfg.qkv_bias)?,
+                k_proj: lin("self_attn.k_proj", kv, hs, cfg.qkv_bias)?,
+                v_proj: lin("self_attn.v_proj", kv, hs, cfg.qkv_bias)?,
+                o_proj: lin("self_attn.o_proj", hs, q, cfg.o_bias)?,
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", is, hs, false)?,
+                up_proj: lin("mlp.up_proj", is, hs, false)?,
+                down_proj: lin("mlp.down_proj", hs, is, false)?,
+            };
+            let input_layernorm = take(format!("{p}.input_layernorm.weight"), &[hs])?;
+            let post_attention_layernorm = take(format!("{p}.post_attention_layernorm.weight"), &[hs])?;
+            layers.push(Block {
+                input_layernorm,
+                self_attn,
+                post_attention_layernorm,
+                mlp,
+            });
+        }
+        let norm = take("model.norm.weight".into(), &[hs])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight".into(), &[cfg.vocab_size, hs])?)
+        };
+        Ok(Transformer {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            params,
+        })
+    }
+
+    /// Every parameter with its HF name.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// A new model whose every parameter is `f(name, tensor)`.
+    pub fn map(&self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<Self> {
+        let mut it = self.params.iter();
+        Self::build(&self.cfg, |name, _| {
+            let (n, t) = it.next().ok_or_else(|| Error::msg("parameter walk mismatch"))?;
+            debug_assert_eq!(n, name);
+            f(name, t)
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn output_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Final hidden states `[B, T, H]` (after the last RMSNorm) for `input_ids` `[B, T]`.
+    pub fn hidden_states(&self, input_ids: &Tensor, a: &AttentionInputs) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let eps = self.cfg.rms_norm_eps;
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        for blk in &self.layers {
+            let h = blk.self_attn.forward(&rms_norm(&x, &blk.input_layernorm, eps)?, a)?;
+            x = (x + h)?;
+            let h = blk.mlp.forward(&rms_norm(&x, &blk.post_attention_layernorm, eps)?)?;
+            x = (x + h)?;
+        }
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    /// Logits `[N, V]` for hidden rows `[N, H]`.
+    pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        Ok(hidden_rows.matmul(&self.output_weight().t()?)?)
+    }
+}
