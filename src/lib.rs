@@ -6,6 +6,8 @@
 
 pub mod error;
 pub mod model;
+pub mod paths;
+pub mod testing;
 pub mod tokenizer;
 pub mod util;
 

@@ -162,3 +162,15 @@ mod tests {
         assert_eq!(h.finish(), 0xaf63dc4c8601ec8c);
     }
 }
+
+/// Tests run several test threads; give candle's pool one thread each so nothing spins on an
+/// oversubscribed core (measured 7x slowdowns otherwise). Call at the top of heavy tests.
+pub fn set_threads_for_tests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("RAYON_NUM_THREADS").is_err() {
+            // SAFETY: called once, before any candle op spawns its thread pool.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+        }
+    });
+}

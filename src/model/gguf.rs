@@ -237,7 +237,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedMod
         let msg = e.to_string();
         match msg.rsplit_once("unknown dtype for tensor ") {
             Some((_, id)) => {
-                let id: u32 = id.trim().parse().unwrap_or(u32::MAX);
+                let digits: String = id.chars().take_while(char::is_ascii_digit).collect();
+                let id: u32 = digits.parse().unwrap_or(u32::MAX);
                 Error::model(
                     path,
                     format!(

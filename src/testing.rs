@@ -1,0 +1,183 @@
+//! Tiny generated models for tests and examples: random weights, a small byte-level BPE
+//! tokenizer with ChatML special tokens, written as real HF directories and GGUF files so the
+//! loaders are exercised exactly as on a real checkpoint.
+
+use crate::error::Result;
+use crate::model::{gguf, hf, LoadedModel, ModelConfig, Transformer};
+use crate::tokenizer::{byte_level_bpe_json, byte_level_pre_tokenizer, bytes_to_unicode, TextTokenizer};
+use crate::util::Rng;
+use candle_core::quantized::gguf_file::Value as GValue;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::path::Path;
+
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Shape of a tiny model.
+#[derive(Clone, Debug)]
+pub struct TinySpec {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub tie_embeddings: bool,
+    pub model_type: &'static str,
+    pub add_bos: bool,
+    pub llama3_rope_scaling: bool,
+    /// Standard deviation of the random weights (times 1/sqrt(fan-in) for matrices).
+    pub init_scale: f64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec {
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 64,
+            tie_embeddings: true,
+            model_type: "llama",
+            add_bos: false,
+            llama3_rope_scaling: false,
+            init_scale: 1.0,
+        }
+    }
+}
+
+/// Vocabulary of the tiny tokenizer: 3 special tokens, the 256 byte symbols, a few merges.
+pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i64>) {
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut types = vec![3i64, 3, 3];
+    for c in bytes_to_unicode() {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    let merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "s"), ("Ġ", "a"), ("Ġ", "1"), ("=", "Ġ")];
+    let mut m = Vec::new();
+    for (a, b) in merges {
+        m.push(format!("{a} {b}"));
+        tokens.push(format!("{a}{b}"));
+        types.push(1);
+    }
+    (tokens, m, types)
+}
+
+/// The tiny tokenizer (eos `<|im_end|>` = 2, bos `<|endoftext|>` = 0 if `add_bos`).
+pub fn tiny_tokenizer(add_bos: bool) -> Result<TextTokenizer> {
+    let (tokens, merges, types) = tiny_vocab();
+    let bos = add_bos.then_some((0u32, "<|endoftext|>"));
+    let json = byte_level_bpe_json(&tokens, &merges, &types, byte_level_pre_tokenizer("smollm")?, bos);
+    let mut tc = json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE});
+    if add_bos {
+        tc["bos_token"] = json!("<|endoftext|>");
+    }
+    TextTokenizer::from_parts(json.to_string(), &tc, Some(2), Some(0))
+}
+
+pub fn tiny_config(spec: &TinySpec) -> Result<ModelConfig> {
+    let (tokens, _, _) = tiny_vocab();
+    let mut v = json!({
+        "model_type": spec.model_type,
+        "vocab_size": tokens.len(),
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "eos_token_id": 2,
+        "bos_token_id": 0,
+        "pad_token_id": 0,
+    });
+    if spec.llama3_rope_scaling {
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
+    }
+    ModelConfig::from_json(&v, Path::new("<tiny>"))
+}
+
+/// A tiny model with seeded random weights.
+pub fn tiny_model(spec: &TinySpec, dtype: DType, seed: u64) -> Result<LoadedModel> {
+    let cfg = tiny_config(spec)?;
+    let mut rng = Rng::new(seed);
+    let dev = Device::Cpu;
+    let transformer = Transformer::build(&cfg, |name, shape| {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f64> = if name.ends_with("norm.weight") {
+            (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()
+        } else if name.ends_with(".bias") {
+            (0..n).map(|_| 0.1 * rng.normal()).collect()
+        } else {
+            let fan_in = *shape.last().unwrap_or(&1) as f64;
+            let std = if name.contains("embed") { 1.0 } else { spec.init_scale / fan_in.sqrt() };
+            (0..n).map(|_| std * rng.normal()).collect()
+        };
+        Ok(Tensor::from_vec(vals, shape, &dev)?.to_dtype(dtype)?)
+    })?;
+    Ok(LoadedModel {
+        transformer,
+        tokenizer: tiny_tokenizer(spec.add_bos)?,
+        source: "<tiny>".into(),
+        weight_files: vec![],
+    })
+}
+
+/// Write `model` as a GGUF file the way llama.cpp's converter does (Q/K rows permuted,
+/// tokenizer and chat template in the metadata), with matrices stored as `quant`.
+pub fn write_gguf(model: &LoadedModel, path: &Path, quant: GgmlDType) -> Result<()> {
+    let cfg = &model.transformer.cfg;
+    let (tokens, merges, types) = tiny_vocab();
+    let s = |x: &str| GValue::String(x.to_string());
+    let mut meta: Vec<(String, GValue)> = vec![
+        ("general.architecture".into(), s(&cfg.model_type)),
+        ("general.name".into(), s("tiny")),
+        (format!("{}.block_count", cfg.model_type), GValue::U32(cfg.num_hidden_layers as u32)),
+        (format!("{}.context_length", cfg.model_type), GValue::U32(cfg.max_position_embeddings as u32)),
+        (format!("{}.embedding_length", cfg.model_type), GValue::U32(cfg.hidden_size as u32)),
+        (format!("{}.feed_forward_length", cfg.model_type), GValue::U32(cfg.intermediate_size as u32)),
+        (format!("{}.attention.head_count", cfg.model_type), GValue::U32(cfg.num_attention_heads as u32)),
+        (format!("{}.attention.head_count_kv", cfg.model_type), GValue::U32(cfg.num_key_value_heads as u32)),
+        (format!("{}.rope.freq_base", cfg.model_type), GValue::F32(cfg.rope_theta as f32)),
+        (format!("{}.attention.layer_norm_rms_epsilon", cfg.model_type), GValue::F32(cfg.rms_norm_eps as f32)),
+        (format!("{}.vocab_size", cfg.model_type), GValue::U32(cfg.vocab_size as u32)),
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        ("tokenizer.ggml.pre".into(), s("smollm")),
+        ("tokenizer.ggml.tokens".into(), GValue::Array(tokens.iter().map(|t| s(t)).collect())),
+        ("tokenizer.ggml.merges".into(), GValue::Array(merges.iter().map(|t| s(t)).collect())),
+        ("tokenizer.ggml.token_type".into(), GValue::Array(types.iter().map(|&t| GValue::I32(t as i32)).collect())),
+        ("tokenizer.ggml.bos_token_id".into(), GValue::U32(0)),
+        ("tokenizer.ggml.eos_token_id".into(), GValue::U32(model.tokenizer.eos_id)),
+        ("tokenizer.ggml.padding_token_id".into(), GValue::U32(model.tokenizer.pad_id)),
+        ("tokenizer.ggml.add_bos_token".into(), GValue::Bool(model.tokenizer.bos_token.is_some())),
+    ];
+    if let Some(t) = &model.tokenizer.chat_template {
+        meta.push(("tokenizer.chat_template".into(), s(t)));
+    }
+    let mut qtensors = Vec::new();
+    for (name, t) in model.transformer.params() {
+        let mut t = t.to_dtype(DType::F32)?;
+        if name.ends_with("q_proj.weight") {
+            t = gguf::permute_qk(&t, cfg.num_attention_heads)?;
+        } else if name.ends_with("k_proj.weight") {
+            t = gguf::permute_qk(&t, cfg.num_key_value_heads)?;
+        }
+        let q = if t.rank() == 2 { quant } else { GgmlDType::F32 };
+        qtensors.push((gguf::gguf_tensor_name(name), QTensor::quantize(&t, q)?));
+    }
+    let mut f = std::fs::File::create(path).map_err(|e| crate::Error::io(path, e))?;
+    let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+    Ok(())
+}
+
+/// Write `model` as an HF directory.
+pub fn write_hf(model: &LoadedModel, dir: &Path) -> Result<()> {
+    hf::save_dir(model, dir)
+}

@@ -1,0 +1,229 @@
+//! The model layer on generated tiny models: loaders, save/load, log-probs, gradients.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use prefer::model::{self, logprobs, PaddingSide, ScoredSeq, Transformer};
+use prefer::testing::{tiny_model, write_gguf, write_hf, TinySpec};
+
+fn seqs() -> Vec<ScoredSeq> {
+    vec![
+        ScoredSeq { ids: vec![5, 9, 17, 200, 33, 2], completion_start: 3 },
+        ScoredSeq { ids: vec![7, 8, 100, 2], completion_start: 1 },
+        ScoredSeq { ids: vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 2], completion_start: 6 },
+    ]
+}
+
+fn logps(m: &Transformer, s: &[ScoredSeq], side: PaddingSide) -> Vec<f64> {
+    let lp = model::sequence_logps(m, s, side).unwrap();
+    lp.token_logps.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+}
+
+fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+#[test]
+fn batched_equals_one_at_a_time_with_either_padding() {
+    prefer::util::set_threads_for_tests();
+    let m = tiny_model(&TinySpec::default(), DType::F32, 1).unwrap().transformer;
+    let s = seqs();
+    let right = logps(&m, &s, PaddingSide::Right);
+    let left = logps(&m, &s, PaddingSide::Left);
+    let single: Vec<f64> = s.iter().flat_map(|x| logps(&m, std::slice::from_ref(x), PaddingSide::Right)).collect();
+    assert_close(&right, &single, 1e-5, "right vs single");
+    assert_close(&left, &single, 1e-5, "left vs single");
+}
+
+#[test]
+fn chunked_gather_equals_full_log_softmax() {
+    prefer::util::set_threads_for_tests();
+    let m = tiny_model(&TinySpec::default(), DType::F64, 2).unwrap().transformer;
+    let s = &seqs()[2];
+    let got = logps(&m, std::slice::from_ref(s), PaddingSide::Right);
+    // independent: full logits, explicit log-softmax in f64 on the host
+    let t = s.ids.len();
+    let input = Tensor::new(s.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let a = model::AttentionInputs::padded(&m.cfg, &[vec![true; t]], DType::F64, &Device::Cpu).unwrap();
+    let h = m.hidden_states(&input, &a).unwrap().squeeze(0).unwrap();
+    let logits: Vec<Vec<f64>> = m.logits(&h).unwrap().to_vec2().unwrap();
+    let want: Vec<f64> = (s.completion_start..t)
+        .map(|i| {
+            let row = &logits[i - 1];
+            let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            row[s.ids[i] as usize] - lse
+        })
+        .collect();
+    assert_close(&got, &want, 1e-12, "gather vs log_softmax");
+    // sums are the sums of the token log-probs
+    let lp = model::sequence_logps(&m, &seqs(), PaddingSide::Right).unwrap();
+    let sums: Vec<f64> = lp.sums.to_vec1().unwrap();
+    let toks: Vec<f64> = lp.token_logps.to_vec1().unwrap();
+    for (k, w) in lp.offsets.windows(2).enumerate() {
+        let s: f64 = toks[w[0]..w[1]].iter().sum();
+        assert!((s - sums[k]).abs() < 1e-12);
+    }
+    assert_eq!(lp.counts(), vec![3, 3, 4]);
+}
+
+fn variants() -> Vec<TinySpec> {
+    vec![
+        TinySpec::default(),
+        TinySpec { tie_embeddings: false, model_type: "qwen2", ..TinySpec::default() },
+        TinySpec { kv_heads: 4, llama3_rope_scaling: true, model_type: "mistral", ..TinySpec::default() },
+    ]
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    prefer::util::set_threads_for_tests();
+    for spec in variants() {
+        let (m, vars) = tiny_model(&spec, DType::F32, 3).unwrap().into_trainable().unwrap();
+        let lp = model::sequence_logps(&m.transformer, &seqs(), PaddingSide::Right).unwrap();
+        let grads = lp.sums.sum_all().unwrap().backward().unwrap();
+        assert!(vars.len() >= 9 * spec.layers);
+        for (name, v) in &vars {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient for {name}", spec.model_type));
+            let n: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(n > 0.0 && n.is_finite(), "{}: zero or non-finite gradient for {name}", spec.model_type);
+        }
+    }
+}
+
+/// Central finite differences in f64 against backprop, for a few entries of every parameter.
+#[test]
+fn finite_difference_gradients_every_parameter_kind() {
+    prefer::util::set_threads_for_tests();
+    for spec in variants() {
+        let spec = TinySpec { layers: 1, ..spec };
+        let base = tiny_model(&spec, DType::F64, 4).unwrap();
+        let weights = [0.7, -1.3, 0.4];
+        let objective = |m: &Transformer| -> Tensor {
+            let lp = model::sequence_logps(m, &seqs(), PaddingSide::Left).unwrap();
+            let w = Tensor::new(&weights, &Device::Cpu).unwrap();
+            (lp.sums * w).unwrap().sum_all().unwrap()
+        };
+        let (tm, vars) = base.clone().into_trainable().unwrap();
+        let grads = objective(&tm.transformer).backward().unwrap();
+        let mut checked = 0;
+        for (name, v) in &vars {
+            let g: Vec<f64> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let n = g.len();
+            for &idx in &[0, n / 3, n - 1] {
+                let eps = 1e-5;
+                let f = |delta: f64| -> f64 {
+                    let m = base
+                        .transformer
+                        .map(|nm, t| {
+                            if nm != name {
+                                return Ok(t.clone());
+                            }
+                            let mut x: Vec<f64> = t.flatten_all()?.to_vec1()?;
+                            x[idx] += delta;
+                            Ok(Tensor::from_vec(x, t.shape(), t.device())?)
+                        })
+                        .unwrap();
+                    objective(&m).to_scalar::<f64>().unwrap()
+                };
+                let fd = (f(eps) - f(-eps)) / (2.0 * eps);
+                let tol = 1e-6 + 1e-5 * fd.abs().max(g[idx].abs());
+                assert!((fd - g[idx]).abs() < tol, "{} {name}[{idx}]: fd {fd} vs backprop {}", spec.model_type, g[idx]);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, vars.len() * 3);
+    }
+}
+
+#[test]
+fn hf_save_load_round_trip_is_bit_identical() {
+    prefer::util::set_threads_for_tests();
+    let dir = tempdir("hf_round_trip");
+    for spec in variants() {
+        let m = tiny_model(&spec, DType::F32, 5).unwrap();
+        write_hf(&m, &dir).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+            assert!(dir.join(f).is_file(), "{f} missing");
+        }
+        let back = model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(back.transformer.cfg, m.transformer.cfg);
+        let a = logps(&m.transformer, &seqs(), PaddingSide::Right);
+        let b = logps(&back.transformer, &seqs(), PaddingSide::Right);
+        assert_eq!(a, b, "{}: log-probs differ after save/load", spec.model_type);
+        assert_eq!(back.tokenizer.encode("the cat is here", true).unwrap(), m.tokenizer.encode("the cat is here", true).unwrap());
+    }
+}
+
+#[test]
+fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
+    prefer::util::set_threads_for_tests();
+    let dir = tempdir("gguf");
+    for spec in [TinySpec::default(), TinySpec { tie_embeddings: false, ..TinySpec::default() }] {
+        let m = tiny_model(&spec, DType::F32, 6).unwrap();
+        let want = logps(&m.transformer, &seqs(), PaddingSide::Right);
+        let p = dir.join("tiny-f32.gguf");
+        write_gguf(&m, &p, GgmlDType::F32).unwrap();
+        let g = model::load(&p, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(g.transformer.cfg.tie_word_embeddings, spec.tie_embeddings);
+        for ((n1, t1), (n2, t2)) in m.transformer.params().iter().zip(g.transformer.params()) {
+            assert_eq!(n1, n2);
+            let d: f32 = (t1 - t2).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert_eq!(d, 0.0, "{n1} differs after GGUF round trip (Q/K permutation?)");
+        }
+        assert_close(&logps(&g.transformer, &seqs(), PaddingSide::Right), &want, 1e-6, "gguf f32");
+        // the tokenizer rebuilt from metadata tokenises like the original tokenizer.json
+        let text = "<|im_start|>user\nthe 12 cats=  is<|im_end|>";
+        assert_eq!(g.tokenizer.encode(text, true).unwrap(), m.tokenizer.encode(text, true).unwrap());
+        assert_eq!(g.tokenizer.chat_template, m.tokenizer.chat_template);
+        // quantised: close, not equal
+        let q = dir.join("tiny-q8.gguf");
+        write_gguf(&m, &q, GgmlDType::Q8_0).unwrap();
+        let gq = model::load(&q, DType::F32, &Device::Cpu).unwrap();
+        let got = logps(&gq.transformer, &seqs(), PaddingSide::Right);
+        for (x, y) in got.iter().zip(&want) {
+            assert!((x - y).abs() < 0.02 * y.abs() + 0.05, "gguf q8_0: {x} vs {y}");
+        }
+        assert_ne!(got, want);
+        // and a GGUF model saved as HF is a valid HF checkpoint
+        let hf = dir.join("from-gguf");
+        prefer::model::hf::save_dir(&gq, &hf).unwrap();
+        let back = model::load(&hf, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(logps(&back.transformer, &seqs(), PaddingSide::Right), got);
+    }
+}
+
+#[test]
+fn unknown_gguf_quantisation_is_named() {
+    let dir = tempdir("gguf_bad");
+    let m = tiny_model(&TinySpec::default(), DType::F32, 7).unwrap();
+    let p = dir.join("bad.gguf");
+    write_gguf(&m, &p, GgmlDType::F32).unwrap();
+    // patch the ggml type of the first tensor info to 16 (IQ2_XXS)
+    let mut bytes = std::fs::read(&p).unwrap();
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let dtype_at = at + 4 + 8 * n_dims;
+    bytes[dtype_at..dtype_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    let e = model::load(&p, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("IQ2_XXS") && e.contains("bad.gguf"), "{e}");
+}
+
+#[test]
+fn greedy_generation_is_deterministic() {
+    let m = tiny_model(&TinySpec::default(), DType::F32, 8).unwrap();
+    let a = logprobs::generate_greedy(&m.transformer, &[5, 6, 7], 5, &[]).unwrap();
+    let b = logprobs::generate_greedy(&m.transformer, &[5, 6, 7], 5, &[]).unwrap();
+    assert_eq!(a.len(), 5);
+    assert_eq!(a, b);
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("prefer-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

