@@ -4,6 +4,7 @@
 //! sequence statistics) → `data` (readers, validation, tokenisation) → `model` (transformer,
 //! loaders, log-probs) → candle.
 
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod paths;

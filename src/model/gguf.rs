@@ -230,8 +230,7 @@ fn tokenizer_from_meta(m: &Meta, cfg: &ModelConfig) -> Result<TextTokenizer> {
     TextTokenizer::from_parts(json.to_string(), &tc, cfg.eos_token_id, cfg.pad_token_id)
 }
 
-/// Load a `.gguf` file.
-pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+fn read_content(path: &Path) -> Result<(std::fs::File, Content)> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = Content::read(&mut file).map_err(|e| {
         let msg = e.to_string();
@@ -250,6 +249,20 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedMod
             None => Error::model(path, format!("not a readable GGUF file: {msg}")),
         }
     })?;
+    Ok((file, content))
+}
+
+/// Only the tokenizer of a `.gguf` file (no weights are read).
+pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
+    let (_, content) = read_content(path)?;
+    let m = Meta { content: &content, path };
+    let cfg = config_from_meta(&m, content.tensor_infos.contains_key("output.weight"))?;
+    tokenizer_from_meta(&m, &cfg)
+}
+
+/// Load a `.gguf` file.
+pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let (mut file, content) = read_content(path)?;
     let m = Meta { content: &content, path };
     let cfg = config_from_meta(&m, content.tensor_infos.contains_key("output.weight"))?;
     let transformer = Transformer::build(&cfg, |name, _| {

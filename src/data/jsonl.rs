@@ -1,0 +1,81 @@
+//! Line-by-line JSONL reading that never loses track of where a value came from.
+
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+/// One JSON object and where it was read.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub path: PathBuf,
+    /// 1-based line number.
+    pub line: usize,
+    pub obj: Map<String, Value>,
+}
+
+impl Record {
+    pub fn error(&self, field: &str, msg: impl Into<String>) -> Error {
+        Error::Data {
+            path: self.path.clone(),
+            line: self.line,
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// A required string field.
+    pub fn string(&self, field: &str) -> Result<&str> {
+        match self.obj.get(field) {
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(self.error(field, format!("expected a string, found {}", kind(other)))),
+            None => Err(self.error(field, "missing")),
+        }
+    }
+}
+
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Read every non-blank line of a JSONL file. Each line yields a record or an error that
+/// names the file and line (malformed JSON, non-UTF-8, not an object).
+pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = i + 1;
+        let err = |msg: String| Error::Data {
+            path: path.to_path_buf(),
+            line,
+            field: "<line>".into(),
+            msg,
+        };
+        let text = match std::str::from_utf8(raw) {
+            Ok(t) => t.trim_end_matches('\r'),
+            Err(e) => {
+                out.push(Err(err(format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to()))));
+                continue;
+            }
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        out.push(match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(obj)) => Ok(Record {
+                path: path.to_path_buf(),
+                line,
+                obj,
+            }),
+            Ok(other) => Err(err(format!("expected a JSON object, found {}", kind(&other)))),
+            Err(e) => Err(err(format!("malformed JSON: {e}"))),
+        });
+    }
+    Ok(out)
+}
