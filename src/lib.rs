@@ -7,6 +7,7 @@
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod objectives;
 pub mod paths;
 pub mod testing;
 pub mod tokenizer;
