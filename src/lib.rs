@@ -4,13 +4,18 @@
 //! sequence statistics) → `data` (readers, validation, tokenisation) → `model` (transformer,
 //! loaders, log-probs) → candle.
 
+pub mod bench;
+pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod objectives;
 pub mod paths;
+pub mod stats;
 pub mod testing;
 pub mod tokenizer;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -1,1 +1,447 @@
-fn main() {}
+//! `prefer`: the command-line interface.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+use prefer::config::TrainConfig;
+use prefer::data::tokenize::load_text_pairs;
+use prefer::data::{load_tokenized_pairs, TokenizeOptions, TruncationMode};
+use prefer::model::{self, PaddingSide, ScoredSeq};
+use prefer::tokenizer::Message;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "prefer", version, about = "Align language models with preferences (DPO and friends) on real models, on CPU.")]
+struct Cli {
+    /// CPU threads for tensor ops (0 = all cores). Same as RAYON_NUM_THREADS.
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model on preference pairs (DPO). Writes checkpoints, metrics.jsonl and the final
+    /// model (HF layout) to output_dir.
+    Train {
+        /// The run's TOML config (keys as in TRL's DPOConfig; see --help-config).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. --set beta=0.2 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print every config key with its default and meaning.
+        #[arg(long)]
+        help_config: bool,
+    },
+    /// Reward accuracy, margin and ranking accuracy of a model on preference pairs.
+    Eval {
+        /// The policy: an HF directory or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The reference for implicit rewards (omit for ranking accuracy only).
+        #[arg(long = "ref")]
+        reference: Option<PathBuf>,
+        /// Preference pairs (JSONL).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        /// Also answer each prompt greedily and report how often the reply starts with the
+        /// chosen completion (generation accuracy).
+        #[arg(long)]
+        generate: bool,
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check, inspect or make preference data.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
+    /// Convert a GGUF model to an HF checkpoint directory (dequantised, f32).
+    Convert {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Token ids and pieces of each text of a JSONL file (one JSON line out per line in).
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        file: PathBuf,
+        /// The field holding the text (a string, or a list of messages with --chat).
+        #[arg(long, default_value = "text")]
+        field: String,
+        /// Render the field (a list of {role, content} messages) with the chat template first.
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Per-token log-probs of each text of a JSONL file under a model (JSONL to stdout).
+    Logprobs {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value = "text")]
+        field: String,
+        /// Score only the completion: the prompt comes from this field...
+        #[arg(long, requires = "completion_field")]
+        prompt_field: Option<String>,
+        /// ...and the scored completion from this one.
+        #[arg(long, requires = "prompt_field")]
+        completion_field: Option<String>,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+    /// The objectives prefer knows.
+    Objectives {
+        #[command(subcommand)]
+        cmd: ObjectivesCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Validate a preference file: every bad row with file:line:field; exit code 1 if any.
+    Validate {
+        file: PathBuf,
+        /// Also tokenise with this model's tokenizer (checks lengths and prompt boundaries).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        #[arg(long, default_value_t = 512)]
+        max_prompt_length: usize,
+    },
+    /// Counts, how prompts were split, and token-length histograms.
+    Inspect {
+        file: PathBuf,
+        /// Tokenizer to count tokens with (default: the SmolLM2 GGUF if present).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Write the arithmetic preference set (correct sum chosen, near miss rejected).
+    MakeArithmetic {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 400)]
+        train: usize,
+        #[arg(long, default_value_t = 100)]
+        eval: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// DPO training steps on a real model: s/step, tokens/s, peak RSS, GFLOP/s vs the machine's matmul.
+    Dpo(prefer::bench::DpoBenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ObjectivesCmd {
+    /// Every objective name, whether it needs a reference, and its source.
+    List,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if cli.threads > 0 {
+        // SAFETY: single-threaded here, before any tensor op starts candle's pool.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string()) };
+    }
+    if let Err(e) = run(cli.cmd) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Train { config, set, help_config } => {
+            if help_config {
+                print!("{}", TrainConfig::help());
+                return Ok(());
+            }
+            if config.is_none() && set.is_empty() {
+                bail!("give a run config: prefer train --config run.toml [--set key=value ...] (see --help-config)");
+            }
+            let cfg = TrainConfig::load(config.as_deref(), &set)?;
+            if cfg.num_threads > 0 && std::env::var("RAYON_NUM_THREADS").is_err() {
+                // SAFETY: no tensor op has run yet.
+                unsafe { std::env::set_var("RAYON_NUM_THREADS", cfg.num_threads.to_string()) };
+            }
+            ctrlc::set_handler(|| {
+                if prefer::train::STOP_REQUESTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+                    std::process::exit(130);
+                }
+                eprintln!("\nCtrl-C: saving a checkpoint after this step (press again to quit now)");
+            })
+            .context("installing the Ctrl-C handler")?;
+            let out = prefer::train::train(&cfg)?;
+            if let Some(l) = &out.last_log {
+                eprintln!("last metrics: {l}");
+            }
+            if out.interrupted {
+                std::process::exit(130);
+            }
+            eprintln!("done: {} steps; model saved in {}", out.steps_done, cfg.output_dir);
+            Ok(())
+        }
+        Cmd::Eval { model, reference, data, beta, batch_size, max_length, generate, skip_invalid, json } => {
+            eval_cmd(&model, reference.as_deref(), &data, beta, batch_size, max_length, generate, skip_invalid, json)
+        }
+        Cmd::Data { cmd } => data_cmd(cmd),
+        Cmd::Convert { model, out } => {
+            let m = model::load(&model, DType::F32, &Device::Cpu)?;
+            model::hf::save_dir(&m, &out)?;
+            eprintln!("wrote {} (HF layout, f32)", out.display());
+            Ok(())
+        }
+        Cmd::Tokenize { model, file, field, chat } => {
+            let tok = model::load_tokenizer(&model)?;
+            let mut out = std::io::stdout().lock();
+            for (line, v) in read_jsonl(&file)? {
+                let text = if chat {
+                    let msgs: Vec<Message> = serde_json::from_value(v.get(&field).cloned().unwrap_or(Value::Null))
+                        .with_context(|| format!("{}:{line}: field `{field}`: expected a list of {{role, content}} messages", file.display()))?;
+                    tok.apply_chat_template(&msgs, true)?
+                } else {
+                    str_field(&v, &field, &file, line)?.to_string()
+                };
+                let ids = tok.encode(&text, true)?;
+                let pieces: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect();
+                writeln!(out, "{}", json!({"line": line, "text": text, "ids": ids, "pieces": pieces}))?;
+            }
+            Ok(())
+        }
+        Cmd::Logprobs { model, file, field, prompt_field, completion_field } => {
+            let m = model::load(&model, DType::F32, &Device::Cpu)?;
+            let tok = &m.tokenizer;
+            let mut out = std::io::stdout().lock();
+            for (line, v) in read_jsonl(&file)? {
+                let (ids, start) = match (&prompt_field, &completion_field) {
+                    (Some(pf), Some(cf)) => {
+                        let p = str_field(&v, pf, &file, line)?;
+                        let c = str_field(&v, cf, &file, line)?;
+                        let pids = tok.encode(p, true)?;
+                        let ids = tok.encode(&format!("{p}{c}"), true)?;
+                        if ids.len() <= pids.len() || ids[..pids.len()] != pids[..] {
+                            bail!("{}:{line}: field `{cf}`: prompt + completion does not tokenise with the prompt's tokens first", file.display());
+                        }
+                        let n = pids.len();
+                        (ids, n)
+                    }
+                    _ => (tok.encode(str_field(&v, &field, &file, line)?, true)?, 1),
+                };
+                if ids.len() < 2 && start == 1 {
+                    writeln!(out, "{}", json!({"line": line, "tokens": [], "logprobs": [], "sum": 0.0}))?;
+                    continue;
+                }
+                let lp = model::sequence_logps(&m.transformer, &[ScoredSeq { ids: ids.clone(), completion_start: start }], PaddingSide::Right)?;
+                let lps: Vec<f32> = lp.token_logps.to_vec1()?;
+                let pieces: Vec<String> = ids[start..].iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect();
+                let sum: f64 = lps.iter().map(|&x| x as f64).sum();
+                writeln!(out, "{}", json!({"line": line, "ids": &ids[start..], "tokens": pieces, "logprobs": lps, "sum": sum, "mean": sum / lps.len() as f64}))?;
+            }
+            Ok(())
+        }
+        Cmd::Bench { cmd: BenchCmd::Dpo(args) } => prefer::bench::dpo(&args).map_err(Into::into),
+        Cmd::Objectives { cmd: ObjectivesCmd::List } => {
+            println!("{:<12} {:<10} {:<10} source", "name", "shape", "reference");
+            for e in prefer::objectives::REGISTRY {
+                println!("{:<12} {:<10} {:<10} {}", e.name, "pairwise", if e.needs_reference { "yes" } else { "no" }, e.source);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
+    let mut out = vec![];
+    for rec in prefer::data::jsonl::read_records(path)? {
+        let r = rec?;
+        out.push((r.line, Value::Object(r.obj)));
+    }
+    Ok(out)
+}
+
+fn str_field<'a>(v: &'a Value, field: &str, file: &Path, line: usize) -> Result<&'a str> {
+    v.get(field)
+        .and_then(Value::as_str)
+        .with_context(|| format!("{}:{line}: field `{field}`: missing or not a string (choose the field with --field)", file.display()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_cmd(
+    model_path: &Path,
+    ref_path: Option<&Path>,
+    data: &Path,
+    beta: f64,
+    batch_size: usize,
+    max_length: usize,
+    generate: bool,
+    skip_invalid: bool,
+    as_json: bool,
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let m = model::load(model_path, DType::F32, &dev)?;
+    let opts = TokenizeOptions { max_length: Some(max_length), max_prompt_length: None, truncation_mode: TruncationMode::KeepEnd };
+    let (pairs, report) = load_tokenized_pairs(data, &m.tokenizer, &opts, skip_invalid)?;
+    for e in &report.skipped {
+        eprintln!("skipped: {e}");
+    }
+    let policy = prefer::stats::score_pairs(&m.transformer, &pairs, batch_size, |_| {})?;
+    let reference = match ref_path {
+        Some(r) => {
+            let rm = model::load(r, DType::F32, &dev)?;
+            Some(prefer::stats::score_pairs(&rm.transformer, &pairs, batch_size, |_| {})?)
+        }
+        None => None,
+    };
+    let lengths: Vec<(usize, usize)> = pairs.iter().map(|p| (p.chosen_ids.len(), p.rejected_ids.len())).collect();
+    let summary = prefer::eval::summarize(&policy, reference.as_deref(), &lengths, beta);
+    let mut gen_acc = None;
+    if generate {
+        let mut hits = 0;
+        for p in &pairs {
+            let want: Vec<u32> = p.chosen_ids.iter().copied().filter(|&t| t != m.tokenizer.eos_id).collect();
+            let want_text = m.tokenizer.decode(&want, true)?;
+            let got = model::logprobs::generate_greedy(&m.transformer, &p.prompt_ids, want.len() + 4, &[m.tokenizer.eos_id])?;
+            let got_text = m.tokenizer.decode(&got, true)?;
+            if got_text.trim().starts_with(want_text.trim()) && !want_text.trim().is_empty() {
+                hits += 1;
+            }
+        }
+        gen_acc = Some(hits as f64 / pairs.len() as f64);
+    }
+    if as_json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["generation_accuracy"] = json!(gen_acc);
+        println!("{v}");
+    } else {
+        let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+        println!("pairs                          {}", summary.pairs);
+        println!("ranking accuracy               {}", pct(summary.ranking_accuracy));
+        println!("ranking accuracy (per token)   {}", pct(summary.ranking_accuracy_normalized));
+        if let (Some(a), Some(mg), Some(l), Some(rr)) = (summary.reward_accuracy, summary.reward_margin, summary.dpo_loss, summary.ref_ranking_accuracy) {
+            println!("reward accuracy (beta {beta})    {}", pct(a));
+            println!("mean reward margin             {mg:.4}");
+            println!("DPO loss                       {l:.4}");
+            println!("reference ranking accuracy     {}", pct(rr));
+        }
+        if let Some(g) = gen_acc {
+            println!("generation accuracy (greedy)   {}", pct(g));
+        }
+    }
+    Ok(())
+}
+
+fn data_cmd(cmd: DataCmd) -> Result<()> {
+    match cmd {
+        DataCmd::Validate { file, model, max_length, max_prompt_length } => {
+            let tok = model.as_deref().map(model::load_tokenizer).transpose()?;
+            let (pairs, mut report) = load_text_pairs(&file, tok.as_ref(), true)?;
+            if let Some(tok) = &tok {
+                let opts = TokenizeOptions {
+                    max_length: Some(max_length),
+                    max_prompt_length: (max_prompt_length > 0).then_some(max_prompt_length),
+                    truncation_mode: TruncationMode::KeepEnd,
+                };
+                for p in &pairs {
+                    if let Err(e) = prefer::data::tokenize::tokenize_pair(p, tok, &opts, &file) {
+                        report.skipped.push(e);
+                    }
+                }
+            }
+            for e in &report.skipped {
+                println!("{e}");
+            }
+            let fmt = report.format.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into());
+            println!(
+                "{}: {} rows, format {fmt}: {} valid, {} invalid",
+                file.display(),
+                report.records,
+                report.records - report.skipped.len(),
+                report.skipped.len()
+            );
+            if !report.skipped.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        DataCmd::Inspect { file, model } => {
+            let model = model.or_else(prefer::paths::smollm2_gguf).context("no tokenizer: pass --model (an HF dir or .gguf)")?;
+            let tok = model::load_tokenizer(&model)?;
+            let opts = TokenizeOptions { max_length: None, max_prompt_length: None, truncation_mode: TruncationMode::KeepEnd };
+            let (text, _) = load_text_pairs(&file, Some(&tok), true)?;
+            let (pairs, report) = load_tokenized_pairs(&file, &tok, &opts, true)?;
+            println!("file        {}", file.display());
+            println!("format      {}", report.format.map(|f| f.to_string()).unwrap_or_default());
+            println!("rows        {} ({} usable, {} invalid)", report.records, pairs.len(), report.skipped.len());
+            for e in report.skipped.iter().take(5) {
+                println!("  invalid   {e}");
+            }
+            if report.skipped.len() > 5 {
+                println!("  ... and {} more (prefer data validate lists all)", report.skipped.len() - 5);
+            }
+            if let Some(p) = text.first() {
+                let show = |s: &str| {
+                    let s: String = s.chars().rev().take(120).collect::<Vec<_>>().into_iter().rev().collect();
+                    format!("{s:?}")
+                };
+                println!("\nhow the first pair was split (line {}):", p.line);
+                println!("  prompt    …{}", show(&p.prompt));
+                println!("  chosen    {:?}", p.chosen.chars().take(120).collect::<String>());
+                println!("  rejected  {:?}", p.rejected.chars().take(120).collect::<String>());
+                println!("  EOS appended to each completion: {:?}", tok.eos_token);
+            }
+            let hist = |name: &str, xs: Vec<usize>| {
+                println!("\n{name} tokens: min {} / median {} / mean {:.0} / max {}", xs.iter().min().unwrap_or(&0), median(&xs), xs.iter().sum::<usize>() as f64 / xs.len().max(1) as f64, xs.iter().max().unwrap_or(&0));
+                print!("{}", prefer::util::text_histogram(&xs, 8, 40));
+            };
+            hist("prompt", pairs.iter().map(|p| p.prompt_ids.len()).collect());
+            hist("chosen", pairs.iter().map(|p| p.chosen_ids.len()).collect());
+            hist("rejected", pairs.iter().map(|p| p.rejected_ids.len()).collect());
+            hist("prompt+longer completion", pairs.iter().map(|p| p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len())).collect());
+            let prompt: usize = pairs.iter().map(|p| 2 * p.prompt_ids.len()).sum();
+            let all: usize = pairs.iter().map(|p| p.num_tokens()).sum();
+            println!("\nprompt share of a pair's tokens: {:.0}%", 100.0 * prompt as f64 / all.max(1) as f64);
+            Ok(())
+        }
+        DataCmd::MakeArithmetic { out, train, eval, seed } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let all = prefer::data::synthetic::arithmetic_pairs(train + eval, seed);
+            for (name, lines) in [("train.jsonl", &all[..train]), ("eval.jsonl", &all[train..])] {
+                let p = out.join(name);
+                std::fs::write(&p, lines.join("\n") + "\n").with_context(|| format!("writing {}", p.display()))?;
+                eprintln!("wrote {} ({} pairs)", p.display(), lines.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn median(xs: &[usize]) -> usize {
+    let mut v = xs.to_vec();
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}

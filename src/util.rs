@@ -174,3 +174,24 @@ pub fn set_threads_for_tests() {
         }
     });
 }
+
+/// A text histogram of `xs` in `bins` equal-width bins, bars up to `width` characters.
+pub fn text_histogram(xs: &[usize], bins: usize, width: usize) -> String {
+    let (Some(&lo), Some(&hi)) = (xs.iter().min(), xs.iter().max()) else { return String::new() };
+    let span = (hi - lo + 1).div_ceil(bins).max(1);
+    let mut counts = vec![0usize; bins];
+    for &x in xs {
+        counts[((x - lo) / span).min(bins - 1)] += 1;
+    }
+    let top = counts.iter().copied().max().unwrap_or(1).max(1);
+    let mut s = String::new();
+    for (i, c) in counts.iter().enumerate() {
+        let a = lo + i * span;
+        if a > hi {
+            break;
+        }
+        let bar = "#".repeat((c * width).div_ceil(top));
+        s.push_str(&format!("  {:>6}-{:<6} {:>6} {bar}\n", a, a + span - 1, c));
+    }
+    s
+}

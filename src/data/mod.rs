@@ -4,6 +4,7 @@
 
 pub mod jsonl;
 pub mod pairs;
+pub mod synthetic;
 pub mod tokenize;
 
 pub use pairs::{DataFormat, TextPair};

@@ -1,0 +1,105 @@
+//! Checkpoints: `output_dir/checkpoint-N/` holds the model in HF layout, the optimizer state
+//! (`optimizer.safetensors`) and `trainer_state.json` (step, logging window). The directory is
+//! written under a temporary name and renamed, so a checkpoint either exists whole or not at all.
+
+use super::optim::Optimizer;
+use super::Window;
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::model::LoadedModel;
+use crate::util::write_atomic;
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "trainer_state.json";
+
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub global_step: usize,
+    pub optimizer_steps: u64,
+    pub window: Window,
+    pub last_grad_norm: f64,
+    pub last_lr: f64,
+    /// The configuration the run was started with (for the record).
+    #[serde(default)]
+    pub config: Option<Value>,
+}
+
+pub fn save(out_dir: &Path, model: &LoadedModel, opt: &Optimizer, state: &TrainerState, cfg: &TrainConfig) -> Result<PathBuf> {
+    let dir = out_dir.join(format!("checkpoint-{}", state.global_step));
+    let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.global_step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    crate::model::hf::save_dir(model, &tmp)?;
+    let st = crate::model::hf::model_safetensors_bytes(&opt.state_tensors()?)?;
+    write_atomic(&tmp.join("optimizer.safetensors"), &st)?;
+    let mut state = state.clone();
+    state.optimizer_steps = opt.t;
+    state.config = serde_json::to_value(cfg).ok();
+    write_atomic(&tmp.join(STATE_FILE), &serde_json::to_vec_pretty(&state).expect("state serialises"))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Restore optimizer state; returns the trainer state.
+pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
+    let p = dir.join(STATE_FILE);
+    let state: TrainerState = serde_json::from_str(&crate::util::read_to_string(&p)?)
+        .map_err(|e| Error::model(&p, format!("invalid trainer state: {e}")))?;
+    let op = dir.join("optimizer.safetensors");
+    let tensors = if op.is_file() {
+        candle_core::safetensors::load(&op, &candle_core::Device::Cpu).map_err(|e| Error::model(&op, e.to_string()))?
+    } else {
+        Default::default()
+    };
+    opt.load_state(tensors, state.optimizer_steps)?;
+    Ok(state)
+}
+
+/// The newest complete checkpoint in `out_dir`.
+pub fn latest(out_dir: &Path) -> Option<PathBuf> {
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(out_dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
+            if e.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|b| n > b.0) {
+                best = Some((n, e.path()));
+            }
+        }
+    }
+    best.map(|b| b.1)
+}
+
+pub fn append_metrics(path: &Path, rec: &Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{rec}").map_err(|e| Error::io(path, e))
+}
+
+/// Drop metric records past `step` (written after the checkpoint a run resumes from), or all
+/// of them for a fresh run.
+pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_u64))
+                .is_some_and(|s| (s as usize) <= step)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    write_atomic(path, body.as_bytes())
+}

@@ -1,0 +1,453 @@
+//! The training loop: batching, gradient accumulation, optimizer and schedule, clipping,
+//! metrics with TRL's names (`metrics.jsonl` + a progress bar), checkpoints with exact resume,
+//! and a checkpoint on Ctrl-C.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod reference;
+pub mod schedule;
+
+use crate::config::TrainConfig;
+use crate::data::{load_tokenized_pairs, TokenizedPair};
+use crate::error::{Error, Result};
+use crate::model::{self, LoadedModel};
+use crate::objectives::{self, PairStats, PairwiseObjective};
+use crate::stats::{pair_logps, score_pairs};
+use crate::util::Rng;
+use candle_core::{DType, Device};
+use checkpoint::TrainerState;
+use optim::{OptimKind, Optimizer};
+use reference::{Reference, Split};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Set (by the CLI's Ctrl-C handler) to ask the loop to save a checkpoint and stop.
+pub static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// What a run did.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    pub steps_done: usize,
+    pub total_steps: usize,
+    pub interrupted: bool,
+    pub last_checkpoint: Option<PathBuf>,
+    /// The last logged record.
+    pub last_log: Option<Value>,
+}
+
+/// Metric sums over a logging window (saved in checkpoints so resumed logs are identical).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Window {
+    pub sums: BTreeMap<String, f64>,
+    pub steps: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// The data order: micro-batch `k` of an endless stream over epochs, each epoch a seeded
+/// permutation (or file order when `shuffle = false`).
+pub struct Order {
+    n: usize,
+    batch: usize,
+    seed: u64,
+    shuffle: bool,
+    cached_epoch: Option<(usize, Vec<usize>)>,
+}
+
+impl Order {
+    pub fn new(n: usize, batch: usize, seed: u64, shuffle: bool) -> Self {
+        Order { n, batch, seed, shuffle, cached_epoch: None }
+    }
+    pub fn batches_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.batch)
+    }
+    /// Indices of micro-batch `k`.
+    pub fn micro_batch(&mut self, k: usize) -> Vec<usize> {
+        let per = self.batches_per_epoch();
+        let (epoch, j) = (k / per, k % per);
+        if self.cached_epoch.as_ref().map(|c| c.0) != Some(epoch) {
+            let mut idx: Vec<usize> = (0..self.n).collect();
+            if self.shuffle {
+                Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut idx);
+            }
+            self.cached_epoch = Some((epoch, idx));
+        }
+        let idx = &self.cached_epoch.as_ref().expect("just set").1;
+        idx[j * self.batch..((j + 1) * self.batch).min(self.n)].to_vec()
+    }
+}
+
+/// Total optimizer steps (transformers' arithmetic: whole update steps per epoch).
+pub fn total_steps(cfg: &TrainConfig, n_pairs: usize) -> usize {
+    if cfg.max_steps > 0 {
+        return cfg.max_steps as usize;
+    }
+    let batches = n_pairs.div_ceil(cfg.per_device_train_batch_size);
+    let per_epoch = (batches / cfg.gradient_accumulation_steps).max(1);
+    (cfg.num_train_epochs * per_epoch as f64).ceil() as usize
+}
+
+fn progress_bar(total: usize, hidden: bool) -> indicatif::ProgressBar {
+    if hidden {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+fn say(pb: &indicatif::ProgressBar, msg: &str) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
+/// Find the checkpoint to resume from: a path, or "latest"/"true" for the newest complete
+/// `checkpoint-N` in `output_dir`.
+pub fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>> {
+    match cfg.resume_from_checkpoint.as_deref() {
+        None | Some("") | Some("false") => Ok(None),
+        Some("latest") | Some("true") => checkpoint::latest(&cfg.output_dir()).map(Some).ok_or_else(|| {
+            Error::Config(format!("resume_from_checkpoint = \"latest\" but {} holds no complete checkpoint", cfg.output_dir))
+        }),
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if p.join(checkpoint::STATE_FILE).is_file() {
+                Ok(Some(p))
+            } else {
+                Err(Error::Config(format!("{} is not a complete checkpoint (no {})", p.display(), checkpoint::STATE_FILE)))
+            }
+        }
+    }
+}
+
+/// Objective statistics for a batch of pairs.
+fn batch_stats(
+    policy: &LoadedModel,
+    reference: &Reference,
+    split: Split,
+    indices: &[usize],
+    pairs: &[TokenizedPair],
+) -> Result<PairStats> {
+    let batch: Vec<&TokenizedPair> = indices.iter().map(|&i| &pairs[i]).collect();
+    let (pc, pr) = pair_logps(&policy.transformer, &batch)?;
+    let refs = reference.logps(split, indices, &batch, policy.transformer.dtype())?;
+    let (ref_chosen, ref_rejected) = match refs {
+        Some((c, r)) => (Some(c), Some(r)),
+        None => (None, None),
+    };
+    Ok(PairStats {
+        policy_chosen: pc,
+        policy_rejected: pr,
+        ref_chosen,
+        ref_rejected,
+        chosen_tokens: batch.iter().map(|p| p.chosen_ids.len()).collect(),
+        rejected_tokens: batch.iter().map(|p| p.rejected_ids.len()).collect(),
+    })
+}
+
+/// Evaluate the objective on a whole set (no gradient): `eval_loss` and the objective's metrics
+/// prefixed with `eval_`.
+pub fn evaluate(
+    policy: &LoadedModel,
+    reference: &Reference,
+    objective: &dyn PairwiseObjective,
+    pairs: &[TokenizedPair],
+    batch_size: usize,
+) -> Result<Vec<(String, f64)>> {
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let all: Vec<usize> = (0..pairs.len()).collect();
+    for chunk in all.chunks(batch_size.max(1)) {
+        let stats = batch_stats(policy, reference, Split::Eval, chunk, pairs)?;
+        let out = objective.loss(&stats)?;
+        let w = chunk.len() as f64;
+        *sums.entry("loss".into()).or_default() += objectives::mean(&out.losses)? * w;
+        for (k, v) in out.metrics {
+            *sums.entry(k).or_default() += v * w;
+        }
+    }
+    Ok(sums.into_iter().map(|(k, v)| (format!("eval_{k}"), v / pairs.len() as f64)).collect())
+}
+
+/// Everything a run holds: models, data, objective, optimizer and progress.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub policy: LoadedModel,
+    pub reference: Reference,
+    pub objective: Box<dyn PairwiseObjective>,
+    pub opt: Optimizer,
+    pub order: Order,
+    pub train_pairs: Vec<TokenizedPair>,
+    pub eval_pairs: Vec<TokenizedPair>,
+    pub total: usize,
+    pub warmup: usize,
+    pub state: TrainerState,
+    pub resumed_from: Option<PathBuf>,
+    /// Behave as if Ctrl-C came after this step (tests and scripted runs).
+    pub stop_after_step: Option<usize>,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub metrics: BTreeMap<String, f64>,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+/// Run a training job described by `cfg`.
+pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
+    Trainer::new(cfg)?.run()
+}
+
+impl Trainer {
+    /// Load models and data, build the reference and the optimizer, restore a checkpoint.
+    pub fn new(cfg: &TrainConfig) -> Result<Self> {
+        let dev = Device::Cpu;
+        let dtype = DType::F32;
+        let resume = resolve_resume(cfg)?;
+        let start_path = PathBuf::from(&cfg.model_name_or_path);
+        let policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
+        let opts = cfg.tokenize_options();
+        let (train_pairs, report) = load_tokenized_pairs(Path::new(&cfg.train_file), &policy.tokenizer, &opts, cfg.skip_invalid)?;
+        for e in &report.skipped {
+            eprintln!("skipped: {e}");
+        }
+        let eval_pairs = match &cfg.eval_file {
+            Some(f) => {
+                let (p, r) = load_tokenized_pairs(Path::new(f), &policy.tokenizer, &opts, cfg.skip_invalid)?;
+                for e in &r.skipped {
+                    eprintln!("skipped (eval): {e}");
+                }
+                p
+            }
+            None => vec![],
+        };
+        eprintln!(
+            "train_file: {} pairs ({}; {} skipped, {} prompts and {} completions truncated)",
+            train_pairs.len(),
+            report.format.map(|f| f.to_string()).unwrap_or_default(),
+            report.skipped.len(),
+            report.prompts_truncated,
+            report.completions_truncated
+        );
+        let objective = objectives::build(&cfg.loss_type, &cfg.objective_params())?;
+
+        // The reference: always the starting model (or ref_model), also when resuming.
+        let ref_path = PathBuf::from(cfg.ref_model.as_deref().unwrap_or(&cfg.model_name_or_path));
+        let load_ref = || -> Result<LoadedModel> {
+            if resume.is_none() && ref_path == start_path {
+                policy.frozen_copy()
+            } else {
+                model::load(&ref_path, dtype, &dev)
+            }
+        };
+        let reference = if !objective.needs_reference() {
+            Reference::None
+        } else if cfg.precompute_ref_log_probs {
+            let cache_dir = cfg.cache_dir();
+            let mut loaded: Option<(LoadedModel, u64)> = None;
+            let mut tables = Vec::new();
+            for (name, pairs) in [("train", &train_pairs), ("eval", &eval_pairs)] {
+                if pairs.is_empty() {
+                    tables.push(vec![]);
+                    continue;
+                }
+                if loaded.is_none() {
+                    let m = load_ref()?;
+                    let h = reference::model_hash(&m)?;
+                    loaded = Some((m, h));
+                }
+                let (m, h) = loaded.as_ref().expect("loaded above");
+                let path = reference::cache_path(&cache_dir, *h, pairs, dtype);
+                match reference::load_cache(&path, pairs.len()) {
+                    Some(v) => {
+                        eprintln!("reference log-probs ({name}): reusing {}", path.display());
+                        tables.push(v)
+                    }
+                    None => {
+                        let pb = progress_bar(pairs.len(), cfg.disable_tqdm);
+                        pb.set_prefix(format!("reference log-probs ({name})"));
+                        let v = score_pairs(&m.transformer, pairs, cfg.per_device_eval_batch_size, |n| pb.inc(n as u64))?;
+                        pb.finish_and_clear();
+                        reference::store_cache(&path, &v)?;
+                        eprintln!("reference log-probs ({name}): computed and cached in {}", path.display());
+                        tables.push(v)
+                    }
+                }
+            }
+            drop(loaded); // the reference model leaves memory here
+            let eval = tables.pop().unwrap_or_default();
+            let train = tables.pop().unwrap_or_default();
+            Reference::Cached { train, eval }
+        } else {
+            Reference::Model(load_ref()?.transformer)
+        };
+
+        let (policy, vars) = policy.into_trainable()?;
+        let kind = if cfg.optim == "sgd" {
+            OptimKind::Sgd
+        } else {
+            OptimKind::AdamW { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon }
+        };
+        let mut opt = Optimizer::new(kind, cfg.weight_decay, vars);
+        let total = total_steps(cfg, train_pairs.len());
+        let warmup = schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
+        let order = Order::new(train_pairs.len(), cfg.per_device_train_batch_size, cfg.seed, cfg.shuffle);
+        let mut state = TrainerState::default();
+        if let Some(dir) = &resume {
+            state = checkpoint::load_state(dir, &mut opt)?;
+            eprintln!("resumed from {} at step {}", dir.display(), state.global_step);
+        }
+        Ok(Trainer {
+            cfg: cfg.clone(),
+            policy,
+            reference,
+            objective,
+            opt,
+            order,
+            train_pairs,
+            eval_pairs,
+            total,
+            warmup,
+            state,
+            resumed_from: resume,
+            stop_after_step: None,
+        })
+    }
+
+    /// One optimizer step over `gradient_accumulation_steps` micro-batches.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let t0 = Instant::now();
+        let cfg = &self.cfg;
+        let accum = cfg.gradient_accumulation_steps;
+        let step = self.state.global_step;
+        let lr = schedule::learning_rate(&cfg.lr_scheduler_type, cfg.learning_rate, step, self.total, self.warmup);
+        self.opt.zero_grad();
+        let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
+        let mut tokens = 0usize;
+        for a in 0..accum {
+            let indices = self.order.micro_batch(step * accum + a);
+            tokens += indices.iter().map(|&i| self.train_pairs[i].num_tokens()).sum::<usize>();
+            let stats = batch_stats(&self.policy, &self.reference, Split::Train, &indices, &self.train_pairs)?;
+            let out = self.objective.loss(&stats)?;
+            let loss = out.losses.mean_all()?;
+            *metrics.entry("loss".into()).or_default() += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+            for (k, v) in out.metrics {
+                *metrics.entry(k).or_default() += v / accum as f64;
+            }
+            let grads = (loss / accum as f64)?.backward()?;
+            self.opt.accumulate(&grads)?;
+        }
+        let grad_norm = self.opt.clip_grad_norm(cfg.max_grad_norm);
+        self.opt.step(lr)?;
+        self.state.global_step += 1;
+        let seconds = t0.elapsed().as_secs_f64();
+        let w = &mut self.state.window;
+        for (k, v) in &metrics {
+            *w.sums.entry(k.clone()).or_default() += v;
+        }
+        w.steps += 1;
+        w.tokens += tokens;
+        w.seconds += seconds;
+        self.state.last_grad_norm = grad_norm;
+        self.state.last_lr = lr;
+        Ok(StepReport { metrics, tokens, seconds, grad_norm, lr })
+    }
+
+    /// The metrics record for the current logging window (and resets the window).
+    fn log_record(&mut self, with_eval: bool) -> Result<Value> {
+        let s = self.state.global_step;
+        let epoch = (s * self.cfg.gradient_accumulation_steps) as f64 / self.order.batches_per_epoch() as f64;
+        let mut rec = Map::new();
+        rec.insert("step".into(), json!(s));
+        rec.insert("epoch".into(), json!((epoch * 1e4).round() / 1e4));
+        let w = std::mem::take(&mut self.state.window);
+        for (k, v) in &w.sums {
+            rec.insert(k.clone(), json!(v / w.steps.max(1) as f64));
+        }
+        rec.insert("grad_norm".into(), json!(self.state.last_grad_norm));
+        rec.insert("learning_rate".into(), json!(self.state.last_lr));
+        rec.insert("tokens_per_second".into(), json!(w.tokens as f64 / w.seconds.max(1e-9)));
+        if with_eval {
+            let ev = evaluate(&self.policy, &self.reference, self.objective.as_ref(), &self.eval_pairs, self.cfg.per_device_eval_batch_size)?;
+            for (k, v) in ev {
+                rec.insert(k, json!(v));
+            }
+        }
+        Ok(Value::Object(rec))
+    }
+
+    /// The loop: steps, logging, evaluation, checkpoints, Ctrl-C.
+    pub fn run(&mut self) -> Result<TrainOutcome> {
+        let out_dir = self.cfg.output_dir();
+        crate::util::create_dir_all(&out_dir)?;
+        let metrics_path = out_dir.join("metrics.jsonl");
+        checkpoint::truncate_metrics(&metrics_path, self.state.global_step)?;
+        let total = self.total;
+        let pb = progress_bar(total, self.cfg.disable_tqdm);
+        pb.set_prefix("train");
+        pb.set_position(self.state.global_step as u64);
+        let (mut last_checkpoint, mut last_log, mut interrupted) = (None, None, false);
+        while self.state.global_step < total {
+            self.step()?;
+            pb.inc(1);
+            let s = self.state.global_step;
+            let cfg = &self.cfg;
+            let do_eval = !self.eval_pairs.is_empty() && ((cfg.eval_steps > 0 && s % cfg.eval_steps == 0) || s == total);
+            if s % cfg.logging_steps.max(1) == 0 || s == total || do_eval {
+                let rec = self.log_record(do_eval)?;
+                checkpoint::append_metrics(&metrics_path, &rec)?;
+                let get = |k: &str| rec.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+                pb.set_message(format!(
+                    "loss {:.4} acc {:.2} margin {:.3} tok/s {:.0}",
+                    get("loss"),
+                    get("rewards/accuracies"),
+                    get("rewards/margins"),
+                    get("tokens_per_second")
+                ));
+                if pb.is_hidden() && !self.cfg.disable_tqdm {
+                    say(&pb, &rec.to_string());
+                }
+                last_log = Some(rec);
+            }
+            let stop = STOP_REQUESTED.load(Ordering::SeqCst) || self.stop_after_step == Some(s);
+            if s % self.cfg.save_steps.max(1) == 0 || s == total || stop {
+                last_checkpoint = Some(checkpoint::save(&out_dir, &self.policy, &self.opt, &self.state, &self.cfg)?);
+            }
+            if stop && s < total {
+                interrupted = true;
+                say(
+                    &pb,
+                    &format!(
+                        "interrupted at step {s}: checkpoint saved in {}; continue with --set resume_from_checkpoint=latest",
+                        last_checkpoint.as_ref().map(|p: &PathBuf| p.display().to_string()).unwrap_or_default()
+                    ),
+                );
+                break;
+            }
+        }
+        pb.finish_and_clear();
+        if !interrupted {
+            crate::model::hf::save_dir(&self.policy, &out_dir)?;
+        }
+        Ok(TrainOutcome {
+            steps_done: self.state.global_step,
+            total_steps: total,
+            interrupted,
+            last_checkpoint,
+            last_log,
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! Optimizers over flat host buffers: AdamW (PyTorch's `AdamW` arithmetic) and SGD, with
+//! global-norm clipping (`clip_grad_norm_`). Gradients are accumulated on the host in f32;
+//! the update reads each parameter once, updates it and writes it back into its `Var`.
+
+use crate::error::{Error, Result};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum OptimKind {
+    AdamW { beta1: f64, beta2: f64, eps: f64 },
+    Sgd,
+}
+
+/// One trainable parameter with its optimizer state.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    /// Accumulated gradient for the current step.
+    pub grad: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub decay: bool,
+}
+
+pub struct Optimizer {
+    pub kind: OptimKind,
+    pub weight_decay: f64,
+    pub params: Vec<Param>,
+    /// Optimizer steps taken.
+    pub t: u64,
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimKind, weight_decay: f64, vars: Vec<(String, Var)>) -> Self {
+        let adam = matches!(kind, OptimKind::AdamW { .. });
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let n = var.as_tensor().elem_count();
+                let decay = !(name.ends_with(".bias") || name.contains("norm"));
+                Param {
+                    name,
+                    var,
+                    grad: vec![0.0; n],
+                    m: if adam { vec![0.0; n] } else { vec![] },
+                    v: if adam { vec![0.0; n] } else { vec![] },
+                    decay,
+                }
+            })
+            .collect();
+        Optimizer { kind, weight_decay, params, t: 0 }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.grad.iter_mut().for_each(|g| *g = 0.0);
+        }
+    }
+
+    /// Add the gradients of one backward pass to the accumulators.
+    pub fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
+        for p in &mut self.params {
+            let g = grads
+                .get(p.var.as_tensor())
+                .ok_or_else(|| Error::msg(format!("parameter `{}` received no gradient", p.name)))?;
+            let g: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            for (a, b) in p.grad.iter_mut().zip(g) {
+                *a += b;
+            }
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of the accumulated gradient.
+    pub fn grad_norm(&self) -> f64 {
+        self.params
+            .iter()
+            .map(|p| p.grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Clip to `max_norm` like `torch.nn.utils.clip_grad_norm_`; returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = self.grad_norm();
+        if max_norm > 0.0 {
+            let coef = max_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                for p in &mut self.params {
+                    p.grad.iter_mut().for_each(|g| *g = (*g as f64 * coef) as f32);
+                }
+            }
+        }
+        norm
+    }
+
+    /// Apply one update with learning rate `lr` and write the new values into the variables.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
+        self.t += 1;
+        let t = self.t as i32;
+        let wd = self.weight_decay;
+        for p in &mut self.params {
+            let tensor = p.var.as_tensor();
+            let dtype = tensor.dtype();
+            let mut w: Vec<f32> = tensor.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            match self.kind {
+                OptimKind::AdamW { beta1, beta2, eps } => {
+                    let bc1 = 1.0 - beta1.powi(t);
+                    let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+                    let step = (lr / bc1) as f32;
+                    let decay = if p.decay { (1.0 - lr * wd) as f32 } else { 1.0 };
+                    let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
+                    let bc2_sqrt = bc2_sqrt as f32;
+                    for i in 0..w.len() {
+                        let g = p.grad[i];
+                        p.m[i] = b1 * p.m[i] + (1.0 - b1) * g;
+                        p.v[i] = b2 * p.v[i] + (1.0 - b2) * g * g;
+                        let denom = p.v[i].sqrt() / bc2_sqrt + eps;
+                        w[i] = w[i] * decay - step * p.m[i] / denom;
+                    }
+                }
+                OptimKind::Sgd => {
+                    let wd = if p.decay { wd as f32 } else { 0.0 };
+                    let lr = lr as f32;
+                    for i in 0..w.len() {
+                        w[i] -= lr * (p.grad[i] + wd * w[i]);
+                    }
+                }
+            }
+            let new = Tensor::from_vec(w, tensor.shape(), tensor.device())?.to_dtype(dtype)?;
+            p.var.set(&new)?;
+        }
+        Ok(())
+    }
+
+    /// Optimizer state as named tensors (for checkpoints).
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for p in &self.params {
+            let shape = p.var.as_tensor().shape();
+            if !p.m.is_empty() {
+                out.push((format!("exp_avg.{}", p.name), Tensor::from_slice(&p.m, shape, &candle_core::Device::Cpu)?));
+                out.push((format!("exp_avg_sq.{}", p.name), Tensor::from_slice(&p.v, shape, &candle_core::Device::Cpu)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restore from [`Self::state_tensors`].
+    pub fn load_state(&mut self, mut tensors: std::collections::HashMap<String, Tensor>, t: u64) -> Result<()> {
+        self.t = t;
+        for p in &mut self.params {
+            if p.m.is_empty() {
+                continue;
+            }
+            for (key, buf) in [("exp_avg", &mut p.m), ("exp_avg_sq", &mut p.v)] {
+                let name = format!("{key}.{}", p.name);
+                let tns = tensors
+                    .remove(&name)
+                    .ok_or_else(|| Error::msg(format!("optimizer state lacks `{name}`")))?;
+                *buf = tns.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Two AdamW steps against the formula in f64, with clipping and weight decay.
+    #[test]
+    fn adamw_matches_pytorch_arithmetic() {
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(OptimKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 0.1, vec![("w".into(), var.clone())]);
+        let (mut w, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
+        let grads = [[3.0f64, 4.0], [-1.0, 0.5]];
+        for (step, g) in grads.iter().enumerate() {
+            opt.zero_grad();
+            opt.params[0].grad = g.iter().map(|&x| x as f32).collect();
+            let norm = opt.clip_grad_norm(1.0);
+            let gn = (g[0] * g[0] + g[1] * g[1]).sqrt();
+            assert!((norm - gn).abs() < 1e-6);
+            let coef = (1.0 / (gn + 1e-6)).min(1.0);
+            opt.step(0.01).unwrap();
+            let t = (step + 1) as i32;
+            for i in 0..2 {
+                let gi = g[i] * coef;
+                m[i] = 0.9 * m[i] + 0.1 * gi;
+                v[i] = 0.999 * v[i] + 0.001 * gi * gi;
+                w[i] *= 1.0 - 0.01 * 0.1;
+                w[i] -= 0.01 / (1.0 - 0.9f64.powi(t)) * m[i] / (v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8);
+            }
+        }
+        let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+        for i in 0..2 {
+            assert!((got[i] as f64 - w[i]).abs() < 1e-6, "{} vs {}", got[i], w[i]);
+        }
+    }
+
+    #[test]
+    fn sgd_and_no_decay_on_norms() {
+        let w = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let n = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(OptimKind::Sgd, 0.5, vec![("a.weight".into(), w.clone()), ("model.norm.weight".into(), n.clone())]);
+        opt.params[0].grad = vec![2.0];
+        opt.params[1].grad = vec![2.0];
+        opt.step(0.1).unwrap();
+        assert!((w.as_tensor().to_vec1::<f32>().unwrap()[0] - (1.0 - 0.1 * 2.5)).abs() < 1e-7);
+        assert!((n.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.8).abs() < 1e-7);
+    }
+}

@@ -1,0 +1,107 @@
+//! Where reference log-probs come from: a frozen model run alongside the policy, or a cache
+//! computed once (`precompute_ref_log_probs`), stored on disk keyed by a hash of the reference
+//! weights and the tokenised data, and reused by later runs; or nothing (reference-free).
+
+use crate::data::TokenizedPair;
+use crate::error::{Error, Result};
+use crate::model::{LoadedModel, Transformer};
+use crate::stats::pair_logps;
+use crate::util::{write_atomic, Fnv64};
+use candle_core::{Tensor, DType};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub enum Reference {
+    Model(Transformer),
+    /// Per-pair (chosen, rejected) summed log-probs, for the train and eval sets.
+    Cached { train: Vec<(f64, f64)>, eval: Vec<(f64, f64)> },
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+impl Reference {
+    /// Reference log-probs `[B]` (chosen, rejected) for the pairs at `indices` of `split`.
+    pub fn logps(&self, split: Split, indices: &[usize], pairs: &[&TokenizedPair], dtype: DType) -> Result<Option<(Tensor, Tensor)>> {
+        match self {
+            Reference::None => Ok(None),
+            Reference::Model(m) => {
+                let (c, r) = pair_logps(m, pairs)?;
+                Ok(Some((c.detach(), r.detach())))
+            }
+            Reference::Cached { train, eval } => {
+                let table = if split == Split::Train { train } else { eval };
+                let dev = &candle_core::Device::Cpu;
+                let c: Vec<f64> = indices.iter().map(|&i| table[i].0).collect();
+                let r: Vec<f64> = indices.iter().map(|&i| table[i].1).collect();
+                Ok(Some((Tensor::new(c, dev)?.to_dtype(dtype)?, Tensor::new(r, dev)?.to_dtype(dtype)?)))
+            }
+        }
+    }
+}
+
+/// A hash of a model's weights: the bytes of its weight files, or of its tensors when it was
+/// built in memory.
+pub fn model_hash(m: &LoadedModel) -> Result<u64> {
+    let mut h = Fnv64::default();
+    if m.weight_files.is_empty() {
+        for (name, t) in m.transformer.params() {
+            h.update(name.as_bytes());
+            let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            for x in v {
+                h.update(&x.to_le_bytes());
+            }
+        }
+    } else {
+        let mut buf = vec![0u8; 1 << 20];
+        for f in &m.weight_files {
+            let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+            loop {
+                let n = file.read(&mut buf).map_err(|e| Error::io(f, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+        }
+    }
+    Ok(h.finish())
+}
+
+pub fn data_hash(pairs: &[TokenizedPair]) -> u64 {
+    let mut h = Fnv64::default();
+    for p in pairs {
+        for ids in [&p.prompt_ids, &p.chosen_ids, &p.rejected_ids] {
+            h.update_u32s(&[ids.len() as u32]);
+            h.update_u32s(ids);
+        }
+    }
+    h.finish()
+}
+
+/// Cache file for (model, data, dtype).
+pub fn cache_path(dir: &Path, model_hash: u64, pairs: &[TokenizedPair], dtype: DType) -> PathBuf {
+    let mut h = Fnv64::default();
+    h.update(&model_hash.to_le_bytes());
+    h.update(&data_hash(pairs).to_le_bytes());
+    h.update(dtype.as_str().as_bytes());
+    dir.join(format!("{:016x}.json", h.finish()))
+}
+
+/// Read a cache file written by [`store_cache`], if present and of the right length.
+pub fn load_cache(path: &Path, n: usize) -> Option<Vec<(f64, f64)>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: Vec<(f64, f64)> = serde_json::from_str(&text).ok()?;
+    (v.len() == n).then_some(v)
+}
+
+pub fn store_cache(path: &Path, v: &[(f64, f64)]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        crate::util::create_dir_all(dir)?;
+    }
+    write_atomic(path, serde_json::to_string(v).expect("numbers serialise").as_bytes())
+}
