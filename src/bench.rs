@@ -88,13 +88,22 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     let mut tr = Trainer::new(&cfg)?;
     let params = tr.policy.transformer.cfg.num_params() as f64;
     let warm = tr.step()?;
-    eprintln!("warm-up step: {:.2} s, loss {:.4}", warm.seconds, warm.metrics["loss"]);
+    eprintln!(
+        "warm-up step: {:.2} s, loss {:.4}",
+        warm.seconds, warm.metrics["loss"]
+    );
     let mut secs = Vec::new();
     let mut tokens = 0usize;
     let mut first_loss = None;
     for i in 0..args.steps {
         let r = tr.step()?;
-        eprintln!("step {}: {:.2} s, {} tokens, loss {:.6}", i + 1, r.seconds, r.tokens, r.metrics["loss"]);
+        eprintln!(
+            "step {}: {:.2} s, {} tokens, loss {:.6}",
+            i + 1,
+            r.seconds,
+            r.tokens,
+            r.metrics["loss"]
+        );
         first_loss.get_or_insert(r.metrics["loss"]);
         secs.push(r.seconds);
         tokens += r.tokens;
@@ -123,13 +132,30 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!("prefer bench dpo: {model}");
-        println!("  threads {threads}, batch {} pairs, max_length {}, reference {}", args.batch_size, args.max_length, if live_ref { "live" } else { "precomputed" });
+        println!(
+            "  threads {threads}, batch {} pairs, max_length {}, reference {}",
+            args.batch_size,
+            args.max_length,
+            if live_ref { "live" } else { "precomputed" }
+        );
         println!("  s/step (median of {})        {median:.2}", args.steps);
-        println!("  real tokens / s              {:.0}", tokens as f64 / total);
-        println!("  pairs / s                    {:.3}", (args.steps * args.batch_size) as f64 / total);
+        println!(
+            "  real tokens / s              {:.0}",
+            tokens as f64 / total
+        );
+        println!(
+            "  pairs / s                    {:.3}",
+            (args.steps * args.batch_size) as f64 / total
+        );
         println!("  peak RSS                     {peak:.2} GiB");
-        println!("  achieved GFLOP/s             {achieved:.1}  ((6{}) x params x tokens / time)", if live_ref { "+2" } else { "" });
-        println!("  machine f32 matmul GFLOP/s   {mm_big:.1} (2048^3), {mm_model:.1} (512x{h}x{})", tr.policy.transformer.cfg.intermediate_size);
+        println!(
+            "  achieved GFLOP/s             {achieved:.1}  ((6{}) x params x tokens / time)",
+            if live_ref { "+2" } else { "" }
+        );
+        println!(
+            "  machine f32 matmul GFLOP/s   {mm_big:.1} (2048^3), {mm_model:.1} (512x{h}x{})",
+            tr.policy.transformer.cfg.intermediate_size
+        );
     }
     Ok(())
 }

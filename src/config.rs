@@ -10,42 +10,158 @@ use std::path::{Path, PathBuf};
 
 /// Every key: (name, default as TOML, documentation). `prefer train --help-config` prints it.
 pub const KEYS: &[(&str, &str, &str)] = &[
-    ("model_name_or_path", "(required)", "Policy to train: an HF model directory (config.json + safetensors) or a .gguf file."),
-    ("ref_model", "(the starting policy)", "Reference model path. Default: a frozen copy of the starting policy."),
-    ("output_dir", "\"runs/prefer\"", "Where checkpoints, metrics.jsonl and the final model go."),
-    ("train_file", "(required)", "Preference pairs, JSONL: standard, conversational or Anthropic HH (auto-detected)."),
-    ("eval_file", "(none)", "Held-out pairs evaluated every eval_steps and at the end."),
-    ("loss_type", "\"sigmoid\"", "Objective name (`prefer objectives list`)."),
-    ("beta", "0.1", "DPO temperature β: scales the implicit reward β·log(π/π_ref)."),
-    ("label_smoothing", "0.0", "Probability that a label is flipped (conservative DPO); 0 = plain DPO."),
+    (
+        "model_name_or_path",
+        "(required)",
+        "Policy to train: an HF model directory (config.json + safetensors) or a .gguf file.",
+    ),
+    (
+        "ref_model",
+        "(the starting policy)",
+        "Reference model path. Default: a frozen copy of the starting policy.",
+    ),
+    (
+        "output_dir",
+        "\"runs/prefer\"",
+        "Where checkpoints, metrics.jsonl and the final model go.",
+    ),
+    (
+        "train_file",
+        "(required)",
+        "Preference pairs, JSONL: standard, conversational or Anthropic HH (auto-detected).",
+    ),
+    (
+        "eval_file",
+        "(none)",
+        "Held-out pairs evaluated every eval_steps and at the end.",
+    ),
+    (
+        "loss_type",
+        "\"sigmoid\"",
+        "Objective name (`prefer objectives list`).",
+    ),
+    (
+        "beta",
+        "0.1",
+        "DPO temperature β: scales the implicit reward β·log(π/π_ref).",
+    ),
+    (
+        "label_smoothing",
+        "0.0",
+        "Probability that a label is flipped (conservative DPO); 0 = plain DPO.",
+    ),
     ("learning_rate", "1e-6", "Peak learning rate."),
-    ("per_device_train_batch_size", "8", "Preference pairs per micro-batch."),
-    ("per_device_eval_batch_size", "8", "Pairs per batch when evaluating or precomputing reference log-probs."),
-    ("gradient_accumulation_steps", "1", "Micro-batches per optimizer step."),
-    ("max_steps", "-1", "Optimizer steps to run; -1 = derive from num_train_epochs."),
-    ("num_train_epochs", "3.0", "Passes over train_file when max_steps = -1."),
-    ("lr_scheduler_type", "\"linear\"", "constant | constant_with_warmup | linear | cosine."),
-    ("warmup_steps", "0", "Linear warm-up steps (overrides warmup_ratio when > 0)."),
+    (
+        "per_device_train_batch_size",
+        "8",
+        "Preference pairs per micro-batch.",
+    ),
+    (
+        "per_device_eval_batch_size",
+        "8",
+        "Pairs per batch when evaluating or precomputing reference log-probs.",
+    ),
+    (
+        "gradient_accumulation_steps",
+        "1",
+        "Micro-batches per optimizer step.",
+    ),
+    (
+        "max_steps",
+        "-1",
+        "Optimizer steps to run; -1 = derive from num_train_epochs.",
+    ),
+    (
+        "num_train_epochs",
+        "3.0",
+        "Passes over train_file when max_steps = -1.",
+    ),
+    (
+        "lr_scheduler_type",
+        "\"linear\"",
+        "constant | constant_with_warmup | linear | cosine.",
+    ),
+    (
+        "warmup_steps",
+        "0",
+        "Linear warm-up steps (overrides warmup_ratio when > 0).",
+    ),
     ("warmup_ratio", "0.0", "Warm-up as a fraction of all steps."),
-    ("max_grad_norm", "1.0", "Clip the global gradient norm to this; 0 = no clipping."),
-    ("optim", "\"adamw_torch\"", "adamw_torch (alias adamw) | sgd."),
-    ("weight_decay", "0.0", "Decoupled weight decay (AdamW) / L2 (SGD); not applied to biases and norms."),
+    (
+        "max_grad_norm",
+        "1.0",
+        "Clip the global gradient norm to this; 0 = no clipping.",
+    ),
+    (
+        "optim",
+        "\"adamw_torch\"",
+        "adamw_torch (alias adamw) | sgd.",
+    ),
+    (
+        "weight_decay",
+        "0.0",
+        "Decoupled weight decay (AdamW) / L2 (SGD); not applied to biases and norms.",
+    ),
     ("adam_beta1", "0.9", "AdamW β1."),
     ("adam_beta2", "0.999", "AdamW β2."),
     ("adam_epsilon", "1e-8", "AdamW ε."),
     ("seed", "42", "Seed of the data order."),
-    ("shuffle", "true", "Shuffle the pairs each epoch (seeded); false = file order."),
-    ("logging_steps", "10", "Write metrics every this many optimizer steps."),
-    ("save_steps", "500", "Save a checkpoint every this many steps (and always at the end)."),
-    ("eval_steps", "0", "Evaluate eval_file every this many steps; 0 = only at the end."),
+    (
+        "shuffle",
+        "true",
+        "Shuffle the pairs each epoch (seeded); false = file order.",
+    ),
+    (
+        "logging_steps",
+        "10",
+        "Write metrics every this many optimizer steps.",
+    ),
+    (
+        "save_steps",
+        "500",
+        "Save a checkpoint every this many steps (and always at the end).",
+    ),
+    (
+        "eval_steps",
+        "0",
+        "Evaluate eval_file every this many steps; 0 = only at the end.",
+    ),
     ("max_length", "1024", "Max tokens of prompt + completion."),
-    ("max_prompt_length", "512", "Max prompt tokens (truncated per truncation_mode); 0 = no limit."),
-    ("truncation_mode", "\"keep_end\"", "keep_end (keep the prompt's last tokens) | keep_start."),
-    ("precompute_ref_log_probs", "false", "Compute reference log-probs once, cache them on disk and drop the reference model."),
-    ("ref_log_probs_cache_dir", "\"~/.cache/prefer/ref_logps\"", "Where precomputed reference log-probs are cached (keyed by model and data hash)."),
-    ("resume_from_checkpoint", "(none)", "A checkpoint directory, or \"latest\" for the newest one in output_dir."),
-    ("skip_invalid", "false", "Report and skip bad rows instead of stopping at the first."),
-    ("num_threads", "0", "CPU threads for tensor ops; 0 = all cores."),
+    (
+        "max_prompt_length",
+        "512",
+        "Max prompt tokens (truncated per truncation_mode); 0 = no limit.",
+    ),
+    (
+        "truncation_mode",
+        "\"keep_end\"",
+        "keep_end (keep the prompt's last tokens) | keep_start.",
+    ),
+    (
+        "precompute_ref_log_probs",
+        "false",
+        "Compute reference log-probs once, cache them on disk and drop the reference model.",
+    ),
+    (
+        "ref_log_probs_cache_dir",
+        "\"~/.cache/prefer/ref_logps\"",
+        "Where precomputed reference log-probs are cached (keyed by model and data hash).",
+    ),
+    (
+        "resume_from_checkpoint",
+        "(none)",
+        "A checkpoint directory, or \"latest\" for the newest one in output_dir.",
+    ),
+    (
+        "skip_invalid",
+        "false",
+        "Report and skip bad rows instead of stopping at the first.",
+    ),
+    (
+        "num_threads",
+        "0",
+        "CPU threads for tensor ops; 0 = all cores.",
+    ),
     ("disable_tqdm", "false", "No progress bar."),
 ];
 
@@ -141,7 +257,9 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
             let hint = crate::util::closest(key, KEYS.iter().map(|(k, _, _)| *k))
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_else(|| "; `prefer train --help-config` lists every key".into());
-            return Err(Error::Config(format!("{origin}: unknown key `{key}`{hint}")));
+            return Err(Error::Config(format!(
+                "{origin}: unknown key `{key}`{hint}"
+            )));
         }
     }
     Ok(())
@@ -167,7 +285,8 @@ impl TrainConfig {
         let mut table = match path {
             Some(p) => {
                 let text = crate::util::read_to_string(p)?;
-                let t: toml::Table = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+                let t: toml::Table = toml::from_str(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
                 check_keys(&t, &p.display().to_string())?;
                 t
             }
@@ -191,22 +310,32 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.model_name_or_path.is_empty() {
-            return bad("`model_name_or_path` is required (an HF model directory or a .gguf file)".into());
+            return bad(
+                "`model_name_or_path` is required (an HF model directory or a .gguf file)".into(),
+            );
         }
         if self.train_file.is_empty() {
             return bad("`train_file` is required (a JSONL file of preference pairs)".into());
         }
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad("per_device_train_batch_size and gradient_accumulation_steps must be ≥ 1".into());
+            return bad(
+                "per_device_train_batch_size and gradient_accumulation_steps must be ≥ 1".into(),
+            );
         }
-        if !matches!(self.lr_scheduler_type.as_str(), "constant" | "constant_with_warmup" | "linear" | "cosine") {
+        if !matches!(
+            self.lr_scheduler_type.as_str(),
+            "constant" | "constant_with_warmup" | "linear" | "cosine"
+        ) {
             return bad(format!(
                 "lr_scheduler_type `{}` is not supported (constant, constant_with_warmup, linear, cosine)",
                 self.lr_scheduler_type
             ));
         }
         if !matches!(self.optim.as_str(), "adamw" | "adamw_torch" | "sgd") {
-            return bad(format!("optim `{}` is not supported (adamw_torch, sgd)", self.optim));
+            return bad(format!(
+                "optim `{}` is not supported (adamw_torch, sgd)",
+                self.optim
+            ));
         }
         if self.max_prompt_length > 0 && self.max_prompt_length >= self.max_length {
             return bad(format!(
@@ -222,7 +351,10 @@ impl TrainConfig {
     }
 
     pub fn objective_params(&self) -> ObjectiveParams {
-        ObjectiveParams { beta: self.beta, label_smoothing: self.label_smoothing }
+        ObjectiveParams {
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+        }
     }
 
     pub fn tokenize_options(&self) -> TokenizeOptions {
@@ -243,7 +375,8 @@ impl TrainConfig {
 
     /// `--help-config` text.
     pub fn help() -> String {
-        let mut s = String::from("Run configuration keys (TOML; override any with --set key=value):\n\n");
+        let mut s =
+            String::from("Run configuration keys (TOML; override any with --set key=value):\n\n");
         for (k, d, doc) in KEYS {
             s.push_str(&format!("  {k:<30} default {d}\n      {doc}\n"));
         }
@@ -264,10 +397,12 @@ mod tests {
 
     #[test]
     fn keys_table_matches_struct_fields() {
-        let mut c = TrainConfig::default();
-        c.ref_model = Some("x".into());
-        c.eval_file = Some("x".into());
-        c.resume_from_checkpoint = Some("x".into());
+        let c = TrainConfig {
+            ref_model: Some("x".into()),
+            eval_file: Some("x".into()),
+            resume_from_checkpoint: Some("x".into()),
+            ..TrainConfig::default()
+        };
         let v = toml::Value::try_from(&c).unwrap();
         let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
         let mut keys: Vec<&str> = KEYS.iter().map(|k| k.0).collect();
@@ -281,21 +416,40 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("prefer-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("run.toml");
-        std::fs::write(&p, "model_name_or_path = \"m\"\ntrain_file = \"t\"\nlearnig_rate = 1e-5\n").unwrap();
+        std::fs::write(
+            &p,
+            "model_name_or_path = \"m\"\ntrain_file = \"t\"\nlearnig_rate = 1e-5\n",
+        )
+        .unwrap();
         let e = TrainConfig::load(Some(&p), &[]).unwrap_err().to_string();
-        assert!(e.contains("`learnig_rate`") && e.contains("did you mean `learning_rate`"), "{e}");
+        assert!(
+            e.contains("`learnig_rate`") && e.contains("did you mean `learning_rate`"),
+            "{e}"
+        );
         std::fs::write(&p, "model_name_or_path = \"m\"\ntrain_file = \"t\"\n").unwrap();
         let c = TrainConfig::load(
             Some(&p),
-            &["beta=0.25".into(), "output_dir=out/x".into(), "truncation_mode=keep_start".into(), "shuffle=false".into()],
+            &[
+                "beta=0.25".into(),
+                "output_dir=out/x".into(),
+                "truncation_mode=keep_start".into(),
+                "shuffle=false".into(),
+            ],
         )
         .unwrap();
-        assert_eq!((c.beta, c.output_dir.as_str(), c.shuffle), (0.25, "out/x", false));
+        assert_eq!(
+            (c.beta, c.output_dir.as_str(), c.shuffle),
+            (0.25, "out/x", false)
+        );
         assert_eq!(c.truncation_mode, TruncationMode::KeepStart);
         assert_eq!(c.learning_rate, 1e-6, "TRL's default");
-        let e = TrainConfig::load(Some(&p), &["bta=1".into()]).unwrap_err().to_string();
+        let e = TrainConfig::load(Some(&p), &["bta=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did you mean `beta`"), "{e}");
-        let e = TrainConfig::load(Some(&p), &["loss_type=sigmod".into()]).unwrap_err().to_string();
+        let e = TrainConfig::load(Some(&p), &["loss_type=sigmod".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did you mean `sigmoid`"), "{e}");
     }
 }

@@ -23,7 +23,12 @@ pub struct EvalSummary {
 
 /// Summarise per-pair (chosen, rejected) summed log-probs of the policy and, optionally, the
 /// reference. `lengths` are (chosen, rejected) completion token counts.
-pub fn summarize(policy: &[(f64, f64)], reference: Option<&[(f64, f64)]>, lengths: &[(usize, usize)], beta: f64) -> EvalSummary {
+pub fn summarize(
+    policy: &[(f64, f64)],
+    reference: Option<&[(f64, f64)]>,
+    lengths: &[(usize, usize)],
+    beta: f64,
+) -> EvalSummary {
     let n = policy.len().max(1) as f64;
     let frac = |c: usize| c as f64 / n;
     let ranking = policy.iter().filter(|(c, r)| c > r).count();
@@ -80,7 +85,7 @@ mod tests {
         let lengths = [(1, 3), (5, 2), (1, 1), (10, 3)];
         let s = summarize(&policy, Some(&reference), &lengths, 0.5);
         assert_eq!(s.ranking_accuracy, 0.5); // pairs 0 and 2
-        // normalised: -1 > -1 (no), -1 < -2? pair1: -1 vs -2 → yes; pair2 yes; pair3: -1 vs -2 → yes
+                                             // normalised: -1 > -1 (no), -1 < -2? pair1: -1 vs -2 → yes; pair2 yes; pair3: -1 vs -2 → yes
         assert_eq!(s.ranking_accuracy_normalized, 0.75);
         // rewards (β=0.5): (0.5,-0.5), (0,0.5), (0,-0.25), (-1,1)
         assert_eq!(s.reward_accuracy, Some(0.5));

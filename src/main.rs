@@ -13,7 +13,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "prefer", version, about = "Align language models with preferences (DPO and friends) on real models, on CPU.")]
+#[command(
+    name = "prefer",
+    version,
+    about = "Align language models with preferences (DPO and friends) on real models, on CPU."
+)]
 struct Cli {
     /// CPU threads for tensor ops (0 = all cores). Same as RAYON_NUM_THREADS.
     #[arg(long, global = true, default_value_t = 0)]
@@ -175,7 +179,11 @@ fn main() {
 
 fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Train { config, set, help_config } => {
+        Cmd::Train {
+            config,
+            set,
+            help_config,
+        } => {
             if help_config {
                 print!("{}", TrainConfig::help());
                 return Ok(());
@@ -193,7 +201,9 @@ fn run(cmd: Cmd) -> Result<()> {
                     eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
                     std::process::exit(130);
                 }
-                eprintln!("\nCtrl-C: saving a checkpoint after this step (press again to quit now)");
+                eprintln!(
+                    "\nCtrl-C: saving a checkpoint after this step (press again to quit now)"
+                );
             })
             .context("installing the Ctrl-C handler")?;
             let out = prefer::train::train(&cfg)?;
@@ -203,12 +213,33 @@ fn run(cmd: Cmd) -> Result<()> {
             if out.interrupted {
                 std::process::exit(130);
             }
-            eprintln!("done: {} steps; model saved in {}", out.steps_done, cfg.output_dir);
+            eprintln!(
+                "done: {} steps; model saved in {}",
+                out.steps_done, cfg.output_dir
+            );
             Ok(())
         }
-        Cmd::Eval { model, reference, data, beta, batch_size, max_length, generate, skip_invalid, json } => {
-            eval_cmd(&model, reference.as_deref(), &data, beta, batch_size, max_length, generate, skip_invalid, json)
-        }
+        Cmd::Eval {
+            model,
+            reference,
+            data,
+            beta,
+            batch_size,
+            max_length,
+            generate,
+            skip_invalid,
+            json,
+        } => eval_cmd(
+            &model,
+            reference.as_deref(),
+            &data,
+            beta,
+            batch_size,
+            max_length,
+            generate,
+            skip_invalid,
+            json,
+        ),
         Cmd::Data { cmd } => data_cmd(cmd),
         Cmd::Convert { model, out } => {
             let m = model::load(&model, DType::F32, &Device::Cpu)?;
@@ -216,7 +247,12 @@ fn run(cmd: Cmd) -> Result<()> {
             eprintln!("wrote {} (HF layout, f32)", out.display());
             Ok(())
         }
-        Cmd::Tokenize { model, file, field, chat } => {
+        Cmd::Tokenize {
+            model,
+            file,
+            field,
+            chat,
+        } => {
             let tok = model::load_tokenizer(&model)?;
             let mut out = std::io::stdout().lock();
             for (line, v) in read_jsonl(&file)? {
@@ -228,12 +264,25 @@ fn run(cmd: Cmd) -> Result<()> {
                     str_field(&v, &field, &file, line)?.to_string()
                 };
                 let ids = tok.encode(&text, true)?;
-                let pieces: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect();
-                writeln!(out, "{}", json!({"line": line, "text": text, "ids": ids, "pieces": pieces}))?;
+                let pieces: Vec<String> = ids
+                    .iter()
+                    .map(|&i| tok.id_to_token(i).unwrap_or_default())
+                    .collect();
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"line": line, "text": text, "ids": ids, "pieces": pieces})
+                )?;
             }
             Ok(())
         }
-        Cmd::Logprobs { model, file, field, prompt_field, completion_field } => {
+        Cmd::Logprobs {
+            model,
+            file,
+            field,
+            prompt_field,
+            completion_field,
+        } => {
             let m = model::load(&model, DType::F32, &Device::Cpu)?;
             let tok = &m.tokenizer;
             let mut out = std::io::stdout().lock();
@@ -253,22 +302,50 @@ fn run(cmd: Cmd) -> Result<()> {
                     _ => (tok.encode(str_field(&v, &field, &file, line)?, true)?, 1),
                 };
                 if ids.len() < 2 && start == 1 {
-                    writeln!(out, "{}", json!({"line": line, "tokens": [], "logprobs": [], "sum": 0.0}))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"line": line, "tokens": [], "logprobs": [], "sum": 0.0})
+                    )?;
                     continue;
                 }
-                let lp = model::sequence_logps(&m.transformer, &[ScoredSeq { ids: ids.clone(), completion_start: start }], PaddingSide::Right)?;
+                let lp = model::sequence_logps(
+                    &m.transformer,
+                    &[ScoredSeq {
+                        ids: ids.clone(),
+                        completion_start: start,
+                    }],
+                    PaddingSide::Right,
+                )?;
                 let lps: Vec<f32> = lp.token_logps.to_vec1()?;
-                let pieces: Vec<String> = ids[start..].iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect();
+                let pieces: Vec<String> = ids[start..]
+                    .iter()
+                    .map(|&i| tok.id_to_token(i).unwrap_or_default())
+                    .collect();
                 let sum: f64 = lps.iter().map(|&x| x as f64).sum();
-                writeln!(out, "{}", json!({"line": line, "ids": &ids[start..], "tokens": pieces, "logprobs": lps, "sum": sum, "mean": sum / lps.len() as f64}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"line": line, "ids": &ids[start..], "tokens": pieces, "logprobs": lps, "sum": sum, "mean": sum / lps.len() as f64})
+                )?;
             }
             Ok(())
         }
-        Cmd::Bench { cmd: BenchCmd::Dpo(args) } => prefer::bench::dpo(&args).map_err(Into::into),
-        Cmd::Objectives { cmd: ObjectivesCmd::List } => {
+        Cmd::Bench {
+            cmd: BenchCmd::Dpo(args),
+        } => prefer::bench::dpo(&args).map_err(Into::into),
+        Cmd::Objectives {
+            cmd: ObjectivesCmd::List,
+        } => {
             println!("{:<12} {:<10} {:<10} source", "name", "shape", "reference");
             for e in prefer::objectives::REGISTRY {
-                println!("{:<12} {:<10} {:<10} {}", e.name, "pairwise", if e.needs_reference { "yes" } else { "no" }, e.source);
+                println!(
+                    "{:<12} {:<10} {:<10} {}",
+                    e.name,
+                    "pairwise",
+                    if e.needs_reference { "yes" } else { "no" },
+                    e.source
+                );
             }
             Ok(())
         }
@@ -285,9 +362,12 @@ fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
 }
 
 fn str_field<'a>(v: &'a Value, field: &str, file: &Path, line: usize) -> Result<&'a str> {
-    v.get(field)
-        .and_then(Value::as_str)
-        .with_context(|| format!("{}:{line}: field `{field}`: missing or not a string (choose the field with --field)", file.display()))
+    v.get(field).and_then(Value::as_str).with_context(|| {
+        format!(
+            "{}:{line}: field `{field}`: missing or not a string (choose the field with --field)",
+            file.display()
+        )
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -304,7 +384,11 @@ fn eval_cmd(
 ) -> Result<()> {
     let dev = Device::Cpu;
     let m = model::load(model_path, DType::F32, &dev)?;
-    let opts = TokenizeOptions { max_length: Some(max_length), max_prompt_length: None, truncation_mode: TruncationMode::KeepEnd };
+    let opts = TokenizeOptions {
+        max_length: Some(max_length),
+        max_prompt_length: None,
+        truncation_mode: TruncationMode::KeepEnd,
+    };
     let (pairs, report) = load_tokenized_pairs(data, &m.tokenizer, &opts, skip_invalid)?;
     for e in &report.skipped {
         eprintln!("skipped: {e}");
@@ -313,19 +397,37 @@ fn eval_cmd(
     let reference = match ref_path {
         Some(r) => {
             let rm = model::load(r, DType::F32, &dev)?;
-            Some(prefer::stats::score_pairs(&rm.transformer, &pairs, batch_size, |_| {})?)
+            Some(prefer::stats::score_pairs(
+                &rm.transformer,
+                &pairs,
+                batch_size,
+                |_| {},
+            )?)
         }
         None => None,
     };
-    let lengths: Vec<(usize, usize)> = pairs.iter().map(|p| (p.chosen_ids.len(), p.rejected_ids.len())).collect();
+    let lengths: Vec<(usize, usize)> = pairs
+        .iter()
+        .map(|p| (p.chosen_ids.len(), p.rejected_ids.len()))
+        .collect();
     let summary = prefer::eval::summarize(&policy, reference.as_deref(), &lengths, beta);
     let mut gen_acc = None;
     if generate {
         let mut hits = 0;
         for p in &pairs {
-            let want: Vec<u32> = p.chosen_ids.iter().copied().filter(|&t| t != m.tokenizer.eos_id).collect();
+            let want: Vec<u32> = p
+                .chosen_ids
+                .iter()
+                .copied()
+                .filter(|&t| t != m.tokenizer.eos_id)
+                .collect();
             let want_text = m.tokenizer.decode(&want, true)?;
-            let got = model::logprobs::generate_greedy(&m.transformer, &p.prompt_ids, want.len() + 4, &[m.tokenizer.eos_id])?;
+            let got = model::logprobs::generate_greedy(
+                &m.transformer,
+                &p.prompt_ids,
+                want.len() + 4,
+                &[m.tokenizer.eos_id],
+            )?;
             let got_text = m.tokenizer.decode(&got, true)?;
             if got_text.trim().starts_with(want_text.trim()) && !want_text.trim().is_empty() {
                 hits += 1;
@@ -340,9 +442,20 @@ fn eval_cmd(
     } else {
         let pct = |x: f64| format!("{:.1}%", 100.0 * x);
         println!("pairs                          {}", summary.pairs);
-        println!("ranking accuracy               {}", pct(summary.ranking_accuracy));
-        println!("ranking accuracy (per token)   {}", pct(summary.ranking_accuracy_normalized));
-        if let (Some(a), Some(mg), Some(l), Some(rr)) = (summary.reward_accuracy, summary.reward_margin, summary.dpo_loss, summary.ref_ranking_accuracy) {
+        println!(
+            "ranking accuracy               {}",
+            pct(summary.ranking_accuracy)
+        );
+        println!(
+            "ranking accuracy (per token)   {}",
+            pct(summary.ranking_accuracy_normalized)
+        );
+        if let (Some(a), Some(mg), Some(l), Some(rr)) = (
+            summary.reward_accuracy,
+            summary.reward_margin,
+            summary.dpo_loss,
+            summary.ref_ranking_accuracy,
+        ) {
             println!("reward accuracy (beta {beta})    {}", pct(a));
             println!("mean reward margin             {mg:.4}");
             println!("DPO loss                       {l:.4}");
@@ -357,7 +470,12 @@ fn eval_cmd(
 
 fn data_cmd(cmd: DataCmd) -> Result<()> {
     match cmd {
-        DataCmd::Validate { file, model, max_length, max_prompt_length } => {
+        DataCmd::Validate {
+            file,
+            model,
+            max_length,
+            max_prompt_length,
+        } => {
             let tok = model.as_deref().map(model::load_tokenizer).transpose()?;
             let (pairs, mut report) = load_text_pairs(&file, tok.as_ref(), true)?;
             if let Some(tok) = &tok {
@@ -375,7 +493,10 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             for e in &report.skipped {
                 println!("{e}");
             }
-            let fmt = report.format.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into());
+            let fmt = report
+                .format
+                .map(|f| f.to_string())
+                .unwrap_or_else(|| "unknown".into());
             println!(
                 "{}: {} rows, format {fmt}: {} valid, {} invalid",
                 file.display(),
@@ -389,50 +510,107 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             Ok(())
         }
         DataCmd::Inspect { file, model } => {
-            let model = model.or_else(prefer::paths::smollm2_gguf).context("no tokenizer: pass --model (an HF dir or .gguf)")?;
+            let model = model
+                .or_else(prefer::paths::smollm2_gguf)
+                .context("no tokenizer: pass --model (an HF dir or .gguf)")?;
             let tok = model::load_tokenizer(&model)?;
-            let opts = TokenizeOptions { max_length: None, max_prompt_length: None, truncation_mode: TruncationMode::KeepEnd };
+            let opts = TokenizeOptions {
+                max_length: None,
+                max_prompt_length: None,
+                truncation_mode: TruncationMode::KeepEnd,
+            };
             let (text, _) = load_text_pairs(&file, Some(&tok), true)?;
             let (pairs, report) = load_tokenized_pairs(&file, &tok, &opts, true)?;
             println!("file        {}", file.display());
-            println!("format      {}", report.format.map(|f| f.to_string()).unwrap_or_default());
-            println!("rows        {} ({} usable, {} invalid)", report.records, pairs.len(), report.skipped.len());
+            println!(
+                "format      {}",
+                report.format.map(|f| f.to_string()).unwrap_or_default()
+            );
+            println!(
+                "rows        {} ({} usable, {} invalid)",
+                report.records,
+                pairs.len(),
+                report.skipped.len()
+            );
             for e in report.skipped.iter().take(5) {
                 println!("  invalid   {e}");
             }
             if report.skipped.len() > 5 {
-                println!("  ... and {} more (prefer data validate lists all)", report.skipped.len() - 5);
+                println!(
+                    "  ... and {} more (prefer data validate lists all)",
+                    report.skipped.len() - 5
+                );
             }
             if let Some(p) = text.first() {
                 let show = |s: &str| {
-                    let s: String = s.chars().rev().take(120).collect::<Vec<_>>().into_iter().rev().collect();
+                    let s: String = s
+                        .chars()
+                        .rev()
+                        .take(120)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
                     format!("{s:?}")
                 };
                 println!("\nhow the first pair was split (line {}):", p.line);
                 println!("  prompt    …{}", show(&p.prompt));
-                println!("  chosen    {:?}", p.chosen.chars().take(120).collect::<String>());
-                println!("  rejected  {:?}", p.rejected.chars().take(120).collect::<String>());
+                println!(
+                    "  chosen    {:?}",
+                    p.chosen.chars().take(120).collect::<String>()
+                );
+                println!(
+                    "  rejected  {:?}",
+                    p.rejected.chars().take(120).collect::<String>()
+                );
                 println!("  EOS appended to each completion: {:?}", tok.eos_token);
             }
             let hist = |name: &str, xs: Vec<usize>| {
-                println!("\n{name} tokens: min {} / median {} / mean {:.0} / max {}", xs.iter().min().unwrap_or(&0), median(&xs), xs.iter().sum::<usize>() as f64 / xs.len().max(1) as f64, xs.iter().max().unwrap_or(&0));
+                println!(
+                    "\n{name} tokens: min {} / median {} / mean {:.0} / max {}",
+                    xs.iter().min().unwrap_or(&0),
+                    median(&xs),
+                    xs.iter().sum::<usize>() as f64 / xs.len().max(1) as f64,
+                    xs.iter().max().unwrap_or(&0)
+                );
                 print!("{}", prefer::util::text_histogram(&xs, 8, 40));
             };
             hist("prompt", pairs.iter().map(|p| p.prompt_ids.len()).collect());
             hist("chosen", pairs.iter().map(|p| p.chosen_ids.len()).collect());
-            hist("rejected", pairs.iter().map(|p| p.rejected_ids.len()).collect());
-            hist("prompt+longer completion", pairs.iter().map(|p| p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len())).collect());
+            hist(
+                "rejected",
+                pairs.iter().map(|p| p.rejected_ids.len()).collect(),
+            );
+            hist(
+                "prompt+longer completion",
+                pairs
+                    .iter()
+                    .map(|p| p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len()))
+                    .collect(),
+            );
             let prompt: usize = pairs.iter().map(|p| 2 * p.prompt_ids.len()).sum();
             let all: usize = pairs.iter().map(|p| p.num_tokens()).sum();
-            println!("\nprompt share of a pair's tokens: {:.0}%", 100.0 * prompt as f64 / all.max(1) as f64);
+            println!(
+                "\nprompt share of a pair's tokens: {:.0}%",
+                100.0 * prompt as f64 / all.max(1) as f64
+            );
             Ok(())
         }
-        DataCmd::MakeArithmetic { out, train, eval, seed } => {
+        DataCmd::MakeArithmetic {
+            out,
+            train,
+            eval,
+            seed,
+        } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let all = prefer::data::synthetic::arithmetic_pairs(train + eval, seed);
-            for (name, lines) in [("train.jsonl", &all[..train]), ("eval.jsonl", &all[train..])] {
+            for (name, lines) in [
+                ("train.jsonl", &all[..train]),
+                ("eval.jsonl", &all[train..]),
+            ] {
                 let p = out.join(name);
-                std::fs::write(&p, lines.join("\n") + "\n").with_context(|| format!("writing {}", p.display()))?;
+                std::fs::write(&p, lines.join("\n") + "\n")
+                    .with_context(|| format!("writing {}", p.display()))?;
                 eprintln!("wrote {} ({} pairs)", p.display(), lines.len());
             }
             Ok(())

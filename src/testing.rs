@@ -4,7 +4,9 @@
 
 use crate::error::Result;
 use crate::model::{gguf, hf, LoadedModel, ModelConfig, Transformer};
-use crate::tokenizer::{byte_level_bpe_json, byte_level_pre_tokenizer, bytes_to_unicode, TextTokenizer};
+use crate::tokenizer::{
+    byte_level_bpe_json, byte_level_pre_tokenizer, bytes_to_unicode, TextTokenizer,
+};
 use crate::util::Rng;
 use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -49,13 +51,25 @@ impl Default for TinySpec {
 
 /// Vocabulary of the tiny tokenizer: 3 special tokens, the 256 byte symbols, a few merges.
 pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i64>) {
-    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
     let mut types = vec![3i64, 3, 3];
     for c in bytes_to_unicode() {
         tokens.push(c.to_string());
         types.push(1);
     }
-    let merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "s"), ("Ġ", "a"), ("Ġ", "1"), ("=", "Ġ")];
+    let merges = [
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("Ġt", "he"),
+        ("i", "s"),
+        ("Ġ", "a"),
+        ("Ġ", "1"),
+        ("=", "Ġ"),
+    ];
     let mut m = Vec::new();
     for (a, b) in merges {
         m.push(format!("{a} {b}"));
@@ -69,7 +83,13 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i64>) {
 pub fn tiny_tokenizer(add_bos: bool) -> Result<TextTokenizer> {
     let (tokens, merges, types) = tiny_vocab();
     let bos = add_bos.then_some((0u32, "<|endoftext|>"));
-    let json = byte_level_bpe_json(&tokens, &merges, &types, byte_level_pre_tokenizer("smollm")?, bos);
+    let json = byte_level_bpe_json(
+        &tokens,
+        &merges,
+        &types,
+        byte_level_pre_tokenizer("smollm")?,
+        bos,
+    );
     let mut tc = json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE});
     if add_bos {
         tc["bos_token"] = json!("<|endoftext|>");
@@ -115,7 +135,11 @@ pub fn tiny_model(spec: &TinySpec, dtype: DType, seed: u64) -> Result<LoadedMode
             (0..n).map(|_| 0.1 * rng.normal()).collect()
         } else {
             let fan_in = *shape.last().unwrap_or(&1) as f64;
-            let std = if name.contains("embed") { 1.0 } else { spec.init_scale / fan_in.sqrt() };
+            let std = if name.contains("embed") {
+                1.0
+            } else {
+                spec.init_scale / fan_in.sqrt()
+            };
             (0..n).map(|_| std * rng.normal()).collect()
         };
         Ok(Tensor::from_vec(vals, shape, &dev)?.to_dtype(dtype)?)
@@ -137,24 +161,69 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, quant: GgmlDType) -> Result<
     let mut meta: Vec<(String, GValue)> = vec![
         ("general.architecture".into(), s(&cfg.model_type)),
         ("general.name".into(), s("tiny")),
-        (format!("{}.block_count", cfg.model_type), GValue::U32(cfg.num_hidden_layers as u32)),
-        (format!("{}.context_length", cfg.model_type), GValue::U32(cfg.max_position_embeddings as u32)),
-        (format!("{}.embedding_length", cfg.model_type), GValue::U32(cfg.hidden_size as u32)),
-        (format!("{}.feed_forward_length", cfg.model_type), GValue::U32(cfg.intermediate_size as u32)),
-        (format!("{}.attention.head_count", cfg.model_type), GValue::U32(cfg.num_attention_heads as u32)),
-        (format!("{}.attention.head_count_kv", cfg.model_type), GValue::U32(cfg.num_key_value_heads as u32)),
-        (format!("{}.rope.freq_base", cfg.model_type), GValue::F32(cfg.rope_theta as f32)),
-        (format!("{}.attention.layer_norm_rms_epsilon", cfg.model_type), GValue::F32(cfg.rms_norm_eps as f32)),
-        (format!("{}.vocab_size", cfg.model_type), GValue::U32(cfg.vocab_size as u32)),
+        (
+            format!("{}.block_count", cfg.model_type),
+            GValue::U32(cfg.num_hidden_layers as u32),
+        ),
+        (
+            format!("{}.context_length", cfg.model_type),
+            GValue::U32(cfg.max_position_embeddings as u32),
+        ),
+        (
+            format!("{}.embedding_length", cfg.model_type),
+            GValue::U32(cfg.hidden_size as u32),
+        ),
+        (
+            format!("{}.feed_forward_length", cfg.model_type),
+            GValue::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            format!("{}.attention.head_count", cfg.model_type),
+            GValue::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            format!("{}.attention.head_count_kv", cfg.model_type),
+            GValue::U32(cfg.num_key_value_heads as u32),
+        ),
+        (
+            format!("{}.rope.freq_base", cfg.model_type),
+            GValue::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{}.attention.layer_norm_rms_epsilon", cfg.model_type),
+            GValue::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            format!("{}.vocab_size", cfg.model_type),
+            GValue::U32(cfg.vocab_size as u32),
+        ),
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s("smollm")),
-        ("tokenizer.ggml.tokens".into(), GValue::Array(tokens.iter().map(|t| s(t)).collect())),
-        ("tokenizer.ggml.merges".into(), GValue::Array(merges.iter().map(|t| s(t)).collect())),
-        ("tokenizer.ggml.token_type".into(), GValue::Array(types.iter().map(|&t| GValue::I32(t as i32)).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            GValue::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            GValue::Array(merges.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            GValue::Array(types.iter().map(|&t| GValue::I32(t as i32)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), GValue::U32(0)),
-        ("tokenizer.ggml.eos_token_id".into(), GValue::U32(model.tokenizer.eos_id)),
-        ("tokenizer.ggml.padding_token_id".into(), GValue::U32(model.tokenizer.pad_id)),
-        ("tokenizer.ggml.add_bos_token".into(), GValue::Bool(model.tokenizer.bos_token.is_some())),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            GValue::U32(model.tokenizer.eos_id),
+        ),
+        (
+            "tokenizer.ggml.padding_token_id".into(),
+            GValue::U32(model.tokenizer.pad_id),
+        ),
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            GValue::Bool(model.tokenizer.bos_token.is_some()),
+        ),
     ];
     if let Some(t) = &model.tokenizer.chat_template {
         meta.push(("tokenizer.chat_template".into(), s(t)));
@@ -172,7 +241,8 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, quant: GgmlDType) -> Result<
     }
     let mut f = std::fs::File::create(path).map_err(|e| crate::Error::io(path, e))?;
     let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
     Ok(())
 }

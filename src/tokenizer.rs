@@ -45,23 +45,31 @@ fn token_str(v: Option<&Value>) -> Option<String> {
 impl TextTokenizer {
     /// Build from tokenizer.json text plus the fields of tokenizer_config.json.
     /// `eos_id_hint` (config.json's `eos_token_id`) is used when tokenizer_config has no eos.
-    pub fn from_parts(json: String, tok_config: &Value, eos_id_hint: Option<u32>, pad_id_hint: Option<u32>) -> Result<Self> {
+    pub fn from_parts(
+        json: String,
+        tok_config: &Value,
+        eos_id_hint: Option<u32>,
+        pad_id_hint: Option<u32>,
+    ) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
             .map_err(|e| Error::Tokenizer(format!("cannot parse tokenizer.json: {e}")))?;
         let eos_token = match token_str(tok_config.get("eos_token")) {
             Some(s) => s,
             None => {
                 let id = eos_id_hint.ok_or_else(|| {
-                    Error::Tokenizer("no eos_token in tokenizer_config.json and no eos_token_id in config.json".into())
+                    Error::Tokenizer(
+                        "no eos_token in tokenizer_config.json and no eos_token_id in config.json"
+                            .into(),
+                    )
                 })?;
-                inner
-                    .id_to_token(id)
-                    .ok_or_else(|| Error::Tokenizer(format!("eos_token_id {id} is not in the vocabulary")))?
+                inner.id_to_token(id).ok_or_else(|| {
+                    Error::Tokenizer(format!("eos_token_id {id} is not in the vocabulary"))
+                })?
             }
         };
-        let eos_id = inner
-            .token_to_id(&eos_token)
-            .ok_or_else(|| Error::Tokenizer(format!("eos token {eos_token:?} is not in the vocabulary")))?;
+        let eos_id = inner.token_to_id(&eos_token).ok_or_else(|| {
+            Error::Tokenizer(format!("eos token {eos_token:?} is not in the vocabulary"))
+        })?;
         let pad_id = token_str(tok_config.get("pad_token"))
             .and_then(|p| inner.token_to_id(&p))
             .or(pad_id_hint)
@@ -73,12 +81,19 @@ impl TextTokenizer {
             eos_id,
             bos_token: token_str(tok_config.get("bos_token")),
             pad_id,
-            chat_template: tok_config.get("chat_template").and_then(Value::as_str).map(str::to_string),
+            chat_template: tok_config
+                .get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 
     /// Load `tokenizer.json` (+ `tokenizer_config.json`, `chat_template.jinja` if present) from a dir.
-    pub fn from_dir(dir: &Path, eos_id_hint: Option<u32>, pad_id_hint: Option<u32>) -> Result<Self> {
+    pub fn from_dir(
+        dir: &Path,
+        eos_id_hint: Option<u32>,
+        pad_id_hint: Option<u32>,
+    ) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         let json = std::fs::read_to_string(&tj).map_err(|e| Error::io(&tj, e))?;
         let tc = dir.join("tokenizer_config.json");
@@ -114,11 +129,21 @@ impl TextTokenizer {
     }
 
     /// Render `messages` with the model's chat template (Jinja, as transformers does).
-    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
             Error::Template("this model has no chat_template; conversational data needs one".into())
         })?;
-        render_chat_template(tpl, messages, add_generation_prompt, self.bos_token.as_deref(), &self.eos_token)
+        render_chat_template(
+            tpl,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            &self.eos_token,
+        )
     }
 
     /// The tokenizer_config.json written beside a saved checkpoint.
@@ -149,12 +174,20 @@ pub fn render_chat_template(
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_template("chat", template)
         .map_err(|e| Error::Template(format!("cannot parse: {e}")))?;
-    let tpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+    let tpl = env
+        .get_template("chat")
+        .map_err(|e| Error::Template(e.to_string()))?;
     tpl.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
@@ -188,12 +221,8 @@ pub fn bytes_to_unicode() -> Vec<char> {
 
 /// The pre-tokenisation of a byte-level BPE, named as llama.cpp's `tokenizer.ggml.pre`.
 pub fn byte_level_pre_tokenizer(pre: &str) -> Result<Value> {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |re: &str| {
-        json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
@@ -241,7 +270,9 @@ pub fn byte_level_bpe_json(
             "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                      {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {tok: {"id": tok, "ids": [id], "tokens": [tok]}}}),
-        None => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+        None => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
     };
     json!({
         "version": "1.0",
@@ -266,7 +297,10 @@ mod tests {
 
     #[test]
     fn chatml_template_renders_like_transformers() {
-        let m = vec![Message { role: "user".into(), content: "Hi".into() }];
+        let m = vec![Message {
+            role: "user".into(),
+            content: "Hi".into(),
+        }];
         let s = render_chat_template(CHATML, &m, true, None, "<|im_end|>").unwrap();
         assert_eq!(
             s,
@@ -276,10 +310,15 @@ mod tests {
 
     #[test]
     fn python_string_methods_and_raise_exception_work() {
-        let m = vec![Message { role: "user".into(), content: "  x ".into() }];
-        let s = render_chat_template("{{ messages[0]['content'].strip() }}", &m, false, None, "e").unwrap();
+        let m = vec![Message {
+            role: "user".into(),
+            content: "  x ".into(),
+        }];
+        let s = render_chat_template("{{ messages[0]['content'].strip() }}", &m, false, None, "e")
+            .unwrap();
         assert_eq!(s, "x");
-        let e = render_chat_template("{{ raise_exception('bad role') }}", &m, false, None, "e").unwrap_err();
+        let e = render_chat_template("{{ raise_exception('bad role') }}", &m, false, None, "e")
+            .unwrap_err();
         assert!(e.to_string().contains("bad role"), "{e}");
     }
 

@@ -129,6 +129,41 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         .map(|(_, c)| c)
 }
 
+/// Tests run several test threads; give candle's pool one thread each so nothing spins on an
+/// oversubscribed core (measured 7x slowdowns otherwise). Call at the top of heavy tests.
+pub fn set_threads_for_tests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("RAYON_NUM_THREADS").is_err() {
+            // SAFETY: called once, before any candle op spawns its thread pool.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+        }
+    });
+}
+
+/// A text histogram of `xs` in `bins` equal-width bins, bars up to `width` characters.
+pub fn text_histogram(xs: &[usize], bins: usize, width: usize) -> String {
+    let (Some(&lo), Some(&hi)) = (xs.iter().min(), xs.iter().max()) else {
+        return String::new();
+    };
+    let span = (hi - lo + 1).div_ceil(bins).max(1);
+    let mut counts = vec![0usize; bins];
+    for &x in xs {
+        counts[((x - lo) / span).min(bins - 1)] += 1;
+    }
+    let top = counts.iter().copied().max().unwrap_or(1).max(1);
+    let mut s = String::new();
+    for (i, c) in counts.iter().enumerate() {
+        let a = lo + i * span;
+        if a > hi {
+            break;
+        }
+        let bar = "#".repeat((c * width).div_ceil(top));
+        s.push_str(&format!("  {:>6}-{:<6} {:>6} {bar}\n", a, a + span - 1, c));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,37 +196,4 @@ mod tests {
         h.update(b"a");
         assert_eq!(h.finish(), 0xaf63dc4c8601ec8c);
     }
-}
-
-/// Tests run several test threads; give candle's pool one thread each so nothing spins on an
-/// oversubscribed core (measured 7x slowdowns otherwise). Call at the top of heavy tests.
-pub fn set_threads_for_tests() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var("RAYON_NUM_THREADS").is_err() {
-            // SAFETY: called once, before any candle op spawns its thread pool.
-            unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-        }
-    });
-}
-
-/// A text histogram of `xs` in `bins` equal-width bins, bars up to `width` characters.
-pub fn text_histogram(xs: &[usize], bins: usize, width: usize) -> String {
-    let (Some(&lo), Some(&hi)) = (xs.iter().min(), xs.iter().max()) else { return String::new() };
-    let span = (hi - lo + 1).div_ceil(bins).max(1);
-    let mut counts = vec![0usize; bins];
-    for &x in xs {
-        counts[((x - lo) / span).min(bins - 1)] += 1;
-    }
-    let top = counts.iter().copied().max().unwrap_or(1).max(1);
-    let mut s = String::new();
-    for (i, c) in counts.iter().enumerate() {
-        let a = lo + i * span;
-        if a > hi {
-            break;
-        }
-        let bar = "#".repeat((c * width).div_ceil(top));
-        s.push_str(&format!("  {:>6}-{:<6} {:>6} {bar}\n", a, a + span - 1, c));
-    }
-    s
 }

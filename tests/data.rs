@@ -14,23 +14,38 @@ fn write(name: &str, content: &[u8]) -> PathBuf {
 }
 
 fn no_limits() -> TokenizeOptions {
-    TokenizeOptions { max_length: None, max_prompt_length: None, truncation_mode: TruncationMode::KeepEnd }
+    TokenizeOptions {
+        max_length: None,
+        max_prompt_length: None,
+        truncation_mode: TruncationMode::KeepEnd,
+    }
 }
 
 #[test]
 fn standard_pairs_tokenise_like_trl() {
     for add_bos in [false, true] {
         let tok = tiny_tokenizer(add_bos).unwrap();
-        let p = write("std.jsonl", br#"{"prompt": "Q: 2+2=", "chosen": " 4", "rejected": " 5"}"#);
+        let p = write(
+            "std.jsonl",
+            br#"{"prompt": "Q: 2+2=", "chosen": " 4", "rejected": " 5"}"#,
+        );
         let (pairs, rep) = load_tokenized_pairs(&p, &tok, &no_limits(), false).unwrap();
         assert_eq!(rep.format, Some(DataFormat::Standard));
         let t = &pairs[0];
         let prompt = tok.encode("Q: 2+2=", true).unwrap();
         assert_eq!(t.prompt_ids, prompt);
-        assert_eq!(prompt[0] == 0, add_bos, "BOS only when the tokenizer adds it");
+        assert_eq!(
+            prompt[0] == 0,
+            add_bos,
+            "BOS only when the tokenizer adds it"
+        );
         let full = tok.encode("Q: 2+2= 4<|im_end|>", true).unwrap();
         assert_eq!(t.chosen_ids, full[prompt.len()..].to_vec());
-        assert_eq!(*t.chosen_ids.last().unwrap(), tok.eos_id, "EOS is appended and scored");
+        assert_eq!(
+            *t.chosen_ids.last().unwrap(),
+            tok.eos_id,
+            "EOS is appended and scored"
+        );
         assert_eq!(t.chosen_ids.len(), 3); // "Ġ", "4", eos (digits are split individually)
         assert!(!t.chosen_ids.contains(&0), "no BOS inside the completion");
     }
@@ -45,7 +60,9 @@ fn conversational_pairs_use_the_chat_template() {
     );
     let (pairs, rep) = load_text_pairs(&p, Some(&tok), false).unwrap();
     assert_eq!(rep.format, Some(DataFormat::Conversational));
-    assert!(pairs[0].prompt.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
+    assert!(pairs[0]
+        .prompt
+        .ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
     assert_eq!(pairs[0].chosen, "hello<|im_end|>\n");
     assert_eq!(pairs[0].rejected, "go away<|im_end|>\n");
 }
@@ -65,8 +82,14 @@ fn hh_transcripts_split_at_the_last_assistant_turn() {
     let (pairs, rep) = load_text_pairs(&p, None, true).unwrap();
     assert_eq!(rep.format, Some(DataFormat::Hh));
     assert_eq!(pairs.len(), 1);
-    assert_eq!(pairs[0].prompt, "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: help?\n\nAssistant:");
-    assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str()), (" Sure.", " No."));
+    assert_eq!(
+        pairs[0].prompt,
+        "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: help?\n\nAssistant:"
+    );
+    assert_eq!(
+        (pairs[0].chosen.as_str(), pairs[0].rejected.as_str()),
+        (" Sure.", " No.")
+    );
     assert_eq!(rep.skipped.len(), 1);
     let e = rep.skipped[0].to_string();
     assert!(e.contains("hh.jsonl:2:") && e.contains("`rejected`"), "{e}");
@@ -77,11 +100,17 @@ fn hh_transcripts_split_at_the_last_assistant_turn() {
 
 #[test]
 fn real_hh_file_reports_rows_without_shared_prefix() {
-    let path = prefer::paths::shared_dir().expect("../shared").join("data/hh-rlhf-harmless-base/pairs.jsonl");
+    let path = prefer::paths::shared_dir()
+        .expect("../shared")
+        .join("data/hh-rlhf-harmless-base/pairs.jsonl");
     let (pairs, rep) = load_text_pairs(&path, None, true).unwrap();
     assert_eq!(rep.records, 2000);
     assert_eq!(pairs.len() + rep.skipped.len(), 2000);
-    assert!(!rep.skipped.is_empty() && rep.skipped.len() < 50, "{} skipped", rep.skipped.len());
+    assert!(
+        !rep.skipped.is_empty() && rep.skipped.len() < 50,
+        "{} skipped",
+        rep.skipped.len()
+    );
     for e in &rep.skipped {
         assert!(e.to_string().contains("pairs.jsonl:"), "{e}");
     }
@@ -94,17 +123,32 @@ fn bad_rows_name_file_line_and_field() {
     let cases: Vec<(&[u8], &str)> = vec![
         (b"{\"prompt\": \"a\", \"chosen\": \"b\"", "malformed JSON"),
         (b"{\"prompt\": \"a\", \"chosen\": \"b\"}", "`rejected`"),
-        (b"{\"prompt\": \"a\", \"chosen\": \"  \", \"rejected\": \"c\"}", "empty completion"),
-        (b"{\"prompt\": \"a\", \"chosen\": 3, \"rejected\": \"c\"}", "expected a string, found a number"),
-        (b"{\"prompt\": \"a\xff\", \"chosen\": \"b\", \"rejected\": \"c\"}", "not valid UTF-8"),
+        (
+            b"{\"prompt\": \"a\", \"chosen\": \"  \", \"rejected\": \"c\"}",
+            "empty completion",
+        ),
+        (
+            b"{\"prompt\": \"a\", \"chosen\": 3, \"rejected\": \"c\"}",
+            "expected a string, found a number",
+        ),
+        (
+            b"{\"prompt\": \"a\xff\", \"chosen\": \"b\", \"rejected\": \"c\"}",
+            "not valid UTF-8",
+        ),
         (b"[1, 2]", "expected a JSON object"),
     ];
     for (i, (content, want)) in cases.into_iter().enumerate() {
-        let mut body = b"{\"prompt\": \"ok \", \"chosen\": \"x\", \"rejected\": \"y\"}\n\n".to_vec();
+        let mut body =
+            b"{\"prompt\": \"ok \", \"chosen\": \"x\", \"rejected\": \"y\"}\n\n".to_vec();
         body.extend_from_slice(content);
         let p = write(&format!("bad{i}.jsonl"), &body);
-        let e = load_tokenized_pairs(&p, &tok, &no_limits(), false).unwrap_err().to_string();
-        assert!(e.contains(&format!("bad{i}.jsonl:3:")), "line number missing: {e}");
+        let e = load_tokenized_pairs(&p, &tok, &no_limits(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("bad{i}.jsonl:3:")),
+            "line number missing: {e}"
+        );
         assert!(e.contains(want), "case {i}: {e}");
         // --skip-invalid keeps the good row and reports the bad one
         let (ok, rep) = load_tokenized_pairs(&p, &tok, &no_limits(), true).unwrap();
@@ -115,28 +159,59 @@ fn bad_rows_name_file_line_and_field() {
 #[test]
 fn truncation_follows_trl() {
     let tok = tiny_tokenizer(false).unwrap();
-    let p = write("trunc.jsonl", br#"{"prompt": "abcdefgh", "chosen": " 123456", "rejected": " 9"}"#);
-    let opts = |mode| TokenizeOptions { max_length: Some(8), max_prompt_length: Some(4), truncation_mode: mode };
+    let p = write(
+        "trunc.jsonl",
+        br#"{"prompt": "abcdefgh", "chosen": " 123456", "rejected": " 9"}"#,
+    );
+    let opts = |mode| TokenizeOptions {
+        max_length: Some(8),
+        max_prompt_length: Some(4),
+        truncation_mode: mode,
+    };
     let (pairs, _) = load_text_pairs(&p, None, false).unwrap();
     let full_prompt = tok.encode("abcdefgh", true).unwrap();
     let end = tokenize_pair(&pairs[0], &tok, &opts(TruncationMode::KeepEnd), &p).unwrap();
-    assert_eq!(end.prompt_ids, full_prompt[full_prompt.len() - 4..].to_vec());
+    assert_eq!(
+        end.prompt_ids,
+        full_prompt[full_prompt.len() - 4..].to_vec()
+    );
     let start = tokenize_pair(&pairs[0], &tok, &opts(TruncationMode::KeepStart), &p).unwrap();
     assert_eq!(start.prompt_ids, full_prompt[..4].to_vec());
     assert!(end.prompt_truncated && end.completion_truncated);
-    assert_eq!(end.chosen_ids.len(), 4, "completion cut to max_length - prompt");
+    assert_eq!(
+        end.chosen_ids.len(),
+        4,
+        "completion cut to max_length - prompt"
+    );
     assert_eq!(end.rejected_ids.len(), 3, "short completion untouched");
     // a prompt that fills max_length is an error naming the field
-    let no_room = TokenizeOptions { max_length: Some(5), max_prompt_length: None, truncation_mode: TruncationMode::KeepEnd };
-    let e = tokenize_pair(&pairs[0], &tok, &no_room, &p).unwrap_err().to_string();
-    assert!(e.contains("trunc.jsonl:1: field `prompt`") && e.contains("max_length"), "{e}");
+    let no_room = TokenizeOptions {
+        max_length: Some(5),
+        max_prompt_length: None,
+        truncation_mode: TruncationMode::KeepEnd,
+    };
+    let e = tokenize_pair(&pairs[0], &tok, &no_room, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("trunc.jsonl:1: field `prompt`") && e.contains("max_length"),
+        "{e}"
+    );
 }
 
 #[test]
 fn merge_across_the_prompt_boundary_is_an_error() {
     let tok = tiny_tokenizer(false).unwrap();
     // "th" + "e": the merge h+e crosses the boundary
-    let p = write("merge.jsonl", br#"{"prompt": "th", "chosen": "e", "rejected": " x"}"#);
-    let e = load_tokenized_pairs(&p, &tok, &no_limits(), false).unwrap_err().to_string();
-    assert!(e.contains("merge.jsonl:1: field `chosen`") && e.contains("boundary"), "{e}");
+    let p = write(
+        "merge.jsonl",
+        br#"{"prompt": "th", "chosen": "e", "rejected": " x"}"#,
+    );
+    let e = load_tokenized_pairs(&p, &tok, &no_limits(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("merge.jsonl:1: field `chosen`") && e.contains("boundary"),
+        "{e}"
+    );
 }

@@ -7,15 +7,28 @@ use prefer::testing::{tiny_model, write_gguf, write_hf, TinySpec};
 
 fn seqs() -> Vec<ScoredSeq> {
     vec![
-        ScoredSeq { ids: vec![5, 9, 17, 200, 33, 2], completion_start: 3 },
-        ScoredSeq { ids: vec![7, 8, 100, 2], completion_start: 1 },
-        ScoredSeq { ids: vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 2], completion_start: 6 },
+        ScoredSeq {
+            ids: vec![5, 9, 17, 200, 33, 2],
+            completion_start: 3,
+        },
+        ScoredSeq {
+            ids: vec![7, 8, 100, 2],
+            completion_start: 1,
+        },
+        ScoredSeq {
+            ids: vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 2],
+            completion_start: 6,
+        },
     ]
 }
 
 fn logps(m: &Transformer, s: &[ScoredSeq], side: PaddingSide) -> Vec<f64> {
     let lp = model::sequence_logps(m, s, side).unwrap();
-    lp.token_logps.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+    lp.token_logps
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
@@ -28,11 +41,16 @@ fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
 #[test]
 fn batched_equals_one_at_a_time_with_either_padding() {
     prefer::util::set_threads_for_tests();
-    let m = tiny_model(&TinySpec::default(), DType::F32, 1).unwrap().transformer;
+    let m = tiny_model(&TinySpec::default(), DType::F32, 1)
+        .unwrap()
+        .transformer;
     let s = seqs();
     let right = logps(&m, &s, PaddingSide::Right);
     let left = logps(&m, &s, PaddingSide::Left);
-    let single: Vec<f64> = s.iter().flat_map(|x| logps(&m, std::slice::from_ref(x), PaddingSide::Right)).collect();
+    let single: Vec<f64> = s
+        .iter()
+        .flat_map(|x| logps(&m, std::slice::from_ref(x), PaddingSide::Right))
+        .collect();
     assert_close(&right, &single, 1e-5, "right vs single");
     assert_close(&left, &single, 1e-5, "left vs single");
 }
@@ -40,13 +58,19 @@ fn batched_equals_one_at_a_time_with_either_padding() {
 #[test]
 fn chunked_gather_equals_full_log_softmax() {
     prefer::util::set_threads_for_tests();
-    let m = tiny_model(&TinySpec::default(), DType::F64, 2).unwrap().transformer;
+    let m = tiny_model(&TinySpec::default(), DType::F64, 2)
+        .unwrap()
+        .transformer;
     let s = &seqs()[2];
     let got = logps(&m, std::slice::from_ref(s), PaddingSide::Right);
     // independent: full logits, explicit log-softmax in f64 on the host
     let t = s.ids.len();
-    let input = Tensor::new(s.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let a = model::AttentionInputs::padded(&m.cfg, &[vec![true; t]], DType::F64, &Device::Cpu).unwrap();
+    let input = Tensor::new(s.ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let a =
+        model::AttentionInputs::padded(&m.cfg, &[vec![true; t]], DType::F64, &Device::Cpu).unwrap();
     let h = m.hidden_states(&input, &a).unwrap().squeeze(0).unwrap();
     let logits: Vec<Vec<f64>> = m.logits(&h).unwrap().to_vec2().unwrap();
     let want: Vec<f64> = (s.completion_start..t)
@@ -72,8 +96,17 @@ fn chunked_gather_equals_full_log_softmax() {
 fn variants() -> Vec<TinySpec> {
     vec![
         TinySpec::default(),
-        TinySpec { tie_embeddings: false, model_type: "qwen2", ..TinySpec::default() },
-        TinySpec { kv_heads: 4, llama3_rope_scaling: true, model_type: "mistral", ..TinySpec::default() },
+        TinySpec {
+            tie_embeddings: false,
+            model_type: "qwen2",
+            ..TinySpec::default()
+        },
+        TinySpec {
+            kv_heads: 4,
+            llama3_rope_scaling: true,
+            model_type: "mistral",
+            ..TinySpec::default()
+        },
     ]
 }
 
@@ -81,14 +114,23 @@ fn variants() -> Vec<TinySpec> {
 fn every_parameter_gets_a_gradient() {
     prefer::util::set_threads_for_tests();
     for spec in variants() {
-        let (m, vars) = tiny_model(&spec, DType::F32, 3).unwrap().into_trainable().unwrap();
+        let (m, vars) = tiny_model(&spec, DType::F32, 3)
+            .unwrap()
+            .into_trainable()
+            .unwrap();
         let lp = model::sequence_logps(&m.transformer, &seqs(), PaddingSide::Right).unwrap();
         let grads = lp.sums.sum_all().unwrap().backward().unwrap();
         assert!(vars.len() >= 9 * spec.layers);
         for (name, v) in &vars {
-            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient for {name}", spec.model_type));
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{}: no gradient for {name}", spec.model_type));
             let n: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(n > 0.0 && n.is_finite(), "{}: zero or non-finite gradient for {name}", spec.model_type);
+            assert!(
+                n > 0.0 && n.is_finite(),
+                "{}: zero or non-finite gradient for {name}",
+                spec.model_type
+            );
         }
     }
 }
@@ -110,7 +152,13 @@ fn finite_difference_gradients_every_parameter_kind() {
         let grads = objective(&tm.transformer).backward().unwrap();
         let mut checked = 0;
         for (name, v) in &vars {
-            let g: Vec<f64> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let g: Vec<f64> = grads
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let n = g.len();
             for &idx in &[0, n / 3, n - 1] {
                 let eps = 1e-5;
@@ -130,7 +178,12 @@ fn finite_difference_gradients_every_parameter_kind() {
                 };
                 let fd = (f(eps) - f(-eps)) / (2.0 * eps);
                 let tol = 1e-6 + 1e-5 * fd.abs().max(g[idx].abs());
-                assert!((fd - g[idx]).abs() < tol, "{} {name}[{idx}]: fd {fd} vs backprop {}", spec.model_type, g[idx]);
+                assert!(
+                    (fd - g[idx]).abs() < tol,
+                    "{} {name}[{idx}]: fd {fd} vs backprop {}",
+                    spec.model_type,
+                    g[idx]
+                );
                 checked += 1;
             }
         }
@@ -145,15 +198,28 @@ fn hf_save_load_round_trip_is_bit_identical() {
     for spec in variants() {
         let m = tiny_model(&spec, DType::F32, 5).unwrap();
         write_hf(&m, &dir).unwrap();
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
             assert!(dir.join(f).is_file(), "{f} missing");
         }
         let back = model::load(&dir, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(back.transformer.cfg, m.transformer.cfg);
         let a = logps(&m.transformer, &seqs(), PaddingSide::Right);
         let b = logps(&back.transformer, &seqs(), PaddingSide::Right);
-        assert_eq!(a, b, "{}: log-probs differ after save/load", spec.model_type);
-        assert_eq!(back.tokenizer.encode("the cat is here", true).unwrap(), m.tokenizer.encode("the cat is here", true).unwrap());
+        assert_eq!(
+            a, b,
+            "{}: log-probs differ after save/load",
+            spec.model_type
+        );
+        assert_eq!(
+            back.tokenizer.encode("the cat is here", true).unwrap(),
+            m.tokenizer.encode("the cat is here", true).unwrap()
+        );
     }
 }
 
@@ -161,7 +227,13 @@ fn hf_save_load_round_trip_is_bit_identical() {
 fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
     prefer::util::set_threads_for_tests();
     let dir = tempdir("gguf");
-    for spec in [TinySpec::default(), TinySpec { tie_embeddings: false, ..TinySpec::default() }] {
+    for spec in [
+        TinySpec::default(),
+        TinySpec {
+            tie_embeddings: false,
+            ..TinySpec::default()
+        },
+    ] {
         let m = tiny_model(&spec, DType::F32, 6).unwrap();
         let want = logps(&m.transformer, &seqs(), PaddingSide::Right);
         let p = dir.join("tiny-f32.gguf");
@@ -170,13 +242,31 @@ fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
         assert_eq!(g.transformer.cfg.tie_word_embeddings, spec.tie_embeddings);
         for ((n1, t1), (n2, t2)) in m.transformer.params().iter().zip(g.transformer.params()) {
             assert_eq!(n1, n2);
-            let d: f32 = (t1 - t2).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            assert_eq!(d, 0.0, "{n1} differs after GGUF round trip (Q/K permutation?)");
+            let d: f32 = (t1 - t2)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(
+                d, 0.0,
+                "{n1} differs after GGUF round trip (Q/K permutation?)"
+            );
         }
-        assert_close(&logps(&g.transformer, &seqs(), PaddingSide::Right), &want, 1e-6, "gguf f32");
+        assert_close(
+            &logps(&g.transformer, &seqs(), PaddingSide::Right),
+            &want,
+            1e-6,
+            "gguf f32",
+        );
         // the tokenizer rebuilt from metadata tokenises like the original tokenizer.json
         let text = "<|im_start|>user\nthe 12 cats=  is<|im_end|>";
-        assert_eq!(g.tokenizer.encode(text, true).unwrap(), m.tokenizer.encode(text, true).unwrap());
+        assert_eq!(
+            g.tokenizer.encode(text, true).unwrap(),
+            m.tokenizer.encode(text, true).unwrap()
+        );
         assert_eq!(g.tokenizer.chat_template, m.tokenizer.chat_template);
         // quantised: close, not equal
         let q = dir.join("tiny-q8.gguf");
@@ -184,7 +274,10 @@ fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
         let gq = model::load(&q, DType::F32, &Device::Cpu).unwrap();
         let got = logps(&gq.transformer, &seqs(), PaddingSide::Right);
         for (x, y) in got.iter().zip(&want) {
-            assert!((x - y).abs() < 0.02 * y.abs() + 0.05, "gguf q8_0: {x} vs {y}");
+            assert!(
+                (x - y).abs() < 0.02 * y.abs() + 0.05,
+                "gguf q8_0: {x} vs {y}"
+            );
         }
         assert_ne!(got, want);
         // and a GGUF model saved as HF is a valid HF checkpoint
@@ -209,7 +302,9 @@ fn unknown_gguf_quantisation_is_named() {
     let dtype_at = at + 4 + 8 * n_dims;
     bytes[dtype_at..dtype_at + 4].copy_from_slice(&16u32.to_le_bytes());
     std::fs::write(&p, bytes).unwrap();
-    let e = model::load(&p, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    let e = model::load(&p, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("IQ2_XXS") && e.contains("bad.gguf"), "{e}");
 }
 

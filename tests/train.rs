@@ -20,8 +20,15 @@ fn toy_data(dir: &Path, n: usize) -> PathBuf {
     let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
     let mut lines = vec![];
     for i in 0..n {
-        let prompt = format!("{} {} {} =", words[i % 8], words[(i * 3 + 1) % 8], words[(i * 5 + 2) % 8]);
-        lines.push(serde_json::json!({"prompt": prompt, "chosen": " 1", "rejected": " 2"}).to_string());
+        let prompt = format!(
+            "{} {} {} =",
+            words[i % 8],
+            words[(i * 3 + 1) % 8],
+            words[(i * 5 + 2) % 8]
+        );
+        lines.push(
+            serde_json::json!({"prompt": prompt, "chosen": " 1", "rejected": " 2"}).to_string(),
+        );
     }
     let p = dir.join("toy.jsonl");
     std::fs::write(&p, lines.join("\n")).unwrap();
@@ -32,7 +39,11 @@ fn tiny_setup(name: &str) -> (PathBuf, TrainConfig) {
     prefer::util::set_threads_for_tests();
     let dir = tmp(name);
     let model_dir = dir.join("model");
-    write_hf(&tiny_model(&TinySpec::default(), candle_core::DType::F32, 11).unwrap(), &model_dir).unwrap();
+    write_hf(
+        &tiny_model(&TinySpec::default(), candle_core::DType::F32, 11).unwrap(),
+        &model_dir,
+    )
+    .unwrap();
     let data = toy_data(&dir, 24);
     let cfg = TrainConfig {
         model_name_or_path: model_dir.display().to_string(),
@@ -66,8 +77,16 @@ fn f(v: &Value, k: &str) -> f64 {
 }
 
 const TRL_KEYS: [&str; 10] = [
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_second",
 ];
 
 #[test]
@@ -89,12 +108,25 @@ fn dpo_learns_the_toy_preference_and_saves_an_hf_model() {
     assert!(f(last, "rewards/accuracies") > 0.9, "{last}");
     assert!(f(last, "rewards/margins") > 0.2, "{last}");
     // the final model is an HF checkpoint that loads and ranks " 1" above " 2"
-    let trained = prefer::model::load(Path::new(&cfg.output_dir), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    let (pairs, _) = prefer::data::load_tokenized_pairs(Path::new(&cfg.train_file), &trained.tokenizer, &cfg.tokenize_options(), false).unwrap();
+    let trained = prefer::model::load(
+        Path::new(&cfg.output_dir),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let (pairs, _) = prefer::data::load_tokenized_pairs(
+        Path::new(&cfg.train_file),
+        &trained.tokenizer,
+        &cfg.tokenize_options(),
+        false,
+    )
+    .unwrap();
     let scores = prefer::stats::score_pairs(&trained.transformer, &pairs, 8, |_| {}).unwrap();
     assert!(scores.iter().all(|(c, r)| c > r));
     for k in [4, 8, 12] {
-        assert!(Path::new(&cfg.output_dir).join(format!("checkpoint-{k}/trainer_state.json")).is_file());
+        assert!(Path::new(&cfg.output_dir)
+            .join(format!("checkpoint-{k}/trainer_state.json"))
+            .is_file());
     }
 }
 
@@ -104,17 +136,28 @@ fn resume_gives_the_same_metrics_as_an_uninterrupted_run() {
     prefer::train::train(&cfg).unwrap();
     let full = metrics(&cfg);
     // again in a fresh dir, stopped after step 6 (logging window and checkpoint mid-run), then resumed
-    let cfg2 = TrainConfig { output_dir: format!("{}-2", cfg.output_dir), save_steps: 5, logging_steps: 3, ..cfg.clone() };
+    let cfg2 = TrainConfig {
+        output_dir: format!("{}-2", cfg.output_dir),
+        save_steps: 5,
+        logging_steps: 3,
+        ..cfg.clone()
+    };
     let cfg_full2 = cfg2.clone();
     let mut t = Trainer::new(&cfg2).unwrap();
     t.stop_after_step = Some(7);
     let out = t.run().unwrap();
     assert!(out.interrupted && out.steps_done == 7);
-    let resumed = TrainConfig { resume_from_checkpoint: Some("latest".into()), ..cfg2.clone() };
+    let resumed = TrainConfig {
+        resume_from_checkpoint: Some("latest".into()),
+        ..cfg2.clone()
+    };
     let out = prefer::train::train(&resumed).unwrap();
     assert_eq!(out.steps_done, 12);
     // an uninterrupted run with the same logging
-    let straight = TrainConfig { output_dir: format!("{}-3", cfg.output_dir), ..cfg_full2 };
+    let straight = TrainConfig {
+        output_dir: format!("{}-3", cfg.output_dir),
+        ..cfg_full2
+    };
     prefer::train::train(&straight).unwrap();
     let (a, b) = (metrics(&resumed), metrics(&straight));
     assert_eq!(a.len(), b.len());
@@ -131,23 +174,47 @@ fn resume_gives_the_same_metrics_as_an_uninterrupted_run() {
 #[test]
 fn precomputed_reference_matches_live_and_is_cached() {
     let (_dir, cfg) = tiny_setup("precompute");
-    let live = TrainConfig { max_steps: 3, ..cfg.clone() };
+    let live = TrainConfig {
+        max_steps: 3,
+        ..cfg.clone()
+    };
     prefer::train::train(&live).unwrap();
-    let pre = TrainConfig { max_steps: 3, precompute_ref_log_probs: true, output_dir: format!("{}-pre", cfg.output_dir), ..cfg.clone() };
+    let pre = TrainConfig {
+        max_steps: 3,
+        precompute_ref_log_probs: true,
+        output_dir: format!("{}-pre", cfg.output_dir),
+        ..cfg.clone()
+    };
     prefer::train::train(&pre).unwrap();
-    let cached: Vec<_> = std::fs::read_dir(&cfg.ref_log_probs_cache_dir).unwrap().collect();
+    let cached: Vec<_> = std::fs::read_dir(&cfg.ref_log_probs_cache_dir)
+        .unwrap()
+        .collect();
     assert_eq!(cached.len(), 1, "one cache file");
     for (x, y) in metrics(&live).iter().zip(metrics(&pre).iter()) {
         for k in ["loss", "rewards/margins", "logps/chosen"] {
-            assert!((f(x, k) - f(y, k)).abs() < 1e-5, "{k}: {} vs {}", x[k], y[k]);
+            assert!(
+                (f(x, k) - f(y, k)).abs() < 1e-5,
+                "{k}: {} vs {}",
+                x[k],
+                y[k]
+            );
         }
     }
     // a second run reuses the cache: make it unreadable as a model to prove the model is not needed
     let t = Trainer::new(&pre).unwrap();
-    assert!(matches!(t.reference, prefer::train::reference::Reference::Cached { .. }));
-    let before = std::fs::metadata(cached[0].as_ref().unwrap().path()).unwrap().modified().unwrap();
+    assert!(matches!(
+        t.reference,
+        prefer::train::reference::Reference::Cached { .. }
+    ));
+    let before = std::fs::metadata(cached[0].as_ref().unwrap().path())
+        .unwrap()
+        .modified()
+        .unwrap();
     prefer::train::train(&pre).unwrap();
-    let after = std::fs::metadata(cached[0].as_ref().unwrap().path()).unwrap().modified().unwrap();
+    let after = std::fs::metadata(cached[0].as_ref().unwrap().path())
+        .unwrap()
+        .modified()
+        .unwrap();
     assert_eq!(before, after, "cache was rewritten instead of reused");
 }
 
@@ -161,61 +228,144 @@ fn bin() -> Command {
 fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
     let (dir, cfg) = tiny_setup("ctrlc");
     let toml_path = dir.join("run.toml");
-    let long = TrainConfig { max_steps: 100000, save_steps: 100000, ..cfg.clone() };
+    let long = TrainConfig {
+        max_steps: 100000,
+        save_steps: 100000,
+        ..cfg.clone()
+    };
     std::fs::write(&toml_path, toml::to_string(&long).unwrap()).unwrap();
-    let mut child = bin().args(["train", "--config"]).arg(&toml_path).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = bin()
+        .args(["train", "--config"])
+        .arg(&toml_path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let metrics_path = Path::new(&cfg.output_dir).join("metrics.jsonl");
     let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics_path).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+    while std::fs::read_to_string(&metrics_path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
         assert!(t0.elapsed().as_secs() < 120, "training never logged");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted at step"), "{err}");
-    let ck = prefer::train::checkpoint::latest(Path::new(&cfg.output_dir)).expect("a checkpoint after Ctrl-C");
-    let step: usize = ck.file_name().unwrap().to_str().unwrap().trim_start_matches("checkpoint-").parse().unwrap();
+    let ck = prefer::train::checkpoint::latest(Path::new(&cfg.output_dir))
+        .expect("a checkpoint after Ctrl-C");
+    let step: usize = ck
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_start_matches("checkpoint-")
+        .parse()
+        .unwrap();
     assert!(step >= 2);
     // resume from it with a finite budget
     let out = bin()
         .args(["train", "--config"])
         .arg(&toml_path)
-        .args(["--set", "resume_from_checkpoint=latest", "--set", &format!("max_steps={}", step + 2)])
+        .args([
+            "--set",
+            "resume_from_checkpoint=latest",
+            "--set",
+            &format!("max_steps={}", step + 2),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("resumed from {}", ck.display())));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("resumed from {}", ck.display()))
+    );
 }
 
 #[test]
 fn cli_tools_work_on_a_gguf_model() {
     let (dir, cfg) = tiny_setup("cli");
     let gguf = dir.join("tiny.gguf");
-    write_gguf(&tiny_model(&TinySpec::default(), candle_core::DType::F32, 11).unwrap(), &gguf, candle_core::quantized::GgmlDType::F32).unwrap();
+    write_gguf(
+        &tiny_model(&TinySpec::default(), candle_core::DType::F32, 11).unwrap(),
+        &gguf,
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
     // convert
     let hf = dir.join("converted");
-    let o = bin().args(["convert", "--model"]).arg(&gguf).arg("--out").arg(&hf).output().unwrap();
+    let o = bin()
+        .args(["convert", "--model"])
+        .arg(&gguf)
+        .arg("--out")
+        .arg(&hf)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(hf.join("model.safetensors").is_file() && hf.join("tokenizer_config.json").is_file());
     // tokenize
     let texts = dir.join("texts.jsonl");
-    std::fs::write(&texts, "{\"text\": \"the cat\", \"p\": \"the\", \"c\": \" cat\"}\n").unwrap();
-    let o = bin().args(["tokenize", "--model"]).arg(&gguf).arg("--file").arg(&texts).output().unwrap();
+    std::fs::write(
+        &texts,
+        "{\"text\": \"the cat\", \"p\": \"the\", \"c\": \" cat\"}\n",
+    )
+    .unwrap();
+    let o = bin()
+        .args(["tokenize", "--model"])
+        .arg(&gguf)
+        .arg("--file")
+        .arg(&texts)
+        .output()
+        .unwrap();
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["pieces"], serde_json::json!(["t", "he", "Ġ", "c", "a", "t"]));
+    assert_eq!(
+        v["pieces"],
+        serde_json::json!(["t", "he", "Ġ", "c", "a", "t"])
+    );
     // logprobs: whole text, and completion only; both agree on the completion tokens
-    let o = bin().args(["logprobs", "--model"]).arg(&gguf).arg("--file").arg(&texts).output().unwrap();
+    let o = bin()
+        .args(["logprobs", "--model"])
+        .arg(&gguf)
+        .arg("--file")
+        .arg(&texts)
+        .output()
+        .unwrap();
     let whole: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let o = bin().args(["logprobs", "--model"]).arg(&gguf).arg("--file").arg(&texts).args(["--prompt-field", "p", "--completion-field", "c"]).output().unwrap();
+    let o = bin()
+        .args(["logprobs", "--model"])
+        .arg(&gguf)
+        .arg("--file")
+        .arg(&texts)
+        .args(["--prompt-field", "p", "--completion-field", "c"])
+        .output()
+        .unwrap();
     let comp: Value = serde_json::from_slice(&o.stdout).unwrap();
     let whole_lp = whole["logprobs"].as_array().unwrap();
     assert_eq!(whole_lp.len(), 5, "every token but the first is scored");
     assert_eq!(comp["tokens"], serde_json::json!(["Ġ", "c", "a", "t"]));
-    assert_eq!(whole_lp[1..].to_vec(), comp["logprobs"].as_array().unwrap().clone());
+    assert_eq!(
+        whole_lp[1..].to_vec(),
+        comp["logprobs"].as_array().unwrap().clone()
+    );
     // eval: a model against itself has zero margins and 0% strict reward accuracy
-    let o = bin().args(["eval", "--json", "--model"]).arg(&gguf).arg("--ref").arg(&hf).arg("--data").arg(&cfg.train_file).output().unwrap();
+    let o = bin()
+        .args(["eval", "--json", "--model"])
+        .arg(&gguf)
+        .arg("--ref")
+        .arg(&hf)
+        .arg("--data")
+        .arg(&cfg.train_file)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["pairs"], 24);
@@ -223,14 +373,38 @@ fn cli_tools_work_on_a_gguf_model() {
     assert_eq!(v["ranking_accuracy"], v["ref_ranking_accuracy"]);
     // data validate: exit 1 and file:line on a bad row
     let bad = dir.join("bad.jsonl");
-    std::fs::write(&bad, "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\"}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\"}\n",
+    )
+    .unwrap();
     let o = bin().args(["data", "validate"]).arg(&bad).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("bad.jsonl:2: field `chosen`"));
-    let o = bin().args(["data", "inspect"]).arg(&cfg.train_file).arg("--model").arg(&gguf).output().unwrap();
+    let o = bin()
+        .args(["data", "inspect"])
+        .arg(&cfg.train_file)
+        .arg("--model")
+        .arg(&gguf)
+        .output()
+        .unwrap();
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && s.contains("24 usable") && s.contains("prompt tokens"), "{s}");
+    assert!(
+        o.status.success() && s.contains("24 usable") && s.contains("prompt tokens"),
+        "{s}"
+    );
     // train: an unknown key is an error with a suggestion
-    let o = bin().args(["train", "--set", "model_name_or_path=x", "--set", "train_file=y", "--set", "bta=1"]).output().unwrap();
+    let o = bin()
+        .args([
+            "train",
+            "--set",
+            "model_name_or_path=x",
+            "--set",
+            "train_file=y",
+            "--set",
+            "bta=1",
+        ])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("did you mean `beta`"));
 }

@@ -27,7 +27,9 @@ impl Record {
     pub fn string(&self, field: &str) -> Result<&str> {
         match self.obj.get(field) {
             Some(Value::String(s)) => Ok(s),
-            Some(other) => Err(self.error(field, format!("expected a string, found {}", kind(other)))),
+            Some(other) => {
+                Err(self.error(field, format!("expected a string, found {}", kind(other))))
+            }
             None => Err(self.error(field, "missing")),
         }
     }
@@ -60,7 +62,10 @@ pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
         let text = match std::str::from_utf8(raw) {
             Ok(t) => t.trim_end_matches('\r'),
             Err(e) => {
-                out.push(Err(err(format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to()))));
+                out.push(Err(err(format!(
+                    "not valid UTF-8 (byte {} of the line)",
+                    e.valid_up_to()
+                ))));
                 continue;
             }
         };
@@ -73,7 +78,10 @@ pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
                 line,
                 obj,
             }),
-            Ok(other) => Err(err(format!("expected a JSON object, found {}", kind(&other)))),
+            Ok(other) => Err(err(format!(
+                "expected a JSON object, found {}",
+                kind(&other)
+            ))),
             Err(e) => Err(err(format!("malformed JSON: {e}"))),
         });
     }

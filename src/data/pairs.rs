@@ -43,29 +43,57 @@ pub struct TextPair {
 
 /// Which shape a record has, from its fields.
 pub fn detect_format(r: &Record) -> Result<DataFormat> {
-    match (r.obj.get("prompt"), r.obj.get("chosen"), r.obj.get("rejected")) {
+    match (
+        r.obj.get("prompt"),
+        r.obj.get("chosen"),
+        r.obj.get("rejected"),
+    ) {
         (Some(Value::Array(_)), _, _) => Ok(DataFormat::Conversational),
         (Some(Value::String(_)), _, _) => Ok(DataFormat::Standard),
-        (Some(other), _, _) => Err(r.error("prompt", format!("expected a string or a list of messages, found {}", kind(other)))),
+        (Some(other), _, _) => Err(r.error(
+            "prompt",
+            format!(
+                "expected a string or a list of messages, found {}",
+                kind(other)
+            ),
+        )),
         (None, Some(_), Some(_)) => Ok(DataFormat::Hh),
-        (None, None, _) => Err(r.error("chosen", "missing (a preference pair needs `chosen` and `rejected`)")),
-        (None, Some(_), None) => Err(r.error("rejected", "missing (a preference pair needs `chosen` and `rejected`)")),
+        (None, None, _) => Err(r.error(
+            "chosen",
+            "missing (a preference pair needs `chosen` and `rejected`)",
+        )),
+        (None, Some(_), None) => Err(r.error(
+            "rejected",
+            "missing (a preference pair needs `chosen` and `rejected`)",
+        )),
     }
 }
 
 fn messages(r: &Record, field: &str) -> Result<Vec<Message>> {
     let v = r.obj.get(field).ok_or_else(|| r.error(field, "missing"))?;
-    let arr = v
-        .as_array()
-        .ok_or_else(|| r.error(field, format!("expected a list of {{role, content}} messages, found {}", kind(v))))?;
+    let arr = v.as_array().ok_or_else(|| {
+        r.error(
+            field,
+            format!(
+                "expected a list of {{role, content}} messages, found {}",
+                kind(v)
+            ),
+        )
+    })?;
     arr.iter()
         .enumerate()
         .map(|(i, m)| {
             let role = m.get("role").and_then(Value::as_str);
             let content = m.get("content").and_then(Value::as_str);
             match (role, content) {
-                (Some(role), Some(content)) => Ok(Message { role: role.into(), content: content.into() }),
-                _ => Err(r.error(&format!("{field}[{i}]"), "expected {\"role\": str, \"content\": str}")),
+                (Some(role), Some(content)) => Ok(Message {
+                    role: role.into(),
+                    content: content.into(),
+                }),
+                _ => Err(r.error(
+                    &format!("{field}[{i}]"),
+                    "expected {\"role\": str, \"content\": str}",
+                )),
             }
         })
         .collect()
@@ -83,10 +111,12 @@ pub fn parse_pair(r: &Record, format: DataFormat, tok: Option<&TextTokenizer>) -
         DataFormat::Hh => {
             let chosen = r.string("chosen")?;
             let rejected = r.string("rejected")?;
-            let cut = chosen
-                .rfind(HH_ASSISTANT)
-                .ok_or_else(|| r.error("chosen", "no \"\\n\\nAssistant:\" turn, so the prompt cannot be split off"))?
-                + HH_ASSISTANT.len();
+            let cut = chosen.rfind(HH_ASSISTANT).ok_or_else(|| {
+                r.error(
+                    "chosen",
+                    "no \"\\n\\nAssistant:\" turn, so the prompt cannot be split off",
+                )
+            })? + HH_ASSISTANT.len();
             let prompt = &chosen[..cut];
             if !rejected.starts_with(prompt) {
                 return Err(r.error(
@@ -102,13 +132,22 @@ pub fn parse_pair(r: &Record, format: DataFormat, tok: Option<&TextTokenizer>) -
             }
         }
         DataFormat::Conversational => {
-            let tok = tok.ok_or_else(|| r.error("prompt", "conversational data needs a model's chat template (pass --model)"))?;
+            let tok = tok.ok_or_else(|| {
+                r.error(
+                    "prompt",
+                    "conversational data needs a model's chat template (pass --model)",
+                )
+            })?;
             let prompt = messages(r, "prompt")?;
-            let prompt_text = tok.apply_chat_template(&prompt, true).map_err(|e| r.error("prompt", e.to_string()))?;
+            let prompt_text = tok
+                .apply_chat_template(&prompt, true)
+                .map_err(|e| r.error("prompt", e.to_string()))?;
             let complete = |field: &str| -> Result<String> {
                 let mut all = prompt.clone();
                 all.extend(messages(r, field)?);
-                let text = tok.apply_chat_template(&all, false).map_err(|e| r.error(field, e.to_string()))?;
+                let text = tok
+                    .apply_chat_template(&all, false)
+                    .map_err(|e| r.error(field, e.to_string()))?;
                 text.strip_prefix(prompt_text.as_str()).map(str::to_string).ok_or_else(|| {
                     r.error(field, "the chat template renders prompt+completion with a different prefix than the prompt alone")
                 })

@@ -85,7 +85,12 @@ fn data_err(path: &Path, line: usize, field: &str, msg: impl Into<String>) -> Er
 }
 
 /// Tokenise one text pair (see the module docs for the exact rules).
-pub fn tokenize_pair(p: &TextPair, tok: &TextTokenizer, opts: &TokenizeOptions, path: &Path) -> Result<TokenizedPair> {
+pub fn tokenize_pair(
+    p: &TextPair,
+    tok: &TextTokenizer,
+    opts: &TokenizeOptions,
+    path: &Path,
+) -> Result<TokenizedPair> {
     let mut prompt_ids = tok.encode(&p.prompt, true)?;
     let completion = |field: &str, text: &str| -> Result<Vec<u32>> {
         let full = tok.encode(&format!("{}{}{}", p.prompt, text, tok.eos_token), true)?;
@@ -144,7 +149,11 @@ pub fn tokenize_pair(p: &TextPair, tok: &TextTokenizer, opts: &TokenizeOptions, 
 
 /// Read a preference file as text pairs. With `skip_invalid`, bad rows are reported in the
 /// returned report and skipped; without it, the first bad row is the error.
-pub fn load_text_pairs(path: &Path, tok: Option<&TextTokenizer>, skip_invalid: bool) -> Result<(Vec<TextPair>, LoadReport)> {
+pub fn load_text_pairs(
+    path: &Path,
+    tok: Option<&TextTokenizer>,
+    skip_invalid: bool,
+) -> Result<(Vec<TextPair>, LoadReport)> {
     let mut report = LoadReport {
         path: path.to_path_buf(),
         ..Default::default()
@@ -157,7 +166,12 @@ pub fn load_text_pairs(path: &Path, tok: Option<&TextTokenizer>, skip_invalid: b
             match report.format {
                 None => report.format = Some(f),
                 Some(ff) if ff != f => {
-                    return Err(r.error("<line>", format!("this row is {f}, but earlier rows are {ff}; one file holds one format")))
+                    return Err(r.error(
+                        "<line>",
+                        format!(
+                            "this row is {f}, but earlier rows are {ff}; one file holds one format"
+                        ),
+                    ))
                 }
                 _ => {}
             }
@@ -170,7 +184,10 @@ pub fn load_text_pairs(path: &Path, tok: Option<&TextTokenizer>, skip_invalid: b
         }
     }
     if out.is_empty() && report.skipped.is_empty() {
-        return Err(Error::msg(format!("{}: no preference pairs in the file", path.display())));
+        return Err(Error::msg(format!(
+            "{}: no preference pairs in the file",
+            path.display()
+        )));
     }
     report.kept = out.len();
     Ok((out, report))
@@ -202,7 +219,11 @@ pub fn load_tokenized_pairs(
             "{}: no usable preference pairs ({} rows skipped; first problem: {})",
             path.display(),
             report.skipped.len(),
-            report.skipped.first().map(|e| e.to_string()).unwrap_or_default()
+            report
+                .skipped
+                .first()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
         )));
     }
     Ok((out, report))

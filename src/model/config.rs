@@ -72,7 +72,10 @@ impl ModelConfig {
             ));
         }
         if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
-            return Err(Error::model(path, "config.json: `mlp_bias = true` is not supported"));
+            return Err(Error::model(
+                path,
+                "config.json: `mlp_bias = true` is not supported",
+            ));
         }
         let hidden_size = get_usize(v, "hidden_size", path)?;
         let num_attention_heads = get_usize(v, "num_attention_heads", path)?;
@@ -133,7 +136,10 @@ impl ModelConfig {
                 }
             }
         };
-        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        let attention_bias = v
+            .get("attention_bias")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let is_qwen = model_type == "qwen2";
         Ok(ModelConfig {
             vocab_size: get_usize(v, "vocab_size", path)?,
@@ -143,7 +149,10 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             max_position_embeddings: v
@@ -203,7 +212,7 @@ impl ModelConfig {
                     "factor": s.factor,
                     "low_freq_factor": s.low_freq_factor,
                     "high_freq_factor": s.high_freq_factor,
-                    "original_max_position_embeddings": s.original_max_position_embeddings,
+                    "original_max_position_embeddings": s.original_max_position_embeddings as u64,
                 }),
             );
         } else {
@@ -323,7 +332,9 @@ mod tests {
         assert!(c.qkv_bias && !c.o_bias);
         let mut bad = v.clone();
         bad["model_type"] = json!("gpt2");
-        let e = ModelConfig::from_json(&bad, Path::new("c")).unwrap_err().to_string();
+        let e = ModelConfig::from_json(&bad, Path::new("c"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("gpt2"), "{e}");
     }
 }

@@ -66,9 +66,12 @@ impl Meta<'_> {
         self.content.metadata.get(key)
     }
     fn u64(&self, key: &str) -> Result<u64> {
-        self.get(key)
-            .and_then(meta_u64)
-            .ok_or_else(|| Error::model(self.path, format!("GGUF metadata `{key}` is missing or not an integer")))
+        self.get(key).and_then(meta_u64).ok_or_else(|| {
+            Error::model(
+                self.path,
+                format!("GGUF metadata `{key}` is missing or not an integer"),
+            )
+        })
     }
     fn str(&self, key: &str) -> Option<&str> {
         match self.get(key) {
@@ -82,10 +85,16 @@ impl Meta<'_> {
                 .iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s.clone()),
-                    _ => Err(Error::model(self.path, format!("GGUF metadata `{key}` has a non-string entry"))),
+                    _ => Err(Error::model(
+                        self.path,
+                        format!("GGUF metadata `{key}` has a non-string entry"),
+                    )),
                 })
                 .collect(),
-            _ => Err(Error::model(self.path, format!("GGUF metadata `{key}` is missing"))),
+            _ => Err(Error::model(
+                self.path,
+                format!("GGUF metadata `{key}` is missing"),
+            )),
         }
     }
 }
@@ -154,12 +163,20 @@ fn config_from_meta(m: &Meta, has_output: bool) -> Result<ModelConfig> {
     let k = |s: &str| format!("{arch}.{s}");
     let hidden = m.u64(&k("embedding_length"))? as usize;
     let heads = m.u64(&k("attention.head_count"))? as usize;
-    let kv = m.get(&k("attention.head_count_kv")).and_then(meta_u64).map(|x| x as usize).unwrap_or(heads);
+    let kv = m
+        .get(&k("attention.head_count_kv"))
+        .and_then(meta_u64)
+        .map(|x| x as usize)
+        .unwrap_or(heads);
     let vocab = match m.get(&k("vocab_size")).and_then(meta_u64) {
         Some(v) => v as usize,
         None => m.strings("tokenizer.ggml.tokens")?.len(),
     };
-    let head_dim = m.get(&k("attention.key_length")).and_then(meta_u64).map(|x| x as usize).unwrap_or(hidden / heads);
+    let head_dim = m
+        .get(&k("attention.key_length"))
+        .and_then(meta_u64)
+        .map(|x| x as usize)
+        .unwrap_or(hidden / heads);
     let mut v = json!({
         "model_type": model_type,
         "vocab_size": vocab,
@@ -205,7 +222,10 @@ fn tokenizer_from_meta(m: &Meta, cfg: &ModelConfig) -> Result<TextTokenizer> {
         _ => vec![],
     };
     let pre = byte_level_pre_tokenizer(m.str("tokenizer.ggml.pre").unwrap_or("gpt2"))?;
-    let add_bos = matches!(m.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    let add_bos = matches!(
+        m.get("tokenizer.ggml.add_bos_token"),
+        Some(Value::Bool(true))
+    );
     let bos_id = cfg.bos_token_id;
     let bos_tok = bos_id.and_then(|i| tokens.get(i as usize).cloned());
     let bos = match (add_bos, bos_id, &bos_tok) {
@@ -255,7 +275,10 @@ fn read_content(path: &Path) -> Result<(std::fs::File, Content)> {
 /// Only the tokenizer of a `.gguf` file (no weights are read).
 pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
     let (_, content) = read_content(path)?;
-    let m = Meta { content: &content, path };
+    let m = Meta {
+        content: &content,
+        path,
+    };
     let cfg = config_from_meta(&m, content.tensor_infos.contains_key("output.weight"))?;
     tokenizer_from_meta(&m, &cfg)
 }
@@ -263,7 +286,10 @@ pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
 /// Load a `.gguf` file.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let (mut file, content) = read_content(path)?;
-    let m = Meta { content: &content, path };
+    let m = Meta {
+        content: &content,
+        path,
+    };
     let cfg = config_from_meta(&m, content.tensor_infos.contains_key("output.weight"))?;
     let transformer = Transformer::build(&cfg, |name, _| {
         let gname = gguf_tensor_name(name);
@@ -293,16 +319,31 @@ mod tests {
 
     #[test]
     fn permutation_round_trips_and_names_map() {
-        let w = Tensor::arange(0f32, 48.0, &Device::Cpu).unwrap().reshape((8, 6)).unwrap();
+        let w = Tensor::arange(0f32, 48.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 6))
+            .unwrap();
         let p = permute_qk(&w, 2).unwrap();
         assert_ne!(p.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         // rows of head 0 were [0,1,2,3] (first half 0,1; second half 2,3): interleaved to 0,2,1,3
         let first_col: Vec<f32> = p.to_vec2::<f32>().unwrap().iter().map(|r| r[0]).collect();
-        assert_eq!(first_col, vec![0.0, 12.0, 6.0, 18.0, 24.0, 36.0, 30.0, 42.0]);
+        assert_eq!(
+            first_col,
+            vec![0.0, 12.0, 6.0, 18.0, 24.0, 36.0, 30.0, 42.0]
+        );
         let back = unpermute_qk(&p, 2).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
-        assert_eq!(gguf_tensor_name("model.layers.3.self_attn.k_proj.weight"), "blk.3.attn_k.weight");
-        assert_eq!(gguf_tensor_name("model.layers.0.post_attention_layernorm.weight"), "blk.0.ffn_norm.weight");
-        assert_eq!(gguf_tensor_name("model.layers.1.self_attn.q_proj.bias"), "blk.1.attn_q.bias");
+        assert_eq!(
+            gguf_tensor_name("model.layers.3.self_attn.k_proj.weight"),
+            "blk.3.attn_k.weight"
+        );
+        assert_eq!(
+            gguf_tensor_name("model.layers.0.post_attention_layernorm.weight"),
+            "blk.0.ffn_norm.weight"
+        );
+        assert_eq!(
+            gguf_tensor_name("model.layers.1.self_attn.q_proj.bias"),
+            "blk.1.attn_q.bias"
+        );
     }
 }

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn read_json(path: &Path) -> Result<Value> {
-    serde_json::from_str(&read_to_string(path)?).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
+    serde_json::from_str(&read_to_string(path)?)
+        .map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
 }
 
 /// The safetensors files of a checkpoint directory, single or sharded.
@@ -49,12 +50,16 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel
     let files = weight_files(dir)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in &files {
-        let loaded = candle_core::safetensors::load(f, device).map_err(|e| Error::model(f, e.to_string()))?;
+        let loaded = candle_core::safetensors::load(f, device)
+            .map_err(|e| Error::model(f, e.to_string()))?;
         tensors.extend(loaded);
     }
     let transformer = Transformer::build(&cfg, |name, _| {
         let t = tensors.remove(name).ok_or_else(|| {
-            Error::model(dir, format!("tensor `{name}` is missing from the safetensors files"))
+            Error::model(
+                dir,
+                format!("tensor `{name}` is missing from the safetensors files"),
+            )
         })?;
         Ok(t.to_dtype(dtype)?)
     })?;
@@ -87,8 +92,12 @@ pub fn save_dir(model: &LoadedModel, dir: &Path) -> Result<()> {
     let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON value serialises");
     write_atomic(&dir.join("config.json"), &pretty(&cfg.to_json()))?;
     write_atomic(&dir.join("tokenizer.json"), model.tokenizer.json.as_bytes())?;
-    write_atomic(&dir.join("tokenizer_config.json"), &pretty(&model.tokenizer.config_json()))?;
-    let mut gen = json!({"eos_token_id": model.tokenizer.eos_id, "pad_token_id": model.tokenizer.pad_id});
+    write_atomic(
+        &dir.join("tokenizer_config.json"),
+        &pretty(&model.tokenizer.config_json()),
+    )?;
+    let mut gen =
+        json!({"eos_token_id": model.tokenizer.eos_id, "pad_token_id": model.tokenizer.pad_id});
     if let Some(b) = cfg.bos_token_id {
         gen["bos_token_id"] = json!(b);
     }

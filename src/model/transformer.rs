@@ -20,7 +20,10 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+        let (rows, inp) = (
+            dims[..dims.len() - 1].iter().product::<usize>(),
+            dims[dims.len() - 1],
+        );
         let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -101,18 +104,36 @@ pub struct AttentionInputs {
 impl AttentionInputs {
     /// Causal attention over a padded batch. `valid[b][t]` is true for real tokens; padding may
     /// be on either side. Positions count real tokens only (HF: `cumsum(mask) - 1`).
-    pub fn padded(cfg: &ModelConfig, valid: &[Vec<bool>], dtype: DType, device: &Device) -> Result<Self> {
+    pub fn padded(
+        cfg: &ModelConfig,
+        valid: &[Vec<bool>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         // Position of a real token = number of real tokens before it; padding gets 0.
         let positions: Vec<Vec<usize>> = valid
             .iter()
             .map(|row| {
                 let mut n = 0usize;
                 row.iter()
-                    .map(|&v| if v { n += 1; n - 1 } else { 0 })
+                    .map(|&v| {
+                        if v {
+                            n += 1;
+                            n - 1
+                        } else {
+                            0
+                        }
+                    })
                     .collect()
             })
             .collect();
-        Self::new(cfg, &positions, |b, i, j| j <= i && valid[b][j] && valid[b][i] || i == j, dtype, device)
+        Self::new(
+            cfg,
+            &positions,
+            |b, i, j| j <= i && valid[b][j] && valid[b][i] || i == j,
+            dtype,
+            device,
+        )
     }
 
     /// General form: per-row positions and a predicate `allowed(b, query, key)`. A query row
@@ -207,7 +228,10 @@ pub struct Transformer {
 
 impl Transformer {
     /// Build the model by asking `get(name, shape)` for each parameter, in a fixed order.
-    pub fn build(cfg: &ModelConfig, mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Self> {
+    pub fn build(
+        cfg: &ModelConfig,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Self> {
         let mut params = Vec::new();
         let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
             let t = get(&name, shape)?;
@@ -232,7 +256,11 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 let weight = take(format!("{p}.{name}.weight"), &[out, inp])?;
-                let bias = if bias { Some(take(format!("{p}.{name}.bias"), &[out])?) } else { None };
+                let bias = if bias {
+                    Some(take(format!("{p}.{name}.bias"), &[out])?)
+                } else {
+                    None
+                };
                 Ok(Linear { weight, bias })
             };
             let self_attn = Attention {
@@ -250,7 +278,8 @@ impl Transformer {
                 down_proj: lin("mlp.down_proj", hs, is, false)?,
             };
             let input_layernorm = take(format!("{p}.input_layernorm.weight"), &[hs])?;
-            let post_attention_layernorm = take(format!("{p}.post_attention_layernorm.weight"), &[hs])?;
+            let post_attention_layernorm =
+                take(format!("{p}.post_attention_layernorm.weight"), &[hs])?;
             layers.push(Block {
                 input_layernorm,
                 self_attn,
@@ -283,7 +312,9 @@ impl Transformer {
     pub fn map(&self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<Self> {
         let mut it = self.params.iter();
         Self::build(&self.cfg, |name, _| {
-            let (n, t) = it.next().ok_or_else(|| Error::msg("parameter walk mismatch"))?;
+            let (n, t) = it
+                .next()
+                .ok_or_else(|| Error::msg("parameter walk mismatch"))?;
             debug_assert_eq!(n, name);
             f(name, t)
         })
@@ -311,9 +342,13 @@ impl Transformer {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, self.cfg.hidden_size))?;
         for blk in &self.layers {
-            let h = blk.self_attn.forward(&rms_norm(&x, &blk.input_layernorm, eps)?, a)?;
+            let h = blk
+                .self_attn
+                .forward(&rms_norm(&x, &blk.input_layernorm, eps)?, a)?;
             x = (x + h)?;
-            let h = blk.mlp.forward(&rms_norm(&x, &blk.post_attention_layernorm, eps)?)?;
+            let h = blk
+                .mlp
+                .forward(&rms_norm(&x, &blk.post_attention_layernorm, eps)?)?;
             x = (x + h)?;
         }
         rms_norm(&x, &self.norm, eps)

@@ -45,7 +45,10 @@ impl PairwiseObjective for Sigmoid {
         if p.label_smoothing != 0.0 {
             losses = (losses - (log_sigmoid(&z.neg()?)? * p.label_smoothing)?)?;
         }
-        Ok(ObjectiveOutput { losses, metrics: reward_metrics(s, p.beta)? })
+        Ok(ObjectiveOutput {
+            losses,
+            metrics: reward_metrics(s, p.beta)?,
+        })
     }
 }
 
@@ -59,7 +62,13 @@ mod tests {
     fn by_hand(pc: f64, pr: f64, rc: f64, rr: f64, beta: f64, eps: f64) -> (f64, f64, f64) {
         let z = beta * ((pc - rc) - (pr - rr));
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let ls = |x: f64| if x < 0.0 { x - (1.0 + x.exp()).ln() } else { -(1.0 + (-x).exp()).ln() };
+        let ls = |x: f64| {
+            if x < 0.0 {
+                x - (1.0 + x.exp()).ln()
+            } else {
+                -(1.0 + (-x).exp()).ln()
+            }
+        };
         let loss = -(1.0 - eps) * ls(z) - eps * ls(-z);
         // d/dz: −(1−ε)(1−σ(z)) + ε σ(z)
         let dz = -(1.0 - eps) * (1.0 - sig(z)) + eps * sig(z);
@@ -71,9 +80,9 @@ mod tests {
         let cases = [
             // (pc, pr, rc, rr)
             (-10.0, -12.0, -11.0, -11.5),
-            (-5.0, -5.0, -5.0, -5.0),       // equal log-probs: loss = log 2
-            (-1.0, -601.0, -1.0, -1.0),     // margin +60 after β=0.1
-            (-601.0, -1.0, -1.0, -1.0),     // margin −60
+            (-5.0, -5.0, -5.0, -5.0),   // equal log-probs: loss = log 2
+            (-1.0, -601.0, -1.0, -1.0), // margin +60 after β=0.1
+            (-601.0, -1.0, -1.0, -1.0), // margin −60
             (-3.0, -2.0, -2.5, -2.5),
         ];
         for &(beta, eps) in &[(0.1, 0.0), (0.5, 0.2)] {
@@ -88,7 +97,14 @@ mod tests {
                 chosen_tokens: vec![1; 5],
                 rejected_tokens: vec![1; 5],
             };
-            let obj = build("sigmoid", &ObjectiveParams { beta, label_smoothing: eps }).unwrap();
+            let obj = build(
+                "sigmoid",
+                &ObjectiveParams {
+                    beta,
+                    label_smoothing: eps,
+                },
+            )
+            .unwrap();
             let out = obj.loss(&stats).unwrap();
             let losses: Vec<f64> = out.losses.to_vec1().unwrap();
             let grads = out.losses.sum_all().unwrap().backward().unwrap();
@@ -96,8 +112,15 @@ mod tests {
             let gr: Vec<f64> = grads.get(pr.as_tensor()).unwrap().to_vec1().unwrap();
             for (i, c) in cases.iter().enumerate() {
                 let (l, dc, dr) = by_hand(c.0, c.1, c.2, c.3, beta, eps);
-                assert!((losses[i] - l).abs() < 1e-12, "loss {i}: {} vs {l}", losses[i]);
-                assert!((gc[i] - dc).abs() < 1e-12 && (gr[i] - dr).abs() < 1e-12, "grad {i}");
+                assert!(
+                    (losses[i] - l).abs() < 1e-12,
+                    "loss {i}: {} vs {l}",
+                    losses[i]
+                );
+                assert!(
+                    (gc[i] - dc).abs() < 1e-12 && (gr[i] - dr).abs() < 1e-12,
+                    "grad {i}"
+                );
                 assert!(losses[i].is_finite());
             }
             if eps == 0.0 {
@@ -114,7 +137,10 @@ mod tests {
 
     #[test]
     fn unknown_loss_type_suggests() {
-        let e = build("sigmod", &ObjectiveParams::default()).err().unwrap().to_string();
+        let e = build("sigmod", &ObjectiveParams::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("did you mean `sigmoid`"), "{e}");
     }
 }

@@ -25,7 +25,9 @@ impl PairStats {
     pub fn reference(&self, objective: &str) -> Result<(&Tensor, &Tensor)> {
         match (&self.ref_chosen, &self.ref_rejected) {
             (Some(c), Some(r)) => Ok((c, r)),
-            _ => Err(Error::msg(format!("objective `{objective}` needs reference log-probs"))),
+            _ => Err(Error::msg(format!(
+                "objective `{objective}` needs reference log-probs"
+            ))),
         }
     }
 }
@@ -48,7 +50,10 @@ pub struct ObjectiveParams {
 
 impl Default for ObjectiveParams {
     fn default() -> Self {
-        ObjectiveParams { beta: 0.1, label_smoothing: 0.0 }
+        ObjectiveParams {
+            beta: 0.1,
+            label_smoothing: 0.0,
+        }
     }
 }
 
@@ -83,7 +88,10 @@ pub fn build(name: &str, params: &ObjectiveParams) -> Result<Box<dyn PairwiseObj
             let hint = crate::util::closest(name, names.iter().copied())
                 .map(|c| format!(" (did you mean `{c}`?)"))
                 .unwrap_or_default();
-            Err(Error::Config(format!("unknown loss_type `{name}`{hint}; available: {}", names.join(", "))))
+            Err(Error::Config(format!(
+                "unknown loss_type `{name}`{hint}; available: {}",
+                names.join(", ")
+            )))
         }
     }
 }
@@ -99,5 +107,8 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
 
 /// Batch mean of a `[B]` tensor as f64 (for metrics; no gradient).
 pub fn mean(x: &Tensor) -> Result<f64> {
-    Ok(x.detach().to_dtype(candle_core::DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+    Ok(x.detach()
+        .to_dtype(candle_core::DType::F64)?
+        .mean_all()?
+        .to_scalar::<f64>()?)
 }

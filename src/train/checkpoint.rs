@@ -26,7 +26,13 @@ pub struct TrainerState {
     pub config: Option<Value>,
 }
 
-pub fn save(out_dir: &Path, model: &LoadedModel, opt: &Optimizer, state: &TrainerState, cfg: &TrainConfig) -> Result<PathBuf> {
+pub fn save(
+    out_dir: &Path,
+    model: &LoadedModel,
+    opt: &Optimizer,
+    state: &TrainerState,
+    cfg: &TrainConfig,
+) -> Result<PathBuf> {
     let dir = out_dir.join(format!("checkpoint-{}", state.global_step));
     let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.global_step));
     if tmp.exists() {
@@ -38,7 +44,10 @@ pub fn save(out_dir: &Path, model: &LoadedModel, opt: &Optimizer, state: &Traine
     let mut state = state.clone();
     state.optimizer_steps = opt.t;
     state.config = serde_json::to_value(cfg).ok();
-    write_atomic(&tmp.join(STATE_FILE), &serde_json::to_vec_pretty(&state).expect("state serialises"))?;
+    write_atomic(
+        &tmp.join(STATE_FILE),
+        &serde_json::to_vec_pretty(&state).expect("state serialises"),
+    )?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
@@ -53,7 +62,8 @@ pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
         .map_err(|e| Error::model(&p, format!("invalid trainer state: {e}")))?;
     let op = dir.join("optimizer.safetensors");
     let tensors = if op.is_file() {
-        candle_core::safetensors::load(&op, &candle_core::Device::Cpu).map_err(|e| Error::model(&op, e.to_string()))?
+        candle_core::safetensors::load(&op, &candle_core::Device::Cpu)
+            .map_err(|e| Error::model(&op, e.to_string()))?
     } else {
         Default::default()
     };
@@ -66,7 +76,10 @@ pub fn latest(out_dir: &Path) -> Option<PathBuf> {
     let mut best: Option<(usize, PathBuf)> = None;
     for e in std::fs::read_dir(out_dir).ok()?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             if e.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|b| n > b.0) {
                 best = Some((n, e.path()));
             }
@@ -87,7 +100,9 @@ pub fn append_metrics(path: &Path, rec: &Value) -> Result<()> {
 /// Drop metric records past `step` (written after the checkpoint a run resumes from), or all
 /// of them for a fresh run.
 pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {

@@ -59,7 +59,13 @@ pub struct Order {
 
 impl Order {
     pub fn new(n: usize, batch: usize, seed: u64, shuffle: bool) -> Self {
-        Order { n, batch, seed, shuffle, cached_epoch: None }
+        Order {
+            n,
+            batch,
+            seed,
+            shuffle,
+            cached_epoch: None,
+        }
     }
     pub fn batches_per_epoch(&self) -> usize {
         self.n.div_ceil(self.batch)
@@ -71,7 +77,8 @@ impl Order {
         if self.cached_epoch.as_ref().map(|c| c.0) != Some(epoch) {
             let mut idx: Vec<usize> = (0..self.n).collect();
             if self.shuffle {
-                Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut idx);
+                Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407))
+                    .shuffle(&mut idx);
             }
             self.cached_epoch = Some((epoch, idx));
         }
@@ -96,9 +103,11 @@ fn progress_bar(total: usize, hidden: bool) -> indicatif::ProgressBar {
     }
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {prefix} [{bar:30}] {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb
 }
@@ -116,15 +125,24 @@ fn say(pb: &indicatif::ProgressBar, msg: &str) {
 pub fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>> {
     match cfg.resume_from_checkpoint.as_deref() {
         None | Some("") | Some("false") => Ok(None),
-        Some("latest") | Some("true") => checkpoint::latest(&cfg.output_dir()).map(Some).ok_or_else(|| {
-            Error::Config(format!("resume_from_checkpoint = \"latest\" but {} holds no complete checkpoint", cfg.output_dir))
-        }),
+        Some("latest") | Some("true") => checkpoint::latest(&cfg.output_dir())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "resume_from_checkpoint = \"latest\" but {} holds no complete checkpoint",
+                    cfg.output_dir
+                ))
+            }),
         Some(p) => {
             let p = PathBuf::from(p);
             if p.join(checkpoint::STATE_FILE).is_file() {
                 Ok(Some(p))
             } else {
-                Err(Error::Config(format!("{} is not a complete checkpoint (no {})", p.display(), checkpoint::STATE_FILE)))
+                Err(Error::Config(format!(
+                    "{} is not a complete checkpoint (no {})",
+                    p.display(),
+                    checkpoint::STATE_FILE
+                )))
             }
         }
     }
@@ -175,7 +193,10 @@ pub fn evaluate(
             *sums.entry(k).or_default() += v * w;
         }
     }
-    Ok(sums.into_iter().map(|(k, v)| (format!("eval_{k}"), v / pairs.len() as f64)).collect())
+    Ok(sums
+        .into_iter()
+        .map(|(k, v)| (format!("eval_{k}"), v / pairs.len() as f64))
+        .collect())
 }
 
 /// Everything a run holds: models, data, objective, optimizer and progress.
@@ -220,13 +241,19 @@ impl Trainer {
         let start_path = PathBuf::from(&cfg.model_name_or_path);
         let policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
         let opts = cfg.tokenize_options();
-        let (train_pairs, report) = load_tokenized_pairs(Path::new(&cfg.train_file), &policy.tokenizer, &opts, cfg.skip_invalid)?;
+        let (train_pairs, report) = load_tokenized_pairs(
+            Path::new(&cfg.train_file),
+            &policy.tokenizer,
+            &opts,
+            cfg.skip_invalid,
+        )?;
         for e in &report.skipped {
             eprintln!("skipped: {e}");
         }
         let eval_pairs = match &cfg.eval_file {
             Some(f) => {
-                let (p, r) = load_tokenized_pairs(Path::new(f), &policy.tokenizer, &opts, cfg.skip_invalid)?;
+                let (p, r) =
+                    load_tokenized_pairs(Path::new(f), &policy.tokenizer, &opts, cfg.skip_invalid)?;
                 for e in &r.skipped {
                     eprintln!("skipped (eval): {e}");
                 }
@@ -279,10 +306,18 @@ impl Trainer {
                     None => {
                         let pb = progress_bar(pairs.len(), cfg.disable_tqdm);
                         pb.set_prefix(format!("reference log-probs ({name})"));
-                        let v = score_pairs(&m.transformer, pairs, cfg.per_device_eval_batch_size, |n| pb.inc(n as u64))?;
+                        let v = score_pairs(
+                            &m.transformer,
+                            pairs,
+                            cfg.per_device_eval_batch_size,
+                            |n| pb.inc(n as u64),
+                        )?;
                         pb.finish_and_clear();
                         reference::store_cache(&path, &v)?;
-                        eprintln!("reference log-probs ({name}): computed and cached in {}", path.display());
+                        eprintln!(
+                            "reference log-probs ({name}): computed and cached in {}",
+                            path.display()
+                        );
                         tables.push(v)
                     }
                 }
@@ -299,16 +334,29 @@ impl Trainer {
         let kind = if cfg.optim == "sgd" {
             OptimKind::Sgd
         } else {
-            OptimKind::AdamW { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon }
+            OptimKind::AdamW {
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+            }
         };
         let mut opt = Optimizer::new(kind, cfg.weight_decay, vars);
         let total = total_steps(cfg, train_pairs.len());
         let warmup = schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
-        let order = Order::new(train_pairs.len(), cfg.per_device_train_batch_size, cfg.seed, cfg.shuffle);
+        let order = Order::new(
+            train_pairs.len(),
+            cfg.per_device_train_batch_size,
+            cfg.seed,
+            cfg.shuffle,
+        );
         let mut state = TrainerState::default();
         if let Some(dir) = &resume {
             state = checkpoint::load_state(dir, &mut opt)?;
-            eprintln!("resumed from {} at step {}", dir.display(), state.global_step);
+            eprintln!(
+                "resumed from {} at step {}",
+                dir.display(),
+                state.global_step
+            );
         }
         Ok(Trainer {
             cfg: cfg.clone(),
@@ -333,17 +381,33 @@ impl Trainer {
         let cfg = &self.cfg;
         let accum = cfg.gradient_accumulation_steps;
         let step = self.state.global_step;
-        let lr = schedule::learning_rate(&cfg.lr_scheduler_type, cfg.learning_rate, step, self.total, self.warmup);
+        let lr = schedule::learning_rate(
+            &cfg.lr_scheduler_type,
+            cfg.learning_rate,
+            step,
+            self.total,
+            self.warmup,
+        );
         self.opt.zero_grad();
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0usize;
         for a in 0..accum {
             let indices = self.order.micro_batch(step * accum + a);
-            tokens += indices.iter().map(|&i| self.train_pairs[i].num_tokens()).sum::<usize>();
-            let stats = batch_stats(&self.policy, &self.reference, Split::Train, &indices, &self.train_pairs)?;
+            tokens += indices
+                .iter()
+                .map(|&i| self.train_pairs[i].num_tokens())
+                .sum::<usize>();
+            let stats = batch_stats(
+                &self.policy,
+                &self.reference,
+                Split::Train,
+                &indices,
+                &self.train_pairs,
+            )?;
             let out = self.objective.loss(&stats)?;
             let loss = out.losses.mean_all()?;
-            *metrics.entry("loss".into()).or_default() += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+            *metrics.entry("loss".into()).or_default() +=
+                loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
             for (k, v) in out.metrics {
                 *metrics.entry(k).or_default() += v / accum as f64;
             }
@@ -363,13 +427,20 @@ impl Trainer {
         w.seconds += seconds;
         self.state.last_grad_norm = grad_norm;
         self.state.last_lr = lr;
-        Ok(StepReport { metrics, tokens, seconds, grad_norm, lr })
+        Ok(StepReport {
+            metrics,
+            tokens,
+            seconds,
+            grad_norm,
+            lr,
+        })
     }
 
     /// The metrics record for the current logging window (and resets the window).
     fn log_record(&mut self, with_eval: bool) -> Result<Value> {
         let s = self.state.global_step;
-        let epoch = (s * self.cfg.gradient_accumulation_steps) as f64 / self.order.batches_per_epoch() as f64;
+        let epoch = (s * self.cfg.gradient_accumulation_steps) as f64
+            / self.order.batches_per_epoch() as f64;
         let mut rec = Map::new();
         rec.insert("step".into(), json!(s));
         rec.insert("epoch".into(), json!((epoch * 1e4).round() / 1e4));
@@ -379,9 +450,18 @@ impl Trainer {
         }
         rec.insert("grad_norm".into(), json!(self.state.last_grad_norm));
         rec.insert("learning_rate".into(), json!(self.state.last_lr));
-        rec.insert("tokens_per_second".into(), json!(w.tokens as f64 / w.seconds.max(1e-9)));
+        rec.insert(
+            "tokens_per_second".into(),
+            json!(w.tokens as f64 / w.seconds.max(1e-9)),
+        );
         if with_eval {
-            let ev = evaluate(&self.policy, &self.reference, self.objective.as_ref(), &self.eval_pairs, self.cfg.per_device_eval_batch_size)?;
+            let ev = evaluate(
+                &self.policy,
+                &self.reference,
+                self.objective.as_ref(),
+                &self.eval_pairs,
+                self.cfg.per_device_eval_batch_size,
+            )?;
             for (k, v) in ev {
                 rec.insert(k, json!(v));
             }
@@ -405,8 +485,9 @@ impl Trainer {
             pb.inc(1);
             let s = self.state.global_step;
             let cfg = &self.cfg;
-            let do_eval = !self.eval_pairs.is_empty() && ((cfg.eval_steps > 0 && s % cfg.eval_steps == 0) || s == total);
-            if s % cfg.logging_steps.max(1) == 0 || s == total || do_eval {
+            let do_eval = !self.eval_pairs.is_empty()
+                && ((cfg.eval_steps > 0 && s.is_multiple_of(cfg.eval_steps)) || s == total);
+            if s.is_multiple_of(cfg.logging_steps.max(1)) || s == total || do_eval {
                 let rec = self.log_record(do_eval)?;
                 checkpoint::append_metrics(&metrics_path, &rec)?;
                 let get = |k: &str| rec.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
@@ -423,8 +504,14 @@ impl Trainer {
                 last_log = Some(rec);
             }
             let stop = STOP_REQUESTED.load(Ordering::SeqCst) || self.stop_after_step == Some(s);
-            if s % self.cfg.save_steps.max(1) == 0 || s == total || stop {
-                last_checkpoint = Some(checkpoint::save(&out_dir, &self.policy, &self.opt, &self.state, &self.cfg)?);
+            if s.is_multiple_of(self.cfg.save_steps.max(1)) || s == total || stop {
+                last_checkpoint = Some(checkpoint::save(
+                    &out_dir,
+                    &self.policy,
+                    &self.opt,
+                    &self.state,
+                    &self.cfg,
+                )?);
             }
             if stop && s < total {
                 interrupted = true;

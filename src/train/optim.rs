@@ -48,7 +48,12 @@ impl Optimizer {
                 }
             })
             .collect();
-        Optimizer { kind, weight_decay, params, t: 0 }
+        Optimizer {
+            kind,
+            weight_decay,
+            params,
+            t: 0,
+        }
     }
 
     pub fn zero_grad(&mut self) {
@@ -60,9 +65,9 @@ impl Optimizer {
     /// Add the gradients of one backward pass to the accumulators.
     pub fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
         for p in &mut self.params {
-            let g = grads
-                .get(p.var.as_tensor())
-                .ok_or_else(|| Error::msg(format!("parameter `{}` received no gradient", p.name)))?;
+            let g = grads.get(p.var.as_tensor()).ok_or_else(|| {
+                Error::msg(format!("parameter `{}` received no gradient", p.name))
+            })?;
             let g: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             for (a, b) in p.grad.iter_mut().zip(g) {
                 *a += b;
@@ -87,7 +92,9 @@ impl Optimizer {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {
                 for p in &mut self.params {
-                    p.grad.iter_mut().for_each(|g| *g = (*g as f64 * coef) as f32);
+                    p.grad
+                        .iter_mut()
+                        .for_each(|g| *g = (*g as f64 * coef) as f32);
                 }
             }
         }
@@ -111,19 +118,23 @@ impl Optimizer {
                     let decay = if p.decay { (1.0 - lr * wd) as f32 } else { 1.0 };
                     let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
                     let bc2_sqrt = bc2_sqrt as f32;
-                    for i in 0..w.len() {
-                        let g = p.grad[i];
-                        p.m[i] = b1 * p.m[i] + (1.0 - b1) * g;
-                        p.v[i] = b2 * p.v[i] + (1.0 - b2) * g * g;
-                        let denom = p.v[i].sqrt() / bc2_sqrt + eps;
-                        w[i] = w[i] * decay - step * p.m[i] / denom;
+                    for (((w, &g), m), v) in w
+                        .iter_mut()
+                        .zip(&p.grad)
+                        .zip(p.m.iter_mut())
+                        .zip(p.v.iter_mut())
+                    {
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        let denom = v.sqrt() / bc2_sqrt + eps;
+                        *w = *w * decay - step * *m / denom;
                     }
                 }
                 OptimKind::Sgd => {
                     let wd = if p.decay { wd as f32 } else { 0.0 };
                     let lr = lr as f32;
-                    for i in 0..w.len() {
-                        w[i] -= lr * (p.grad[i] + wd * w[i]);
+                    for (w, &g) in w.iter_mut().zip(&p.grad) {
+                        *w -= lr * (g + wd * *w);
                     }
                 }
             }
@@ -139,15 +150,25 @@ impl Optimizer {
         for p in &self.params {
             let shape = p.var.as_tensor().shape();
             if !p.m.is_empty() {
-                out.push((format!("exp_avg.{}", p.name), Tensor::from_slice(&p.m, shape, &candle_core::Device::Cpu)?));
-                out.push((format!("exp_avg_sq.{}", p.name), Tensor::from_slice(&p.v, shape, &candle_core::Device::Cpu)?));
+                out.push((
+                    format!("exp_avg.{}", p.name),
+                    Tensor::from_slice(&p.m, shape, &candle_core::Device::Cpu)?,
+                ));
+                out.push((
+                    format!("exp_avg_sq.{}", p.name),
+                    Tensor::from_slice(&p.v, shape, &candle_core::Device::Cpu)?,
+                ));
             }
         }
         Ok(out)
     }
 
     /// Restore from [`Self::state_tensors`].
-    pub fn load_state(&mut self, mut tensors: std::collections::HashMap<String, Tensor>, t: u64) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        mut tensors: std::collections::HashMap<String, Tensor>,
+        t: u64,
+    ) -> Result<()> {
         self.t = t;
         for p in &mut self.params {
             if p.m.is_empty() {
@@ -174,7 +195,15 @@ mod tests {
     #[test]
     fn adamw_matches_pytorch_arithmetic() {
         let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
-        let mut opt = Optimizer::new(OptimKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 0.1, vec![("w".into(), var.clone())]);
+        let mut opt = Optimizer::new(
+            OptimKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            0.1,
+            vec![("w".into(), var.clone())],
+        );
         let (mut w, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
         let grads = [[3.0f64, 4.0], [-1.0, 0.5]];
         for (step, g) in grads.iter().enumerate() {
@@ -191,12 +220,18 @@ mod tests {
                 m[i] = 0.9 * m[i] + 0.1 * gi;
                 v[i] = 0.999 * v[i] + 0.001 * gi * gi;
                 w[i] *= 1.0 - 0.01 * 0.1;
-                w[i] -= 0.01 / (1.0 - 0.9f64.powi(t)) * m[i] / (v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8);
+                w[i] -= 0.01 / (1.0 - 0.9f64.powi(t)) * m[i]
+                    / (v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8);
             }
         }
         let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
         for i in 0..2 {
-            assert!((got[i] as f64 - w[i]).abs() < 1e-6, "{} vs {}", got[i], w[i]);
+            assert!(
+                (got[i] as f64 - w[i]).abs() < 1e-6,
+                "{} vs {}",
+                got[i],
+                w[i]
+            );
         }
     }
 
@@ -204,7 +239,14 @@ mod tests {
     fn sgd_and_no_decay_on_norms() {
         let w = Var::new(&[1.0f32], &Device::Cpu).unwrap();
         let n = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-        let mut opt = Optimizer::new(OptimKind::Sgd, 0.5, vec![("a.weight".into(), w.clone()), ("model.norm.weight".into(), n.clone())]);
+        let mut opt = Optimizer::new(
+            OptimKind::Sgd,
+            0.5,
+            vec![
+                ("a.weight".into(), w.clone()),
+                ("model.norm.weight".into(), n.clone()),
+            ],
+        );
         opt.params[0].grad = vec![2.0];
         opt.params[1].grad = vec![2.0];
         opt.step(0.1).unwrap();

@@ -7,14 +7,17 @@ use crate::error::{Error, Result};
 use crate::model::{LoadedModel, Transformer};
 use crate::stats::pair_logps;
 use crate::util::{write_atomic, Fnv64};
-use candle_core::{Tensor, DType};
+use candle_core::{DType, Tensor};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub enum Reference {
     Model(Transformer),
     /// Per-pair (chosen, rejected) summed log-probs, for the train and eval sets.
-    Cached { train: Vec<(f64, f64)>, eval: Vec<(f64, f64)> },
+    Cached {
+        train: Vec<(f64, f64)>,
+        eval: Vec<(f64, f64)>,
+    },
     None,
 }
 
@@ -26,7 +29,13 @@ pub enum Split {
 
 impl Reference {
     /// Reference log-probs `[B]` (chosen, rejected) for the pairs at `indices` of `split`.
-    pub fn logps(&self, split: Split, indices: &[usize], pairs: &[&TokenizedPair], dtype: DType) -> Result<Option<(Tensor, Tensor)>> {
+    pub fn logps(
+        &self,
+        split: Split,
+        indices: &[usize],
+        pairs: &[&TokenizedPair],
+        dtype: DType,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         match self {
             Reference::None => Ok(None),
             Reference::Model(m) => {
@@ -38,7 +47,10 @@ impl Reference {
                 let dev = &candle_core::Device::Cpu;
                 let c: Vec<f64> = indices.iter().map(|&i| table[i].0).collect();
                 let r: Vec<f64> = indices.iter().map(|&i| table[i].1).collect();
-                Ok(Some((Tensor::new(c, dev)?.to_dtype(dtype)?, Tensor::new(r, dev)?.to_dtype(dtype)?)))
+                Ok(Some((
+                    Tensor::new(c, dev)?.to_dtype(dtype)?,
+                    Tensor::new(r, dev)?.to_dtype(dtype)?,
+                )))
             }
         }
     }
@@ -103,5 +115,10 @@ pub fn store_cache(path: &Path, v: &[(f64, f64)]) -> Result<()> {
     if let Some(dir) = path.parent() {
         crate::util::create_dir_all(dir)?;
     }
-    write_atomic(path, serde_json::to_string(v).expect("numbers serialise").as_bytes())
+    write_atomic(
+        path,
+        serde_json::to_string(v)
+            .expect("numbers serialise")
+            .as_bytes(),
+    )
 }
