@@ -322,3 +322,40 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn sharded_and_half_precision_checkpoints_load() {
+    prefer::util::set_threads_for_tests();
+    let dir = tempdir("sharded");
+    let m = tiny_model(&TinySpec { tie_embeddings: false, ..TinySpec::default() }, DType::F32, 9).unwrap();
+    write_hf(&m, &dir).unwrap();
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let want = logps(&m.transformer, &seqs(), PaddingSide::Right);
+    for (dtype, tol) in [(DType::BF16, 0.5), (DType::F16, 0.05), (DType::F32, 0.0)] {
+        // two shards in `dtype` plus the index, as transformers writes them
+        let params = m.transformer.params();
+        let half = params.len() / 2;
+        let mut map = serde_json::Map::new();
+        for (i, part) in [&params[..half], &params[half..]].iter().enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+            let ts: Vec<(String, Tensor)> = part.iter().map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap())).collect();
+            std::fs::write(dir.join(&file), prefer::model::hf::model_safetensors_bytes(&ts).unwrap()).unwrap();
+            for (n, _) in part.iter() {
+                map.insert(n.clone(), serde_json::json!(file));
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let back = model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(back.weight_files.len(), 2);
+        let got = logps(&back.transformer, &seqs(), PaddingSide::Right);
+        for (x, y) in got.iter().zip(&want) {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs() / 10.0), "{dtype:?}: {x} vs {y}");
+        }
+        if dtype == DType::F32 {
+            assert_eq!(got, want);
+        } else {
+            assert_ne!(got, want, "{dtype:?} weights should round");
+        }
+    }
+}

@@ -538,3 +538,39 @@ impl Trainer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_order_is_seeded_and_file_order_without_shuffle() {
+        let mut plain = Order::new(10, 4, 42, false);
+        assert_eq!(plain.batches_per_epoch(), 3);
+        assert_eq!(plain.micro_batch(0), vec![0, 1, 2, 3]);
+        assert_eq!(plain.micro_batch(2), vec![8, 9]);
+        assert_eq!(plain.micro_batch(3), vec![0, 1, 2, 3], "epoch 2 starts over in file order");
+        let mut a = Order::new(10, 4, 42, true);
+        let mut b = Order::new(10, 4, 42, true);
+        let ea: Vec<usize> = (0..3).flat_map(|k| a.micro_batch(k)).collect();
+        let eb: Vec<usize> = (0..3).flat_map(|k| b.micro_batch(k)).collect();
+        assert_eq!(ea, eb, "same seed, same order");
+        assert_ne!(ea, (0..10).collect::<Vec<_>>());
+        let mut sorted = ea.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "an epoch visits every pair once");
+        let e2: Vec<usize> = (3..6).flat_map(|k| a.micro_batch(k)).collect();
+        assert_ne!(ea, e2, "each epoch is reshuffled");
+        let mut c = Order::new(10, 4, 7, true);
+        let ec: Vec<usize> = (0..3).flat_map(|k| c.micro_batch(k)).collect();
+        assert_ne!(ea, ec, "another seed, another order");
+    }
+
+    #[test]
+    fn total_steps_follow_transformers() {
+        let cfg = TrainConfig { per_device_train_batch_size: 4, gradient_accumulation_steps: 2, num_train_epochs: 1.5, ..TrainConfig::default() };
+        // 10 pairs -> 3 batches -> 1 update/epoch (floor) -> ceil(1.5) = 2
+        assert_eq!(total_steps(&cfg, 10), 2);
+        assert_eq!(total_steps(&TrainConfig { max_steps: 7, ..cfg }, 10), 7);
+    }
+}
