@@ -11,7 +11,7 @@
 
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device};
-use prefer::model::{self, LoadedModel, PaddingSide, ScoredSeq};
+use prefer::model::{self, LoadedModel};
 use prefer::testing::{tiny_model, write_gguf, TinySpec};
 use prefer::tokenizer::Message;
 use serde_json::json;
@@ -30,15 +30,7 @@ fn expected(m: &LoadedModel, texts: &[&str]) -> anyhow::Result<serde_json::Value
     for t in texts {
         let ids = tok.encode(t, true)?;
         let start = 1.max(ids.len() / 3);
-        let lp = model::sequence_logps(
-            &m.transformer,
-            &[ScoredSeq {
-                ids: ids.clone(),
-                completion_start: start,
-            }],
-            PaddingSide::Right,
-        )?;
-        let lps: Vec<f32> = lp.token_logps.to_vec1()?;
+        let lps = model::logprobs::token_logprobs(&m.transformer, &ids, start)?;
         seqs.push(json!({"text": t, "ids": ids, "completion_start": start, "logprobs": lps}));
     }
     let msgs = vec![Message {

@@ -66,9 +66,17 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
             .to_string(),
     };
     let out = std::env::temp_dir().join(format!("prefer-bench-{}", std::process::id()));
+    crate::util::create_dir_all(&out)?;
+    // Only the pairs the timed steps use (plus spares for rows the data layer rejects), so a
+    // precomputed reference costs one pass over them, not over the whole file.
+    let need = (args.steps + 1) * args.batch_size;
+    let text = crate::util::read_to_string(std::path::Path::new(&data))?;
+    let subset: Vec<&str> = text.lines().take(need + 16).collect();
+    let data_subset = out.join("pairs.jsonl");
+    std::fs::write(&data_subset, subset.join("\n")).map_err(|e| Error::io(&data_subset, e))?;
     let cfg = TrainConfig {
         model_name_or_path: model.clone(),
-        train_file: data,
+        train_file: data_subset.display().to_string(),
         output_dir: out.display().to_string(),
         per_device_train_batch_size: args.batch_size,
         per_device_eval_batch_size: args.batch_size,

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use prefer::config::TrainConfig;
 use prefer::data::tokenize::load_text_pairs;
 use prefer::data::{load_tokenized_pairs, TokenizeOptions, TruncationMode};
-use prefer::model::{self, PaddingSide, ScoredSeq};
+use prefer::model;
 use prefer::tokenizer::Message;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -309,15 +309,7 @@ fn run(cmd: Cmd) -> Result<()> {
                     )?;
                     continue;
                 }
-                let lp = model::sequence_logps(
-                    &m.transformer,
-                    &[ScoredSeq {
-                        ids: ids.clone(),
-                        completion_start: start,
-                    }],
-                    PaddingSide::Right,
-                )?;
-                let lps: Vec<f32> = lp.token_logps.to_vec1()?;
+                let lps = model::logprobs::token_logprobs(&m.transformer, &ids, start)?;
                 let pieces: Vec<String> = ids[start..]
                     .iter()
                     .map(|&i| tok.id_to_token(i).unwrap_or_default())

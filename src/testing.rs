@@ -158,45 +158,24 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, quant: GgmlDType) -> Result<
     let cfg = &model.transformer.cfg;
     let (tokens, merges, types) = tiny_vocab();
     let s = |x: &str| GValue::String(x.to_string());
+    let arch = &cfg.model_type;
+    let arch_keys: [(&str, GValue); 9] = [
+        ("block_count", GValue::U32(cfg.num_hidden_layers as u32)),
+        ("context_length", GValue::U32(cfg.max_position_embeddings as u32)),
+        ("embedding_length", GValue::U32(cfg.hidden_size as u32)),
+        ("feed_forward_length", GValue::U32(cfg.intermediate_size as u32)),
+        ("attention.head_count", GValue::U32(cfg.num_attention_heads as u32)),
+        ("attention.head_count_kv", GValue::U32(cfg.num_key_value_heads as u32)),
+        ("rope.freq_base", GValue::F32(cfg.rope_theta as f32)),
+        ("attention.layer_norm_rms_epsilon", GValue::F32(cfg.rms_norm_eps as f32)),
+        ("vocab_size", GValue::U32(cfg.vocab_size as u32)),
+    ];
     let mut meta: Vec<(String, GValue)> = vec![
-        ("general.architecture".into(), s(&cfg.model_type)),
+        ("general.architecture".into(), s(arch)),
         ("general.name".into(), s("tiny")),
-        (
-            format!("{}.block_count", cfg.model_type),
-            GValue::U32(cfg.num_hidden_layers as u32),
-        ),
-        (
-            format!("{}.context_length", cfg.model_type),
-            GValue::U32(cfg.max_position_embeddings as u32),
-        ),
-        (
-            format!("{}.embedding_length", cfg.model_type),
-            GValue::U32(cfg.hidden_size as u32),
-        ),
-        (
-            format!("{}.feed_forward_length", cfg.model_type),
-            GValue::U32(cfg.intermediate_size as u32),
-        ),
-        (
-            format!("{}.attention.head_count", cfg.model_type),
-            GValue::U32(cfg.num_attention_heads as u32),
-        ),
-        (
-            format!("{}.attention.head_count_kv", cfg.model_type),
-            GValue::U32(cfg.num_key_value_heads as u32),
-        ),
-        (
-            format!("{}.rope.freq_base", cfg.model_type),
-            GValue::F32(cfg.rope_theta as f32),
-        ),
-        (
-            format!("{}.attention.layer_norm_rms_epsilon", cfg.model_type),
-            GValue::F32(cfg.rms_norm_eps as f32),
-        ),
-        (
-            format!("{}.vocab_size", cfg.model_type),
-            GValue::U32(cfg.vocab_size as u32),
-        ),
+    ];
+    meta.extend(arch_keys.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    meta.extend([
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s("smollm")),
         (
@@ -224,7 +203,7 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, quant: GgmlDType) -> Result<
             "tokenizer.ggml.add_bos_token".into(),
             GValue::Bool(model.tokenizer.bos_token.is_some()),
         ),
-    ];
+    ]);
     if let Some(t) = &model.tokenizer.chat_template {
         meta.push(("tokenizer.chat_template".into(), s(t)));
     }

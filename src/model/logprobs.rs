@@ -119,6 +119,13 @@ pub fn gather_logps(
     Ok(Tensor::cat(&parts, 0)?)
 }
 
+/// Per-token log-probs (f32) of `ids[completion_start..]` for one sequence.
+pub fn token_logprobs(model: &Transformer, ids: &[u32], completion_start: usize) -> Result<Vec<f32>> {
+    let seq = ScoredSeq { ids: ids.to_vec(), completion_start };
+    let lp = sequence_logps(model, &[seq], PaddingSide::Right)?;
+    Ok(lp.token_logps.to_dtype(DType::F32)?.to_vec1()?)
+}
+
 /// Sum of `x[offsets[s]..offsets[s+1]]` for each s, as a `[S]` tensor (differentiable).
 pub fn segment_sums(x: &Tensor, offsets: &[usize]) -> Result<Tensor> {
     let n = x.dim(0)?;
