@@ -56,10 +56,7 @@ fn main() -> anyhow::Result<()> {
     let texts = TEXTS;
     if args.get(1).map(String::as_str) == Some("--expected") {
         // prefer's expectations for an existing HF checkpoint (e.g. one `prefer convert` wrote)
-        let dir = Path::new(
-            args.get(2)
-                .ok_or_else(|| anyhow::anyhow!("--expected DIR"))?,
-        );
+        let dir = Path::new(args.get(2).ok_or_else(|| anyhow::anyhow!("--expected DIR"))?);
         let m = model::load(dir, DType::F32, &Device::Cpu)?;
         write_expected(&m, dir, &texts)?;
         return Ok(());
@@ -114,11 +111,8 @@ fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("SmolLM2 GGUF not found; run scripts/fetch-model.sh"))?;
         let mut f = std::fs::File::open(&src)?;
         let content = gguf_file::Content::read(&mut f)?;
-        let mut meta: Vec<(String, gguf_file::Value)> = content
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut meta: Vec<(String, gguf_file::Value)> =
+            content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (k, v) in meta.iter_mut() {
             if k == "llama.block_count" {
                 *v = gguf_file::Value::U32(n as u32);
@@ -142,10 +136,8 @@ fn main() -> anyhow::Result<()> {
         }
         let p = out.join(format!("smollm2-{n}.gguf"));
         let mut w = std::fs::File::create(&p)?;
-        let mr: Vec<(&str, &gguf_file::Value)> =
-            meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let tr: Vec<(&str, &candle_core::quantized::QTensor)> =
-            tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mr: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tr: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         gguf_file::write(&mut w, &mr, &tr)?;
         eprintln!("wrote {}", p.display());
     }

@@ -96,10 +96,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     let mut tr = Trainer::new(&cfg)?;
     let params = tr.policy.transformer.cfg.num_params() as f64;
     let warm = tr.step()?;
-    eprintln!(
-        "warm-up step: {:.2} s, loss {:.4}",
-        warm.seconds, warm.metrics["loss"]
-    );
+    eprintln!("warm-up step: {:.2} s, loss {:.4}", warm.seconds, warm.metrics["loss"]);
     let mut secs = Vec::new();
     let mut tokens = 0usize;
     let mut first_loss = None;
@@ -147,10 +144,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
             if live_ref { "live" } else { "precomputed" }
         );
         println!("  s/step (median of {})        {median:.2}", args.steps);
-        println!(
-            "  real tokens / s              {:.0}",
-            tokens as f64 / total
-        );
+        println!("  real tokens / s              {:.0}", tokens as f64 / total);
         println!(
             "  pairs / s                    {:.3}",
             (args.steps * args.batch_size) as f64 / total

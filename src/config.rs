@@ -38,44 +38,47 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "loss_type",
         "\"sigmoid\"",
-        "Objective name (`prefer objectives list`).",
+        "Objective name (`prefer objectives list`), or a list (or comma-separated string) combined with loss_weights.",
+    ),
+    (
+        "loss_weights",
+        "(1.0 each)",
+        "Weights of a loss_type list: L = Σ w_k · mean(loss_k); RPO = [\"sigmoid\", \"sft\"] with [1.0, 0.005].",
     ),
     (
         "beta",
         "0.1",
-        "DPO temperature β: scales the implicit reward β·log(π/π_ref).",
+        "Temperature β: scales the implicit reward β·log(π/π_ref) (ORPO: the odds-ratio weight λ).",
     ),
     (
         "label_smoothing",
         "0.0",
-        "Probability that a label is flipped (conservative DPO); 0 = plain DPO.",
+        "Label-flip rate ε of cdpo, robust, exo_pair, aot, simpo, cpo (sigmoid ignores it, as TRL ≥0.29).",
     ),
-    ("learning_rate", "1e-6", "Peak learning rate."),
     (
-        "per_device_train_batch_size",
-        "8",
-        "Preference pairs per micro-batch.",
+        "f_divergence_type",
+        "\"reverse_kl\"",
+        "reverse_kl | forward_kl | js_divergence | alpha_divergence: transform of the log-ratios (TRL).",
     ),
+    ("f_alpha_divergence_coef", "0.5", "α of alpha_divergence."),
+    ("discopop_tau", "0.05", "τ of the discopop loss."),
+    ("simpo_gamma", "0.5", "Target reward margin γ of simpo and alphapo."),
+    ("cpo_alpha", "1.0", "Weight of the NLL term of cpo."),
+    ("alpha", "0.0", "AlphaPO reward-shape α (0 = SimPO's log reward)."),
+    ("learning_rate", "1e-6", "Peak learning rate."),
+    ("per_device_train_batch_size", "8", "Preference pairs per micro-batch."),
     (
         "per_device_eval_batch_size",
         "8",
         "Pairs per batch when evaluating or precomputing reference log-probs.",
     ),
-    (
-        "gradient_accumulation_steps",
-        "1",
-        "Micro-batches per optimizer step.",
-    ),
+    ("gradient_accumulation_steps", "1", "Micro-batches per optimizer step."),
     (
         "max_steps",
         "-1",
         "Optimizer steps to run; -1 = derive from num_train_epochs.",
     ),
-    (
-        "num_train_epochs",
-        "3.0",
-        "Passes over train_file when max_steps = -1.",
-    ),
+    ("num_train_epochs", "3.0", "Passes over train_file when max_steps = -1."),
     (
         "lr_scheduler_type",
         "\"linear\"",
@@ -92,11 +95,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "1.0",
         "Clip the global gradient norm to this; 0 = no clipping.",
     ),
-    (
-        "optim",
-        "\"adamw_torch\"",
-        "adamw_torch (alias adamw) | sgd.",
-    ),
+    ("optim", "\"adamw_torch\"", "adamw_torch (alias adamw) | sgd."),
     (
         "weight_decay",
         "0.0",
@@ -111,11 +110,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "true",
         "Shuffle the pairs each epoch (seeded); false = file order.",
     ),
-    (
-        "logging_steps",
-        "10",
-        "Write metrics every this many optimizer steps.",
-    ),
+    ("logging_steps", "10", "Write metrics every this many optimizer steps."),
     (
         "save_steps",
         "500",
@@ -157,13 +152,30 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "false",
         "Report and skip bad rows instead of stopping at the first.",
     ),
-    (
-        "num_threads",
-        "0",
-        "CPU threads for tensor ops; 0 = all cores.",
-    ),
+    ("num_threads", "0", "CPU threads for tensor ops; 0 = all cores."),
     ("disable_tqdm", "false", "No progress bar."),
 ];
+
+/// `loss_type`: one name, a list, or a comma-separated string.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum LossType {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl LossType {
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            LossType::One(s) => s
+                .split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect(),
+            LossType::Many(v) => v.clone(),
+        }
+    }
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -173,9 +185,16 @@ pub struct TrainConfig {
     pub output_dir: String,
     pub train_file: String,
     pub eval_file: Option<String>,
-    pub loss_type: String,
+    pub loss_type: LossType,
+    pub loss_weights: Option<Vec<f64>>,
     pub beta: f64,
     pub label_smoothing: f64,
+    pub f_divergence_type: String,
+    pub f_alpha_divergence_coef: f64,
+    pub discopop_tau: f64,
+    pub simpo_gamma: f64,
+    pub cpo_alpha: f64,
+    pub alpha: f64,
     pub learning_rate: f64,
     pub per_device_train_batch_size: usize,
     pub per_device_eval_batch_size: usize,
@@ -215,9 +234,16 @@ impl Default for TrainConfig {
             output_dir: "runs/prefer".into(),
             train_file: String::new(),
             eval_file: None,
-            loss_type: "sigmoid".into(),
+            loss_type: LossType::One("sigmoid".into()),
+            loss_weights: None,
             beta: 0.1,
             label_smoothing: 0.0,
+            f_divergence_type: "reverse_kl".into(),
+            f_alpha_divergence_coef: 0.5,
+            discopop_tau: 0.05,
+            simpo_gamma: 0.5,
+            cpo_alpha: 1.0,
+            alpha: 0.0,
             learning_rate: 1e-6,
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
@@ -257,9 +283,7 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
             let hint = crate::util::closest(key, KEYS.iter().map(|(k, _, _)| *k))
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_else(|| "; `prefer train --help-config` lists every key".into());
-            return Err(Error::Config(format!(
-                "{origin}: unknown key `{key}`{hint}"
-            )));
+            return Err(Error::Config(format!("{origin}: unknown key `{key}`{hint}")));
         }
     }
     Ok(())
@@ -285,8 +309,8 @@ impl TrainConfig {
         let mut table = match path {
             Some(p) => {
                 let text = crate::util::read_to_string(p)?;
-                let t: toml::Table = toml::from_str(&text)
-                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+                let t: toml::Table =
+                    toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
                 check_keys(&t, &p.display().to_string())?;
                 t
             }
@@ -310,17 +334,13 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.model_name_or_path.is_empty() {
-            return bad(
-                "`model_name_or_path` is required (an HF model directory or a .gguf file)".into(),
-            );
+            return bad("`model_name_or_path` is required (an HF model directory or a .gguf file)".into());
         }
         if self.train_file.is_empty() {
             return bad("`train_file` is required (a JSONL file of preference pairs)".into());
         }
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad(
-                "per_device_train_batch_size and gradient_accumulation_steps must be ≥ 1".into(),
-            );
+            return bad("per_device_train_batch_size and gradient_accumulation_steps must be ≥ 1".into());
         }
         if !matches!(
             self.lr_scheduler_type.as_str(),
@@ -332,10 +352,7 @@ impl TrainConfig {
             ));
         }
         if !matches!(self.optim.as_str(), "adamw" | "adamw_torch" | "sgd") {
-            return bad(format!(
-                "optim `{}` is not supported (adamw_torch, sgd)",
-                self.optim
-            ));
+            return bad(format!("optim `{}` is not supported (adamw_torch, sgd)", self.optim));
         }
         if self.max_prompt_length > 0 && self.max_prompt_length >= self.max_length {
             return bad(format!(
@@ -346,7 +363,7 @@ impl TrainConfig {
         if !(0.0..0.5).contains(&self.label_smoothing) {
             return bad("label_smoothing must be in [0, 0.5)".into());
         }
-        crate::objectives::build(&self.loss_type, &self.objective_params())?;
+        self.objective()?;
         Ok(())
     }
 
@@ -354,7 +371,22 @@ impl TrainConfig {
         ObjectiveParams {
             beta: self.beta,
             label_smoothing: self.label_smoothing,
+            f_divergence_type: self.f_divergence_type.clone(),
+            f_alpha_divergence_coef: self.f_alpha_divergence_coef,
+            discopop_tau: self.discopop_tau,
+            simpo_gamma: self.simpo_gamma,
+            cpo_alpha: self.cpo_alpha,
+            alpha: self.alpha,
         }
+    }
+
+    /// The objective `loss_type` / `loss_weights` describe.
+    pub fn objective(&self) -> Result<crate::objectives::Objective> {
+        crate::objectives::build(
+            &self.loss_type.names(),
+            self.loss_weights.as_deref(),
+            &self.objective_params(),
+        )
     }
 
     pub fn tokenize_options(&self) -> TokenizeOptions {
@@ -375,8 +407,7 @@ impl TrainConfig {
 
     /// `--help-config` text.
     pub fn help() -> String {
-        let mut s =
-            String::from("Run configuration keys (TOML; override any with --set key=value):\n\n");
+        let mut s = String::from("Run configuration keys (TOML; override any with --set key=value):\n\n");
         for (k, d, doc) in KEYS {
             s.push_str(&format!("  {k:<30} default {d}\n      {doc}\n"));
         }
@@ -398,6 +429,7 @@ mod tests {
     #[test]
     fn keys_table_matches_struct_fields() {
         let c = TrainConfig {
+            loss_weights: Some(vec![1.0]),
             ref_model: Some("x".into()),
             eval_file: Some("x".into()),
             resume_from_checkpoint: Some("x".into()),
@@ -437,15 +469,10 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(
-            (c.beta, c.output_dir.as_str(), c.shuffle),
-            (0.25, "out/x", false)
-        );
+        assert_eq!((c.beta, c.output_dir.as_str(), c.shuffle), (0.25, "out/x", false));
         assert_eq!(c.truncation_mode, TruncationMode::KeepStart);
         assert_eq!(c.learning_rate, 1e-6, "TRL's default");
-        let e = TrainConfig::load(Some(&p), &["bta=1".into()])
-            .unwrap_err()
-            .to_string();
+        let e = TrainConfig::load(Some(&p), &["bta=1".into()]).unwrap_err().to_string();
         assert!(e.contains("did you mean `beta`"), "{e}");
         let e = TrainConfig::load(Some(&p), &["loss_type=sigmod".into()])
             .unwrap_err()

@@ -161,8 +161,23 @@ enum BenchCmd {
 
 #[derive(Subcommand)]
 enum ObjectivesCmd {
-    /// Every objective name, whether it needs a reference, and its source.
+    /// Every objective name, its data shape, whether it needs a reference, and its source.
     List,
+    /// Per-example losses and implicit rewards from a JSONL of sequence statistics, without a
+    /// model. Fields per line: policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    /// ref_rejected_logps (reference objectives), chosen_tokens, rejected_tokens (default 1).
+    /// The whole file is one batch (batch-level terms such as `sft` and `aot` use all rows).
+    Eval {
+        /// Objective name(s), comma-separated.
+        #[arg(long = "loss-type", alias = "loss_type")]
+        loss_type: String,
+        /// Sequence statistics (JSONL).
+        #[arg(long)]
+        stats: PathBuf,
+        /// Objective hyperparameters as config keys, e.g. --set beta=0.5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
 }
 
 fn main() {
@@ -201,9 +216,7 @@ fn run(cmd: Cmd) -> Result<()> {
                     eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
                     std::process::exit(130);
                 }
-                eprintln!(
-                    "\nCtrl-C: saving a checkpoint after this step (press again to quit now)"
-                );
+                eprintln!("\nCtrl-C: saving a checkpoint after this step (press again to quit now)");
             })
             .context("installing the Ctrl-C handler")?;
             let out = prefer::train::train(&cfg)?;
@@ -213,10 +226,7 @@ fn run(cmd: Cmd) -> Result<()> {
             if out.interrupted {
                 std::process::exit(130);
             }
-            eprintln!(
-                "done: {} steps; model saved in {}",
-                out.steps_done, cfg.output_dir
-            );
+            eprintln!("done: {} steps; model saved in {}", out.steps_done, cfg.output_dir);
             Ok(())
         }
         Cmd::Eval {
@@ -258,16 +268,18 @@ fn run(cmd: Cmd) -> Result<()> {
             for (line, v) in read_jsonl(&file)? {
                 let text = if chat {
                     let msgs: Vec<Message> = serde_json::from_value(v.get(&field).cloned().unwrap_or(Value::Null))
-                        .with_context(|| format!("{}:{line}: field `{field}`: expected a list of {{role, content}} messages", file.display()))?;
+                        .with_context(|| {
+                            format!(
+                                "{}:{line}: field `{field}`: expected a list of {{role, content}} messages",
+                                file.display()
+                            )
+                        })?;
                     tok.apply_chat_template(&msgs, true)?
                 } else {
                     str_field(&v, &field, &file, line)?.to_string()
                 };
                 let ids = tok.encode(&text, true)?;
-                let pieces: Vec<String> = ids
-                    .iter()
-                    .map(|&i| tok.id_to_token(i).unwrap_or_default())
-                    .collect();
+                let pieces: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect();
                 writeln!(
                     out,
                     "{}",
@@ -329,19 +341,93 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Objectives {
             cmd: ObjectivesCmd::List,
         } => {
-            println!("{:<12} {:<10} {:<10} source", "name", "shape", "reference");
+            println!(
+                "{:<14} {:<9} {:<10} {:<13} source",
+                "name", "shape", "reference", "status"
+            );
             for e in prefer::objectives::REGISTRY {
+                let status = match e.status {
+                    prefer::objectives::Status::Checked => "checked",
+                    prefer::objectives::Status::Experimental => "experimental",
+                };
+                let reference = if e.needs_reference { "yes" } else { "no" };
                 println!(
-                    "{:<12} {:<10} {:<10} {}",
-                    e.name,
-                    "pairwise",
-                    if e.needs_reference { "yes" } else { "no" },
-                    e.source
+                    "{:<14} {:<9} {:<10} {:<13} {}",
+                    e.name, "pairwise", reference, status, e.source
                 );
             }
             Ok(())
         }
+        Cmd::Objectives {
+            cmd: ObjectivesCmd::Eval { loss_type, stats, set },
+        } => objectives_eval(&loss_type, &stats, &set),
     }
+}
+
+fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result<()> {
+    let mut sets = vec![
+        "model_name_or_path=-".to_string(),
+        "train_file=-".to_string(),
+        format!("loss_type={loss_type}"),
+    ];
+    sets.extend(set.iter().cloned());
+    let cfg = TrainConfig::load(None, &sets)?;
+    let objective = cfg.objective()?;
+    let rows = read_jsonl(stats_path)?;
+    let at = |line: usize, k: &str| format!("{}:{line}: field `{k}`", stats_path.display());
+    let num = |v: &Value, line: usize, k: &str| -> Result<Option<f64>> {
+        match v.get(k) {
+            None => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .with_context(|| format!("{}: expected a number", at(line, k))),
+        }
+    };
+    let (mut pc, mut pr, mut rc, mut rr, mut nc, mut nr) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (line, v) in &rows {
+        let need = |k: &str| -> Result<f64> { num(v, *line, k)?.with_context(|| format!("{}: missing", at(*line, k))) };
+        pc.push(need("policy_chosen_logps")?);
+        pr.push(need("policy_rejected_logps")?);
+        if objective.needs_reference() {
+            rc.push(need("ref_chosen_logps")?);
+            rr.push(need("ref_rejected_logps")?);
+        }
+        nc.push(num(v, *line, "chosen_tokens")?.unwrap_or(1.0) as usize);
+        nr.push(num(v, *line, "rejected_tokens")?.unwrap_or(1.0) as usize);
+    }
+    if pc.is_empty() {
+        bail!("{}: no rows", stats_path.display());
+    }
+    let t = |x: &[f64]| candle_core::Tensor::new(x, &Device::Cpu);
+    let st = prefer::objectives::PairStats {
+        policy_chosen: t(&pc)?,
+        policy_rejected: t(&pr)?,
+        ref_chosen: if rc.is_empty() { None } else { Some(t(&rc)?) },
+        ref_rejected: if rr.is_empty() { None } else { Some(t(&rr)?) },
+        chosen_tokens: nc,
+        rejected_tokens: nr,
+    };
+    let out = objective.loss(&st)?;
+    let losses: Vec<f64> = out.losses.to_vec1()?;
+    let beta = cfg.beta;
+    let mut stdout = std::io::stdout().lock();
+    for (i, (line, _)) in rows.iter().enumerate() {
+        let mut rec = json!({"line": line, "loss": losses[i]});
+        if !rc.is_empty() {
+            rec["rewards/chosen"] = json!(beta * (pc[i] - rc[i]));
+            rec["rewards/rejected"] = json!(beta * (pr[i] - rr[i]));
+        }
+        writeln!(stdout, "{rec}")?;
+    }
+    let mut summary = serde_json::Map::new();
+    summary.insert("loss_type".into(), json!(objective.name()));
+    summary.insert("loss".into(), json!(losses.iter().sum::<f64>() / losses.len() as f64));
+    for (k, v) in out.metrics {
+        summary.insert(k, json!(v));
+    }
+    eprintln!("{}", Value::Object(summary));
+    Ok(())
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
@@ -389,12 +475,7 @@ fn eval_cmd(
     let reference = match ref_path {
         Some(r) => {
             let rm = model::load(r, DType::F32, &dev)?;
-            Some(prefer::stats::score_pairs(
-                &rm.transformer,
-                &pairs,
-                batch_size,
-                |_| {},
-            )?)
+            Some(prefer::stats::score_pairs(&rm.transformer, &pairs, batch_size, |_| {})?)
         }
         None => None,
     };
@@ -414,12 +495,8 @@ fn eval_cmd(
                 .filter(|&t| t != m.tokenizer.eos_id)
                 .collect();
             let want_text = m.tokenizer.decode(&want, true)?;
-            let got = model::logprobs::generate_greedy(
-                &m.transformer,
-                &p.prompt_ids,
-                want.len() + 4,
-                &[m.tokenizer.eos_id],
-            )?;
+            let got =
+                model::logprobs::generate_greedy(&m.transformer, &p.prompt_ids, want.len() + 4, &[m.tokenizer.eos_id])?;
             let got_text = m.tokenizer.decode(&got, true)?;
             if got_text.trim().starts_with(want_text.trim()) && !want_text.trim().is_empty() {
                 hits += 1;
@@ -434,10 +511,7 @@ fn eval_cmd(
     } else {
         let pct = |x: f64| format!("{:.1}%", 100.0 * x);
         println!("pairs                          {}", summary.pairs);
-        println!(
-            "ranking accuracy               {}",
-            pct(summary.ranking_accuracy)
-        );
+        println!("ranking accuracy               {}", pct(summary.ranking_accuracy));
         println!(
             "ranking accuracy (per token)   {}",
             pct(summary.ranking_accuracy_normalized)
@@ -485,10 +559,7 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             for e in &report.skipped {
                 println!("{e}");
             }
-            let fmt = report
-                .format
-                .map(|f| f.to_string())
-                .unwrap_or_else(|| "unknown".into());
+            let fmt = report.format.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into());
             println!(
                 "{}: {} rows, format {fmt}: {} valid, {} invalid",
                 file.display(),
@@ -547,14 +618,8 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
                 };
                 println!("\nhow the first pair was split (line {}):", p.line);
                 println!("  prompt    …{}", show(&p.prompt));
-                println!(
-                    "  chosen    {:?}",
-                    p.chosen.chars().take(120).collect::<String>()
-                );
-                println!(
-                    "  rejected  {:?}",
-                    p.rejected.chars().take(120).collect::<String>()
-                );
+                println!("  chosen    {:?}", p.chosen.chars().take(120).collect::<String>());
+                println!("  rejected  {:?}", p.rejected.chars().take(120).collect::<String>());
                 println!("  EOS appended to each completion: {:?}", tok.eos_token);
             }
             let hist = |name: &str, xs: Vec<usize>| {
@@ -569,10 +634,7 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             };
             hist("prompt", pairs.iter().map(|p| p.prompt_ids.len()).collect());
             hist("chosen", pairs.iter().map(|p| p.chosen_ids.len()).collect());
-            hist(
-                "rejected",
-                pairs.iter().map(|p| p.rejected_ids.len()).collect(),
-            );
+            hist("rejected", pairs.iter().map(|p| p.rejected_ids.len()).collect());
             hist(
                 "prompt+longer completion",
                 pairs
@@ -588,21 +650,12 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             );
             Ok(())
         }
-        DataCmd::MakeArithmetic {
-            out,
-            train,
-            eval,
-            seed,
-        } => {
+        DataCmd::MakeArithmetic { out, train, eval, seed } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let all = prefer::data::synthetic::arithmetic_pairs(train + eval, seed);
-            for (name, lines) in [
-                ("train.jsonl", &all[..train]),
-                ("eval.jsonl", &all[train..]),
-            ] {
+            for (name, lines) in [("train.jsonl", &all[..train]), ("eval.jsonl", &all[train..])] {
                 let p = out.join(name);
-                std::fs::write(&p, lines.join("\n") + "\n")
-                    .with_context(|| format!("writing {}", p.display()))?;
+                std::fs::write(&p, lines.join("\n") + "\n").with_context(|| format!("writing {}", p.display()))?;
                 eprintln!("wrote {} ({} pairs)", p.display(), lines.len());
             }
             Ok(())

@@ -22,10 +22,7 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     }
     let mut cands = vec![];
     if let Some(s) = shared_dir() {
-        cands.push(
-            s.join("models/smollm2-135m-instruct-q4_1")
-                .join(SMOLLM2_FILE),
-        );
+        cands.push(s.join("models/smollm2-135m-instruct-q4_1").join(SMOLLM2_FILE));
     }
     cands.push(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -4,9 +4,7 @@
 
 use crate::error::Result;
 use crate::model::{gguf, hf, LoadedModel, ModelConfig, Transformer};
-use crate::tokenizer::{
-    byte_level_bpe_json, byte_level_pre_tokenizer, bytes_to_unicode, TextTokenizer,
-};
+use crate::tokenizer::{byte_level_bpe_json, byte_level_pre_tokenizer, bytes_to_unicode, TextTokenizer};
 use crate::util::Rng;
 use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -51,11 +49,7 @@ impl Default for TinySpec {
 
 /// Vocabulary of the tiny tokenizer: 3 special tokens, the 256 byte symbols, a few merges.
 pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i64>) {
-    let mut tokens: Vec<String> = vec![
-        "<|endoftext|>".into(),
-        "<|im_start|>".into(),
-        "<|im_end|>".into(),
-    ];
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
     let mut types = vec![3i64, 3, 3];
     for c in bytes_to_unicode() {
         tokens.push(c.to_string());
@@ -83,13 +77,7 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i64>) {
 pub fn tiny_tokenizer(add_bos: bool) -> Result<TextTokenizer> {
     let (tokens, merges, types) = tiny_vocab();
     let bos = add_bos.then_some((0u32, "<|endoftext|>"));
-    let json = byte_level_bpe_json(
-        &tokens,
-        &merges,
-        &types,
-        byte_level_pre_tokenizer("smollm")?,
-        bos,
-    );
+    let json = byte_level_bpe_json(&tokens, &merges, &types, byte_level_pre_tokenizer("smollm")?, bos);
     let mut tc = json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE});
     if add_bos {
         tc["bos_token"] = json!("<|endoftext|>");
@@ -220,8 +208,7 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, quant: GgmlDType) -> Result<
     }
     let mut f = std::fs::File::create(path).map_err(|e| crate::Error::io(path, e))?;
     let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> =
-        qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
     Ok(())
 }

@@ -57,19 +57,16 @@ impl TextTokenizer {
             Some(s) => s,
             None => {
                 let id = eos_id_hint.ok_or_else(|| {
-                    Error::Tokenizer(
-                        "no eos_token in tokenizer_config.json and no eos_token_id in config.json"
-                            .into(),
-                    )
+                    Error::Tokenizer("no eos_token in tokenizer_config.json and no eos_token_id in config.json".into())
                 })?;
-                inner.id_to_token(id).ok_or_else(|| {
-                    Error::Tokenizer(format!("eos_token_id {id} is not in the vocabulary"))
-                })?
+                inner
+                    .id_to_token(id)
+                    .ok_or_else(|| Error::Tokenizer(format!("eos_token_id {id} is not in the vocabulary")))?
             }
         };
-        let eos_id = inner.token_to_id(&eos_token).ok_or_else(|| {
-            Error::Tokenizer(format!("eos token {eos_token:?} is not in the vocabulary"))
-        })?;
+        let eos_id = inner
+            .token_to_id(&eos_token)
+            .ok_or_else(|| Error::Tokenizer(format!("eos token {eos_token:?} is not in the vocabulary")))?;
         let pad_id = token_str(tok_config.get("pad_token"))
             .and_then(|p| inner.token_to_id(&p))
             .or(pad_id_hint)
@@ -89,17 +86,12 @@ impl TextTokenizer {
     }
 
     /// Load `tokenizer.json` (+ `tokenizer_config.json`, `chat_template.jinja` if present) from a dir.
-    pub fn from_dir(
-        dir: &Path,
-        eos_id_hint: Option<u32>,
-        pad_id_hint: Option<u32>,
-    ) -> Result<Self> {
+    pub fn from_dir(dir: &Path, eos_id_hint: Option<u32>, pad_id_hint: Option<u32>) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         let json = std::fs::read_to_string(&tj).map_err(|e| Error::io(&tj, e))?;
         let tc = dir.join("tokenizer_config.json");
         let mut cfg: Value = match std::fs::read_to_string(&tc) {
-            Ok(s) => serde_json::from_str(&s)
-                .map_err(|e| Error::Tokenizer(format!("{}: {e}", tc.display())))?,
+            Ok(s) => serde_json::from_str(&s).map_err(|e| Error::Tokenizer(format!("{}: {e}", tc.display())))?,
             Err(_) => json!({}),
         };
         let jinja = dir.join("chat_template.jinja");
@@ -129,14 +121,11 @@ impl TextTokenizer {
     }
 
     /// Render `messages` with the model's chat template (Jinja, as transformers does).
-    pub fn apply_chat_template(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        let tpl = self.chat_template.as_deref().ok_or_else(|| {
-            Error::Template("this model has no chat_template; conversational data needs one".into())
-        })?;
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tpl = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Template("this model has no chat_template; conversational data needs one".into()))?;
         render_chat_template(
             tpl,
             messages,
@@ -177,17 +166,12 @@ pub fn render_chat_template(
     env.add_function(
         "raise_exception",
         |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         },
     );
     env.add_template("chat", template)
         .map_err(|e| Error::Template(format!("cannot parse: {e}")))?;
-    let tpl = env
-        .get_template("chat")
-        .map_err(|e| Error::Template(e.to_string()))?;
+    let tpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
     tpl.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
@@ -250,11 +234,7 @@ pub fn byte_level_bpe_json(
     pre_tokenizer: Value,
     bos: Option<(u32, &str)>,
 ) -> Value {
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
+    let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let added: Vec<Value> = tokens
         .iter()
         .enumerate()
@@ -314,11 +294,9 @@ mod tests {
             role: "user".into(),
             content: "  x ".into(),
         }];
-        let s = render_chat_template("{{ messages[0]['content'].strip() }}", &m, false, None, "e")
-            .unwrap();
+        let s = render_chat_template("{{ messages[0]['content'].strip() }}", &m, false, None, "e").unwrap();
         assert_eq!(s, "x");
-        let e = render_chat_template("{{ raise_exception('bad role') }}", &m, false, None, "e")
-            .unwrap_err();
+        let e = render_chat_template("{{ raise_exception('bad role') }}", &m, false, None, "e").unwrap_err();
         assert!(e.to_string().contains("bad role"), "{e}");
     }
 

@@ -34,18 +34,10 @@ fn standard_pairs_tokenise_like_trl() {
         let t = &pairs[0];
         let prompt = tok.encode("Q: 2+2=", true).unwrap();
         assert_eq!(t.prompt_ids, prompt);
-        assert_eq!(
-            prompt[0] == 0,
-            add_bos,
-            "BOS only when the tokenizer adds it"
-        );
+        assert_eq!(prompt[0] == 0, add_bos, "BOS only when the tokenizer adds it");
         let full = tok.encode("Q: 2+2= 4<|im_end|>", true).unwrap();
         assert_eq!(t.chosen_ids, full[prompt.len()..].to_vec());
-        assert_eq!(
-            *t.chosen_ids.last().unwrap(),
-            tok.eos_id,
-            "EOS is appended and scored"
-        );
+        assert_eq!(*t.chosen_ids.last().unwrap(), tok.eos_id, "EOS is appended and scored");
         assert_eq!(t.chosen_ids.len(), 3); // "Ġ", "4", eos (digits are split individually)
         assert!(!t.chosen_ids.contains(&0), "no BOS inside the completion");
     }
@@ -138,17 +130,13 @@ fn bad_rows_name_file_line_and_field() {
         (b"[1, 2]", "expected a JSON object"),
     ];
     for (i, (content, want)) in cases.into_iter().enumerate() {
-        let mut body =
-            b"{\"prompt\": \"ok \", \"chosen\": \"x\", \"rejected\": \"y\"}\n\n".to_vec();
+        let mut body = b"{\"prompt\": \"ok \", \"chosen\": \"x\", \"rejected\": \"y\"}\n\n".to_vec();
         body.extend_from_slice(content);
         let p = write(&format!("bad{i}.jsonl"), &body);
         let e = load_tokenized_pairs(&p, &tok, &no_limits(), false)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains(&format!("bad{i}.jsonl:3:")),
-            "line number missing: {e}"
-        );
+        assert!(e.contains(&format!("bad{i}.jsonl:3:")), "line number missing: {e}");
         assert!(e.contains(want), "case {i}: {e}");
         // --skip-invalid keeps the good row and reports the bad one
         let (ok, rep) = load_tokenized_pairs(&p, &tok, &no_limits(), true).unwrap();
@@ -171,18 +159,11 @@ fn truncation_follows_trl() {
     let (pairs, _) = load_text_pairs(&p, None, false).unwrap();
     let full_prompt = tok.encode("abcdefgh", true).unwrap();
     let end = tokenize_pair(&pairs[0], &tok, &opts(TruncationMode::KeepEnd), &p).unwrap();
-    assert_eq!(
-        end.prompt_ids,
-        full_prompt[full_prompt.len() - 4..].to_vec()
-    );
+    assert_eq!(end.prompt_ids, full_prompt[full_prompt.len() - 4..].to_vec());
     let start = tokenize_pair(&pairs[0], &tok, &opts(TruncationMode::KeepStart), &p).unwrap();
     assert_eq!(start.prompt_ids, full_prompt[..4].to_vec());
     assert!(end.prompt_truncated && end.completion_truncated);
-    assert_eq!(
-        end.chosen_ids.len(),
-        4,
-        "completion cut to max_length - prompt"
-    );
+    assert_eq!(end.chosen_ids.len(), 4, "completion cut to max_length - prompt");
     assert_eq!(end.rejected_ids.len(), 3, "short completion untouched");
     // a prompt that fills max_length is an error naming the field
     let no_room = TokenizeOptions {
@@ -190,9 +171,7 @@ fn truncation_follows_trl() {
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
     };
-    let e = tokenize_pair(&pairs[0], &tok, &no_room, &p)
-        .unwrap_err()
-        .to_string();
+    let e = tokenize_pair(&pairs[0], &tok, &no_room, &p).unwrap_err().to_string();
     assert!(
         e.contains("trunc.jsonl:1: field `prompt`") && e.contains("max_length"),
         "{e}"
@@ -203,10 +182,7 @@ fn truncation_follows_trl() {
 fn merge_across_the_prompt_boundary_is_an_error() {
     let tok = tiny_tokenizer(false).unwrap();
     // "th" + "e": the merge h+e crosses the boundary
-    let p = write(
-        "merge.jsonl",
-        br#"{"prompt": "th", "chosen": "e", "rejected": " x"}"#,
-    );
+    let p = write("merge.jsonl", br#"{"prompt": "th", "chosen": "e", "rejected": " x"}"#);
     let e = load_tokenized_pairs(&p, &tok, &no_limits(), false)
         .unwrap_err()
         .to_string();

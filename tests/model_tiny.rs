@@ -24,11 +24,7 @@ fn seqs() -> Vec<ScoredSeq> {
 
 fn logps(m: &Transformer, s: &[ScoredSeq], side: PaddingSide) -> Vec<f64> {
     let lp = model::sequence_logps(m, s, side).unwrap();
-    lp.token_logps
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    lp.token_logps.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
 }
 
 fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
@@ -41,9 +37,7 @@ fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
 #[test]
 fn batched_equals_one_at_a_time_with_either_padding() {
     prefer::util::set_threads_for_tests();
-    let m = tiny_model(&TinySpec::default(), DType::F32, 1)
-        .unwrap()
-        .transformer;
+    let m = tiny_model(&TinySpec::default(), DType::F32, 1).unwrap().transformer;
     let s = seqs();
     let right = logps(&m, &s, PaddingSide::Right);
     let left = logps(&m, &s, PaddingSide::Left);
@@ -58,9 +52,7 @@ fn batched_equals_one_at_a_time_with_either_padding() {
 #[test]
 fn chunked_gather_equals_full_log_softmax() {
     prefer::util::set_threads_for_tests();
-    let m = tiny_model(&TinySpec::default(), DType::F64, 2)
-        .unwrap()
-        .transformer;
+    let m = tiny_model(&TinySpec::default(), DType::F64, 2).unwrap().transformer;
     let s = &seqs()[2];
     let got = logps(&m, std::slice::from_ref(s), PaddingSide::Right);
     // independent: full logits, explicit log-softmax in f64 on the host
@@ -69,8 +61,7 @@ fn chunked_gather_equals_full_log_softmax() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let a =
-        model::AttentionInputs::padded(&m.cfg, &[vec![true; t]], DType::F64, &Device::Cpu).unwrap();
+    let a = model::AttentionInputs::padded(&m.cfg, &[vec![true; t]], DType::F64, &Device::Cpu).unwrap();
     let h = m.hidden_states(&input, &a).unwrap().squeeze(0).unwrap();
     let logits: Vec<Vec<f64>> = m.logits(&h).unwrap().to_vec2().unwrap();
     let want: Vec<f64> = (s.completion_start..t)
@@ -114,10 +105,7 @@ fn variants() -> Vec<TinySpec> {
 fn every_parameter_gets_a_gradient() {
     prefer::util::set_threads_for_tests();
     for spec in variants() {
-        let (m, vars) = tiny_model(&spec, DType::F32, 3)
-            .unwrap()
-            .into_trainable()
-            .unwrap();
+        let (m, vars) = tiny_model(&spec, DType::F32, 3).unwrap().into_trainable().unwrap();
         let lp = model::sequence_logps(&m.transformer, &seqs(), PaddingSide::Right).unwrap();
         let grads = lp.sums.sum_all().unwrap().backward().unwrap();
         assert!(vars.len() >= 9 * spec.layers);
@@ -211,11 +199,7 @@ fn hf_save_load_round_trip_is_bit_identical() {
         assert_eq!(back.transformer.cfg, m.transformer.cfg);
         let a = logps(&m.transformer, &seqs(), PaddingSide::Right);
         let b = logps(&back.transformer, &seqs(), PaddingSide::Right);
-        assert_eq!(
-            a, b,
-            "{}: log-probs differ after save/load",
-            spec.model_type
-        );
+        assert_eq!(a, b, "{}: log-probs differ after save/load", spec.model_type);
         assert_eq!(
             back.tokenizer.encode("the cat is here", true).unwrap(),
             m.tokenizer.encode("the cat is here", true).unwrap()
@@ -250,10 +234,7 @@ fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
                 .unwrap()
                 .to_scalar()
                 .unwrap();
-            assert_eq!(
-                d, 0.0,
-                "{n1} differs after GGUF round trip (Q/K permutation?)"
-            );
+            assert_eq!(d, 0.0, "{n1} differs after GGUF round trip (Q/K permutation?)");
         }
         assert_close(
             &logps(&g.transformer, &seqs(), PaddingSide::Right),
@@ -274,10 +255,7 @@ fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
         let gq = model::load(&q, DType::F32, &Device::Cpu).unwrap();
         let got = logps(&gq.transformer, &seqs(), PaddingSide::Right);
         for (x, y) in got.iter().zip(&want) {
-            assert!(
-                (x - y).abs() < 0.02 * y.abs() + 0.05,
-                "gguf q8_0: {x} vs {y}"
-            );
+            assert!((x - y).abs() < 0.02 * y.abs() + 0.05, "gguf q8_0: {x} vs {y}");
         }
         assert_ne!(got, want);
         // and a GGUF model saved as HF is a valid HF checkpoint
@@ -302,9 +280,7 @@ fn unknown_gguf_quantisation_is_named() {
     let dtype_at = at + 4 + 8 * n_dims;
     bytes[dtype_at..dtype_at + 4].copy_from_slice(&16u32.to_le_bytes());
     std::fs::write(&p, bytes).unwrap();
-    let e = model::load(&p, DType::F32, &Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let e = model::load(&p, DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("IQ2_XXS") && e.contains("bad.gguf"), "{e}");
 }
 
@@ -327,7 +303,15 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 fn sharded_and_half_precision_checkpoints_load() {
     prefer::util::set_threads_for_tests();
     let dir = tempdir("sharded");
-    let m = tiny_model(&TinySpec { tie_embeddings: false, ..TinySpec::default() }, DType::F32, 9).unwrap();
+    let m = tiny_model(
+        &TinySpec {
+            tie_embeddings: false,
+            ..TinySpec::default()
+        },
+        DType::F32,
+        9,
+    )
+    .unwrap();
     write_hf(&m, &dir).unwrap();
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     let want = logps(&m.transformer, &seqs(), PaddingSide::Right);
@@ -338,8 +322,15 @@ fn sharded_and_half_precision_checkpoints_load() {
         let mut map = serde_json::Map::new();
         for (i, part) in [&params[..half], &params[half..]].iter().enumerate() {
             let file = format!("model-0000{}-of-00002.safetensors", i + 1);
-            let ts: Vec<(String, Tensor)> = part.iter().map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap())).collect();
-            std::fs::write(dir.join(&file), prefer::model::hf::model_safetensors_bytes(&ts).unwrap()).unwrap();
+            let ts: Vec<(String, Tensor)> = part
+                .iter()
+                .map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap()))
+                .collect();
+            std::fs::write(
+                dir.join(&file),
+                prefer::model::hf::model_safetensors_bytes(&ts).unwrap(),
+            )
+            .unwrap();
             for (n, _) in part.iter() {
                 map.insert(n.clone(), serde_json::json!(file));
             }

@@ -28,8 +28,7 @@ fn smollm2_answers_capital_of_france() {
         )
         .unwrap();
     let ids = m.tokenizer.encode(&text, true).unwrap();
-    let out =
-        model::logprobs::generate_greedy(&m.transformer, &ids, 24, &[m.tokenizer.eos_id]).unwrap();
+    let out = model::logprobs::generate_greedy(&m.transformer, &ids, 24, &[m.tokenizer.eos_id]).unwrap();
     let reply = m.tokenizer.decode(&out, true).unwrap();
     assert!(reply.contains("Paris"), "reply: {reply:?}");
 }
@@ -38,23 +37,16 @@ fn smollm2_answers_capital_of_france() {
 fn smollm2_nll_on_gsm8k_answer_is_low_and_logits_finite() {
     prefer::util::set_threads_for_tests();
     let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
-    let line = std::fs::read_to_string(
-        prefer::paths::shared_dir()
-            .unwrap()
-            .join("data/gsm8k/train.jsonl"),
-    )
-    .unwrap()
-    .lines()
-    .next()
-    .unwrap()
-    .to_string();
+    let line = std::fs::read_to_string(prefer::paths::shared_dir().unwrap().join("data/gsm8k/train.jsonl"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let q = v["question"].as_str().unwrap();
     let a = v["answer"].as_str().unwrap();
-    let prompt = m
-        .tokenizer
-        .encode(&format!("Question: {q}\nAnswer:"), true)
-        .unwrap();
+    let prompt = m.tokenizer.encode(&format!("Question: {q}\nAnswer:"), true).unwrap();
     let full = m
         .tokenizer
         .encode(&format!("Question: {q}\nAnswer: {a}"), true)
@@ -85,18 +77,12 @@ fn smollm2_tokenizer_ids_are_pinned() {
         vec![1780, 314, 260, 3575, 282, 4649, 47]
     );
     assert_eq!(
-        tok.encode(
-            "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
-            true
-        )
-        .unwrap(),
+        tok.encode("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", true)
+            .unwrap(),
         vec![1, 4093, 198, 26843, 665, 2, 198, 1, 520, 9531, 198]
     );
     let ids = tok.encode("is   6912.", true).unwrap();
     let pieces: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap()).collect();
     assert_eq!(pieces, vec!["is", "ĠĠĠ", "6", "9", "1", "2", "."]);
-    assert_eq!(
-        (tok.eos_id, tok.eos_token.as_str(), tok.pad_id),
-        (2, "<|im_end|>", 2)
-    );
+    assert_eq!((tok.eos_id, tok.eos_token.as_str(), tok.pad_id), (2, "<|im_end|>", 2));
 }

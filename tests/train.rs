@@ -26,9 +26,7 @@ fn toy_data(dir: &Path, n: usize) -> PathBuf {
             words[(i * 3 + 1) % 8],
             words[(i * 5 + 2) % 8]
         );
-        lines.push(
-            serde_json::json!({"prompt": prompt, "chosen": " 1", "rejected": " 2"}).to_string(),
-        );
+        lines.push(serde_json::json!({"prompt": prompt, "chosen": " 1", "rejected": " 2"}).to_string());
     }
     let p = dir.join("toy.jsonl");
     std::fs::write(&p, lines.join("\n")).unwrap();
@@ -186,18 +184,11 @@ fn precomputed_reference_matches_live_and_is_cached() {
         ..cfg.clone()
     };
     prefer::train::train(&pre).unwrap();
-    let cached: Vec<_> = std::fs::read_dir(&cfg.ref_log_probs_cache_dir)
-        .unwrap()
-        .collect();
+    let cached: Vec<_> = std::fs::read_dir(&cfg.ref_log_probs_cache_dir).unwrap().collect();
     assert_eq!(cached.len(), 1, "one cache file");
     for (x, y) in metrics(&live).iter().zip(metrics(&pre).iter()) {
         for k in ["loss", "rewards/margins", "logps/chosen"] {
-            assert!(
-                (f(x, k) - f(y, k)).abs() < 1e-5,
-                "{k}: {} vs {}",
-                x[k],
-                y[k]
-            );
+            assert!((f(x, k) - f(y, k)).abs() < 1e-5, "{k}: {} vs {}", x[k], y[k]);
         }
     }
     // a second run reuses the cache: make it unreadable as a model to prove the model is not needed
@@ -258,8 +249,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted at step"), "{err}");
-    let ck = prefer::train::checkpoint::latest(Path::new(&cfg.output_dir))
-        .expect("a checkpoint after Ctrl-C");
+    let ck = prefer::train::checkpoint::latest(Path::new(&cfg.output_dir)).expect("a checkpoint after Ctrl-C");
     let step: usize = ck
         .file_name()
         .unwrap()
@@ -281,14 +271,8 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains(&format!("resumed from {}", ck.display()))
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("resumed from {}", ck.display())));
 }
 
 #[test]
@@ -314,11 +298,7 @@ fn cli_tools_work_on_a_gguf_model() {
     assert!(hf.join("model.safetensors").is_file() && hf.join("tokenizer_config.json").is_file());
     // tokenize
     let texts = dir.join("texts.jsonl");
-    std::fs::write(
-        &texts,
-        "{\"text\": \"the cat\", \"p\": \"the\", \"c\": \" cat\"}\n",
-    )
-    .unwrap();
+    std::fs::write(&texts, "{\"text\": \"the cat\", \"p\": \"the\", \"c\": \" cat\"}\n").unwrap();
     let o = bin()
         .args(["tokenize", "--model"])
         .arg(&gguf)
@@ -327,10 +307,7 @@ fn cli_tools_work_on_a_gguf_model() {
         .output()
         .unwrap();
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(
-        v["pieces"],
-        serde_json::json!(["t", "he", "Ġ", "c", "a", "t"])
-    );
+    assert_eq!(v["pieces"], serde_json::json!(["t", "he", "Ġ", "c", "a", "t"]));
     // logprobs: whole text, and completion only; both agree on the completion tokens
     let o = bin()
         .args(["logprobs", "--model"])
@@ -352,10 +329,7 @@ fn cli_tools_work_on_a_gguf_model() {
     let whole_lp = whole["logprobs"].as_array().unwrap();
     assert_eq!(whole_lp.len(), 5, "every token but the first is scored");
     assert_eq!(comp["tokens"], serde_json::json!(["Ġ", "c", "a", "t"]));
-    assert_eq!(
-        whole_lp[1..].to_vec(),
-        comp["logprobs"].as_array().unwrap().clone()
-    );
+    assert_eq!(whole_lp[1..].to_vec(), comp["logprobs"].as_array().unwrap().clone());
     // eval: a model against itself has zero margins and 0% strict reward accuracy
     let o = bin()
         .args(["eval", "--json", "--model"])
@@ -407,4 +381,48 @@ fn cli_tools_work_on_a_gguf_model() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("did you mean `beta`"));
+}
+
+/// One short run per family on the toy preference: the chosen completion ends up preferred.
+#[test]
+fn each_objective_family_learns_the_toy_preference() {
+    let (_dir, cfg) = tiny_setup("families");
+    for (loss, extra) in [
+        ("ipo", vec![]),
+        ("robust", vec!["label_smoothing=0.1"]),
+        ("sigmoid,sft", vec!["loss_weights=[1.0, 0.05]"]),
+        ("simpo", vec!["beta=2.0"]),
+        ("orpo", vec![]),
+        ("cpo", vec![]),
+    ] {
+        let mut sets = vec![
+            format!("loss_type={loss}"),
+            format!("output_dir={}-{}", cfg.output_dir, loss.replace(',', "+")),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let mut table = toml::Table::try_from(&cfg).unwrap();
+        table.remove("loss_type");
+        table.remove("output_dir");
+        let base = std::env::temp_dir().join(format!(
+            "prefer-fam-{}-{}.toml",
+            std::process::id(),
+            loss.replace(',', "+")
+        ));
+        std::fs::write(&base, toml::to_string(&table).unwrap()).unwrap();
+        let c = TrainConfig::load(Some(&base), &sets).unwrap();
+        let t = Trainer::new(&c).unwrap();
+        assert_eq!(
+            matches!(t.reference, prefer::train::reference::Reference::None),
+            !c.objective().unwrap().needs_reference(),
+            "{loss}: a reference-free objective must not load a reference"
+        );
+        let out = prefer::train::train(&c).unwrap();
+        let last = out.last_log.unwrap();
+        assert!(f(&last, "rewards/accuracies") >= 0.75 && f(&last, "rewards/margins") > 0.0, "{loss}: {last}");
+        let m = metrics(&c);
+        assert!(
+            f(m.last().unwrap(), "loss") < f(&m[0], "loss"),
+            "{loss}: loss did not fall"
+        );
+    }
 }

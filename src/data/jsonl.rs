@@ -27,9 +27,7 @@ impl Record {
     pub fn string(&self, field: &str) -> Result<&str> {
         match self.obj.get(field) {
             Some(Value::String(s)) => Ok(s),
-            Some(other) => {
-                Err(self.error(field, format!("expected a string, found {}", kind(other))))
-            }
+            Some(other) => Err(self.error(field, format!("expected a string, found {}", kind(other)))),
             None => Err(self.error(field, "missing")),
         }
     }
@@ -78,10 +76,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
                 line,
                 obj,
             }),
-            Ok(other) => Err(err(format!(
-                "expected a JSON object, found {}",
-                kind(&other)
-            ))),
+            Ok(other) => Err(err(format!("expected a JSON object, found {}", kind(&other)))),
             Err(e) => Err(err(format!("malformed JSON: {e}"))),
         });
     }

@@ -8,6 +8,4 @@ pub mod synthetic;
 pub mod tokenize;
 
 pub use pairs::{DataFormat, TextPair};
-pub use tokenize::{
-    load_tokenized_pairs, LoadReport, TokenizeOptions, TokenizedPair, TruncationMode,
-};
+pub use tokenize::{load_tokenized_pairs, LoadReport, TokenizeOptions, TokenizedPair, TruncationMode};

@@ -43,29 +43,16 @@ pub struct TextPair {
 
 /// Which shape a record has, from its fields.
 pub fn detect_format(r: &Record) -> Result<DataFormat> {
-    match (
-        r.obj.get("prompt"),
-        r.obj.get("chosen"),
-        r.obj.get("rejected"),
-    ) {
+    match (r.obj.get("prompt"), r.obj.get("chosen"), r.obj.get("rejected")) {
         (Some(Value::Array(_)), _, _) => Ok(DataFormat::Conversational),
         (Some(Value::String(_)), _, _) => Ok(DataFormat::Standard),
         (Some(other), _, _) => Err(r.error(
             "prompt",
-            format!(
-                "expected a string or a list of messages, found {}",
-                kind(other)
-            ),
+            format!("expected a string or a list of messages, found {}", kind(other)),
         )),
         (None, Some(_), Some(_)) => Ok(DataFormat::Hh),
-        (None, None, _) => Err(r.error(
-            "chosen",
-            "missing (a preference pair needs `chosen` and `rejected`)",
-        )),
-        (None, Some(_), None) => Err(r.error(
-            "rejected",
-            "missing (a preference pair needs `chosen` and `rejected`)",
-        )),
+        (None, None, _) => Err(r.error("chosen", "missing (a preference pair needs `chosen` and `rejected`)")),
+        (None, Some(_), None) => Err(r.error("rejected", "missing (a preference pair needs `chosen` and `rejected`)")),
     }
 }
 
@@ -74,10 +61,7 @@ fn messages(r: &Record, field: &str) -> Result<Vec<Message>> {
     let arr = v.as_array().ok_or_else(|| {
         r.error(
             field,
-            format!(
-                "expected a list of {{role, content}} messages, found {}",
-                kind(v)
-            ),
+            format!("expected a list of {{role, content}} messages, found {}", kind(v)),
         )
     })?;
     arr.iter()
@@ -90,10 +74,7 @@ fn messages(r: &Record, field: &str) -> Result<Vec<Message>> {
                     role: role.into(),
                     content: content.into(),
                 }),
-                _ => Err(r.error(
-                    &format!("{field}[{i}]"),
-                    "expected {\"role\": str, \"content\": str}",
-                )),
+                _ => Err(r.error(&format!("{field}[{i}]"), "expected {\"role\": str, \"content\": str}")),
             }
         })
         .collect()
@@ -148,9 +129,14 @@ pub fn parse_pair(r: &Record, format: DataFormat, tok: Option<&TextTokenizer>) -
                 let text = tok
                     .apply_chat_template(&all, false)
                     .map_err(|e| r.error(field, e.to_string()))?;
-                text.strip_prefix(prompt_text.as_str()).map(str::to_string).ok_or_else(|| {
-                    r.error(field, "the chat template renders prompt+completion with a different prefix than the prompt alone")
-                })
+                text.strip_prefix(prompt_text.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        r.error(
+                            field,
+                            "the chat template renders prompt+completion with a different prefix than the prompt alone",
+                        )
+                    })
             };
             TextPair {
                 line: r.line,

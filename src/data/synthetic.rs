@@ -42,11 +42,7 @@ mod tests {
                 .map(|x| x.parse().unwrap())
                 .collect();
             let chosen: i64 = v["chosen"][0]["content"].as_str().unwrap().parse().unwrap();
-            let rejected: i64 = v["rejected"][0]["content"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .unwrap();
+            let rejected: i64 = v["rejected"][0]["content"].as_str().unwrap().parse().unwrap();
             assert_eq!(chosen, nums[0] + nums[1]);
             assert_ne!(rejected, chosen);
         }

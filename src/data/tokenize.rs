@@ -85,12 +85,7 @@ fn data_err(path: &Path, line: usize, field: &str, msg: impl Into<String>) -> Er
 }
 
 /// Tokenise one text pair (see the module docs for the exact rules).
-pub fn tokenize_pair(
-    p: &TextPair,
-    tok: &TextTokenizer,
-    opts: &TokenizeOptions,
-    path: &Path,
-) -> Result<TokenizedPair> {
+pub fn tokenize_pair(p: &TextPair, tok: &TextTokenizer, opts: &TokenizeOptions, path: &Path) -> Result<TokenizedPair> {
     let mut prompt_ids = tok.encode(&p.prompt, true)?;
     let completion = |field: &str, text: &str| -> Result<Vec<u32>> {
         let full = tok.encode(&format!("{}{}{}", p.prompt, text, tok.eos_token), true)?;
@@ -168,9 +163,7 @@ pub fn load_text_pairs(
                 Some(ff) if ff != f => {
                     return Err(r.error(
                         "<line>",
-                        format!(
-                            "this row is {f}, but earlier rows are {ff}; one file holds one format"
-                        ),
+                        format!("this row is {f}, but earlier rows are {ff}; one file holds one format"),
                     ))
                 }
                 _ => {}
@@ -219,11 +212,7 @@ pub fn load_tokenized_pairs(
             "{}: no usable preference pairs ({} rows skipped; first problem: {})",
             path.display(),
             report.skipped.len(),
-            report
-                .skipped
-                .first()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
+            report.skipped.first().map(|e| e.to_string()).unwrap_or_default()
         )));
     }
     Ok((out, report))

@@ -72,10 +72,7 @@ impl ModelConfig {
             ));
         }
         if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
-            return Err(Error::model(
-                path,
-                "config.json: `mlp_bias = true` is not supported",
-            ));
+            return Err(Error::model(path, "config.json: `mlp_bias = true` is not supported"));
         }
         let hidden_size = get_usize(v, "hidden_size", path)?;
         let num_attention_heads = get_usize(v, "num_attention_heads", path)?;
@@ -136,10 +133,7 @@ impl ModelConfig {
                 }
             }
         };
-        let attention_bias = v
-            .get("attention_bias")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
         let is_qwen = model_type == "qwen2";
         Ok(ModelConfig {
             vocab_size: get_usize(v, "vocab_size", path)?,
@@ -149,20 +143,11 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: v
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
+            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(4096) as usize,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(4096) as usize,
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             qkv_bias: is_qwen || attention_bias,
             o_bias: !is_qwen && attention_bias,
             bos_token_id: get_token_id(v, "bos_token_id"),
@@ -332,9 +317,7 @@ mod tests {
         assert!(c.qkv_bias && !c.o_bias);
         let mut bad = v.clone();
         bad["model_type"] = json!("gpt2");
-        let e = ModelConfig::from_json(&bad, Path::new("c"))
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_json(&bad, Path::new("c")).unwrap_err().to_string();
         assert!(e.contains("gpt2"), "{e}");
     }
 }

@@ -66,12 +66,9 @@ impl Meta<'_> {
         self.content.metadata.get(key)
     }
     fn u64(&self, key: &str) -> Result<u64> {
-        self.get(key).and_then(meta_u64).ok_or_else(|| {
-            Error::model(
-                self.path,
-                format!("GGUF metadata `{key}` is missing or not an integer"),
-            )
-        })
+        self.get(key)
+            .and_then(meta_u64)
+            .ok_or_else(|| Error::model(self.path, format!("GGUF metadata `{key}` is missing or not an integer")))
     }
     fn str(&self, key: &str) -> Option<&str> {
         match self.get(key) {
@@ -91,10 +88,7 @@ impl Meta<'_> {
                     )),
                 })
                 .collect(),
-            _ => Err(Error::model(
-                self.path,
-                format!("GGUF metadata `{key}` is missing"),
-            )),
+            _ => Err(Error::model(self.path, format!("GGUF metadata `{key}` is missing"))),
         }
     }
 }
@@ -222,10 +216,7 @@ fn tokenizer_from_meta(m: &Meta, cfg: &ModelConfig) -> Result<TextTokenizer> {
         _ => vec![],
     };
     let pre = byte_level_pre_tokenizer(m.str("tokenizer.ggml.pre").unwrap_or("gpt2"))?;
-    let add_bos = matches!(
-        m.get("tokenizer.ggml.add_bos_token"),
-        Some(Value::Bool(true))
-    );
+    let add_bos = matches!(m.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
     let bos_id = cfg.bos_token_id;
     let bos_tok = bos_id.and_then(|i| tokens.get(i as usize).cloned());
     let bos = match (add_bos, bos_id, &bos_tok) {
@@ -327,10 +318,7 @@ mod tests {
         assert_ne!(p.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         // rows of head 0 were [0,1,2,3] (first half 0,1; second half 2,3): interleaved to 0,2,1,3
         let first_col: Vec<f32> = p.to_vec2::<f32>().unwrap().iter().map(|r| r[0]).collect();
-        assert_eq!(
-            first_col,
-            vec![0.0, 12.0, 6.0, 18.0, 24.0, 36.0, 30.0, 42.0]
-        );
+        assert_eq!(first_col, vec![0.0, 12.0, 6.0, 18.0, 24.0, 36.0, 30.0, 42.0]);
         let back = unpermute_qk(&p, 2).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         assert_eq!(

@@ -11,8 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn read_json(path: &Path) -> Result<Value> {
-    serde_json::from_str(&read_to_string(path)?)
-        .map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
+    serde_json::from_str(&read_to_string(path)?).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
 }
 
 /// The safetensors files of a checkpoint directory, single or sharded.
@@ -28,11 +27,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .get("weight_map")
             .and_then(Value::as_object)
             .ok_or_else(|| Error::model(&index, "no `weight_map` object"))?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| dir.join(f))
-            .collect();
+        let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -50,17 +45,13 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel
     let files = weight_files(dir)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in &files {
-        let loaded = candle_core::safetensors::load(f, device)
-            .map_err(|e| Error::model(f, e.to_string()))?;
+        let loaded = candle_core::safetensors::load(f, device).map_err(|e| Error::model(f, e.to_string()))?;
         tensors.extend(loaded);
     }
     let transformer = Transformer::build(&cfg, |name, _| {
-        let t = tensors.remove(name).ok_or_else(|| {
-            Error::model(
-                dir,
-                format!("tensor `{name}` is missing from the safetensors files"),
-            )
-        })?;
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| Error::model(dir, format!("tensor `{name}` is missing from the safetensors files")))?;
         Ok(t.to_dtype(dtype)?)
     })?;
     let tokenizer = TextTokenizer::from_dir(dir, cfg.eos_token_id, cfg.pad_token_id)?;
@@ -96,8 +87,7 @@ pub fn save_dir(model: &LoadedModel, dir: &Path) -> Result<()> {
         &dir.join("tokenizer_config.json"),
         &pretty(&model.tokenizer.config_json()),
     )?;
-    let mut gen =
-        json!({"eos_token_id": model.tokenizer.eos_id, "pad_token_id": model.tokenizer.pad_id});
+    let mut gen = json!({"eos_token_id": model.tokenizer.eos_id, "pad_token_id": model.tokenizer.pad_id});
     if let Some(b) = cfg.bos_token_id {
         gen["bos_token_id"] = json!(b);
     }

@@ -43,11 +43,7 @@ impl SeqLogps {
 }
 
 /// Score `seqs` in one padded forward pass. Differentiable in the model's parameters.
-pub fn sequence_logps(
-    model: &Transformer,
-    seqs: &[ScoredSeq],
-    side: PaddingSide,
-) -> Result<SeqLogps> {
+pub fn sequence_logps(model: &Transformer, seqs: &[ScoredSeq], side: PaddingSide) -> Result<SeqLogps> {
     if seqs.is_empty() {
         return Err(Error::msg("sequence_logps: empty batch"));
     }
@@ -97,18 +93,10 @@ pub fn sequence_logps(
 }
 
 /// `log p(target | row)` for each (row, target) pair, through the output projection in chunks.
-pub fn gather_logps(
-    model: &Transformer,
-    hidden: &Tensor,
-    rows: &[u32],
-    targets: &[u32],
-) -> Result<Tensor> {
+pub fn gather_logps(model: &Transformer, hidden: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Tensor> {
     let dev = model.device();
     let mut parts = Vec::new();
-    for (r, tg) in rows
-        .chunks(LOGIT_CHUNK_ROWS)
-        .zip(targets.chunks(LOGIT_CHUNK_ROWS))
-    {
+    for (r, tg) in rows.chunks(LOGIT_CHUNK_ROWS).zip(targets.chunks(LOGIT_CHUNK_ROWS)) {
         let h = hidden.index_select(&Tensor::new(r, dev)?, 0)?;
         let logits = model.logits(&h)?; // [n, V]
         let lse = logsumexp_last(&logits)?.squeeze(1)?;
@@ -121,7 +109,10 @@ pub fn gather_logps(
 
 /// Per-token log-probs (f32) of `ids[completion_start..]` for one sequence.
 pub fn token_logprobs(model: &Transformer, ids: &[u32], completion_start: usize) -> Result<Vec<f32>> {
-    let seq = ScoredSeq { ids: ids.to_vec(), completion_start };
+    let seq = ScoredSeq {
+        ids: ids.to_vec(),
+        completion_start,
+    };
     let lp = sequence_logps(model, &[seq], PaddingSide::Right)?;
     Ok(lp.token_logps.to_dtype(DType::F32)?.to_vec1()?)
 }
@@ -141,12 +132,7 @@ pub fn segment_sums(x: &Tensor, offsets: &[usize]) -> Result<Tensor> {
 }
 
 /// Greedy decoding (no KV cache: every step reruns the prefix; fine for short replies).
-pub fn generate_greedy(
-    model: &Transformer,
-    prompt: &[u32],
-    max_new_tokens: usize,
-    stop: &[u32],
-) -> Result<Vec<u32>> {
+pub fn generate_greedy(model: &Transformer, prompt: &[u32], max_new_tokens: usize, stop: &[u32]) -> Result<Vec<u32>> {
     let dev = model.device();
     let mut ids = prompt.to_vec();
     let mut out = Vec::new();
@@ -155,9 +141,7 @@ pub fn generate_greedy(
         let input = Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?;
         let attn = AttentionInputs::padded(&model.cfg, &[vec![true; t]], model.dtype(), dev)?;
         let hidden = model.hidden_states(&input, &attn)?;
-        let last = hidden
-            .narrow(1, t - 1, 1)?
-            .reshape((1, model.cfg.hidden_size))?;
+        let last = hidden.narrow(1, t - 1, 1)?.reshape((1, model.cfg.hidden_size))?;
         let logits = model.logits(&last)?.to_dtype(DType::F32)?.squeeze(0)?;
         let next = logits.argmax(0)?.to_scalar::<u32>()?;
         if stop.contains(&next) {

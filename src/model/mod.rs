@@ -45,9 +45,8 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
 pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
     if path.is_dir() {
         let cfg_path = path.join("config.json");
-        let v: serde_json::Value =
-            serde_json::from_str(&crate::util::read_to_string(&cfg_path)?)
-                .map_err(|e| Error::model(&cfg_path, format!("invalid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&crate::util::read_to_string(&cfg_path)?)
+            .map_err(|e| Error::model(&cfg_path, format!("invalid JSON: {e}")))?;
         let cfg = ModelConfig::from_json(&v, &cfg_path)?;
         TextTokenizer::from_dir(path, cfg.eos_token_id, cfg.pad_token_id)
     } else if path.is_file() {
@@ -71,13 +70,7 @@ impl LoadedModel {
             vars.push((name.to_string(), v));
             Ok(out)
         })?;
-        Ok((
-            LoadedModel {
-                transformer,
-                ..self
-            },
-            vars,
-        ))
+        Ok((LoadedModel { transformer, ..self }, vars))
     }
 
     /// An independent frozen copy (the reference model).

@@ -20,10 +20,7 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (rows, inp) = (
-            dims[..dims.len() - 1].iter().product::<usize>(),
-            dims[dims.len() - 1],
-        );
+        let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
         let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -104,12 +101,7 @@ pub struct AttentionInputs {
 impl AttentionInputs {
     /// Causal attention over a padded batch. `valid[b][t]` is true for real tokens; padding may
     /// be on either side. Positions count real tokens only (HF: `cumsum(mask) - 1`).
-    pub fn padded(
-        cfg: &ModelConfig,
-        valid: &[Vec<bool>],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn padded(cfg: &ModelConfig, valid: &[Vec<bool>], dtype: DType, device: &Device) -> Result<Self> {
         // Position of a real token = number of real tokens before it; padding gets 0.
         let positions: Vec<Vec<usize>> = valid
             .iter()
@@ -185,9 +177,8 @@ impl Attention {
     fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
+        let heads =
+            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
         let q = apply_rope(&heads(self.q_proj.forward(x)?, h)?, &a.cos, &a.sin)?;
         let k = apply_rope(&heads(self.k_proj.forward(x)?, kvh)?, &a.cos, &a.sin)?;
         let v = heads(self.v_proj.forward(x)?, kvh)?;
@@ -195,9 +186,7 @@ impl Attention {
             (k, v)
         } else {
             let rep = h / kvh;
-            let repeat = |z: Tensor| -> Result<Tensor> {
-                Ok(Tensor::cat(&vec![&z; rep], 2)?.reshape((b, h, t, d))?)
-            };
+            let repeat = |z: Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![&z; rep], 2)?.reshape((b, h, t, d))?) };
             (repeat(k)?, repeat(v)?)
         };
         let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
@@ -228,10 +217,7 @@ pub struct Transformer {
 
 impl Transformer {
     /// Build the model by asking `get(name, shape)` for each parameter, in a fixed order.
-    pub fn build(
-        cfg: &ModelConfig,
-        mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
-    ) -> Result<Self> {
+    pub fn build(cfg: &ModelConfig, mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Self> {
         let mut params = Vec::new();
         let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
             let t = get(&name, shape)?;
@@ -278,8 +264,7 @@ impl Transformer {
                 down_proj: lin("mlp.down_proj", hs, is, false)?,
             };
             let input_layernorm = take(format!("{p}.input_layernorm.weight"), &[hs])?;
-            let post_attention_layernorm =
-                take(format!("{p}.post_attention_layernorm.weight"), &[hs])?;
+            let post_attention_layernorm = take(format!("{p}.post_attention_layernorm.weight"), &[hs])?;
             layers.push(Block {
                 input_layernorm,
                 self_attn,
@@ -312,9 +297,7 @@ impl Transformer {
     pub fn map(&self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<Self> {
         let mut it = self.params.iter();
         Self::build(&self.cfg, |name, _| {
-            let (n, t) = it
-                .next()
-                .ok_or_else(|| Error::msg("parameter walk mismatch"))?;
+            let (n, t) = it.next().ok_or_else(|| Error::msg("parameter walk mismatch"))?;
             debug_assert_eq!(n, name);
             f(name, t)
         })
@@ -337,18 +320,14 @@ impl Transformer {
     pub fn hidden_states(&self, input_ids: &Tensor, a: &AttentionInputs) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let eps = self.cfg.rms_norm_eps;
-        let mut x = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&input_ids.flatten_all()?, 0)?
+                .reshape((b, t, self.cfg.hidden_size))?;
         for blk in &self.layers {
-            let h = blk
-                .self_attn
-                .forward(&rms_norm(&x, &blk.input_layernorm, eps)?, a)?;
+            let h = blk.self_attn.forward(&rms_norm(&x, &blk.input_layernorm, eps)?, a)?;
             x = (x + h)?;
-            let h = blk
-                .mlp
-                .forward(&rms_norm(&x, &blk.post_attention_layernorm, eps)?)?;
+            let h = blk.mlp.forward(&rms_norm(&x, &blk.post_attention_layernorm, eps)?)?;
             x = (x + h)?;
         }
         rms_norm(&x, &self.norm, eps)

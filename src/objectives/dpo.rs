@@ -1,146 +1,139 @@
-//! The DPO family.
+//! The DPO family with TRL's current semantics (trl `DPOTrainer._compute_loss`, see
+//! ALGORITHMS.md §0), plus the legacy/paper forms under their own names (`cdpo`, `ipo_sum`).
+//! Notation: Δ = log π − log π_ref; s = f-divergence transform of Δ; d = s_w − s_l;
+//! d̄ = s_w/|y_w| − s_l/|y_l|; h = Δ_w − Δ_l; ε = `label_smoothing`.
 
-use super::{log_sigmoid, mean, ObjectiveOutput, ObjectiveParams, PairStats, PairwiseObjective};
+use super::{log_sigmoid, sigmoid as sig, Ctx};
 use crate::error::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-/// Implicit-reward metrics shared by reference-based pairwise objectives:
-/// `rewards/chosen = β (log π(y_w) − log π_ref(y_w))`, etc., as TRL logs them.
-pub fn reward_metrics(stats: &PairStats, beta: f64) -> Result<Vec<(String, f64)>> {
-    let (rc, rr) = stats.reference("reward metrics")?;
-    let chosen = ((stats.policy_chosen.detach() - rc)? * beta)?;
-    let rejected = ((stats.policy_rejected.detach() - rr)? * beta)?;
-    let acc = chosen.gt(&rejected)?.to_dtype(chosen.dtype())?;
-    Ok(vec![
-        ("rewards/chosen".into(), mean(&chosen)?),
-        ("rewards/rejected".into(), mean(&rejected)?),
-        ("rewards/accuracies".into(), mean(&acc)?),
-        ("rewards/margins".into(), mean(&(chosen - rejected)?)?),
-        ("logps/chosen".into(), mean(&stats.policy_chosen)?),
-        ("logps/rejected".into(), mean(&stats.policy_rejected)?),
-    ])
+/// −log σ(βd). (TRL ≥0.29 ignores ε here; `cdpo` is the smoothed form.)
+pub fn sigmoid(c: &Ctx) -> Result<Tensor> {
+    Ok(log_sigmoid(&(c.d()? * c.p.beta)?)?.neg()?)
 }
 
-/// `h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))`.
-pub fn dpo_logits(stats: &PairStats, name: &str) -> Result<Tensor> {
-    let (rc, rr) = stats.reference(name)?;
-    Ok(((&stats.policy_chosen - rc)? - (&stats.policy_rejected - rr)?)?)
+/// max(0, 1 − βd).
+pub fn hinge(c: &Ctx) -> Result<Tensor> {
+    Ok((1.0 - (c.d()? * c.p.beta)?)?.relu()?)
 }
 
-/// DPO (`loss_type = "sigmoid"`): `−(1−ε) log σ(β h) − ε log σ(−β h)`; ε = `label_smoothing`
-/// (conservative DPO), 0 by default. Identical to TRL's `sigmoid` loss.
-pub struct Sigmoid(pub ObjectiveParams);
-
-impl PairwiseObjective for Sigmoid {
-    fn name(&self) -> &'static str {
-        "sigmoid"
-    }
-    fn needs_reference(&self) -> bool {
-        true
-    }
-    fn loss(&self, s: &PairStats) -> Result<ObjectiveOutput> {
-        let p = &self.0;
-        let z = (dpo_logits(s, self.name())? * p.beta)?;
-        let mut losses = (log_sigmoid(&z)? * -(1.0 - p.label_smoothing))?;
-        if p.label_smoothing != 0.0 {
-            losses = (losses - (log_sigmoid(&z.neg()?)? * p.label_smoothing)?)?;
-        }
-        Ok(ObjectiveOutput {
-            losses,
-            metrics: reward_metrics(s, p.beta)?,
-        })
-    }
+/// (d̄ − 1/(2β))², β playing IPO's τ.
+pub fn ipo(c: &Ctx) -> Result<Tensor> {
+    Ok((c.d_norm()? - 1.0 / (2.0 * c.p.beta))?.sqr()?)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::objectives::{build, ObjectiveParams};
-    use candle_core::{Device, Var};
+/// σ(βd)[log σ(βd) − log(1−ε)] + σ(−βd)[log σ(−βd) − log ε], ε defaulting to 1e-3.
+pub fn exo_pair(c: &Ctx) -> Result<Tensor> {
+    let eps = if c.p.label_smoothing > 0.0 {
+        c.p.label_smoothing
+    } else {
+        1e-3
+    };
+    let z = (c.d()? * c.p.beta)?;
+    let pos = (sig(&z)? * (log_sigmoid(&z)? - (1.0 - eps).ln())?)?;
+    let nz = z.neg()?;
+    let neg = (sig(&nz)? * (log_sigmoid(&nz)? - eps.ln())?)?;
+    Ok((pos + neg)?)
+}
 
-    /// Per-example loss and d loss / d (policy chosen, policy rejected) in f64 by hand.
-    fn by_hand(pc: f64, pr: f64, rc: f64, rr: f64, beta: f64, eps: f64) -> (f64, f64, f64) {
-        let z = beta * ((pc - rc) - (pr - rr));
-        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let ls = |x: f64| {
-            if x < 0.0 {
-                x - (1.0 + x.exp()).ln()
-            } else {
-                -(1.0 + (-x).exp()).ln()
-            }
-        };
-        let loss = -(1.0 - eps) * ls(z) - eps * ls(-z);
-        // d/dz: −(1−ε)(1−σ(z)) + ε σ(z)
-        let dz = -(1.0 - eps) * (1.0 - sig(z)) + eps * sig(z);
-        (loss, dz * beta, -dz * beta)
-    }
+/// −log σ(βs_w) − ½ log σ(−βs_w) − ½ log σ(−βs_l).
+pub fn nca_pair(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.scores()?;
+    let (w, l) = ((w * c.p.beta)?, (l * c.p.beta)?);
+    let a = log_sigmoid(&w)?.neg()?;
+    let b = (log_sigmoid(&w.neg()?)? * 0.5)?;
+    let d = (log_sigmoid(&l.neg()?)? * 0.5)?;
+    Ok(((a - b)? - d)?)
+}
 
-    #[test]
-    fn sigmoid_matches_hand_values_and_gradients() {
-        let cases = [
-            // (pc, pr, rc, rr)
-            (-10.0, -12.0, -11.0, -11.5),
-            (-5.0, -5.0, -5.0, -5.0),   // equal log-probs: loss = log 2
-            (-1.0, -601.0, -1.0, -1.0), // margin +60 after β=0.1
-            (-601.0, -1.0, -1.0, -1.0), // margin −60
-            (-3.0, -2.0, -2.5, -2.5),
-        ];
-        for &(beta, eps) in &[(0.1, 0.0), (0.5, 0.2)] {
-            let dev = Device::Cpu;
-            let pc = Var::new(&cases.map(|c| c.0), &dev).unwrap();
-            let pr = Var::new(&cases.map(|c| c.1), &dev).unwrap();
-            let stats = PairStats {
-                policy_chosen: pc.as_tensor().clone(),
-                policy_rejected: pr.as_tensor().clone(),
-                ref_chosen: Some(Tensor::new(&cases.map(|c| c.2), &dev).unwrap()),
-                ref_rejected: Some(Tensor::new(&cases.map(|c| c.3), &dev).unwrap()),
-                chosen_tokens: vec![1; 5],
-                rejected_tokens: vec![1; 5],
-            };
-            let obj = build(
-                "sigmoid",
-                &ObjectiveParams {
-                    beta,
-                    label_smoothing: eps,
-                },
-            )
-            .unwrap();
-            let out = obj.loss(&stats).unwrap();
-            let losses: Vec<f64> = out.losses.to_vec1().unwrap();
-            let grads = out.losses.sum_all().unwrap().backward().unwrap();
-            let gc: Vec<f64> = grads.get(pc.as_tensor()).unwrap().to_vec1().unwrap();
-            let gr: Vec<f64> = grads.get(pr.as_tensor()).unwrap().to_vec1().unwrap();
-            for (i, c) in cases.iter().enumerate() {
-                let (l, dc, dr) = by_hand(c.0, c.1, c.2, c.3, beta, eps);
-                assert!(
-                    (losses[i] - l).abs() < 1e-12,
-                    "loss {i}: {} vs {l}",
-                    losses[i]
-                );
-                assert!(
-                    (gc[i] - dc).abs() < 1e-12 && (gr[i] - dr).abs() < 1e-12,
-                    "grad {i}"
-                );
-                assert!(losses[i].is_finite());
-            }
-            if eps == 0.0 {
-                assert!((losses[1] - std::f64::consts::LN_2).abs() < 1e-15);
-                assert!(losses[2] < 1e-20 && (losses[3] - 60.0).abs() < 1e-12);
-            }
-            let m: std::collections::HashMap<_, _> = out.metrics.into_iter().collect();
-            // chosen rewards: β(pc − rc)
-            let want: f64 = cases.iter().map(|c| beta * (c.0 - c.2)).sum::<f64>() / 5.0;
-            assert!((m["rewards/chosen"] - want).abs() < 1e-12);
-            assert!((m["rewards/accuracies"] - 0.4).abs() < 1e-12); // cases 0 and 2
-        }
-    }
+/// [−(1−ε) log σ(βd) + ε log σ(−βd)] / (1−2ε): unbiased under label-flip rate ε.
+pub fn robust(c: &Ctx) -> Result<Tensor> {
+    let eps = c.p.label_smoothing;
+    let z = (c.d()? * c.p.beta)?;
+    let l = ((log_sigmoid(&z)? * -(1.0 - eps))? + (log_sigmoid(&z.neg()?)? * eps)?)?;
+    Ok((l / (1.0 - 2.0 * eps))?)
+}
 
-    #[test]
-    fn unknown_loss_type_suggests() {
-        let e = build("sigmod", &ObjectiveParams::default())
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("did you mean `sigmoid`"), "{e}");
-    }
+/// −log σ(βs_w) − log σ(−βs_l).
+pub fn bco_pair(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.scores()?;
+    let a = log_sigmoid(&(w * c.p.beta)?)?;
+    let b = log_sigmoid(&(l * -c.p.beta)?)?;
+    Ok((a + b)?.neg()?)
+}
+
+/// (s_w − 1/(2β))² + (s_l + 1/(2β))².
+pub fn sppo_hard(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.scores()?;
+    let half = 1.0 / (2.0 * c.p.beta);
+    Ok(((w - half)?.sqr()? + (l + half)?.sqr()?)?)
+}
+
+/// Sort a `[B]` tensor ascending along the batch (differentiable: a gather).
+pub fn sort_batch(x: &Tensor) -> Result<Tensor> {
+    let v: Vec<f64> = x.detach().to_dtype(DType::F64)?.to_vec1()?;
+    let mut idx: Vec<u32> = (0..v.len() as u32).collect();
+    idx.sort_by(|&a, &b| v[a as usize].total_cmp(&v[b as usize]));
+    Ok(x.index_select(&Tensor::new(idx, x.device())?, 0)?)
+}
+
+fn smoothed_sigmoid(u: &Tensor, c: &Ctx) -> Result<Tensor> {
+    let eps = c.p.label_smoothing;
+    let z = (u * c.p.beta)?;
+    Ok(((log_sigmoid(&z)? * -(1.0 - eps))? - (log_sigmoid(&z.neg()?)? * eps)?)?)
+}
+
+/// AOT: u = sort_B(log π_w − log π_l) − sort_B(log π_ref,w − log π_ref,l); −(1−ε) log σ(βu) − ε log σ(−βu).
+pub fn aot(c: &Ctx) -> Result<Tensor> {
+    let (rc, rr) = c.reference()?;
+    let a = sort_batch(&(&c.s.policy_chosen - &c.s.policy_rejected)?)?;
+    let b = sort_batch(&(rc - rr)?)?;
+    smoothed_sigmoid(&(a - b)?, c)
+}
+
+/// AOT unpaired: u = sort_B(Δ_w) − sort_B(Δ_l).
+pub fn aot_unpaired(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.deltas()?;
+    smoothed_sigmoid(&(sort_batch(&w)? - sort_batch(&l)?)?, c)
+}
+
+/// (1 − σ(βΔ_w)) + σ(βΔ_l).
+pub fn apo_zero(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.deltas()?;
+    Ok(((1.0 - sig(&(w * c.p.beta)?)?)? + sig(&(l * c.p.beta)?)?)?)
+}
+
+/// σ(βΔ_w) + (1 − σ(βd)).
+pub fn apo_down(c: &Ctx) -> Result<Tensor> {
+    let (w, _) = c.deltas()?;
+    Ok((sig(&(w * c.p.beta)?)? + (1.0 - sig(&(c.d()? * c.p.beta)?)?)?)?)
+}
+
+/// z = βd, m = σ(z/τ): (1−m)(−log σ(z)) + m e^{−z}, τ = `discopop_tau`.
+pub fn discopop(c: &Ctx) -> Result<Tensor> {
+    let z = (c.d()? * c.p.beta)?;
+    let m = sig(&(&z / c.p.discopop_tau)?)?;
+    let logistic = log_sigmoid(&z)?.neg()?;
+    let exp = z.neg()?.exp()?;
+    Ok((((1.0 - &m)? * logistic)? + (m * exp)?)?)
+}
+
+/// Token-mean cross-entropy of the chosen completions over the batch (broadcast per row).
+pub fn sft(c: &Ctx) -> Result<Tensor> {
+    c.chosen_nll_batch_token_mean()
+}
+
+/// −log σ(βd̄).
+pub fn sigmoid_norm(c: &Ctx) -> Result<Tensor> {
+    Ok(log_sigmoid(&(c.d_norm()? * c.p.beta)?)?.neg()?)
+}
+
+/// Conservative DPO: −(1−ε) log σ(βh) − ε log σ(−βh), on reverse-KL log-ratios.
+pub fn cdpo(c: &Ctx) -> Result<Tensor> {
+    smoothed_sigmoid(&c.h()?, c)
+}
+
+/// IPO on summed log-ratios (OpenRLHF): (h − 1/(2β))².
+pub fn ipo_sum(c: &Ctx) -> Result<Tensor> {
+    Ok((c.h()? - 1.0 / (2.0 * c.p.beta))?.sqr()?)
 }

@@ -1,35 +1,29 @@
 //! Objectives: pure functions of sequence statistics (DESIGN.md). An objective never touches
-//! weights; it gets summed log-probs (and token counts) of policy and reference and returns a
-//! per-example loss plus named metrics. Adding one is one small type in its family's file plus
-//! one line in [`REGISTRY`].
+//! weights: it gets summed log-probs and token counts of policy and reference and returns a
+//! per-example loss plus named metrics.
+//!
+//! Adding a pairwise objective is one small function `fn(&Ctx) -> Result<Tensor>` in its
+//! family's file plus one line in [`REGISTRY`]. `loss_type` may name several, combined with
+//! `loss_weights` (TRL: L = Σ_k w_k · mean(loss_k)).
 
 pub mod dpo;
+pub mod reference_free;
 
 use crate::error::{Error, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-/// Sequence statistics of a batch of preference pairs. Tensors are `[B]`.
+/// Sequence statistics of a batch of B preference pairs. Tensors are `[B]`.
 #[derive(Clone, Debug)]
 pub struct PairStats {
+    /// Summed completion log-probs under the policy.
     pub policy_chosen: Tensor,
     pub policy_rejected: Tensor,
-    /// Reference log-probs; `None` for reference-free objectives.
+    /// Summed reference log-probs; `None` for reference-free objectives.
     pub ref_chosen: Option<Tensor>,
     pub ref_rejected: Option<Tensor>,
     /// Completion token counts (EOS included).
     pub chosen_tokens: Vec<usize>,
     pub rejected_tokens: Vec<usize>,
-}
-
-impl PairStats {
-    pub fn reference(&self, objective: &str) -> Result<(&Tensor, &Tensor)> {
-        match (&self.ref_chosen, &self.ref_rejected) {
-            (Some(c), Some(r)) => Ok((c, r)),
-            _ => Err(Error::msg(format!(
-                "objective `{objective}` needs reference log-probs"
-            ))),
-        }
-    }
 }
 
 /// What an objective returns for a batch.
@@ -41,11 +35,19 @@ pub struct ObjectiveOutput {
     pub metrics: Vec<(String, f64)>,
 }
 
-/// Hyperparameters shared by the pairwise objectives (TRL's `DPOConfig` names).
+/// Hyperparameters of the objectives, under TRL's `DPOConfig` / `CPOConfig` names.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObjectiveParams {
     pub beta: f64,
     pub label_smoothing: f64,
+    /// `reverse_kl` | `forward_kl` | `js_divergence` | `alpha_divergence`.
+    pub f_divergence_type: String,
+    pub f_alpha_divergence_coef: f64,
+    pub discopop_tau: f64,
+    pub simpo_gamma: f64,
+    pub cpo_alpha: f64,
+    /// AlphaPO's reward-shape α (TRL `alpha`; 0 = log reward).
+    pub alpha: f64,
 }
 
 impl Default for ObjectiveParams {
@@ -53,46 +55,402 @@ impl Default for ObjectiveParams {
         ObjectiveParams {
             beta: 0.1,
             label_smoothing: 0.0,
+            f_divergence_type: "reverse_kl".into(),
+            f_alpha_divergence_coef: 0.5,
+            discopop_tau: 0.05,
+            simpo_gamma: 0.5,
+            cpo_alpha: 1.0,
+            alpha: 0.0,
         }
     }
 }
 
-pub trait PairwiseObjective: Send + Sync {
-    fn name(&self) -> &'static str;
-    fn needs_reference(&self) -> bool;
-    fn loss(&self, stats: &PairStats) -> Result<ObjectiveOutput>;
+/// How an objective's implicit reward is logged as `rewards/chosen` / `rewards/rejected`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RewardKind {
+    /// β (log π − log π_ref), summed over tokens (DPO family).
+    Implicit,
+    /// β log π, summed (reference-free, CPO).
+    PolicySum,
+    /// β log π / |y| (length-normalised, SimPO / ORPO).
+    PolicyMean,
 }
+
+/// How far a formula has been checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Transcribed from the reference implementation named in `source` and tested against it.
+    Checked,
+    /// The documented shape; the paper's exact formula could not be consulted.
+    Experimental,
+}
+
+pub type LossFn = fn(&Ctx) -> Result<Tensor>;
+pub type MetricsFn = fn(&Ctx) -> Result<Vec<(String, f64)>>;
 
 /// One catalogue entry.
 pub struct ObjectiveEntry {
     pub name: &'static str,
     pub needs_reference: bool,
+    pub rewards: RewardKind,
+    pub status: Status,
     pub source: &'static str,
-    pub build: fn(&ObjectiveParams) -> Box<dyn PairwiseObjective>,
+    pub loss: LossFn,
+    /// Extra metrics beyond the reward metrics (e.g. ORPO's `nll_loss`).
+    pub metrics: Option<MetricsFn>,
 }
 
-/// Every objective, by the name `loss_type` selects.
-pub const REGISTRY: &[ObjectiveEntry] = &[ObjectiveEntry {
-    name: "sigmoid",
-    needs_reference: true,
-    source: "Rafailov et al. 2023, Direct Preference Optimization (arXiv:2305.18290); label_smoothing: cDPO (Mitchell 2023)",
-    build: |p| Box::new(dpo::Sigmoid(p.clone())),
-}];
-
-/// Build the objective named `name`, or say which names exist.
-pub fn build(name: &str, params: &ObjectiveParams) -> Result<Box<dyn PairwiseObjective>> {
-    match REGISTRY.iter().find(|e| e.name == name) {
-        Some(e) => Ok((e.build)(params)),
-        None => {
-            let names: Vec<&str> = REGISTRY.iter().map(|e| e.name).collect();
-            let hint = crate::util::closest(name, names.iter().copied())
-                .map(|c| format!(" (did you mean `{c}`?)"))
-                .unwrap_or_default();
-            Err(Error::Config(format!(
-                "unknown loss_type `{name}`{hint}; available: {}",
-                names.join(", ")
-            )))
+macro_rules! entry {
+    ($name:literal, $reference:expr, $rewards:ident, $status:ident, $source:literal, $loss:path) => {
+        entry!($name, $reference, $rewards, $status, $source, $loss, None)
+    };
+    ($name:literal, $reference:expr, $rewards:ident, $status:ident, $source:literal, $loss:path, $metrics:expr) => {
+        ObjectiveEntry {
+            name: $name,
+            needs_reference: $reference,
+            rewards: RewardKind::$rewards,
+            status: Status::$status,
+            source: $source,
+            loss: $loss,
+            metrics: $metrics,
         }
+    };
+}
+
+/// Every pairwise objective, by the name `loss_type` selects.
+pub const REGISTRY: &[ObjectiveEntry] = &[
+    entry!(
+        "sigmoid",
+        true,
+        Implicit,
+        Checked,
+        "DPO, Rafailov et al. 2023 (arXiv:2305.18290); TRL `sigmoid` (ε ignored since TRL 0.29)",
+        dpo::sigmoid
+    ),
+    entry!(
+        "hinge",
+        true,
+        Implicit,
+        Checked,
+        "RSO/SLiC hinge, Liu et al. 2023 (arXiv:2309.06657); TRL `hinge`",
+        dpo::hinge
+    ),
+    entry!(
+        "ipo",
+        true,
+        Implicit,
+        Checked,
+        "IPO, Azar et al. 2023 (arXiv:2310.12036); TRL `ipo` (length-normalised)",
+        dpo::ipo
+    ),
+    entry!(
+        "exo_pair",
+        true,
+        Implicit,
+        Checked,
+        "EXO, Ji et al. 2024 (arXiv:2402.00856); TRL `exo_pair` (ε defaults to 1e-3)",
+        dpo::exo_pair
+    ),
+    entry!(
+        "nca_pair",
+        true,
+        Implicit,
+        Checked,
+        "NCA, Chen et al. 2024 (arXiv:2402.05369); TRL `nca_pair`",
+        dpo::nca_pair
+    ),
+    entry!(
+        "robust",
+        true,
+        Implicit,
+        Checked,
+        "rDPO, Chowdhury et al. 2024 (arXiv:2403.00409); TRL `robust`",
+        dpo::robust
+    ),
+    entry!(
+        "bco_pair",
+        true,
+        Implicit,
+        Checked,
+        "BCO, Jung et al. 2024 (arXiv:2404.04656); TRL `bco_pair` (no running-mean shift, TRL ≥0.29)",
+        dpo::bco_pair
+    ),
+    entry!(
+        "sppo_hard",
+        true,
+        Implicit,
+        Checked,
+        "SPPO, Wu et al. 2024 (arXiv:2405.00675); TRL `sppo_hard`",
+        dpo::sppo_hard
+    ),
+    entry!(
+        "aot",
+        true,
+        Implicit,
+        Checked,
+        "AOT, Melnyk et al. 2024 (arXiv:2406.05882); TRL `aot`",
+        dpo::aot
+    ),
+    entry!(
+        "aot_unpaired",
+        true,
+        Implicit,
+        Checked,
+        "AOT unpaired, Melnyk et al. 2024 (arXiv:2406.05882); TRL `aot_unpaired` (`aot_pair` ≤0.28)",
+        dpo::aot_unpaired
+    ),
+    entry!(
+        "apo_zero",
+        true,
+        Implicit,
+        Checked,
+        "APO-zero, D'Oosterlinck et al. 2024 (arXiv:2408.06266); TRL `apo_zero`",
+        dpo::apo_zero
+    ),
+    entry!(
+        "apo_down",
+        true,
+        Implicit,
+        Checked,
+        "APO-down, D'Oosterlinck et al. 2024 (arXiv:2408.06266); TRL `apo_down`",
+        dpo::apo_down
+    ),
+    entry!(
+        "discopop",
+        true,
+        Implicit,
+        Checked,
+        "DiscoPOP, Chris Lu et al. 2024 (arXiv:2406.08414); TRL `discopop`",
+        dpo::discopop
+    ),
+    entry!(
+        "sft",
+        false,
+        PolicySum,
+        Checked,
+        "token-mean NLL of the chosen completion over the batch; TRL `sft`",
+        dpo::sft
+    ),
+    entry!(
+        "sigmoid_norm",
+        true,
+        Implicit,
+        Checked,
+        "DPO on length-normalised log-ratios; TRL `sigmoid_norm`",
+        dpo::sigmoid_norm
+    ),
+    entry!(
+        "cdpo",
+        true,
+        Implicit,
+        Checked,
+        "conservative DPO, E. Mitchell 2023 (label-smoothed sigmoid; TRL ≤0.28 `sigmoid`, OpenRLHF, torchtune)",
+        dpo::cdpo
+    ),
+    entry!(
+        "ipo_sum",
+        true,
+        Implicit,
+        Checked,
+        "IPO on summed log-probs, as OpenRLHF's DPOLoss(ipo=True)",
+        dpo::ipo_sum
+    ),
+    entry!(
+        "simpo",
+        false,
+        PolicyMean,
+        Checked,
+        "SimPO, Meng et al. 2024 (arXiv:2405.14734); TRL CPOTrainer loss_type=simpo, cpo_alpha=0",
+        reference_free::simpo
+    ),
+    entry!(
+        "cpo",
+        false,
+        PolicySum,
+        Checked,
+        "CPO, Xu et al. 2024 (arXiv:2401.08417); TRL CPOTrainer loss_type=sigmoid with cpo_alpha NLL",
+        reference_free::cpo
+    ),
+    entry!(
+        "alphapo",
+        false,
+        PolicyMean,
+        Checked,
+        "AlphaPO, Gupta et al. 2025 (arXiv:2501.03884); TRL CPOTrainer simpo with `alpha` reward shape, cpo_alpha=0",
+        reference_free::alphapo
+    ),
+    entry!(
+        "orpo",
+        false,
+        PolicyMean,
+        Checked,
+        "ORPO, Hong et al. 2024 (arXiv:2403.07691); TRL ORPOTrainer (λ = beta)",
+        reference_free::orpo,
+        Some(reference_free::orpo_metrics)
+    ),
+];
+
+/// An objective: one registry entry, or a weighted sum of several (`loss_weights`).
+pub struct Objective {
+    pub parts: Vec<(f64, &'static ObjectiveEntry)>,
+    pub params: ObjectiveParams,
+}
+
+impl Objective {
+    pub fn name(&self) -> String {
+        self.parts.iter().map(|(_, e)| e.name).collect::<Vec<_>>().join("+")
+    }
+
+    pub fn needs_reference(&self) -> bool {
+        self.parts.iter().any(|(_, e)| e.needs_reference)
+    }
+
+    /// Per-example losses `Σ_k w_k loss_k` and metrics.
+    pub fn loss(&self, stats: &PairStats) -> Result<ObjectiveOutput> {
+        let ctx = Ctx {
+            s: stats,
+            p: &self.params,
+        };
+        let mut total: Option<Tensor> = None;
+        let mut metrics = reward_metrics(&ctx, self.parts[0].1.rewards)?;
+        for (w, e) in &self.parts {
+            let l = ((e.loss)(&ctx)? * *w)?;
+            total = Some(match total {
+                None => l,
+                Some(t) => (t + l)?,
+            });
+            if let Some(m) = e.metrics {
+                metrics.extend(m(&ctx)?);
+            }
+        }
+        Ok(ObjectiveOutput {
+            losses: total.expect("at least one part"),
+            metrics,
+        })
+    }
+}
+
+pub fn lookup(name: &str) -> Result<&'static ObjectiveEntry> {
+    REGISTRY.iter().find(|e| e.name == name).ok_or_else(|| {
+        let names: Vec<&str> = REGISTRY.iter().map(|e| e.name).collect();
+        let hint = crate::util::closest(name, names.iter().copied())
+            .map(|c| format!(" (did you mean `{c}`?)"))
+            .unwrap_or_default();
+        Error::Config(format!(
+            "unknown loss_type `{name}`{hint}; `prefer objectives list` shows all: {}",
+            names.join(", ")
+        ))
+    })
+}
+
+/// Build the objective for `loss_type` names with `loss_weights` (default 1.0 each).
+pub fn build(names: &[String], weights: Option<&[f64]>, params: &ObjectiveParams) -> Result<Objective> {
+    if names.is_empty() {
+        return Err(Error::Config("loss_type is empty".into()));
+    }
+    if let Some(w) = weights {
+        if w.len() != names.len() {
+            return Err(Error::Config(format!(
+                "loss_weights has {} entries but loss_type names {}",
+                w.len(),
+                names.len()
+            )));
+        }
+    }
+    let parts = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Ok((weights.map_or(1.0, |w| w[i]), lookup(n)?)))
+        .collect::<Result<Vec<_>>>()?;
+    if params.label_smoothing != 0.0 && parts.iter().any(|(_, e)| e.name == "sigmoid") {
+        return Err(Error::Config(
+            "label_smoothing has no effect on loss_type `sigmoid` (TRL ≥0.29 ignores it); use `cdpo` for label-smoothed DPO or `robust` for rDPO".into(),
+        ));
+    }
+    if !matches!(
+        params.f_divergence_type.as_str(),
+        "reverse_kl" | "forward_kl" | "js_divergence" | "alpha_divergence"
+    ) {
+        return Err(Error::Config(format!(
+            "f_divergence_type `{}` is not one of reverse_kl, forward_kl, js_divergence, alpha_divergence",
+            params.f_divergence_type
+        )));
+    }
+    Ok(Objective {
+        parts,
+        params: params.clone(),
+    })
+}
+
+/// The quantities objectives are written in (notation of ALGORITHMS.md).
+pub struct Ctx<'a> {
+    pub s: &'a PairStats,
+    pub p: &'a ObjectiveParams,
+}
+
+impl Ctx<'_> {
+    pub fn reference(&self) -> Result<(&Tensor, &Tensor)> {
+        match (&self.s.ref_chosen, &self.s.ref_rejected) {
+            (Some(c), Some(r)) => Ok((c, r)),
+            _ => Err(Error::msg("this objective needs reference log-probs")),
+        }
+    }
+    /// Δ_w = log π(y_w) − log π_ref(y_w), Δ_l likewise.
+    pub fn deltas(&self) -> Result<(Tensor, Tensor)> {
+        let (rc, rr) = self.reference()?;
+        Ok(((&self.s.policy_chosen - rc)?, (&self.s.policy_rejected - rr)?))
+    }
+    /// h = Δ_w − Δ_l.
+    pub fn h(&self) -> Result<Tensor> {
+        let (w, l) = self.deltas()?;
+        Ok((w - l)?)
+    }
+    /// Token counts |y_w|, |y_l| as tensors (clamped to ≥ 1).
+    pub fn lengths(&self) -> Result<(Tensor, Tensor)> {
+        let t = |v: &[usize]| -> Result<Tensor> {
+            let x: Vec<f64> = v.iter().map(|&n| n.max(1) as f64).collect();
+            Ok(Tensor::new(x, self.s.policy_chosen.device())?.to_dtype(self.s.policy_chosen.dtype())?)
+        };
+        Ok((t(&self.s.chosen_tokens)?, t(&self.s.rejected_tokens)?))
+    }
+    /// ℓ̄ = log π(y)/|y| for chosen and rejected.
+    pub fn mean_logps(&self) -> Result<(Tensor, Tensor)> {
+        let (nw, nl) = self.lengths()?;
+        Ok(((&self.s.policy_chosen / nw)?, (&self.s.policy_rejected / nl)?))
+    }
+    /// Scores after TRL's f-divergence transform of Δ (`f_divergence_type`).
+    pub fn scores(&self) -> Result<(Tensor, Tensor)> {
+        let (w, l) = self.deltas()?;
+        let f = |d: Tensor| -> Result<Tensor> {
+            Ok(match self.p.f_divergence_type.as_str() {
+                "forward_kl" => d.neg()?.exp()?.neg()?,
+                "js_divergence" => log_sigmoid(&d)?,
+                "alpha_divergence" if (self.p.f_alpha_divergence_coef - 1.0).abs() >= 1e-6 => {
+                    let a = self.p.f_alpha_divergence_coef;
+                    ((d * (a - 1.0))?.minimum(80.0)?.exp()? / (a - 1.0))?
+                }
+                _ => d,
+            })
+        };
+        Ok((f(w)?, f(l)?))
+    }
+    /// d = s_w − s_l.
+    pub fn d(&self) -> Result<Tensor> {
+        let (w, l) = self.scores()?;
+        Ok((w - l)?)
+    }
+    /// d̄ = s_w/|y_w| − s_l/|y_l|.
+    pub fn d_norm(&self) -> Result<Tensor> {
+        let (w, l) = self.scores()?;
+        let (nw, nl) = self.lengths()?;
+        Ok(((w / nw)? - (l / nl)?)?)
+    }
+    /// Per-example terms whose batch mean is the token-mean NLL of the chosen completions over
+    /// the whole batch (`Σ −log π(y_w) / Σ |y_w|`, as `nn.CrossEntropyLoss` over the batch).
+    pub fn chosen_nll_batch_token_mean(&self) -> Result<Tensor> {
+        let b = self.s.chosen_tokens.len() as f64;
+        let total: usize = self.s.chosen_tokens.iter().sum();
+        Ok((self.s.policy_chosen.neg()? * (b / total.max(1) as f64))?)
     }
 }
 
@@ -105,10 +463,40 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((sum.log()? + m)?.neg()?)
 }
 
+/// `sigmoid(x) = exp(log_sigmoid(x))`, stable.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(log_sigmoid(x)?.exp()?)
+}
+
 /// Batch mean of a `[B]` tensor as f64 (for metrics; no gradient).
 pub fn mean(x: &Tensor) -> Result<f64> {
-    Ok(x.detach()
-        .to_dtype(candle_core::DType::F64)?
-        .mean_all()?
-        .to_scalar::<f64>()?)
+    Ok(x.detach().to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+}
+
+/// TRL's reward metrics for the objective's kind of implicit reward.
+fn reward_metrics(c: &Ctx, kind: RewardKind) -> Result<Vec<(String, f64)>> {
+    let beta = c.p.beta;
+    let (chosen, rejected) = match kind {
+        RewardKind::Implicit => {
+            let (w, l) = c.deltas()?;
+            ((w.detach() * beta)?, (l.detach() * beta)?)
+        }
+        RewardKind::PolicySum => (
+            (c.s.policy_chosen.detach() * beta)?,
+            (c.s.policy_rejected.detach() * beta)?,
+        ),
+        RewardKind::PolicyMean => {
+            let (w, l) = c.mean_logps()?;
+            ((w.detach() * beta)?, (l.detach() * beta)?)
+        }
+    };
+    let acc = chosen.gt(&rejected)?.to_dtype(chosen.dtype())?;
+    Ok(vec![
+        ("rewards/chosen".into(), mean(&chosen)?),
+        ("rewards/rejected".into(), mean(&rejected)?),
+        ("rewards/accuracies".into(), mean(&acc)?),
+        ("rewards/margins".into(), mean(&(chosen - rejected)?)?),
+        ("logps/chosen".into(), mean(&c.s.policy_chosen)?),
+        ("logps/rejected".into(), mean(&c.s.policy_rejected)?),
+    ])
 }

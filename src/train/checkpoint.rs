@@ -62,8 +62,7 @@ pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
         .map_err(|e| Error::model(&p, format!("invalid trainer state: {e}")))?;
     let op = dir.join("optimizer.safetensors");
     let tensors = if op.is_file() {
-        candle_core::safetensors::load(&op, &candle_core::Device::Cpu)
-            .map_err(|e| Error::model(&op, e.to_string()))?
+        candle_core::safetensors::load(&op, &candle_core::Device::Cpu).map_err(|e| Error::model(&op, e.to_string()))?
     } else {
         Default::default()
     };
@@ -76,10 +75,7 @@ pub fn latest(out_dir: &Path) -> Option<PathBuf> {
     let mut best: Option<(usize, PathBuf)> = None;
     for e in std::fs::read_dir(out_dir).ok()?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|s| s.parse::<usize>().ok())
-        {
+        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
             if e.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|b| n > b.0) {
                 best = Some((n, e.path()));
             }

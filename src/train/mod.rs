@@ -11,7 +11,7 @@ use crate::config::TrainConfig;
 use crate::data::{load_tokenized_pairs, TokenizedPair};
 use crate::error::{Error, Result};
 use crate::model::{self, LoadedModel};
-use crate::objectives::{self, PairStats, PairwiseObjective};
+use crate::objectives::{self, Objective, PairStats};
 use crate::stats::{pair_logps, score_pairs};
 use crate::util::Rng;
 use candle_core::{DType, Device};
@@ -77,8 +77,7 @@ impl Order {
         if self.cached_epoch.as_ref().map(|c| c.0) != Some(epoch) {
             let mut idx: Vec<usize> = (0..self.n).collect();
             if self.shuffle {
-                Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407))
-                    .shuffle(&mut idx);
+                Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut idx);
             }
             self.cached_epoch = Some((epoch, idx));
         }
@@ -125,14 +124,12 @@ fn say(pb: &indicatif::ProgressBar, msg: &str) {
 pub fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>> {
     match cfg.resume_from_checkpoint.as_deref() {
         None | Some("") | Some("false") => Ok(None),
-        Some("latest") | Some("true") => checkpoint::latest(&cfg.output_dir())
-            .map(Some)
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "resume_from_checkpoint = \"latest\" but {} holds no complete checkpoint",
-                    cfg.output_dir
-                ))
-            }),
+        Some("latest") | Some("true") => checkpoint::latest(&cfg.output_dir()).map(Some).ok_or_else(|| {
+            Error::Config(format!(
+                "resume_from_checkpoint = \"latest\" but {} holds no complete checkpoint",
+                cfg.output_dir
+            ))
+        }),
         Some(p) => {
             let p = PathBuf::from(p);
             if p.join(checkpoint::STATE_FILE).is_file() {
@@ -178,7 +175,7 @@ fn batch_stats(
 pub fn evaluate(
     policy: &LoadedModel,
     reference: &Reference,
-    objective: &dyn PairwiseObjective,
+    objective: &Objective,
     pairs: &[TokenizedPair],
     batch_size: usize,
 ) -> Result<Vec<(String, f64)>> {
@@ -204,7 +201,7 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub policy: LoadedModel,
     pub reference: Reference,
-    pub objective: Box<dyn PairwiseObjective>,
+    pub objective: Objective,
     pub opt: Optimizer,
     pub order: Order,
     pub train_pairs: Vec<TokenizedPair>,
@@ -241,19 +238,14 @@ impl Trainer {
         let start_path = PathBuf::from(&cfg.model_name_or_path);
         let policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
         let opts = cfg.tokenize_options();
-        let (train_pairs, report) = load_tokenized_pairs(
-            Path::new(&cfg.train_file),
-            &policy.tokenizer,
-            &opts,
-            cfg.skip_invalid,
-        )?;
+        let (train_pairs, report) =
+            load_tokenized_pairs(Path::new(&cfg.train_file), &policy.tokenizer, &opts, cfg.skip_invalid)?;
         for e in &report.skipped {
             eprintln!("skipped: {e}");
         }
         let eval_pairs = match &cfg.eval_file {
             Some(f) => {
-                let (p, r) =
-                    load_tokenized_pairs(Path::new(f), &policy.tokenizer, &opts, cfg.skip_invalid)?;
+                let (p, r) = load_tokenized_pairs(Path::new(f), &policy.tokenizer, &opts, cfg.skip_invalid)?;
                 for e in &r.skipped {
                     eprintln!("skipped (eval): {e}");
                 }
@@ -269,7 +261,7 @@ impl Trainer {
             report.prompts_truncated,
             report.completions_truncated
         );
-        let objective = objectives::build(&cfg.loss_type, &cfg.objective_params())?;
+        let objective = cfg.objective()?;
 
         // The reference: always the starting model (or ref_model), also when resuming.
         let ref_path = PathBuf::from(cfg.ref_model.as_deref().unwrap_or(&cfg.model_name_or_path));
@@ -306,12 +298,9 @@ impl Trainer {
                     None => {
                         let pb = progress_bar(pairs.len(), cfg.disable_tqdm);
                         pb.set_prefix(format!("reference log-probs ({name})"));
-                        let v = score_pairs(
-                            &m.transformer,
-                            pairs,
-                            cfg.per_device_eval_batch_size,
-                            |n| pb.inc(n as u64),
-                        )?;
+                        let v = score_pairs(&m.transformer, pairs, cfg.per_device_eval_batch_size, |n| {
+                            pb.inc(n as u64)
+                        })?;
                         pb.finish_and_clear();
                         reference::store_cache(&path, &v)?;
                         eprintln!(
@@ -352,11 +341,7 @@ impl Trainer {
         let mut state = TrainerState::default();
         if let Some(dir) = &resume {
             state = checkpoint::load_state(dir, &mut opt)?;
-            eprintln!(
-                "resumed from {} at step {}",
-                dir.display(),
-                state.global_step
-            );
+            eprintln!("resumed from {} at step {}", dir.display(), state.global_step);
         }
         Ok(Trainer {
             cfg: cfg.clone(),
@@ -381,33 +366,17 @@ impl Trainer {
         let cfg = &self.cfg;
         let accum = cfg.gradient_accumulation_steps;
         let step = self.state.global_step;
-        let lr = schedule::learning_rate(
-            &cfg.lr_scheduler_type,
-            cfg.learning_rate,
-            step,
-            self.total,
-            self.warmup,
-        );
+        let lr = schedule::learning_rate(&cfg.lr_scheduler_type, cfg.learning_rate, step, self.total, self.warmup);
         self.opt.zero_grad();
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0usize;
         for a in 0..accum {
             let indices = self.order.micro_batch(step * accum + a);
-            tokens += indices
-                .iter()
-                .map(|&i| self.train_pairs[i].num_tokens())
-                .sum::<usize>();
-            let stats = batch_stats(
-                &self.policy,
-                &self.reference,
-                Split::Train,
-                &indices,
-                &self.train_pairs,
-            )?;
+            tokens += indices.iter().map(|&i| self.train_pairs[i].num_tokens()).sum::<usize>();
+            let stats = batch_stats(&self.policy, &self.reference, Split::Train, &indices, &self.train_pairs)?;
             let out = self.objective.loss(&stats)?;
             let loss = out.losses.mean_all()?;
-            *metrics.entry("loss".into()).or_default() +=
-                loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
+            *metrics.entry("loss".into()).or_default() += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
             for (k, v) in out.metrics {
                 *metrics.entry(k).or_default() += v / accum as f64;
             }
@@ -439,8 +408,7 @@ impl Trainer {
     /// The metrics record for the current logging window (and resets the window).
     fn log_record(&mut self, with_eval: bool) -> Result<Value> {
         let s = self.state.global_step;
-        let epoch = (s * self.cfg.gradient_accumulation_steps) as f64
-            / self.order.batches_per_epoch() as f64;
+        let epoch = (s * self.cfg.gradient_accumulation_steps) as f64 / self.order.batches_per_epoch() as f64;
         let mut rec = Map::new();
         rec.insert("step".into(), json!(s));
         rec.insert("epoch".into(), json!((epoch * 1e4).round() / 1e4));
@@ -450,15 +418,12 @@ impl Trainer {
         }
         rec.insert("grad_norm".into(), json!(self.state.last_grad_norm));
         rec.insert("learning_rate".into(), json!(self.state.last_lr));
-        rec.insert(
-            "tokens_per_second".into(),
-            json!(w.tokens as f64 / w.seconds.max(1e-9)),
-        );
+        rec.insert("tokens_per_second".into(), json!(w.tokens as f64 / w.seconds.max(1e-9)));
         if with_eval {
             let ev = evaluate(
                 &self.policy,
                 &self.reference,
-                self.objective.as_ref(),
+                &self.objective,
                 &self.eval_pairs,
                 self.cfg.per_device_eval_batch_size,
             )?;
@@ -485,8 +450,8 @@ impl Trainer {
             pb.inc(1);
             let s = self.state.global_step;
             let cfg = &self.cfg;
-            let do_eval = !self.eval_pairs.is_empty()
-                && ((cfg.eval_steps > 0 && s.is_multiple_of(cfg.eval_steps)) || s == total);
+            let do_eval =
+                !self.eval_pairs.is_empty() && ((cfg.eval_steps > 0 && s.is_multiple_of(cfg.eval_steps)) || s == total);
             if s.is_multiple_of(cfg.logging_steps.max(1)) || s == total || do_eval {
                 let rec = self.log_record(do_eval)?;
                 checkpoint::append_metrics(&metrics_path, &rec)?;
@@ -549,7 +514,11 @@ mod tests {
         assert_eq!(plain.batches_per_epoch(), 3);
         assert_eq!(plain.micro_batch(0), vec![0, 1, 2, 3]);
         assert_eq!(plain.micro_batch(2), vec![8, 9]);
-        assert_eq!(plain.micro_batch(3), vec![0, 1, 2, 3], "epoch 2 starts over in file order");
+        assert_eq!(
+            plain.micro_batch(3),
+            vec![0, 1, 2, 3],
+            "epoch 2 starts over in file order"
+        );
         let mut a = Order::new(10, 4, 42, true);
         let mut b = Order::new(10, 4, 42, true);
         let ea: Vec<usize> = (0..3).flat_map(|k| a.micro_batch(k)).collect();
@@ -568,7 +537,12 @@ mod tests {
 
     #[test]
     fn total_steps_follow_transformers() {
-        let cfg = TrainConfig { per_device_train_batch_size: 4, gradient_accumulation_steps: 2, num_train_epochs: 1.5, ..TrainConfig::default() };
+        let cfg = TrainConfig {
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 2,
+            num_train_epochs: 1.5,
+            ..TrainConfig::default()
+        };
         // 10 pairs -> 3 batches -> 1 update/epoch (floor) -> ceil(1.5) = 2
         assert_eq!(total_steps(&cfg, 10), 2);
         assert_eq!(total_steps(&TrainConfig { max_steps: 7, ..cfg }, 10), 7);

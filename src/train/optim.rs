@@ -65,9 +65,9 @@ impl Optimizer {
     /// Add the gradients of one backward pass to the accumulators.
     pub fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
         for p in &mut self.params {
-            let g = grads.get(p.var.as_tensor()).ok_or_else(|| {
-                Error::msg(format!("parameter `{}` received no gradient", p.name))
-            })?;
+            let g = grads
+                .get(p.var.as_tensor())
+                .ok_or_else(|| Error::msg(format!("parameter `{}` received no gradient", p.name)))?;
             let g: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             for (a, b) in p.grad.iter_mut().zip(g) {
                 *a += b;
@@ -92,9 +92,7 @@ impl Optimizer {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {
                 for p in &mut self.params {
-                    p.grad
-                        .iter_mut()
-                        .for_each(|g| *g = (*g as f64 * coef) as f32);
+                    p.grad.iter_mut().for_each(|g| *g = (*g as f64 * coef) as f32);
                 }
             }
         }
@@ -118,12 +116,7 @@ impl Optimizer {
                     let decay = if p.decay { (1.0 - lr * wd) as f32 } else { 1.0 };
                     let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
                     let bc2_sqrt = bc2_sqrt as f32;
-                    for (((w, &g), m), v) in w
-                        .iter_mut()
-                        .zip(&p.grad)
-                        .zip(p.m.iter_mut())
-                        .zip(p.v.iter_mut())
-                    {
+                    for (((w, &g), m), v) in w.iter_mut().zip(&p.grad).zip(p.m.iter_mut()).zip(p.v.iter_mut()) {
                         *m = b1 * *m + (1.0 - b1) * g;
                         *v = b2 * *v + (1.0 - b2) * g * g;
                         let denom = v.sqrt() / bc2_sqrt + eps;
@@ -164,11 +157,7 @@ impl Optimizer {
     }
 
     /// Restore from [`Self::state_tensors`].
-    pub fn load_state(
-        &mut self,
-        mut tensors: std::collections::HashMap<String, Tensor>,
-        t: u64,
-    ) -> Result<()> {
+    pub fn load_state(&mut self, mut tensors: std::collections::HashMap<String, Tensor>, t: u64) -> Result<()> {
         self.t = t;
         for p in &mut self.params {
             if p.m.is_empty() {
@@ -220,18 +209,12 @@ mod tests {
                 m[i] = 0.9 * m[i] + 0.1 * gi;
                 v[i] = 0.999 * v[i] + 0.001 * gi * gi;
                 w[i] *= 1.0 - 0.01 * 0.1;
-                w[i] -= 0.01 / (1.0 - 0.9f64.powi(t)) * m[i]
-                    / (v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8);
+                w[i] -= 0.01 / (1.0 - 0.9f64.powi(t)) * m[i] / (v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8);
             }
         }
         let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
         for i in 0..2 {
-            assert!(
-                (got[i] as f64 - w[i]).abs() < 1e-6,
-                "{} vs {}",
-                got[i],
-                w[i]
-            );
+            assert!((got[i] as f64 - w[i]).abs() < 1e-6, "{} vs {}", got[i], w[i]);
         }
     }
 
@@ -242,10 +225,7 @@ mod tests {
         let mut opt = Optimizer::new(
             OptimKind::Sgd,
             0.5,
-            vec![
-                ("a.weight".into(), w.clone()),
-                ("model.norm.weight".into(), n.clone()),
-            ],
+            vec![("a.weight".into(), w.clone()), ("model.norm.weight".into(), n.clone())],
         );
         opt.params[0].grad = vec![2.0];
         opt.params[1].grad = vec![2.0];

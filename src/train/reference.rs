@@ -115,10 +115,5 @@ pub fn store_cache(path: &Path, v: &[(f64, f64)]) -> Result<()> {
     if let Some(dir) = path.parent() {
         crate::util::create_dir_all(dir)?;
     }
-    write_atomic(
-        path,
-        serde_json::to_string(v)
-            .expect("numbers serialise")
-            .as_bytes(),
-    )
+    write_atomic(path, serde_json::to_string(v).expect("numbers serialise").as_bytes())
 }

@@ -47,9 +47,7 @@ mod tests {
     #[test]
     fn schedules_match_transformers() {
         // linear, 10 steps, 2 warm-up: 0, .5, 1, 7/8, ...
-        let lr: Vec<f64> = (0..10)
-            .map(|s| learning_rate("linear", 1.0, s, 10, 2))
-            .collect();
+        let lr: Vec<f64> = (0..10).map(|s| learning_rate("linear", 1.0, s, 10, 2)).collect();
         assert_eq!(lr[0], 0.0);
         assert_eq!(lr[1], 0.5);
         assert_eq!(lr[2], 1.0);

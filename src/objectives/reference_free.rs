@@ -1,0 +1,61 @@
+//! Reference-free objectives (no reference model is loaded or run): SimPO, CPO, AlphaPO,
+//! ORPO, with TRL's CPOTrainer / ORPOTrainer arithmetic.
+
+use super::{log_sigmoid, mean, Ctx};
+use crate::error::Result;
+use candle_core::Tensor;
+
+fn smoothed(x: &Tensor, c: &Ctx) -> Result<Tensor> {
+    let eps = c.p.label_smoothing;
+    let z = (x * c.p.beta)?;
+    Ok(((log_sigmoid(&z)? * -(1.0 - eps))? - (log_sigmoid(&z.neg()?)? * eps)?)?)
+}
+
+/// SimPO: −log σ(β(ℓ̄_w − ℓ̄_l − γ/β)), with ε smoothing as TRL; γ = `simpo_gamma`.
+pub fn simpo(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.mean_logps()?;
+    smoothed(&((w - l)? - c.p.simpo_gamma / c.p.beta)?, c)
+}
+
+/// AlphaPO: SimPO with the reward r = (1 − p^{−α})/α, p = exp(ℓ̄) (α = 0: r = ℓ̄).
+pub fn alphapo(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.mean_logps()?;
+    let a = c.p.alpha;
+    let r = |x: Tensor| -> Result<Tensor> {
+        if a == 0.0 {
+            Ok(x)
+        } else {
+            Ok(((1.0 - (x * -a)?.exp()?)? / a)?)
+        }
+    };
+    smoothed(&((r(w)? - r(l)?)? - c.p.simpo_gamma / c.p.beta)?, c)
+}
+
+/// CPO: −log σ(β(log π_w − log π_l)) (ε-smoothed) + `cpo_alpha` · NLL(y_w) (batch token mean).
+pub fn cpo(c: &Ctx) -> Result<Tensor> {
+    let pref = smoothed(&(&c.s.policy_chosen - &c.s.policy_rejected)?, c)?;
+    Ok((pref + (c.chosen_nll_batch_token_mean()? * c.p.cpo_alpha)?)?)
+}
+
+/// log odds(y) = ℓ̄ − log(1 − e^ℓ̄), for chosen minus rejected.
+fn log_odds_diff(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.mean_logps()?;
+    let lo = |x: Tensor| -> Result<Tensor> { Ok((&x - (1.0 - x.exp()?)?.log()?)?) };
+    Ok((lo(w)? - lo(l)?)?)
+}
+
+/// ORPO: NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l)), λ = `beta`.
+pub fn orpo(c: &Ctx) -> Result<Tensor> {
+    let ratio = log_sigmoid(&log_odds_diff(c)?)?;
+    Ok((c.chosen_nll_batch_token_mean()? - (ratio * c.p.beta)?)?)
+}
+
+/// ORPO's metrics: `nll_loss`, `log_odds_ratio` (mean log σ(·)), `log_odds_chosen`.
+pub fn orpo_metrics(c: &Ctx) -> Result<Vec<(String, f64)>> {
+    let lo = log_odds_diff(c)?;
+    Ok(vec![
+        ("nll_loss".into(), mean(&c.chosen_nll_batch_token_mean()?)?),
+        ("log_odds_ratio".into(), mean(&log_sigmoid(&lo)?)?),
+        ("log_odds_chosen".into(), mean(&lo)?),
+    ])
+}
