@@ -18,7 +18,24 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "ref_model",
         "(the starting policy)",
-        "Reference model path. Default: a frozen copy of the starting policy.",
+        "Reference model: a path (HF dir, .gguf, or an earlier checkpoint of a run: SePPO-style), or a list of paths averaged in weight space (SALSA soup).",
+    ),
+    (
+        "sync_ref_model",
+        "false",
+        "TR-DPO: every ref_model_sync_steps, π_ref ← α·π_θ + (1−α)·π_ref with α = ref_model_mixup_alpha (α = 1: the reference becomes the policy).",
+    ),
+    ("ref_model_mixup_alpha", "0.6", "α of sync_ref_model."),
+    ("ref_model_sync_steps", "512", "Steps between reference updates with sync_ref_model."),
+    (
+        "ld_alpha",
+        "(none)",
+        "LD-DPO: log-probs count tokens past the shorter completion's length α times (policy and reference).",
+    ),
+    (
+        "use_weighting",
+        "false",
+        "WPO: weight each pair's loss by exp(mean_t[log p(y_t) − log Σ_v p(v)²]) of chosen times rejected.",
     ),
     (
         "output_dir",
@@ -156,6 +173,23 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("disable_tqdm", "false", "No progress bar."),
 ];
 
+/// `ref_model`: one path, or several averaged in weight space.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RefModel {
+    One(String),
+    Soup(Vec<String>),
+}
+
+impl RefModel {
+    pub fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            RefModel::One(s) => vec![PathBuf::from(s)],
+            RefModel::Soup(v) => v.iter().map(PathBuf::from).collect(),
+        }
+    }
+}
+
 /// `loss_type`: one name, a list, or a comma-separated string.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -181,7 +215,12 @@ impl LossType {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub model_name_or_path: String,
-    pub ref_model: Option<String>,
+    pub ref_model: Option<RefModel>,
+    pub sync_ref_model: bool,
+    pub ref_model_mixup_alpha: f64,
+    pub ref_model_sync_steps: usize,
+    pub ld_alpha: Option<f64>,
+    pub use_weighting: bool,
     pub output_dir: String,
     pub train_file: String,
     pub eval_file: Option<String>,
@@ -231,6 +270,11 @@ impl Default for TrainConfig {
         TrainConfig {
             model_name_or_path: String::new(),
             ref_model: None,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
+            ld_alpha: None,
+            use_weighting: false,
             output_dir: "runs/prefer".into(),
             train_file: String::new(),
             eval_file: None,
@@ -363,6 +407,18 @@ impl TrainConfig {
         if !(0.0..0.5).contains(&self.label_smoothing) {
             return bad("label_smoothing must be in [0, 0.5)".into());
         }
+        if self.sync_ref_model && self.precompute_ref_log_probs {
+            return bad("sync_ref_model updates the reference during training, so its log-probs cannot be precomputed; turn one off".into());
+        }
+        if self.sync_ref_model && self.ref_model_sync_steps == 0 {
+            return bad("ref_model_sync_steps must be ≥ 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.ref_model_mixup_alpha) {
+            return bad("ref_model_mixup_alpha must be in [0, 1]".into());
+        }
+        if matches!(&self.ref_model, Some(RefModel::Soup(v)) if v.is_empty()) {
+            return bad("ref_model is an empty list".into());
+        }
         self.objective()?;
         Ok(())
     }
@@ -387,6 +443,13 @@ impl TrainConfig {
             self.loss_weights.as_deref(),
             &self.objective_params(),
         )
+    }
+
+    pub fn stats_options(&self) -> crate::stats::StatsOptions {
+        crate::stats::StatsOptions {
+            ld_alpha: self.ld_alpha,
+            use_weighting: self.use_weighting,
+        }
     }
 
     pub fn tokenize_options(&self) -> TokenizeOptions {
@@ -430,7 +493,8 @@ mod tests {
     fn keys_table_matches_struct_fields() {
         let c = TrainConfig {
             loss_weights: Some(vec![1.0]),
-            ref_model: Some("x".into()),
+            ref_model: Some(RefModel::One("x".into())),
+            ld_alpha: Some(0.5),
             eval_file: Some("x".into()),
             resume_from_checkpoint: Some("x".into()),
             ..TrainConfig::default()

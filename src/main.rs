@@ -407,6 +407,7 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
         ref_rejected: if rr.is_empty() { None } else { Some(t(&rr)?) },
         chosen_tokens: nc,
         rejected_tokens: nr,
+        weights: None,
     };
     let out = objective.loss(&st)?;
     let losses: Vec<f64> = out.losses.to_vec1()?;
@@ -471,11 +472,17 @@ fn eval_cmd(
     for e in &report.skipped {
         eprintln!("skipped: {e}");
     }
-    let policy = prefer::stats::score_pairs(&m.transformer, &pairs, batch_size, |_| {})?;
+    let policy = prefer::stats::score_pairs(&m.transformer, &pairs, batch_size, &Default::default(), |_| {})?;
     let reference = match ref_path {
         Some(r) => {
             let rm = model::load(r, DType::F32, &dev)?;
-            Some(prefer::stats::score_pairs(&rm.transformer, &pairs, batch_size, |_| {})?)
+            Some(prefer::stats::score_pairs(
+                &rm.transformer,
+                &pairs,
+                batch_size,
+                &Default::default(),
+                |_| {},
+            )?)
         }
         None => None,
     };

@@ -129,6 +129,7 @@ fn stats(rows: &[Row], pc: &Var, pr: &Var, with_ref: bool) -> PairStats {
         ref_rejected: with_ref.then(|| col(|r| r.rr)),
         chosen_tokens: rows.iter().map(|r| r.nc).collect(),
         rejected_tokens: rows.iter().map(|r| r.nr).collect(),
+        weights: None,
     }
 }
 

@@ -119,7 +119,7 @@ fn dpo_learns_the_toy_preference_and_saves_an_hf_model() {
         false,
     )
     .unwrap();
-    let scores = prefer::stats::score_pairs(&trained.transformer, &pairs, 8, |_| {}).unwrap();
+    let scores = prefer::stats::score_pairs(&trained.transformer, &pairs, 8, &Default::default(), |_| {}).unwrap();
     assert!(scores.iter().all(|(c, r)| c > r));
     for k in [4, 8, 12] {
         assert!(Path::new(&cfg.output_dir)
@@ -225,7 +225,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
         ..cfg.clone()
     };
     std::fs::write(&toml_path, toml::to_string(&long).unwrap()).unwrap();
-    let child = bin()
+    let mut child = bin()
         .args(["train", "--config"])
         .arg(&toml_path)
         .stderr(std::process::Stdio::piped())
@@ -239,6 +239,11 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
         < 2
     {
         assert!(t0.elapsed().as_secs() < 120, "training never logged");
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("training exited early ({status}): {err}");
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     Command::new("kill")
@@ -418,11 +423,105 @@ fn each_objective_family_learns_the_toy_preference() {
         );
         let out = prefer::train::train(&c).unwrap();
         let last = out.last_log.unwrap();
-        assert!(f(&last, "rewards/accuracies") >= 0.75 && f(&last, "rewards/margins") > 0.0, "{loss}: {last}");
+        assert!(
+            f(&last, "rewards/accuracies") >= 0.75 && f(&last, "rewards/margins") > 0.0,
+            "{loss}: {last}"
+        );
         let m = metrics(&c);
         assert!(
             f(m.last().unwrap(), "loss") < f(&m[0], "loss"),
             "{loss}: loss did not fall"
         );
     }
+}
+
+#[test]
+fn tr_dpo_sync_resumes_exactly_and_alpha_one_resets_the_reference() {
+    let (_dir, cfg) = tiny_setup("sync");
+    let c = TrainConfig {
+        sync_ref_model: true,
+        ref_model_sync_steps: 3,
+        ref_model_mixup_alpha: 0.5,
+        save_steps: 5,
+        ..cfg.clone()
+    };
+    prefer::train::train(&c).unwrap();
+    let straight = metrics(&c);
+    let c2 = TrainConfig {
+        output_dir: format!("{}-2", c.output_dir),
+        ..c.clone()
+    };
+    let mut t = Trainer::new(&c2).unwrap();
+    t.stop_after_step = Some(7);
+    t.run().unwrap();
+    assert!(Path::new(&c2.output_dir)
+        .join("checkpoint-7/ref_model/model.safetensors")
+        .is_file());
+    prefer::train::train(&TrainConfig {
+        resume_from_checkpoint: Some("latest".into()),
+        ..c2.clone()
+    })
+    .unwrap();
+    let resumed = metrics(&c2);
+    for (x, y) in straight.iter().zip(&resumed) {
+        for k in ["loss", "rewards/margins", "grad_norm"] {
+            assert_eq!(x[k], y[k], "step {}: {k}", x["step"]);
+        }
+    }
+    // α = 1: after the sync at step 3 the reference is the policy, so step 4 starts at zero reward
+    let c3 = TrainConfig {
+        ref_model_mixup_alpha: 1.0,
+        output_dir: format!("{}-3", c.output_dir),
+        max_steps: 4,
+        ..c
+    };
+    prefer::train::train(&c3).unwrap();
+    let m = metrics(&c3);
+    assert!(f(&m[2], "rewards/margins").abs() > 1e-4);
+    assert_eq!(f(&m[3], "rewards/margins"), 0.0);
+    assert!((f(&m[3], "loss") - std::f64::consts::LN_2).abs() < 1e-6);
+}
+
+#[test]
+fn ld_alpha_and_wpo_weighting_train() {
+    let (_dir, cfg) = tiny_setup("ldwpo");
+    for (name, c) in [
+        (
+            "ld",
+            TrainConfig {
+                ld_alpha: Some(0.5),
+                ..cfg.clone()
+            },
+        ),
+        (
+            "wpo",
+            TrainConfig {
+                use_weighting: true,
+                ..cfg.clone()
+            },
+        ),
+    ] {
+        let c = TrainConfig {
+            output_dir: format!("{}-{name}", cfg.output_dir),
+            ..c
+        };
+        let out = prefer::train::train(&c).unwrap();
+        let last = out.last_log.unwrap();
+        assert!(f(&last, "rewards/margins") > 0.0, "{name}: {last}");
+    }
+    // WPO weights are below 1 here, so the first-step loss is below log 2
+    let m = metrics(&TrainConfig {
+        output_dir: format!("{}-wpo", cfg.output_dir),
+        ..cfg.clone()
+    });
+    assert!(f(&m[0], "loss") < std::f64::consts::LN_2 - 1e-3, "{}", m[0]);
+    // precompute and sync cannot be combined
+    let e = TrainConfig {
+        sync_ref_model: true,
+        precompute_ref_log_probs: true,
+        ..cfg
+    }
+    .validate()
+    .unwrap_err();
+    assert!(e.to_string().contains("sync_ref_model"), "{e}");
 }

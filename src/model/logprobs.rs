@@ -34,6 +34,9 @@ pub struct SeqLogps {
     pub offsets: Vec<usize>,
     /// `[S]`: summed log-prob of each sequence's scored tokens.
     pub sums: Tensor,
+    /// `[N]`, only when asked for: `log Σ_v p_t(v)²` at each scored position (no gradient),
+    /// for WPO's weights.
+    pub log_sum_sq: Option<Tensor>,
 }
 
 impl SeqLogps {
@@ -44,6 +47,16 @@ impl SeqLogps {
 
 /// Score `seqs` in one padded forward pass. Differentiable in the model's parameters.
 pub fn sequence_logps(model: &Transformer, seqs: &[ScoredSeq], side: PaddingSide) -> Result<SeqLogps> {
+    sequence_logps_with(model, seqs, side, false)
+}
+
+/// [`sequence_logps`], optionally with `log Σ_v p_t(v)²` per scored token.
+pub fn sequence_logps_with(
+    model: &Transformer,
+    seqs: &[ScoredSeq],
+    side: PaddingSide,
+    with_sum_sq: bool,
+) -> Result<SeqLogps> {
     if seqs.is_empty() {
         return Err(Error::msg("sequence_logps: empty batch"));
     }
@@ -83,28 +96,52 @@ pub fn sequence_logps(model: &Transformer, seqs: &[ScoredSeq], side: PaddingSide
     let attn = AttentionInputs::padded(cfg, &valid, model.dtype(), dev)?;
     let hidden = model.hidden_states(&input, &attn)?;
     let hidden = hidden.reshape((seqs.len() * t, cfg.hidden_size))?;
-    let token_logps = gather_logps(model, &hidden, &rows, &targets)?;
+    let (token_logps, log_sum_sq) = gather_logps_with(model, &hidden, &rows, &targets, with_sum_sq)?;
     let sums = segment_sums(&token_logps, &offsets)?;
     Ok(SeqLogps {
         token_logps,
         offsets,
         sums,
+        log_sum_sq,
     })
 }
 
 /// `log p(target | row)` for each (row, target) pair, through the output projection in chunks.
 pub fn gather_logps(model: &Transformer, hidden: &Tensor, rows: &[u32], targets: &[u32]) -> Result<Tensor> {
+    Ok(gather_logps_with(model, hidden, rows, targets, false)?.0)
+}
+
+/// [`gather_logps`], optionally with `log Σ_v p(v)² = logsumexp(2·logits) − 2·logsumexp(logits)`
+/// per row (detached).
+pub fn gather_logps_with(
+    model: &Transformer,
+    hidden: &Tensor,
+    rows: &[u32],
+    targets: &[u32],
+    with_sum_sq: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let dev = model.device();
     let mut parts = Vec::new();
+    let mut sq_parts = Vec::new();
     for (r, tg) in rows.chunks(LOGIT_CHUNK_ROWS).zip(targets.chunks(LOGIT_CHUNK_ROWS)) {
         let h = hidden.index_select(&Tensor::new(r, dev)?, 0)?;
         let logits = model.logits(&h)?; // [n, V]
         let lse = logsumexp_last(&logits)?.squeeze(1)?;
+        if with_sum_sq {
+            let l = logits.detach();
+            let lse2 = logsumexp_last(&(l * 2.0)?)?.squeeze(1)?;
+            sq_parts.push((lse2 - (lse.detach() * 2.0)?)?);
+        }
         let tgt = Tensor::new(tg, dev)?.unsqueeze(1)?;
         let picked = logits.gather(&tgt, 1)?.squeeze(1)?;
         parts.push((picked - lse)?);
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    let sq = if with_sum_sq {
+        Some(Tensor::cat(&sq_parts, 0)?)
+    } else {
+        None
+    };
+    Ok((Tensor::cat(&parts, 0)?, sq))
 }
 
 /// Per-token log-probs (f32) of `ids[completion_start..]` for one sequence.

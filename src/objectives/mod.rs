@@ -24,6 +24,8 @@ pub struct PairStats {
     /// Completion token counts (EOS included).
     pub chosen_tokens: Vec<usize>,
     pub rejected_tokens: Vec<usize>,
+    /// `[B]` per-pair loss weights (WPO's ω_w·ω_l with `use_weighting`), no gradient.
+    pub weights: Option<Tensor>,
 }
 
 /// What an objective returns for a batch.
@@ -323,10 +325,11 @@ impl Objective {
                 metrics.extend(m(&ctx)?);
             }
         }
-        Ok(ObjectiveOutput {
-            losses: total.expect("at least one part"),
-            metrics,
-        })
+        let mut losses = total.expect("at least one part");
+        if let Some(w) = &stats.weights {
+            losses = (losses * w)?;
+        }
+        Ok(ObjectiveOutput { losses, metrics })
     }
 }
 

@@ -13,6 +13,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
+/// With `sync_ref_model`, the current (synced) reference is saved here inside a checkpoint.
+pub const REF_DIR: &str = "ref_model";
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -29,6 +31,7 @@ pub struct TrainerState {
 pub fn save(
     out_dir: &Path,
     model: &LoadedModel,
+    synced_ref: Option<&LoadedModel>,
     opt: &Optimizer,
     state: &TrainerState,
     cfg: &TrainConfig,
@@ -39,6 +42,9 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     crate::model::hf::save_dir(model, &tmp)?;
+    if let Some(r) = synced_ref {
+        crate::model::hf::save_dir(r, &tmp.join(REF_DIR))?;
+    }
     let st = crate::model::hf::model_safetensors_bytes(&opt.state_tensors()?)?;
     write_atomic(&tmp.join("optimizer.safetensors"), &st)?;
     let mut state = state.clone();

@@ -12,7 +12,7 @@ use crate::data::{load_tokenized_pairs, TokenizedPair};
 use crate::error::{Error, Result};
 use crate::model::{self, LoadedModel};
 use crate::objectives::{self, Objective, PairStats};
-use crate::stats::{pair_logps, score_pairs};
+use crate::stats::{pair_logps, score_pairs, StatsOptions};
 use crate::util::Rng;
 use candle_core::{DType, Device};
 use checkpoint::TrainerState;
@@ -145,6 +145,45 @@ pub fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>> {
     }
 }
 
+/// Load one model, or several with the same architecture averaged in weight space (SALSA).
+pub fn load_soup(paths: &[PathBuf], dtype: DType, dev: &Device) -> Result<LoadedModel> {
+    let first = model::load(&paths[0], dtype, dev)?;
+    if paths.len() == 1 {
+        return Ok(first);
+    }
+    let mut sums: Vec<candle_core::Tensor> = first.transformer.params().iter().map(|(_, t)| t.clone()).collect();
+    for p in &paths[1..] {
+        let m = model::load(p, dtype, dev)?;
+        if m.transformer.cfg != first.transformer.cfg {
+            return Err(Error::Config(format!(
+                "ref_model soup: {} has another architecture than {}",
+                p.display(),
+                paths[0].display()
+            )));
+        }
+        for (s, (_, t)) in sums.iter_mut().zip(m.transformer.params()) {
+            *s = (&*s + t)?;
+        }
+    }
+    let k = paths.len() as f64;
+    let mut it = sums.into_iter();
+    let transformer = first.transformer.map(|_, _| Ok((it.next().expect("same walk") / k)?))?;
+    Ok(LoadedModel { transformer, ..first })
+}
+
+/// TR-DPO's reference update: `ref ← α·policy + (1−α)·ref`.
+pub fn mix_into_reference(
+    reference: &model::Transformer,
+    policy: &model::Transformer,
+    alpha: f64,
+) -> Result<model::Transformer> {
+    let mut it = policy.params().iter();
+    reference.map(|_, r| {
+        let (_, p) = it.next().expect("same architecture");
+        Ok(((p.detach() * alpha)? + (r * (1.0 - alpha))?)?)
+    })
+}
+
 /// Objective statistics for a batch of pairs.
 fn batch_stats(
     policy: &LoadedModel,
@@ -152,10 +191,12 @@ fn batch_stats(
     split: Split,
     indices: &[usize],
     pairs: &[TokenizedPair],
+    opts: &StatsOptions,
 ) -> Result<PairStats> {
     let batch: Vec<&TokenizedPair> = indices.iter().map(|&i| &pairs[i]).collect();
-    let (pc, pr) = pair_logps(&policy.transformer, &batch)?;
-    let refs = reference.logps(split, indices, &batch, policy.transformer.dtype())?;
+    let lp = pair_logps(&policy.transformer, &batch, opts)?;
+    let (pc, pr) = (lp.chosen, lp.rejected);
+    let refs = reference.logps(split, indices, &batch, policy.transformer.dtype(), opts)?;
     let (ref_chosen, ref_rejected) = match refs {
         Some((c, r)) => (Some(c), Some(r)),
         None => (None, None),
@@ -167,6 +208,7 @@ fn batch_stats(
         ref_rejected,
         chosen_tokens: batch.iter().map(|p| p.chosen_ids.len()).collect(),
         rejected_tokens: batch.iter().map(|p| p.rejected_ids.len()).collect(),
+        weights: lp.weights,
     })
 }
 
@@ -178,11 +220,12 @@ pub fn evaluate(
     objective: &Objective,
     pairs: &[TokenizedPair],
     batch_size: usize,
+    opts: &StatsOptions,
 ) -> Result<Vec<(String, f64)>> {
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let all: Vec<usize> = (0..pairs.len()).collect();
     for chunk in all.chunks(batch_size.max(1)) {
-        let stats = batch_stats(policy, reference, Split::Eval, chunk, pairs)?;
+        let stats = batch_stats(policy, reference, Split::Eval, chunk, pairs, opts)?;
         let out = objective.loss(&stats)?;
         let w = chunk.len() as f64;
         *sums.entry("loss".into()).or_default() += objectives::mean(&out.losses)? * w;
@@ -212,6 +255,7 @@ pub struct Trainer {
     pub resumed_from: Option<PathBuf>,
     /// Behave as if Ctrl-C came after this step (tests and scripted runs).
     pub stop_after_step: Option<usize>,
+    pub stats_options: StatsOptions,
 }
 
 /// What one optimizer step did.
@@ -263,14 +307,24 @@ impl Trainer {
         );
         let objective = cfg.objective()?;
 
-        // The reference: always the starting model (or ref_model), also when resuming.
-        let ref_path = PathBuf::from(cfg.ref_model.as_deref().unwrap_or(&cfg.model_name_or_path));
+        // The reference: the starting model (or ref_model, a weight-space soup when a list),
+        // also when resuming; with sync_ref_model a resumed run restores the synced reference.
+        let ref_paths = match &cfg.ref_model {
+            Some(r) => r.paths(),
+            None => vec![start_path.clone()],
+        };
+        let synced_ref = resume
+            .as_ref()
+            .map(|d| d.join(checkpoint::REF_DIR))
+            .filter(|d| d.is_dir());
         let load_ref = || -> Result<LoadedModel> {
-            if resume.is_none() && ref_path == start_path {
-                policy.frozen_copy()
-            } else {
-                model::load(&ref_path, dtype, &dev)
+            if let Some(d) = &synced_ref {
+                return model::load(d, dtype, &dev);
             }
+            if resume.is_none() && ref_paths == [start_path.clone()] {
+                return policy.frozen_copy();
+            }
+            load_soup(&ref_paths, dtype, &dev)
         };
         let reference = if !objective.needs_reference() {
             Reference::None
@@ -289,7 +343,7 @@ impl Trainer {
                     loaded = Some((m, h));
                 }
                 let (m, h) = loaded.as_ref().expect("loaded above");
-                let path = reference::cache_path(&cache_dir, *h, pairs, dtype);
+                let path = reference::cache_path(&cache_dir, *h, pairs, dtype, &cfg.stats_options());
                 match reference::load_cache(&path, pairs.len()) {
                     Some(v) => {
                         eprintln!("reference log-probs ({name}): reusing {}", path.display());
@@ -298,9 +352,13 @@ impl Trainer {
                     None => {
                         let pb = progress_bar(pairs.len(), cfg.disable_tqdm);
                         pb.set_prefix(format!("reference log-probs ({name})"));
-                        let v = score_pairs(&m.transformer, pairs, cfg.per_device_eval_batch_size, |n| {
-                            pb.inc(n as u64)
-                        })?;
+                        let v = score_pairs(
+                            &m.transformer,
+                            pairs,
+                            cfg.per_device_eval_batch_size,
+                            &cfg.stats_options(),
+                            |n| pb.inc(n as u64),
+                        )?;
                         pb.finish_and_clear();
                         reference::store_cache(&path, &v)?;
                         eprintln!(
@@ -357,6 +415,7 @@ impl Trainer {
             state,
             resumed_from: resume,
             stop_after_step: None,
+            stats_options: cfg.stats_options(),
         })
     }
 
@@ -373,7 +432,14 @@ impl Trainer {
         for a in 0..accum {
             let indices = self.order.micro_batch(step * accum + a);
             tokens += indices.iter().map(|&i| self.train_pairs[i].num_tokens()).sum::<usize>();
-            let stats = batch_stats(&self.policy, &self.reference, Split::Train, &indices, &self.train_pairs)?;
+            let stats = batch_stats(
+                &self.policy,
+                &self.reference,
+                Split::Train,
+                &indices,
+                &self.train_pairs,
+                &self.stats_options,
+            )?;
             let out = self.objective.loss(&stats)?;
             let loss = out.losses.mean_all()?;
             *metrics.entry("loss".into()).or_default() += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
@@ -386,6 +452,12 @@ impl Trainer {
         let grad_norm = self.opt.clip_grad_norm(cfg.max_grad_norm);
         self.opt.step(lr)?;
         self.state.global_step += 1;
+        if cfg.sync_ref_model && self.state.global_step.is_multiple_of(cfg.ref_model_sync_steps) {
+            if let Reference::Model(r) = &self.reference {
+                let mixed = mix_into_reference(r, &self.policy.transformer, cfg.ref_model_mixup_alpha)?;
+                self.reference = Reference::Model(mixed);
+            }
+        }
         let seconds = t0.elapsed().as_secs_f64();
         let w = &mut self.state.window;
         for (k, v) in &metrics {
@@ -426,6 +498,7 @@ impl Trainer {
                 &self.objective,
                 &self.eval_pairs,
                 self.cfg.per_device_eval_batch_size,
+                &self.stats_options,
             )?;
             for (k, v) in ev {
                 rec.insert(k, json!(v));
@@ -470,9 +543,18 @@ impl Trainer {
             }
             let stop = STOP_REQUESTED.load(Ordering::SeqCst) || self.stop_after_step == Some(s);
             if s.is_multiple_of(self.cfg.save_steps.max(1)) || s == total || stop {
+                // with sync_ref_model the reference has moved: keep it for an exact resume
+                let synced = match (&self.reference, self.cfg.sync_ref_model) {
+                    (Reference::Model(r), true) => Some(LoadedModel {
+                        transformer: r.clone(),
+                        ..self.policy.clone()
+                    }),
+                    _ => None,
+                };
                 last_checkpoint = Some(checkpoint::save(
                     &out_dir,
                     &self.policy,
+                    synced.as_ref(),
                     &self.opt,
                     &self.state,
                     &self.cfg,

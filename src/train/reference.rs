@@ -5,7 +5,7 @@
 use crate::data::TokenizedPair;
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, Transformer};
-use crate::stats::pair_logps;
+use crate::stats::{pair_logps, StatsOptions};
 use crate::util::{write_atomic, Fnv64};
 use candle_core::{DType, Tensor};
 use std::io::Read;
@@ -35,12 +35,17 @@ impl Reference {
         indices: &[usize],
         pairs: &[&TokenizedPair],
         dtype: DType,
+        opts: &StatsOptions,
     ) -> Result<Option<(Tensor, Tensor)>> {
         match self {
             Reference::None => Ok(None),
             Reference::Model(m) => {
-                let (c, r) = pair_logps(m, pairs)?;
-                Ok(Some((c.detach(), r.detach())))
+                let opts = StatsOptions {
+                    use_weighting: false,
+                    ..opts.clone()
+                };
+                let lp = pair_logps(m, pairs, &opts)?;
+                Ok(Some((lp.chosen.detach(), lp.rejected.detach())))
             }
             Reference::Cached { train, eval } => {
                 let table = if split == Split::Train { train } else { eval };
@@ -95,12 +100,16 @@ pub fn data_hash(pairs: &[TokenizedPair]) -> u64 {
     h.finish()
 }
 
-/// Cache file for (model, data, dtype).
-pub fn cache_path(dir: &Path, model_hash: u64, pairs: &[TokenizedPair], dtype: DType) -> PathBuf {
+/// Cache file for (model, data, dtype, statistics options).
+pub fn cache_path(dir: &Path, model_hash: u64, pairs: &[TokenizedPair], dtype: DType, opts: &StatsOptions) -> PathBuf {
     let mut h = Fnv64::default();
     h.update(&model_hash.to_le_bytes());
     h.update(&data_hash(pairs).to_le_bytes());
     h.update(dtype.as_str().as_bytes());
+    if let Some(a) = opts.ld_alpha {
+        h.update(b"ld_alpha");
+        h.update(&a.to_le_bytes());
+    }
     dir.join(format!("{:016x}.json", h.finish()))
 }
 
