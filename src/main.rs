@@ -4,8 +4,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 use prefer::config::TrainConfig;
-use prefer::data::tokenize::load_text_pairs;
-use prefer::data::{load_tokenized_pairs, TokenizeOptions, TruncationMode};
+use prefer::data::tokenize::load_text_examples;
+use prefer::data::{load_tokenized_examples, Shape, TokenizeOptions, TruncationMode};
 use prefer::model;
 use prefer::tokenizer::Message;
 use serde_json::{json, Value};
@@ -409,7 +409,7 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
         rejected_tokens: nr,
         weights: None,
     };
-    let out = objective.loss(&st)?;
+    let out = objective.loss_pairs(&st)?;
     let losses: Vec<f64> = out.losses.to_vec1()?;
     let beta = cfg.beta;
     let mut stdout = std::io::stdout().lock();
@@ -468,27 +468,28 @@ fn eval_cmd(
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
     };
-    let (pairs, report) = load_tokenized_pairs(data, &m.tokenizer, &opts, skip_invalid)?;
+    let (pairs, report) = load_tokenized_examples(data, &m.tokenizer, &opts, skip_invalid)?;
     for e in &report.skipped {
         eprintln!("skipped: {e}");
     }
-    let policy = prefer::stats::score_pairs(&m.transformer, &pairs, batch_size, &Default::default(), |_| {})?;
+    if report.shape != Some(Shape::Pairwise) {
+        bail!(
+            "{}: prefer eval reads pairwise data (chosen/rejected); convert ranked lists with `prefer data convert --to pairs`",
+            data.display()
+        );
+    }
+    let score = |t: &model::Transformer| -> Result<Vec<(f64, f64)>> {
+        let v = prefer::stats::score_examples(t, &pairs, batch_size, &Default::default(), |_| {})?;
+        Ok(v.into_iter().map(|r| (r[0], r[1])).collect())
+    };
+    let policy = score(&m.transformer)?;
     let reference = match ref_path {
-        Some(r) => {
-            let rm = model::load(r, DType::F32, &dev)?;
-            Some(prefer::stats::score_pairs(
-                &rm.transformer,
-                &pairs,
-                batch_size,
-                &Default::default(),
-                |_| {},
-            )?)
-        }
+        Some(r) => Some(score(&model::load(r, DType::F32, &dev)?.transformer)?),
         None => None,
     };
     let lengths: Vec<(usize, usize)> = pairs
         .iter()
-        .map(|p| (p.chosen_ids.len(), p.rejected_ids.len()))
+        .map(|p| (p.chosen_ids().len(), p.rejected_ids().len()))
         .collect();
     let summary = prefer::eval::summarize(&policy, reference.as_deref(), &lengths, beta);
     let mut gen_acc = None;
@@ -496,7 +497,7 @@ fn eval_cmd(
         let mut hits = 0;
         for p in &pairs {
             let want: Vec<u32> = p
-                .chosen_ids
+                .chosen_ids()
                 .iter()
                 .copied()
                 .filter(|&t| t != m.tokenizer.eos_id)
@@ -550,7 +551,7 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             max_prompt_length,
         } => {
             let tok = model.as_deref().map(model::load_tokenizer).transpose()?;
-            let (pairs, mut report) = load_text_pairs(&file, tok.as_ref(), true)?;
+            let (pairs, mut report) = load_text_examples(&file, tok.as_ref(), true)?;
             if let Some(tok) = &tok {
                 let opts = TokenizeOptions {
                     max_length: Some(max_length),
@@ -558,7 +559,7 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
                     truncation_mode: TruncationMode::KeepEnd,
                 };
                 for p in &pairs {
-                    if let Err(e) = prefer::data::tokenize::tokenize_pair(p, tok, &opts, &file) {
+                    if let Err(e) = prefer::data::tokenize::tokenize_example(p, tok, &opts, &file) {
                         report.skipped.push(e);
                     }
                 }
@@ -589,8 +590,8 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
                 max_prompt_length: None,
                 truncation_mode: TruncationMode::KeepEnd,
             };
-            let (text, _) = load_text_pairs(&file, Some(&tok), true)?;
-            let (pairs, report) = load_tokenized_pairs(&file, &tok, &opts, true)?;
+            let (text, _) = load_text_examples(&file, Some(&tok), true)?;
+            let (pairs, report) = load_tokenized_examples(&file, &tok, &opts, true)?;
             println!("file        {}", file.display());
             println!(
                 "format      {}",
@@ -625,8 +626,15 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
                 };
                 println!("\nhow the first pair was split (line {}):", p.line);
                 println!("  prompt    …{}", show(&p.prompt));
-                println!("  chosen    {:?}", p.chosen.chars().take(120).collect::<String>());
-                println!("  rejected  {:?}", p.rejected.chars().take(120).collect::<String>());
+                for (k, r) in p.responses.iter().enumerate() {
+                    let name = match (p.meta.shape, k) {
+                        (Shape::Pairwise, 0) => "chosen".to_string(),
+                        (Shape::Pairwise, _) => "rejected".to_string(),
+                        (Shape::Unpaired, _) => format!("completion (label {:?})", p.meta.label.unwrap_or(false)),
+                        (Shape::Ranked, k) => format!("response #{}", k + 1),
+                    };
+                    println!("  {name:<9} {:?}", r.chars().take(120).collect::<String>());
+                }
                 println!("  EOS appended to each completion: {:?}", tok.eos_token);
             }
             let hist = |name: &str, xs: Vec<usize>| {
@@ -640,16 +648,18 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
                 print!("{}", prefer::util::text_histogram(&xs, 8, 40));
             };
             hist("prompt", pairs.iter().map(|p| p.prompt_ids.len()).collect());
-            hist("chosen", pairs.iter().map(|p| p.chosen_ids.len()).collect());
-            hist("rejected", pairs.iter().map(|p| p.rejected_ids.len()).collect());
+            hist(
+                "response",
+                pairs.iter().flat_map(|p| p.responses.iter().map(|r| r.len())).collect(),
+            );
             hist(
                 "prompt+longer completion",
                 pairs
                     .iter()
-                    .map(|p| p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len()))
+                    .map(|p| p.prompt_ids.len() + p.responses.iter().map(Vec::len).max().unwrap_or(0))
                     .collect(),
             );
-            let prompt: usize = pairs.iter().map(|p| 2 * p.prompt_ids.len()).sum();
+            let prompt: usize = pairs.iter().map(|p| p.responses.len() * p.prompt_ids.len()).sum();
             let all: usize = pairs.iter().map(|p| p.num_tokens()).sum();
             println!(
                 "\nprompt share of a pair's tokens: {:.0}%",

@@ -1,12 +1,14 @@
-//! Sequence statistics of preference pairs: the bridge from the model (log-probs of token
-//! sequences) to the objectives (functions of summed log-probs and token counts).
+//! Sequence statistics: the bridge from the model (log-probs of token sequences) to the
+//! objectives (functions of summed log-probs and token counts). Every example is a prompt with
+//! one or more responses (pairwise: chosen, rejected; ranked: best first; unpaired: one), and
+//! a batch's statistics are one summed log-prob per response, example after example.
 //!
 //! Two TRL options change the statistics themselves, so they live here rather than in any one
-//! objective: `ld_alpha` (LD-DPO: tokens past the shorter completion's length count α times)
-//! and `use_weighting` (WPO: each pair's loss is weighted by the policy's own per-token
-//! probability of its completions, relative to `Σ_v p(v)²`).
+//! objective: `ld_alpha` (LD-DPO: tokens past the shortest response's length count α times)
+//! and `use_weighting` (WPO: each example's loss is weighted by the policy's own per-token
+//! probability of its responses, relative to `Σ_v p(v)²`).
 
-use crate::data::TokenizedPair;
+use crate::data::TokenizedExample;
 use crate::error::Result;
 use crate::model::logprobs::{segment_sums, sequence_logps_with};
 use crate::model::{PaddingSide, ScoredSeq, Transformer};
@@ -15,49 +17,57 @@ use candle_core::{DType, Tensor};
 /// Options that change how sequence statistics are computed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StatsOptions {
-    /// LD-DPO's α: log π = Σ over the first min(|y_w|, |y_l|) tokens + α Σ over the rest.
+    /// LD-DPO's α: log π = Σ over the first min_k |y_k| tokens + α Σ over the rest.
     pub ld_alpha: Option<f64>,
     /// WPO weights (policy only).
     pub use_weighting: bool,
 }
 
-/// Summed completion log-probs of a batch of pairs.
+/// Summed completion log-probs of every response of a batch of examples.
 #[derive(Debug)]
-pub struct PairLogps {
-    /// `[B]`, differentiable.
-    pub chosen: Tensor,
-    pub rejected: Tensor,
-    /// `[B]` WPO weights ω_w·ω_l (no gradient), with `use_weighting`.
+pub struct GroupLogps {
+    /// `[R]`, differentiable: response k of example e is at `offsets[e] + k`.
+    pub sums: Tensor,
+    /// `B + 1` offsets into `sums`.
+    pub offsets: Vec<usize>,
+    /// Completion tokens of each response (EOS included).
+    pub tokens: Vec<usize>,
+    /// `[B]` WPO weights `Π_k ω_k` (no gradient), with `use_weighting`.
     pub weights: Option<Tensor>,
 }
 
-/// The 2B sequences of a batch of B pairs: all chosen (prompt + chosen), then all rejected.
-pub fn pair_sequences(pairs: &[&TokenizedPair]) -> Vec<ScoredSeq> {
-    let seq = |p: &TokenizedPair, c: &[u32]| ScoredSeq {
-        ids: p.prompt_ids.iter().chain(c).copied().collect(),
-        completion_start: p.prompt_ids.len(),
-    };
-    pairs
-        .iter()
-        .map(|p| seq(p, &p.chosen_ids))
-        .chain(pairs.iter().map(|p| seq(p, &p.rejected_ids)))
-        .collect()
+/// The sequences of a batch, example after example, and each example's offset.
+pub fn example_sequences(examples: &[&TokenizedExample]) -> (Vec<ScoredSeq>, Vec<usize>) {
+    let mut seqs = Vec::new();
+    let mut offsets = vec![0];
+    for e in examples {
+        for r in &e.responses {
+            seqs.push(ScoredSeq {
+                ids: e.prompt_ids.iter().chain(r).copied().collect(),
+                completion_start: e.prompt_ids.len(),
+            });
+        }
+        offsets.push(seqs.len());
+    }
+    (seqs, offsets)
 }
 
-/// Summed completion log-probs of chosen and rejected (differentiable), with the options applied.
-pub fn pair_logps(model: &Transformer, pairs: &[&TokenizedPair], opts: &StatsOptions) -> Result<PairLogps> {
-    let b = pairs.len();
-    let lp = sequence_logps_with(model, &pair_sequences(pairs), PaddingSide::Right, opts.use_weighting)?;
-    let counts = lp.counts();
+/// Summed log-probs of every response (differentiable), with the options applied.
+pub fn group_logps(model: &Transformer, examples: &[&TokenizedExample], opts: &StatsOptions) -> Result<GroupLogps> {
+    let (seqs, offsets) = example_sequences(examples);
+    let lp = sequence_logps_with(model, &seqs, PaddingSide::Right, opts.use_weighting)?;
+    let tokens = lp.counts();
     let sums = match opts.ld_alpha {
         None => lp.sums.clone(),
         Some(alpha) => {
-            // token t of sequence s weighs 1 while t < min(|y_w|, |y_l|) of its pair, α after
-            let mut w = Vec::with_capacity(lp.offsets[2 * b]);
-            for (s, &n) in counts.iter().enumerate() {
-                let pair = s % b;
-                let m = counts[pair].min(counts[pair + b]);
-                w.extend((0..n).map(|t| if t < m { 1.0 } else { alpha }));
+            // token t of a response weighs 1 while t < the example's shortest response, α after
+            let mut w = Vec::with_capacity(lp.token_logps.dim(0)?);
+            for e in 0..examples.len() {
+                let group = &tokens[offsets[e]..offsets[e + 1]];
+                let m = group.iter().copied().min().unwrap_or(0);
+                for &n in group {
+                    w.extend((0..n).map(|t| if t < m { 1.0 } else { alpha }));
+                }
             }
             let w = Tensor::new(w, lp.token_logps.device())?.to_dtype(lp.token_logps.dtype())?;
             segment_sums(&(&lp.token_logps * w)?, &lp.offsets)?
@@ -66,43 +76,43 @@ pub fn pair_logps(model: &Transformer, pairs: &[&TokenizedPair], opts: &StatsOpt
     let weights = match &lp.log_sum_sq {
         None => None,
         Some(sq) => {
-            // ω = exp(mean_t[log p_t(y_t) − log Σ_v p_t(v)²]) per sequence, then ω_w·ω_l
+            // ω = exp(mean_t[log p_t(y_t) − log Σ_v p_t(v)²]) per response, multiplied per example
             let adj = (lp.token_logps.detach() - sq)?;
             let n = Tensor::new(
-                counts.iter().map(|&c| c.max(1) as f64).collect::<Vec<_>>(),
+                tokens.iter().map(|&c| c.max(1) as f64).collect::<Vec<_>>(),
                 adj.device(),
             )?
             .to_dtype(adj.dtype())?;
             let mean = (segment_sums(&adj, &lp.offsets)? / n)?;
-            Some((mean.narrow(0, 0, b)? + mean.narrow(0, b, b)?)?.exp()?)
+            Some(segment_sums(&mean, &offsets)?.exp()?)
         }
     };
-    Ok(PairLogps {
-        chosen: sums.narrow(0, 0, b)?,
-        rejected: sums.narrow(0, b, b)?,
+    Ok(GroupLogps {
+        sums,
+        offsets,
+        tokens,
         weights,
     })
 }
 
-/// Summed log-probs (chosen, rejected) of every pair, in batches, as f64 (no gradient kept).
-pub fn score_pairs(
+/// Summed log-probs of every response of every example, in batches, as f64 (no gradient).
+pub fn score_examples(
     model: &Transformer,
-    pairs: &[TokenizedPair],
+    examples: &[TokenizedExample],
     batch_size: usize,
     opts: &StatsOptions,
     mut progress: impl FnMut(usize),
-) -> Result<Vec<(f64, f64)>> {
+) -> Result<Vec<Vec<f64>>> {
     let opts = StatsOptions {
         use_weighting: false,
         ..opts.clone()
     };
-    let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(batch_size.max(1)) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-        let lp = pair_logps(model, &refs, &opts)?;
-        let c: Vec<f64> = lp.chosen.detach().to_dtype(DType::F64)?.to_vec1()?;
-        let r: Vec<f64> = lp.rejected.detach().to_dtype(DType::F64)?.to_vec1()?;
-        out.extend(c.into_iter().zip(r));
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&TokenizedExample> = chunk.iter().collect();
+        let lp = group_logps(model, &refs, &opts)?;
+        let v: Vec<f64> = lp.sums.detach().to_dtype(DType::F64)?.to_vec1()?;
+        out.extend(lp.offsets.windows(2).map(|w| v[w[0]..w[1]].to_vec()));
         progress(chunk.len());
     }
     Ok(out)

@@ -1,7 +1,7 @@
 //! Data layer: formats, TRL-exact tokenisation, truncation, and errors that name file:line:field.
 
-use prefer::data::tokenize::{load_text_pairs, tokenize_pair};
-use prefer::data::{load_tokenized_pairs, DataFormat, TokenizeOptions, TruncationMode};
+use prefer::data::tokenize::{load_text_examples, tokenize_example};
+use prefer::data::{load_tokenized_examples, DataFormat, Shape, TokenizeOptions, TruncationMode};
 use prefer::testing::tiny_tokenizer;
 use std::path::PathBuf;
 
@@ -29,17 +29,21 @@ fn standard_pairs_tokenise_like_trl() {
             "std.jsonl",
             br#"{"prompt": "Q: 2+2=", "chosen": " 4", "rejected": " 5"}"#,
         );
-        let (pairs, rep) = load_tokenized_pairs(&p, &tok, &no_limits(), false).unwrap();
+        let (pairs, rep) = load_tokenized_examples(&p, &tok, &no_limits(), false).unwrap();
         assert_eq!(rep.format, Some(DataFormat::Standard));
         let t = &pairs[0];
         let prompt = tok.encode("Q: 2+2=", true).unwrap();
         assert_eq!(t.prompt_ids, prompt);
         assert_eq!(prompt[0] == 0, add_bos, "BOS only when the tokenizer adds it");
         let full = tok.encode("Q: 2+2= 4<|im_end|>", true).unwrap();
-        assert_eq!(t.chosen_ids, full[prompt.len()..].to_vec());
-        assert_eq!(*t.chosen_ids.last().unwrap(), tok.eos_id, "EOS is appended and scored");
-        assert_eq!(t.chosen_ids.len(), 3); // "Ġ", "4", eos (digits are split individually)
-        assert!(!t.chosen_ids.contains(&0), "no BOS inside the completion");
+        assert_eq!(t.chosen_ids(), full[prompt.len()..].to_vec());
+        assert_eq!(
+            *t.chosen_ids().last().unwrap(),
+            tok.eos_id,
+            "EOS is appended and scored"
+        );
+        assert_eq!(t.chosen_ids().len(), 3); // "Ġ", "4", eos (digits are split individually)
+        assert!(!t.chosen_ids().contains(&0), "no BOS inside the completion");
     }
 }
 
@@ -50,13 +54,13 @@ fn conversational_pairs_use_the_chat_template() {
         "conv.jsonl",
         br#"{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "go away"}]}"#,
     );
-    let (pairs, rep) = load_text_pairs(&p, Some(&tok), false).unwrap();
+    let (pairs, rep) = load_text_examples(&p, Some(&tok), false).unwrap();
     assert_eq!(rep.format, Some(DataFormat::Conversational));
     assert!(pairs[0]
         .prompt
         .ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
-    assert_eq!(pairs[0].chosen, "hello<|im_end|>\n");
-    assert_eq!(pairs[0].rejected, "go away<|im_end|>\n");
+    assert_eq!(pairs[0].chosen(), "hello<|im_end|>\n");
+    assert_eq!(pairs[0].rejected(), "go away<|im_end|>\n");
 }
 
 #[test]
@@ -71,22 +75,19 @@ fn hh_transcripts_split_at_the_last_assistant_turn() {
         )
         .as_bytes(),
     );
-    let (pairs, rep) = load_text_pairs(&p, None, true).unwrap();
+    let (pairs, rep) = load_text_examples(&p, None, true).unwrap();
     assert_eq!(rep.format, Some(DataFormat::Hh));
     assert_eq!(pairs.len(), 1);
     assert_eq!(
         pairs[0].prompt,
         "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: help?\n\nAssistant:"
     );
-    assert_eq!(
-        (pairs[0].chosen.as_str(), pairs[0].rejected.as_str()),
-        (" Sure.", " No.")
-    );
+    assert_eq!((pairs[0].chosen(), pairs[0].rejected()), (" Sure.", " No."));
     assert_eq!(rep.skipped.len(), 1);
     let e = rep.skipped[0].to_string();
     assert!(e.contains("hh.jsonl:2:") && e.contains("`rejected`"), "{e}");
     // without --skip-invalid, the same row is the error
-    let e = load_text_pairs(&p, None, false).unwrap_err().to_string();
+    let e = load_text_examples(&p, None, false).unwrap_err().to_string();
     assert!(e.contains("hh.jsonl:2:"), "{e}");
 }
 
@@ -95,7 +96,7 @@ fn real_hh_file_reports_rows_without_shared_prefix() {
     let path = prefer::paths::shared_dir()
         .expect("../shared")
         .join("data/hh-rlhf-harmless-base/pairs.jsonl");
-    let (pairs, rep) = load_text_pairs(&path, None, true).unwrap();
+    let (pairs, rep) = load_text_examples(&path, None, true).unwrap();
     assert_eq!(rep.records, 2000);
     assert_eq!(pairs.len() + rep.skipped.len(), 2000);
     assert!(
@@ -133,13 +134,13 @@ fn bad_rows_name_file_line_and_field() {
         let mut body = b"{\"prompt\": \"ok \", \"chosen\": \"x\", \"rejected\": \"y\"}\n\n".to_vec();
         body.extend_from_slice(content);
         let p = write(&format!("bad{i}.jsonl"), &body);
-        let e = load_tokenized_pairs(&p, &tok, &no_limits(), false)
+        let e = load_tokenized_examples(&p, &tok, &no_limits(), false)
             .unwrap_err()
             .to_string();
         assert!(e.contains(&format!("bad{i}.jsonl:3:")), "line number missing: {e}");
         assert!(e.contains(want), "case {i}: {e}");
         // --skip-invalid keeps the good row and reports the bad one
-        let (ok, rep) = load_tokenized_pairs(&p, &tok, &no_limits(), true).unwrap();
+        let (ok, rep) = load_tokenized_examples(&p, &tok, &no_limits(), true).unwrap();
         assert_eq!((ok.len(), rep.skipped.len()), (1, 1));
     }
 }
@@ -156,22 +157,22 @@ fn truncation_follows_trl() {
         max_prompt_length: Some(4),
         truncation_mode: mode,
     };
-    let (pairs, _) = load_text_pairs(&p, None, false).unwrap();
+    let (pairs, _) = load_text_examples(&p, None, false).unwrap();
     let full_prompt = tok.encode("abcdefgh", true).unwrap();
-    let end = tokenize_pair(&pairs[0], &tok, &opts(TruncationMode::KeepEnd), &p).unwrap();
+    let end = tokenize_example(&pairs[0], &tok, &opts(TruncationMode::KeepEnd), &p).unwrap();
     assert_eq!(end.prompt_ids, full_prompt[full_prompt.len() - 4..].to_vec());
-    let start = tokenize_pair(&pairs[0], &tok, &opts(TruncationMode::KeepStart), &p).unwrap();
+    let start = tokenize_example(&pairs[0], &tok, &opts(TruncationMode::KeepStart), &p).unwrap();
     assert_eq!(start.prompt_ids, full_prompt[..4].to_vec());
     assert!(end.prompt_truncated && end.completion_truncated);
-    assert_eq!(end.chosen_ids.len(), 4, "completion cut to max_length - prompt");
-    assert_eq!(end.rejected_ids.len(), 3, "short completion untouched");
+    assert_eq!(end.chosen_ids().len(), 4, "completion cut to max_length - prompt");
+    assert_eq!(end.rejected_ids().len(), 3, "short completion untouched");
     // a prompt that fills max_length is an error naming the field
     let no_room = TokenizeOptions {
         max_length: Some(5),
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
     };
-    let e = tokenize_pair(&pairs[0], &tok, &no_room, &p).unwrap_err().to_string();
+    let e = tokenize_example(&pairs[0], &tok, &no_room, &p).unwrap_err().to_string();
     assert!(
         e.contains("trunc.jsonl:1: field `prompt`") && e.contains("max_length"),
         "{e}"
@@ -183,7 +184,7 @@ fn merge_across_the_prompt_boundary_is_an_error() {
     let tok = tiny_tokenizer(false).unwrap();
     // "th" + "e": the merge h+e crosses the boundary
     let p = write("merge.jsonl", br#"{"prompt": "th", "chosen": "e", "rejected": " x"}"#);
-    let e = load_tokenized_pairs(&p, &tok, &no_limits(), false)
+    let e = load_tokenized_examples(&p, &tok, &no_limits(), false)
         .unwrap_err()
         .to_string();
     assert!(

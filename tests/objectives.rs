@@ -143,7 +143,7 @@ fn check_rows(name: &str, p: &ObjectiveParams, rows: &[Row]) {
     let pc = Var::new(rows.iter().map(|r| r.pc).collect::<Vec<_>>(), &dev).unwrap();
     let pr = Var::new(rows.iter().map(|r| r.pr).collect::<Vec<_>>(), &dev).unwrap();
     let obj = build(&[name.to_string()], None, p).unwrap();
-    let out = obj.loss(&stats(&rows, &pc, &pr, obj.needs_reference())).unwrap();
+    let out = obj.loss_pairs(&stats(&rows, &pc, &pr, obj.needs_reference())).unwrap();
     let got: Vec<f64> = out.losses.to_vec1().unwrap();
     let want = by_hand(name, &rows, p);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -251,7 +251,7 @@ fn losses(names: &[&str], weights: Option<&[f64]>, p: &ObjectiveParams, rows: &[
     let pr = Var::new(rows.iter().map(|r| r.pr).collect::<Vec<_>>(), &dev).unwrap();
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let obj = build(&names, weights, p).unwrap();
-    obj.loss(&stats(rows, &pc, &pr, true))
+    obj.loss_pairs(&stats(rows, &pc, &pr, true))
         .unwrap()
         .losses
         .to_vec1()
@@ -343,7 +343,7 @@ fn reference_free_objectives_need_no_reference_and_bad_configs_fail() {
     let pr = Var::new(rs.iter().map(|r| r.pr).collect::<Vec<_>>(), &dev).unwrap();
     let out = build(&["orpo".into()], None, &ObjectiveParams::default())
         .unwrap()
-        .loss(&stats(&rs, &pc, &pr, false))
+        .loss_pairs(&stats(&rs, &pc, &pr, false))
         .unwrap();
     let names: Vec<&str> = out.metrics.iter().map(|(k, _)| k.as_str()).collect();
     for k in ["nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies"] {

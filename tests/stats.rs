@@ -2,17 +2,23 @@
 //! (weight-space soup, TR-DPO sync), each against an independent computation.
 
 use candle_core::{DType, Device, Tensor};
-use prefer::data::TokenizedPair;
+use prefer::data::{ExampleMeta, Shape, TokenizedExample};
 use prefer::model::{logprobs::token_logprobs, AttentionInputs, Transformer};
-use prefer::stats::{pair_logps, StatsOptions};
+use prefer::stats::{group_logps, StatsOptions};
 use prefer::testing::{tiny_model, write_hf, TinySpec};
 
-fn pairs() -> Vec<TokenizedPair> {
-    let p = |prompt: Vec<u32>, c: Vec<u32>, r: Vec<u32>| TokenizedPair {
+fn pairs() -> Vec<TokenizedExample> {
+    let p = |prompt: Vec<u32>, c: Vec<u32>, r: Vec<u32>| TokenizedExample {
         line: 1,
         prompt_ids: prompt,
-        chosen_ids: c,
-        rejected_ids: r,
+        responses: vec![c, r],
+        meta: ExampleMeta {
+            shape: Shape::Pairwise,
+            label: None,
+            scores: None,
+            strength: None,
+            annotator: None,
+        },
         prompt_truncated: false,
         completion_truncated: false,
     };
@@ -22,7 +28,7 @@ fn pairs() -> Vec<TokenizedPair> {
     ]
 }
 
-fn completion_logps(m: &Transformer, p: &TokenizedPair, c: &[u32]) -> Vec<f64> {
+fn completion_logps(m: &Transformer, p: &TokenizedExample, c: &[u32]) -> Vec<f64> {
     let ids: Vec<u32> = p.prompt_ids.iter().chain(c).copied().collect();
     token_logprobs(m, &ids, p.prompt_ids.len())
         .unwrap()
@@ -36,9 +42,9 @@ fn ld_alpha_weighs_tokens_past_the_shorter_completion() {
     prefer::util::set_threads_for_tests();
     let m = tiny_model(&TinySpec::default(), DType::F32, 21).unwrap().transformer;
     let ps = pairs();
-    let refs: Vec<&TokenizedPair> = ps.iter().collect();
-    let plain = pair_logps(&m, &refs, &StatsOptions::default()).unwrap();
-    let one = pair_logps(
+    let refs: Vec<&TokenizedExample> = ps.iter().collect();
+    let plain = group_logps(&m, &refs, &StatsOptions::default()).unwrap();
+    let one = group_logps(
         &m,
         &refs,
         &StatsOptions {
@@ -48,9 +54,9 @@ fn ld_alpha_weighs_tokens_past_the_shorter_completion() {
     )
     .unwrap();
     let v = |t: &Tensor| -> Vec<f64> { t.to_dtype(DType::F64).unwrap().to_vec1().unwrap() };
-    assert_eq!(v(&plain.chosen), v(&one.chosen));
+    assert_eq!(v(&plain.sums), v(&one.sums));
     let alpha = 0.3;
-    let ld = pair_logps(
+    let ld = group_logps(
         &m,
         &refs,
         &StatsOptions {
@@ -60,18 +66,16 @@ fn ld_alpha_weighs_tokens_past_the_shorter_completion() {
     )
     .unwrap();
     for (i, p) in ps.iter().enumerate() {
-        let m_len = p.chosen_ids.len().min(p.rejected_ids.len());
-        for (which, ids, got) in [
-            ("chosen", &p.chosen_ids, v(&ld.chosen)[i]),
-            ("rejected", &p.rejected_ids, v(&ld.rejected)[i]),
-        ] {
+        let m_len = p.chosen_ids().len().min(p.rejected_ids().len());
+        for (k, ids) in p.responses.iter().enumerate() {
+            let got = v(&ld.sums)[ld.offsets[i] + k];
             let toks = completion_logps(&m, p, ids);
             let want: f64 = toks
                 .iter()
                 .enumerate()
                 .map(|(t, x)| if t < m_len { *x } else { alpha * x })
                 .sum();
-            assert!((got - want).abs() < 1e-4, "pair {i} {which}: {got} vs {want}");
+            assert!((got - want).abs() < 1e-4, "pair {i} response {k}: {got} vs {want}");
         }
     }
 }
@@ -81,8 +85,8 @@ fn wpo_weights_match_a_full_vocabulary_computation() {
     prefer::util::set_threads_for_tests();
     let m = tiny_model(&TinySpec::default(), DType::F64, 22).unwrap().transformer;
     let ps = pairs();
-    let refs: Vec<&TokenizedPair> = ps.iter().collect();
-    let lp = pair_logps(
+    let refs: Vec<&TokenizedExample> = ps.iter().collect();
+    let lp = group_logps(
         &m,
         &refs,
         &StatsOptions {
@@ -93,7 +97,7 @@ fn wpo_weights_match_a_full_vocabulary_computation() {
     .unwrap();
     let got: Vec<f64> = lp.weights.unwrap().to_vec1().unwrap();
     // by hand: full logits per position, log p(y_t) − log Σ_v p(v)², mean over tokens, exp of the sum
-    let omega = |p: &TokenizedPair, c: &[u32]| -> f64 {
+    let omega = |p: &TokenizedExample, c: &[u32]| -> f64 {
         let ids: Vec<u32> = p.prompt_ids.iter().chain(c).copied().collect();
         let t = ids.len();
         let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -112,7 +116,7 @@ fn wpo_weights_match_a_full_vocabulary_computation() {
         terms.iter().sum::<f64>() / terms.len() as f64
     };
     for (i, p) in ps.iter().enumerate() {
-        let want = (omega(p, &p.chosen_ids) + omega(p, &p.rejected_ids)).exp();
+        let want = (omega(p, p.chosen_ids()) + omega(p, p.rejected_ids())).exp();
         assert!(
             (got[i] - want).abs() < 1e-10 * want.max(1.0),
             "pair {i}: {} vs {want}",
@@ -135,9 +139,9 @@ fn weights_scale_the_objective_losses() {
         weights: None,
     };
     let obj = prefer::objectives::build(&["sigmoid".into()], None, &Default::default()).unwrap();
-    let plain: Vec<f64> = obj.loss(&st).unwrap().losses.to_vec1().unwrap();
+    let plain: Vec<f64> = obj.loss_pairs(&st).unwrap().losses.to_vec1().unwrap();
     st.weights = Some(t(&[0.5, 2.0]));
-    let weighted: Vec<f64> = obj.loss(&st).unwrap().losses.to_vec1().unwrap();
+    let weighted: Vec<f64> = obj.loss_pairs(&st).unwrap().losses.to_vec1().unwrap();
     assert_eq!(weighted, vec![plain[0] * 0.5, plain[1] * 2.0]);
 }
 

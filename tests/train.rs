@@ -112,15 +112,15 @@ fn dpo_learns_the_toy_preference_and_saves_an_hf_model() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let (pairs, _) = prefer::data::load_tokenized_pairs(
+    let (pairs, _) = prefer::data::load_tokenized_examples(
         Path::new(&cfg.train_file),
         &trained.tokenizer,
         &cfg.tokenize_options(),
         false,
     )
     .unwrap();
-    let scores = prefer::stats::score_pairs(&trained.transformer, &pairs, 8, &Default::default(), |_| {}).unwrap();
-    assert!(scores.iter().all(|(c, r)| c > r));
+    let scores = prefer::stats::score_examples(&trained.transformer, &pairs, 8, &Default::default(), |_| {}).unwrap();
+    assert!(scores.iter().all(|r| r[0] > r[1]));
     for k in [4, 8, 12] {
         assert!(Path::new(&cfg.output_dir)
             .join(format!("checkpoint-{k}/trainer_state.json"))

@@ -2,10 +2,10 @@
 //! (standard, TRL conversational, Anthropic HH transcripts), TRL-exact tokenisation and
 //! truncation, and batching into scored sequences.
 
+pub mod examples;
 pub mod jsonl;
-pub mod pairs;
 pub mod synthetic;
 pub mod tokenize;
 
-pub use pairs::{DataFormat, TextPair};
-pub use tokenize::{load_tokenized_pairs, LoadReport, TokenizeOptions, TokenizedPair, TruncationMode};
+pub use examples::{DataFormat, ExampleMeta, Shape, TextExample};
+pub use tokenize::{load_tokenized_examples, LoadReport, TokenizeOptions, TokenizedExample, TruncationMode};

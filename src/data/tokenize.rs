@@ -12,8 +12,8 @@
 //! prompt + completion fits `max_length`. A prompt that leaves no room for any completion token
 //! is an error ("prompt longer than the limit").
 
+use super::examples::{detect, parse_example, DataFormat, ExampleMeta, Shape, TextExample};
 use super::jsonl::{read_records, Record};
-use super::pairs::{detect_format, parse_pair, DataFormat, TextPair};
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 use std::path::{Path, PathBuf};
@@ -43,22 +43,29 @@ impl Default for TokenizeOptions {
     }
 }
 
-/// A tokenised pair: sequences are `prompt_ids + chosen_ids` and `prompt_ids + rejected_ids`.
+/// A tokenised example: its sequences are `prompt_ids + responses[k]` (pairwise:
+/// `[chosen, rejected]`; ranked: best first; unpaired: `[completion]`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct TokenizedPair {
+pub struct TokenizedExample {
     /// 1-based line in the source file.
     pub line: usize,
     pub prompt_ids: Vec<u32>,
-    pub chosen_ids: Vec<u32>,
-    pub rejected_ids: Vec<u32>,
+    pub responses: Vec<Vec<u32>>,
+    pub meta: ExampleMeta,
     pub prompt_truncated: bool,
     pub completion_truncated: bool,
 }
 
-impl TokenizedPair {
-    /// Real (non-pad) tokens of the two sequences together.
+impl TokenizedExample {
+    pub fn chosen_ids(&self) -> &[u32] {
+        &self.responses[0]
+    }
+    pub fn rejected_ids(&self) -> &[u32] {
+        &self.responses[1]
+    }
+    /// Real (non-pad) tokens of all its sequences together.
     pub fn num_tokens(&self) -> usize {
-        2 * self.prompt_ids.len() + self.chosen_ids.len() + self.rejected_ids.len()
+        self.responses.iter().map(|r| self.prompt_ids.len() + r.len()).sum()
     }
 }
 
@@ -67,6 +74,7 @@ impl TokenizedPair {
 pub struct LoadReport {
     pub path: PathBuf,
     pub format: Option<DataFormat>,
+    pub shape: Option<Shape>,
     pub records: usize,
     pub kept: usize,
     pub prompts_truncated: usize,
@@ -84,23 +92,33 @@ fn data_err(path: &Path, line: usize, field: &str, msg: impl Into<String>) -> Er
     }
 }
 
-/// Tokenise one text pair (see the module docs for the exact rules).
-pub fn tokenize_pair(p: &TextPair, tok: &TextTokenizer, opts: &TokenizeOptions, path: &Path) -> Result<TokenizedPair> {
+/// Tokenise one text example (see the module docs for the exact rules).
+pub fn tokenize_example(
+    p: &TextExample,
+    tok: &TextTokenizer,
+    opts: &TokenizeOptions,
+    path: &Path,
+) -> Result<TokenizedExample> {
     let mut prompt_ids = tok.encode(&p.prompt, true)?;
-    let completion = |field: &str, text: &str| -> Result<Vec<u32>> {
+    let field = |k: usize| match (p.meta.shape, k) {
+        (Shape::Pairwise, 0) => "chosen".to_string(),
+        (Shape::Pairwise, _) => "rejected".to_string(),
+        (Shape::Unpaired, _) => "completion".to_string(),
+        (Shape::Ranked, k) => format!("responses[{k}]"),
+    };
+    let mut responses = Vec::with_capacity(p.responses.len());
+    for (k, text) in p.responses.iter().enumerate() {
         let full = tok.encode(&format!("{}{}{}", p.prompt, text, tok.eos_token), true)?;
         if full.len() <= prompt_ids.len() || full[..prompt_ids.len()] != prompt_ids[..] {
             return Err(data_err(
                 path,
                 p.line,
-                field,
+                &field(k),
                 "tokenising prompt + completion does not start with the prompt's tokens (a token merges across the boundary); end the prompt with whitespace or punctuation",
             ));
         }
-        Ok(full[prompt_ids.len()..].to_vec())
-    };
-    let mut chosen_ids = completion("chosen", &p.chosen)?;
-    let mut rejected_ids = completion("rejected", &p.rejected)?;
+        responses.push(full[prompt_ids.len()..].to_vec());
+    }
     let mut prompt_truncated = false;
     if let Some(mp) = opts.max_prompt_length {
         if prompt_ids.len() > mp {
@@ -125,30 +143,30 @@ pub fn tokenize_pair(p: &TextPair, tok: &TextTokenizer, opts: &TokenizeOptions, 
             ));
         }
         let room = ml - prompt_ids.len();
-        for ids in [&mut chosen_ids, &mut rejected_ids] {
+        for ids in responses.iter_mut() {
             if ids.len() > room {
                 ids.truncate(room);
                 completion_truncated = true;
             }
         }
     }
-    Ok(TokenizedPair {
+    Ok(TokenizedExample {
         line: p.line,
         prompt_ids,
-        chosen_ids,
-        rejected_ids,
+        responses,
+        meta: p.meta.clone(),
         prompt_truncated,
         completion_truncated,
     })
 }
 
-/// Read a preference file as text pairs. With `skip_invalid`, bad rows are reported in the
+/// Read a preference file as text examples. With `skip_invalid`, bad rows are reported in the
 /// returned report and skipped; without it, the first bad row is the error.
-pub fn load_text_pairs(
+pub fn load_text_examples(
     path: &Path,
     tok: Option<&TextTokenizer>,
     skip_invalid: bool,
-) -> Result<(Vec<TextPair>, LoadReport)> {
+) -> Result<(Vec<TextExample>, LoadReport)> {
     let mut report = LoadReport {
         path: path.to_path_buf(),
         ..Default::default()
@@ -157,18 +175,21 @@ pub fn load_text_pairs(
     for rec in read_records(path)? {
         report.records += 1;
         let parsed = rec.and_then(|r: Record| {
-            let f = detect_format(&r)?;
-            match report.format {
-                None => report.format = Some(f),
-                Some(ff) if ff != f => {
-                    return Err(r.error(
-                        "<line>",
-                        format!("this row is {f}, but earlier rows are {ff}; one file holds one format"),
-                    ))
+            let (shape, f) = detect(&r)?;
+            match (report.shape, report.format) {
+                (None, _) => {
+                    report.shape = Some(shape);
+                    report.format = Some(f);
                 }
+                (Some(s0), Some(f0)) if s0 != shape || f0 != f => return Err(r.error(
+                    "<line>",
+                    format!(
+                        "this row is {shape} {f}, but earlier rows are {s0} {f0}; one file holds one shape and format"
+                    ),
+                )),
                 _ => {}
             }
-            parse_pair(&r, f, tok)
+            parse_example(&r, shape, f, tok)
         });
         match parsed {
             Ok(p) => out.push(p),
@@ -187,16 +208,16 @@ pub fn load_text_pairs(
 }
 
 /// Read and tokenise a preference file.
-pub fn load_tokenized_pairs(
+pub fn load_tokenized_examples(
     path: &Path,
     tok: &TextTokenizer,
     opts: &TokenizeOptions,
     skip_invalid: bool,
-) -> Result<(Vec<TokenizedPair>, LoadReport)> {
-    let (pairs, mut report) = load_text_pairs(path, Some(tok), skip_invalid)?;
+) -> Result<(Vec<TokenizedExample>, LoadReport)> {
+    let (pairs, mut report) = load_text_examples(path, Some(tok), skip_invalid)?;
     let mut out = Vec::with_capacity(pairs.len());
     for p in &pairs {
-        match tokenize_pair(p, tok, opts, path) {
+        match tokenize_example(p, tok, opts, path) {
             Ok(t) => {
                 report.prompts_truncated += t.prompt_truncated as usize;
                 report.completions_truncated += t.completion_truncated as usize;

@@ -9,6 +9,7 @@
 pub mod dpo;
 pub mod reference_free;
 
+use crate::data::{ExampleMeta, Shape};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 
@@ -89,6 +90,52 @@ pub enum Status {
 
 pub type LossFn = fn(&Ctx) -> Result<Tensor>;
 pub type MetricsFn = fn(&Ctx) -> Result<Vec<(String, f64)>>;
+
+/// Statistics of a batch of examples of any shape: one summed log-prob per response,
+/// example after example (see [`crate::stats::GroupLogps`]).
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    /// `[R]` policy log-probs (differentiable).
+    pub policy: Tensor,
+    /// `[R]` reference log-probs.
+    pub reference: Option<Tensor>,
+    /// Completion tokens of each response.
+    pub tokens: Vec<usize>,
+    /// `B + 1` offsets: example e owns responses `offsets[e]..offsets[e + 1]`.
+    pub offsets: Vec<usize>,
+    pub meta: Vec<ExampleMeta>,
+    /// `[B]` per-example loss weights (WPO).
+    pub weights: Option<Tensor>,
+}
+
+impl BatchStats {
+    /// The pairwise view: chosen = response 0, rejected = response 1 of each example.
+    pub fn pairs(&self) -> Result<PairStats> {
+        let b = self.offsets.len() - 1;
+        let idx = |k: usize| -> Result<Tensor> {
+            let v: Vec<u32> = (0..b).map(|e| (self.offsets[e] + k) as u32).collect();
+            Ok(Tensor::new(v, self.policy.device())?)
+        };
+        for e in 0..b {
+            if self.offsets[e + 1] - self.offsets[e] != 2 {
+                return Err(Error::msg(
+                    "a pairwise objective got an example without exactly two responses",
+                ));
+            }
+        }
+        let (c, r) = (idx(0)?, idx(1)?);
+        let pick = |t: &Tensor, i: &Tensor| -> Result<Tensor> { Ok(t.index_select(i, 0)?) };
+        Ok(PairStats {
+            policy_chosen: pick(&self.policy, &c)?,
+            policy_rejected: pick(&self.policy, &r)?,
+            ref_chosen: self.reference.as_ref().map(|t| pick(t, &c)).transpose()?,
+            ref_rejected: self.reference.as_ref().map(|t| pick(t, &r)).transpose()?,
+            chosen_tokens: (0..b).map(|e| self.tokens[self.offsets[e]]).collect(),
+            rejected_tokens: (0..b).map(|e| self.tokens[self.offsets[e] + 1]).collect(),
+            weights: self.weights.clone(),
+        })
+    }
+}
 
 /// One catalogue entry.
 pub struct ObjectiveEntry {
@@ -307,8 +354,18 @@ impl Objective {
         self.parts.iter().any(|(_, e)| e.needs_reference)
     }
 
-    /// Per-example losses `Σ_k w_k loss_k` and metrics.
-    pub fn loss(&self, stats: &PairStats) -> Result<ObjectiveOutput> {
+    /// The data shape this objective accepts.
+    pub fn shape(&self) -> Shape {
+        Shape::Pairwise
+    }
+
+    /// Per-example losses and metrics for a batch of any shape.
+    pub fn loss(&self, stats: &BatchStats) -> Result<ObjectiveOutput> {
+        self.loss_pairs(&stats.pairs()?)
+    }
+
+    /// Per-example losses `Σ_k w_k loss_k` and metrics of a pairwise objective.
+    pub fn loss_pairs(&self, stats: &PairStats) -> Result<ObjectiveOutput> {
         let ctx = Ctx {
             s: stats,
             p: &self.params,

@@ -8,11 +8,11 @@ pub mod reference;
 pub mod schedule;
 
 use crate::config::TrainConfig;
-use crate::data::{load_tokenized_pairs, TokenizedPair};
+use crate::data::{load_tokenized_examples, TokenizedExample};
 use crate::error::{Error, Result};
 use crate::model::{self, LoadedModel};
-use crate::objectives::{self, Objective, PairStats};
-use crate::stats::{pair_logps, score_pairs, StatsOptions};
+use crate::objectives::{self, BatchStats, Objective};
+use crate::stats::{group_logps, score_examples, StatsOptions};
 use crate::util::Rng;
 use candle_core::{DType, Device};
 use checkpoint::TrainerState;
@@ -184,30 +184,24 @@ pub fn mix_into_reference(
     })
 }
 
-/// Objective statistics for a batch of pairs.
+/// Objective statistics for a batch of examples.
 fn batch_stats(
     policy: &LoadedModel,
     reference: &Reference,
     split: Split,
     indices: &[usize],
-    pairs: &[TokenizedPair],
+    examples: &[TokenizedExample],
     opts: &StatsOptions,
-) -> Result<PairStats> {
-    let batch: Vec<&TokenizedPair> = indices.iter().map(|&i| &pairs[i]).collect();
-    let lp = pair_logps(&policy.transformer, &batch, opts)?;
-    let (pc, pr) = (lp.chosen, lp.rejected);
-    let refs = reference.logps(split, indices, &batch, policy.transformer.dtype(), opts)?;
-    let (ref_chosen, ref_rejected) = match refs {
-        Some((c, r)) => (Some(c), Some(r)),
-        None => (None, None),
-    };
-    Ok(PairStats {
-        policy_chosen: pc,
-        policy_rejected: pr,
-        ref_chosen,
-        ref_rejected,
-        chosen_tokens: batch.iter().map(|p| p.chosen_ids.len()).collect(),
-        rejected_tokens: batch.iter().map(|p| p.rejected_ids.len()).collect(),
+) -> Result<BatchStats> {
+    let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
+    let lp = group_logps(&policy.transformer, &batch, opts)?;
+    let reference = reference.logps(split, indices, &batch, policy.transformer.dtype(), opts)?;
+    Ok(BatchStats {
+        policy: lp.sums,
+        reference,
+        tokens: lp.tokens,
+        offsets: lp.offsets,
+        meta: batch.iter().map(|e| e.meta.clone()).collect(),
         weights: lp.weights,
     })
 }
@@ -218,7 +212,7 @@ pub fn evaluate(
     policy: &LoadedModel,
     reference: &Reference,
     objective: &Objective,
-    pairs: &[TokenizedPair],
+    pairs: &[TokenizedExample],
     batch_size: usize,
     opts: &StatsOptions,
 ) -> Result<Vec<(String, f64)>> {
@@ -247,8 +241,8 @@ pub struct Trainer {
     pub objective: Objective,
     pub opt: Optimizer,
     pub order: Order,
-    pub train_pairs: Vec<TokenizedPair>,
-    pub eval_pairs: Vec<TokenizedPair>,
+    pub train_pairs: Vec<TokenizedExample>,
+    pub eval_pairs: Vec<TokenizedExample>,
     pub total: usize,
     pub warmup: usize,
     pub state: TrainerState,
@@ -283,13 +277,13 @@ impl Trainer {
         let policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
         let opts = cfg.tokenize_options();
         let (train_pairs, report) =
-            load_tokenized_pairs(Path::new(&cfg.train_file), &policy.tokenizer, &opts, cfg.skip_invalid)?;
+            load_tokenized_examples(Path::new(&cfg.train_file), &policy.tokenizer, &opts, cfg.skip_invalid)?;
         for e in &report.skipped {
             eprintln!("skipped: {e}");
         }
         let eval_pairs = match &cfg.eval_file {
             Some(f) => {
-                let (p, r) = load_tokenized_pairs(Path::new(f), &policy.tokenizer, &opts, cfg.skip_invalid)?;
+                let (p, r) = load_tokenized_examples(Path::new(f), &policy.tokenizer, &opts, cfg.skip_invalid)?;
                 for e in &r.skipped {
                     eprintln!("skipped (eval): {e}");
                 }
@@ -352,7 +346,7 @@ impl Trainer {
                     None => {
                         let pb = progress_bar(pairs.len(), cfg.disable_tqdm);
                         pb.set_prefix(format!("reference log-probs ({name})"));
-                        let v = score_pairs(
+                        let v = score_examples(
                             &m.transformer,
                             pairs,
                             cfg.per_device_eval_batch_size,

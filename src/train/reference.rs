@@ -2,10 +2,10 @@
 //! computed once (`precompute_ref_log_probs`), stored on disk keyed by a hash of the reference
 //! weights and the tokenised data, and reused by later runs; or nothing (reference-free).
 
-use crate::data::TokenizedPair;
+use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, Transformer};
-use crate::stats::{pair_logps, StatsOptions};
+use crate::stats::{group_logps, StatsOptions};
 use crate::util::{write_atomic, Fnv64};
 use candle_core::{DType, Tensor};
 use std::io::Read;
@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 
 pub enum Reference {
     Model(Transformer),
-    /// Per-pair (chosen, rejected) summed log-probs, for the train and eval sets.
+    /// Per-example summed log-probs of each response, for the train and eval sets.
     Cached {
-        train: Vec<(f64, f64)>,
-        eval: Vec<(f64, f64)>,
+        train: Vec<Vec<f64>>,
+        eval: Vec<Vec<f64>>,
     },
     None,
 }
@@ -28,15 +28,16 @@ pub enum Split {
 }
 
 impl Reference {
-    /// Reference log-probs `[B]` (chosen, rejected) for the pairs at `indices` of `split`.
+    /// Reference log-probs `[R]` of every response of the examples at `indices` of `split`,
+    /// laid out as [`crate::stats::GroupLogps::sums`].
     pub fn logps(
         &self,
         split: Split,
         indices: &[usize],
-        pairs: &[&TokenizedPair],
+        examples: &[&TokenizedExample],
         dtype: DType,
         opts: &StatsOptions,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+    ) -> Result<Option<Tensor>> {
         match self {
             Reference::None => Ok(None),
             Reference::Model(m) => {
@@ -44,18 +45,12 @@ impl Reference {
                     use_weighting: false,
                     ..opts.clone()
                 };
-                let lp = pair_logps(m, pairs, &opts)?;
-                Ok(Some((lp.chosen.detach(), lp.rejected.detach())))
+                Ok(Some(group_logps(m, examples, &opts)?.sums.detach()))
             }
             Reference::Cached { train, eval } => {
                 let table = if split == Split::Train { train } else { eval };
-                let dev = &candle_core::Device::Cpu;
-                let c: Vec<f64> = indices.iter().map(|&i| table[i].0).collect();
-                let r: Vec<f64> = indices.iter().map(|&i| table[i].1).collect();
-                Ok(Some((
-                    Tensor::new(c, dev)?.to_dtype(dtype)?,
-                    Tensor::new(r, dev)?.to_dtype(dtype)?,
-                )))
+                let v: Vec<f64> = indices.iter().flat_map(|&i| table[i].iter().copied()).collect();
+                Ok(Some(Tensor::new(v, &candle_core::Device::Cpu)?.to_dtype(dtype)?))
             }
         }
     }
@@ -89,10 +84,10 @@ pub fn model_hash(m: &LoadedModel) -> Result<u64> {
     Ok(h.finish())
 }
 
-pub fn data_hash(pairs: &[TokenizedPair]) -> u64 {
+pub fn data_hash(examples: &[TokenizedExample]) -> u64 {
     let mut h = Fnv64::default();
-    for p in pairs {
-        for ids in [&p.prompt_ids, &p.chosen_ids, &p.rejected_ids] {
+    for e in examples {
+        for ids in std::iter::once(&e.prompt_ids).chain(&e.responses) {
             h.update_u32s(&[ids.len() as u32]);
             h.update_u32s(ids);
         }
@@ -101,10 +96,16 @@ pub fn data_hash(pairs: &[TokenizedPair]) -> u64 {
 }
 
 /// Cache file for (model, data, dtype, statistics options).
-pub fn cache_path(dir: &Path, model_hash: u64, pairs: &[TokenizedPair], dtype: DType, opts: &StatsOptions) -> PathBuf {
+pub fn cache_path(
+    dir: &Path,
+    model_hash: u64,
+    examples: &[TokenizedExample],
+    dtype: DType,
+    opts: &StatsOptions,
+) -> PathBuf {
     let mut h = Fnv64::default();
     h.update(&model_hash.to_le_bytes());
-    h.update(&data_hash(pairs).to_le_bytes());
+    h.update(&data_hash(examples).to_le_bytes());
     h.update(dtype.as_str().as_bytes());
     if let Some(a) = opts.ld_alpha {
         h.update(b"ld_alpha");
@@ -114,13 +115,13 @@ pub fn cache_path(dir: &Path, model_hash: u64, pairs: &[TokenizedPair], dtype: D
 }
 
 /// Read a cache file written by [`store_cache`], if present and of the right length.
-pub fn load_cache(path: &Path, n: usize) -> Option<Vec<(f64, f64)>> {
+pub fn load_cache(path: &Path, n: usize) -> Option<Vec<Vec<f64>>> {
     let text = std::fs::read_to_string(path).ok()?;
-    let v: Vec<(f64, f64)> = serde_json::from_str(&text).ok()?;
+    let v: Vec<Vec<f64>> = serde_json::from_str(&text).ok()?;
     (v.len() == n).then_some(v)
 }
 
-pub fn store_cache(path: &Path, v: &[(f64, f64)]) -> Result<()> {
+pub fn store_cache(path: &Path, v: &[Vec<f64>]) -> Result<()> {
     if let Some(dir) = path.parent() {
         crate::util::create_dir_all(dir)?;
     }
