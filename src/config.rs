@@ -82,6 +82,9 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("simpo_gamma", "0.5", "Target reward margin γ of simpo and alphapo."),
     ("cpo_alpha", "1.0", "Weight of the NLL term of cpo."),
     ("alpha", "0.0", "AlphaPO reward-shape α (0 = SimPO's log reward)."),
+    ("desirable_weight", "1.0", "KTO's λ_D: weight of desirable completions."),
+    ("undesirable_weight", "1.0", "KTO's λ_U: weight of undesirable completions."),
+    ("pro_sft_weight", "1.0", "Weight of PRO's SFT term on the best response."),
     ("learning_rate", "1e-6", "Peak learning rate."),
     ("per_device_train_batch_size", "8", "Preference pairs per micro-batch."),
     (
@@ -234,6 +237,9 @@ pub struct TrainConfig {
     pub simpo_gamma: f64,
     pub cpo_alpha: f64,
     pub alpha: f64,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+    pub pro_sft_weight: f64,
     pub learning_rate: f64,
     pub per_device_train_batch_size: usize,
     pub per_device_eval_batch_size: usize,
@@ -288,6 +294,9 @@ impl Default for TrainConfig {
             simpo_gamma: 0.5,
             cpo_alpha: 1.0,
             alpha: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            pro_sft_weight: 1.0,
             learning_rate: 1e-6,
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
@@ -433,6 +442,9 @@ impl TrainConfig {
             simpo_gamma: self.simpo_gamma,
             cpo_alpha: self.cpo_alpha,
             alpha: self.alpha,
+            desirable_weight: self.desirable_weight,
+            undesirable_weight: self.undesirable_weight,
+            pro_sft_weight: self.pro_sft_weight,
         }
     }
 

@@ -342,7 +342,7 @@ fn run(cmd: Cmd) -> Result<()> {
             cmd: ObjectivesCmd::List,
         } => {
             println!(
-                "{:<14} {:<9} {:<10} {:<13} source",
+                "{:<18} {:<9} {:<10} {:<13} source",
                 "name", "shape", "reference", "status"
             );
             for e in prefer::objectives::REGISTRY {
@@ -351,9 +351,10 @@ fn run(cmd: Cmd) -> Result<()> {
                     prefer::objectives::Status::Experimental => "experimental",
                 };
                 let reference = if e.needs_reference { "yes" } else { "no" };
+                let shape = e.loss.shape().to_string();
                 println!(
-                    "{:<14} {:<9} {:<10} {:<13} {}",
-                    e.name, "pairwise", reference, status, e.source
+                    "{:<18} {:<9} {:<10} {:<13} {}",
+                    e.name, shape, reference, status, e.source
                 );
             }
             Ok(())

@@ -1,7 +1,7 @@
 //! Data layer: formats, TRL-exact tokenisation, truncation, and errors that name file:line:field.
 
 use prefer::data::tokenize::{load_text_examples, tokenize_example};
-use prefer::data::{load_tokenized_examples, DataFormat, Shape, TokenizeOptions, TruncationMode};
+use prefer::data::{load_tokenized_examples, DataFormat, TokenizeOptions, TruncationMode};
 use prefer::testing::tiny_tokenizer;
 use std::path::PathBuf;
 
@@ -191,4 +191,71 @@ fn merge_across_the_prompt_boundary_is_an_error() {
         e.contains("merge.jsonl:1: field `chosen`") && e.contains("boundary"),
         "{e}"
     );
+}
+
+#[test]
+fn ranked_and_unpaired_shapes_parse_and_tokenise() {
+    let tok = tiny_tokenizer(false).unwrap();
+    let p = write(
+        "ranked.jsonl",
+        br#"{"prompt": "Q:", "responses": [" b", " a", " c"], "ranks": [1, 0, 2]}
+{"prompt": "Q:", "responses": [" x", " y"], "scores": [0.2, 0.9], "annotator": 7}"#,
+    );
+    let (ex, rep) = load_tokenized_examples(&p, &tok, &no_limits(), false).unwrap();
+    assert_eq!(rep.shape, Some(prefer::data::Shape::Ranked));
+    // best first, ranks become graded labels K−1−rank
+    assert_eq!(tok.decode(&ex[0].responses[0], false).unwrap(), " a<|im_end|>");
+    assert_eq!(ex[0].meta.scores, Some(vec![2.0, 1.0, 0.0]));
+    assert!(ex[0].meta.scores_from_ranks);
+    assert_eq!(ex[1].meta.scores, Some(vec![0.9, 0.2]));
+    assert_eq!(ex[1].meta.annotator.as_deref(), Some("7"));
+    assert_eq!(tok.decode(&ex[1].responses[0], false).unwrap(), " y<|im_end|>");
+
+    let p = write("unpaired.jsonl", b"{\"prompt\": \"Q:\", \"completion\": \" a\", \"label\": true}\n{\"prompt\": \"Q:\", \"completion\": \" b\", \"label\": false}\n");
+    let (ex, rep) = load_tokenized_examples(&p, &tok, &no_limits(), false).unwrap();
+    assert_eq!(rep.shape, Some(prefer::data::Shape::Unpaired));
+    assert_eq!((ex[0].meta.label, ex[1].meta.label), (Some(true), Some(false)));
+    assert_eq!(ex[0].responses.len(), 1);
+
+    let p = write("scored.jsonl", br#"{"prompt": "Q:", "chosen": " a", "rejected": " b", "chosen_score": 8, "rejected_score": 3, "preference_strength": 0.7}"#);
+    let (ex, _) = load_tokenized_examples(&p, &tok, &no_limits(), false).unwrap();
+    assert_eq!(
+        (ex[0].meta.scores.clone(), ex[0].meta.strength),
+        (Some(vec![8.0, 3.0]), Some(0.7))
+    );
+
+    // errors name the field
+    let cases: Vec<(&[u8], &str)> = vec![
+        (br#"{"prompt": "Q", "responses": ["a", "b"]}"#, "field `ranks`"),
+        (
+            br#"{"prompt": "Q", "responses": ["a", "b"], "ranks": [0]}"#,
+            "one per response",
+        ),
+        (br#"{"prompt": "Q", "responses": ["a"], "ranks": [0]}"#, "at least 2"),
+        (
+            br#"{"prompt": "Q", "completion": "a", "label": "yes"}"#,
+            "field `label`",
+        ),
+        (
+            br#"{"prompt": "Q", "chosen": "a", "rejected": "b", "preference_strength": 1.5}"#,
+            "outside [0, 1]",
+        ),
+        (
+            br#"{"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_score": 1}"#,
+            "field `rejected_score`",
+        ),
+    ];
+    for (i, (body, want)) in cases.into_iter().enumerate() {
+        let p = write(&format!("shape-bad{i}.jsonl"), body);
+        let e = load_tokenized_examples(&p, &tok, &no_limits(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("shape-bad{i}.jsonl:1:")) && e.contains(want), "{e}");
+    }
+    // one file, one shape
+    let p = write("mixed.jsonl", b"{\"prompt\": \"Q\", \"chosen\": \"a\", \"rejected\": \"b\"}\n{\"prompt\": \"Q\", \"completion\": \" a\", \"label\": true}\n");
+    let e = load_tokenized_examples(&p, &tok, &no_limits(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mixed.jsonl:2:") && e.contains("one shape"), "{e}");
 }

@@ -12,13 +12,7 @@ fn pairs() -> Vec<TokenizedExample> {
         line: 1,
         prompt_ids: prompt,
         responses: vec![c, r],
-        meta: ExampleMeta {
-            shape: Shape::Pairwise,
-            label: None,
-            scores: None,
-            strength: None,
-            annotator: None,
-        },
+        meta: ExampleMeta::new(Shape::Pairwise),
         prompt_truncated: false,
         completion_truncated: false,
     };

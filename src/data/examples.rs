@@ -65,11 +65,28 @@ pub struct ExampleMeta {
     pub shape: Shape,
     /// Unpaired: is the completion desirable?
     pub label: Option<bool>,
-    /// One score per response, higher = better (pair scores, list scores, or −rank).
+    /// One score per response, higher = better: pair scores, list scores, or for ranks the
+    /// graded label K − 1 − rank.
     pub scores: Option<Vec<f64>>,
+    /// Whether `scores` were derived from ranks (no reward-model scale).
+    pub scores_from_ranks: bool,
     /// Pairwise soft label: probability that chosen is preferred, in [0, 1].
     pub strength: Option<f64>,
     pub annotator: Option<String>,
+}
+
+impl ExampleMeta {
+    /// A shape with no label, scores, strength or annotator.
+    pub fn new(shape: Shape) -> Self {
+        ExampleMeta {
+            shape,
+            label: None,
+            scores: None,
+            scores_from_ranks: false,
+            strength: None,
+            annotator: None,
+        }
+    }
 }
 
 /// An example as text: the prompt and its responses (before EOS is appended). Pairwise:
@@ -196,11 +213,8 @@ fn meta(r: &Record, shape: Shape, n: usize) -> Result<ExampleMeta> {
         Some(v) => return Err(r.error("annotator", format!("expected a string or number, found {}", kind(v)))),
     };
     let mut m = ExampleMeta {
-        shape,
-        label: None,
-        scores: None,
-        strength: None,
         annotator,
+        ..ExampleMeta::new(shape)
     };
     match shape {
         Shape::Pairwise => {
@@ -238,7 +252,10 @@ fn meta(r: &Record, shape: Shape, n: usize) -> Result<ExampleMeta> {
             };
             m.scores = match (list("scores")?, list("ranks")?) {
                 (Some(s), _) => Some(s),
-                (None, Some(ranks)) => Some(ranks.iter().map(|x| -x).collect()),
+                (None, Some(ranks)) => {
+                    m.scores_from_ranks = true;
+                    Some(ranks.iter().map(|x| (n as f64 - 1.0) - x).collect())
+                }
                 (None, None) => return Err(r.error("ranks", "missing (a ranked list needs `ranks` or `scores`)")),
             };
         }

@@ -181,12 +181,14 @@ pub fn load_text_examples(
                     report.shape = Some(shape);
                     report.format = Some(f);
                 }
-                (Some(s0), Some(f0)) if s0 != shape || f0 != f => return Err(r.error(
-                    "<line>",
-                    format!(
+                (Some(s0), Some(f0)) if s0 != shape || f0 != f => {
+                    return Err(r.error(
+                        "<line>",
+                        format!(
                         "this row is {shape} {f}, but earlier rows are {s0} {f0}; one file holds one shape and format"
                     ),
-                )),
+                    ))
+                }
                 _ => {}
             }
             parse_example(&r, shape, f, tok)

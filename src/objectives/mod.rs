@@ -7,7 +7,9 @@
 //! `loss_weights` (TRL: L = Σ_k w_k · mean(loss_k)).
 
 pub mod dpo;
+pub mod listwise;
 pub mod reference_free;
+pub mod unpaired;
 
 use crate::data::{ExampleMeta, Shape};
 use crate::error::{Error, Result};
@@ -51,6 +53,11 @@ pub struct ObjectiveParams {
     pub cpo_alpha: f64,
     /// AlphaPO's reward-shape α (TRL `alpha`; 0 = log reward).
     pub alpha: f64,
+    /// KTO's λ_D and λ_U.
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+    /// Weight of PRO's SFT term on the best response.
+    pub pro_sft_weight: f64,
 }
 
 impl Default for ObjectiveParams {
@@ -64,6 +71,9 @@ impl Default for ObjectiveParams {
             simpo_gamma: 0.5,
             cpo_alpha: 1.0,
             alpha: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            pro_sft_weight: 1.0,
         }
     }
 }
@@ -89,6 +99,27 @@ pub enum Status {
 }
 
 pub type LossFn = fn(&Ctx) -> Result<Tensor>;
+
+/// The loss function of an objective, by the data shape it reads.
+#[derive(Clone, Copy)]
+pub enum LossKind {
+    /// Per-example losses of pairs; metrics come from the entry's reward kind.
+    Pairwise(LossFn),
+    /// Unpaired (prompt, completion, label) examples: losses and metrics.
+    Unpaired(fn(&unpaired::UnpairedCtx) -> Result<ObjectiveOutput>),
+    /// Ranked lists: losses and metrics.
+    Listwise(fn(&listwise::ListCtx) -> Result<ObjectiveOutput>),
+}
+
+impl LossKind {
+    pub fn shape(&self) -> Shape {
+        match self {
+            LossKind::Pairwise(_) => Shape::Pairwise,
+            LossKind::Unpaired(_) => Shape::Unpaired,
+            LossKind::Listwise(_) => Shape::Ranked,
+        }
+    }
+}
 pub type MetricsFn = fn(&Ctx) -> Result<Vec<(String, f64)>>;
 
 /// Statistics of a batch of examples of any shape: one summed log-prob per response,
@@ -144,7 +175,9 @@ pub struct ObjectiveEntry {
     pub rewards: RewardKind,
     pub status: Status,
     pub source: &'static str,
-    pub loss: LossFn,
+    pub loss: LossKind,
+    /// Unpaired objectives that estimate a KL reference point from mismatched completions.
+    pub needs_kl: bool,
     /// Extra metrics beyond the reward metrics (e.g. ORPO's `nll_loss`).
     pub metrics: Option<MetricsFn>,
 }
@@ -160,7 +193,8 @@ macro_rules! entry {
             rewards: RewardKind::$rewards,
             status: Status::$status,
             source: $source,
-            loss: $loss,
+            loss: LossKind::Pairwise($loss),
+            needs_kl: false,
             metrics: $metrics,
         }
     };
@@ -337,6 +371,46 @@ pub const REGISTRY: &[ObjectiveEntry] = &[
         reference_free::orpo,
         Some(reference_free::orpo_metrics)
     ),
+    ObjectiveEntry {
+        name: "kto",
+        needs_reference: true,
+        rewards: RewardKind::Implicit,
+        status: Status::Checked,
+        source: "KTO, Ethayarajh et al. 2024 (arXiv:2402.01306); TRL KTOTrainer (z0 from mismatched completions)",
+        loss: LossKind::Unpaired(unpaired::kto),
+        needs_kl: true,
+        metrics: None,
+    },
+    ObjectiveEntry {
+        name: "apo_zero_unpaired",
+        needs_reference: true,
+        rewards: RewardKind::Implicit,
+        status: Status::Checked,
+        source: "APO-zero for unpaired data, D'Oosterlinck et al. 2024 (arXiv:2408.06266); TRL KTOTrainer loss_type",
+        loss: LossKind::Unpaired(unpaired::apo_zero_unpaired),
+        needs_kl: false,
+        metrics: None,
+    },
+    ObjectiveEntry {
+        name: "lipo",
+        needs_reference: true,
+        rewards: RewardKind::Implicit,
+        status: Status::Experimental,
+        source: "LiPO-λ, Liu et al. 2024 (arXiv:2402.01878); lambda weights as recalled in ALGORITHMS.md, not checked against the paper",
+        loss: LossKind::Listwise(listwise::lipo),
+        needs_kl: false,
+        metrics: None,
+    },
+    ObjectiveEntry {
+        name: "pro",
+        needs_reference: false,
+        rewards: RewardKind::PolicyMean,
+        status: Status::Experimental,
+        source: "PRO, Song et al. 2023 (arXiv:2306.17492); Plackett-Luce with dynamic temperature as recalled in ALGORITHMS.md, not checked against the paper",
+        loss: LossKind::Listwise(listwise::pro),
+        needs_kl: false,
+        metrics: None,
+    },
 ];
 
 /// An objective: one registry entry, or a weighted sum of several (`loss_weights`).
@@ -356,12 +430,57 @@ impl Objective {
 
     /// The data shape this objective accepts.
     pub fn shape(&self) -> Shape {
-        Shape::Pairwise
+        self.parts[0].1.loss.shape()
     }
 
-    /// Per-example losses and metrics for a batch of any shape.
+    /// Whether examples need a mismatched completion for a KL estimate (KTO).
+    pub fn needs_kl(&self) -> bool {
+        self.parts.iter().any(|(_, e)| e.needs_kl)
+    }
+
+    /// Per-example losses and metrics for a batch of the objective's shape.
     pub fn loss(&self, stats: &BatchStats) -> Result<ObjectiveOutput> {
-        self.loss_pairs(&stats.pairs()?)
+        let mut out = match self.shape() {
+            Shape::Pairwise => return self.loss_pairs(&stats.pairs()?),
+            Shape::Unpaired => {
+                let ctx = unpaired::UnpairedCtx::new(stats, &self.params, self.needs_kl())?;
+                self.combine(|k| match k {
+                    LossKind::Unpaired(f) => f(&ctx),
+                    _ => unreachable!("build() checks that parts share a shape"),
+                })?
+            }
+            Shape::Ranked => {
+                let ctx = listwise::ListCtx::new(stats, &self.params)?;
+                self.combine(|k| match k {
+                    LossKind::Listwise(f) => f(&ctx),
+                    _ => unreachable!("build() checks that parts share a shape"),
+                })?
+            }
+        };
+        if let Some(w) = &stats.weights {
+            out.losses = (out.losses * w)?;
+        }
+        Ok(out)
+    }
+
+    /// Σ_k w_k · losses_k, with the first part's metrics.
+    fn combine(&self, mut f: impl FnMut(&LossKind) -> Result<ObjectiveOutput>) -> Result<ObjectiveOutput> {
+        let mut total: Option<ObjectiveOutput> = None;
+        for (w, e) in &self.parts {
+            let o = f(&e.loss)?;
+            let l = (o.losses * *w)?;
+            total = Some(match total {
+                None => ObjectiveOutput {
+                    losses: l,
+                    metrics: o.metrics,
+                },
+                Some(t) => ObjectiveOutput {
+                    losses: (t.losses + l)?,
+                    metrics: t.metrics,
+                },
+            });
+        }
+        Ok(total.expect("at least one part"))
     }
 
     /// Per-example losses `Σ_k w_k loss_k` and metrics of a pairwise objective.
@@ -373,7 +492,10 @@ impl Objective {
         let mut total: Option<Tensor> = None;
         let mut metrics = reward_metrics(&ctx, self.parts[0].1.rewards)?;
         for (w, e) in &self.parts {
-            let l = ((e.loss)(&ctx)? * *w)?;
+            let LossKind::Pairwise(loss) = e.loss else {
+                return Err(Error::msg(format!("`{}` is not a pairwise objective", e.name)));
+            };
+            let l = (loss(&ctx)? * *w)?;
             total = Some(match total {
                 None => l,
                 Some(t) => (t + l)?,
@@ -422,6 +544,15 @@ pub fn build(names: &[String], weights: Option<&[f64]>, params: &ObjectiveParams
         .enumerate()
         .map(|(i, n)| Ok((weights.map_or(1.0, |w| w[i]), lookup(n)?)))
         .collect::<Result<Vec<_>>>()?;
+    let shape = parts[0].1.loss.shape();
+    if let Some((_, e)) = parts.iter().find(|(_, e)| e.loss.shape() != shape) {
+        return Err(Error::Config(format!(
+            "loss_type combines `{}` ({shape}) with `{}` ({}); combined objectives must read the same data shape",
+            parts[0].1.name,
+            e.name,
+            e.loss.shape()
+        )));
+    }
     if params.label_smoothing != 0.0 && parts.iter().any(|(_, e)| e.name == "sigmoid") {
         return Err(Error::Config(
             "label_smoothing has no effect on loss_type `sigmoid` (TRL ≥0.29 ignores it); use `cdpo` for label-smoothed DPO or `robust` for rDPO".into(),

@@ -145,6 +145,36 @@ pub fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>> {
     }
 }
 
+/// The data shape must be the one the objective reads: one clear error at start-up.
+fn check_shape(objective: &Objective, shape: Option<crate::data::Shape>, file: &str) -> Result<()> {
+    match shape {
+        Some(s) if s != objective.shape() => Err(Error::Config(format!(
+            "loss_type `{}` reads {} data, but {file} holds {s} rows (pairwise: prompt/chosen/rejected; ranked: prompt/responses/ranks or scores; unpaired: prompt/completion/label)",
+            objective.name(),
+            objective.shape()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// KTO's KL estimate needs, for each example, a completion that does not belong to its
+/// prompt: the previous example's (in file order, so the pairing is fixed and cacheable).
+fn add_mismatched_completions(examples: &mut [TokenizedExample], file: &str, max_length: usize) -> Result<()> {
+    let n = examples.len();
+    if n < 2 {
+        return Err(Error::Config(format!(
+            "{file}: KTO's reference point needs at least 2 examples"
+        )));
+    }
+    let completions: Vec<Vec<u32>> = examples.iter().map(|e| e.responses[0].clone()).collect();
+    for (i, e) in examples.iter_mut().enumerate() {
+        let mut other = completions[(i + n - 1) % n].clone();
+        other.truncate(max_length.saturating_sub(e.prompt_ids.len()).max(1));
+        e.responses.push(other);
+    }
+    Ok(())
+}
+
 /// Load one model, or several with the same architecture averaged in weight space (SALSA).
 pub fn load_soup(paths: &[PathBuf], dtype: DType, dev: &Device) -> Result<LoadedModel> {
     let first = model::load(&paths[0], dtype, dev)?;
@@ -281,25 +311,35 @@ impl Trainer {
         for e in &report.skipped {
             eprintln!("skipped: {e}");
         }
-        let eval_pairs = match &cfg.eval_file {
+        let objective = cfg.objective()?;
+        check_shape(&objective, report.shape, &cfg.train_file)?;
+        let mut eval_pairs = match &cfg.eval_file {
             Some(f) => {
                 let (p, r) = load_tokenized_examples(Path::new(f), &policy.tokenizer, &opts, cfg.skip_invalid)?;
                 for e in &r.skipped {
                     eprintln!("skipped (eval): {e}");
                 }
+                check_shape(&objective, r.shape, f)?;
                 p
             }
             None => vec![],
         };
+        let mut train_pairs = train_pairs;
+        if objective.needs_kl() {
+            add_mismatched_completions(&mut train_pairs, &cfg.train_file, cfg.max_length)?;
+            if !eval_pairs.is_empty() {
+                add_mismatched_completions(&mut eval_pairs, cfg.eval_file.as_deref().unwrap_or(""), cfg.max_length)?;
+            }
+        }
         eprintln!(
-            "train_file: {} pairs ({}; {} skipped, {} prompts and {} completions truncated)",
+            "train_file: {} {} examples ({}; {} skipped, {} prompts and {} completions truncated)",
             train_pairs.len(),
+            report.shape.map(|f| f.to_string()).unwrap_or_default(),
             report.format.map(|f| f.to_string()).unwrap_or_default(),
             report.skipped.len(),
             report.prompts_truncated,
             report.completions_truncated
         );
-        let objective = cfg.objective()?;
 
         // The reference: the starting model (or ref_model, a weight-space soup when a list),
         // also when resuming; with sync_ref_model a resumed run restores the synced reference.
