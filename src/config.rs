@@ -168,6 +168,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "A checkpoint directory, or \"latest\" for the newest one in output_dir.",
     ),
     (
+        "reward_augmented",
+        "false",
+        "Reward-augmented relabeling of scored pairs (chosen_score, rejected_score) before training: each pair becomes two score-conditioned pairs (Zhang et al. 2024); the relabeled file is written to output_dir.",
+    ),
+    (
         "skip_invalid",
         "false",
         "Report and skip bad rows instead of stopping at the first.",
@@ -266,6 +271,7 @@ pub struct TrainConfig {
     pub precompute_ref_log_probs: bool,
     pub ref_log_probs_cache_dir: String,
     pub resume_from_checkpoint: Option<String>,
+    pub reward_augmented: bool,
     pub skip_invalid: bool,
     pub num_threads: usize,
     pub disable_tqdm: bool,
@@ -323,6 +329,7 @@ impl Default for TrainConfig {
             precompute_ref_log_probs: false,
             ref_log_probs_cache_dir: "~/.cache/prefer/ref_logps".into(),
             resume_from_checkpoint: None,
+            reward_augmented: false,
             skip_invalid: false,
             num_threads: 0,
             disable_tqdm: false,

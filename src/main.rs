@@ -140,6 +140,25 @@ enum DataCmd {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Convert OpenAssistant message trees into ranked lists or pairs (conversational JSONL).
+    Convert {
+        file: PathBuf,
+        /// Source format (only `oasst`: message trees with ranked sibling replies).
+        #[arg(long, default_value = "oasst")]
+        from: String,
+        /// `lists` (prompt, responses, ranks) or `pairs` (every better/worse combination).
+        #[arg(long, default_value = "lists")]
+        to: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Reward-augmented relabeling (Zhang et al. 2024): each pair with chosen_score and
+    /// rejected_score becomes two examples conditioned on a target score.
+    RewardAugment {
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write the arithmetic preference set (correct sum chosen, near miss rejected).
     MakeArithmetic {
         #[arg(long)]
@@ -668,6 +687,26 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             );
             Ok(())
         }
+        DataCmd::Convert { file, from, to, out } => {
+            if from != "oasst" {
+                bail!("--from {from}: only `oasst` (OpenAssistant message trees) is supported");
+            }
+            let target = match to.as_str() {
+                "lists" => prefer::data::convert::OasstTarget::Lists,
+                "pairs" => prefer::data::convert::OasstTarget::Pairs,
+                other => bail!("--to {other}: use `lists` or `pairs`"),
+            };
+            let lines = prefer::data::convert::oasst_trees(&file, target)?;
+            write_lines(&out, &lines)?;
+            eprintln!("wrote {} ({} {to})", out.display(), lines.len());
+            Ok(())
+        }
+        DataCmd::RewardAugment { file, out } => {
+            let lines = prefer::data::convert::reward_augment(&file)?;
+            write_lines(&out, &lines)?;
+            eprintln!("wrote {} ({} score-conditioned pairs)", out.display(), lines.len());
+            Ok(())
+        }
         DataCmd::MakeArithmetic { out, train, eval, seed } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let all = prefer::data::synthetic::arithmetic_pairs(train + eval, seed);
@@ -679,6 +718,16 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut body = lines.join("\n");
+    body.push('\n');
+    prefer::util::write_atomic(path, body.as_bytes())?;
+    Ok(())
 }
 
 fn median(xs: &[usize]) -> usize {

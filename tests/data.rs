@@ -259,3 +259,90 @@ fn ranked_and_unpaired_shapes_parse_and_tokenise() {
         .to_string();
     assert!(e.contains("mixed.jsonl:2:") && e.contains("one shape"), "{e}");
 }
+
+#[test]
+fn oasst_trees_convert_to_ranked_lists_and_pairs() {
+    let path = prefer::paths::shared_dir()
+        .expect("../shared")
+        .join("data/oasst-en100/en_100_tree.jsonl");
+    let lists = prefer::data::convert::oasst_trees(&path, prefer::data::convert::OasstTarget::Lists).unwrap();
+    let pairs = prefer::data::convert::oasst_trees(&path, prefer::data::convert::OasstTarget::Pairs).unwrap();
+    // counted independently: prompter messages with ≥ 2 ranked replies, and their ordered pairs
+    let (mut want_lists, mut want_pairs) = (0, 0);
+    fn walk(m: &serde_json::Value, lists: &mut usize, pairs: &mut usize) {
+        let replies = m["replies"].as_array().cloned().unwrap_or_default();
+        let mut ranks: Vec<f64> = replies.iter().filter_map(|r| r["rank"].as_f64()).collect();
+        if m["role"] == "prompter" && ranks.len() >= 2 {
+            *lists += 1;
+            ranks.sort_by(f64::total_cmp);
+            for i in 0..ranks.len() {
+                for j in i + 1..ranks.len() {
+                    *pairs += (ranks[i] < ranks[j]) as usize;
+                }
+            }
+        }
+        for r in &replies {
+            walk(r, lists, pairs);
+        }
+    }
+    for line in std::fs::read_to_string(&path).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        walk(&v["prompt"], &mut want_lists, &mut want_pairs);
+    }
+    assert_eq!((lists.len(), pairs.len()), (want_lists, want_pairs));
+    assert_eq!(lists.len(), 212);
+    let first: serde_json::Value = serde_json::from_str(&lists[0]).unwrap();
+    assert_eq!(first["prompt"][0]["role"], "user");
+    assert_eq!(first["ranks"], serde_json::json!([0.0, 1.0, 2.0]));
+    // the converted files load as ranked lists / pairs with a chat template
+    let tok = tiny_tokenizer(false).unwrap();
+    let lp = write("oasst-lists.jsonl", lists[..5].join("\n").as_bytes());
+    let (ex, rep) = load_tokenized_examples(&lp, &tok, &no_limits(), false).unwrap();
+    assert_eq!(
+        (ex.len(), rep.shape, rep.format),
+        (5, Some(prefer::data::Shape::Ranked), Some(DataFormat::Conversational))
+    );
+    let pp = write("oasst-pairs.jsonl", pairs[..5].join("\n").as_bytes());
+    let (_, rep) = load_tokenized_examples(&pp, &tok, &no_limits(), false).unwrap();
+    assert_eq!(rep.shape, Some(prefer::data::Shape::Pairwise));
+}
+
+#[test]
+fn reward_augmentation_makes_two_score_conditioned_pairs() {
+    let p = write(
+        "scored-aug.jsonl",
+        concat!(
+            r#"{"prompt": "Q:", "chosen": " a", "rejected": " b", "chosen_score": 8, "rejected_score": 3}"#,
+            "\n",
+            r#"{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}], "chosen_score": 7, "rejected_score": 2}"#
+        )
+        .as_bytes(),
+    );
+    let lines = prefer::data::convert::reward_augment(&p).unwrap();
+    assert_eq!(lines.len(), 4);
+    let v: Vec<serde_json::Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        (v[0]["chosen"].as_str(), v[0]["goal_score"].as_f64()),
+        (Some(" a"), Some(8.0))
+    );
+    assert_eq!(
+        (
+            v[1]["chosen"].as_str(),
+            v[1]["rejected"].as_str(),
+            v[1]["goal_score"].as_f64()
+        ),
+        (Some(" b"), Some(" a"), Some(3.0))
+    );
+    assert!(
+        v[1]["prompt"].as_str().unwrap().contains("score is 3") && v[1]["prompt"].as_str().unwrap().ends_with("Q:")
+    );
+    assert_eq!(v[2]["prompt"][0]["role"], "system");
+    assert!(v[3]["prompt"][0]["content"].as_str().unwrap().contains("score is 2"));
+    assert_eq!(v[3]["chosen"][0]["content"], "y");
+    let bad = write(
+        "unscored-aug.jsonl",
+        br#"{"prompt": "Q:", "chosen": " a", "rejected": " b"}"#,
+    );
+    let e = prefer::data::convert::reward_augment(&bad).unwrap_err().to_string();
+    assert!(e.contains("unscored-aug.jsonl:1: field `chosen_score`"), "{e}");
+}

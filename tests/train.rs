@@ -587,3 +587,22 @@ fn unpaired_and_ranked_objectives_train() {
     let e = Trainer::new(&c).err().unwrap().to_string();
     assert!(e.contains("reads pairwise data") && e.contains("unpaired rows"), "{e}");
 }
+
+#[test]
+fn reward_augmented_option_relabels_then_trains() {
+    let (dir, cfg) = tiny_setup("augment");
+    let lines: Vec<String> = (0..12)
+        .map(|i| serde_json::json!({"prompt": format!("the {i} =" ), "chosen": " 1", "rejected": " 2", "chosen_score": 9, "rejected_score": 2}).to_string())
+        .collect();
+    let file = write_lines(&dir, "scored.jsonl", lines);
+    let c = TrainConfig {
+        train_file: file,
+        reward_augmented: true,
+        max_steps: 2,
+        ..cfg
+    };
+    let out = prefer::train::train(&c).unwrap();
+    assert_eq!(out.steps_done, 2);
+    let relabeled = std::fs::read_to_string(Path::new(&c.output_dir).join("reward_augmented_train.jsonl")).unwrap();
+    assert_eq!(relabeled.lines().count(), 24);
+}

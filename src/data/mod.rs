@@ -2,6 +2,7 @@
 //! (standard, TRL conversational, Anthropic HH transcripts), TRL-exact tokenisation and
 //! truncation, and batching into scored sequences.
 
+pub mod convert;
 pub mod examples;
 pub mod jsonl;
 pub mod synthetic;

@@ -306,6 +306,24 @@ impl Trainer {
         let start_path = PathBuf::from(&cfg.model_name_or_path);
         let policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
         let opts = cfg.tokenize_options();
+        let mut cfg = cfg.clone();
+        if cfg.reward_augmented {
+            // relabel into files beside the run's outputs, then train on those
+            let out_dir = cfg.output_dir();
+            crate::util::create_dir_all(&out_dir)?;
+            let relabel = |f: &str, name: &str| -> Result<String> {
+                let lines = crate::data::convert::reward_augment(Path::new(f))?;
+                let p = out_dir.join(name);
+                crate::util::write_atomic(&p, (lines.join("\n") + "\n").as_bytes())?;
+                eprintln!("reward_augmented: {} pairs from {f} in {}", lines.len(), p.display());
+                Ok(p.display().to_string())
+            };
+            cfg.train_file = relabel(&cfg.train_file, "reward_augmented_train.jsonl")?;
+            if let Some(f) = cfg.eval_file.clone() {
+                cfg.eval_file = Some(relabel(&f, "reward_augmented_eval.jsonl")?);
+            }
+        }
+        let cfg = &cfg;
         let (train_pairs, report) =
             load_tokenized_examples(Path::new(&cfg.train_file), &policy.tokenizer, &opts, cfg.skip_invalid)?;
         for e in &report.skipped {
