@@ -419,6 +419,7 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
     if pc.is_empty() {
         bail!("{}: no rows", stats_path.display());
     }
+    let n_rows = pc.len();
     let t = |x: &[f64]| candle_core::Tensor::new(x, &Device::Cpu);
     let st = prefer::objectives::PairStats {
         policy_chosen: t(&pc)?,
@@ -428,6 +429,8 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
         chosen_tokens: nc,
         rejected_tokens: nr,
         weights: None,
+        strength: vec![1.0; n_rows],
+        scores: None,
     };
     let out = objective.loss_pairs(&st)?;
     let losses: Vec<f64> = out.losses.to_vec1()?;

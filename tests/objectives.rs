@@ -14,11 +14,24 @@ struct Row {
     rr: f64,
     nc: usize,
     nr: usize,
+    strength: f64,
+    sc: f64,
+    sr: f64,
 }
 
 /// β = 0.1 turns h = ±600 into margins of ±60. Batch-sorted quantities have no ties.
 fn rows() -> Vec<Row> {
-    let r = |pc, pr, rc, rr, nc, nr| Row { pc, pr, rc, rr, nc, nr };
+    let r = |pc, pr, rc, rr, nc, nr| Row {
+        pc,
+        pr,
+        rc,
+        rr,
+        nc,
+        nr,
+        strength: 1.0,
+        sc: 0.0,
+        sr: 0.0,
+    };
     vec![
         r(-10.0, -12.0, -11.0, -11.5, 5, 7),
         r(-5.0, -5.0, -5.0, -5.0, 3, 3),     // equal log-probs everywhere
@@ -56,8 +69,13 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
-/// The formulas, written independently of the library, per batch.
+/// The formulas, written independently of the library, per batch. `frozen` holds the rows at
+/// which quantities without gradient (LCPO's γ) are evaluated.
 fn by_hand(name: &str, rows: &[Row], p: &ObjectiveParams) -> Vec<f64> {
+    by_hand_frozen(name, rows, rows, p)
+}
+
+fn by_hand_frozen(name: &str, rows: &[Row], frozen: &[Row], p: &ObjectiveParams) -> Vec<f64> {
     let (b, e) = (p.beta, p.label_smoothing);
     let n = rows.len() as f64;
     let sum_nc: usize = rows.iter().map(|r| r.nc).sum();
@@ -113,6 +131,26 @@ fn by_hand(name: &str, rows: &[Row], p: &ObjectiveParams) -> Vec<f64> {
                     let lo = |x: f64| x - (1.0 - x.exp()).ln();
                     nll - b * ls(lo(mw) - lo(ml))
                 }
+                "osp" => -(r.strength * ls(b * h) + (1.0 - r.strength) * ls(-b * h)),
+                "copg" => ((r.sc - r.sr) - b * h).powi(2),
+                "mapo" => {
+                    let phi = |x: f64| p.mapo_k * x / ((p.mapo_k * x).exp() - 1.0);
+                    let (nw_, nl_) = (-mw, -ml);
+                    nw_ - b * ls(p.mapo_t * (phi(nw_) - phi(nl_)))
+                }
+                "slic" => (p.slic_delta - (r.pc - r.pr)).max(0.0) - p.slic_lambda * r.pc,
+                "lcpo" => {
+                    assert_eq!(p.lcpo_base, "sigmoid");
+                    let fwd = -ls(b * d);
+                    let back = -ls(-b * d);
+                    let fr = frozen[i];
+                    let (fsw, fsl) = (fdiv(p, fr.pc - fr.rc), fdiv(p, fr.pr - fr.rr));
+                    let fd_ = fsw - fsl;
+                    let pp = sg(-ls(-b * fd_) - -ls(b * fd_));
+                    let eta = p.lcpo_noise_rate;
+                    let g = (1.0 - eta) * pp / ((1.0 - eta) * pp + eta * (1.0 - pp));
+                    g * fwd + (1.0 - g) * back
+                }
                 other => panic!("no hand formula for {other}"),
             }
         })
@@ -130,6 +168,8 @@ fn stats(rows: &[Row], pc: &Var, pr: &Var, with_ref: bool) -> PairStats {
         chosen_tokens: rows.iter().map(|r| r.nc).collect(),
         rejected_tokens: rows.iter().map(|r| r.nr).collect(),
         weights: None,
+        strength: rows.iter().map(|r| r.strength).collect(),
+        scores: Some(rows.iter().map(|r| (r.sc, r.sr)).collect()),
     }
 }
 
@@ -167,7 +207,7 @@ fn check_rows(name: &str, p: &ObjectiveParams, rows: &[Row]) {
                 } else {
                     rs[i].pr += delta;
                 }
-                by_hand(name, &rs, p)
+                by_hand_frozen(name, &rs, &rows, p)
             };
             let x = if which == "chosen" { rows[i].pc } else { rows[i].pr };
             let step = 1e-6 * x.abs().max(1.0);
@@ -281,7 +321,21 @@ fn documented_special_cases() {
         &losses(&["ipo_sum"], None, &p, &ones),
     );
     same(&losses(&["alphapo"], None, &p, &rs), &losses(&["simpo"], None, &p, &rs)); // α = 0
-                                                                                    // AOT on a batch of one is cDPO
+                                                                                    // LCPO with zero noise is its base loss; OSP with strength 1 is DPO
+    let clean = ObjectiveParams {
+        lcpo_noise_rate: 0.0,
+        ..p.clone()
+    };
+    same(
+        &losses(&["lcpo"], None, &clean, &rs),
+        &losses(&["sigmoid"], None, &clean, &rs),
+    );
+    let sure: Vec<Row> = rs.iter().map(|r| Row { strength: 1.0, ..*r }).collect();
+    same(
+        &losses(&["osp"], None, &p, &sure),
+        &losses(&["sigmoid"], None, &p, &sure),
+    );
+    // AOT on a batch of one is cDPO
     let ps = ObjectiveParams {
         label_smoothing: 0.2,
         ..p.clone()

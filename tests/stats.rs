@@ -131,6 +131,8 @@ fn weights_scale_the_objective_losses() {
         chosen_tokens: vec![1, 1],
         rejected_tokens: vec![1, 1],
         weights: None,
+        strength: vec![1.0; 2],
+        scores: None,
     };
     let obj = prefer::objectives::build(&["sigmoid".into()], None, &Default::default()).unwrap();
     let plain: Vec<f64> = obj.loss_pairs(&st).unwrap().losses.to_vec1().unwrap();

@@ -399,6 +399,10 @@ fn each_objective_family_learns_the_toy_preference() {
         ("simpo", vec!["beta=2.0"]),
         ("orpo", vec![]),
         ("cpo", vec![]),
+        ("lcpo", vec!["lcpo_noise_rate=0.2"]),
+        ("osp", vec![]),
+        ("slic", vec!["slic_delta=2.0"]),
+        ("mapo", vec!["mapo_t=10.0"]),
     ] {
         let mut sets = vec![
             format!("loss_type={loss}"),

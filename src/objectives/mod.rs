@@ -8,6 +8,7 @@
 
 pub mod dpo;
 pub mod listwise;
+pub mod noisy;
 pub mod reference_free;
 pub mod unpaired;
 
@@ -29,6 +30,10 @@ pub struct PairStats {
     pub rejected_tokens: Vec<usize>,
     /// `[B]` per-pair loss weights (WPO's ω_w·ω_l with `use_weighting`), no gradient.
     pub weights: Option<Tensor>,
+    /// Per pair: probability that chosen is preferred (`preference_strength`; 1 when absent).
+    pub strength: Vec<f64>,
+    /// Per pair: (chosen_score, rejected_score), when the data has them.
+    pub scores: Option<Vec<(f64, f64)>>,
 }
 
 /// What an objective returns for a batch.
@@ -58,6 +63,13 @@ pub struct ObjectiveParams {
     pub undesirable_weight: f64,
     /// Weight of PRO's SFT term on the best response.
     pub pro_sft_weight: f64,
+    /// The pairwise objective LCPO wraps, and its label-noise rate η.
+    pub lcpo_base: String,
+    pub lcpo_noise_rate: f64,
+    pub mapo_k: f64,
+    pub mapo_t: f64,
+    pub slic_delta: f64,
+    pub slic_lambda: f64,
 }
 
 impl Default for ObjectiveParams {
@@ -74,6 +86,12 @@ impl Default for ObjectiveParams {
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
             pro_sft_weight: 1.0,
+            lcpo_base: "sigmoid".into(),
+            lcpo_noise_rate: 0.1,
+            mapo_k: 0.5,
+            mapo_t: 1000.0,
+            slic_delta: 1.0,
+            slic_lambda: 0.1,
         }
     }
 }
@@ -164,6 +182,12 @@ impl BatchStats {
             chosen_tokens: (0..b).map(|e| self.tokens[self.offsets[e]]).collect(),
             rejected_tokens: (0..b).map(|e| self.tokens[self.offsets[e] + 1]).collect(),
             weights: self.weights.clone(),
+            strength: self.meta.iter().map(|m| m.strength.unwrap_or(1.0)).collect(),
+            scores: self
+                .meta
+                .iter()
+                .map(|m| m.scores.as_ref().map(|s| (s[0], s[1])))
+                .collect::<Option<Vec<_>>>(),
         })
     }
 }
@@ -371,6 +395,11 @@ pub const REGISTRY: &[ObjectiveEntry] = &[
         reference_free::orpo,
         Some(reference_free::orpo_metrics)
     ),
+    entry!("mapo", false, PolicyMean, Experimental, "MaPO, Hong et al. 2024 (arXiv:2406.06424), official diffusion code with the mean token NLL as the per-sample loss", reference_free::mapo),
+    entry!("slic", false, PolicySum, Experimental, "SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425), form recalled in ALGORITHMS.md (hinge on summed log-probs + λ·NLL of chosen)", reference_free::slic),
+    entry!("osp", true, Implicit, Experimental, "OSP soft-preference cross-entropy, Zhai et al. 2024 (arXiv:2405.14103), documented shape (paper not consulted); p = preference_strength", noisy::osp),
+    entry!("copg", true, Implicit, Experimental, "CoPG, Flet-Berliac et al. 2024 (arXiv:2406.19185), squared regularised-reward difference on scored pairs (completion of the formula recalled)", noisy::copg),
+    entry!("lcpo", true, Implicit, Experimental, "LCPO / RE-PO, Cao, Xu et al. (arXiv:2509.24159), EM label-correctness wrapper around lcpo_base (documented shape, paper not consulted)", noisy::lcpo, Some(noisy::lcpo_metrics)),
     ObjectiveEntry {
         name: "kto",
         needs_reference: true,

@@ -59,3 +59,23 @@ pub fn orpo_metrics(c: &Ctx) -> Result<Vec<(String, f64)>> {
         ("log_odds_chosen".into(), mean(&lo)?),
     ])
 }
+
+/// MaPO for language models: ℓ = mean token NLL; φ(ℓ) = kℓ/(e^{kℓ} − 1);
+/// L = ℓ_w − β log σ(T(φ(ℓ_w) − φ(ℓ_l))), k = `mapo_k`, T = `mapo_t` (official diffusion code:
+/// k = 0.5, T = 1000).
+pub fn mapo(c: &Ctx) -> Result<Tensor> {
+    let (w, l) = c.mean_logps()?;
+    let (nw, nl) = (w.neg()?, l.neg()?);
+    let k = c.p.mapo_k;
+    let phi = |x: &Tensor| -> Result<Tensor> { Ok(((x * k)? / ((x * k)?.exp()? - 1.0)?)?) };
+    let margin = ((phi(&nw)? - phi(&nl)?)? * c.p.mapo_t)?;
+    Ok((nw - (log_sigmoid(&margin)? * c.p.beta)?)?)
+}
+
+/// SLiC-HF: max(0, δ − log π(y_w) + log π(y_l)) − λ log π(y_w), the chosen completion standing
+/// in for the SFT target; δ = `slic_delta`, λ = `slic_lambda`.
+pub fn slic(c: &Ctx) -> Result<Tensor> {
+    let margin = (&c.s.policy_chosen - &c.s.policy_rejected)?;
+    let hinge = (c.p.slic_delta - margin)?.relu()?;
+    Ok((hinge - (&c.s.policy_chosen * c.p.slic_lambda)?)?)
+}

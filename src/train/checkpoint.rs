@@ -23,6 +23,9 @@ pub struct TrainerState {
     pub window: Window,
     pub last_grad_norm: f64,
     pub last_lr: f64,
+    /// LCPO's current label-noise estimate η (EM), when the objective uses it.
+    #[serde(default)]
+    pub lcpo_noise_rate: Option<f64>,
     /// The configuration the run was started with (for the record).
     #[serde(default)]
     pub config: Option<Value>,

@@ -449,8 +449,12 @@ impl Trainer {
             cfg.shuffle,
         );
         let mut state = TrainerState::default();
+        let mut objective = objective;
         if let Some(dir) = &resume {
             state = checkpoint::load_state(dir, &mut opt)?;
+            if let Some(eta) = state.lcpo_noise_rate {
+                objective.params.lcpo_noise_rate = eta;
+            }
             eprintln!("resumed from {} at step {}", dir.display(), state.global_step);
         }
         Ok(Trainer {
@@ -501,7 +505,13 @@ impl Trainer {
             let grads = (loss / accum as f64)?.backward()?;
             self.opt.accumulate(&grads)?;
         }
-        let grad_norm = self.opt.clip_grad_norm(cfg.max_grad_norm);
+        // LCPO's M-step: move η towards this step's estimate of the label-noise rate
+        if let Some(est) = metrics.get("lcpo/estimated_noise") {
+            let eta = 0.9 * self.objective.params.lcpo_noise_rate + 0.1 * est;
+            self.objective.params.lcpo_noise_rate = eta;
+            self.state.lcpo_noise_rate = Some(eta);
+        }
+        let grad_norm = self.opt.clip_grad_norm(self.cfg.max_grad_norm);
         self.opt.step(lr)?;
         self.state.global_step += 1;
         if cfg.sync_ref_model && self.state.global_step.is_multiple_of(cfg.ref_model_sync_steps) {
