@@ -108,6 +108,19 @@ enum Cmd {
         #[arg(long, requires = "prompt_field")]
         completion_field: Option<String>,
     },
+    /// Run several objectives on the same model, data and budget; writes a table (sweep.md,
+    /// sweep.json) and one plot per metric over steps (plot-*.png) to output_dir.
+    Sweep {
+        /// The base run config (every key but loss_type is shared).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Objectives to compare, comma-separated (e.g. sigmoid,ipo,simpo,kto).
+        #[arg(long = "loss-type", alias = "loss_type", value_delimiter = ',')]
+        loss_type: Vec<String>,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -352,6 +365,20 @@ fn run(cmd: Cmd) -> Result<()> {
                     json!({"line": line, "ids": &ids[start..], "tokens": pieces, "logprobs": lps, "sum": sum, "mean": sum / lps.len() as f64})
                 )?;
             }
+            Ok(())
+        }
+        Cmd::Sweep { config, loss_type, set } => {
+            if loss_type.is_empty() {
+                bail!("name the objectives to compare: --loss-type sigmoid,ipo,simpo");
+            }
+            let cfg = TrainConfig::load(config.as_deref(), &set)?;
+            ctrlc::set_handler(|| {
+                prefer::train::STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .context("installing the Ctrl-C handler")?;
+            let rows = prefer::sweep::sweep(&cfg, &loss_type)?;
+            print!("{}", prefer::sweep::table(&rows));
+            eprintln!("table, JSON and plots in {}", cfg.output_dir);
             Ok(())
         }
         Cmd::Bench {

@@ -610,3 +610,56 @@ fn reward_augmented_option_relabels_then_trains() {
     let relabeled = std::fs::read_to_string(Path::new(&c.output_dir).join("reward_augmented_train.jsonl")).unwrap();
     assert_eq!(relabeled.lines().count(), 24);
 }
+
+#[test]
+fn sweep_writes_a_table_and_plots() {
+    let (dir, cfg) = tiny_setup("sweep");
+    let toml_path = dir.join("base.toml");
+    std::fs::write(
+        &toml_path,
+        toml::to_string(&TrainConfig {
+            max_steps: 4,
+            ..cfg.clone()
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let o = bin()
+        .args(["sweep", "--config"])
+        .arg(&toml_path)
+        .args(["--loss-type", "sigmoid,ipo,simpo"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    for name in ["| sigmoid |", "| ipo |", "| simpo |"] {
+        assert!(table.contains(name), "{table}");
+    }
+    let rows: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&cfg.output_dir).join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        assert_eq!(r["steps"], 4);
+        let rank = r["ranking_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&rank));
+        assert!(r["kl_to_reference"].as_f64().unwrap().is_finite());
+    }
+    for plot in [
+        "plot-loss.png",
+        "plot-rewards_accuracies.png",
+        "plot-rewards_margins.png",
+    ] {
+        let bytes = std::fs::read(Path::new(&cfg.output_dir).join(plot)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{plot} is not a PNG");
+        assert!(bytes.len() > 5000, "{plot} looks empty");
+    }
+    // an objective that reads another data shape is refused before any training
+    let o = bin()
+        .args(["sweep", "--config"])
+        .arg(&toml_path)
+        .args(["--loss-type", "sigmoid,kto"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("kto reads unpaired data"));
+}
