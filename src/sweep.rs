@@ -41,12 +41,10 @@ pub struct SweepRow {
 }
 
 fn data_shape(path: &str) -> Result<Option<Shape>> {
-    for rec in read_records(Path::new(path))? {
-        if let Ok(r) = rec {
-            return Ok(Some(detect(&r)?.0));
-        }
+    match read_records(Path::new(path))?.into_iter().flatten().next() {
+        Some(r) => Ok(Some(detect(&r)?.0)),
+        None => Ok(None),
     }
-    Ok(None)
 }
 
 fn read_metrics(dir: &Path) -> Vec<Value> {
