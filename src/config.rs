@@ -226,7 +226,8 @@ impl LossType {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+/// Unknown keys are caught by [`KEYS`] (with a suggestion) before deserialising.
+#[serde(default)]
 pub struct TrainConfig {
     pub model_name_or_path: String,
     pub ref_model: Option<RefModel>,
@@ -240,23 +241,10 @@ pub struct TrainConfig {
     pub eval_file: Option<String>,
     pub loss_type: LossType,
     pub loss_weights: Option<Vec<f64>>,
-    pub beta: f64,
-    pub label_smoothing: f64,
-    pub f_divergence_type: String,
-    pub f_alpha_divergence_coef: f64,
-    pub discopop_tau: f64,
-    pub simpo_gamma: f64,
-    pub cpo_alpha: f64,
-    pub alpha: f64,
-    pub desirable_weight: f64,
-    pub undesirable_weight: f64,
-    pub pro_sft_weight: f64,
-    pub lcpo_base: String,
-    pub lcpo_noise_rate: f64,
-    pub mapo_k: f64,
-    pub mapo_t: f64,
-    pub slic_delta: f64,
-    pub slic_lambda: f64,
+    /// The objectives' hyperparameters (`beta`, `label_smoothing`, ...), flattened into the
+    /// config's top level.
+    #[serde(flatten)]
+    pub params: ObjectiveParams,
     pub learning_rate: f64,
     pub per_device_train_batch_size: usize,
     pub per_device_eval_batch_size: usize,
@@ -304,23 +292,7 @@ impl Default for TrainConfig {
             eval_file: None,
             loss_type: LossType::One("sigmoid".into()),
             loss_weights: None,
-            beta: 0.1,
-            label_smoothing: 0.0,
-            f_divergence_type: "reverse_kl".into(),
-            f_alpha_divergence_coef: 0.5,
-            discopop_tau: 0.05,
-            simpo_gamma: 0.5,
-            cpo_alpha: 1.0,
-            alpha: 0.0,
-            desirable_weight: 1.0,
-            undesirable_weight: 1.0,
-            pro_sft_weight: 1.0,
-            lcpo_base: "sigmoid".into(),
-            lcpo_noise_rate: 0.1,
-            mapo_k: 0.5,
-            mapo_t: 1000.0,
-            slic_delta: 1.0,
-            slic_lambda: 0.1,
+            params: ObjectiveParams::default(),
             learning_rate: 1e-6,
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
@@ -438,7 +410,7 @@ impl TrainConfig {
                 self.max_prompt_length, self.max_length
             ));
         }
-        if !(0.0..0.5).contains(&self.label_smoothing) {
+        if !(0.0..0.5).contains(&self.params.label_smoothing) {
             return bad("label_smoothing must be in [0, 0.5)".into());
         }
         if self.sync_ref_model && self.precompute_ref_log_probs {
@@ -457,35 +429,9 @@ impl TrainConfig {
         Ok(())
     }
 
-    pub fn objective_params(&self) -> ObjectiveParams {
-        ObjectiveParams {
-            beta: self.beta,
-            label_smoothing: self.label_smoothing,
-            f_divergence_type: self.f_divergence_type.clone(),
-            f_alpha_divergence_coef: self.f_alpha_divergence_coef,
-            discopop_tau: self.discopop_tau,
-            simpo_gamma: self.simpo_gamma,
-            cpo_alpha: self.cpo_alpha,
-            alpha: self.alpha,
-            desirable_weight: self.desirable_weight,
-            undesirable_weight: self.undesirable_weight,
-            pro_sft_weight: self.pro_sft_weight,
-            lcpo_base: self.lcpo_base.clone(),
-            lcpo_noise_rate: self.lcpo_noise_rate,
-            mapo_k: self.mapo_k,
-            mapo_t: self.mapo_t,
-            slic_delta: self.slic_delta,
-            slic_lambda: self.slic_lambda,
-        }
-    }
-
     /// The objective `loss_type` / `loss_weights` describe.
     pub fn objective(&self) -> Result<crate::objectives::Objective> {
-        crate::objectives::build(
-            &self.loss_type.names(),
-            self.loss_weights.as_deref(),
-            &self.objective_params(),
-        )
+        crate::objectives::build(&self.loss_type.names(), self.loss_weights.as_deref(), &self.params)
     }
 
     pub fn stats_options(&self) -> crate::stats::StatsOptions {
@@ -576,7 +522,10 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!((c.beta, c.output_dir.as_str(), c.shuffle), (0.25, "out/x", false));
+        assert_eq!(
+            (c.params.beta, c.output_dir.as_str(), c.shuffle),
+            (0.25, "out/x", false)
+        );
         assert_eq!(c.truncation_mode, TruncationMode::KeepStart);
         assert_eq!(c.learning_rate, 1e-6, "TRL's default");
         let e = TrainConfig::load(Some(&p), &["bta=1".into()]).unwrap_err().to_string();

@@ -461,7 +461,7 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
     };
     let out = objective.loss_pairs(&st)?;
     let losses: Vec<f64> = out.losses.to_vec1()?;
-    let beta = cfg.beta;
+    let beta = cfg.params.beta;
     let mut stdout = std::io::stdout().lock();
     for (i, (line, _)) in rows.iter().enumerate() {
         let mut rec = json!({"line": line, "loss": losses[i]});

@@ -54,7 +54,10 @@ fn tiny_setup(name: &str) -> (PathBuf, TrainConfig) {
         logging_steps: 1,
         save_steps: 4,
         warmup_steps: 2,
-        beta: 0.5,
+        params: prefer::objectives::ObjectiveParams {
+            beta: 0.5,
+            ..Default::default()
+        },
         disable_tqdm: true,
         ref_log_probs_cache_dir: dir.join("cache").display().to_string(),
         ..TrainConfig::default()
@@ -372,6 +375,32 @@ fn cli_tools_work_on_a_gguf_model() {
         o.status.success() && s.contains("24 usable") && s.contains("prompt tokens"),
         "{s}"
     );
+    // objectives eval: losses from a statistics file, no model
+    let st = dir.join("stats.jsonl");
+    std::fs::write(&st, "{\"policy_chosen_logps\": -1, \"policy_rejected_logps\": -2, \"ref_chosen_logps\": -1.5, \"ref_rejected_logps\": -1.5}\n").unwrap();
+    let o = bin()
+        .args([
+            "objectives",
+            "eval",
+            "--loss-type",
+            "sigmoid",
+            "--set",
+            "beta=1",
+            "--stats",
+        ])
+        .arg(&st)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        (v["loss"].as_f64().unwrap() - (1.0f64 + (-1.0f64).exp()).ln()).abs() < 1e-12,
+        "{v}"
+    );
+    let o = bin().args(["objectives", "list"]).output().unwrap();
+    let listing = String::from_utf8_lossy(&o.stdout);
+    for e in prefer::objectives::REGISTRY {
+        assert!(listing.contains(e.name), "{} missing from objectives list", e.name);
+    }
     // train: an unknown key is an error with a suggestion
     let o = bin()
         .args([

@@ -45,8 +45,10 @@ pub struct ObjectiveOutput {
     pub metrics: Vec<(String, f64)>,
 }
 
-/// Hyperparameters of the objectives, under TRL's `DPOConfig` / `CPOConfig` names.
-#[derive(Clone, Debug, PartialEq)]
+/// Hyperparameters of the objectives, under TRL's `DPOConfig` / `CPOConfig` names (the run
+/// config's keys; documented in `config::KEYS`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ObjectiveParams {
     pub beta: f64,
     pub label_smoothing: f64,
