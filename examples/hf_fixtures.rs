@@ -95,6 +95,23 @@ fn main() -> anyhow::Result<()> {
         write_expected(&m, &dir, &texts)?;
         eprintln!("wrote {}", dir.display());
     }
+    // A reward model (score head on the last non-pad token): *ForSequenceClassification.
+    let rm = tiny_model(&TinySpec::default(), DType::F32, 44)?.with_reward_head(1)?;
+    let dir = out.join("llama-reward");
+    model::hf::save_dir(&rm, &dir)?;
+    let mut rewards = vec![];
+    for t in TEXTS {
+        let ids = rm.tokenizer.encode(t, true)?;
+        let r: Vec<f32> = rm
+            .transformer
+            .rewards(std::slice::from_ref(&ids), rm.tokenizer.pad_id)?
+            .to_vec1()?;
+        rewards.push(json!({"text": t, "ids": ids, "reward": r[0]}));
+    }
+    std::fs::write(
+        dir.join("expected.json"),
+        serde_json::to_string_pretty(&json!({"rewards": rewards}))?,
+    )?;
     // A GGUF (Q8_0) loaded and saved by prefer: the HF checkpoint of a GGUF model.
     let m = tiny_model(&TinySpec::default(), DType::F32, 43)?;
     let g = out.join("tiny-q8.gguf");

@@ -14,11 +14,31 @@ Exit status 1 if anything differs beyond tolerance.
 import json, os, sys
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+
+def check_reward(d, exp, tol):
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)
+    model.eval()
+    ok, worst = True, 0.0
+    for r in exp["rewards"]:
+        ids = tok(r["text"])["input_ids"]
+        if ids != r["ids"]:
+            print(f"  {d}: token ids differ for {r['text']!r}")
+            ok = False
+        with torch.no_grad():
+            got = model(torch.tensor([r["ids"]])).logits[0, 0].item()
+        worst = max(worst, abs(got - r["reward"]))
+    ok = ok and worst <= tol
+    print(f"{'ok  ' if ok else 'FAIL'} {d}: {type(model).__name__}, max |reward diff| {worst:.2e}")
+    return ok
 
 
 def check(d, tol):
     exp = json.load(open(os.path.join(d, "expected.json")))
+    if "rewards" in exp:
+        return check_reward(d, exp, tol)
     tok = AutoTokenizer.from_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     model.eval()

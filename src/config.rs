@@ -53,6 +53,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Held-out pairs evaluated every eval_steps and at the end.",
     ),
     (
+        "task",
+        "\"dpo\"",
+        "dpo (align the policy with an objective over log-probs) | reward (train a Bradley-Terry reward model: the LM body plus a scalar head, saved as *ForSequenceClassification).",
+    ),
+    (
         "loss_type",
         "\"sigmoid\"",
         "Objective name (`prefer objectives list`), or a list (or comma-separated string) combined with loss_weights.",
@@ -82,6 +87,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("simpo_gamma", "0.5", "Target reward margin γ of simpo and alphapo."),
     ("cpo_alpha", "1.0", "Weight of the NLL term of cpo."),
     ("alpha", "0.0", "AlphaPO reward-shape α (0 = SimPO's log reward)."),
+    ("center_rewards_coefficient", "(none)", "Reward models: weight η of the centring term mean((r_w + r_l)²) (TRL)."),
     ("desirable_weight", "1.0", "KTO's λ_D: weight of desirable completions."),
     ("undesirable_weight", "1.0", "KTO's λ_U: weight of undesirable completions."),
     ("pro_sft_weight", "1.0", "Weight of PRO's SFT term on the best response."),
@@ -239,6 +245,7 @@ pub struct TrainConfig {
     pub output_dir: String,
     pub train_file: String,
     pub eval_file: Option<String>,
+    pub task: String,
     pub loss_type: LossType,
     pub loss_weights: Option<Vec<f64>>,
     /// The objectives' hyperparameters (`beta`, `label_smoothing`, ...), flattened into the
@@ -290,6 +297,7 @@ impl Default for TrainConfig {
             output_dir: "runs/prefer".into(),
             train_file: String::new(),
             eval_file: None,
+            task: "dpo".into(),
             loss_type: LossType::One("sigmoid".into()),
             loss_weights: None,
             params: ObjectiveParams::default(),
@@ -401,6 +409,9 @@ impl TrainConfig {
                 self.lr_scheduler_type
             ));
         }
+        if !matches!(self.task.as_str(), "dpo" | "reward") {
+            return bad(format!("task `{}` is not one of dpo, reward", self.task));
+        }
         if !matches!(self.optim.as_str(), "adamw" | "adamw_torch" | "sgd") {
             return bad(format!("optim `{}` is not supported (adamw_torch, sgd)", self.optim));
         }
@@ -429,9 +440,28 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The objective `loss_type` / `loss_weights` describe.
+    /// The objective `loss_type` / `loss_weights` describe (`bradley_terry` for `task = "reward"`
+    /// unless another reward objective is named).
     pub fn objective(&self) -> Result<crate::objectives::Objective> {
-        crate::objectives::build(&self.loss_type.names(), self.loss_weights.as_deref(), &self.params)
+        use crate::objectives::RewardKind;
+        let mut names = self.loss_type.names();
+        let reward = self.task == "reward";
+        if reward && names == ["sigmoid"] {
+            names = vec!["bradley_terry".into()];
+        }
+        let obj = crate::objectives::build(&names, self.loss_weights.as_deref(), &self.params)?;
+        let is_reward = obj.parts.iter().all(|(_, e)| e.rewards == RewardKind::Reward);
+        match (reward, is_reward) {
+            (true, false) => Err(Error::Config(format!(
+                "task = \"reward\" trains with a reward-model objective (bradley_terry), not `{}`",
+                obj.name()
+            ))),
+            (false, true) => Err(Error::Config(format!(
+                "`{}` trains reward models: set task = \"reward\"",
+                obj.name()
+            ))),
+            _ => Ok(obj),
+        }
     }
 
     pub fn stats_options(&self) -> crate::stats::StatsOptions {
@@ -482,6 +512,7 @@ mod tests {
     fn keys_table_matches_struct_fields() {
         let c = TrainConfig {
             loss_weights: Some(vec![1.0]),
+            params: ObjectiveParams { center_rewards_coefficient: Some(0.1), ..Default::default() },
             ref_model: Some(RefModel::One("x".into())),
             ld_alpha: Some(0.5),
             eval_file: Some("x".into()),

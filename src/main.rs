@@ -93,6 +93,21 @@ enum Cmd {
         #[arg(long)]
         chat: bool,
     },
+    /// Scores of every response of a preference file under a reward model (JSONL to stdout:
+    /// `scores` per line, plus `chosen_score`/`rejected_score` for pairs).
+    Score {
+        /// A reward model (HF directory with score.weight, as `prefer train` with task = "reward" writes).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        #[arg(long)]
+        skip_invalid: bool,
+    },
     /// Per-token log-probs of each text of a JSONL file under a model (JSONL to stdout).
     Logprobs {
         #[arg(long)]
@@ -367,6 +382,41 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Score {
+            model,
+            data,
+            batch_size,
+            max_length,
+            skip_invalid,
+        } => {
+            let m = model::load(&model, DType::F32, &Device::Cpu)?;
+            if !m.transformer.cfg.reward_head {
+                bail!(
+                    "{} has no reward head (score.weight); train one with task = \"reward\"",
+                    model.display()
+                );
+            }
+            let opts = TokenizeOptions {
+                max_length: Some(max_length),
+                max_prompt_length: None,
+                truncation_mode: TruncationMode::KeepEnd,
+            };
+            let (examples, report) = load_tokenized_examples(&data, &m.tokenizer, &opts, skip_invalid)?;
+            for e in &report.skipped {
+                eprintln!("skipped: {e}");
+            }
+            let scores = prefer::stats::score_rewards(&m.transformer, &examples, batch_size, m.tokenizer.pad_id)?;
+            let mut out = std::io::stdout().lock();
+            for (e, s) in examples.iter().zip(&scores) {
+                let mut rec = json!({"line": e.line, "scores": s});
+                if report.shape == Some(Shape::Pairwise) {
+                    rec["chosen_score"] = json!(s[0]);
+                    rec["rejected_score"] = json!(s[1]);
+                }
+                writeln!(out, "{rec}")?;
+            }
+            Ok(())
+        }
         Cmd::Sweep { config, loss_type, set } => {
             if loss_type.is_empty() {
                 bail!("name the objectives to compare: --loss-type sigmoid,ipo,simpo");
@@ -458,6 +508,7 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
         weights: None,
         strength: vec![1.0; n_rows],
         scores: None,
+        margin: vec![0.0; n_rows],
     };
     let out = objective.loss_pairs(&st)?;
     let losses: Vec<f64> = out.losses.to_vec1()?;

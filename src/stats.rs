@@ -95,6 +95,37 @@ pub fn group_logps(model: &Transformer, examples: &[&TokenizedExample], opts: &S
     })
 }
 
+/// A reward model's scalar reward for every response (differentiable), laid out like
+/// [`GroupLogps::sums`]; `pad_id` marks padding as in transformers' sequence classification.
+pub fn group_rewards(model: &Transformer, examples: &[&TokenizedExample], pad_id: u32) -> Result<GroupLogps> {
+    let (seqs, offsets) = example_sequences(examples);
+    let ids: Vec<Vec<u32>> = seqs.iter().map(|s| s.ids.clone()).collect();
+    let tokens = seqs.iter().map(|s| s.ids.len() - s.completion_start).collect();
+    Ok(GroupLogps {
+        sums: model.rewards(&ids, pad_id)?,
+        offsets,
+        tokens,
+        weights: None,
+    })
+}
+
+/// Rewards of every response of every example, in batches, as f64.
+pub fn score_rewards(
+    model: &Transformer,
+    examples: &[TokenizedExample],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<Vec<Vec<f64>>> {
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&TokenizedExample> = chunk.iter().collect();
+        let g = group_rewards(model, &refs, pad_id)?;
+        let v: Vec<f64> = g.sums.detach().to_dtype(DType::F64)?.to_vec1()?;
+        out.extend(g.offsets.windows(2).map(|w| v[w[0]..w[1]].to_vec()));
+    }
+    Ok(out)
+}
+
 /// Summed log-probs of every response of every example, in batches, as f64 (no gradient).
 pub fn score_examples(
     model: &Transformer,

@@ -138,6 +138,13 @@ fn by_hand_frozen(name: &str, rows: &[Row], frozen: &[Row], p: &ObjectiveParams)
                     let (nw_, nl_) = (-mw, -ml);
                     nw_ - b * ls(p.mapo_t * (phi(nw_) - phi(nl_)))
                 }
+                "bradley_terry" => {
+                    // the statistics are rewards; margin = sc − sr in these rows
+                    let l = -ls(r.pc - r.pr - (r.sc - r.sr));
+                    l + p
+                        .center_rewards_coefficient
+                        .map_or(0.0, |eta| eta * (r.pc + r.pr).powi(2))
+                }
                 "slic" => (p.slic_delta - (r.pc - r.pr)).max(0.0) - p.slic_lambda * r.pc,
                 "lcpo" => {
                     assert_eq!(p.lcpo_base, "sigmoid");
@@ -170,6 +177,7 @@ fn stats(rows: &[Row], pc: &Var, pr: &Var, with_ref: bool) -> PairStats {
         weights: None,
         strength: rows.iter().map(|r| r.strength).collect(),
         scores: Some(rows.iter().map(|r| (r.sc, r.sr)).collect()),
+        margin: rows.iter().map(|r| r.sc - r.sr).collect(),
     }
 }
 
@@ -282,7 +290,20 @@ fn every_objective_matches_its_formula_and_gradient() {
             ..base.clone()
         },
     );
-    check("cpo", &ObjectiveParams { cpo_alpha: 0.3, ..base });
+    check(
+        "cpo",
+        &ObjectiveParams {
+            cpo_alpha: 0.3,
+            ..base.clone()
+        },
+    );
+    check(
+        "bradley_terry",
+        &ObjectiveParams {
+            center_rewards_coefficient: Some(0.01),
+            ..base
+        },
+    );
 }
 
 fn losses(names: &[&str], weights: Option<&[f64]>, p: &ObjectiveParams, rows: &[Row]) -> Vec<f64> {

@@ -72,6 +72,8 @@ pub struct ExampleMeta {
     pub scores_from_ranks: bool,
     /// Pairwise soft label: probability that chosen is preferred, in [0, 1].
     pub strength: Option<f64>,
+    /// Pairwise: a reward margin for reward-model training (TRL's `margin` column).
+    pub margin: Option<f64>,
     pub annotator: Option<String>,
 }
 
@@ -84,6 +86,7 @@ impl ExampleMeta {
             scores: None,
             scores_from_ranks: false,
             strength: None,
+            margin: None,
             annotator: None,
         }
     }
@@ -224,6 +227,7 @@ fn meta(r: &Record, shape: Shape, n: usize) -> Result<ExampleMeta> {
                 (Some(_), None) => return Err(r.error("rejected_score", "missing (chosen_score is given)")),
                 (None, Some(_)) => return Err(r.error("chosen_score", "missing (rejected_score is given)")),
             }
+            m.margin = number(r, "margin")?;
             if let Some(p) = number(r, "preference_strength")? {
                 if !(0.0..=1.0).contains(&p) {
                     return Err(r.error("preference_strength", format!("{p} is outside [0, 1]")));

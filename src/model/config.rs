@@ -30,6 +30,9 @@ pub struct ModelConfig {
     pub rope_scaling: Option<Llama3RopeScaling>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// A reward model: `*ForSequenceClassification` with a scalar head `score.weight` `[1, H]`
+    /// on the last non-padding token, and no language-model head.
+    pub reward_head: bool,
     /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
     pub qkv_bias: bool,
     /// Bias on the output projection (Llama with `attention_bias`).
@@ -148,6 +151,11 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(4096) as usize,
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            reward_head: v.get("architectures").and_then(Value::as_array).is_some_and(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .any(|s| s.ends_with("ForSequenceClassification"))
+            }),
             qkv_bias: is_qwen || attention_bias,
             o_bias: !is_qwen && attention_bias,
             bos_token_id: get_token_id(v, "bos_token_id"),
@@ -159,11 +167,19 @@ impl ModelConfig {
 
     /// A transformers-4 style `config.json` (which transformers 5 also reads).
     pub fn to_json(&self) -> Value {
-        let arch = match self.model_type.as_str() {
-            "qwen2" => "Qwen2ForCausalLM",
-            "mistral" => "MistralForCausalLM",
-            _ => "LlamaForCausalLM",
+        let family = match self.model_type.as_str() {
+            "qwen2" => "Qwen2",
+            "mistral" => "Mistral",
+            _ => "Llama",
         };
+        let arch = format!(
+            "{family}{}",
+            if self.reward_head {
+                "ForSequenceClassification"
+            } else {
+                "ForCausalLM"
+            }
+        );
         let mut v = json!({
             "architectures": [arch],
             "model_type": self.model_type,
@@ -188,6 +204,11 @@ impl ModelConfig {
             o.insert("attention_bias".into(), json!(self.qkv_bias));
             o.insert("mlp_bias".into(), json!(false));
             o.insert("pretraining_tp".into(), json!(1));
+        }
+        if self.reward_head {
+            o.insert("num_labels".into(), json!(1));
+            o.insert("id2label".into(), json!({"0": "LABEL_0"}));
+            o.insert("label2id".into(), json!({"LABEL_0": 0}));
         }
         if let Some(s) = &self.rope_scaling {
             o.insert(
@@ -246,7 +267,14 @@ impl ModelConfig {
         let kv = self.num_key_value_heads * self.head_dim;
         let per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
         let emb = self.vocab_size * h;
-        emb * if self.tie_word_embeddings { 1 } else { 2 } + self.num_hidden_layers * per_layer + h
+        let head = if self.reward_head {
+            h
+        } else if self.tie_word_embeddings {
+            0
+        } else {
+            emb
+        };
+        emb + head + self.num_hidden_layers * per_layer + h
     }
 }
 

@@ -73,6 +73,32 @@ impl LoadedModel {
         Ok((LoadedModel { transformer, ..self }, vars))
     }
 
+    /// This model with a freshly initialised scalar reward head (`score.weight`, normal with std
+    /// 0.02 as transformers initialises it, seeded), and without the language-model head: the
+    /// layout of `*ForSequenceClassification`. A model that already has a head is returned as is.
+    pub fn with_reward_head(self, seed: u64) -> Result<LoadedModel> {
+        if self.transformer.cfg.reward_head {
+            return Ok(self);
+        }
+        let mut cfg = self.transformer.cfg.clone();
+        cfg.reward_head = true;
+        let old: std::collections::HashMap<String, candle_core::Tensor> =
+            self.transformer.params().iter().cloned().collect();
+        let mut rng = crate::util::Rng::new(seed);
+        let transformer = Transformer::build(&cfg, |name, shape| {
+            if name == "score.weight" {
+                let n: usize = shape.iter().product();
+                let v: Vec<f64> = (0..n).map(|_| 0.02 * rng.normal()).collect();
+                let t = candle_core::Tensor::from_vec(v, shape, self.transformer.device())?;
+                return Ok(t.to_dtype(self.transformer.dtype())?);
+            }
+            old.get(name)
+                .cloned()
+                .ok_or_else(|| Error::msg(format!("missing `{name}`")))
+        })?;
+        Ok(LoadedModel { transformer, ..self })
+    }
+
     /// An independent frozen copy (the reference model).
     pub fn frozen_copy(&self) -> Result<LoadedModel> {
         let transformer = self.transformer.map(|_, t| Ok(t.detach().copy()?))?;

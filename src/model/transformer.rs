@@ -211,6 +211,8 @@ pub struct Transformer {
     pub norm: Tensor,
     /// `None` when the output projection is tied to `embed_tokens`.
     pub lm_head: Option<Tensor>,
+    /// The reward head `[1, H]` of a reward model.
+    pub score: Option<Tensor>,
     /// Every parameter with its HF name, in a fixed order (the walk order of [`Self::build`]).
     params: Vec<(String, Tensor)>,
 }
@@ -273,10 +275,12 @@ impl Transformer {
             });
         }
         let norm = take("model.norm.weight".into(), &[hs])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
+        let (lm_head, score) = if cfg.reward_head {
+            (None, Some(take("score.weight".into(), &[1, hs])?))
+        } else if cfg.tie_word_embeddings {
+            (None, None)
         } else {
-            Some(take("lm_head.weight".into(), &[cfg.vocab_size, hs])?)
+            (Some(take("lm_head.weight".into(), &[cfg.vocab_size, hs])?), None)
         };
         Ok(Transformer {
             cfg: cfg.clone(),
@@ -284,6 +288,7 @@ impl Transformer {
             layers,
             norm,
             lm_head,
+            score,
             params,
         })
     }
@@ -331,6 +336,37 @@ impl Transformer {
             x = (x + h)?;
         }
         rms_norm(&x, &self.norm, eps)
+    }
+
+    /// Scalar rewards `[S]` of a right-padded batch: the reward head on the hidden state of each
+    /// row's last token that is not `pad_id` (transformers' rule for sequence classification;
+    /// a row of only pad tokens uses its last real position).
+    pub fn rewards(&self, seqs: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
+        let score = self
+            .score
+            .as_ref()
+            .ok_or_else(|| Error::msg("this model has no reward head (score.weight)"))?;
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let dev = self.device();
+        let mut ids = Vec::with_capacity(seqs.len() * t);
+        let mut valid = Vec::with_capacity(seqs.len());
+        let mut rows = Vec::with_capacity(seqs.len());
+        for (b, s) in seqs.iter().enumerate() {
+            let last = s
+                .iter()
+                .rposition(|&x| x != pad_id)
+                .unwrap_or(s.len().saturating_sub(1));
+            rows.push((b * t + last) as u32);
+            ids.extend(s.iter().copied().chain(std::iter::repeat_n(pad_id, t - s.len())));
+            valid.push((0..t).map(|i| i < s.len()).collect::<Vec<bool>>());
+        }
+        let input = Tensor::from_vec(ids, (seqs.len(), t), dev)?;
+        let attn = AttentionInputs::padded(&self.cfg, &valid, self.dtype(), dev)?;
+        let hidden = self
+            .hidden_states(&input, &attn)?
+            .reshape((seqs.len() * t, self.cfg.hidden_size))?;
+        let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
+        Ok(h.matmul(&score.t()?)?.squeeze(1)?)
     }
 
     /// Logits `[N, V]` for hidden rows `[N, H]`.

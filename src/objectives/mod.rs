@@ -10,6 +10,7 @@ pub mod dpo;
 pub mod listwise;
 pub mod noisy;
 pub mod reference_free;
+pub mod reward;
 pub mod unpaired;
 
 use crate::data::{ExampleMeta, Shape};
@@ -34,6 +35,8 @@ pub struct PairStats {
     pub strength: Vec<f64>,
     /// Per pair: (chosen_score, rejected_score), when the data has them.
     pub scores: Option<Vec<(f64, f64)>>,
+    /// Per pair: the reward margin `margin` a reward model must exceed (0 when absent).
+    pub margin: Vec<f64>,
 }
 
 /// What an objective returns for a batch.
@@ -72,6 +75,8 @@ pub struct ObjectiveParams {
     pub mapo_t: f64,
     pub slic_delta: f64,
     pub slic_lambda: f64,
+    /// Bradley-Terry reward models: weight η of mean((r_w + r_l)²) (TRL `center_rewards_coefficient`).
+    pub center_rewards_coefficient: Option<f64>,
 }
 
 impl Default for ObjectiveParams {
@@ -94,6 +99,7 @@ impl Default for ObjectiveParams {
             mapo_t: 1000.0,
             slic_delta: 1.0,
             slic_lambda: 0.1,
+            center_rewards_coefficient: None,
         }
     }
 }
@@ -107,6 +113,8 @@ pub enum RewardKind {
     PolicySum,
     /// β log π / |y| (length-normalised, SimPO / ORPO).
     PolicyMean,
+    /// The statistics are a reward model's rewards; metrics are TRL RewardTrainer's.
+    Reward,
 }
 
 /// How far a formula has been checked.
@@ -190,6 +198,7 @@ impl BatchStats {
                 .iter()
                 .map(|m| m.scores.as_ref().map(|s| (s[0], s[1])))
                 .collect::<Option<Vec<_>>>(),
+            margin: self.meta.iter().map(|m| m.margin.unwrap_or(0.0)).collect(),
         })
     }
 }
@@ -397,6 +406,7 @@ pub const REGISTRY: &[ObjectiveEntry] = &[
         reference_free::orpo,
         Some(reference_free::orpo_metrics)
     ),
+    entry!("bradley_terry", false, Reward, Checked, "Bradley-Terry reward model loss, TRL RewardTrainer (optional per-pair `margin`, center_rewards_coefficient)", crate::objectives::reward::bradley_terry),
     entry!("mapo", false, PolicyMean, Experimental, "MaPO, Hong et al. 2024 (arXiv:2406.06424), official diffusion code with the mean token NLL as the per-sample loss", reference_free::mapo),
     entry!("slic", false, PolicySum, Experimental, "SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425), form recalled in ALGORITHMS.md (hinge on summed log-probs + λ·NLL of chosen)", reference_free::slic),
     entry!("osp", true, Implicit, Experimental, "OSP soft-preference cross-entropy, Zhai et al. 2024 (arXiv:2405.14103), documented shape (paper not consulted); p = preference_strength", noisy::osp),
@@ -697,6 +707,9 @@ pub fn mean(x: &Tensor) -> Result<f64> {
 
 /// TRL's reward metrics for the objective's kind of implicit reward.
 fn reward_metrics(c: &Ctx, kind: RewardKind) -> Result<Vec<(String, f64)>> {
+    if kind == RewardKind::Reward {
+        return reward::metrics(c);
+    }
     let beta = c.p.beta;
     let (chosen, rejected) = match kind {
         RewardKind::Implicit => {
@@ -711,6 +724,7 @@ fn reward_metrics(c: &Ctx, kind: RewardKind) -> Result<Vec<(String, f64)>> {
             let (w, l) = c.mean_logps()?;
             ((w.detach() * beta)?, (l.detach() * beta)?)
         }
+        RewardKind::Reward => unreachable!("handled above"),
     };
     let acc = chosen.gt(&rejected)?.to_dtype(chosen.dtype())?;
     Ok(vec![

@@ -45,6 +45,7 @@ fn swapped(s: &PairStats) -> PairStats {
         weights: s.weights.clone(),
         strength: s.strength.iter().map(|p| 1.0 - p).collect(),
         scores: s.scores.as_ref().map(|v| v.iter().map(|(w, l)| (*l, *w)).collect()),
+        margin: s.margin.iter().map(|m| -m).collect(),
     }
 }
 

@@ -224,7 +224,11 @@ fn batch_stats(
     opts: &StatsOptions,
 ) -> Result<BatchStats> {
     let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
-    let lp = group_logps(&policy.transformer, &batch, opts)?;
+    let lp = if policy.transformer.cfg.reward_head {
+        crate::stats::group_rewards(&policy.transformer, &batch, policy.tokenizer.pad_id)?
+    } else {
+        group_logps(&policy.transformer, &batch, opts)?
+    };
     let reference = reference.logps(split, indices, &batch, policy.transformer.dtype(), opts)?;
     Ok(BatchStats {
         policy: lp.sums,
@@ -426,9 +430,20 @@ impl Trainer {
             let train = tables.pop().unwrap_or_default();
             Reference::Cached { train, eval }
         } else {
-            Reference::Model(load_ref()?.transformer)
+            Reference::Model(Box::new(load_ref()?.transformer))
         };
 
+        let policy = if cfg.task == "reward" {
+            policy.with_reward_head(cfg.seed)?
+        } else {
+            policy
+        };
+        if policy.transformer.cfg.reward_head && cfg.task != "reward" {
+            return Err(Error::Config(format!(
+                "{} is a reward model (it has a score head); set task = \"reward\" or start from a causal LM",
+                policy.source.display()
+            )));
+        }
         let (policy, vars) = policy.into_trainable()?;
         let kind = if cfg.optim == "sgd" {
             OptimKind::Sgd
@@ -517,7 +532,7 @@ impl Trainer {
         if cfg.sync_ref_model && self.state.global_step.is_multiple_of(cfg.ref_model_sync_steps) {
             if let Reference::Model(r) = &self.reference {
                 let mixed = mix_into_reference(r, &self.policy.transformer, cfg.ref_model_mixup_alpha)?;
-                self.reference = Reference::Model(mixed);
+                self.reference = Reference::Model(Box::new(mixed));
             }
         }
         let seconds = t0.elapsed().as_secs_f64();
@@ -608,7 +623,7 @@ impl Trainer {
                 // with sync_ref_model the reference has moved: keep it for an exact resume
                 let synced = match (&self.reference, self.cfg.sync_ref_model) {
                     (Reference::Model(r), true) => Some(LoadedModel {
-                        transformer: r.clone(),
+                        transformer: (**r).clone(),
                         ..self.policy.clone()
                     }),
                     _ => None,

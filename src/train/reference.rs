@@ -12,7 +12,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub enum Reference {
-    Model(Transformer),
+    Model(Box<Transformer>),
     /// Per-example summed log-probs of each response, for the train and eval sets.
     Cached {
         train: Vec<Vec<f64>>,

@@ -1,0 +1,141 @@
+//! Reward models: the scalar head, its HF layout, Bradley-Terry training, `prefer score`.
+
+use candle_core::{DType, Device, Tensor};
+use prefer::config::TrainConfig;
+use prefer::model;
+use prefer::testing::{tiny_model, write_hf, TinySpec};
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("prefer-reward-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn reward_head_scores_the_last_non_pad_token_and_round_trips() {
+    prefer::util::set_threads_for_tests();
+    let rm = tiny_model(
+        &TinySpec {
+            tie_embeddings: false,
+            ..TinySpec::default()
+        },
+        DType::F32,
+        51,
+    )
+    .unwrap()
+    .with_reward_head(7)
+    .unwrap();
+    let t = &rm.transformer;
+    assert!(t.cfg.reward_head && t.lm_head.is_none() && t.score.is_some());
+    let pad = rm.tokenizer.pad_id;
+    let seqs = vec![vec![5u32, 6, 7, 8], vec![9u32, 10, pad]];
+    let got: Vec<f32> = t.rewards(&seqs, pad).unwrap().to_vec1().unwrap();
+    // by hand: the hidden state of the last non-pad token of each sequence alone, times w
+    let w: Vec<f32> = t.score.as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for (k, (s, last)) in [(&seqs[0], 3usize), (&seqs[1], 1usize)].into_iter().enumerate() {
+        let ids = &s[..=last];
+        let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let a = model::AttentionInputs::padded(&t.cfg, &[vec![true; ids.len()]], DType::F32, &Device::Cpu).unwrap();
+        let h: Vec<Vec<f32>> = t
+            .hidden_states(&input, &a)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let want: f32 = h[last].iter().zip(&w).map(|(a, b)| a * b).sum();
+        assert!((got[k] - want).abs() < 1e-4, "row {k}: {} vs {want}", got[k]);
+    }
+    // saved in the *ForSequenceClassification layout and reloaded bit-identically
+    let dir = tmp("roundtrip");
+    write_hf(&rm, &dir).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(cfg["num_labels"], 1);
+    let names: Vec<String> = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect();
+    assert!(names.contains(&"score.weight".to_string()) && !names.contains(&"lm_head.weight".to_string()));
+    let back = model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let again: Vec<f32> = back.transformer.rewards(&seqs, pad).unwrap().to_vec1().unwrap();
+    assert_eq!(got, again);
+}
+
+#[test]
+fn reward_model_training_learns_the_toy_preference_and_scores() {
+    prefer::util::set_threads_for_tests();
+    let dir = tmp("train");
+    write_hf(
+        &tiny_model(&TinySpec::default(), DType::F32, 52).unwrap(),
+        &dir.join("lm"),
+    )
+    .unwrap();
+    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    let lines: Vec<String> = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i * 3 + 1) % 8]), "chosen": " 1", "rejected": " 2"}).to_string())
+        .collect();
+    std::fs::write(dir.join("pairs.jsonl"), lines.join("\n")).unwrap();
+    let cfg = TrainConfig {
+        task: "reward".into(),
+        model_name_or_path: dir.join("lm").display().to_string(),
+        train_file: dir.join("pairs.jsonl").display().to_string(),
+        output_dir: dir.join("rm").display().to_string(),
+        learning_rate: 1e-3,
+        per_device_train_batch_size: 4,
+        max_steps: 12,
+        logging_steps: 1,
+        disable_tqdm: true,
+        ..TrainConfig::default()
+    };
+    assert_eq!(cfg.objective().unwrap().name(), "bradley_terry");
+    let out = prefer::train::train(&cfg).unwrap();
+    let last = out.last_log.unwrap();
+    for k in ["accuracy", "margin", "mean_reward", "min_reward", "max_reward"] {
+        assert!(last.get(k).is_some(), "{k} missing: {last}");
+    }
+    assert!(
+        last["accuracy"].as_f64().unwrap() > 0.9 && last["margin"].as_f64().unwrap() > 0.0,
+        "{last}"
+    );
+    // the saved reward model scores chosen above rejected, through the CLI too
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["score", "--model"])
+        .arg(Path::new(&cfg.output_dir))
+        .arg("--data")
+        .arg(&cfg.train_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 24);
+    let right = rows
+        .iter()
+        .filter(|r| r["chosen_score"].as_f64() > r["rejected_score"].as_f64())
+        .count();
+    assert!(right >= 22, "{right}/24");
+    // task mismatches are one clear error
+    let e = TrainConfig {
+        task: "dpo".into(),
+        loss_type: prefer::config::LossType::One("bradley_terry".into()),
+        ..cfg.clone()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(e.to_string().contains("set task = \"reward\""), "{e}");
+    let e = prefer::train::Trainer::new(&TrainConfig {
+        task: "dpo".into(),
+        model_name_or_path: cfg.output_dir.clone(),
+        ..cfg
+    })
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("is a reward model"), "{e}");
+}
