@@ -512,7 +512,10 @@ mod tests {
     fn keys_table_matches_struct_fields() {
         let c = TrainConfig {
             loss_weights: Some(vec![1.0]),
-            params: ObjectiveParams { center_rewards_coefficient: Some(0.1), ..Default::default() },
+            params: ObjectiveParams {
+                center_rewards_coefficient: Some(0.1),
+                ..Default::default()
+            },
             ref_model: Some(RefModel::One("x".into())),
             ld_alpha: Some(0.5),
             eval_file: Some("x".into()),

@@ -19,6 +19,44 @@ pub struct EvalSummary {
     pub ranking_accuracy_normalized: f64,
     /// Ranking accuracy of the reference model.
     pub ref_ranking_accuracy: Option<f64>,
+    /// Ranking accuracy of the ideal DPO optimum given the true preference probabilities
+    /// (Chen et al. 2024), and the alignment gap = idealised − actual ranking accuracy.
+    pub idealized_ranking_accuracy: Option<f64>,
+    pub alignment_gap: Option<f64>,
+    /// Fraction of pairs the reference misranks, and the mean DPO loss they must reach to flip.
+    pub difficulty: Option<Difficulty>,
+}
+
+impl EvalSummary {
+    /// Add the reference-based diagnostics: idealised ranking accuracy (when the true
+    /// preference probability of each pair is known) and per-pair difficulty.
+    pub fn with_ideal(mut self, reference: &[(f64, f64)], alphas: Option<&[f64]>, beta: f64) -> Self {
+        if let Some(a) = alphas {
+            let ideal = idealized_ranking_accuracy(reference, a, beta);
+            self.idealized_ranking_accuracy = Some(ideal);
+            self.alignment_gap = Some(ideal - self.ranking_accuracy);
+        }
+        self.difficulty = Some(difficulty(reference, beta));
+        self
+    }
+}
+
+/// Explicit reward model on pairs: accuracy (r_w > r_l) and mean margin.
+pub fn summarize_rewards(rewards: &[(f64, f64)]) -> EvalSummary {
+    let n = rewards.len().max(1) as f64;
+    let acc = rewards.iter().filter(|(c, r)| c > r).count() as f64 / n;
+    EvalSummary {
+        pairs: rewards.len(),
+        reward_accuracy: Some(acc),
+        reward_margin: Some(rewards.iter().map(|(c, r)| c - r).sum::<f64>() / n),
+        dpo_loss: None,
+        ranking_accuracy: acc,
+        ranking_accuracy_normalized: acc,
+        ref_ranking_accuracy: None,
+        idealized_ranking_accuracy: None,
+        alignment_gap: None,
+        difficulty: None,
+    }
 }
 
 /// Summarise per-pair (chosen, rejected) summed log-probs of the policy and, optionally, the
@@ -71,6 +109,9 @@ pub fn summarize(
         ranking_accuracy: frac(ranking),
         ranking_accuracy_normalized: frac(ranking_norm),
         ref_ranking_accuracy: ref_rank,
+        idealized_ranking_accuracy: None,
+        alignment_gap: None,
+        difficulty: None,
     }
 }
 
@@ -97,5 +138,86 @@ mod tests {
         assert_eq!(s.ref_ranking_accuracy, Some(0.0));
         let s = summarize(&policy, None, &lengths, 0.5);
         assert_eq!((s.reward_accuracy, s.ranking_accuracy), (None, 0.5));
+    }
+}
+
+/// Idealised ranking accuracy (Chen et al. 2024, "Preference Learning Algorithms Do Not Learn
+/// Preference Rankings"): the ranking accuracy of the exact DPO/RLHF optimum
+/// π* ∝ π_ref · exp(r*/β) when the true preference probability of each pair is α:
+/// R* = mean 1[log π_ref(y_w)/π_ref(y_l) + (1/β) log(α/(1−α)) > 0].
+/// `reference` holds summed (chosen, rejected) log-probs; α = 1 counts as always ranked right.
+pub fn idealized_ranking_accuracy(reference: &[(f64, f64)], alphas: &[f64], beta: f64) -> f64 {
+    let right = reference
+        .iter()
+        .zip(alphas)
+        .filter(|((c, r), &a)| {
+            if a >= 1.0 {
+                return true;
+            }
+            if a <= 0.0 {
+                return false;
+            }
+            (c - r) + (a / (1.0 - a)).ln() / beta > 0.0
+        })
+        .count();
+    right as f64 / reference.len().max(1) as f64
+}
+
+/// The DPO loss a pair must be driven below before the policy ranks it right (exact for DPO):
+/// π(y_w) > π(y_l) ⟺ L_DPO < −log σ(β log π_ref(y_l)/π_ref(y_w)). Small values mean hard pairs:
+/// the reference misranks them by a wide margin.
+pub fn flip_threshold_loss(ref_chosen: f64, ref_rejected: f64, beta: f64) -> f64 {
+    let z = beta * (ref_rejected - ref_chosen);
+    // −log σ(z), stable
+    if z > 0.0 {
+        (-z).exp().ln_1p()
+    } else {
+        -z + z.exp().ln_1p()
+    }
+}
+
+/// Per-pair difficulty summary: how many pairs the reference misranks, and the mean loss
+/// threshold over those.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Difficulty {
+    pub reference_misranked: f64,
+    pub mean_flip_threshold_misranked: Option<f64>,
+}
+
+pub fn difficulty(reference: &[(f64, f64)], beta: f64) -> Difficulty {
+    let mis: Vec<f64> = reference
+        .iter()
+        .filter(|(c, r)| r > c)
+        .map(|(c, r)| flip_threshold_loss(*c, *r, beta))
+        .collect();
+    Difficulty {
+        reference_misranked: mis.len() as f64 / reference.len().max(1) as f64,
+        mean_flip_threshold_misranked: (!mis.is_empty()).then(|| mis.iter().sum::<f64>() / mis.len() as f64),
+    }
+}
+
+#[cfg(test)]
+mod ideal_tests {
+    use super::*;
+
+    #[test]
+    fn idealized_accuracy_and_flip_threshold_by_hand() {
+        // pair 0: ref prefers chosen; pair 1: ref prefers rejected by 2 nats; pair 2: by 10 nats
+        let reference = [(-5.0, -6.0), (-6.0, -4.0), (-15.0, -5.0)];
+        let alphas = [0.6, 0.9, 0.9];
+        // β = 1: log(0.9/0.1) = 2.197 > 2 (pair 1 flips to right), < 10 (pair 2 stays wrong)
+        assert!((idealized_ranking_accuracy(&reference, &alphas, 1.0) - 2.0 / 3.0).abs() < 1e-15);
+        // β = 0.1: the optimum moves far from the reference: all three ranked right
+        assert_eq!(idealized_ranking_accuracy(&reference, &alphas, 0.1), 1.0);
+        assert_eq!(idealized_ranking_accuracy(&reference, &[1.0, 1.0, 0.0], 1.0), 2.0 / 3.0);
+        // threshold: −log σ(β (ref_l − ref_w)); pair 1 at β = 1: −log σ(2)
+        let t = flip_threshold_loss(-6.0, -4.0, 1.0);
+        assert!((t - (1.0 + (-2.0f64).exp()).ln()).abs() < 1e-15);
+        // the harder pair 2 needs a much lower loss
+        assert!(flip_threshold_loss(-15.0, -5.0, 1.0) < 1e-4);
+        let d = difficulty(&reference, 1.0);
+        assert!((d.reference_misranked - 2.0 / 3.0).abs() < 1e-15);
+        let want = (flip_threshold_loss(-6.0, -4.0, 1.0) + flip_threshold_loss(-15.0, -5.0, 1.0)) / 2.0;
+        assert!((d.mean_flip_threshold_misranked.unwrap() - want).abs() < 1e-15);
     }
 }

@@ -54,6 +54,10 @@ enum Cmd {
         data: PathBuf,
         #[arg(long, default_value_t = 0.1)]
         beta: f64,
+        /// True preference probability of every pair, for the idealised ranking accuracy
+        /// (rows' `preference_strength` takes precedence).
+        #[arg(long)]
+        alpha: Option<f64>,
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
         #[arg(long, default_value_t = 1024)]
@@ -62,6 +66,12 @@ enum Cmd {
         /// chosen completion (generation accuracy).
         #[arg(long)]
         generate: bool,
+        /// --model is a run's output_dir: evaluate every checkpoint-N (table, eval_trajectory.json).
+        #[arg(long)]
+        checkpoints: bool,
+        /// Write PNG plots here (reward histogram; with --checkpoints, each metric over steps).
+        #[arg(long)]
+        plots: Option<PathBuf>,
         #[arg(long)]
         skip_invalid: bool,
         /// Print JSON instead of a table.
@@ -180,6 +190,17 @@ enum DataCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Flip the labels of a seeded random fraction of pairs (marked `"flipped": true`): known
+    /// noise for comparing robust methods.
+    Corrupt {
+        file: PathBuf,
+        #[arg(long)]
+        flip_rate: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Reward-augmented relabeling (Zhang et al. 2024): each pair with chosen_score and
     /// rejected_score becomes two examples conditioned on a target score.
     RewardAugment {
@@ -281,9 +302,12 @@ fn run(cmd: Cmd) -> Result<()> {
             reference,
             data,
             beta,
+            alpha,
             batch_size,
             max_length,
             generate,
+            checkpoints,
+            plots,
             skip_invalid,
             json,
         } => eval_cmd(
@@ -291,9 +315,12 @@ fn run(cmd: Cmd) -> Result<()> {
             reference.as_deref(),
             &data,
             beta,
+            alpha,
             batch_size,
             max_length,
             generate,
+            checkpoints,
+            plots.as_deref(),
             skip_invalid,
             json,
         ),
@@ -550,26 +577,91 @@ fn str_field<'a>(v: &'a Value, field: &str, file: &Path, line: usize) -> Result<
     })
 }
 
+fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+fn print_summary(s: &prefer::eval::EvalSummary, beta: f64, gen_acc: Option<f64>) {
+    println!("pairs                          {}", s.pairs);
+    println!("ranking accuracy               {}", pct(s.ranking_accuracy));
+    println!("ranking accuracy (per token)   {}", pct(s.ranking_accuracy_normalized));
+    if let (Some(a), Some(mg)) = (s.reward_accuracy, s.reward_margin) {
+        println!("reward accuracy (beta {beta})    {}", pct(a));
+        println!("mean reward margin             {mg:.4}");
+    }
+    if let (Some(l), Some(rr)) = (s.dpo_loss, s.ref_ranking_accuracy) {
+        println!("DPO loss                       {l:.4}");
+        println!("reference ranking accuracy     {}", pct(rr));
+    }
+    if let (Some(i), Some(g)) = (s.idealized_ranking_accuracy, s.alignment_gap) {
+        println!("idealised ranking accuracy     {}", pct(i));
+        println!("alignment gap                  {:+.1} points", 100.0 * g);
+    }
+    if let Some(d) = &s.difficulty {
+        println!("reference misranks             {}", pct(d.reference_misranked));
+        if let Some(t) = d.mean_flip_threshold_misranked {
+            println!("  DPO loss needed to flip them {t:.4} (mean)");
+        }
+    }
+    if let Some(g) = gen_acc {
+        println!("generation accuracy (greedy)   {}", pct(g));
+    }
+}
+
+/// The models `prefer eval --checkpoints RUN_DIR` evaluates: every complete checkpoint-N, then
+/// the final model if the run finished.
+fn run_models(run: &Path) -> Result<Vec<(Option<usize>, PathBuf)>> {
+    let mut v: Vec<(Option<usize>, PathBuf)> = std::fs::read_dir(run)
+        .with_context(|| format!("reading {}", run.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")?
+                .parse::<usize>()
+                .ok()?;
+            e.path()
+                .join("model.safetensors")
+                .is_file()
+                .then(|| (Some(n), e.path()))
+        })
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!("{} holds no checkpoint-N directories", run.display());
+    }
+    Ok(v)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn eval_cmd(
     model_path: &Path,
     ref_path: Option<&Path>,
     data: &Path,
     beta: f64,
+    alpha: Option<f64>,
     batch_size: usize,
     max_length: usize,
     generate: bool,
+    checkpoints: bool,
+    plots: Option<&Path>,
     skip_invalid: bool,
     as_json: bool,
 ) -> Result<()> {
     let dev = Device::Cpu;
-    let m = model::load(model_path, DType::F32, &dev)?;
+    let models = if checkpoints {
+        run_models(model_path)?
+    } else {
+        vec![(None, model_path.to_path_buf())]
+    };
+    let tok = model::load_tokenizer(&models[0].1)?;
     let opts = TokenizeOptions {
         max_length: Some(max_length),
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
     };
-    let (pairs, report) = load_tokenized_examples(data, &m.tokenizer, &opts, skip_invalid)?;
+    let (pairs, report) = load_tokenized_examples(data, &tok, &opts, skip_invalid)?;
     for e in &report.skipped {
         eprintln!("skipped: {e}");
     }
@@ -579,65 +671,147 @@ fn eval_cmd(
             data.display()
         );
     }
-    let score = |t: &model::Transformer| -> Result<Vec<(f64, f64)>> {
-        let v = prefer::stats::score_examples(t, &pairs, batch_size, &Default::default(), |_| {})?;
+    let score = |m: &model::LoadedModel| -> Result<Vec<(f64, f64)>> {
+        let v = if m.transformer.cfg.reward_head {
+            prefer::stats::score_rewards(&m.transformer, &pairs, batch_size, m.tokenizer.pad_id)?
+        } else {
+            prefer::stats::score_examples(&m.transformer, &pairs, batch_size, &Default::default(), |_| {})?
+        };
         Ok(v.into_iter().map(|r| (r[0], r[1])).collect())
     };
-    let policy = score(&m.transformer)?;
     let reference = match ref_path {
-        Some(r) => Some(score(&model::load(r, DType::F32, &dev)?.transformer)?),
+        Some(r) => Some(score(&model::load(r, DType::F32, &dev)?)?),
         None => None,
     };
+    // true preference probabilities: the data's preference_strength, else --alpha
+    let alphas: Option<Vec<f64>> = pairs.iter().map(|p| p.meta.strength.or(alpha)).collect();
     let lengths: Vec<(usize, usize)> = pairs
         .iter()
         .map(|p| (p.chosen_ids().len(), p.rejected_ids().len()))
         .collect();
-    let summary = prefer::eval::summarize(&policy, reference.as_deref(), &lengths, beta);
-    let mut gen_acc = None;
-    if generate {
-        let mut hits = 0;
-        for p in &pairs {
-            let want: Vec<u32> = p
-                .chosen_ids()
-                .iter()
-                .copied()
-                .filter(|&t| t != m.tokenizer.eos_id)
-                .collect();
-            let want_text = m.tokenizer.decode(&want, true)?;
-            let got =
-                model::logprobs::generate_greedy(&m.transformer, &p.prompt_ids, want.len() + 4, &[m.tokenizer.eos_id])?;
-            let got_text = m.tokenizer.decode(&got, true)?;
-            if got_text.trim().starts_with(want_text.trim()) && !want_text.trim().is_empty() {
-                hits += 1;
-            }
+    let mut rows = Vec::new();
+    for (step, path) in &models {
+        let m = model::load(path, DType::F32, &dev)?;
+        let scores = score(&m)?;
+        let mut summary = if m.transformer.cfg.reward_head {
+            prefer::eval::summarize_rewards(&scores)
+        } else {
+            prefer::eval::summarize(&scores, reference.as_deref(), &lengths, beta)
+        };
+        if let (Some(r), false) = (&reference, m.transformer.cfg.reward_head) {
+            summary = summary.with_ideal(r, alphas.as_deref(), beta);
         }
-        gen_acc = Some(hits as f64 / pairs.len() as f64);
-    }
-    if as_json {
+        let mut gen_acc = None;
+        if generate && !m.transformer.cfg.reward_head {
+            let mut hits = 0;
+            for p in &pairs {
+                let want: Vec<u32> = p
+                    .chosen_ids()
+                    .iter()
+                    .copied()
+                    .filter(|&t| t != m.tokenizer.eos_id)
+                    .collect();
+                let want_text = m.tokenizer.decode(&want, true)?;
+                let got = model::logprobs::generate_greedy(
+                    &m.transformer,
+                    &p.prompt_ids,
+                    want.len() + 4,
+                    &[m.tokenizer.eos_id],
+                )?;
+                let got_text = m.tokenizer.decode(&got, true)?;
+                if got_text.trim().starts_with(want_text.trim()) && !want_text.trim().is_empty() {
+                    hits += 1;
+                }
+            }
+            gen_acc = Some(hits as f64 / pairs.len() as f64);
+        }
+        if let (Some(dir), None) = (plots, step) {
+            // reward (or log-ratio) histograms of chosen vs rejected
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let implicit: Vec<(f64, f64)> = match (&reference, m.transformer.cfg.reward_head) {
+                (Some(r), false) => scores
+                    .iter()
+                    .zip(r)
+                    .map(|((c, j), (rc, rj))| (beta * (c - rc), beta * (j - rj)))
+                    .collect(),
+                _ => scores.clone(),
+            };
+            let what = if m.transformer.cfg.reward_head || reference.is_some() {
+                "reward"
+            } else {
+                "log-prob"
+            };
+            let p = dir.join("reward_histogram.png");
+            prefer::plot::histogram(
+                &p,
+                &format!("{what}: chosen vs rejected"),
+                what,
+                &[
+                    ("chosen", implicit.iter().map(|x| x.0).collect()),
+                    ("rejected", implicit.iter().map(|x| x.1).collect()),
+                ],
+                30,
+            )?;
+            eprintln!("wrote {}", p.display());
+        }
         let mut v = serde_json::to_value(&summary)?;
         v["generation_accuracy"] = json!(gen_acc);
-        println!("{v}");
-    } else {
-        let pct = |x: f64| format!("{:.1}%", 100.0 * x);
-        println!("pairs                          {}", summary.pairs);
-        println!("ranking accuracy               {}", pct(summary.ranking_accuracy));
-        println!(
-            "ranking accuracy (per token)   {}",
-            pct(summary.ranking_accuracy_normalized)
-        );
-        if let (Some(a), Some(mg), Some(l), Some(rr)) = (
-            summary.reward_accuracy,
-            summary.reward_margin,
-            summary.dpo_loss,
-            summary.ref_ranking_accuracy,
-        ) {
-            println!("reward accuracy (beta {beta})    {}", pct(a));
-            println!("mean reward margin             {mg:.4}");
-            println!("DPO loss                       {l:.4}");
-            println!("reference ranking accuracy     {}", pct(rr));
+        v["model"] = json!(path.display().to_string());
+        v["step"] = json!(step);
+        if !checkpoints {
+            if as_json {
+                println!("{v}");
+            } else {
+                print_summary(&summary, beta, gen_acc);
+            }
+            return Ok(());
         }
-        if let Some(g) = gen_acc {
-            println!("generation accuracy (greedy)   {}", pct(g));
+        eprintln!("{}: ranking accuracy {}", path.display(), pct(summary.ranking_accuracy));
+        rows.push(v);
+    }
+    // a run's checkpoints: one table, JSON, and a plot per metric over steps
+    let metrics = [
+        "ranking_accuracy",
+        "ranking_accuracy_normalized",
+        "reward_accuracy",
+        "reward_margin",
+        "dpo_loss",
+        "alignment_gap",
+    ];
+    if as_json {
+        println!("{}", Value::Array(rows.clone()));
+    } else {
+        println!("| step | {} |", metrics.join(" | "));
+        println!("|---|{}", "---|".repeat(metrics.len()));
+        for r in &rows {
+            let cells: Vec<String> = metrics
+                .iter()
+                .map(|k| r[*k].as_f64().map(|x| format!("{x:.4}")).unwrap_or("—".into()))
+                .collect();
+            println!("| {} | {} |", r["step"], cells.join(" | "));
+        }
+    }
+    std::fs::write(
+        model_path.join("eval_trajectory.json"),
+        serde_json::to_vec_pretty(&rows)?,
+    )?;
+    if let Some(dir) = plots {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for k in metrics {
+            let points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|r| Some((r["step"].as_f64()?, r[k].as_f64()?)))
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            let p = dir.join(format!("eval-{k}.png"));
+            let series = [prefer::plot::Series {
+                name: k.to_string(),
+                points,
+            }];
+            prefer::plot::line_chart(&p, &format!("{k} over training"), "step", k, &series)?;
+            eprintln!("wrote {}", p.display());
         }
     }
     Ok(())
@@ -780,6 +954,17 @@ fn data_cmd(cmd: DataCmd) -> Result<()> {
             let lines = prefer::data::convert::oasst_trees(&file, target)?;
             write_lines(&out, &lines)?;
             eprintln!("wrote {} ({} {to})", out.display(), lines.len());
+            Ok(())
+        }
+        DataCmd::Corrupt {
+            file,
+            flip_rate,
+            seed,
+            out,
+        } => {
+            let (lines, flipped) = prefer::data::convert::corrupt_labels(&file, flip_rate, seed)?;
+            write_lines(&out, &lines)?;
+            eprintln!("wrote {} ({flipped} of {} pairs flipped)", out.display(), lines.len());
             Ok(())
         }
         DataCmd::RewardAugment { file, out } => {

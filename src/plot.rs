@@ -100,3 +100,36 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// Histograms of several samples on shared bins, drawn as lines of bin counts.
+pub fn histogram(path: &Path, title: &str, x_label: &str, samples: &[(&str, Vec<f64>)], bins: usize) -> Result<()> {
+    let all: Vec<f64> = samples
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|x| x.is_finite())
+        .collect();
+    if all.is_empty() {
+        return Err(Error::msg(format!("{title}: nothing to plot")));
+    }
+    let lo = all.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = all.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let width = ((hi - lo) / bins as f64).max(1e-12);
+    let series: Vec<Series> = samples
+        .iter()
+        .map(|(name, v)| {
+            let mut counts = vec![0usize; bins];
+            for x in v.iter().filter(|x| x.is_finite()) {
+                counts[(((x - lo) / width) as usize).min(bins - 1)] += 1;
+            }
+            Series {
+                name: name.to_string(),
+                points: counts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| (lo + (i as f64 + 0.5) * width, c as f64))
+                    .collect(),
+            }
+        })
+        .collect();
+    line_chart(path, title, x_label, "count", &series)
+}

@@ -346,3 +346,31 @@ fn reward_augmentation_makes_two_score_conditioned_pairs() {
     let e = prefer::data::convert::reward_augment(&bad).unwrap_err().to_string();
     assert!(e.contains("unscored-aug.jsonl:1: field `chosen_score`"), "{e}");
 }
+
+#[test]
+fn corrupt_flips_a_seeded_fraction_of_labels() {
+    let lines: Vec<String> = (0..400)
+        .map(|i| serde_json::json!({"prompt": "Q:", "chosen": format!(" good{i}"), "rejected": format!(" bad{i}"), "chosen_score": 9, "rejected_score": 1}).to_string())
+        .collect();
+    let p = write("clean.jsonl", lines.join("\n").as_bytes());
+    let (out, flipped) = prefer::data::convert::corrupt_labels(&p, 0.2, 7).unwrap();
+    assert_eq!(out.len(), 400);
+    assert!((60..=100).contains(&flipped), "{flipped} of 400 at rate 0.2");
+    assert_eq!(
+        prefer::data::convert::corrupt_labels(&p, 0.2, 7).unwrap().0,
+        out,
+        "seeded"
+    );
+    assert_ne!(prefer::data::convert::corrupt_labels(&p, 0.2, 8).unwrap().0, out);
+    let mut marked = 0;
+    for l in &out {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let f = v["flipped"].as_bool().unwrap();
+        marked += f as usize;
+        assert_eq!(v["chosen"].as_str().unwrap().starts_with(" bad"), f);
+        assert_eq!(v["chosen_score"].as_f64().unwrap() == 1.0, f);
+    }
+    assert_eq!(marked, flipped);
+    assert_eq!(prefer::data::convert::corrupt_labels(&p, 0.0, 1).unwrap().1, 0);
+    assert_eq!(prefer::data::convert::corrupt_labels(&p, 1.0, 1).unwrap().1, 400);
+}

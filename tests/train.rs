@@ -692,3 +692,61 @@ fn sweep_writes_a_table_and_plots() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("kto reads unpaired data"));
 }
+
+#[test]
+fn eval_over_checkpoints_with_diagnostics_and_plots() {
+    let (dir, cfg) = tiny_setup("evalckpt");
+    prefer::train::train(&cfg).unwrap(); // checkpoints 4, 8, 12
+    let plots = dir.join("plots");
+    let o = bin()
+        .args(["eval", "--checkpoints", "--json", "--alpha", "0.8", "--model"])
+        .arg(&cfg.output_dir)
+        .arg("--ref")
+        .arg(&cfg.model_name_or_path)
+        .arg("--data")
+        .arg(&cfg.train_file)
+        .arg("--plots")
+        .arg(&plots)
+        .args(["--beta", "0.5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![4, 8, 12]);
+    for r in &rows {
+        let gap = r["alignment_gap"].as_f64().unwrap();
+        let want = r["idealized_ranking_accuracy"].as_f64().unwrap() - r["ranking_accuracy"].as_f64().unwrap();
+        assert!((gap - want).abs() < 1e-12);
+        assert!(r["difficulty"]["reference_misranked"].as_f64().is_some());
+    }
+    // training moves the ranking towards the chosen completion
+    assert!(rows[2]["ranking_accuracy"].as_f64() >= rows[0]["ranking_accuracy"].as_f64());
+    assert!(Path::new(&cfg.output_dir).join("eval_trajectory.json").is_file());
+    for p in ["eval-ranking_accuracy.png", "eval-reward_accuracy.png"] {
+        let bytes = std::fs::read(plots.join(p)).unwrap();
+        assert_eq!(&bytes[..4], b"\x89PNG");
+    }
+    // a single model: the histogram of implicit rewards
+    let o = bin()
+        .args(["eval", "--model"])
+        .arg(Path::new(&cfg.output_dir).join("checkpoint-12"))
+        .arg("--ref")
+        .arg(&cfg.model_name_or_path)
+        .arg("--data")
+        .arg(&cfg.train_file)
+        .arg("--plots")
+        .arg(&plots)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("reference misranks") && text.contains("reward accuracy"),
+        "{text}"
+    );
+    assert_eq!(
+        &std::fs::read(plots.join("reward_histogram.png")).unwrap()[..4],
+        b"\x89PNG"
+    );
+}

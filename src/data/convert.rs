@@ -160,3 +160,35 @@ fn conditioned(r: &Record, prompt: &Value, g: f64) -> Result<Value> {
         }
     })
 }
+
+/// Flip the labels of a seeded random `flip_rate` fraction of pairwise rows (chosen ⇄ rejected,
+/// and their scores), marking each flipped row with `"flipped": true`: a test bed with known
+/// label noise. Returns the lines and how many were flipped.
+pub fn corrupt_labels(path: &Path, flip_rate: f64, seed: u64) -> Result<(Vec<String>, usize)> {
+    if !(0.0..=1.0).contains(&flip_rate) {
+        return Err(Error::Config(format!("--flip-rate {flip_rate} is outside [0, 1]")));
+    }
+    let mut rng = crate::util::Rng::new(seed);
+    let mut out = Vec::new();
+    let mut flipped = 0;
+    for rec in read_records(path)? {
+        let r = rec?;
+        let mut obj = r.obj.clone();
+        if !(obj.contains_key("chosen") && obj.contains_key("rejected")) {
+            return Err(r.error("chosen", "label flipping needs pairwise rows (chosen and rejected)"));
+        }
+        let flip = rng.uniform() < flip_rate;
+        if flip {
+            flipped += 1;
+            for (a, b) in [("chosen", "rejected"), ("chosen_score", "rejected_score")] {
+                if let (Some(x), Some(y)) = (obj.remove(a), obj.remove(b)) {
+                    obj.insert(a.into(), y);
+                    obj.insert(b.into(), x);
+                }
+            }
+        }
+        obj.insert("flipped".into(), Value::Bool(flip));
+        out.push(Value::Object(obj).to_string());
+    }
+    Ok((out, flipped))
+}
