@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod factors;
 pub mod model;
 pub mod objectives;
 pub mod paths;

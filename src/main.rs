@@ -72,6 +72,10 @@ enum Cmd {
         /// Write PNG plots here (reward histogram; with --checkpoints, each metric over steps).
         #[arg(long)]
         plots: Option<PathBuf>,
+        /// Factor-level analysis: how labels and the model's preferences line up with response
+        /// length, list formatting, refusal phrases and question echoing.
+        #[arg(long)]
+        factors: bool,
         #[arg(long)]
         skip_invalid: bool,
         /// Print JSON instead of a table.
@@ -308,6 +312,7 @@ fn run(cmd: Cmd) -> Result<()> {
             generate,
             checkpoints,
             plots,
+            factors,
             skip_invalid,
             json,
         } => eval_cmd(
@@ -321,6 +326,7 @@ fn run(cmd: Cmd) -> Result<()> {
             generate,
             checkpoints,
             plots.as_deref(),
+            factors,
             skip_invalid,
             json,
         ),
@@ -646,6 +652,7 @@ fn eval_cmd(
     generate: bool,
     checkpoints: bool,
     plots: Option<&Path>,
+    factors: bool,
     skip_invalid: bool,
     as_json: bool,
 ) -> Result<()> {
@@ -758,11 +765,52 @@ fn eval_cmd(
         v["generation_accuracy"] = json!(gen_acc);
         v["model"] = json!(path.display().to_string());
         v["step"] = json!(step);
+        let factor_rows = if factors {
+            // the model's preference: implicit reward with a reference, else its own score
+            let diff: Vec<f64> = match (&reference, m.transformer.cfg.reward_head) {
+                (Some(r), false) => scores
+                    .iter()
+                    .zip(r)
+                    .map(|((c, j), (rc, rj))| (c - rc) - (j - rj))
+                    .collect(),
+                _ => scores.iter().map(|(c, j)| c - j).collect(),
+            };
+            let (text, _) = load_text_examples(data, Some(&m.tokenizer), true)?;
+            let by_line: std::collections::HashMap<usize, &prefer::data::TextExample> =
+                text.iter().map(|t| (t.line, t)).collect();
+            let texts: Vec<(String, String, String)> = pairs
+                .iter()
+                .map(|p| {
+                    let t = by_line[&p.line];
+                    (t.prompt.clone(), t.chosen().to_string(), t.rejected().to_string())
+                })
+                .collect();
+            let rows = prefer::factors::analyze(&texts, &diff);
+            v["factors"] = serde_json::to_value(&rows)?;
+            Some(rows)
+        } else {
+            None
+        };
         if !checkpoints {
             if as_json {
                 println!("{v}");
             } else {
                 print_summary(&summary, beta, gen_acc);
+                if let Some(rows) = factor_rows {
+                    println!("\n| factor | pairs differing | labels prefer more | model prefers more | corr(Δfactor, Δmodel) |");
+                    println!("|---|---|---|---|---|");
+                    let f = |x: Option<f64>| x.map(pct).unwrap_or("—".into());
+                    for r in rows {
+                        let c = r.model_correlation.map(|c| format!("{c:+.3}")).unwrap_or("—".into());
+                        println!(
+                            "| {} | {} | {} | {} | {c} |",
+                            r.factor,
+                            r.pairs_differing,
+                            f(r.labels_prefer_more),
+                            f(r.model_prefers_more)
+                        );
+                    }
+                }
             }
             return Ok(());
         }
