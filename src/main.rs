@@ -62,6 +62,9 @@ enum Cmd {
         batch_size: usize,
         #[arg(long, default_value_t = 1024)]
         max_length: usize,
+        /// Cut prompts to this many tokens (keeping their end), as in training; 0 = no limit.
+        #[arg(long, default_value_t = 0)]
+        max_prompt_length: usize,
         /// Also answer each prompt greedily and report how often the reply starts with the
         /// chosen completion (generation accuracy).
         #[arg(long)]
@@ -309,6 +312,7 @@ fn run(cmd: Cmd) -> Result<()> {
             alpha,
             batch_size,
             max_length,
+            max_prompt_length,
             generate,
             checkpoints,
             plots,
@@ -323,6 +327,7 @@ fn run(cmd: Cmd) -> Result<()> {
             alpha,
             batch_size,
             max_length,
+            max_prompt_length,
             generate,
             checkpoints,
             plots.as_deref(),
@@ -649,6 +654,7 @@ fn eval_cmd(
     alpha: Option<f64>,
     batch_size: usize,
     max_length: usize,
+    max_prompt_length: usize,
     generate: bool,
     checkpoints: bool,
     plots: Option<&Path>,
@@ -665,7 +671,7 @@ fn eval_cmd(
     let tok = model::load_tokenizer(&models[0].1)?;
     let opts = TokenizeOptions {
         max_length: Some(max_length),
-        max_prompt_length: None,
+        max_prompt_length: (max_prompt_length > 0).then_some(max_prompt_length),
         truncation_mode: TruncationMode::KeepEnd,
     };
     let (pairs, report) = load_tokenized_examples(data, &tok, &opts, skip_invalid)?;
