@@ -140,6 +140,36 @@ enum Cmd {
         #[arg(long, requires = "prompt_field")]
         completion_field: Option<String>,
     },
+    /// Implicit vs explicit reward generalisation (DPORM vs EXRM, Lin et al. 2024): the accuracy
+    /// of a DPO model's implicit reward and of a reward model on the same in-distribution and
+    /// shifted pairs, one table.
+    CompareRewards {
+        /// The DPO-trained policy.
+        #[arg(long)]
+        dpo: PathBuf,
+        /// Its reference model.
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// The reward model.
+        #[arg(long)]
+        rm: PathBuf,
+        /// In-distribution held-out pairs.
+        #[arg(long)]
+        data: PathBuf,
+        /// Distribution-shifted pairs.
+        #[arg(long)]
+        shifted: Option<PathBuf>,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        #[arg(long, default_value_t = 0)]
+        max_prompt_length: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run several objectives on the same model, data and budget; writes a table (sweep.md,
     /// sweep.json) and one plot per metric over steps (plot-*.png) to output_dir.
     Sweep {
@@ -452,6 +482,74 @@ fn run(cmd: Cmd) -> Result<()> {
                     rec["rejected_score"] = json!(s[1]);
                 }
                 writeln!(out, "{rec}")?;
+            }
+            Ok(())
+        }
+        Cmd::CompareRewards {
+            dpo,
+            reference,
+            rm,
+            data,
+            shifted,
+            beta,
+            batch_size,
+            max_length,
+            max_prompt_length,
+            json,
+        } => {
+            let dev = Device::Cpu;
+            let (pol, refm, rmm) = (
+                model::load(&dpo, DType::F32, &dev)?,
+                model::load(&reference, DType::F32, &dev)?,
+                model::load(&rm, DType::F32, &dev)?,
+            );
+            if !rmm.transformer.cfg.reward_head {
+                bail!("{} has no reward head; train one with task = \"reward\"", rm.display());
+            }
+            let opts = TokenizeOptions {
+                max_length: Some(max_length),
+                max_prompt_length: (max_prompt_length > 0).then_some(max_prompt_length),
+                truncation_mode: TruncationMode::KeepEnd,
+            };
+            let acc =
+                |scores: &[Vec<f64>]| scores.iter().filter(|r| r[0] > r[1]).count() as f64 / scores.len().max(1) as f64;
+            let mut cols = vec![];
+            for (name, file) in
+                std::iter::once(("in-distribution", &data)).chain(shifted.as_ref().map(|f| ("shifted", f)))
+            {
+                let (pairs, report) = load_tokenized_examples(file, &pol.tokenizer, &opts, true)?;
+                for e in &report.skipped {
+                    eprintln!("skipped: {e}");
+                }
+                let so = |t: &model::Transformer| {
+                    prefer::stats::score_examples(t, &pairs, batch_size, &Default::default(), |_| {})
+                };
+                let (p, r) = (so(&pol.transformer)?, so(&refm.transformer)?);
+                let implicit: Vec<Vec<f64>> = p
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, b)| vec![beta * (a[0] - b[0]), beta * (a[1] - b[1])])
+                    .collect();
+                let explicit =
+                    prefer::stats::score_rewards(&rmm.transformer, &pairs, batch_size, rmm.tokenizer.pad_id)?;
+                cols.push(json!({"split": name, "pairs": pairs.len(), "implicit_dpo": acc(&implicit), "explicit_rm": acc(&explicit)}));
+            }
+            if json {
+                println!("{}", Value::Array(cols));
+            } else {
+                let head: Vec<String> = cols
+                    .iter()
+                    .map(|c| format!("{} ({} pairs)", c["split"].as_str().unwrap_or(""), c["pairs"]))
+                    .collect();
+                println!("| reward | {} |", head.join(" | "));
+                println!("|---|{}", "---|".repeat(cols.len()));
+                for (label, key) in [
+                    ("implicit (DPO: β·log π/π_ref)", "implicit_dpo"),
+                    ("explicit (reward model)", "explicit_rm"),
+                ] {
+                    let cells: Vec<String> = cols.iter().map(|c| pct(c[key].as_f64().unwrap_or(f64::NAN))).collect();
+                    println!("| {label} | {} |", cells.join(" | "));
+                }
             }
             Ok(())
         }

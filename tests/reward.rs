@@ -139,3 +139,73 @@ fn reward_model_training_learns_the_toy_preference_and_scores() {
     .unwrap();
     assert!(e.to_string().contains("is a reward model"), "{e}");
 }
+
+#[test]
+fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
+    prefer::util::set_threads_for_tests();
+    let dir = tmp("compare");
+    write_hf(
+        &tiny_model(&TinySpec::default(), DType::F32, 53).unwrap(),
+        &dir.join("lm"),
+    )
+    .unwrap();
+    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    let make = |name: &str, rejected: &str| {
+        let lines: Vec<String> = (0..24)
+            .map(|i| serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i * 5 + 3) % 8]), "chosen": " 1", "rejected": rejected}).to_string())
+            .collect();
+        std::fs::write(dir.join(name), lines.join("\n")).unwrap();
+        dir.join(name)
+    };
+    let (train, shifted) = (make("train.jsonl", " 2"), make("shifted.jsonl", " 9"));
+    let base = TrainConfig {
+        model_name_or_path: dir.join("lm").display().to_string(),
+        train_file: train.display().to_string(),
+        per_device_train_batch_size: 4,
+        max_steps: 12,
+        disable_tqdm: true,
+        ..TrainConfig::default()
+    };
+    prefer::train::train(&TrainConfig {
+        task: "reward".into(),
+        learning_rate: 1e-3,
+        output_dir: dir.join("rm").display().to_string(),
+        ..base.clone()
+    })
+    .unwrap();
+    prefer::train::train(&TrainConfig {
+        learning_rate: 5e-3,
+        output_dir: dir.join("dpo").display().to_string(),
+        ..base
+    })
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["compare-rewards", "--json", "--dpo"])
+        .arg(dir.join("dpo"))
+        .arg("--ref")
+        .arg(dir.join("lm"))
+        .arg("--rm")
+        .arg(dir.join("rm"))
+        .arg("--data")
+        .arg(&train)
+        .arg("--shifted")
+        .arg(&shifted)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cols: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(cols.len(), 2);
+    assert_eq!(
+        (cols[0]["split"].as_str(), cols[1]["split"].as_str()),
+        (Some("in-distribution"), Some("shifted"))
+    );
+    for key in ["implicit_dpo", "explicit_rm"] {
+        assert!(
+            cols[0][key].as_f64().unwrap() > 0.9,
+            "{key} in-distribution: {}",
+            cols[0]
+        );
+        assert!((0.0..=1.0).contains(&cols[1][key].as_f64().unwrap()));
+    }
+}
