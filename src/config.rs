@@ -87,6 +87,12 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("simpo_gamma", "0.5", "Target reward margin γ of simpo and alphapo."),
     ("cpo_alpha", "1.0", "Weight of the NLL term of cpo."),
     ("alpha", "0.0", "AlphaPO reward-shape α (0 = SimPO's log reward)."),
+    (
+        "reward_clusters",
+        "1",
+        "MaxMin-RLHF: K > 1 learns K reward heads on one body with EM over annotator clusters (rows need `annotator`).",
+    ),
+    ("em_steps", "0", "Steps between EM reassignments of annotators to clusters; 0 = once per epoch."),
     ("center_rewards_coefficient", "(none)", "Reward models: weight η of the centring term mean((r_w + r_l)²) (TRL)."),
     ("desirable_weight", "1.0", "KTO's λ_D: weight of desirable completions."),
     ("undesirable_weight", "1.0", "KTO's λ_U: weight of undesirable completions."),
@@ -246,6 +252,8 @@ pub struct TrainConfig {
     pub train_file: String,
     pub eval_file: Option<String>,
     pub task: String,
+    pub reward_clusters: usize,
+    pub em_steps: usize,
     pub loss_type: LossType,
     pub loss_weights: Option<Vec<f64>>,
     /// The objectives' hyperparameters (`beta`, `label_smoothing`, ...), flattened into the
@@ -298,6 +306,8 @@ impl Default for TrainConfig {
             train_file: String::new(),
             eval_file: None,
             task: "dpo".into(),
+            reward_clusters: 1,
+            em_steps: 0,
             loss_type: LossType::One("sigmoid".into()),
             loss_weights: None,
             params: ObjectiveParams::default(),
@@ -408,6 +418,9 @@ impl TrainConfig {
                 "lr_scheduler_type `{}` is not supported (constant, constant_with_warmup, linear, cosine)",
                 self.lr_scheduler_type
             ));
+        }
+        if self.reward_clusters > 1 && self.task != "reward" {
+            return bad("reward_clusters > 1 trains several reward heads: set task = \"reward\"".into());
         }
         if !matches!(self.task.as_str(), "dpo" | "reward") {
             return bad(format!("task `{}` is not one of dpo, reward", self.task));

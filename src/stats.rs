@@ -97,16 +97,55 @@ pub fn group_logps(model: &Transformer, examples: &[&TokenizedExample], opts: &S
 
 /// A reward model's scalar reward for every response (differentiable), laid out like
 /// [`GroupLogps::sums`]; `pad_id` marks padding as in transformers' sequence classification.
-pub fn group_rewards(model: &Transformer, examples: &[&TokenizedExample], pad_id: u32) -> Result<GroupLogps> {
+/// With several heads, `heads[e]` picks the head (preference cluster) of example e.
+pub fn group_rewards(
+    model: &Transformer,
+    examples: &[&TokenizedExample],
+    pad_id: u32,
+    heads: Option<&[usize]>,
+) -> Result<GroupLogps> {
     let (seqs, offsets) = example_sequences(examples);
     let ids: Vec<Vec<u32>> = seqs.iter().map(|s| s.ids.clone()).collect();
     let tokens = seqs.iter().map(|s| s.ids.len() - s.completion_start).collect();
+    let sums = match heads {
+        None => model.rewards(&ids, pad_id)?,
+        Some(h) => {
+            let m = model.reward_matrix(&ids, pad_id)?;
+            let idx: Vec<u32> = (0..examples.len())
+                .flat_map(|e| std::iter::repeat_n(h[e] as u32, offsets[e + 1] - offsets[e]))
+                .collect();
+            let idx = Tensor::from_vec(idx, (seqs.len(), 1), m.device())?;
+            m.gather(&idx, 1)?.squeeze(1)?
+        }
+    };
     Ok(GroupLogps {
-        sums: model.rewards(&ids, pad_id)?,
+        sums,
         offsets,
         tokens,
         weights: None,
     })
+}
+
+/// Every head's reward for every response: per example, `[response][head]`, as f64.
+pub fn score_reward_heads(
+    model: &Transformer,
+    examples: &[TokenizedExample],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<Vec<Vec<Vec<f64>>>> {
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&TokenizedExample> = chunk.iter().collect();
+        let (seqs, offsets) = example_sequences(&refs);
+        let ids: Vec<Vec<u32>> = seqs.iter().map(|s| s.ids.clone()).collect();
+        let m: Vec<Vec<f64>> = model
+            .reward_matrix(&ids, pad_id)?
+            .detach()
+            .to_dtype(DType::F64)?
+            .to_vec2()?;
+        out.extend(offsets.windows(2).map(|w| m[w[0]..w[1]].to_vec()));
+    }
+    Ok(out)
 }
 
 /// Rewards of every response of every example, in batches, as f64.
@@ -119,7 +158,7 @@ pub fn score_rewards(
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedExample> = chunk.iter().collect();
-        let g = group_rewards(model, &refs, pad_id)?;
+        let g = group_rewards(model, &refs, pad_id, None)?;
         let v: Vec<f64> = g.sums.detach().to_dtype(DType::F64)?.to_vec1()?;
         out.extend(g.offsets.windows(2).map(|w| v[w[0]..w[1]].to_vec()));
     }

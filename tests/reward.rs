@@ -209,3 +209,83 @@ fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
         assert!((0.0..=1.0).contains(&cols[1][key].as_f64().unwrap()));
     }
 }
+
+/// MaxMin-RLHF's EM recovers two planted groups of annotators with opposite preferences.
+#[test]
+fn em_recovers_planted_annotator_clusters() {
+    prefer::util::set_threads_for_tests();
+    let dir = tmp("maxmin");
+    write_hf(
+        &tiny_model(&TinySpec::default(), DType::F32, 54).unwrap(),
+        &dir.join("lm"),
+    )
+    .unwrap();
+    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    let mut lines = vec![];
+    for i in 0..64 {
+        let group_a = i % 2 == 0;
+        let annotator = format!("{}{}", if group_a { "a" } else { "b" }, (i / 2) % 4);
+        let (c, r) = if group_a { (" 1", " 2") } else { (" 2", " 1") };
+        lines.push(
+            serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i / 8) % 8]), "chosen": c, "rejected": r, "annotator": annotator})
+                .to_string(),
+        );
+    }
+    std::fs::write(dir.join("pairs.jsonl"), lines.join("\n")).unwrap();
+    let cfg = TrainConfig {
+        task: "reward".into(),
+        reward_clusters: 2,
+        em_steps: 4,
+        model_name_or_path: dir.join("lm").display().to_string(),
+        train_file: dir.join("pairs.jsonl").display().to_string(),
+        output_dir: dir.join("rm").display().to_string(),
+        learning_rate: 1e-3,
+        per_device_train_batch_size: 8,
+        max_steps: 24,
+        logging_steps: 4,
+        disable_tqdm: true,
+        ..TrainConfig::default()
+    };
+    let mut t = prefer::train::Trainer::new(&cfg).unwrap();
+    assert_eq!(t.policy.transformer.cfg.num_labels, 2);
+    let out = t.run().unwrap();
+    t.e_step().unwrap();
+    let clusters = t.state.clusters.clone().unwrap();
+    assert_eq!(clusters.len(), 8);
+    let ca = clusters["a0"];
+    for (a, &c) in &clusters {
+        assert_eq!(c == ca, a.starts_with('a'), "impure clusters: {clusters:?}");
+    }
+    let last = out.last_log.unwrap();
+    for h in 0..2 {
+        assert_eq!(
+            last[format!("maxmin/cluster_{h}_annotators")].as_f64(),
+            Some(4.0),
+            "{last}"
+        );
+    }
+    for (k, v) in &t.state.em_metrics {
+        if k.ends_with("accuracy") {
+            assert!(*v > 0.9, "{k} = {v}");
+        }
+    }
+    // K heads are saved as num_labels = 2
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rm/config.json")).unwrap()).unwrap();
+    assert_eq!(saved["num_labels"], 2);
+    let back = model::load(&dir.join("rm"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(back.transformer.cfg.num_labels, 2);
+    // rows without an annotator are refused up front
+    std::fs::write(
+        dir.join("anon.jsonl"),
+        "{\"prompt\": \"a =\", \"chosen\": \" 1\", \"rejected\": \" 2\"}\n",
+    )
+    .unwrap();
+    let e = prefer::train::Trainer::new(&TrainConfig {
+        train_file: dir.join("anon.jsonl").display().to_string(),
+        ..cfg
+    })
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("anon.jsonl:1: field `annotator`"), "{e}");
+}

@@ -33,6 +33,8 @@ pub struct ModelConfig {
     /// A reward model: `*ForSequenceClassification` with a scalar head `score.weight` `[1, H]`
     /// on the last non-padding token, and no language-model head.
     pub reward_head: bool,
+    /// Outputs of the reward head (1 for a plain reward model, K for one head per cluster).
+    pub num_labels: usize,
     /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
     pub qkv_bias: bool,
     /// Bias on the output projection (Llama with `attention_bias`).
@@ -156,6 +158,12 @@ impl ModelConfig {
                     .filter_map(Value::as_str)
                     .any(|s| s.ends_with("ForSequenceClassification"))
             }),
+            num_labels: v
+                .get("num_labels")
+                .and_then(Value::as_u64)
+                .or_else(|| v.get("id2label").and_then(Value::as_object).map(|m| m.len() as u64))
+                .unwrap_or(1)
+                .max(1) as usize,
             qkv_bias: is_qwen || attention_bias,
             o_bias: !is_qwen && attention_bias,
             bos_token_id: get_token_id(v, "bos_token_id"),
@@ -206,9 +214,13 @@ impl ModelConfig {
             o.insert("pretraining_tp".into(), json!(1));
         }
         if self.reward_head {
-            o.insert("num_labels".into(), json!(1));
-            o.insert("id2label".into(), json!({"0": "LABEL_0"}));
-            o.insert("label2id".into(), json!({"LABEL_0": 0}));
+            let k = self.num_labels.max(1);
+            o.insert("num_labels".into(), json!(k));
+            let id2label: serde_json::Map<String, Value> =
+                (0..k).map(|i| (i.to_string(), json!(format!("LABEL_{i}")))).collect();
+            let label2id: serde_json::Map<String, Value> = (0..k).map(|i| (format!("LABEL_{i}"), json!(i))).collect();
+            o.insert("id2label".into(), Value::Object(id2label));
+            o.insert("label2id".into(), Value::Object(label2id));
         }
         if let Some(s) = &self.rope_scaling {
             o.insert(
@@ -268,7 +280,7 @@ impl ModelConfig {
         let per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
         let emb = self.vocab_size * h;
         let head = if self.reward_head {
-            h
+            h * self.num_labels
         } else if self.tie_word_embeddings {
             0
         } else {

@@ -77,11 +77,26 @@ impl LoadedModel {
     /// 0.02 as transformers initialises it, seeded), and without the language-model head: the
     /// layout of `*ForSequenceClassification`. A model that already has a head is returned as is.
     pub fn with_reward_head(self, seed: u64) -> Result<LoadedModel> {
+        self.with_reward_heads(seed, 1)
+    }
+
+    /// [`Self::with_reward_head`] with `k` outputs (one reward per preference cluster).
+    pub fn with_reward_heads(self, seed: u64, k: usize) -> Result<LoadedModel> {
         if self.transformer.cfg.reward_head {
+            if self.transformer.cfg.num_labels != k {
+                return Err(Error::model(
+                    &self.source,
+                    format!(
+                        "this reward model has {} heads, not {k}",
+                        self.transformer.cfg.num_labels
+                    ),
+                ));
+            }
             return Ok(self);
         }
         let mut cfg = self.transformer.cfg.clone();
         cfg.reward_head = true;
+        cfg.num_labels = k.max(1);
         let old: std::collections::HashMap<String, candle_core::Tensor> =
             self.transformer.params().iter().cloned().collect();
         let mut rng = crate::util::Rng::new(seed);

@@ -276,7 +276,7 @@ impl Transformer {
         }
         let norm = take("model.norm.weight".into(), &[hs])?;
         let (lm_head, score) = if cfg.reward_head {
-            (None, Some(take("score.weight".into(), &[1, hs])?))
+            (None, Some(take("score.weight".into(), &[cfg.num_labels.max(1), hs])?))
         } else if cfg.tie_word_embeddings {
             (None, None)
         } else {
@@ -342,6 +342,18 @@ impl Transformer {
     /// row's last token that is not `pad_id` (transformers' rule for sequence classification;
     /// a row of only pad tokens uses its last real position).
     pub fn rewards(&self, seqs: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
+        let m = self.reward_matrix(seqs, pad_id)?;
+        if m.dim(1)? != 1 {
+            return Err(Error::msg(format!(
+                "this reward model has {} heads (one per preference cluster); choose one per sequence",
+                m.dim(1)?
+            )));
+        }
+        Ok(m.squeeze(1)?)
+    }
+
+    /// Rewards of every head: `[S, K]`.
+    pub fn reward_matrix(&self, seqs: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
         let score = self
             .score
             .as_ref()
@@ -366,7 +378,7 @@ impl Transformer {
             .hidden_states(&input, &attn)?
             .reshape((seqs.len() * t, self.cfg.hidden_size))?;
         let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
-        Ok(h.matmul(&score.t()?)?.squeeze(1)?)
+        Ok(h.matmul(&score.t()?)?)
     }
 
     /// Logits `[N, V]` for hidden rows `[N, H]`.

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 use crate::util::write_atomic;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -26,6 +27,11 @@ pub struct TrainerState {
     /// LCPO's current label-noise estimate η (EM), when the objective uses it.
     #[serde(default)]
     pub lcpo_noise_rate: Option<f64>,
+    /// MaxMin-RLHF: each annotator's cluster, and the last E-step's metrics.
+    #[serde(default)]
+    pub clusters: Option<BTreeMap<String, usize>>,
+    #[serde(default)]
+    pub em_metrics: BTreeMap<String, f64>,
     /// The configuration the run was started with (for the record).
     #[serde(default)]
     pub config: Option<Value>,

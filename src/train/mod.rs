@@ -222,10 +222,17 @@ fn batch_stats(
     indices: &[usize],
     examples: &[TokenizedExample],
     opts: &StatsOptions,
+    clusters: Option<&BTreeMap<String, usize>>,
 ) -> Result<BatchStats> {
     let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
+    let heads: Option<Vec<usize>> = clusters.map(|c| {
+        batch
+            .iter()
+            .map(|e| e.meta.annotator.as_ref().and_then(|a| c.get(a)).copied().unwrap_or(0))
+            .collect()
+    });
     let lp = if policy.transformer.cfg.reward_head {
-        crate::stats::group_rewards(&policy.transformer, &batch, policy.tokenizer.pad_id)?
+        crate::stats::group_rewards(&policy.transformer, &batch, policy.tokenizer.pad_id, heads.as_deref())?
     } else {
         group_logps(&policy.transformer, &batch, opts)?
     };
@@ -249,11 +256,12 @@ pub fn evaluate(
     pairs: &[TokenizedExample],
     batch_size: usize,
     opts: &StatsOptions,
+    clusters: Option<&BTreeMap<String, usize>>,
 ) -> Result<Vec<(String, f64)>> {
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let all: Vec<usize> = (0..pairs.len()).collect();
     for chunk in all.chunks(batch_size.max(1)) {
-        let stats = batch_stats(policy, reference, Split::Eval, chunk, pairs, opts)?;
+        let stats = batch_stats(policy, reference, Split::Eval, chunk, pairs, opts, clusters)?;
         let out = objective.loss(&stats)?;
         let w = chunk.len() as f64;
         *sums.entry("loss".into()).or_default() += objectives::mean(&out.losses)? * w;
@@ -434,10 +442,20 @@ impl Trainer {
         };
 
         let policy = if cfg.task == "reward" {
-            policy.with_reward_head(cfg.seed)?
+            policy.with_reward_heads(cfg.seed, cfg.reward_clusters.max(1))?
         } else {
             policy
         };
+        if cfg.reward_clusters > 1 {
+            if let Some(e) = train_pairs.iter().find(|e| e.meta.annotator.is_none()) {
+                return Err(Error::Data {
+                    path: PathBuf::from(&cfg.train_file),
+                    line: e.line,
+                    field: "annotator".into(),
+                    msg: "missing; reward_clusters > 1 clusters annotators, so every row needs one".into(),
+                });
+            }
+        }
         if policy.transformer.cfg.reward_head && cfg.task != "reward" {
             return Err(Error::Config(format!(
                 "{} is a reward model (it has a score head); set task = \"reward\" or start from a causal LM",
@@ -491,7 +509,69 @@ impl Trainer {
     }
 
     /// One optimizer step over `gradient_accumulation_steps` micro-batches.
+    /// MaxMin-RLHF's E-step: assign each annotator to the reward head under which their
+    /// preferences are most likely (Σ log σ(r_k(y_w) − r_k(y_l)) over their pairs), and record
+    /// cluster sizes and per-cluster accuracy.
+    pub fn e_step(&mut self) -> Result<()> {
+        let k = self.policy.transformer.cfg.num_labels;
+        let scores = crate::stats::score_reward_heads(
+            &self.policy.transformer,
+            &self.train_pairs,
+            self.cfg.per_device_eval_batch_size,
+            self.policy.tokenizer.pad_id,
+        )?;
+        let mut ll: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (e, s) in self.train_pairs.iter().zip(&scores) {
+            let a = e.meta.annotator.clone().unwrap_or_default();
+            let row = ll.entry(a).or_insert_with(|| vec![0.0; k]);
+            for (h, v) in row.iter_mut().enumerate() {
+                let z = s[0][h] - s[1][h];
+                *v += if z < 0.0 {
+                    z - z.exp().ln_1p()
+                } else {
+                    -(-z).exp().ln_1p()
+                };
+            }
+        }
+        let assign: BTreeMap<String, usize> = ll
+            .into_iter()
+            .map(|(a, row)| {
+                let best = (0..k).max_by(|&x, &y| row[x].total_cmp(&row[y])).unwrap_or(0);
+                (a, best)
+            })
+            .collect();
+        let mut m = BTreeMap::new();
+        for h in 0..k {
+            let members = assign.values().filter(|&&c| c == h).count();
+            let (mut right, mut n) = (0usize, 0usize);
+            for (e, s) in self.train_pairs.iter().zip(&scores) {
+                if e.meta.annotator.as_ref().and_then(|a| assign.get(a)) == Some(&h) {
+                    n += 1;
+                    right += (s[0][h] > s[1][h]) as usize;
+                }
+            }
+            m.insert(format!("maxmin/cluster_{h}_annotators"), members as f64);
+            m.insert(
+                format!("maxmin/cluster_{h}_accuracy"),
+                if n > 0 { right as f64 / n as f64 } else { f64::NAN },
+            );
+        }
+        self.state.clusters = Some(assign);
+        self.state.em_metrics = m;
+        Ok(())
+    }
+
     pub fn step(&mut self) -> Result<StepReport> {
+        if self.cfg.reward_clusters > 1 {
+            let every = if self.cfg.em_steps > 0 {
+                self.cfg.em_steps
+            } else {
+                (self.order.batches_per_epoch() / self.cfg.gradient_accumulation_steps).max(1)
+            };
+            if self.state.clusters.is_none() || self.state.global_step.is_multiple_of(every) {
+                self.e_step()?;
+            }
+        }
         let t0 = Instant::now();
         let cfg = &self.cfg;
         let accum = cfg.gradient_accumulation_steps;
@@ -510,6 +590,7 @@ impl Trainer {
                 &indices,
                 &self.train_pairs,
                 &self.stats_options,
+                self.state.clusters.as_ref(),
             )?;
             let out = self.objective.loss(&stats)?;
             let loss = out.losses.mean_all()?;
@@ -568,6 +649,9 @@ impl Trainer {
         rec.insert("grad_norm".into(), json!(self.state.last_grad_norm));
         rec.insert("learning_rate".into(), json!(self.state.last_lr));
         rec.insert("tokens_per_second".into(), json!(w.tokens as f64 / w.seconds.max(1e-9)));
+        for (k, v) in &self.state.em_metrics {
+            rec.insert(k.clone(), json!(v));
+        }
         if with_eval {
             let ev = evaluate(
                 &self.policy,
@@ -576,6 +660,7 @@ impl Trainer {
                 &self.eval_pairs,
                 self.cfg.per_device_eval_batch_size,
                 &self.stats_options,
+                self.state.clusters.as_ref(),
             )?;
             for (k, v) in ev {
                 rec.insert(k, json!(v));
