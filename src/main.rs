@@ -58,13 +58,8 @@ enum Cmd {
         /// (rows' `preference_strength` takes precedence).
         #[arg(long)]
         alpha: Option<f64>,
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 1024)]
-        max_length: usize,
-        /// Cut prompts to this many tokens (keeping their end), as in training; 0 = no limit.
-        #[arg(long, default_value_t = 0)]
-        max_prompt_length: usize,
+        #[command(flatten)]
+        read: DataArgs,
         /// Also answer each prompt greedily and report how often the reply starts with the
         /// chosen completion (generation accuracy).
         #[arg(long)]
@@ -79,8 +74,6 @@ enum Cmd {
         /// length, list formatting, refusal phrases and question echoing.
         #[arg(long)]
         factors: bool,
-        #[arg(long)]
-        skip_invalid: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -118,12 +111,8 @@ enum Cmd {
         model: PathBuf,
         #[arg(long)]
         data: PathBuf,
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 1024)]
-        max_length: usize,
-        #[arg(long)]
-        skip_invalid: bool,
+        #[command(flatten)]
+        read: DataArgs,
     },
     /// Per-token log-probs of each text of a JSONL file under a model (JSONL to stdout).
     Logprobs {
@@ -161,12 +150,8 @@ enum Cmd {
         shifted: Option<PathBuf>,
         #[arg(long, default_value_t = 0.1)]
         beta: f64,
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 1024)]
-        max_length: usize,
-        #[arg(long, default_value_t = 0)]
-        max_prompt_length: usize,
+        #[command(flatten)]
+        read: DataArgs,
         #[arg(long)]
         json: bool,
     },
@@ -193,6 +178,32 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ObjectivesCmd,
     },
+}
+
+/// How the evaluation tools read and batch a data file.
+#[derive(clap::Args, Clone, Debug)]
+struct DataArgs {
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    max_length: usize,
+    /// Cut prompts to this many tokens (keeping their end), as in training; 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    max_prompt_length: usize,
+    /// Report and skip bad rows instead of stopping at the first.
+    #[arg(long)]
+    skip_invalid: bool,
+}
+
+impl DataArgs {
+    fn tokenize_options(&self) -> TokenizeOptions {
+        TokenizeOptions {
+            max_length: Some(self.max_length),
+            max_prompt_length: (self.max_prompt_length > 0).then_some(self.max_prompt_length),
+            truncation_mode: TruncationMode::KeepEnd,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -340,14 +351,11 @@ fn run(cmd: Cmd) -> Result<()> {
             data,
             beta,
             alpha,
-            batch_size,
-            max_length,
-            max_prompt_length,
+            read,
             generate,
             checkpoints,
             plots,
             factors,
-            skip_invalid,
             json,
         } => eval_cmd(
             &model,
@@ -355,14 +363,11 @@ fn run(cmd: Cmd) -> Result<()> {
             &data,
             beta,
             alpha,
-            batch_size,
-            max_length,
-            max_prompt_length,
+            &read,
             generate,
             checkpoints,
             plots.as_deref(),
             factors,
-            skip_invalid,
             json,
         ),
         Cmd::Data { cmd } => data_cmd(cmd),
@@ -450,13 +455,7 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Score {
-            model,
-            data,
-            batch_size,
-            max_length,
-            skip_invalid,
-        } => {
+        Cmd::Score { model, data, read } => {
             let m = model::load(&model, DType::F32, &Device::Cpu)?;
             if !m.transformer.cfg.reward_head {
                 bail!(
@@ -464,16 +463,12 @@ fn run(cmd: Cmd) -> Result<()> {
                     model.display()
                 );
             }
-            let opts = TokenizeOptions {
-                max_length: Some(max_length),
-                max_prompt_length: None,
-                truncation_mode: TruncationMode::KeepEnd,
-            };
-            let (examples, report) = load_tokenized_examples(&data, &m.tokenizer, &opts, skip_invalid)?;
+            let (examples, report) =
+                load_tokenized_examples(&data, &m.tokenizer, &read.tokenize_options(), read.skip_invalid)?;
             for e in &report.skipped {
                 eprintln!("skipped: {e}");
             }
-            let scores = prefer::stats::score_rewards(&m.transformer, &examples, batch_size, m.tokenizer.pad_id)?;
+            let scores = prefer::stats::score_rewards(&m.transformer, &examples, read.batch_size, m.tokenizer.pad_id)?;
             let mut out = std::io::stdout().lock();
             for (e, s) in examples.iter().zip(&scores) {
                 let mut rec = json!({"line": e.line, "scores": s});
@@ -492,9 +487,7 @@ fn run(cmd: Cmd) -> Result<()> {
             data,
             shifted,
             beta,
-            batch_size,
-            max_length,
-            max_prompt_length,
+            read,
             json,
         } => {
             let dev = Device::Cpu;
@@ -506,18 +499,15 @@ fn run(cmd: Cmd) -> Result<()> {
             if !rmm.transformer.cfg.reward_head {
                 bail!("{} has no reward head; train one with task = \"reward\"", rm.display());
             }
-            let opts = TokenizeOptions {
-                max_length: Some(max_length),
-                max_prompt_length: (max_prompt_length > 0).then_some(max_prompt_length),
-                truncation_mode: TruncationMode::KeepEnd,
-            };
+            let opts = read.tokenize_options();
+            let batch_size = read.batch_size;
             let acc =
                 |scores: &[Vec<f64>]| scores.iter().filter(|r| r[0] > r[1]).count() as f64 / scores.len().max(1) as f64;
             let mut cols = vec![];
             for (name, file) in
                 std::iter::once(("in-distribution", &data)).chain(shifted.as_ref().map(|f| ("shifted", f)))
             {
-                let (pairs, report) = load_tokenized_examples(file, &pol.tokenizer, &opts, true)?;
+                let (pairs, report) = load_tokenized_examples(file, &pol.tokenizer, &opts, read.skip_invalid)?;
                 for e in &report.skipped {
                     eprintln!("skipped: {e}");
                 }
@@ -750,16 +740,14 @@ fn eval_cmd(
     data: &Path,
     beta: f64,
     alpha: Option<f64>,
-    batch_size: usize,
-    max_length: usize,
-    max_prompt_length: usize,
+    read: &DataArgs,
     generate: bool,
     checkpoints: bool,
     plots: Option<&Path>,
     factors: bool,
-    skip_invalid: bool,
     as_json: bool,
 ) -> Result<()> {
+    let batch_size = read.batch_size;
     let dev = Device::Cpu;
     let models = if checkpoints {
         run_models(model_path)?
@@ -767,12 +755,7 @@ fn eval_cmd(
         vec![(None, model_path.to_path_buf())]
     };
     let tok = model::load_tokenizer(&models[0].1)?;
-    let opts = TokenizeOptions {
-        max_length: Some(max_length),
-        max_prompt_length: (max_prompt_length > 0).then_some(max_prompt_length),
-        truncation_mode: TruncationMode::KeepEnd,
-    };
-    let (pairs, report) = load_tokenized_examples(data, &tok, &opts, skip_invalid)?;
+    let (pairs, report) = load_tokenized_examples(data, &tok, &read.tokenize_options(), read.skip_invalid)?;
     for e in &report.skipped {
         eprintln!("skipped: {e}");
     }
