@@ -93,6 +93,12 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "MaxMin-RLHF: K > 1 learns K reward heads on one body with EM over annotator clusters (rows need `annotator`).",
     ),
     ("em_steps", "0", "Steps between EM reassignments of annotators to clusters; 0 = once per epoch."),
+    (
+        "crm",
+        "false",
+        "Collaborative reward modeling: train two reward models, each on the pairs its peer is most confident about (largest margins); the peer is saved in output_dir/peer_model.",
+    ),
+    ("crm_keep_ratio", "0.7", "Fraction of each batch a CRM model keeps (the rest is filtered as likely noisy)."),
     ("center_rewards_coefficient", "(none)", "Reward models: weight η of the centring term mean((r_w + r_l)²) (TRL)."),
     ("desirable_weight", "1.0", "KTO's λ_D: weight of desirable completions."),
     ("undesirable_weight", "1.0", "KTO's λ_U: weight of undesirable completions."),
@@ -253,6 +259,8 @@ pub struct TrainConfig {
     pub eval_file: Option<String>,
     pub task: String,
     pub reward_clusters: usize,
+    pub crm: bool,
+    pub crm_keep_ratio: f64,
     pub em_steps: usize,
     pub loss_type: LossType,
     pub loss_weights: Option<Vec<f64>>,
@@ -307,6 +315,8 @@ impl Default for TrainConfig {
             eval_file: None,
             task: "dpo".into(),
             reward_clusters: 1,
+            crm: false,
+            crm_keep_ratio: 0.7,
             em_steps: 0,
             loss_type: LossType::One("sigmoid".into()),
             loss_weights: None,
@@ -418,6 +428,14 @@ impl TrainConfig {
                 "lr_scheduler_type `{}` is not supported (constant, constant_with_warmup, linear, cosine)",
                 self.lr_scheduler_type
             ));
+        }
+        if self.crm && (self.task != "reward" || self.reward_clusters > 1) {
+            return bad(
+                "crm trains two single-head reward models: set task = \"reward\" and reward_clusters = 1".into(),
+            );
+        }
+        if !(self.crm_keep_ratio > 0.0 && self.crm_keep_ratio <= 1.0) {
+            return bad("crm_keep_ratio must be in (0, 1]".into());
         }
         if self.reward_clusters > 1 && self.task != "reward" {
             return bad("reward_clusters > 1 trains several reward heads: set task = \"reward\"".into());

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 pub const STATE_FILE: &str = "trainer_state.json";
 /// With `sync_ref_model`, the current (synced) reference is saved here inside a checkpoint.
 pub const REF_DIR: &str = "ref_model";
+/// With `crm`, the peer reward model (and its optimizer state) is saved here.
+pub const PEER_DIR: &str = "peer_model";
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -41,6 +43,7 @@ pub fn save(
     out_dir: &Path,
     model: &LoadedModel,
     synced_ref: Option<&LoadedModel>,
+    peer: Option<(&LoadedModel, &Optimizer)>,
     opt: &Optimizer,
     state: &TrainerState,
     cfg: &TrainConfig,
@@ -53,6 +56,14 @@ pub fn save(
     crate::model::hf::save_dir(model, &tmp)?;
     if let Some(r) = synced_ref {
         crate::model::hf::save_dir(r, &tmp.join(REF_DIR))?;
+    }
+    if let Some((m, o)) = peer {
+        let d = tmp.join(PEER_DIR);
+        crate::model::hf::save_dir(m, &d)?;
+        write_atomic(
+            &d.join("optimizer.safetensors"),
+            &crate::model::hf::model_safetensors_bytes(&o.state_tensors()?)?,
+        )?;
     }
     let st = crate::model::hf::model_safetensors_bytes(&opt.state_tensors()?)?;
     write_atomic(&tmp.join("optimizer.safetensors"), &st)?;
@@ -68,6 +79,17 @@ pub fn save(
     }
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
     Ok(dir)
+}
+
+/// Restore an optimizer from `dir/optimizer.safetensors` (absent: SGD, nothing to restore).
+pub fn load_optimizer(dir: &Path, opt: &mut Optimizer, steps: u64) -> Result<()> {
+    let op = dir.join("optimizer.safetensors");
+    let tensors = if op.is_file() {
+        candle_core::safetensors::load(&op, &candle_core::Device::Cpu).map_err(|e| Error::model(&op, e.to_string()))?
+    } else {
+        Default::default()
+    };
+    opt.load_state(tensors, steps)
 }
 
 /// Restore optimizer state; returns the trainer state.

@@ -292,6 +292,26 @@ pub struct Trainer {
     /// Behave as if Ctrl-C came after this step (tests and scripted runs).
     pub stop_after_step: Option<usize>,
     pub stats_options: StatsOptions,
+    /// Collaborative reward modeling: the peer reward model and its optimizer.
+    pub peer: Option<Peer>,
+}
+
+/// CRM's second reward model: each model trains on the pairs its peer is most confident about.
+pub struct Peer {
+    pub model: LoadedModel,
+    pub opt: Optimizer,
+}
+
+/// 1.0 for the `ceil(keep · B)` pairs with the largest margins, 0.0 for the rest.
+pub fn confident_mask(margins: &[f64], keep: f64) -> Vec<f64> {
+    let n = ((keep * margins.len() as f64).ceil() as usize).clamp(1, margins.len());
+    let mut idx: Vec<usize> = (0..margins.len()).collect();
+    idx.sort_by(|&a, &b| margins[b].total_cmp(&margins[a]));
+    let mut m = vec![0.0; margins.len()];
+    for &i in &idx[..n] {
+        m[i] = 1.0;
+    }
+    m
 }
 
 /// What one optimizer step did.
@@ -472,7 +492,7 @@ impl Trainer {
                 eps: cfg.adam_epsilon,
             }
         };
-        let mut opt = Optimizer::new(kind, cfg.weight_decay, vars);
+        let mut opt = Optimizer::new(kind.clone(), cfg.weight_decay, vars);
         let total = total_steps(cfg, train_pairs.len());
         let warmup = schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
         let order = Order::new(
@@ -483,8 +503,28 @@ impl Trainer {
         );
         let mut state = TrainerState::default();
         let mut objective = objective;
+        let mut peer = if cfg.crm {
+            // same start, another head initialisation; a resumed run restores the peer and its optimizer
+            let saved = resume
+                .as_ref()
+                .map(|d| d.join(checkpoint::PEER_DIR))
+                .filter(|d| d.is_dir());
+            let m = match &saved {
+                Some(d) => model::load(d, dtype, &dev)?,
+                None => model::load(&start_path, dtype, &dev)?.with_reward_heads(cfg.seed.wrapping_add(1), 1)?,
+            };
+            let (m, vars) = m.into_trainable()?;
+            let popt = Optimizer::new(kind.clone(), cfg.weight_decay, vars);
+            Some(Peer { model: m, opt: popt })
+        } else {
+            None
+        };
+
         if let Some(dir) = &resume {
             state = checkpoint::load_state(dir, &mut opt)?;
+            if let Some(p) = &mut peer {
+                checkpoint::load_optimizer(&dir.join(checkpoint::PEER_DIR), &mut p.opt, state.optimizer_steps)?;
+            }
             if let Some(eta) = state.lcpo_noise_rate {
                 objective.params.lcpo_noise_rate = eta;
             }
@@ -505,6 +545,7 @@ impl Trainer {
             resumed_from: resume,
             stop_after_step: None,
             stats_options: cfg.stats_options(),
+            peer,
         })
     }
 
@@ -578,6 +619,9 @@ impl Trainer {
         let step = self.state.global_step;
         let lr = schedule::learning_rate(&cfg.lr_scheduler_type, cfg.learning_rate, step, self.total, self.warmup);
         self.opt.zero_grad();
+        if let Some(p) = &mut self.peer {
+            p.opt.zero_grad();
+        }
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0usize;
         for a in 0..accum {
@@ -593,7 +637,44 @@ impl Trainer {
                 self.state.clusters.as_ref(),
             )?;
             let out = self.objective.loss(&stats)?;
-            let loss = out.losses.mean_all()?;
+            let loss = match &mut self.peer {
+                None => out.losses.mean_all()?,
+                Some(peer) => {
+                    // CRM: each model learns only from the pairs its peer finds most confident
+                    let pstats = batch_stats(
+                        &peer.model,
+                        &Reference::None,
+                        Split::Train,
+                        &indices,
+                        &self.train_pairs,
+                        &self.stats_options,
+                        None,
+                    )?;
+                    let pout = self.objective.loss(&pstats)?;
+                    let margins = |st: &BatchStats| -> Result<Vec<f64>> {
+                        let p = st.pairs()?;
+                        Ok((&p.policy_chosen - &p.policy_rejected)?
+                            .detach()
+                            .to_dtype(DType::F64)?
+                            .to_vec1()?)
+                    };
+                    let keep = cfg.crm_keep_ratio;
+                    let (own, peer_m) = (margins(&stats)?, margins(&pstats)?);
+                    let mask_for_self = confident_mask(&peer_m, keep);
+                    let mask_for_peer = confident_mask(&own, keep);
+                    let masked_mean = |l: &candle_core::Tensor, m: &[f64]| -> Result<candle_core::Tensor> {
+                        let t = candle_core::Tensor::new(m, l.device())?.to_dtype(l.dtype())?;
+                        Ok(((l * t)?.sum_all()? / m.iter().sum::<f64>())?)
+                    };
+                    let ploss = masked_mean(&pout.losses, &mask_for_peer)?;
+                    let pgrads = (ploss / accum as f64)?.backward()?;
+                    peer.opt.accumulate(&pgrads)?;
+                    let dropped = |m: &[f64]| m.iter().filter(|&&x| x == 0.0).count() as f64;
+                    *metrics.entry("crm/filtered_for_model".into()).or_default() += dropped(&mask_for_self);
+                    *metrics.entry("crm/filtered_for_peer".into()).or_default() += dropped(&mask_for_peer);
+                    masked_mean(&out.losses, &mask_for_self)?
+                }
+            };
             *metrics.entry("loss".into()).or_default() += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;
             for (k, v) in out.metrics {
                 *metrics.entry(k).or_default() += v / accum as f64;
@@ -609,6 +690,10 @@ impl Trainer {
         }
         let grad_norm = self.opt.clip_grad_norm(self.cfg.max_grad_norm);
         self.opt.step(lr)?;
+        if let Some(p) = &mut self.peer {
+            p.opt.clip_grad_norm(self.cfg.max_grad_norm);
+            p.opt.step(lr)?;
+        }
         self.state.global_step += 1;
         if cfg.sync_ref_model && self.state.global_step.is_multiple_of(cfg.ref_model_sync_steps) {
             if let Reference::Model(r) = &self.reference {
@@ -713,10 +798,12 @@ impl Trainer {
                     }),
                     _ => None,
                 };
+                let peer = self.peer.as_ref().map(|p| (&p.model, &p.opt));
                 last_checkpoint = Some(checkpoint::save(
                     &out_dir,
                     &self.policy,
                     synced.as_ref(),
+                    peer,
                     &self.opt,
                     &self.state,
                     &self.cfg,
@@ -737,6 +824,9 @@ impl Trainer {
         pb.finish_and_clear();
         if !interrupted {
             crate::model::hf::save_dir(&self.policy, &out_dir)?;
+            if let Some(p) = &self.peer {
+                crate::model::hf::save_dir(&p.model, &out_dir.join(checkpoint::PEER_DIR))?;
+            }
         }
         Ok(TrainOutcome {
             steps_done: self.state.global_step,
