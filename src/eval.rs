@@ -7,6 +7,8 @@ use serde::Serialize;
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct EvalSummary {
     pub pairs: usize,
+    /// Scores came from an explicit reward model (not log-probs).
+    pub reward_model: bool,
     /// Fraction of pairs where β(log π − log π_ref) is higher for chosen (TRL's `rewards/accuracies`).
     pub reward_accuracy: Option<f64>,
     /// Mean of β(log π − log π_ref)(chosen) − (rejected) (TRL's `rewards/margins`).
@@ -47,6 +49,7 @@ pub fn summarize_rewards(rewards: &[(f64, f64)]) -> EvalSummary {
     let acc = rewards.iter().filter(|(c, r)| c > r).count() as f64 / n;
     EvalSummary {
         pairs: rewards.len(),
+        reward_model: true,
         reward_accuracy: Some(acc),
         reward_margin: Some(rewards.iter().map(|(c, r)| c - r).sum::<f64>() / n),
         dpo_loss: None,
@@ -103,6 +106,7 @@ pub fn summarize(
     }
     EvalSummary {
         pairs: policy.len(),
+        reward_model: false,
         reward_accuracy: acc,
         reward_margin: margin,
         dpo_loss: loss,

@@ -682,6 +682,13 @@ fn pct(x: f64) -> String {
 
 fn print_summary(s: &prefer::eval::EvalSummary, beta: f64, gen_acc: Option<f64>) {
     println!("pairs                          {}", s.pairs);
+    if s.reward_model {
+        if let (Some(a), Some(mg)) = (s.reward_accuracy, s.reward_margin) {
+            println!("reward accuracy (reward model) {}", pct(a));
+            println!("mean reward margin             {mg:.4}");
+        }
+        return;
+    }
     println!("ranking accuracy               {}", pct(s.ranking_accuracy));
     println!("ranking accuracy (per token)   {}", pct(s.ranking_accuracy_normalized));
     if let (Some(a), Some(mg)) = (s.reward_accuracy, s.reward_margin) {
