@@ -217,3 +217,16 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, quant: GgmlDType) -> Result<
 pub fn write_hf(model: &LoadedModel, dir: &Path) -> Result<()> {
     hf::save_dir(model, dir)
 }
+
+/// A fresh, empty scratch directory for a test: `$TMPDIR/prefer-<name>-<pid>`.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("prefer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create a scratch directory");
+    d
+}
+
+/// The largest absolute difference between two tensors of the same shape, as f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar()?)
+}

@@ -226,14 +226,7 @@ fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
         assert_eq!(g.transformer.cfg.tie_word_embeddings, spec.tie_embeddings);
         for ((n1, t1), (n2, t2)) in m.transformer.params().iter().zip(g.transformer.params()) {
             assert_eq!(n1, n2);
-            let d: f32 = (t1 - t2)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = prefer::testing::max_abs_diff(t1, t2).unwrap();
             assert_eq!(d, 0.0, "{n1} differs after GGUF round trip (Q/K permutation?)");
         }
         assert_close(
@@ -294,9 +287,7 @@ fn greedy_generation_is_deterministic() {
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("prefer-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    prefer::testing::scratch_dir(&format!("model-{name}"))
 }
 
 #[test]

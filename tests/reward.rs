@@ -7,10 +7,7 @@ use prefer::testing::{tiny_model, write_hf, TinySpec};
 use std::path::{Path, PathBuf};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prefer-reward-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    prefer::testing::scratch_dir(&format!("reward-{name}"))
 }
 
 #[test]

@@ -145,7 +145,7 @@ fn weights_scale_the_objective_losses() {
 #[test]
 fn reference_soup_averages_weights_and_sync_mixes_them() {
     prefer::util::set_threads_for_tests();
-    let dir = std::env::temp_dir().join(format!("prefer-stats-{}", std::process::id()));
+    let dir = prefer::testing::scratch_dir("stats");
     let a = tiny_model(&TinySpec::default(), DType::F32, 31).unwrap();
     let b = tiny_model(&TinySpec::default(), DType::F32, 32).unwrap();
     write_hf(&a, &dir.join("a")).unwrap();
@@ -159,14 +159,7 @@ fn reference_soup_averages_weights_and_sync_mixes_them() {
         .zip(b.transformer.params())
     {
         let want = ((x + y).unwrap() / 2.0).unwrap();
-        let d: f32 = (s - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = prefer::testing::max_abs_diff(s, &want).unwrap();
         assert!(d < 1e-6, "{n}");
     }
     let mixed = prefer::train::mix_into_reference(&a.transformer, &b.transformer, 0.6).unwrap();
@@ -177,14 +170,7 @@ fn reference_soup_averages_weights_and_sync_mixes_them() {
         .zip(b.transformer.params())
     {
         let want = ((p * 0.6).unwrap() + (r * 0.4).unwrap()).unwrap();
-        let d: f32 = (m - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = prefer::testing::max_abs_diff(m, &want).unwrap();
         assert!(d < 1e-6, "{n}");
     }
     // a soup of differently shaped models is refused
