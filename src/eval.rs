@@ -90,15 +90,7 @@ pub fn summarize(
         loss = Some(
             rewards
                 .iter()
-                .map(|(c, r)| {
-                    let z = c - r;
-                    // −log σ(z), stable
-                    if z > 0.0 {
-                        (-z).exp().ln_1p()
-                    } else {
-                        -z + z.exp().ln_1p()
-                    }
-                })
+                .map(|(c, r)| -crate::util::log_sigmoid(c - r))
                 .sum::<f64>()
                 / n,
         );
@@ -171,13 +163,7 @@ pub fn idealized_ranking_accuracy(reference: &[(f64, f64)], alphas: &[f64], beta
 /// π(y_w) > π(y_l) ⟺ L_DPO < −log σ(β log π_ref(y_l)/π_ref(y_w)). Small values mean hard pairs:
 /// the reference misranks them by a wide margin.
 pub fn flip_threshold_loss(ref_chosen: f64, ref_rejected: f64, beta: f64) -> f64 {
-    let z = beta * (ref_rejected - ref_chosen);
-    // −log σ(z), stable
-    if z > 0.0 {
-        (-z).exp().ln_1p()
-    } else {
-        -z + z.exp().ln_1p()
-    }
+    -crate::util::log_sigmoid(beta * (ref_rejected - ref_chosen))
 }
 
 /// Per-pair difficulty summary: how many pairs the reference misranks, and the mean loss

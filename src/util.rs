@@ -162,6 +162,15 @@ pub fn text_histogram(xs: &[usize], bins: usize, width: usize) -> String {
     s
 }
 
+/// `log σ(x)` in f64, stable for large |x| (the scalar twin of `objectives::log_sigmoid`).
+pub fn log_sigmoid(x: f64) -> f64 {
+    if x < 0.0 {
+        x - x.exp().ln_1p()
+    } else {
+        -(-x).exp().ln_1p()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

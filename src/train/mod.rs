@@ -566,12 +566,7 @@ impl Trainer {
             let a = e.meta.annotator.clone().unwrap_or_default();
             let row = ll.entry(a).or_insert_with(|| vec![0.0; k]);
             for (h, v) in row.iter_mut().enumerate() {
-                let z = s[0][h] - s[1][h];
-                *v += if z < 0.0 {
-                    z - z.exp().ln_1p()
-                } else {
-                    -(-z).exp().ln_1p()
-                };
+                *v += crate::util::log_sigmoid(s[0][h] - s[1][h]);
             }
         }
         let assign: BTreeMap<String, usize> = ll
