@@ -182,6 +182,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Compute reference log-probs once, cache them on disk and drop the reference model.",
     ),
     (
+        "padding_free",
+        "true",
+        "Pack a batch into one row without padding (each sequence attends only to itself). Same log-probs as padding; fewer tokens computed. TRL's option; its default there is false.",
+    ),
+    (
+        "share_prompt",
+        "true",
+        "Compute each prompt once for all its responses: [prompt, chosen, rejected] as one unit in which each response sees the prompt and itself. Same log-probs as separate sequences.",
+    ),
+    (
         "ref_log_probs_cache_dir",
         "\"~/.cache/prefer/ref_logps\"",
         "Where precomputed reference log-probs are cached (keyed by model and data hash).",
@@ -292,6 +302,8 @@ pub struct TrainConfig {
     pub max_prompt_length: usize,
     pub truncation_mode: TruncationMode,
     pub precompute_ref_log_probs: bool,
+    pub padding_free: bool,
+    pub share_prompt: bool,
     pub ref_log_probs_cache_dir: String,
     pub resume_from_checkpoint: Option<String>,
     pub reward_augmented: bool,
@@ -345,6 +357,8 @@ impl Default for TrainConfig {
             max_prompt_length: 512,
             truncation_mode: TruncationMode::KeepEnd,
             precompute_ref_log_probs: false,
+            padding_free: true,
+            share_prompt: true,
             ref_log_probs_cache_dir: "~/.cache/prefer/ref_logps".into(),
             resume_from_checkpoint: None,
             reward_augmented: false,
@@ -499,6 +513,11 @@ impl TrainConfig {
         crate::stats::StatsOptions {
             ld_alpha: self.ld_alpha,
             use_weighting: self.use_weighting,
+            layout: crate::model::Layout {
+                share_prompt: self.share_prompt,
+                padding_free: self.padding_free,
+                padding_side: crate::model::PaddingSide::Right,
+            },
         }
     }
 

@@ -10,8 +10,8 @@
 
 use crate::data::TokenizedExample;
 use crate::error::Result;
-use crate::model::logprobs::{segment_sums, sequence_logps_with};
-use crate::model::{PaddingSide, ScoredSeq, Transformer};
+use crate::model::logprobs::segment_sums;
+use crate::model::{group_sequence_logps, Layout, ScoredGroup, ScoredSeq, Transformer};
 use candle_core::{DType, Tensor};
 
 /// Options that change how sequence statistics are computed.
@@ -21,6 +21,8 @@ pub struct StatsOptions {
     pub ld_alpha: Option<f64>,
     /// WPO weights (policy only).
     pub use_weighting: bool,
+    /// How sequences are laid out for the forward pass (the values do not depend on it).
+    pub layout: Layout,
 }
 
 /// Summed completion log-probs of every response of a batch of examples.
@@ -52,10 +54,40 @@ pub fn example_sequences(examples: &[&TokenizedExample]) -> (Vec<ScoredSeq>, Vec
     (seqs, offsets)
 }
 
+/// Token positions one forward pass over `examples` computes under `layout` (padding included).
+pub fn forward_positions(examples: &[&TokenizedExample], layout: Layout) -> usize {
+    let units: Vec<usize> = examples
+        .iter()
+        .flat_map(|e| {
+            let p = e.prompt_ids.len();
+            if layout.share_prompt {
+                vec![p + e.responses.iter().map(Vec::len).sum::<usize>()]
+            } else {
+                e.responses.iter().map(|r| p + r.len()).collect()
+            }
+        })
+        .collect();
+    if layout.padding_free {
+        units.iter().sum()
+    } else {
+        units.len() * units.iter().copied().max().unwrap_or(0)
+    }
+}
+
 /// Summed log-probs of every response (differentiable), with the options applied.
 pub fn group_logps(model: &Transformer, examples: &[&TokenizedExample], opts: &StatsOptions) -> Result<GroupLogps> {
-    let (seqs, offsets) = example_sequences(examples);
-    let lp = sequence_logps_with(model, &seqs, PaddingSide::Right, opts.use_weighting)?;
+    let groups: Vec<ScoredGroup> = examples
+        .iter()
+        .map(|e| ScoredGroup {
+            prompt: &e.prompt_ids,
+            responses: &e.responses,
+        })
+        .collect();
+    let mut offsets = vec![0];
+    for e in examples {
+        offsets.push(offsets[offsets.len() - 1] + e.responses.len());
+    }
+    let lp = group_sequence_logps(model, &groups, opts.layout, opts.use_weighting)?;
     let tokens = lp.counts();
     let sums = match opts.ld_alpha {
         None => lp.sums.clone(),

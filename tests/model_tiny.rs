@@ -2,7 +2,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use prefer::model::{self, logprobs, PaddingSide, ScoredSeq, Transformer};
+use prefer::model::{self, logprobs, Layout, PaddingSide, ScoredGroup, ScoredSeq, Transformer};
 use prefer::testing::{tiny_model, write_gguf, write_hf, TinySpec};
 
 fn seqs() -> Vec<ScoredSeq> {
@@ -119,6 +119,73 @@ fn every_parameter_gets_a_gradient() {
                 "{}: zero or non-finite gradient for {name}",
                 spec.model_type
             );
+        }
+    }
+}
+
+/// Prompts with one, two and three responses of different lengths.
+fn groups() -> Vec<(Vec<u32>, Vec<Vec<u32>>)> {
+    vec![
+        (vec![5, 9, 17], vec![vec![200, 33, 2], vec![41, 2]]),
+        (vec![7], vec![vec![8, 100, 2]]),
+        (
+            vec![11, 12, 13, 14, 15, 16],
+            vec![vec![17, 18, 19, 2], vec![3, 2], vec![250, 251, 252, 253, 254, 2]],
+        ),
+    ]
+}
+
+/// Token log-probs and the gradient of a weighted sum of the sequence log-probs, flattened.
+fn logps_and_grads(m: &model::LoadedModel, layout: Layout) -> (Vec<f64>, Vec<f64>) {
+    let (tm, vars) = m.clone().into_trainable().unwrap();
+    let g = groups();
+    let groups: Vec<ScoredGroup> = g
+        .iter()
+        .map(|(p, r)| ScoredGroup {
+            prompt: p,
+            responses: r,
+        })
+        .collect();
+    let lp = model::group_sequence_logps(&tm.transformer, &groups, layout, false).unwrap();
+    let dt = lp.sums.dtype();
+    let w: Vec<f64> = (0..lp.sums.dim(0).unwrap()).map(|i| 0.3 + 0.5 * i as f64).collect();
+    let w = Tensor::new(w, &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+    let grads = (&lp.sums * w).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut flat = Vec::new();
+    for (_, v) in &vars {
+        let g = grads.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+        flat.extend(g.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+    }
+    let tok = lp.token_logps.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+    (tok, flat)
+}
+
+/// Shared-prompt and padding-free layouts compute exactly what separate padded sequences do:
+/// the same token log-probs and the same parameter gradients (f64: to rounding; f32: 1e-5).
+#[test]
+fn every_layout_gives_the_same_logps_and_gradients() {
+    prefer::util::set_threads_for_tests();
+    for spec in variants() {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let m = tiny_model(&spec, dtype, 5).unwrap();
+            let (want_lp, want_g) = logps_and_grads(&m, Layout::PADDED);
+            let gmax = want_g.iter().fold(0f64, |a, x| a.max(x.abs()));
+            assert!(gmax > 1e-3, "gradients too small to compare: {gmax}");
+            for share_prompt in [false, true] {
+                for padding_free in [false, true] {
+                    for padding_side in [PaddingSide::Left, PaddingSide::Right] {
+                        let layout = Layout {
+                            share_prompt,
+                            padding_free,
+                            padding_side,
+                        };
+                        let (lp, g) = logps_and_grads(&m, layout);
+                        let what = format!("{} {dtype:?} {layout:?}", spec.model_type);
+                        assert_close(&lp, &want_lp, tol, &format!("{what} log-probs"));
+                        assert_close(&g, &want_g, tol * gmax.max(1.0), &format!("{what} gradients"));
+                    }
+                }
+            }
         }
     }
 }

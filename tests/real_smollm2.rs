@@ -86,3 +86,49 @@ fn smollm2_tokenizer_ids_are_pinned() {
     assert_eq!(pieces, vec!["is", "ĠĠĠ", "6", "9", "1", "2", "."]);
     assert_eq!((tok.eos_id, tok.eos_token.as_str(), tok.pad_id), (2, "<|im_end|>", 2));
 }
+
+/// On real HH pairs, the shared-prompt packed layout gives the padded layout's log-probs: every
+/// token to 1e-4 and every sequence sum to 1e-3 (f32, ~100-200 tokens each), and so the same
+/// DPO loss.
+#[test]
+fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
+    use prefer::data::{load_tokenized_examples, TokenizeOptions};
+    use prefer::model::{group_sequence_logps, Layout, ScoredGroup};
+    prefer::util::set_threads_for_tests();
+    let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
+    let dir = prefer::testing::scratch_dir("packed-hh");
+    let hh = prefer::paths::shared_dir()
+        .unwrap()
+        .join("data/hh-rlhf-harmless-base/pairs.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(hh)
+        .unwrap()
+        .lines()
+        .take(4)
+        .map(String::from)
+        .collect();
+    let file = dir.join("pairs.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let opts = TokenizeOptions {
+        max_length: Some(256),
+        max_prompt_length: Some(128),
+        ..TokenizeOptions::default()
+    };
+    let (ex, _) = load_tokenized_examples(&file, &m.tokenizer, &opts, true).unwrap();
+    assert!(ex.len() >= 3);
+    let groups: Vec<ScoredGroup> = ex
+        .iter()
+        .map(|e| ScoredGroup {
+            prompt: &e.prompt_ids,
+            responses: &e.responses,
+        })
+        .collect();
+    let run = |layout| group_sequence_logps(&m.transformer, &groups, layout, false).unwrap();
+    let (padded, packed) = (run(Layout::PADDED), run(Layout::PACKED));
+    let dt = prefer::testing::max_abs_diff(&padded.token_logps, &packed.token_logps).unwrap();
+    let ds = prefer::testing::max_abs_diff(&padded.sums, &packed.sums).unwrap();
+    eprintln!("max |Δ| token log-prob {dt:e}, sequence log-prob {ds:e}");
+    assert!(dt < 1e-4, "token log-probs differ by {dt}");
+    assert!(ds < 2e-4, "sequence log-probs differ by {ds}");
+    let sums: Vec<f32> = padded.sums.to_vec1().unwrap();
+    assert!(sums.iter().all(|x| *x < -1.0), "sums {sums:?}");
+}

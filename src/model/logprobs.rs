@@ -45,6 +45,49 @@ impl SeqLogps {
     }
 }
 
+/// How the sequences of a batch are laid out for the forward pass. Every layout gives the same
+/// log-probs (to float rounding; tested); they differ in how many token positions are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Lay out a prompt and all its responses as one unit `[prompt, r1, r2, ...]`, in which
+    /// each response attends to the prompt and to itself only, with positions restarting after
+    /// the prompt. The prompt is computed once instead of once per response.
+    pub share_prompt: bool,
+    /// Concatenate all units into one row (each attending only within itself) instead of
+    /// padding every unit to the longest one.
+    pub padding_free: bool,
+    /// Side of the padding when not padding-free.
+    pub padding_side: PaddingSide,
+}
+
+impl Layout {
+    /// One padded row per sequence: the layout of TRL and transformers.
+    pub const PADDED: Layout = Layout {
+        share_prompt: false,
+        padding_free: false,
+        padding_side: PaddingSide::Right,
+    };
+    /// Shared prompts, packed without padding: the fastest exact layout.
+    pub const PACKED: Layout = Layout {
+        share_prompt: true,
+        padding_free: true,
+        padding_side: PaddingSide::Right,
+    };
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout::PACKED
+    }
+}
+
+/// A prompt and the responses scored after it.
+#[derive(Clone, Copy, Debug)]
+pub struct ScoredGroup<'a> {
+    pub prompt: &'a [u32],
+    pub responses: &'a [Vec<u32>],
+}
+
 /// Score `seqs` in one padded forward pass. Differentiable in the model's parameters.
 pub fn sequence_logps(model: &Transformer, seqs: &[ScoredSeq], side: PaddingSide) -> Result<SeqLogps> {
     sequence_logps_with(model, seqs, side, false)
@@ -57,45 +100,146 @@ pub fn sequence_logps_with(
     side: PaddingSide,
     with_sum_sq: bool,
 ) -> Result<SeqLogps> {
-    if seqs.is_empty() {
+    let responses: Vec<Vec<Vec<u32>>> = seqs
+        .iter()
+        .map(|s| vec![s.ids.get(s.completion_start..).unwrap_or(&[]).to_vec()])
+        .collect();
+    let groups: Vec<ScoredGroup> = seqs
+        .iter()
+        .zip(&responses)
+        .map(|(s, r)| ScoredGroup {
+            prompt: &s.ids[..s.completion_start.min(s.ids.len())],
+            responses: r,
+        })
+        .collect();
+    let layout = Layout {
+        padding_side: side,
+        ..Layout::PADDED
+    };
+    group_sequence_logps(model, &groups, layout, with_sum_sq)
+}
+
+/// One attention unit of a layout: token ids, positions, and the segment of each token
+/// (0 = prompt, k = response k).
+struct Unit {
+    ids: Vec<u32>,
+    positions: Vec<usize>,
+    segment: Vec<usize>,
+}
+
+impl Unit {
+    /// Causal attention in which a response token sees the prompt and its own response.
+    fn allowed(&self, i: usize, j: usize) -> bool {
+        j <= i && (self.segment[j] == 0 || self.segment[j] == self.segment[i])
+    }
+}
+
+/// Log-probs of every response of every group, responses in order, group after group, in one
+/// forward pass with the given layout. Differentiable in the model's parameters.
+pub fn group_sequence_logps(
+    model: &Transformer,
+    groups: &[ScoredGroup],
+    layout: Layout,
+    with_sum_sq: bool,
+) -> Result<SeqLogps> {
+    if groups.is_empty() {
         return Err(Error::msg("sequence_logps: empty batch"));
     }
-    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    let dev = model.device();
-    let mut ids = Vec::with_capacity(seqs.len() * t);
-    let mut valid = Vec::with_capacity(seqs.len());
-    let mut rows = Vec::new(); // flat index of the hidden row that predicts each scored token
+    // Units, and for each scored token the (unit, index in unit) of the position predicting it.
+    let mut units: Vec<Unit> = Vec::new();
+    let mut scored: Vec<(usize, usize)> = Vec::new();
     let mut targets = Vec::new();
     let mut offsets = vec![0usize];
-    for (b, s) in seqs.iter().enumerate() {
-        if s.completion_start == 0 || s.completion_start > s.ids.len() {
-            return Err(Error::msg(format!(
-                "sequence {b}: completion_start {} must be in 1..={} (the first token has no logits to score it)",
-                s.completion_start,
-                s.ids.len()
-            )));
+    let mut seq = 0;
+    for g in groups {
+        let p = g.prompt.len();
+        for r in g.responses {
+            if p == 0 || r.is_empty() {
+                return Err(Error::msg(format!(
+                    "sequence {seq}: completion_start {p} must be in 1..={} (the first token has no logits to score it)",
+                    p + r.len()
+                )));
+            }
+            seq += 1;
         }
-        let pad = t - s.ids.len();
-        let shift = if side == PaddingSide::Left { pad } else { 0 };
-        let mut row_valid = vec![false; t];
-        let mut row_ids = vec![0u32; t];
-        for (i, &id) in s.ids.iter().enumerate() {
-            row_ids[shift + i] = id;
-            row_valid[shift + i] = true;
+        let per_unit: Vec<&[Vec<u32>]> = if layout.share_prompt {
+            vec![g.responses]
+        } else {
+            g.responses.chunks(1).collect()
+        };
+        for rs in per_unit {
+            let mut u = Unit {
+                ids: g.prompt.to_vec(),
+                positions: (0..p).collect(),
+                segment: vec![0; p],
+            };
+            for (k, r) in rs.iter().enumerate() {
+                let start = u.ids.len();
+                for (t, &id) in r.iter().enumerate() {
+                    scored.push((units.len(), if t == 0 { p - 1 } else { start + t - 1 }));
+                    targets.push(id);
+                    u.ids.push(id);
+                    u.positions.push(p + t);
+                    u.segment.push(k + 1);
+                }
+                offsets.push(targets.len());
+            }
+            units.push(u);
         }
-        for i in s.completion_start..s.ids.len() {
-            rows.push((b * t + shift + i - 1) as u32);
-            targets.push(s.ids[i]);
-        }
-        offsets.push(targets.len());
-        ids.extend(row_ids);
-        valid.push(row_valid);
     }
     let cfg = &model.cfg;
-    let input = Tensor::from_vec(ids, (seqs.len(), t), dev)?;
-    let attn = AttentionInputs::padded(cfg, &valid, model.dtype(), dev)?;
+    let dev = model.device();
+    let (input, attn, rows) = if layout.padding_free {
+        let mut starts = Vec::with_capacity(units.len());
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for u in &units {
+            starts.push(ids.len());
+            ids.extend_from_slice(&u.ids);
+            positions.extend_from_slice(&u.positions);
+        }
+        let preds: Vec<Box<dyn Fn(usize, usize) -> bool + '_>> = units
+            .iter()
+            .map(|u| Box::new(move |i, j| u.allowed(i, j)) as Box<dyn Fn(usize, usize) -> bool>)
+            .collect();
+        let blocks: Vec<(usize, &dyn Fn(usize, usize) -> bool)> = units
+            .iter()
+            .zip(&preds)
+            .map(|(u, f)| (u.ids.len(), f.as_ref()))
+            .collect();
+        let attn = AttentionInputs::packed(cfg, &positions, &blocks, model.dtype(), dev)?;
+        let rows: Vec<u32> = scored.iter().map(|&(u, i)| (starts[u] + i) as u32).collect();
+        let n = ids.len();
+        (Tensor::from_vec(ids, (1, n), dev)?, attn, rows)
+    } else {
+        let t = units.iter().map(|u| u.ids.len()).max().unwrap_or(0);
+        let shift = |u: &Unit| match layout.padding_side {
+            PaddingSide::Left => t - u.ids.len(),
+            PaddingSide::Right => 0,
+        };
+        let mut ids = vec![0u32; units.len() * t];
+        let mut positions = vec![vec![0usize; t]; units.len()];
+        for (b, u) in units.iter().enumerate() {
+            let s = shift(u);
+            ids[b * t + s..b * t + s + u.ids.len()].copy_from_slice(&u.ids);
+            positions[b][s..s + u.ids.len()].copy_from_slice(&u.positions);
+        }
+        let allowed = |b: usize, i: usize, j: usize| {
+            let u = &units[b];
+            let s = shift(u);
+            let real = |x: usize| x >= s && x < s + u.ids.len();
+            i == j || real(i) && real(j) && u.allowed(i - s, j - s)
+        };
+        let attn = AttentionInputs::new(cfg, &positions, allowed, model.dtype(), dev)?;
+        let rows: Vec<u32> = scored
+            .iter()
+            .map(|&(u, i)| (u * t + shift(&units[u]) + i) as u32)
+            .collect();
+        (Tensor::from_vec(ids, (units.len(), t), dev)?, attn, rows)
+    };
     let hidden = model.hidden_states(&input, &attn)?;
-    let hidden = hidden.reshape((seqs.len() * t, cfg.hidden_size))?;
+    let (b, t) = input.dims2()?;
+    let hidden = hidden.reshape((b * t, cfg.hidden_size))?;
     let (token_logps, log_sum_sq) = gather_logps_with(model, &hidden, &rows, &targets, with_sum_sq)?;
     let sums = segment_sums(&token_logps, &offsets)?;
     Ok(SeqLogps {

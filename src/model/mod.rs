@@ -7,7 +7,7 @@ pub mod logprobs;
 pub mod transformer;
 
 pub use config::ModelConfig;
-pub use logprobs::{sequence_logps, PaddingSide, ScoredSeq, SeqLogps};
+pub use logprobs::{group_sequence_logps, sequence_logps, Layout, PaddingSide, ScoredGroup, ScoredSeq, SeqLogps};
 pub use transformer::{AttentionInputs, Transformer};
 
 use crate::error::{Error, Result};

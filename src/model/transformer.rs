@@ -88,14 +88,70 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
-/// Positions and attention mask for one forward pass.
+/// Positions and attention pattern for one forward pass over a `[B, T]` batch.
+///
+/// Attention is computed block by block: the tokens of a block attend only to tokens of the
+/// same block (and row), as its mask allows. A padded batch is one block spanning all of `T`;
+/// a padding-free (packed) row holds one block per packed unit, so no work is spent on pairs
+/// of tokens that may not see each other.
 #[derive(Clone, Debug)]
 pub struct AttentionInputs {
     /// `[B, 1, T, D]` cos and sin of the rotary embedding at each token's position.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// `[B, 1, T, T]` additive mask: 0 where query i may attend key j, a large negative elsewhere.
+    /// Blocks in order; together they cover `0..T` without overlap.
+    pub blocks: Vec<AttentionBlock>,
+}
+
+/// Tokens `start..start + len` of every row, with their `[B, 1, len, len]` additive mask:
+/// 0 where query i may attend key j, a large negative elsewhere.
+#[derive(Clone, Debug)]
+pub struct AttentionBlock {
+    pub start: usize,
+    pub len: usize,
     pub mask: Tensor,
+}
+
+/// Cos and sin tables `[B, 1, T, D]` for per-row token positions.
+fn rope_tables(cfg: &ModelConfig, positions: &[Vec<usize>], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let b = positions.len();
+    let t = positions.first().map_or(0, Vec::len);
+    let inv = cfg.rope_inv_freq();
+    let d = cfg.head_dim;
+    let mut cos = Vec::with_capacity(b * t * d);
+    let mut sin = Vec::with_capacity(b * t * d);
+    for row in positions {
+        for &p in row {
+            for _half in 0..2 {
+                for f in &inv {
+                    let a = p as f64 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+    }
+    let mk = |v: Vec<f64>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (b, 1, t, d), device)?.to_dtype(dtype)?) };
+    Ok((mk(cos)?, mk(sin)?))
+}
+
+/// `[B, 1, len, len]` additive mask from `allowed(row, query, key)`.
+fn mask_tensor(
+    rows: usize,
+    len: usize,
+    allowed: impl Fn(usize, usize, usize) -> bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(rows * len * len);
+    for bi in 0..rows {
+        for i in 0..len {
+            for j in 0..len {
+                mask.push(if allowed(bi, i, j) { 0f32 } else { -1e9 });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(mask, (rows, 1, len, len), device)?.to_dtype(dtype)?)
 }
 
 impl AttentionInputs {
@@ -128,8 +184,9 @@ impl AttentionInputs {
         )
     }
 
-    /// General form: per-row positions and a predicate `allowed(b, query, key)`. A query row
-    /// must allow at least itself (padding rows do) so no softmax row is empty.
+    /// One block over the whole batch: per-row positions and a predicate
+    /// `allowed(b, query, key)`. A query row must allow at least itself (padding rows do) so no
+    /// softmax row is empty.
     pub fn new(
         cfg: &ModelConfig,
         positions: &[Vec<usize>],
@@ -137,51 +194,82 @@ impl AttentionInputs {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
-        let inv = cfg.rope_inv_freq();
-        let d = cfg.head_dim;
-        let mut cos = Vec::with_capacity(b * t * d);
-        let mut sin = Vec::with_capacity(b * t * d);
-        for row in positions {
-            for &p in row {
-                for _half in 0..2 {
-                    for f in &inv {
-                        let a = p as f64 * f;
-                        cos.push(a.cos());
-                        sin.push(a.sin());
-                    }
-                }
-            }
-        }
-        let mut mask = Vec::with_capacity(b * t * t);
-        for bi in 0..b {
-            for i in 0..t {
-                for j in 0..t {
-                    mask.push(if allowed(bi, i, j) { 0.0 } else { -1e9 });
-                }
-            }
-        }
-        let mk = |v: Vec<f64>, shape: (usize, usize, usize, usize)| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
-        };
+        let (cos, sin) = rope_tables(cfg, positions, dtype, device)?;
+        let mask = mask_tensor(positions.len(), t, allowed, dtype, device)?;
         Ok(AttentionInputs {
-            cos: mk(cos, (b, 1, t, d))?,
-            sin: mk(sin, (b, 1, t, d))?,
-            mask: mk(mask, (b, 1, t, t))?,
+            cos,
+            sin,
+            blocks: vec![AttentionBlock { start: 0, len: t, mask }],
         })
+    }
+
+    /// A single row made of consecutive blocks (padding-free packing). `positions` covers the
+    /// whole row; `blocks[k]` is `(len, allowed(query, key))` with indices local to the block.
+    pub fn packed(
+        cfg: &ModelConfig,
+        positions: &[usize],
+        blocks: &[(usize, &dyn Fn(usize, usize) -> bool)],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let total: usize = blocks.iter().map(|b| b.0).sum();
+        if total != positions.len() {
+            return Err(Error::msg(format!(
+                "packed attention: blocks cover {total} tokens but the row has {}",
+                positions.len()
+            )));
+        }
+        let (cos, sin) = rope_tables(cfg, &[positions.to_vec()], dtype, device)?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(blocks.len());
+        for &(len, allowed) in blocks {
+            let mask = mask_tensor(1, len, |_, i, j| allowed(i, j), dtype, device)?;
+            out.push(AttentionBlock { start, len, mask });
+            start += len;
+        }
+        Ok(AttentionInputs { cos, sin, blocks: out })
     }
 }
 
 impl Attention {
     fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let t = x.dim(1)?;
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let out = match a.blocks.as_slice() {
+            [blk] if blk.start == 0 && blk.len == t => self.attend(&q, &k, &v, &a.cos, &a.sin, &blk.mask)?,
+            blocks => {
+                let mut outs = Vec::with_capacity(blocks.len());
+                for blk in blocks {
+                    let part = |z: &Tensor, dim: usize| z.narrow(dim, blk.start, blk.len);
+                    outs.push(self.attend(
+                        &part(&q, 1)?,
+                        &part(&k, 1)?,
+                        &part(&v, 1)?,
+                        &part(&a.cos, 2)?,
+                        &part(&a.sin, 2)?,
+                        &blk.mask,
+                    )?);
+                }
+                Tensor::cat(&outs, 1)?
+            }
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// Attention of one block: projected `q, k, v` `[B, L, heads * D]` to `[B, L, H * D]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads =
-            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = apply_rope(&heads(self.q_proj.forward(x)?, h)?, &a.cos, &a.sin)?;
-        let k = apply_rope(&heads(self.k_proj.forward(x)?, kvh)?, &a.cos, &a.sin)?;
-        let v = heads(self.v_proj.forward(x)?, kvh)?;
+            |y: &Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let q = apply_rope(&heads(q, h)?, cos, sin)?;
+        let k = apply_rope(&heads(k, kvh)?, cos, sin)?;
+        let v = heads(v, kvh)?;
         let (k, v) = if h == kvh {
             (k, v)
         } else {
@@ -190,9 +278,8 @@ impl Attention {
             (repeat(k)?, repeat(v)?)
         };
         let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-        let probs = softmax_last(&scores.broadcast_add(&a.mask)?)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o_proj.forward(&out)
+        let probs = softmax_last(&scores.broadcast_add(mask)?)?;
+        Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
     }
 }
 

@@ -318,7 +318,11 @@ pub fn confident_mask(margins: &[f64], keep: f64) -> Vec<f64> {
 #[derive(Debug, Clone)]
 pub struct StepReport {
     pub metrics: BTreeMap<String, f64>,
+    /// Tokens of the step's sequences, each prompt counted once per response (TRL's count).
     pub tokens: usize,
+    /// Token positions the policy's forward pass computed under the configured layout
+    /// (fewer than `tokens` with shared prompts; more with padding).
+    pub positions: usize,
     pub seconds: f64,
     pub grad_norm: f64,
     pub lr: f64,
@@ -619,9 +623,12 @@ impl Trainer {
         }
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0usize;
+        let mut positions = 0usize;
         for a in 0..accum {
             let indices = self.order.micro_batch(step * accum + a);
             tokens += indices.iter().map(|&i| self.train_pairs[i].num_tokens()).sum::<usize>();
+            let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &self.train_pairs[i]).collect();
+            positions += crate::stats::forward_positions(&batch, self.stats_options.layout);
             let stats = batch_stats(
                 &self.policy,
                 &self.reference,
@@ -709,6 +716,7 @@ impl Trainer {
         Ok(StepReport {
             metrics,
             tokens,
+            positions,
             seconds,
             grad_norm,
             lr,
