@@ -27,9 +27,69 @@ pub struct DpoBenchArgs {
     /// Use precomputed (cached) reference log-probs instead of a live reference model.
     #[arg(long)]
     pub precompute_ref_log_probs: bool,
+    /// Pad every sequence separately instead of sharing the prompt between chosen and rejected.
+    #[arg(long)]
+    pub no_share_prompt: bool,
+    /// Pad each batch to its longest row instead of packing it into one row.
+    #[arg(long)]
+    pub no_padding_free: bool,
+    /// Instead of the HH pairs as they are, pairs whose every sequence is about N tokens (72 %
+    /// prompt, as on HH), cut from the HH text: for measuring how cost grows with length.
+    #[arg(long, value_name = "N")]
+    pub synthetic_length: Option<usize>,
+    /// Use candle primitive ops instead of the fused RMSNorm/RoPE/softmax/SwiGLU kernels.
+    #[arg(long)]
+    pub no_fused_kernels: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Figures to compare against: a JSON object or JSON lines, each with at least
+    /// `s_per_step_median` (and optionally `peak_rss_gib`, `reference`, `dtype`, `batch_pairs`,
+    /// `max_length`, `name`). The record whose configuration matches this run is used; the
+    /// output of `--json` is such a record. benches/trl-1.16-2vcpu.jsonl holds TRL's figures.
+    #[arg(long)]
+    pub compare_file: Option<String>,
+}
+
+/// The record of `file` that matches this run's configuration (fields absent from a record
+/// match anything).
+fn comparison_record(file: &str, run: &serde_json::Value) -> Result<serde_json::Value> {
+    let path = std::path::Path::new(file);
+    let text = crate::util::read_to_string(path)?;
+    let mut records = Vec::new();
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v @ serde_json::Value::Object(_)) => records.push((1, v)),
+        _ => {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() || line.trim_start().starts_with("//") {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| Error::msg(format!("{file}:{}: not a JSON object: {e}", i + 1)))?;
+                records.push((i + 1, v));
+            }
+        }
+    }
+    let keys = ["reference", "dtype", "batch_pairs", "max_length"];
+    let matches = |r: &serde_json::Value| keys.iter().all(|k| r.get(k).is_none_or(|v| Some(v) == run.get(k)));
+    for (line, r) in records {
+        if !r.is_object() {
+            return Err(Error::msg(format!("{file}:{line}: expected a JSON object")));
+        }
+        if r.get("s_per_step_median").and_then(|v| v.as_f64()).is_none() {
+            return Err(Error::msg(format!(
+                "{file}:{line}: field `s_per_step_median` (a number) is missing"
+            )));
+        }
+        if matches(&r) {
+            return Ok(r);
+        }
+    }
+    let want: Vec<String> = keys.iter().map(|k| format!("{k} = {}", run[k])).collect();
+    Err(Error::msg(format!(
+        "{file}: no record matches this run ({}); add one or change the run's options",
+        want.join(", ")
+    )))
 }
 
 /// Best-of-3 GFLOP/s of an f32 `[m,k] x [k,n]` matmul.
@@ -46,6 +106,46 @@ pub fn matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+/// `count` pairs in the standard format whose prompt is ~72 % and each response ~28 % of `n`
+/// tokens, cut from consecutive stretches of the text of `jsonl`; returns them and the prompt
+/// length.
+fn synthetic_pairs(
+    jsonl: &str,
+    tok: &crate::tokenizer::TextTokenizer,
+    n: usize,
+    count: usize,
+) -> Result<(String, usize)> {
+    let p = n * 72 / 100;
+    let c = n - p;
+    let need = count * (p + 2 * c);
+    let mut ids = Vec::new();
+    for line in jsonl.lines() {
+        if ids.len() >= need {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::msg(format!("bench data: {e}")))?;
+        if let Some(t) = v.get("chosen").and_then(|x| x.as_str()) {
+            ids.extend(tok.encode(t, false)?);
+        }
+    }
+    if ids.len() < need {
+        return Err(Error::msg(format!(
+            "not enough text for {count} synthetic pairs of {n} tokens"
+        )));
+    }
+    let mut rows = Vec::with_capacity(count);
+    for (k, w) in ids.chunks(p + 2 * c).take(count).enumerate() {
+        let text = |a: usize, b: usize| tok.decode(&w[a..b], true);
+        let row = serde_json::json!({
+            "prompt": format!("{k}. {}", text(0, p)?),
+            "chosen": text(p, p + c)?,
+            "rejected": text(p + c, p + 2 * c)?,
+        });
+        rows.push(row.to_string());
+    }
+    Ok((rows.join("\n"), p))
 }
 
 pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
@@ -71,17 +171,26 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     // precomputed reference costs one pass over them, not over the whole file.
     let need = (args.steps + 1) * args.batch_size;
     let text = crate::util::read_to_string(std::path::Path::new(&data))?;
-    let subset: Vec<&str> = text.lines().take(need + 16).collect();
     let data_subset = out.join("pairs.jsonl");
-    std::fs::write(&data_subset, subset.join("\n")).map_err(|e| Error::io(&data_subset, e))?;
+    let (mut max_length, mut max_prompt_length) = (args.max_length, args.max_prompt_length);
+    let subset = match args.synthetic_length {
+        None => text.lines().take(need + 16).collect::<Vec<_>>().join("\n"),
+        Some(n) => {
+            let tok = crate::model::load_tokenizer(std::path::Path::new(&model))?;
+            let (rows, p) = synthetic_pairs(&text, &tok, n, need + 4)?;
+            (max_length, max_prompt_length) = (n + 32, p + 16);
+            rows
+        }
+    };
+    std::fs::write(&data_subset, subset).map_err(|e| Error::io(&data_subset, e))?;
     let cfg = TrainConfig {
         model_name_or_path: model.clone(),
         train_file: data_subset.display().to_string(),
         output_dir: out.display().to_string(),
         per_device_train_batch_size: args.batch_size,
         per_device_eval_batch_size: args.batch_size,
-        max_length: args.max_length,
-        max_prompt_length: args.max_prompt_length,
+        max_length,
+        max_prompt_length,
         max_steps: (args.steps + 1) as i64,
         learning_rate: 1e-6,
         shuffle: false,
@@ -89,6 +198,9 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         precompute_ref_log_probs: args.precompute_ref_log_probs,
         ref_log_probs_cache_dir: out.join("cache").display().to_string(),
         disable_tqdm: true,
+        share_prompt: !args.no_share_prompt,
+        padding_free: !args.no_padding_free,
+        fused_kernels: !args.no_fused_kernels,
         ..TrainConfig::default()
     };
     cfg.validate()?;
@@ -99,16 +211,23 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     eprintln!("warm-up step: {:.2} s, loss {:.4}", warm.seconds, warm.metrics["loss"]);
     let mut secs = Vec::new();
     let mut tokens = 0usize;
+    let mut positions = 0usize;
+    let mut phase_secs: std::collections::BTreeMap<&str, f64> = Default::default();
     let mut first_loss = None;
     for i in 0..args.steps {
         let r = tr.step()?;
         eprintln!(
-            "step {}: {:.2} s, {} tokens, loss {:.6}",
+            "step {}: {:.2} s, {} tokens ({} computed), loss {:.6}",
             i + 1,
             r.seconds,
             r.tokens,
+            r.positions,
             r.metrics["loss"]
         );
+        positions += r.positions;
+        for (k, v) in &r.phases {
+            *phase_secs.entry(*k).or_insert(0.0) += v;
+        }
         first_loss.get_or_insert(r.metrics["loss"]);
         secs.push(r.seconds);
         tokens += r.tokens;
@@ -118,21 +237,30 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
     let live_ref = !args.precompute_ref_log_probs;
-    let flops = (6.0 + if live_ref { 2.0 } else { 0.0 }) * params * tokens as f64;
-    let achieved = flops / total / 1e9;
+    // 6·N per trained token (forward + backward), 2·N per reference token.
+    let per_token = (6.0 + if live_ref { 2.0 } else { 0.0 }) * params;
+    let equivalent = per_token * tokens as f64 / total / 1e9;
+    let achieved = per_token * positions as f64 / total / 1e9;
     let peak = crate::util::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     let mm_big = matmul_gflops(2048, 2048, 2048)?;
     let h = tr.policy.transformer.cfg.hidden_size;
     let mm_model = matmul_gflops(512, h, tr.policy.transformer.cfg.intermediate_size)?;
     let _ = std::fs::remove_dir_all(&out);
     let v = serde_json::json!({
-        "model": model, "threads": threads, "batch_pairs": args.batch_size, "max_length": args.max_length,
+        "model": model, "threads": threads, "batch_pairs": args.batch_size, "max_length": args.max_length, "synthetic_length": args.synthetic_length,
         "reference": if live_ref { "live" } else { "precomputed" },
         "s_per_step_median": median, "tokens_per_second": tokens as f64 / total,
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
-        "peak_rss_gib": peak, "gflops_achieved": achieved,
+        "dtype": "f32", "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
+        "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
+        "computed_positions_per_second": positions as f64 / total,
+        "phase_seconds_per_step": phase_secs.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v / args.steps as f64))).collect::<serde_json::Map<_, _>>(),
         "matmul_gflops_2048": mm_big, "matmul_gflops_model_shape": mm_model,
     });
+    let compare = match &args.compare_file {
+        Some(f) => Some(comparison_record(f, &v)?),
+        None => None,
+    };
     if args.json {
         println!("{v}");
     } else {
@@ -150,14 +278,39 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
             (args.steps * args.batch_size) as f64 / total
         );
         println!("  peak RSS                     {peak:.2} GiB");
+        let phases: Vec<String> = phase_secs
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2}", v / args.steps as f64))
+            .collect();
+        println!("  s/step by phase (mean)       {}", phases.join(", "));
         println!(
-            "  achieved GFLOP/s             {achieved:.1}  ((6{}) x params x tokens / time)",
+            "  computed positions / s       {:.0}  (share_prompt {}, padding_free {}, fused_kernels {})",
+            positions as f64 / total,
+            !args.no_share_prompt,
+            !args.no_padding_free,
+            !args.no_fused_kernels
+        );
+        println!(
+            "  achieved GFLOP/s             {achieved:.1}  ((6{}) x params x computed positions / time)",
             if live_ref { "+2" } else { "" }
         );
+        println!("  TRL-equivalent GFLOP/s       {equivalent:.1}  (the same, counting every token TRL computes)");
         println!(
             "  machine f32 matmul GFLOP/s   {mm_big:.1} (2048^3), {mm_model:.1} (512x{h}x{})",
             tr.policy.transformer.cfg.intermediate_size
         );
+    }
+    if let Some(c) = compare {
+        let name = c.get("name").and_then(|n| n.as_str()).unwrap_or("compared");
+        let theirs = c["s_per_step_median"].as_f64().unwrap_or(f64::NAN);
+        println!("vs {name}: {theirs:.2} s/step");
+        println!("  speed-up (their s/step / ours)   {:.2}x", theirs / median);
+        if let Some(rss) = c.get("peak_rss_gib").and_then(|x| x.as_f64()) {
+            println!(
+                "  memory (our peak RSS / theirs)   {:.2}  ({peak:.2} vs {rss:.2} GiB)",
+                peak / rss
+            );
+        }
     }
     Ok(())
 }

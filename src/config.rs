@@ -187,6 +187,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Pack a batch into one row without padding (each sequence attends only to itself). Same log-probs as padding; fewer tokens computed. TRL's option; its default there is false.",
     ),
     (
+        "fused_kernels",
+        "true",
+        "Fused CPU kernels (RMSNorm, RoPE, attention softmax, SwiGLU) with their own backward; false = candle primitive ops. Same values either way.",
+    ),
+    (
         "share_prompt",
         "true",
         "Compute each prompt once for all its responses: [prompt, chosen, rejected] as one unit in which each response sees the prompt and itself. Same log-probs as separate sequences.",
@@ -304,6 +309,7 @@ pub struct TrainConfig {
     pub precompute_ref_log_probs: bool,
     pub padding_free: bool,
     pub share_prompt: bool,
+    pub fused_kernels: bool,
     pub ref_log_probs_cache_dir: String,
     pub resume_from_checkpoint: Option<String>,
     pub reward_augmented: bool,
@@ -359,6 +365,7 @@ impl Default for TrainConfig {
             precompute_ref_log_probs: false,
             padding_free: true,
             share_prompt: true,
+            fused_kernels: true,
             ref_log_probs_cache_dir: "~/.cache/prefer/ref_logps".into(),
             resume_from_checkpoint: None,
             reward_augmented: false,
@@ -518,6 +525,14 @@ impl TrainConfig {
                 padding_free: self.padding_free,
                 padding_side: crate::model::PaddingSide::Right,
             },
+        }
+    }
+
+    pub fn kernels(&self) -> crate::model::Kernels {
+        if self.fused_kernels {
+            crate::model::Kernels::Fused
+        } else {
+            crate::model::Kernels::Primitive
         }
     }
 

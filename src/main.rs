@@ -298,6 +298,7 @@ enum ObjectivesCmd {
 
 fn main() {
     let cli = Cli::parse();
+    prefer::util::tune_allocator();
     if cli.threads > 0 {
         // SAFETY: single-threaded here, before any tensor op starts candle's pool.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string()) };

@@ -95,6 +95,20 @@ impl Rng {
     }
 }
 
+/// Keep freed memory inside the process (glibc): a training step allocates and frees the same
+/// large activation buffers every step, and by default glibc returns them to the kernel and
+/// gets them back as fresh pages that the kernel must zero, which measured ~15% of a DPO step
+/// as system time. Raising the mmap and trim thresholds makes the buffers reusable.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called once at start-up.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

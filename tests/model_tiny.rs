@@ -2,7 +2,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use prefer::model::{self, logprobs, Layout, PaddingSide, ScoredGroup, ScoredSeq, Transformer};
+use prefer::model::{self, logprobs, Kernels, Layout, PaddingSide, ScoredGroup, ScoredSeq, Transformer};
 use prefer::testing::{tiny_model, write_gguf, write_hf, TinySpec};
 
 fn seqs() -> Vec<ScoredSeq> {
@@ -136,8 +136,9 @@ fn groups() -> Vec<(Vec<u32>, Vec<Vec<u32>>)> {
 }
 
 /// Token log-probs and the gradient of a weighted sum of the sequence log-probs, flattened.
-fn logps_and_grads(m: &model::LoadedModel, layout: Layout) -> (Vec<f64>, Vec<f64>) {
-    let (tm, vars) = m.clone().into_trainable().unwrap();
+fn logps_and_grads(m: &model::LoadedModel, layout: Layout, kernels: Kernels) -> (Vec<f64>, Vec<f64>) {
+    let (mut tm, vars) = m.clone().into_trainable().unwrap();
+    tm.transformer.kernels = kernels;
     let g = groups();
     let groups: Vec<ScoredGroup> = g
         .iter()
@@ -160,27 +161,32 @@ fn logps_and_grads(m: &model::LoadedModel, layout: Layout) -> (Vec<f64>, Vec<f64
     (tok, flat)
 }
 
-/// Shared-prompt and padding-free layouts compute exactly what separate padded sequences do:
-/// the same token log-probs and the same parameter gradients (f64: to rounding; f32: 1e-5).
+/// Shared-prompt and padding-free layouts, with fused or primitive kernels, compute exactly
+/// what separate padded sequences through primitive ops do: the same token log-probs and the
+/// same parameter gradients (f64: to rounding; f32: 1e-5).
 #[test]
 fn every_layout_gives_the_same_logps_and_gradients() {
     prefer::util::set_threads_for_tests();
     for spec in variants() {
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
             let m = tiny_model(&spec, dtype, 5).unwrap();
-            let (want_lp, want_g) = logps_and_grads(&m, Layout::PADDED);
+            let (want_lp, want_g) = logps_and_grads(&m, Layout::PADDED, Kernels::Primitive);
             let gmax = want_g.iter().fold(0f64, |a, x| a.max(x.abs()));
             assert!(gmax > 1e-3, "gradients too small to compare: {gmax}");
             for share_prompt in [false, true] {
                 for padding_free in [false, true] {
-                    for padding_side in [PaddingSide::Left, PaddingSide::Right] {
+                    for (padding_side, kernels) in [
+                        (PaddingSide::Left, Kernels::Fused),
+                        (PaddingSide::Right, Kernels::Fused),
+                        (PaddingSide::Right, Kernels::Primitive),
+                    ] {
                         let layout = Layout {
                             share_prompt,
                             padding_free,
                             padding_side,
                         };
-                        let (lp, g) = logps_and_grads(&m, layout);
-                        let what = format!("{} {dtype:?} {layout:?}", spec.model_type);
+                        let (lp, g) = logps_and_grads(&m, layout, kernels);
+                        let what = format!("{} {dtype:?} {layout:?} {kernels:?}", spec.model_type);
                         assert_close(&lp, &want_lp, tol, &format!("{what} log-probs"));
                         assert_close(&g, &want_g, tol * gmax.max(1.0), &format!("{what} gradients"));
                     }

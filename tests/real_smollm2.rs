@@ -87,9 +87,10 @@ fn smollm2_tokenizer_ids_are_pinned() {
     assert_eq!((tok.eos_id, tok.eos_token.as_str(), tok.pad_id), (2, "<|im_end|>", 2));
 }
 
-/// On real HH pairs, the shared-prompt packed layout gives the padded layout's log-probs: every
-/// token to 1e-4 and every sequence sum to 1e-3 (f32, ~100-200 tokens each), and so the same
-/// DPO loss.
+/// On real HH pairs, the shared-prompt packed layout with fused kernels gives the log-probs of
+/// padded separate sequences through primitive ops (what the model computed before either): every
+/// token to 1e-4, every sequence sum to 5e-4 (f32 sums of a few hundred nats, whose spacing is
+/// 3e-5), so a DPO logit β·Δ moves by under 1e-4.
 #[test]
 fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
     use prefer::data::{load_tokenized_examples, TokenizeOptions};
@@ -122,13 +123,18 @@ fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
             responses: &e.responses,
         })
         .collect();
-    let run = |layout| group_sequence_logps(&m.transformer, &groups, layout, false).unwrap();
-    let (padded, packed) = (run(Layout::PADDED), run(Layout::PACKED));
+    let run = |layout, kernels| {
+        let mut t = m.transformer.clone();
+        t.kernels = kernels;
+        group_sequence_logps(&t, &groups, layout, false).unwrap()
+    };
+    let padded = run(Layout::PADDED, model::Kernels::Primitive);
+    let packed = run(Layout::PACKED, model::Kernels::Fused);
     let dt = prefer::testing::max_abs_diff(&padded.token_logps, &packed.token_logps).unwrap();
     let ds = prefer::testing::max_abs_diff(&padded.sums, &packed.sums).unwrap();
     eprintln!("max |Δ| token log-prob {dt:e}, sequence log-prob {ds:e}");
     assert!(dt < 1e-4, "token log-probs differ by {dt}");
-    assert!(ds < 2e-4, "sequence log-probs differ by {ds}");
+    assert!(ds < 5e-4, "sequence log-probs differ by {ds}");
     let sums: Vec<f32> = padded.sums.to_vec1().unwrap();
     assert!(sums.iter().all(|x| *x < -1.0), "sums {sums:?}");
 }

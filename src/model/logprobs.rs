@@ -3,7 +3,7 @@
 //! predict a completion token go through the output projection, in chunks, and each row keeps
 //! just `logit[target] - logsumexp(logits)`.
 
-use super::transformer::{logsumexp_last, AttentionInputs, Transformer};
+use super::transformer::{logsumexp_last, AttentionInputs, BlockMask, Transformer};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 
@@ -202,7 +202,7 @@ pub fn group_sequence_logps(
             .iter()
             .map(|u| Box::new(move |i, j| u.allowed(i, j)) as Box<dyn Fn(usize, usize) -> bool>)
             .collect();
-        let blocks: Vec<(usize, &dyn Fn(usize, usize) -> bool)> = units
+        let blocks: Vec<(usize, BlockMask)> = units
             .iter()
             .zip(&preds)
             .map(|(u, f)| (u.ids.len(), f.as_ref()))

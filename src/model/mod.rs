@@ -1,6 +1,7 @@
 //! The model layer: config, transformer, loaders (HF safetensors, GGUF), saving, log-probs.
 
 pub mod config;
+pub mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod logprobs;
@@ -8,7 +9,7 @@ pub mod transformer;
 
 pub use config::ModelConfig;
 pub use logprobs::{group_sequence_logps, sequence_logps, Layout, PaddingSide, ScoredGroup, ScoredSeq, SeqLogps};
-pub use transformer::{AttentionInputs, Transformer};
+pub use transformer::{AttentionInputs, Kernels, Transformer};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;

@@ -53,8 +53,59 @@ pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?)
 }
 
+/// Which implementation of RMSNorm, RoPE, attention softmax and SwiGLU a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Fused CPU kernels with their own backward ([`super::fused`]) where the tensor is an f32
+    /// or f64 CPU tensor; primitive ops elsewhere.
+    #[default]
+    Fused,
+    /// candle primitive ops only (the reference implementation).
+    Primitive,
+}
+
+impl Kernels {
+    fn fused_for(self, x: &Tensor) -> bool {
+        self == Kernels::Fused && super::fused::supported(x)
+    }
+
+    pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        if self.fused_for(x) {
+            super::fused::rms_norm(x, w, eps)
+        } else {
+            rms_norm(x, w, eps)
+        }
+    }
+
+    pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.fused_for(x) {
+            super::fused::rope(x, cos, sin)
+        } else {
+            apply_rope(x, cos, sin)
+        }
+    }
+
+    /// `softmax(scale · scores + mask)` over the last dimension.
+    pub fn masked_softmax(self, scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+        if self.fused_for(scores) {
+            super::fused::masked_softmax(scores, mask, scale)
+        } else {
+            softmax_last(&(scores * scale)?.broadcast_add(mask)?)
+        }
+    }
+
+    /// `silu(g) · u`.
+    pub fn swiglu(self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        if self.fused_for(g) {
+            super::fused::swiglu(g, u)
+        } else {
+            Ok((g.silu()? * u)?)
+        }
+    }
+}
+
 /// RoPE in the HF layout: `x * cos + rotate_half(x) * sin`, `rotate_half([a, b]) = [-b, a]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -111,6 +162,9 @@ pub struct AttentionBlock {
     pub len: usize,
     pub mask: Tensor,
 }
+
+/// `allowed(query, key)` within one attention block.
+pub type BlockMask<'a> = &'a dyn Fn(usize, usize) -> bool;
 
 /// Cos and sin tables `[B, 1, T, D]` for per-row token positions.
 fn rope_tables(cfg: &ModelConfig, positions: &[Vec<usize>], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -209,7 +263,7 @@ impl AttentionInputs {
     pub fn packed(
         cfg: &ModelConfig,
         positions: &[usize],
-        blocks: &[(usize, &dyn Fn(usize, usize) -> bool)],
+        blocks: &[(usize, BlockMask)],
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -233,7 +287,7 @@ impl AttentionInputs {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, a: &AttentionInputs) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, a: &AttentionInputs, kern: Kernels) -> Result<Tensor> {
         let t = x.dim(1)?;
         let (q, k, v) = (
             self.q_proj.forward(x)?,
@@ -241,7 +295,7 @@ impl Attention {
             self.v_proj.forward(x)?,
         );
         let out = match a.blocks.as_slice() {
-            [blk] if blk.start == 0 && blk.len == t => self.attend(&q, &k, &v, &a.cos, &a.sin, &blk.mask)?,
+            [blk] if blk.start == 0 && blk.len == t => self.attend(&q, &k, &v, &a.cos, &a.sin, &blk.mask, kern)?,
             blocks => {
                 let mut outs = Vec::with_capacity(blocks.len());
                 for blk in blocks {
@@ -253,6 +307,7 @@ impl Attention {
                         &part(&a.cos, 2)?,
                         &part(&a.sin, 2)?,
                         &blk.mask,
+                        kern,
                     )?);
                 }
                 Tensor::cat(&outs, 1)?
@@ -262,13 +317,23 @@ impl Attention {
     }
 
     /// Attention of one block: projected `q, k, v` `[B, L, heads * D]` to `[B, L, H * D]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        kern: Kernels,
+    ) -> Result<Tensor> {
         let (b, t, _) = q.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads =
             |y: &Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = apply_rope(&heads(q, h)?, cos, sin)?;
-        let k = apply_rope(&heads(k, kvh)?, cos, sin)?;
+        let q = kern.rope(&heads(q, h)?, cos, sin)?;
+        let k = kern.rope(&heads(k, kvh)?, cos, sin)?;
         let v = heads(v, kvh)?;
         let (k, v) = if h == kvh {
             (k, v)
@@ -277,16 +342,16 @@ impl Attention {
             let repeat = |z: Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![&z; rep], 2)?.reshape((b, h, t, d))?) };
             (repeat(k)?, repeat(v)?)
         };
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-        let probs = softmax_last(&scores.broadcast_add(mask)?)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = kern.masked_softmax(&scores, mask, 1.0 / (d as f64).sqrt())?;
         Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)
     }
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        self.down_proj.forward(&k.swiglu(&g, &self.up_proj.forward(x)?)?)
     }
 }
 
@@ -302,6 +367,8 @@ pub struct Transformer {
     pub score: Option<Tensor>,
     /// Every parameter with its HF name, in a fixed order (the walk order of [`Self::build`]).
     params: Vec<(String, Tensor)>,
+    /// Fused or primitive kernels (the same values; fused is faster and uses less memory).
+    pub kernels: Kernels,
 }
 
 impl Transformer {
@@ -377,6 +444,7 @@ impl Transformer {
             lm_head,
             score,
             params,
+            kernels: Kernels::default(),
         })
     }
 
@@ -416,13 +484,18 @@ impl Transformer {
             self.embed_tokens
                 .index_select(&input_ids.flatten_all()?, 0)?
                 .reshape((b, t, self.cfg.hidden_size))?;
+        let k = self.kernels;
         for blk in &self.layers {
-            let h = blk.self_attn.forward(&rms_norm(&x, &blk.input_layernorm, eps)?, a)?;
+            let h = blk
+                .self_attn
+                .forward(&k.rms_norm(&x, &blk.input_layernorm, eps)?, a, k)?;
             x = (x + h)?;
-            let h = blk.mlp.forward(&rms_norm(&x, &blk.post_attention_layernorm, eps)?)?;
+            let h = blk
+                .mlp
+                .forward(&k.rms_norm(&x, &blk.post_attention_layernorm, eps)?, k)?;
             x = (x + h)?;
         }
-        rms_norm(&x, &self.norm, eps)
+        k.rms_norm(&x, &self.norm, eps)
     }
 
     /// Scalar rewards `[S]` of a right-padded batch: the reward head on the hidden state of each

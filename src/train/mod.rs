@@ -323,6 +323,9 @@ pub struct StepReport {
     /// Token positions the policy's forward pass computed under the configured layout
     /// (fewer than `tokens` with shared prompts; more with padding).
     pub positions: usize,
+    /// Seconds spent in each phase: `forward` (policy, reference and loss), `backward`,
+    /// `optimizer` (gradient accumulation, clipping and the update).
+    pub phases: BTreeMap<&'static str, f64>,
     pub seconds: f64,
     pub grad_norm: f64,
     pub lr: f64,
@@ -340,7 +343,8 @@ impl Trainer {
         let dtype = DType::F32;
         let resume = resolve_resume(cfg)?;
         let start_path = PathBuf::from(&cfg.model_name_or_path);
-        let policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
+        let mut policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
+        policy.transformer.kernels = cfg.kernels();
         let opts = cfg.tokenize_options();
         let mut cfg = cfg.clone();
         if cfg.reward_augmented {
@@ -406,13 +410,15 @@ impl Trainer {
             .map(|d| d.join(checkpoint::REF_DIR))
             .filter(|d| d.is_dir());
         let load_ref = || -> Result<LoadedModel> {
-            if let Some(d) = &synced_ref {
-                return model::load(d, dtype, &dev);
-            }
-            if resume.is_none() && ref_paths == [start_path.clone()] {
-                return policy.frozen_copy();
-            }
-            load_soup(&ref_paths, dtype, &dev)
+            let mut m = if let Some(d) = &synced_ref {
+                model::load(d, dtype, &dev)?
+            } else if resume.is_none() && ref_paths == [start_path.clone()] {
+                policy.frozen_copy()?
+            } else {
+                load_soup(&ref_paths, dtype, &dev)?
+            };
+            m.transformer.kernels = cfg.kernels();
+            Ok(m)
         };
         let reference = if !objective.needs_reference() {
             Reference::None
@@ -624,6 +630,12 @@ impl Trainer {
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0usize;
         let mut positions = 0usize;
+        let mut phases: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut clock = Instant::now();
+        let mut lap = |name: &'static str| {
+            *phases.entry(name).or_default() += clock.elapsed().as_secs_f64();
+            clock = Instant::now();
+        };
         for a in 0..accum {
             let indices = self.order.micro_batch(step * accum + a);
             tokens += indices.iter().map(|&i| self.train_pairs[i].num_tokens()).sum::<usize>();
@@ -669,8 +681,8 @@ impl Trainer {
                         Ok(((l * t)?.sum_all()? / m.iter().sum::<f64>())?)
                     };
                     let ploss = masked_mean(&pout.losses, &mask_for_peer)?;
-                    let pgrads = (ploss / accum as f64)?.backward()?;
-                    peer.opt.accumulate(&pgrads)?;
+                    let mut pgrads = (ploss / accum as f64)?.backward()?;
+                    peer.opt.accumulate(&mut pgrads)?;
                     let dropped = |m: &[f64]| m.iter().filter(|&&x| x == 0.0).count() as f64;
                     *metrics.entry("crm/filtered_for_model".into()).or_default() += dropped(&mask_for_self);
                     *metrics.entry("crm/filtered_for_peer".into()).or_default() += dropped(&mask_for_peer);
@@ -681,8 +693,12 @@ impl Trainer {
             for (k, v) in out.metrics {
                 *metrics.entry(k).or_default() += v / accum as f64;
             }
-            let grads = (loss / accum as f64)?.backward()?;
-            self.opt.accumulate(&grads)?;
+            lap("forward");
+            let mut grads = (loss / accum as f64)?.backward()?;
+            lap("backward");
+            self.opt.accumulate(&mut grads)?;
+            drop(grads);
+            lap("optimizer");
         }
         // LCPO's M-step: move η towards this step's estimate of the label-noise rate
         if let Some(est) = metrics.get("lcpo/estimated_noise") {
@@ -696,6 +712,7 @@ impl Trainer {
             p.opt.clip_grad_norm(self.cfg.max_grad_norm);
             p.opt.step(lr)?;
         }
+        lap("optimizer");
         self.state.global_step += 1;
         if cfg.sync_ref_model && self.state.global_step.is_multiple_of(cfg.ref_model_sync_steps) {
             if let Reference::Model(r) = &self.reference {
@@ -717,6 +734,7 @@ impl Trainer {
             metrics,
             tokens,
             positions,
+            phases,
             seconds,
             grad_norm,
             lr,

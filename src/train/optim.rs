@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use rayon::prelude::*;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum OptimKind {
@@ -15,7 +16,7 @@ pub enum OptimKind {
 pub struct Param {
     pub name: String,
     pub var: Var,
-    /// Accumulated gradient for the current step.
+    /// Accumulated gradient for the current step (empty before the first backward pass).
     pub grad: Vec<f32>,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
@@ -28,6 +29,8 @@ pub struct Optimizer {
     pub params: Vec<Param>,
     /// Optimizer steps taken.
     pub t: u64,
+    /// Factor applied to the accumulated gradient in the next step (global-norm clipping).
+    pub grad_scale: f32,
 }
 
 impl Optimizer {
@@ -41,7 +44,7 @@ impl Optimizer {
                 Param {
                     name,
                     var,
-                    grad: vec![0.0; n],
+                    grad: Vec::new(),
                     m: if adam { vec![0.0; n] } else { vec![] },
                     v: if adam { vec![0.0; n] } else { vec![] },
                     decay,
@@ -53,82 +56,108 @@ impl Optimizer {
             weight_decay,
             params,
             t: 0,
+            grad_scale: 1.0,
         }
     }
 
+    /// Forget the accumulated gradient (and free its memory until the next backward pass).
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
-            p.grad.iter_mut().for_each(|g| *g = 0.0);
+            p.grad = Vec::new();
         }
+        self.grad_scale = 1.0;
     }
 
-    /// Add the gradients of one backward pass to the accumulators.
-    pub fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
+    /// Add the gradients of one backward pass to the accumulators. Each gradient is taken out
+    /// of `grads` as it is copied, so the two copies never coexist for the whole model.
+    pub fn accumulate(&mut self, grads: &mut GradStore) -> Result<()> {
         for p in &mut self.params {
             let g = grads
-                .get(p.var.as_tensor())
+                .remove(p.var.as_tensor())
                 .ok_or_else(|| Error::msg(format!("parameter `{}` received no gradient", p.name)))?;
             let g: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-            for (a, b) in p.grad.iter_mut().zip(g) {
-                *a += b;
+            if p.grad.is_empty() {
+                p.grad = g;
+            } else {
+                p.grad.par_iter_mut().zip(g.par_iter()).for_each(|(a, b)| *a += b);
             }
         }
         Ok(())
     }
 
-    /// Global L2 norm of the accumulated gradient.
+    /// Global L2 norm of the accumulated gradient (before clipping).
     pub fn grad_norm(&self) -> f64 {
         self.params
             .iter()
-            .map(|p| p.grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+            .map(|p| p.grad.par_iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
             .sum::<f64>()
             .sqrt()
     }
 
-    /// Clip to `max_norm` like `torch.nn.utils.clip_grad_norm_`; returns the norm before clipping.
+    /// Clip to `max_norm` like `torch.nn.utils.clip_grad_norm_`; returns the norm before
+    /// clipping. The scaling is applied inside [`Self::step`] (no separate pass).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let norm = self.grad_norm();
+        self.grad_scale = 1.0;
         if max_norm > 0.0 {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {
-                for p in &mut self.params {
-                    p.grad.iter_mut().for_each(|g| *g = (*g as f64 * coef) as f32);
-                }
+                self.grad_scale = coef as f32;
             }
         }
         norm
     }
 
     /// Apply one update with learning rate `lr` and write the new values into the variables.
+    /// Parameters are updated in parallel chunks (one fused pass over weight, gradient and
+    /// moments).
     pub fn step(&mut self, lr: f64) -> Result<()> {
         self.t += 1;
         let t = self.t as i32;
         let wd = self.weight_decay;
+        let scale = self.grad_scale;
         for p in &mut self.params {
             let tensor = p.var.as_tensor();
             let dtype = tensor.dtype();
             let mut w: Vec<f32> = tensor.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            if p.grad.len() != w.len() {
+                return Err(Error::msg(format!(
+                    "parameter `{}` has no accumulated gradient: call accumulate() before step()",
+                    p.name
+                )));
+            }
+            let chunk = (w.len() / (4 * rayon::current_num_threads())).max(1 << 14);
             match self.kind {
                 OptimKind::AdamW { beta1, beta2, eps } => {
                     let bc1 = 1.0 - beta1.powi(t);
-                    let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+                    let bc2_sqrt = ((1.0 - beta2.powi(t)).sqrt()) as f32;
                     let step = (lr / bc1) as f32;
                     let decay = if p.decay { (1.0 - lr * wd) as f32 } else { 1.0 };
                     let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
-                    let bc2_sqrt = bc2_sqrt as f32;
-                    for (((w, &g), m), v) in w.iter_mut().zip(&p.grad).zip(p.m.iter_mut()).zip(p.v.iter_mut()) {
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        let denom = v.sqrt() / bc2_sqrt + eps;
-                        *w = *w * decay - step * *m / denom;
-                    }
+                    w.par_chunks_mut(chunk)
+                        .zip(p.grad.par_chunks(chunk))
+                        .zip(p.m.par_chunks_mut(chunk))
+                        .zip(p.v.par_chunks_mut(chunk))
+                        .for_each(|(((w, g), m), v)| {
+                            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                                let g = g * scale;
+                                *m = b1 * *m + (1.0 - b1) * g;
+                                *v = b2 * *v + (1.0 - b2) * g * g;
+                                let denom = v.sqrt() / bc2_sqrt + eps;
+                                *w = *w * decay - step * *m / denom;
+                            }
+                        });
                 }
                 OptimKind::Sgd => {
                     let wd = if p.decay { wd as f32 } else { 0.0 };
                     let lr = lr as f32;
-                    for (w, &g) in w.iter_mut().zip(&p.grad) {
-                        *w -= lr * (g + wd * *w);
-                    }
+                    w.par_chunks_mut(chunk)
+                        .zip(p.grad.par_chunks(chunk))
+                        .for_each(|(w, g)| {
+                            for (w, &g) in w.iter_mut().zip(g) {
+                                *w -= lr * (g * scale + wd * *w);
+                            }
+                        });
                 }
             }
             let new = Tensor::from_vec(w, tensor.shape(), tensor.device())?.to_dtype(dtype)?;
