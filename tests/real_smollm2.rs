@@ -90,7 +90,8 @@ fn smollm2_tokenizer_ids_are_pinned() {
 /// On real HH pairs, the shared-prompt packed layout with fused kernels gives the log-probs of
 /// padded separate sequences through primitive ops (what the model computed before either): every
 /// token to 1e-4, every sequence sum to 5e-4 (f32 sums of a few hundred nats, whose spacing is
-/// 3e-5), so a DPO logit β·Δ moves by under 1e-4.
+/// 3e-5), so a DPO logit β·Δ moves by under 1e-4; and against the model in f64 the fused path
+/// is as accurate as the primitive one.
 #[test]
 fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
     use prefer::data::{load_tokenized_examples, TokenizeOptions};
@@ -123,18 +124,37 @@ fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
             responses: &e.responses,
         })
         .collect();
-    let run = |layout, kernels| {
+    let run = |m: &model::LoadedModel, layout, kernels| {
         let mut t = m.transformer.clone();
         t.kernels = kernels;
         group_sequence_logps(&t, &groups, layout, false).unwrap()
     };
-    let padded = run(Layout::PADDED, model::Kernels::Primitive);
-    let packed = run(Layout::PACKED, model::Kernels::Fused);
+    let padded = run(&m, Layout::PADDED, model::Kernels::Primitive);
+    let packed = run(&m, Layout::PACKED, model::Kernels::Fused);
+    // the same model in f64 is the yardstick for both f32 computations
+    let m64 = model::load(&smollm2_path(), DType::F64, &Device::Cpu).unwrap();
+    let truth = run(&m64, Layout::PADDED, model::Kernels::Primitive);
+    let err = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        prefer::testing::max_abs_diff(&a.to_dtype(DType::F64).unwrap(), b).unwrap()
+    };
+    let (pt, ps) = (
+        err(&padded.token_logps, &truth.token_logps),
+        err(&padded.sums, &truth.sums),
+    );
+    let (qt, qs) = (
+        err(&packed.token_logps, &truth.token_logps),
+        err(&packed.sums, &truth.sums),
+    );
+    eprintln!("max |error| vs f64: padded primitive {pt:e} per token, {ps:e} per sequence");
+    eprintln!("                    packed fused      {qt:e} per token, {qs:e} per sequence");
     let dt = prefer::testing::max_abs_diff(&padded.token_logps, &packed.token_logps).unwrap();
     let ds = prefer::testing::max_abs_diff(&padded.sums, &packed.sums).unwrap();
-    eprintln!("max |Δ| token log-prob {dt:e}, sequence log-prob {ds:e}");
     assert!(dt < 1e-4, "token log-probs differ by {dt}");
     assert!(ds < 5e-4, "sequence log-probs differ by {ds}");
+    assert!(
+        qt <= 2.0 * pt + 1e-5 && qs <= 2.0 * ps + 1e-4,
+        "the fused path is less accurate"
+    );
     let sums: Vec<f32> = padded.sums.to_vec1().unwrap();
     assert!(sums.iter().all(|x| *x < -1.0), "sums {sums:?}");
 }

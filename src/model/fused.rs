@@ -70,8 +70,8 @@ struct RmsNormBwd {
 }
 
 fn inv_rms<T: Float>(row: &[T], eps: f64) -> T {
-    let ss = row.iter().fold(T::zero(), |a, &x| a + x * x);
-    T::one() / (ss / num(row.len() as f64) + num(eps)).sqrt()
+    let ss: f64 = row.iter().map(|&x| (x * x).to_f64().unwrap_or(f64::NAN)).sum();
+    num(1.0 / (ss / row.len() as f64 + eps).sqrt())
 }
 
 fn rms_fwd<T: Elem>(
@@ -303,6 +303,8 @@ struct MaskedSoftmaxBwd {
     scale: f64,
 }
 
+/// Scores `[B, n, R, W]`, mask `[B, 1, M, W]` with `R` a multiple of `M`: score row `i` uses
+/// mask row `i % M` (grouped-query heads stack `R / M` query heads' rows under one mask).
 fn softmax_fwd<T: Elem>(
     s1: &CpuStorage,
     l1: &Layout,
@@ -311,22 +313,24 @@ fn softmax_fwd<T: Elem>(
     scale: f64,
 ) -> CResult<(CpuStorage, Shape)> {
     let op = "fused-masked-softmax";
-    let (b, nh, l, w) = l1.shape().dims4()?;
-    if l2.dims() != [b, 1, l, w] {
-        candle_core::bail!("{op}: mask {:?} does not match scores {:?}", l2.dims(), l1.dims());
+    let (b, nh, r, w) = l1.shape().dims4()?;
+    let (mb, one, m, mw) = l2.shape().dims4()?;
+    if mb != b || one != 1 || mw != w || m == 0 || r % m != 0 {
+        candle_core::bail!("{op}: mask {:?} does not fit scores {:?}", l2.dims(), l1.dims());
     }
     let (x, mask) = (slice::<T>(s1, l1, op)?, slice::<T>(s2, l2, op)?);
     let scale: T = num(scale);
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(l * w)
-        .zip(x.par_chunks(l * w))
+    y.par_chunks_mut(r * w)
+        .zip(x.par_chunks(r * w))
         .enumerate()
         .for_each(|(bh, (y, x))| {
-            let m = &mask[(bh / nh) * l * w..(bh / nh + 1) * l * w];
-            for ((y, x), m) in y.chunks_mut(w).zip(x.chunks(w)).zip(m.chunks(w)) {
+            let mask = &mask[(bh / nh) * m * w..(bh / nh + 1) * m * w];
+            for (i, (y, x)) in y.chunks_mut(w).zip(x.chunks(w)).enumerate() {
+                let mrow = &mask[(i % m) * w..(i % m + 1) * w];
                 let mut mx = T::neg_infinity();
-                for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
-                    *y = x * scale + m;
+                for ((y, &x), &mv) in y.iter_mut().zip(x).zip(mrow) {
+                    *y = x * scale + mv;
                     mx = Float::max(mx, *y);
                 }
                 let mut sum = T::zero();
@@ -397,6 +401,266 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
     Ok(scores
         .contiguous()?
         .apply_op2(&mask.contiguous()?, MaskedSoftmax { scale })?)
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Causal self-attention of one block as a single graph node: rotary embedding, grouped-query
+/// scores, masked softmax and the weighted sum of values, from the projected `q`, `k`, `v`
+/// (`[B·L, heads·D]`) to `[B·L, H·D]`. Only the inputs are kept for the backward pass, which
+/// recomputes the scores (as flash attention does), so no `[heads, L, L]` tensor outlives the
+/// forward pass.
+pub struct Attention {
+    /// `[B, 1, L, D]` rotary tables and `[B, 1, L, L]` additive mask (constants).
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+    pub batch: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// What the forward pass computes and the backward pass needs again.
+struct AttentionParts {
+    /// `[B, kvh, rep·L, D]`: rotated queries, grouped under their key/value head.
+    q: Tensor,
+    /// `[B, kvh, L, D]`: rotated keys and values.
+    k: Tensor,
+    v: Tensor,
+    /// `[B, kvh, rep·L, L]` attention probabilities.
+    p: Tensor,
+}
+
+impl Attention {
+    fn rows(&self, t: &Tensor) -> CResult<usize> {
+        Ok(t.dim(0)? / self.batch)
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// `[B·L, n·D]` to `[B, n, L, D]`.
+    fn split(&self, x: &Tensor, n: usize) -> CResult<Tensor> {
+        let l = self.rows(x)?;
+        x.reshape((self.batch, l, n, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `[B, n, L, D]` to `[B·L, n·D]`.
+    fn merge(&self, x: &Tensor, n: usize) -> CResult<Tensor> {
+        let l = x.dim(2)?;
+        x.transpose(1, 2)?.reshape((self.batch * l, n * self.head_dim))
+    }
+
+    fn rope(&self, x: &Tensor, transpose: bool) -> CResult<Tensor> {
+        x.apply_op3_no_bwd(&self.cos, &self.sin, &Rope { transpose })
+    }
+
+    fn parts(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> CResult<AttentionParts> {
+        let (b, kvh, d) = (self.batch, self.n_kv_heads, self.head_dim);
+        let l = self.rows(q)?;
+        let rep = self.n_heads / kvh;
+        let q = self
+            .rope(&self.split(q, self.n_heads)?, false)?
+            .reshape((b, kvh, rep * l, d))?;
+        let k = self.rope(&self.split(k, kvh)?, false)?;
+        let v = self.split(v, kvh)?;
+        let scores = q.matmul(&k.t()?)?;
+        let p = scores.apply_op2_no_bwd(&self.mask, &MaskedSoftmax { scale: self.scale() })?;
+        Ok(AttentionParts { q, k, v, p })
+    }
+}
+
+/// A tensor holding a copy of a contiguous storage slice.
+fn tensor_of<T: Elem>(s: &CpuStorage, l: &Layout) -> CResult<Tensor> {
+    Tensor::from_slice(
+        slice::<T>(s, l, "fused-attention")?,
+        l.shape(),
+        &candle_core::Device::Cpu,
+    )
+}
+
+fn storage_of<T: Elem>(t: &Tensor) -> CResult<(CpuStorage, Shape)> {
+    let v: Vec<T> = t.flatten_all()?.to_vec1()?;
+    out(v, t.shape().clone())
+}
+
+fn attention_fwd<T: Elem>(
+    a: &Attention,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+) -> CResult<(CpuStorage, Shape)> {
+    let (q, k, v) = (
+        tensor_of::<T>(s1, l1)?,
+        tensor_of::<T>(s2, l2)?,
+        tensor_of::<T>(s3, l3)?,
+    );
+    let parts = a.parts(&q, &k, &v)?;
+    let o = parts.p.matmul(&parts.v)?; // [B, kvh, rep·L, D] = [B, H, L, D]
+    let l = a.rows(&q)?;
+    let o = o.reshape((a.batch, a.n_heads, l, a.head_dim))?;
+    storage_of::<T>(&a.merge(&o, a.n_heads)?)
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1, self.name(), attention_fwd(self, s1, l1, s2, l2, s3, l3))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        d_out: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, kvh, d) = (self.batch, self.n_heads, self.n_kv_heads, self.head_dim);
+        let l = self.rows(q)?;
+        let AttentionParts { q: qg, k: kr, v: v4, p } = self.parts(q, k, v)?;
+        let d_o = self
+            .split(&d_out.contiguous()?, h)?
+            .reshape((b, kvh, (h / kvh) * l, d))?;
+        // grouped heads share k and v, so these matmuls also sum over the group
+        let dv = p.t()?.matmul(&d_o)?;
+        let dp = d_o.matmul(&v4.t()?)?;
+        let ds = p.apply_op2_no_bwd(&dp, &MaskedSoftmaxBwd { scale: self.scale() })?;
+        let dq = ds.matmul(&kr)?.reshape((b, h, l, d))?;
+        let dk = ds.t()?.matmul(&qg)?;
+        let dq = self.merge(&self.rope(&dq, true)?, h)?;
+        let dk = self.merge(&self.rope(&dk, true)?, kvh)?;
+        let dv = self.merge(&dv, kvh)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Fused attention over one block; see [`Attention`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Result<Tensor> {
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+// ---------------------------------------------------------------- log-prob head
+
+/// `log softmax(h · Wᵀ)[target]` for each row of `h` `[n, H]`, with the output projection
+/// `W` `[V, H]`, as one graph node: logits are made a chunk of rows at a time and only the
+/// picked log-prob is kept; the backward pass makes them again (the fused linear + cross-entropy
+/// of Liger and others). No `[n, V]` tensor outlives either pass's chunk loop except the
+/// gradient of the logits inside the backward pass.
+pub struct TokenLogps {
+    /// The projection, detached (the graph sees it as the op's second argument).
+    pub w: Tensor,
+    pub targets: Vec<u32>,
+}
+
+/// Rows of logits made at once.
+const HEAD_CHUNK_ROWS: usize = 64;
+
+/// Run `f` on the contiguous CPU data of `t`.
+fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> CResult<R>) -> CResult<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cpu(c) => f(slice::<T>(c, l, "fused-token-logps")?),
+        _ => candle_core::bail!("fused-token-logps: CPU tensors only"),
+    }
+}
+
+/// `f(row, logits of the row, logsumexp of the row)` for every row of `h`.
+fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, mut f: impl FnMut(usize, &[T], T)) -> CResult<()> {
+    let (n, v) = (h.dim(0)?, w.dim(0)?);
+    let wt = w.t()?;
+    for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
+        let c = HEAD_CHUNK_ROWS.min(n - start);
+        let logits = h.narrow(0, start, c)?.matmul(&wt)?;
+        with_slice::<T, ()>(&logits, |l| {
+            let lse: Vec<T> = l.par_chunks(v).map(logsumexp).collect();
+            for (i, row) in l.chunks(v).enumerate() {
+                f(start + i, row, lse[i]);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// `log Σ exp(row)`, the sum accumulated in f64: summing 50k vocabulary terms in f32 one by one
+/// loses ~1e-4 of the log-prob.
+fn logsumexp<T: Float>(row: &[T]) -> T {
+    let m = row.iter().fold(T::neg_infinity(), |a, &x| a.max(x));
+    let sum: f64 = row.iter().map(|&x| (x - m).exp().to_f64().unwrap_or(f64::NAN)).sum();
+    m + num::<T>(sum.ln())
+}
+
+fn head_fwd<T: Elem>(op: &TokenLogps, s1: &CpuStorage, l1: &Layout) -> CResult<(CpuStorage, Shape)> {
+    let h = tensor_of::<T>(s1, l1)?;
+    let mut res = vec![T::zero(); h.dim(0)?];
+    for_each_logit_row::<T>(&h, &op.w, |i, row, lse| res[i] = row[op.targets[i] as usize] - lse)?;
+    let n = res.len();
+    out(res, Shape::from(n))
+}
+
+/// dlogits = g·(onehot(target) − softmax(logits)); dh = dlogits·W, dW = dlogitsᵀ·h.
+fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let (n, v) = (h.dim(0)?, op.w.dim(0)?);
+    let g: Vec<T> = g.to_dtype(T::DTYPE)?.to_vec1()?;
+    let h = h.contiguous()?;
+    let mut dl = vec![T::zero(); n * v];
+    for_each_logit_row::<T>(&h, &op.w, |i, row, lse| {
+        let d = &mut dl[i * v..(i + 1) * v];
+        for (d, &x) in d.iter_mut().zip(row) {
+            *d = -g[i] * (x - lse).exp();
+        }
+        d[op.targets[i] as usize] += g[i];
+    })?;
+    let dl = Tensor::from_vec(dl, (n, v), h.device())?;
+    Ok((dl.matmul(&op.w)?, dl.t()?.matmul(&h)?))
+}
+
+impl CustomOp2 for TokenLogps {
+    fn name(&self) -> &'static str {
+        "fused-token-logps"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1, self.name(), head_fwd(self, s1, l1))
+    }
+
+    fn bwd(&self, h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (dh, dw) = match h.dtype() {
+            candle_core::DType::F32 => head_bwd::<f32>(self, h, g)?,
+            candle_core::DType::F64 => head_bwd::<f64>(self, h, g)?,
+            dt => candle_core::bail!("fused-token-logps: no kernel for {dt:?}"),
+        };
+        Ok((Some(dh), Some(dw)))
+    }
+}
+
+/// `log softmax(h · Wᵀ)[targets]` per row of `h` `[n, H]`, fused; see [`TokenLogps`].
+pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let op = TokenLogps {
+        w: w.detach(),
+        targets: targets.to_vec(),
+    };
+    Ok(h.contiguous()?.apply_op2(w, op)?)
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -620,6 +884,57 @@ mod tests {
                     .to_dtype(dt)
                     .unwrap();
                 k.masked_softmax(&x[0], &mask, 0.35).unwrap()
+            });
+        }
+    }
+
+    /// Whole attention (rope, grouped-query scores, masked softmax, values) of the model's
+    /// `Attention` block under both kernels, through a tiny model's first layer.
+    #[test]
+    fn fused_attention_matches_primitive() {
+        use crate::model::AttentionInputs;
+        use crate::testing::{tiny_model, TinySpec};
+        for (dt, tol) in DTYPES {
+            for kv_heads in [1, 2, 4] {
+                let spec = TinySpec {
+                    heads: 4,
+                    kv_heads,
+                    layers: 1,
+                    ..TinySpec::default()
+                };
+                let m = tiny_model(&spec, dt, 9).unwrap().transformer;
+                let cfg = m.cfg.clone();
+                // two batch rows, the second left-padded by two
+                let valid = vec![vec![true; 6], vec![false, false, true, true, true, true]];
+                let attn = AttentionInputs::padded(&cfg, &valid, dt, &Device::Cpu).unwrap();
+                let layer = m.layers[0].self_attn.clone();
+                compare(dt, tol, &[&[2, 6, cfg.hidden_size]], &[true], |k, x| {
+                    layer.forward(&x[0], &attn, k).unwrap()
+                });
+            }
+        }
+    }
+
+    /// The fused head against log-softmax on primitives, over more rows than one chunk, with
+    /// gradients for both the hidden rows and the projection.
+    #[test]
+    fn fused_token_logps_matches_primitive() {
+        use crate::model::transformer::logsumexp_last;
+        for (dt, tol) in DTYPES {
+            let n = super::HEAD_CHUNK_ROWS + 7;
+            let targets: Vec<u32> = (0..n as u32).map(|i| (i * 13) % 50).collect();
+            compare(dt, tol, &[&[n, 16], &[50, 16]], &[true, true], |k, x| {
+                if k == Kernels::Fused {
+                    super::token_logps(&x[0], &x[1], &targets).unwrap()
+                } else {
+                    let logits = x[0].matmul(&x[1].t().unwrap()).unwrap();
+                    let lse = logsumexp_last(&logits).unwrap().squeeze(1).unwrap();
+                    let t = Tensor::new(targets.as_slice(), &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(1)
+                        .unwrap();
+                    (logits.gather(&t, 1).unwrap().squeeze(1).unwrap() - lse).unwrap()
+                }
             });
         }
     }

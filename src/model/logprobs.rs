@@ -265,6 +265,10 @@ pub fn gather_logps_with(
     with_sum_sq: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let dev = model.device();
+    if !with_sum_sq && model.kernels == super::Kernels::Fused && super::fused::supported(hidden) {
+        let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
+        return Ok((super::fused::token_logps(&h, model.output_weight(), targets)?, None));
+    }
     let mut parts = Vec::new();
     let mut sq_parts = Vec::new();
     for (r, tg) in rows.chunks(LOGIT_CHUNK_ROWS).zip(targets.chunks(LOGIT_CHUNK_ROWS)) {

@@ -287,7 +287,7 @@ impl AttentionInputs {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, a: &AttentionInputs, kern: Kernels) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, a: &AttentionInputs, kern: Kernels) -> Result<Tensor> {
         let t = x.dim(1)?;
         let (q, k, v) = (
             self.q_proj.forward(x)?,
@@ -330,6 +330,19 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = q.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        if kern.fused_for(q) {
+            let flat = |z: &Tensor| -> Result<Tensor> { Ok(z.reshape((b * t, z.dim(2)?))?) };
+            let op = super::fused::Attention {
+                cos: cos.contiguous()?,
+                sin: sin.contiguous()?,
+                mask: mask.contiguous()?,
+                batch: b,
+                n_heads: h,
+                n_kv_heads: kvh,
+                head_dim: d,
+            };
+            return Ok(super::fused::attention(&flat(q)?, &flat(k)?, &flat(v)?, op)?.reshape((b, t, h * d))?);
+        }
         let heads =
             |y: &Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
         let q = kern.rope(&heads(q, h)?, cos, sin)?;

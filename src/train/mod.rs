@@ -706,10 +706,10 @@ impl Trainer {
             self.objective.params.lcpo_noise_rate = eta;
             self.state.lcpo_noise_rate = Some(eta);
         }
-        let grad_norm = self.opt.clip_grad_norm(self.cfg.max_grad_norm);
+        let grad_norm = self.opt.clip_grad_norm(self.cfg.max_grad_norm)?;
         self.opt.step(lr)?;
         if let Some(p) = &mut self.peer {
-            p.opt.clip_grad_norm(self.cfg.max_grad_norm);
+            p.opt.clip_grad_norm(self.cfg.max_grad_norm)?;
             p.opt.step(lr)?;
         }
         lap("optimizer");

@@ -1,10 +1,67 @@
-//! Optimizers over flat host buffers: AdamW (PyTorch's `AdamW` arithmetic) and SGD, with
-//! global-norm clipping (`clip_grad_norm_`). Gradients are accumulated on the host in f32;
-//! the update reads each parameter once, updates it and writes it back into its `Var`.
+//! Optimizers over flat buffers: AdamW (PyTorch's `AdamW` arithmetic) and SGD, with
+//! global-norm clipping (`clip_grad_norm_`). With one micro-batch per step the gradients are
+//! used where backward left them (no copy); with accumulation they are summed on the host in
+//! f32. The update is one parallel pass per parameter that writes the weights in place.
 
 use crate::error::{Error, Result};
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A parameter's gradient for the current step.
+#[derive(Debug, Default)]
+pub enum Grad {
+    /// No backward pass yet this step.
+    #[default]
+    None,
+    /// The tensor backward produced (one micro-batch so far).
+    Tensor(Tensor),
+    /// A sum over micro-batches.
+    Host(Vec<f32>),
+}
+
+/// Run `f` on the f32 contents of `t` (in place when `t` is a contiguous f32 CPU tensor).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.flatten_all()?.to_dtype(DType::F32)?.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match (&*st, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => {
+            drop(st);
+            Ok(f(&t.to_vec1::<f32>()?))
+        }
+    }
+}
+
+impl Grad {
+    /// Run `f` on the gradient's values; `None` when there is none.
+    fn with<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+        match self {
+            Grad::None => Ok(None),
+            Grad::Tensor(t) => with_f32(t, f).map(Some),
+            Grad::Host(v) => Ok(Some(f(v))),
+        }
+    }
+}
+
+/// Applies `f` to an f32 CPU tensor's storage in place.
+struct InPlace<F: FnMut(&mut [f32])>(RefCell<F>);
+
+impl<F: FnMut(&mut [f32])> InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "optimizer-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => {
+                (self.0.borrow_mut())(&mut v[a..b]);
+                Ok(())
+            }
+            _ => candle_core::bail!("optimizer: parameters must be contiguous f32 CPU tensors"),
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum OptimKind {
@@ -16,8 +73,8 @@ pub enum OptimKind {
 pub struct Param {
     pub name: String,
     pub var: Var,
-    /// Accumulated gradient for the current step (empty before the first backward pass).
-    pub grad: Vec<f32>,
+    /// Accumulated gradient for the current step.
+    pub grad: Grad,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
     pub decay: bool,
@@ -44,7 +101,7 @@ impl Optimizer {
                 Param {
                     name,
                     var,
-                    grad: Vec::new(),
+                    grad: Grad::None,
                     m: if adam { vec![0.0; n] } else { vec![] },
                     v: if adam { vec![0.0; n] } else { vec![] },
                     decay,
@@ -63,41 +120,50 @@ impl Optimizer {
     /// Forget the accumulated gradient (and free its memory until the next backward pass).
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
-            p.grad = Vec::new();
+            p.grad = Grad::None;
         }
         self.grad_scale = 1.0;
     }
 
     /// Add the gradients of one backward pass to the accumulators. Each gradient is taken out
-    /// of `grads` as it is copied, so the two copies never coexist for the whole model.
+    /// of `grads`; the first is kept as it is, later ones are summed on the host.
     pub fn accumulate(&mut self, grads: &mut GradStore) -> Result<()> {
         for p in &mut self.params {
             let g = grads
                 .remove(p.var.as_tensor())
                 .ok_or_else(|| Error::msg(format!("parameter `{}` received no gradient", p.name)))?;
-            let g: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-            if p.grad.is_empty() {
-                p.grad = g;
-            } else {
-                p.grad.par_iter_mut().zip(g.par_iter()).for_each(|(a, b)| *a += b);
-            }
+            p.grad = match std::mem::take(&mut p.grad) {
+                Grad::None => Grad::Tensor(g),
+                Grad::Tensor(first) => {
+                    let mut sum: Vec<f32> = first.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                    with_f32(&g, |g| sum.par_iter_mut().zip(g.par_iter()).for_each(|(a, b)| *a += b))?;
+                    Grad::Host(sum)
+                }
+                Grad::Host(mut sum) => {
+                    with_f32(&g, |g| sum.par_iter_mut().zip(g.par_iter()).for_each(|(a, b)| *a += b))?;
+                    Grad::Host(sum)
+                }
+            };
         }
         Ok(())
     }
 
     /// Global L2 norm of the accumulated gradient (before clipping).
-    pub fn grad_norm(&self) -> f64 {
-        self.params
-            .iter()
-            .map(|p| p.grad.par_iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
-            .sum::<f64>()
-            .sqrt()
+    pub fn grad_norm(&self) -> Result<f64> {
+        let mut total = 0.0;
+        for p in &self.params {
+            total += p
+                .grad
+                .with(|g| g.par_iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())?
+                .unwrap_or(0.0);
+        }
+        Ok(total.sqrt())
     }
 
     /// Clip to `max_norm` like `torch.nn.utils.clip_grad_norm_`; returns the norm before
     /// clipping. The scaling is applied inside [`Self::step`] (no separate pass).
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let norm = self.grad_norm();
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.grad_norm()?;
         self.grad_scale = 1.0;
         if max_norm > 0.0 {
             let coef = max_norm / (norm + 1e-6);
@@ -105,63 +171,72 @@ impl Optimizer {
                 self.grad_scale = coef as f32;
             }
         }
-        norm
+        Ok(norm)
     }
 
-    /// Apply one update with learning rate `lr` and write the new values into the variables.
-    /// Parameters are updated in parallel chunks (one fused pass over weight, gradient and
-    /// moments).
+    /// Apply one update with learning rate `lr`, writing the weights in place: one parallel
+    /// pass over weight, gradient and moments per parameter.
     pub fn step(&mut self, lr: f64) -> Result<()> {
         self.t += 1;
         let t = self.t as i32;
         let wd = self.weight_decay;
         let scale = self.grad_scale;
+        let kind = self.kind.clone();
         for p in &mut self.params {
-            let tensor = p.var.as_tensor();
-            let dtype = tensor.dtype();
-            let mut w: Vec<f32> = tensor.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-            if p.grad.len() != w.len() {
-                return Err(Error::msg(format!(
-                    "parameter `{}` has no accumulated gradient: call accumulate() before step()",
-                    p.name
-                )));
-            }
-            let chunk = (w.len() / (4 * rayon::current_num_threads())).max(1 << 14);
-            match self.kind {
-                OptimKind::AdamW { beta1, beta2, eps } => {
-                    let bc1 = 1.0 - beta1.powi(t);
-                    let bc2_sqrt = ((1.0 - beta2.powi(t)).sqrt()) as f32;
-                    let step = (lr / bc1) as f32;
-                    let decay = if p.decay { (1.0 - lr * wd) as f32 } else { 1.0 };
-                    let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
-                    w.par_chunks_mut(chunk)
-                        .zip(p.grad.par_chunks(chunk))
-                        .zip(p.m.par_chunks_mut(chunk))
-                        .zip(p.v.par_chunks_mut(chunk))
-                        .for_each(|(((w, g), m), v)| {
-                            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                                let g = g * scale;
-                                *m = b1 * *m + (1.0 - b1) * g;
-                                *v = b2 * *v + (1.0 - b2) * g * g;
-                                let denom = v.sqrt() / bc2_sqrt + eps;
-                                *w = *w * decay - step * *m / denom;
-                            }
-                        });
+            let n = p.var.as_tensor().elem_count();
+            let (m, v) = (&mut p.m, &mut p.v);
+            let decay = p.decay;
+            let applied = p.grad.with(|g| -> Result<()> {
+                if g.len() != n {
+                    return Err(Error::msg(format!(
+                        "parameter `{}`: gradient size {} != {n}",
+                        p.name,
+                        g.len()
+                    )));
                 }
-                OptimKind::Sgd => {
-                    let wd = if p.decay { wd as f32 } else { 0.0 };
-                    let lr = lr as f32;
-                    w.par_chunks_mut(chunk)
-                        .zip(p.grad.par_chunks(chunk))
-                        .for_each(|(w, g)| {
+                let chunk = (n / (4 * rayon::current_num_threads())).max(1 << 14);
+                let update = |w: &mut [f32]| match kind {
+                    OptimKind::AdamW { beta1, beta2, eps } => {
+                        let bc1 = 1.0 - beta1.powi(t);
+                        let bc2_sqrt = ((1.0 - beta2.powi(t)).sqrt()) as f32;
+                        let step = (lr / bc1) as f32;
+                        let decay = if decay { (1.0 - lr * wd) as f32 } else { 1.0 };
+                        let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
+                        w.par_chunks_mut(chunk)
+                            .zip(g.par_chunks(chunk))
+                            .zip(m.par_chunks_mut(chunk))
+                            .zip(v.par_chunks_mut(chunk))
+                            .for_each(|(((w, g), m), v)| {
+                                for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                                    let g = g * scale;
+                                    *m = b1 * *m + (1.0 - b1) * g;
+                                    *v = b2 * *v + (1.0 - b2) * g * g;
+                                    let denom = v.sqrt() / bc2_sqrt + eps;
+                                    *w = *w * decay - step * *m / denom;
+                                }
+                            });
+                    }
+                    OptimKind::Sgd => {
+                        let wd = if decay { wd as f32 } else { 0.0 };
+                        let lr = lr as f32;
+                        w.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).for_each(|(w, g)| {
                             for (w, &g) in w.iter_mut().zip(g) {
                                 *w -= lr * (g * scale + wd * *w);
                             }
                         });
+                    }
+                };
+                Ok(p.var.as_tensor().inplace_op1(&InPlace(RefCell::new(update)))?)
+            })?;
+            match applied {
+                Some(r) => r?,
+                None => {
+                    return Err(Error::msg(format!(
+                        "parameter `{}` has no accumulated gradient: call accumulate() before step()",
+                        p.name
+                    )))
                 }
             }
-            let new = Tensor::from_vec(w, tensor.shape(), tensor.device())?.to_dtype(dtype)?;
-            p.var.set(&new)?;
         }
         Ok(())
     }
@@ -226,8 +301,8 @@ mod tests {
         let grads = [[3.0f64, 4.0], [-1.0, 0.5]];
         for (step, g) in grads.iter().enumerate() {
             opt.zero_grad();
-            opt.params[0].grad = g.iter().map(|&x| x as f32).collect();
-            let norm = opt.clip_grad_norm(1.0);
+            opt.params[0].grad = Grad::Host(g.iter().map(|&x| x as f32).collect());
+            let norm = opt.clip_grad_norm(1.0).unwrap();
             let gn = (g[0] * g[0] + g[1] * g[1]).sqrt();
             assert!((norm - gn).abs() < 1e-6);
             let coef = (1.0 / (gn + 1e-6)).min(1.0);
@@ -256,8 +331,8 @@ mod tests {
             0.5,
             vec![("a.weight".into(), w.clone()), ("model.norm.weight".into(), n.clone())],
         );
-        opt.params[0].grad = vec![2.0];
-        opt.params[1].grad = vec![2.0];
+        opt.params[0].grad = Grad::Host(vec![2.0]);
+        opt.params[1].grad = Grad::Host(vec![2.0]);
         opt.step(0.1).unwrap();
         assert!((w.as_tensor().to_vec1::<f32>().unwrap()[0] - (1.0 - 0.1 * 2.5)).abs() < 1e-7);
         assert!((n.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.8).abs() < 1e-7);
