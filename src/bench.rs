@@ -94,9 +94,14 @@ fn comparison_record(file: &str, run: &serde_json::Value) -> Result<serde_json::
 
 /// Best-of-3 GFLOP/s of an f32 `[m,k] x [k,n]` matmul.
 pub fn matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
+    matmul_gflops_dtype(m, k, n, candle_core::DType::F32)
+}
+
+/// Best-of-3 GFLOP/s of a `[m,k] x [k,n]` matmul in `dtype`.
+pub fn matmul_gflops_dtype(m: usize, k: usize, n: usize, dtype: candle_core::DType) -> Result<f64> {
     let dev = Device::Cpu;
-    let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-    let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+    let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?.to_dtype(dtype)?;
     let _ = a.matmul(&b)?;
     let mut best = f64::MAX;
     for _ in 0..3 {
@@ -243,6 +248,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     let achieved = per_token * positions as f64 / total / 1e9;
     let peak = crate::util::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     let mm_big = matmul_gflops(2048, 2048, 2048)?;
+    let mm_bf16 = matmul_gflops_dtype(2048, 2048, 2048, candle_core::DType::BF16)?;
     let h = tr.policy.transformer.cfg.hidden_size;
     let mm_model = matmul_gflops(512, h, tr.policy.transformer.cfg.intermediate_size)?;
     let _ = std::fs::remove_dir_all(&out);
@@ -255,7 +261,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,
         "phase_seconds_per_step": phase_secs.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v / args.steps as f64))).collect::<serde_json::Map<_, _>>(),
-        "matmul_gflops_2048": mm_big, "matmul_gflops_model_shape": mm_model,
+        "matmul_gflops_2048": mm_big, "matmul_gflops_2048_bf16": mm_bf16, "matmul_gflops_model_shape": mm_model,
     });
     let compare = match &args.compare_file {
         Some(f) => Some(comparison_record(f, &v)?),
@@ -299,6 +305,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
             "  machine f32 matmul GFLOP/s   {mm_big:.1} (2048^3), {mm_model:.1} (512x{h}x{})",
             tr.policy.transformer.cfg.intermediate_size
         );
+        println!("  candle bf16 matmul GFLOP/s   {mm_bf16:.1} (2048^3; candle widens bf16 to f32 on CPU)");
     }
     if let Some(c) = compare {
         let name = c.get("name").and_then(|n| n.as_str()).unwrap_or("compared");

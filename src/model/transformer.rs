@@ -19,6 +19,13 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() == 2 {
+            let y = x.matmul(&self.weight.t()?)?;
+            return Ok(match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
         let dims = x.dims().to_vec();
         let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
         let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
@@ -287,31 +294,69 @@ impl AttentionInputs {
 }
 
 impl Attention {
+    /// `x`: the `[B·T, H]` hidden rows of a `[B, T]` batch (the shape `a` describes).
     pub(crate) fn forward(&self, x: &Tensor, a: &AttentionInputs, kern: Kernels) -> Result<Tensor> {
-        let t = x.dim(1)?;
+        let (b, t) = (a.cos.dim(0)?, a.cos.dim(2)?);
         let (q, k, v) = (
             self.q_proj.forward(x)?,
             self.k_proj.forward(x)?,
             self.v_proj.forward(x)?,
         );
-        let out = match a.blocks.as_slice() {
-            [blk] if blk.start == 0 && blk.len == t => self.attend(&q, &k, &v, &a.cos, &a.sin, &blk.mask, kern)?,
-            blocks => {
-                let mut outs = Vec::with_capacity(blocks.len());
-                for blk in blocks {
-                    let part = |z: &Tensor, dim: usize| z.narrow(dim, blk.start, blk.len);
-                    outs.push(self.attend(
-                        &part(&q, 1)?,
-                        &part(&k, 1)?,
-                        &part(&v, 1)?,
-                        &part(&a.cos, 2)?,
-                        &part(&a.sin, 2)?,
-                        &blk.mask,
-                        kern,
-                    )?);
-                }
-                Tensor::cat(&outs, 1)?
+        let whole = |blk: &AttentionBlock| blk.start == 0 && blk.len == t;
+        let out = if kern.fused_for(x) && (b == 1 || a.blocks.iter().all(whole)) {
+            // one fused node per block, on the 2-D rows (a block of a packed row is a row range)
+            let mut outs = Vec::with_capacity(a.blocks.len());
+            for blk in &a.blocks {
+                let part = |z: &Tensor, dim: usize| -> Result<Tensor> {
+                    Ok(if whole(blk) {
+                        z.clone()
+                    } else {
+                        z.narrow(dim, blk.start, blk.len)?
+                    })
+                };
+                let op = super::fused::Attention {
+                    cos: part(&a.cos, 2)?.contiguous()?,
+                    sin: part(&a.sin, 2)?.contiguous()?,
+                    mask: blk.mask.contiguous()?,
+                    batch: b,
+                    n_heads: self.n_heads,
+                    n_kv_heads: self.n_kv_heads,
+                    head_dim: self.head_dim,
+                };
+                outs.push(super::fused::attention(
+                    &part(&q, 0)?,
+                    &part(&k, 0)?,
+                    &part(&v, 0)?,
+                    op,
+                )?);
             }
+            if outs.len() == 1 {
+                outs.remove(0)
+            } else {
+                Tensor::cat(&outs, 0)?
+            }
+        } else {
+            let rows3 = |z: &Tensor| -> Result<Tensor> { Ok(z.reshape((b, t, z.dim(1)?))?) };
+            let (q, k, v) = (rows3(&q)?, rows3(&k)?, rows3(&v)?);
+            let mut outs = Vec::with_capacity(a.blocks.len());
+            for blk in &a.blocks {
+                let part = |z: &Tensor, dim: usize| z.narrow(dim, blk.start, blk.len);
+                outs.push(self.attend(
+                    &part(&q, 1)?,
+                    &part(&k, 1)?,
+                    &part(&v, 1)?,
+                    &part(&a.cos, 2)?,
+                    &part(&a.sin, 2)?,
+                    &blk.mask,
+                    kern,
+                )?);
+            }
+            let out = if outs.len() == 1 {
+                outs.remove(0)
+            } else {
+                Tensor::cat(&outs, 1)?
+            };
+            out.reshape((b * t, self.n_heads * self.head_dim))?
         };
         self.o_proj.forward(&out)
     }
@@ -330,19 +375,6 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = q.dims3()?;
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        if kern.fused_for(q) {
-            let flat = |z: &Tensor| -> Result<Tensor> { Ok(z.reshape((b * t, z.dim(2)?))?) };
-            let op = super::fused::Attention {
-                cos: cos.contiguous()?,
-                sin: sin.contiguous()?,
-                mask: mask.contiguous()?,
-                batch: b,
-                n_heads: h,
-                n_kv_heads: kvh,
-                head_dim: d,
-            };
-            return Ok(super::fused::attention(&flat(q)?, &flat(k)?, &flat(v)?, op)?.reshape((b, t, h * d))?);
-        }
         let heads =
             |y: &Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
         let q = kern.rope(&heads(q, h)?, cos, sin)?;
@@ -493,10 +525,8 @@ impl Transformer {
     pub fn hidden_states(&self, input_ids: &Tensor, a: &AttentionInputs) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let eps = self.cfg.rms_norm_eps;
-        let mut x =
-            self.embed_tokens
-                .index_select(&input_ids.flatten_all()?, 0)?
-                .reshape((b, t, self.cfg.hidden_size))?;
+        // the layers work on `[B·T, H]` rows: no reshapes around every projection
+        let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?;
         let k = self.kernels;
         for blk in &self.layers {
             let h = blk
@@ -508,7 +538,7 @@ impl Transformer {
                 .forward(&k.rms_norm(&x, &blk.post_attention_layernorm, eps)?, k)?;
             x = (x + h)?;
         }
-        k.rms_norm(&x, &self.norm, eps)
+        Ok(k.rms_norm(&x, &self.norm, eps)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Scalar rewards `[S]` of a right-padded batch: the reward head on the hidden state of each
