@@ -128,6 +128,38 @@ fn dpo_learns_the_toy_preference_and_saves_an_hf_model() {
     }
 }
 
+/// `fused_kernels = false` reaches the trained policy and the live reference (the trainable
+/// copy of a model is rebuilt, and must keep its kernels), and both settings train to the same
+/// metrics.
+#[test]
+fn fused_kernels_option_reaches_both_models_and_changes_no_metric() {
+    use prefer::model::Kernels;
+    use prefer::train::reference::Reference;
+    let (_dir, cfg) = tiny_setup("kernels");
+    let mut logs = Vec::new();
+    for (fused, want) in [(true, Kernels::Fused), (false, Kernels::Primitive)] {
+        let c = TrainConfig {
+            fused_kernels: fused,
+            max_steps: 3,
+            output_dir: format!("{}-{fused}", cfg.output_dir),
+            ..cfg.clone()
+        };
+        let tr = Trainer::new(&c).unwrap();
+        assert_eq!(tr.policy.transformer.kernels, want);
+        match &tr.reference {
+            Reference::Model(r) => assert_eq!(r.kernels, want),
+            _ => panic!("expected a live reference"),
+        }
+        prefer::train::train(&c).unwrap();
+        logs.push(metrics(&c));
+    }
+    for (a, b) in logs[0].iter().zip(&logs[1]) {
+        for k in ["loss", "rewards/margins", "logps/chosen", "grad_norm"] {
+            assert!((f(a, k) - f(b, k)).abs() < 1e-4 * (1.0 + f(b, k).abs()), "{k}: {a} vs {b}");
+        }
+    }
+}
+
 #[test]
 fn resume_gives_the_same_metrics_as_an_uninterrupted_run() {
     let (_dir, cfg) = tiny_setup("resume");

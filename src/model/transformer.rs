@@ -498,14 +498,16 @@ impl Transformer {
         &self.params
     }
 
-    /// A new model whose every parameter is `f(name, tensor)`.
+    /// A new model whose every parameter is `f(name, tensor)`, with the same kernels.
     pub fn map(&self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<Self> {
         let mut it = self.params.iter();
-        Self::build(&self.cfg, |name, _| {
+        let mut m = Self::build(&self.cfg, |name, _| {
             let (n, t) = it.next().ok_or_else(|| Error::msg("parameter walk mismatch"))?;
             debug_assert_eq!(n, name);
             f(name, t)
-        })
+        })?;
+        m.kernels = self.kernels;
+        Ok(m)
     }
 
     pub fn dtype(&self) -> DType {
