@@ -27,6 +27,64 @@ pub struct EvalSummary {
     pub alignment_gap: Option<f64>,
     /// Fraction of pairs the reference misranks, and the mean DPO loss they must reach to flip.
     pub difficulty: Option<Difficulty>,
+    /// Expected calibration error of the Bradley-Terry probability σ(r_chosen − r_rejected)
+    /// (explicit rewards, or DPO's implicit reward with a reference); see [`calibration`].
+    pub calibration_ece: Option<f64>,
+}
+
+/// One bin of a reliability diagram.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CalibrationBin {
+    /// Confidence range `[lo, hi)` (the last bin includes 1).
+    pub lo: f64,
+    pub hi: f64,
+    pub count: usize,
+    /// Mean confidence of the pairs in the bin, and the fraction of them ranked correctly.
+    pub confidence: f64,
+    pub accuracy: f64,
+}
+
+/// Calibration of a preference model's probabilities: pair i gets p_i = σ(margin_i), the
+/// model's probability that the labelled-chosen response is preferred. Its confidence is
+/// max(p, 1 − p) and it is right when p > 1/2. Pairs are binned by confidence over [1/2, 1];
+/// ECE = Σ_bins (count / N)·|accuracy − confidence|.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Calibration {
+    pub bins: Vec<CalibrationBin>,
+    pub ece: f64,
+}
+
+pub fn calibration(margins: &[f64], bins: usize) -> Calibration {
+    let bins = bins.max(1);
+    let width = 0.5 / bins as f64;
+    let mut acc = vec![(0usize, 0.0f64, 0usize); bins]; // count, Σ confidence, correct
+    for &m in margins {
+        let p = crate::util::log_sigmoid(m).exp();
+        let conf = p.max(1.0 - p);
+        let b = (((conf - 0.5) / width) as usize).min(bins - 1);
+        acc[b].0 += 1;
+        acc[b].1 += conf;
+        acc[b].2 += (m > 0.0) as usize;
+    }
+    let n = margins.len().max(1) as f64;
+    let mut ece = 0.0;
+    let bins = acc
+        .iter()
+        .enumerate()
+        .map(|(i, &(count, sum_conf, correct))| {
+            let c = count.max(1) as f64;
+            let (confidence, accuracy) = (sum_conf / c, correct as f64 / c);
+            ece += count as f64 / n * (accuracy - confidence).abs();
+            CalibrationBin {
+                lo: 0.5 + i as f64 * width,
+                hi: 0.5 + (i + 1) as f64 * width,
+                count,
+                confidence,
+                accuracy,
+            }
+        })
+        .collect();
+    Calibration { bins, ece }
 }
 
 impl EvalSummary {
@@ -47,7 +105,9 @@ impl EvalSummary {
 pub fn summarize_rewards(rewards: &[(f64, f64)]) -> EvalSummary {
     let n = rewards.len().max(1) as f64;
     let acc = rewards.iter().filter(|(c, r)| c > r).count() as f64 / n;
+    let margins: Vec<f64> = rewards.iter().map(|(c, r)| c - r).collect();
     EvalSummary {
+        calibration_ece: Some(calibration(&margins, CALIBRATION_BINS).ece),
         pairs: rewards.len(),
         reward_model: true,
         reward_accuracy: Some(acc),
@@ -78,7 +138,7 @@ pub fn summarize(
         .zip(lengths)
         .filter(|((c, r), (lc, lr))| c / (*lc).max(1) as f64 > r / (*lr).max(1) as f64)
         .count();
-    let (mut acc, mut margin, mut loss, mut ref_rank) = (None, None, None, None);
+    let (mut acc, mut margin, mut loss, mut ref_rank, mut ece) = (None, None, None, None, None);
     if let Some(rf) = reference {
         let rewards: Vec<(f64, f64)> = policy
             .iter()
@@ -95,6 +155,8 @@ pub fn summarize(
                 / n,
         );
         ref_rank = Some(frac(rf.iter().filter(|(c, r)| c > r).count()));
+        let margins: Vec<f64> = rewards.iter().map(|(c, r)| c - r).collect();
+        ece = Some(calibration(&margins, CALIBRATION_BINS).ece);
     }
     EvalSummary {
         pairs: policy.len(),
@@ -108,8 +170,12 @@ pub fn summarize(
         idealized_ranking_accuracy: None,
         alignment_gap: None,
         difficulty: None,
+        calibration_ece: ece,
     }
 }
+
+/// Bins of the reliability diagram behind `calibration_ece`.
+pub const CALIBRATION_BINS: usize = 10;
 
 #[cfg(test)]
 mod tests {
@@ -134,6 +200,24 @@ mod tests {
         assert_eq!(s.ref_ranking_accuracy, Some(0.0));
         let s = summarize(&policy, None, &lengths, 0.5);
         assert_eq!((s.reward_accuracy, s.ranking_accuracy), (None, 0.5));
+    }
+
+    /// Reliability bins and ECE by hand: margins ±ln 3 give p = 3/4 or 1/4 (confidence 3/4),
+    /// ln 19 gives 0.95, 0 gives 1/2 (counted wrong).
+    #[test]
+    fn hand_made_calibration() {
+        let l3 = 3f64.ln();
+        let c = calibration(&[l3, l3, -l3, 19f64.ln(), 0.0], 5);
+        // bins of width 0.1 over [0.5, 1]: 0.5 -> bin 0, 0.75 -> bin 2, 0.95 -> bin 4
+        let counts: Vec<usize> = c.bins.iter().map(|b| b.count).collect();
+        assert_eq!(counts, vec![1, 0, 3, 0, 1]);
+        assert!((c.bins[2].confidence - 0.75).abs() < 1e-12);
+        assert!((c.bins[2].accuracy - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!((c.bins[0].accuracy, c.bins[4].accuracy), (0.0, 1.0));
+        let ece = (1.0 * 0.5 + 3.0 * (0.75f64 - 2.0 / 3.0).abs() + 1.0 * 0.05) / 5.0;
+        assert!((c.ece - ece).abs() < 1e-12, "{} vs {ece}", c.ece);
+        // a perfectly calibrated set: confidence 3/4, three of four right
+        assert!(calibration(&[l3, l3, l3, -l3], 10).ece < 1e-12);
     }
 }
 

@@ -688,6 +688,9 @@ fn print_summary(s: &prefer::eval::EvalSummary, beta: f64, gen_acc: Option<f64>)
             println!("reward accuracy (reward model) {}", pct(a));
             println!("mean reward margin             {mg:.4}");
         }
+        if let Some(e) = s.calibration_ece {
+            println!("calibration error (ECE)        {e:.4}");
+        }
         return;
     }
     println!("ranking accuracy               {}", pct(s.ranking_accuracy));
@@ -699,6 +702,9 @@ fn print_summary(s: &prefer::eval::EvalSummary, beta: f64, gen_acc: Option<f64>)
     if let (Some(l), Some(rr)) = (s.dpo_loss, s.ref_ranking_accuracy) {
         println!("DPO loss                       {l:.4}");
         println!("reference ranking accuracy     {}", pct(rr));
+    }
+    if let Some(e) = s.calibration_ece {
+        println!("calibration error (ECE)        {e:.4}");
     }
     if let (Some(i), Some(g)) = (s.idealized_ranking_accuracy, s.alignment_gap) {
         println!("idealised ranking accuracy     {}", pct(i));
@@ -855,6 +861,36 @@ fn eval_cmd(
                 30,
             )?;
             eprintln!("wrote {}", p.display());
+            if m.transformer.cfg.reward_head || reference.is_some() {
+                // reliability diagram of σ(r_chosen − r_rejected)
+                let margins: Vec<f64> = implicit.iter().map(|(c, r)| c - r).collect();
+                let cal = prefer::eval::calibration(&margins, prefer::eval::CALIBRATION_BINS);
+                let points: Vec<(f64, f64)> = cal
+                    .bins
+                    .iter()
+                    .filter(|b| b.count > 0)
+                    .map(|b| (b.confidence, b.accuracy))
+                    .collect();
+                let series = [
+                    prefer::plot::Series {
+                        name: format!("model (ECE {:.3})", cal.ece),
+                        points,
+                    },
+                    prefer::plot::Series {
+                        name: "perfectly calibrated".into(),
+                        points: vec![(0.5, 0.5), (1.0, 1.0)],
+                    },
+                ];
+                let p = dir.join("calibration.png");
+                prefer::plot::line_chart(
+                    &p,
+                    "calibration of σ(reward margin)",
+                    "confidence max(p, 1 − p)",
+                    "fraction ranked correctly",
+                    &series,
+                )?;
+                eprintln!("wrote {}", p.display());
+            }
         }
         let mut v = serde_json::to_value(&summary)?;
         v["generation_accuracy"] = json!(gen_acc);
@@ -920,6 +956,7 @@ fn eval_cmd(
         "reward_margin",
         "dpo_loss",
         "alignment_gap",
+        "calibration_ece",
     ];
     if as_json {
         println!("{}", Value::Array(rows.clone()));

@@ -155,7 +155,10 @@ fn fused_kernels_option_reaches_both_models_and_changes_no_metric() {
     }
     for (a, b) in logs[0].iter().zip(&logs[1]) {
         for k in ["loss", "rewards/margins", "logps/chosen", "grad_norm"] {
-            assert!((f(a, k) - f(b, k)).abs() < 1e-4 * (1.0 + f(b, k).abs()), "{k}: {a} vs {b}");
+            assert!(
+                (f(a, k) - f(b, k)).abs() < 1e-4 * (1.0 + f(b, k).abs()),
+                "{k}: {a} vs {b}"
+            );
         }
     }
 }
@@ -785,11 +788,15 @@ fn eval_over_checkpoints_with_diagnostics_and_plots() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        text.contains("reference misranks") && text.contains("reward accuracy"),
+        text.contains("reference misranks") && text.contains("reward accuracy") && text.contains("calibration error"),
         "{text}"
     );
-    assert_eq!(
-        &std::fs::read(plots.join("reward_histogram.png")).unwrap()[..4],
-        b"\x89PNG"
-    );
+    for p in ["reward_histogram.png", "calibration.png"] {
+        assert_eq!(&std::fs::read(plots.join(p)).unwrap()[..4], b"\x89PNG", "{p}");
+    }
+    // the ECE in the trajectory is the one of the implicit rewards' reliability diagram
+    for r in &rows {
+        let e = r["calibration_ece"].as_f64().unwrap();
+        assert!((0.0..=0.5).contains(&e), "{e}");
+    }
 }
