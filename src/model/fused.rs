@@ -238,6 +238,48 @@ macro_rules! by_dtype {
     };
 }
 
+/// `impl CustomOp2`/`CustomOp3` for `$ty` named `$name`, whose `cpu_fwd` is the given
+/// expression of the op (`op`) and the storages and layouts, plus any further items (`bwd`).
+macro_rules! custom_op {
+    (2, $ty:ty, $name:literal, |$op:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident| $fwd:expr $(, $($rest:tt)*)?) => {
+        impl CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(&self, $s1: &CpuStorage, $l1: &Layout, $s2: &CpuStorage, $l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+                let $op = self;
+                $fwd
+            }
+
+            $($($rest)*)?
+        }
+    };
+    (3, $ty:ty, $name:literal, |$op:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident, $s3:ident, $l3:ident| $fwd:expr $(, $($rest:tt)*)?) => {
+        impl CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            #[allow(clippy::too_many_arguments)]
+            fn cpu_fwd(
+                &self,
+                $s1: &CpuStorage,
+                $l1: &Layout,
+                $s2: &CpuStorage,
+                $l2: &Layout,
+                $s3: &CpuStorage,
+                $l3: &Layout,
+            ) -> CResult<(CpuStorage, Shape)> {
+                let $op = self;
+                $fwd
+            }
+
+            $($($rest)*)?
+        }
+    };
+}
+
 /// Rows per parallel task: enough work per task to amortise scheduling.
 fn rows_per_task(rows: usize, width: usize) -> usize {
     let per = (1 << 15) / width.max(1);
@@ -344,15 +386,11 @@ fn rms_bwd<T: Elem>(
     out(res, Shape::from((rows + 1, h)))
 }
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), rms_fwd(s1, l1, s2, l2, self.eps))
-    }
-
+custom_op!(
+    2,
+    RmsNorm,
+    "fused-rms-norm",
+    |op, s1, l1, s2, l2| by_dtype!(s1, "fused-rms-norm", rms_fwd(s1, l1, s2, l2, op.eps)),
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let h = w.dim(0)?;
         let rows = x.elem_count() / h;
@@ -361,25 +399,14 @@ impl CustomOp2 for RmsNorm {
         let dw = both.narrow(0, rows, 1)?.reshape(h)?;
         Ok((Some(dx), Some(dw)))
     }
-}
+);
 
-impl CustomOp3 for RmsNormBwd {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), rms_bwd(s1, l1, s2, l2, s3, l3, self.eps))
-    }
-}
+custom_op!(
+    3,
+    RmsNormBwd,
+    "fused-rms-norm-bwd",
+    |op, s1, l1, s2, l2, s3, l3| by_dtype!(s1, "fused-rms-norm-bwd", rms_bwd(s1, l1, s2, l2, s3, l3, op.eps))
+);
 
 /// `x / sqrt(mean(x²) + eps) * w` over the last dimension, fused.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -441,23 +468,11 @@ fn rope_fwd<T: Elem>(
     out(y, l1.shape().clone())
 }
 
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "fused-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), rope_fwd(s1, l1, s2, l2, s3, l3, self.transpose))
-    }
-
+custom_op!(
+    3,
+    Rope,
+    "fused-rope",
+    |op, s1, l1, s2, l2, s3, l3| by_dtype!(s1, "fused-rope", rope_fwd(s1, l1, s2, l2, s3, l3, op.transpose)),
     fn bwd(
         &self,
         _x: &Tensor,
@@ -475,7 +490,7 @@ impl CustomOp3 for Rope {
         )?;
         Ok((Some(dx), None, None))
     }
-}
+);
 
 /// Rotary embedding in the HF layout, fused. `cos`, `sin`: `[B, 1, L, D]` (no gradient).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -549,30 +564,23 @@ fn softmax_bwd<T: Elem>(
     out(ds, l1.shape().clone())
 }
 
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-masked-softmax"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), softmax_fwd(s1, l1, s2, l2, self.scale))
-    }
-
+custom_op!(
+    2,
+    MaskedSoftmax,
+    "fused-masked-softmax",
+    |op, s1, l1, s2, l2| by_dtype!(s1, "fused-masked-softmax", softmax_fwd(s1, l1, s2, l2, op.scale)),
     fn bwd(&self, _x: &Tensor, _mask: &Tensor, p: &Tensor, dp: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &MaskedSoftmaxBwd { scale: self.scale })?;
         Ok((Some(ds), None))
     }
-}
+);
 
-impl CustomOp2 for MaskedSoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "fused-masked-softmax-bwd"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), softmax_bwd(s1, l1, s2, l2, self.scale))
-    }
-}
+custom_op!(
+    2,
+    MaskedSoftmaxBwd,
+    "fused-masked-softmax-bwd",
+    |op, s1, l1, s2, l2| by_dtype!(s1, "fused-masked-softmax-bwd", softmax_bwd(s1, l1, s2, l2, op.scale))
+);
 
 /// `softmax(scale · scores + mask)` over the last dimension, fused.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
@@ -687,23 +695,11 @@ fn attention_fwd<T: Elem>(
     storage_of::<T>(&a.merge(&o, a.n_heads)?)
 }
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), attention_fwd(self, s1, l1, s2, l2, s3, l3))
-    }
-
+custom_op!(
+    3,
+    Attention,
+    "fused-attention",
+    |op, s1, l1, s2, l2, s3, l3| by_dtype!(s1, "fused-attention", attention_fwd(op, s1, l1, s2, l2, s3, l3)),
     fn bwd(
         &self,
         q: &Tensor,
@@ -729,7 +725,7 @@ impl CustomOp3 for Attention {
         let dv = self.merge(&dv, kvh)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
-}
+);
 
 /// Fused attention over one block; see [`Attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Result<Tensor> {
@@ -803,15 +799,11 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor
     Ok((dl.matmul(&op.w)?, dl.t()?.matmul(&h)?))
 }
 
-impl CustomOp2 for TokenLogps {
-    fn name(&self) -> &'static str {
-        "fused-token-logps"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), head_fwd(self, s1, l1))
-    }
-
+custom_op!(
+    2,
+    TokenLogps,
+    "fused-token-logps",
+    |op, s1, l1, _s2, _l2| by_dtype!(s1, "fused-token-logps", head_fwd(op, s1, l1)),
     fn bwd(&self, h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (dh, dw) = match h.dtype() {
             candle_core::DType::F32 => head_bwd::<f32>(self, h, g)?,
@@ -820,7 +812,7 @@ impl CustomOp2 for TokenLogps {
         };
         Ok((Some(dh), Some(dw)))
     }
-}
+);
 
 /// `log softmax(h · Wᵀ)[targets]` per row of `h` `[n, H]`, fused; see [`TokenLogps`].
 pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
@@ -887,40 +879,25 @@ fn swiglu_bwd<T: Elem>(
     out(res, Shape::from((2, n)))
 }
 
-impl CustomOp2 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "fused-swiglu"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), swiglu_fwd(s1, l1, s2, l2))
-    }
-
+custom_op!(
+    2,
+    SwiGlu,
+    "fused-swiglu",
+    |_op, s1, l1, s2, l2| by_dtype!(s1, "fused-swiglu", swiglu_fwd(s1, l1, s2, l2)),
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let both = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SwiGluBwd)?;
         let dg = both.get(0)?.reshape(g.shape())?;
         let du = both.get(1)?.reshape(u.shape())?;
         Ok((Some(dg), Some(du)))
     }
-}
+);
 
-impl CustomOp3 for SwiGluBwd {
-    fn name(&self) -> &'static str {
-        "fused-swiglu-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1, self.name(), swiglu_bwd(s1, l1, s2, l2, s3, l3))
-    }
-}
+custom_op!(
+    3,
+    SwiGluBwd,
+    "fused-swiglu-bwd",
+    |_op, s1, l1, s2, l2, s3, l3| by_dtype!(s1, "fused-swiglu-bwd", swiglu_bwd(s1, l1, s2, l2, s3, l3))
+);
 
 /// `silu(g) · u`, fused.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
