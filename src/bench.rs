@@ -37,7 +37,8 @@ pub struct DpoBenchArgs {
     /// prompt, as on HH), cut from the HH text: for measuring how cost grows with length.
     #[arg(long, value_name = "N")]
     pub synthetic_length: Option<usize>,
-    /// Use candle primitive ops instead of the fused RMSNorm/RoPE/softmax/SwiGLU kernels.
+    /// Use candle primitive ops instead of the fused kernels (RMSNorm, RoPE, attention, SwiGLU,
+    /// log-prob head).
     #[arg(long)]
     pub no_fused_kernels: bool,
     /// Print one JSON object instead of the table.
@@ -320,4 +321,39 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::comparison_record;
+    use serde_json::json;
+
+    #[test]
+    fn compare_file_picks_the_matching_record_and_names_bad_lines() {
+        let dir = crate::testing::scratch_dir("bench-compare");
+        let f = dir.join("figures.jsonl");
+        std::fs::write(
+            &f,
+            "// a comment\n{\"reference\": \"live\", \"s_per_step_median\": 6.5}\n\
+             {\"reference\": \"precomputed\", \"dtype\": \"f32\", \"s_per_step_median\": 5.4}\n",
+        )
+        .unwrap();
+        let run = json!({"reference": "precomputed", "dtype": "f32", "batch_pairs": 2, "max_length": 256});
+        let r = comparison_record(f.to_str().unwrap(), &run).unwrap();
+        assert_eq!(r["s_per_step_median"], json!(5.4));
+        // no record for bf16
+        let bf16 = json!({"reference": "precomputed", "dtype": "bf16", "batch_pairs": 2, "max_length": 256});
+        let e = comparison_record(f.to_str().unwrap(), &bf16).unwrap_err().to_string();
+        assert!(e.contains("no record matches") && e.contains("bf16"), "{e}");
+        // a record without the figure is named by line
+        std::fs::write(&f, "{\"reference\": \"live\"}\n").unwrap();
+        let e = comparison_record(f.to_str().unwrap(), &run).unwrap_err().to_string();
+        assert!(e.contains(":1:") && e.contains("s_per_step_median"), "{e}");
+        // a single JSON object (the output of --json) works as a file
+        std::fs::write(&f, run.to_string().replace('}', ", \"s_per_step_median\": 3.0}")).unwrap();
+        assert_eq!(
+            comparison_record(f.to_str().unwrap(), &run).unwrap()["s_per_step_median"],
+            json!(3.0)
+        );
+    }
 }

@@ -189,7 +189,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "fused_kernels",
         "true",
-        "Fused CPU kernels (RMSNorm, RoPE, attention softmax, SwiGLU) with their own backward; false = candle primitive ops. Same values either way.",
+        "Fused CPU kernels with their own backward (RMSNorm, RoPE, the attention of a block, SwiGLU, the log-prob head); false = candle primitive ops. Same values either way; fused is faster and keeps far fewer activations.",
     ),
     (
         "share_prompt",
