@@ -192,3 +192,22 @@ fn reference_soup_averages_weights_and_sync_mixes_them() {
         .unwrap();
     assert!(e.to_string().contains("another architecture"), "{e}");
 }
+
+/// Positions a forward pass computes under each layout, counted by hand for `pairs()`:
+/// prompts of 3 and 2 tokens, responses of 3 and 5, and 6 and 2 tokens.
+#[test]
+fn forward_positions_by_layout() {
+    use prefer::model::{Layout, PaddingSide};
+    let ps = pairs();
+    let refs: Vec<&TokenizedExample> = ps.iter().collect();
+    let layout = |share_prompt, padding_free| Layout {
+        share_prompt,
+        padding_free,
+        padding_side: PaddingSide::Right,
+    };
+    let count = |l| prefer::stats::forward_positions(&refs, l);
+    assert_eq!(count(layout(true, true)), (3 + 3 + 5) + (2 + 6 + 2));
+    assert_eq!(count(layout(true, false)), 2 * 11);
+    assert_eq!(count(layout(false, true)), (3 + 3) + (3 + 5) + (2 + 6) + (2 + 2));
+    assert_eq!(count(layout(false, false)), 4 * 8);
+}

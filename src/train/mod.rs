@@ -640,7 +640,13 @@ impl Trainer {
             let indices = self.order.micro_batch(step * accum + a);
             tokens += indices.iter().map(|&i| self.train_pairs[i].num_tokens()).sum::<usize>();
             let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &self.train_pairs[i]).collect();
-            positions += crate::stats::forward_positions(&batch, self.stats_options.layout);
+            // reward models score padded separate sequences (stats::group_rewards)
+            let layout = if self.policy.transformer.cfg.reward_head {
+                crate::model::Layout::PADDED
+            } else {
+                self.stats_options.layout
+            };
+            positions += crate::stats::forward_positions(&batch, layout);
             let stats = batch_stats(
                 &self.policy,
                 &self.reference,
