@@ -18,21 +18,24 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `x` of any rank `[..., in]`; the model's layers pass `[rows, in]`, which needs no reshape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.rank() == 2 {
-            let y = x.matmul(&self.weight.t()?)?;
-            return Ok(match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
-        }
         let dims = x.dims().to_vec();
-        let (rows, inp) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let inp = dims[dims.len() - 1];
+        let rows = dims[..dims.len() - 1].iter().product::<usize>();
+        let x2 = if dims.len() == 2 {
+            x.clone()
+        } else {
+            x.reshape((rows, inp))?
+        };
+        let y = x2.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
+        if dims.len() == 2 {
+            return Ok(y);
+        }
         let mut out = dims;
         let last = out.len() - 1;
         out[last] = self.weight.dim(0)?;
