@@ -488,7 +488,9 @@ impl TrainConfig {
         if matches!(&self.ref_model, Some(RefModel::Soup(v)) if v.is_empty()) {
             return bad("ref_model is an empty list".into());
         }
-        self.objective()?;
+        if self.objective()?.needs_reward_variance() && self.reward_clusters > 1 {
+            return bad("loss_type `gaussian` trains one Gaussian head: set reward_clusters = 1".into());
+        }
         Ok(())
     }
 
@@ -502,10 +504,13 @@ impl TrainConfig {
             names = vec!["bradley_terry".into()];
         }
         let obj = crate::objectives::build(&names, self.loss_weights.as_deref(), &self.params)?;
-        let is_reward = obj.parts.iter().all(|(_, e)| e.rewards == RewardKind::Reward);
+        let is_reward = obj
+            .parts
+            .iter()
+            .all(|(_, e)| matches!(e.rewards, RewardKind::Reward | RewardKind::RewardDistribution));
         match (reward, is_reward) {
             (true, false) => Err(Error::Config(format!(
-                "task = \"reward\" trains with a reward-model objective (bradley_terry), not `{}`",
+                "task = \"reward\" trains with a reward-model objective (bradley_terry or gaussian), not `{}`",
                 obj.name()
             ))),
             (false, true) => Err(Error::Config(format!(

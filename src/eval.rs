@@ -27,8 +27,9 @@ pub struct EvalSummary {
     pub alignment_gap: Option<f64>,
     /// Fraction of pairs the reference misranks, and the mean DPO loss they must reach to flip.
     pub difficulty: Option<Difficulty>,
-    /// Expected calibration error of the Bradley-Terry probability σ(r_chosen − r_rejected)
-    /// (explicit rewards, or DPO's implicit reward with a reference); see [`calibration`].
+    /// Expected calibration error of the model's preference probability: σ(r_chosen − r_rejected)
+    /// (explicit rewards, or DPO's implicit reward with a reference), or a Gaussian head's
+    /// Φ(Δμ/√(σ_w² + σ_l²)); see [`calibration`].
     pub calibration_ece: Option<f64>,
 }
 
@@ -44,8 +45,9 @@ pub struct CalibrationBin {
     pub accuracy: f64,
 }
 
-/// Calibration of a preference model's probabilities: pair i gets p_i = σ(margin_i), the
-/// model's probability that the labelled-chosen response is preferred. Its confidence is
+/// Calibration of a preference model's probabilities: p_i is the model's probability that the
+/// labelled-chosen response of pair i is preferred (σ(margin_i) for a Bradley-Terry reward,
+/// Φ(Δμ/√(σ_w² + σ_l²)) for a Gaussian head). Its confidence is
 /// max(p, 1 − p) and it is right when p > 1/2. Pairs are binned by confidence over [1/2, 1];
 /// ECE = Σ_bins (count / N)·|accuracy − confidence|.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -54,19 +56,18 @@ pub struct Calibration {
     pub ece: f64,
 }
 
-pub fn calibration(margins: &[f64], bins: usize) -> Calibration {
+pub fn calibration(probabilities: &[f64], bins: usize) -> Calibration {
     let bins = bins.max(1);
     let width = 0.5 / bins as f64;
     let mut acc = vec![(0usize, 0.0f64, 0usize); bins]; // count, Σ confidence, correct
-    for &m in margins {
-        let p = crate::util::log_sigmoid(m).exp();
+    for &p in probabilities {
         let conf = p.max(1.0 - p);
         let b = (((conf - 0.5) / width) as usize).min(bins - 1);
         acc[b].0 += 1;
         acc[b].1 += conf;
-        acc[b].2 += (m > 0.0) as usize;
+        acc[b].2 += (p > 0.5) as usize;
     }
-    let n = margins.len().max(1) as f64;
+    let n = probabilities.len().max(1) as f64;
     let mut ece = 0.0;
     let bins = acc
         .iter()
@@ -101,13 +102,21 @@ impl EvalSummary {
     }
 }
 
-/// Explicit reward model on pairs: accuracy (r_w > r_l) and mean margin.
-pub fn summarize_rewards(rewards: &[(f64, f64)]) -> EvalSummary {
+/// The Bradley-Terry preference probabilities σ(r_w − r_l) of (chosen, rejected) rewards.
+pub fn bt_probabilities(rewards: &[(f64, f64)]) -> Vec<f64> {
+    rewards
+        .iter()
+        .map(|(c, r)| crate::util::log_sigmoid(c - r).exp())
+        .collect()
+}
+
+/// Explicit reward model on pairs: accuracy (r_w > r_l), mean margin, and the calibration of
+/// the model's preference `probabilities` (see [`calibration`]).
+pub fn summarize_rewards(rewards: &[(f64, f64)], probabilities: &[f64]) -> EvalSummary {
     let n = rewards.len().max(1) as f64;
     let acc = rewards.iter().filter(|(c, r)| c > r).count() as f64 / n;
-    let margins: Vec<f64> = rewards.iter().map(|(c, r)| c - r).collect();
     EvalSummary {
-        calibration_ece: Some(calibration(&margins, CALIBRATION_BINS).ece),
+        calibration_ece: Some(calibration(probabilities, CALIBRATION_BINS).ece),
         pairs: rewards.len(),
         reward_model: true,
         reward_accuracy: Some(acc),
@@ -155,8 +164,7 @@ pub fn summarize(
                 / n,
         );
         ref_rank = Some(frac(rf.iter().filter(|(c, r)| c > r).count()));
-        let margins: Vec<f64> = rewards.iter().map(|(c, r)| c - r).collect();
-        ece = Some(calibration(&margins, CALIBRATION_BINS).ece);
+        ece = Some(calibration(&bt_probabilities(&rewards), CALIBRATION_BINS).ece);
     }
     EvalSummary {
         pairs: policy.len(),
@@ -207,7 +215,8 @@ mod tests {
     #[test]
     fn hand_made_calibration() {
         let l3 = 3f64.ln();
-        let c = calibration(&[l3, l3, -l3, 19f64.ln(), 0.0], 5);
+        let p = |m: &[f64]| bt_probabilities(&m.iter().map(|&m| (m, 0.0)).collect::<Vec<_>>());
+        let c = calibration(&p(&[l3, l3, -l3, 19f64.ln(), 0.0]), 5);
         // bins of width 0.1 over [0.5, 1]: 0.5 -> bin 0, 0.75 -> bin 2, 0.95 -> bin 4
         let counts: Vec<usize> = c.bins.iter().map(|b| b.count).collect();
         assert_eq!(counts, vec![1, 0, 3, 0, 1]);
@@ -217,7 +226,7 @@ mod tests {
         let ece = (1.0 * 0.5 + 3.0 * (0.75f64 - 2.0 / 3.0).abs() + 1.0 * 0.05) / 5.0;
         assert!((c.ece - ece).abs() < 1e-12, "{} vs {ece}", c.ece);
         // a perfectly calibrated set: confidence 3/4, three of four right
-        assert!(calibration(&[l3, l3, l3, -l3], 10).ece < 1e-12);
+        assert!(calibration(&p(&[l3, l3, l3, -l3]), 10).ece < 1e-12);
     }
 }
 

@@ -469,13 +469,30 @@ fn run(cmd: Cmd) -> Result<()> {
             for e in &report.skipped {
                 eprintln!("skipped: {e}");
             }
-            let scores = prefer::stats::score_rewards(&m.transformer, &examples, read.batch_size, m.tokenizer.pad_id)?;
+            let heads =
+                prefer::stats::score_reward_heads(&m.transformer, &examples, read.batch_size, m.tokenizer.pad_id)?;
+            let gaussian = m.transformer.cfg.reward_variance;
             let mut out = std::io::stdout().lock();
-            for (e, s) in examples.iter().zip(&scores) {
+            for (e, h) in examples.iter().zip(&heads) {
+                // a Gaussian head scores with its mean and also reports σ per response
+                let s: Vec<f64> = h.iter().map(|r| r[0]).collect();
                 let mut rec = json!({"line": e.line, "scores": s});
+                if m.transformer.cfg.num_labels > 1 && !gaussian {
+                    // MaxMin: one reward per cluster head, per response
+                    writeln!(out, "{}", json!({"line": e.line, "head_scores": h}))?;
+                    continue;
+                }
+                if gaussian {
+                    rec["sigmas"] = json!(h.iter().map(|r| (0.5 * r[1]).exp()).collect::<Vec<_>>());
+                }
                 if report.shape == Some(Shape::Pairwise) {
                     rec["chosen_score"] = json!(s[0]);
                     rec["rejected_score"] = json!(s[1]);
+                    if gaussian {
+                        rec["preference_probability"] = json!(prefer::util::gaussian_preference_probability(
+                            h[0][0], h[0][1], h[1][0], h[1][1]
+                        ));
+                    }
                 }
                 writeln!(out, "{rec}")?;
             }
@@ -588,6 +605,20 @@ fn run(cmd: Cmd) -> Result<()> {
     }
 }
 
+/// A Gaussian reward head's probability that each pair's chosen response is preferred,
+/// Φ((μ_w − μ_l)/√(σ_w² + σ_l²)).
+fn gaussian_probabilities(
+    m: &model::LoadedModel,
+    pairs: &[prefer::data::TokenizedExample],
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    let heads = prefer::stats::score_reward_heads(&m.transformer, pairs, batch_size, m.tokenizer.pad_id)?;
+    Ok(heads
+        .iter()
+        .map(|r| prefer::util::gaussian_preference_probability(r[0][0], r[0][1], r[1][0], r[1][1]))
+        .collect())
+}
+
 fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result<()> {
     let mut sets = vec![
         "model_name_or_path=-".to_string(),
@@ -609,6 +640,7 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
         }
     };
     let (mut pc, mut pr, mut rc, mut rr, mut nc, mut nr) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut lvc, mut lvr) = (vec![], vec![]);
     for (line, v) in &rows {
         let need = |k: &str| -> Result<f64> { num(v, *line, k)?.with_context(|| format!("{}: missing", at(*line, k))) };
         pc.push(need("policy_chosen_logps")?);
@@ -616,6 +648,10 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
         if objective.needs_reference() {
             rc.push(need("ref_chosen_logps")?);
             rr.push(need("ref_rejected_logps")?);
+        }
+        if objective.needs_reward_variance() {
+            lvc.push(need("chosen_log_variance")?);
+            lvr.push(need("rejected_log_variance")?);
         }
         nc.push(num(v, *line, "chosen_tokens")?.unwrap_or(1.0) as usize);
         nr.push(num(v, *line, "rejected_tokens")?.unwrap_or(1.0) as usize);
@@ -636,6 +672,11 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
         strength: vec![1.0; n_rows],
         scores: None,
         margin: vec![0.0; n_rows],
+        log_variance: if lvc.is_empty() {
+            None
+        } else {
+            Some((t(&lvc)?, t(&lvr)?))
+        },
     };
     let out = objective.loss_pairs(&st)?;
     let losses: Vec<f64> = out.losses.to_vec1()?;
@@ -801,8 +842,21 @@ fn eval_cmd(
     for (step, path) in &models {
         let m = model::load(path, DType::F32, &dev)?;
         let scores = score(&m)?;
+        // the model's probability that each pair's chosen response is preferred
+        let probabilities: Option<Vec<f64>> = match (&reference, m.transformer.cfg.reward_head) {
+            (_, true) if m.transformer.cfg.reward_variance => Some(gaussian_probabilities(&m, &pairs, batch_size)?),
+            (_, true) => Some(prefer::eval::bt_probabilities(&scores)),
+            (Some(r), false) => Some(prefer::eval::bt_probabilities(
+                &scores
+                    .iter()
+                    .zip(r)
+                    .map(|((c, j), (rc, rj))| (beta * (c - rc), beta * (j - rj)))
+                    .collect::<Vec<_>>(),
+            )),
+            (None, false) => None,
+        };
         let mut summary = if m.transformer.cfg.reward_head {
-            prefer::eval::summarize_rewards(&scores)
+            prefer::eval::summarize_rewards(&scores, probabilities.as_deref().unwrap_or_default())
         } else {
             prefer::eval::summarize(&scores, reference.as_deref(), &lengths, beta)
         };
@@ -861,10 +915,9 @@ fn eval_cmd(
                 30,
             )?;
             eprintln!("wrote {}", p.display());
-            if m.transformer.cfg.reward_head || reference.is_some() {
-                // reliability diagram of σ(r_chosen − r_rejected)
-                let margins: Vec<f64> = implicit.iter().map(|(c, r)| c - r).collect();
-                let cal = prefer::eval::calibration(&margins, prefer::eval::CALIBRATION_BINS);
+            if let Some(probabilities) = &probabilities {
+                // reliability diagram of the model's preference probabilities
+                let cal = prefer::eval::calibration(probabilities, prefer::eval::CALIBRATION_BINS);
                 let points: Vec<(f64, f64)> = cal
                     .bins
                     .iter()
@@ -884,7 +937,10 @@ fn eval_cmd(
                 let p = dir.join("calibration.png");
                 prefer::plot::line_chart(
                     &p,
-                    "calibration of σ(reward margin)",
+                    match m.transformer.cfg.reward_variance {
+                        true => "calibration of Φ(Δμ / √(σ_w² + σ_l²))",
+                        false => "calibration of σ(reward margin)",
+                    },
                     "confidence max(p, 1 − p)",
                     "fraction ranked correctly",
                     &series,

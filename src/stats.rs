@@ -36,6 +36,8 @@ pub struct GroupLogps {
     pub tokens: Vec<usize>,
     /// `[B]` WPO weights `Π_k ω_k` (no gradient), with `use_weighting`.
     pub weights: Option<Tensor>,
+    /// `[R]`, differentiable: a Gaussian reward head's log σ² per response (`sums` is μ).
+    pub log_variance: Option<Tensor>,
 }
 
 /// The sequences of a batch, example after example, and each example's offset.
@@ -124,6 +126,7 @@ pub fn group_logps(model: &Transformer, examples: &[&TokenizedExample], opts: &S
         offsets,
         tokens,
         weights,
+        log_variance: None,
     })
 }
 
@@ -139,7 +142,13 @@ pub fn group_rewards(
     let (seqs, offsets) = example_sequences(examples);
     let ids: Vec<Vec<u32>> = seqs.iter().map(|s| s.ids.clone()).collect();
     let tokens = seqs.iter().map(|s| s.ids.len() - s.completion_start).collect();
+    let mut log_variance = None;
     let sums = match heads {
+        None if model.cfg.reward_variance => {
+            let m = model.reward_matrix(&ids, pad_id)?;
+            log_variance = Some(m.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?);
+            m.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?
+        }
         None => model.rewards(&ids, pad_id)?,
         Some(h) => {
             let m = model.reward_matrix(&ids, pad_id)?;
@@ -155,6 +164,7 @@ pub fn group_rewards(
         offsets,
         tokens,
         weights: None,
+        log_variance,
     })
 }
 

@@ -178,6 +178,7 @@ fn stats(rows: &[Row], pc: &Var, pr: &Var, with_ref: bool) -> PairStats {
         strength: rows.iter().map(|r| r.strength).collect(),
         scores: Some(rows.iter().map(|r| (r.sc, r.sr)).collect()),
         margin: rows.iter().map(|r| r.sc - r.sr).collect(),
+        log_variance: None,
     }
 }
 
@@ -235,7 +236,12 @@ fn check_rows(name: &str, p: &ObjectiveParams, rows: &[Row]) {
 #[test]
 fn every_objective_matches_its_formula_and_gradient() {
     let base = ObjectiveParams::default();
-    for e in REGISTRY.iter().filter(|e| e.loss.shape() == Shape::Pairwise) {
+    // `gaussian` reads a head's log-variances too: gaussian_reward_loss_matches_its_formula_and_gradient
+    let gaussian = prefer::objectives::RewardKind::RewardDistribution;
+    for e in REGISTRY
+        .iter()
+        .filter(|e| e.loss.shape() == Shape::Pairwise && e.rewards != gaussian)
+    {
         check(e.name, &base);
         if !matches!(e.name, "sigmoid") {
             check(
@@ -447,6 +453,7 @@ fn batch(groups: &[Vec<(f64, f64, usize)>], meta: Vec<ExampleMeta>) -> (BatchSta
         offsets,
         meta,
         weights: None,
+        log_variance: None,
     };
     (st, var)
 }
@@ -669,4 +676,81 @@ fn pro_matches_plackett_luce_with_and_without_dynamic_temperature() {
     // shapes cannot be mixed in one objective
     let e = build(&["kto".into(), "sigmoid".into()], None, &p).err().unwrap();
     assert!(e.to_string().contains("same data shape"), "{e}");
+}
+
+/// The Gaussian reward head's loss −log Φ((μ_w − μ_l − m)/√(e^{v_w} + e^{v_l})) against the
+/// scalar formula, with its gradient in all four inputs by central differences, including
+/// saturation (z = ±60) and equal means.
+#[test]
+fn gaussian_reward_loss_matches_its_formula_and_gradient() {
+    // (μ_w, μ_l, log σ²_w, log σ²_l, margin)
+    let rows: [(f64, f64, f64, f64, f64); 6] = [
+        (1.0, -0.5, 0.0, 0.0, 0.0),
+        (0.3, 0.3, -1.0, 0.5, 0.0),               // equal means: Φ(0) = ½
+        (60.0 * 2f64.sqrt(), 0.0, 0.0, 0.0, 0.0), // z = +60
+        (0.0, 60.0 * 2f64.sqrt(), 0.0, 0.0, 0.0), // z = −60
+        (2.0, 1.0, 1.5, -2.0, 0.5),
+        (-1.0, 2.0, -3.0, -3.0, 0.0),
+    ];
+    let hand = |r: &(f64, f64, f64, f64, f64)| {
+        let z = (r.0 - r.1 - r.4) / (r.2.exp() + r.3.exp()).sqrt();
+        -prefer::util::log_ndtr(z)
+    };
+    let dev = Device::Cpu;
+    let col =
+        |f: fn(&(f64, f64, f64, f64, f64)) -> f64| Var::new(rows.iter().map(f).collect::<Vec<f64>>(), &dev).unwrap();
+    let (mw, ml, vw, vl) = (col(|r| r.0), col(|r| r.1), col(|r| r.2), col(|r| r.3));
+    let n = rows.len();
+    let st = PairStats {
+        policy_chosen: mw.as_tensor().clone(),
+        policy_rejected: ml.as_tensor().clone(),
+        ref_chosen: None,
+        ref_rejected: None,
+        chosen_tokens: vec![1; n],
+        rejected_tokens: vec![1; n],
+        weights: None,
+        strength: vec![1.0; n],
+        scores: None,
+        margin: rows.iter().map(|r| r.4).collect(),
+        log_variance: Some((vw.as_tensor().clone(), vl.as_tensor().clone())),
+    };
+    let obj = build(&["gaussian".into()], None, &ObjectiveParams::default()).unwrap();
+    assert!(obj.needs_reward_variance() && !obj.needs_reference());
+    let out = obj.loss_pairs(&st).unwrap();
+    let got: Vec<f64> = out.losses.to_vec1().unwrap();
+    for (i, r) in rows.iter().enumerate() {
+        let want = hand(r);
+        assert!(
+            (got[i] - want).abs() < 1e-12 * (1.0 + want.abs()),
+            "row {i}: {} vs {want}",
+            got[i]
+        );
+    }
+    assert!((got[1] - 2f64.ln()).abs() < 1e-14 && got[2] < 1e-300 && (got[3] - 1805.0135).abs() < 1e-3);
+    let grads = out.losses.sum_all().unwrap().backward().unwrap();
+    let vars = [&mw, &ml, &vw, &vl];
+    for (k, v) in vars.iter().enumerate() {
+        let g: Vec<f64> = grads.get(v.as_tensor()).unwrap().to_vec1().unwrap();
+        for (i, r) in rows.iter().enumerate() {
+            let h = 1e-6;
+            let bump = |d: f64| {
+                let mut x = [r.0, r.1, r.2, r.3, r.4];
+                x[k] += d;
+                hand(&(x[0], x[1], x[2], x[3], x[4]))
+            };
+            let fd = (bump(h) - bump(-h)) / (2.0 * h);
+            assert!(
+                (g[i] - fd).abs() < 1e-6 * (1.0 + fd.abs()),
+                "input {k} row {i}: {} vs {fd}",
+                g[i]
+            );
+        }
+    }
+    // without a Gaussian head the objective says what it needs
+    let plain = PairStats {
+        log_variance: None,
+        ..st
+    };
+    let e = obj.loss_pairs(&plain).unwrap_err();
+    assert!(e.to_string().contains("Gaussian reward head"), "{e}");
 }

@@ -377,3 +377,137 @@ fn crm_filters_planted_noise_and_resumes_exactly() {
         assert_eq!(a["accuracy"], b["accuracy"]);
     }
 }
+
+/// A Gaussian reward head (`loss_type = "gaussian"`): on clean pairs (prompts ending in `=`,
+/// always " 1" over " 2") and ambiguous ones (prompts ending in `?`, each labelled " 3" over
+/// " 4" once and " 4" over " 3" once), it ranks the clean pairs with confidence and puts ½ on
+/// each ambiguous pair. (Which of Δμ and σ carries the confidence is not identified by pairwise
+/// labels alone, so the test does not compare σ across groups.) It saves in the
+/// `*ForSequenceClassification` layout with num_labels = 2 and labelled outputs, reloads to
+/// identical scores, and `prefer score` / `prefer eval` report σ, probabilities and calibration.
+#[test]
+fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
+    prefer::util::set_threads_for_tests();
+    let dir = tmp("gaussian");
+    write_hf(
+        &tiny_model(&TinySpec::default(), DType::F32, 57).unwrap(),
+        &dir.join("lm"),
+    )
+    .unwrap();
+    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    let mut lines = Vec::new();
+    for i in 0..16 {
+        // lines 4i+1, 4i+2: a clean prompt twice; 4i+3, 4i+4: an ambiguous one, both ways
+        let p = format!("{} {}", words[i % 8], words[(i / 8) % 8]);
+        for _ in 0..2 {
+            lines.push(serde_json::json!({"prompt": format!("{p} ="), "chosen": " 1", "rejected": " 2"}).to_string());
+        }
+        for (c, r) in [(" 3", " 4"), (" 4", " 3")] {
+            lines.push(serde_json::json!({"prompt": format!("{p} ?"), "chosen": c, "rejected": r}).to_string());
+        }
+    }
+    std::fs::write(dir.join("pairs.jsonl"), lines.join("\n")).unwrap();
+    let cfg = TrainConfig {
+        task: "reward".into(),
+        loss_type: prefer::config::LossType::One("gaussian".into()),
+        model_name_or_path: dir.join("lm").display().to_string(),
+        train_file: dir.join("pairs.jsonl").display().to_string(),
+        output_dir: dir.join("rm").display().to_string(),
+        learning_rate: 2e-3,
+        per_device_train_batch_size: 8,
+        max_steps: 40,
+        logging_steps: 10,
+        disable_tqdm: true,
+        ..TrainConfig::default()
+    };
+    let out = prefer::train::train(&cfg).unwrap();
+    let last = out.last_log.unwrap();
+    for k in ["accuracy", "margin", "mean_sigma", "mean_probability"] {
+        assert!(last.get(k).is_some(), "{k} missing: {last}");
+    }
+    let rm = model::load(Path::new(&cfg.output_dir), DType::F32, &Device::Cpu).unwrap();
+    assert!(rm.transformer.cfg.reward_variance && rm.transformer.cfg.num_labels == 2);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&cfg.output_dir).join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["num_labels"], 2);
+    assert_eq!(saved["id2label"]["1"], "reward_log_variance");
+
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["score", "--model"])
+        .arg(&cfg.output_dir)
+        .arg("--data")
+        .arg(&cfg.train_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 64);
+    let f = |r: &serde_json::Value, k: &str, i: usize| r[k][i].as_f64().unwrap();
+    let (clean, ambiguous): (Vec<_>, Vec<_>) = rows.iter().partition(|r| (r["line"].as_u64().unwrap() - 1) % 4 < 2);
+    let right = clean.iter().filter(|r| f(r, "scores", 0) > f(r, "scores", 1)).count();
+    assert!(right >= 30, "clean pairs ranked right: {right}/32");
+    let prob = |r: &serde_json::Value| r["preference_probability"].as_f64().unwrap();
+    // clean pairs: confident; ambiguous pairs (each labelled both ways): indifferent
+    let p_clean = clean.iter().map(|r| prob(r)).sum::<f64>() / clean.len() as f64;
+    let off_half = ambiguous.iter().map(|r| (prob(r) - 0.5).abs()).fold(0.0, f64::max);
+    assert!(
+        p_clean > 0.9 && off_half < 0.1,
+        "P clean {p_clean}, ambiguous max |P − ½| {off_half}"
+    );
+    // σ is reported for every response, and P is Φ(Δμ/√(σ_w² + σ_l²)) of what is reported
+    for r in &rows {
+        let (s0, s1) = (f(r, "sigmas", 0), f(r, "sigmas", 1));
+        assert!(s0 > 0.0 && s1 > 0.0 && s0.is_finite() && s1.is_finite(), "{r}");
+        let z = (f(r, "scores", 0) - f(r, "scores", 1)) / (s0 * s0 + s1 * s1).sqrt();
+        assert!((prefer::util::log_ndtr(z).exp() - prob(r)).abs() < 1e-9, "{r}");
+    }
+
+    // reloaded bit-identically: the same means and variances
+    let ex: Vec<prefer::data::TokenizedExample> = {
+        let (e, _) = prefer::data::load_tokenized_examples(
+            Path::new(&cfg.train_file),
+            &rm.tokenizer,
+            &Default::default(),
+            false,
+        )
+        .unwrap();
+        e
+    };
+    let a = prefer::stats::score_reward_heads(&rm.transformer, &ex, 8, rm.tokenizer.pad_id).unwrap();
+    let back = model::load(Path::new(&cfg.output_dir), DType::F32, &Device::Cpu).unwrap();
+    let b = prefer::stats::score_reward_heads(&back.transformer, &ex, 8, back.tokenizer.pad_id).unwrap();
+    assert_eq!(a, b);
+
+    // prefer eval reports accuracy and the calibration of Φ(Δμ/√(σ_w² + σ_l²))
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["eval", "--json", "--model"])
+        .arg(&cfg.output_dir)
+        .arg("--data")
+        .arg(&cfg.train_file)
+        .arg("--plots")
+        .arg(dir.join("plots"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ece = v["calibration_ece"].as_f64().unwrap();
+    // by hand from the scored probabilities
+    let probs: Vec<f64> = rows.iter().map(prob).collect();
+    let want = prefer::eval::calibration(&probs, prefer::eval::CALIBRATION_BINS).ece;
+    assert!((ece - want).abs() < 1e-9, "{ece} vs {want}");
+    assert!(dir.join("plots/calibration.png").is_file());
+    // a Gaussian head with MaxMin clusters is one clear error
+    let e = TrainConfig {
+        reward_clusters: 2,
+        ..cfg
+    }
+    .validate()
+    .unwrap_err();
+    assert!(e.to_string().contains("reward_clusters = 1"), "{e}");
+}

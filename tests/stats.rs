@@ -134,6 +134,7 @@ fn weights_scale_the_objective_losses() {
         strength: vec![1.0; 2],
         scores: None,
         margin: vec![0.0; 2],
+        log_variance: None,
     };
     let obj = prefer::objectives::build(&["sigmoid".into()], None, &Default::default()).unwrap();
     let plain: Vec<f64> = obj.loss_pairs(&st).unwrap().losses.to_vec1().unwrap();

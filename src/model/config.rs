@@ -33,8 +33,12 @@ pub struct ModelConfig {
     /// A reward model: `*ForSequenceClassification` with a scalar head `score.weight` `[1, H]`
     /// on the last non-padding token, and no language-model head.
     pub reward_head: bool,
-    /// Outputs of the reward head (1 for a plain reward model, K for one head per cluster).
+    /// Outputs of the reward head (1 for a plain reward model, K for one head per cluster, 2 for
+    /// a Gaussian head).
     pub num_labels: usize,
+    /// A Gaussian reward head: output 0 is the reward's mean μ, output 1 its log-variance log σ²
+    /// (saved as `id2label` `reward_mean` / `reward_log_variance`).
+    pub reward_variance: bool,
     /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
     pub qkv_bias: bool,
     /// Bias on the output projection (Llama with `attention_bias`).
@@ -59,6 +63,9 @@ fn get_token_id(v: &Value, key: &str) -> Option<u32> {
         _ => None,
     }
 }
+
+/// The `id2label` names of a Gaussian reward head's two outputs.
+pub const GAUSSIAN_LABELS: [&str; 2] = ["reward_mean", "reward_log_variance"];
 
 impl ModelConfig {
     /// Parse a `config.json` value. `path` is only used in error messages.
@@ -164,6 +171,11 @@ impl ModelConfig {
                 .or_else(|| v.get("id2label").and_then(Value::as_object).map(|m| m.len() as u64))
                 .unwrap_or(1)
                 .max(1) as usize,
+            reward_variance: v
+                .get("id2label")
+                .and_then(|m| m.get("1"))
+                .and_then(Value::as_str)
+                .is_some_and(|l| l == GAUSSIAN_LABELS[1]),
             qkv_bias: is_qwen || attention_bias,
             o_bias: !is_qwen && attention_bias,
             bos_token_id: get_token_id(v, "bos_token_id"),
@@ -216,9 +228,12 @@ impl ModelConfig {
         if self.reward_head {
             let k = self.num_labels.max(1);
             o.insert("num_labels".into(), json!(k));
-            let id2label: serde_json::Map<String, Value> =
-                (0..k).map(|i| (i.to_string(), json!(format!("LABEL_{i}")))).collect();
-            let label2id: serde_json::Map<String, Value> = (0..k).map(|i| (format!("LABEL_{i}"), json!(i))).collect();
+            let label = |i: usize| match self.reward_variance {
+                true => GAUSSIAN_LABELS[i.min(1)].to_string(),
+                false => format!("LABEL_{i}"),
+            };
+            let id2label: serde_json::Map<String, Value> = (0..k).map(|i| (i.to_string(), json!(label(i)))).collect();
+            let label2id: serde_json::Map<String, Value> = (0..k).map(|i| (label(i), json!(i))).collect();
             o.insert("id2label".into(), Value::Object(id2label));
             o.insert("label2id".into(), Value::Object(label2id));
         }

@@ -83,13 +83,29 @@ impl LoadedModel {
 
     /// [`Self::with_reward_head`] with `k` outputs (one reward per preference cluster).
     pub fn with_reward_heads(self, seed: u64, k: usize) -> Result<LoadedModel> {
-        if self.transformer.cfg.reward_head {
-            if self.transformer.cfg.num_labels != k {
+        self.add_reward_head(seed, k.max(1), false)
+    }
+
+    /// [`Self::with_reward_head`] with a Gaussian head: output 0 is the reward's mean, output 1
+    /// its log-variance, initialised to 0 (σ = 1 for every response).
+    pub fn with_gaussian_reward_head(self, seed: u64) -> Result<LoadedModel> {
+        self.add_reward_head(seed, 2, true)
+    }
+
+    fn add_reward_head(self, seed: u64, k: usize, variance: bool) -> Result<LoadedModel> {
+        let have = &self.transformer.cfg;
+        if have.reward_head {
+            if have.num_labels != k || have.reward_variance != variance {
+                let what = |k: usize, v: bool| match v {
+                    true => "a Gaussian head (mean and log-variance)".to_string(),
+                    false => format!("{k} reward head(s)"),
+                };
                 return Err(Error::model(
                     &self.source,
                     format!(
-                        "this reward model has {} heads, not {k}",
-                        self.transformer.cfg.num_labels
+                        "this reward model has {}, but the run asks for {}",
+                        what(have.num_labels, have.reward_variance),
+                        what(k, variance)
                     ),
                 ));
             }
@@ -97,14 +113,21 @@ impl LoadedModel {
         }
         let mut cfg = self.transformer.cfg.clone();
         cfg.reward_head = true;
-        cfg.num_labels = k.max(1);
+        cfg.num_labels = k;
+        cfg.reward_variance = variance;
         let old: std::collections::HashMap<String, candle_core::Tensor> =
             self.transformer.params().iter().cloned().collect();
         let mut rng = crate::util::Rng::new(seed);
+        let hidden = cfg.hidden_size;
         let transformer = Transformer::build(&cfg, |name, shape| {
             if name == "score.weight" {
                 let n: usize = shape.iter().product();
-                let v: Vec<f64> = (0..n).map(|_| 0.02 * rng.normal()).collect();
+                let v: Vec<f64> = (0..n)
+                    .map(|i| match variance && i >= hidden {
+                        true => 0.0, // log σ² starts at 0
+                        false => 0.02 * rng.normal(),
+                    })
+                    .collect();
                 let t = candle_core::Tensor::from_vec(v, shape, self.transformer.device())?;
                 return Ok(t.to_dtype(self.transformer.dtype())?);
             }

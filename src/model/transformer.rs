@@ -551,6 +551,10 @@ impl Transformer {
     /// a row of only pad tokens uses its last real position).
     pub fn rewards(&self, seqs: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
         let m = self.reward_matrix(seqs, pad_id)?;
+        if self.cfg.reward_variance {
+            // a Gaussian head's reward is its mean
+            return Ok(m.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?);
+        }
         if m.dim(1)? != 1 {
             return Err(Error::msg(format!(
                 "this reward model has {} heads (one per preference cluster); choose one per sequence",

@@ -37,6 +37,8 @@ pub struct PairStats {
     pub scores: Option<Vec<(f64, f64)>>,
     /// Per pair: the reward margin `margin` a reward model must exceed (0 when absent).
     pub margin: Vec<f64>,
+    /// A Gaussian reward head's (chosen, rejected) log σ²; `policy_*` are then the means μ.
+    pub log_variance: Option<(Tensor, Tensor)>,
 }
 
 /// What an objective returns for a batch.
@@ -115,6 +117,9 @@ pub enum RewardKind {
     PolicyMean,
     /// The statistics are a reward model's rewards; metrics are TRL RewardTrainer's.
     Reward,
+    /// A Gaussian reward head's means (and log-variances in `log_variance`); metrics are TRL
+    /// RewardTrainer's on the means.
+    RewardDistribution,
 }
 
 /// How far a formula has been checked.
@@ -165,6 +170,8 @@ pub struct BatchStats {
     pub meta: Vec<ExampleMeta>,
     /// `[B]` per-example loss weights (WPO).
     pub weights: Option<Tensor>,
+    /// `[R]` a Gaussian reward head's log σ² per response (`policy` holds the means μ).
+    pub log_variance: Option<Tensor>,
 }
 
 impl BatchStats {
@@ -199,6 +206,10 @@ impl BatchStats {
                 .map(|m| m.scores.as_ref().map(|s| (s[0], s[1])))
                 .collect::<Option<Vec<_>>>(),
             margin: self.meta.iter().map(|m| m.margin.unwrap_or(0.0)).collect(),
+            log_variance: match &self.log_variance {
+                None => None,
+                Some(v) => Some((pick(v, &c)?, pick(v, &r)?)),
+            },
         })
     }
 }
@@ -407,6 +418,7 @@ pub const REGISTRY: &[ObjectiveEntry] = &[
         Some(reference_free::orpo_metrics)
     ),
     entry!("bradley_terry", false, Reward, Checked, "Bradley-Terry reward model loss, TRL RewardTrainer (optional per-pair `margin`, center_rewards_coefficient)", crate::objectives::reward::bradley_terry),
+    entry!("gaussian", false, RewardDistribution, Experimental, "Gaussian reward head (mean, log-variance) with the Thurstone likelihood of independent Gaussian rewards, P(y_w ≻ y_l) = Φ((μ_w − μ_l − m)/√(σ_w² + σ_l²)), the uncertainty-aware generalisation of Bradley-Terry (cf. PURM, Sun et al. 2025, arXiv:2503.22480, whose exact loss was not consulted)", crate::objectives::reward::gaussian, Some(crate::objectives::reward::gaussian_metrics)),
     entry!("mapo", false, PolicyMean, Experimental, "MaPO, Hong et al. 2024 (arXiv:2406.06424), official diffusion code with the mean token NLL as the per-sample loss", reference_free::mapo),
     entry!("slic", false, PolicySum, Experimental, "SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425), form recalled in ALGORITHMS.md (hinge on summed log-probs + λ·NLL of chosen)", reference_free::slic),
     entry!("osp", true, Implicit, Experimental, "OSP soft-preference cross-entropy, Zhai et al. 2024 (arXiv:2405.14103), documented shape (paper not consulted); p = preference_strength", noisy::osp),
@@ -463,6 +475,13 @@ pub struct Objective {
 impl Objective {
     pub fn name(&self) -> String {
         self.parts.iter().map(|(_, e)| e.name).collect::<Vec<_>>().join("+")
+    }
+
+    /// Whether the objective reads a Gaussian reward head's log-variances.
+    pub fn needs_reward_variance(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|(_, e)| e.rewards == RewardKind::RewardDistribution)
     }
 
     pub fn needs_reference(&self) -> bool {
@@ -695,6 +714,19 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((sum.log()? + m)?.neg()?)
 }
 
+/// `log Φ(x)` elementwise (standard normal CDF), computed in f64 on the host
+/// ([`crate::util::log_ndtr`]); its gradient is the exact `φ(x)/Φ(x)`, attached as
+/// `(x − stop(x))·g + stop(log Φ(x))` (first derivatives only).
+pub fn log_ndtr(x: &Tensor) -> Result<Tensor> {
+    let z: Vec<f64> = x.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let host = |f: fn(f64) -> f64| -> Result<Tensor> {
+        let v: Vec<f64> = z.iter().map(|&z| f(z)).collect();
+        Ok(Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?)
+    };
+    let (value, slope) = (host(crate::util::log_ndtr)?, host(crate::util::d_log_ndtr)?);
+    Ok(((x - x.detach())? * slope)?.add(&value)?)
+}
+
 /// `sigmoid(x) = exp(log_sigmoid(x))`, stable.
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok(log_sigmoid(x)?.exp()?)
@@ -707,7 +739,7 @@ pub fn mean(x: &Tensor) -> Result<f64> {
 
 /// TRL's reward metrics for the objective's kind of implicit reward.
 fn reward_metrics(c: &Ctx, kind: RewardKind) -> Result<Vec<(String, f64)>> {
-    if kind == RewardKind::Reward {
+    if matches!(kind, RewardKind::Reward | RewardKind::RewardDistribution) {
         return reward::metrics(c);
     }
     let beta = c.p.beta;
@@ -724,7 +756,7 @@ fn reward_metrics(c: &Ctx, kind: RewardKind) -> Result<Vec<(String, f64)>> {
             let (w, l) = c.mean_logps()?;
             ((w.detach() * beta)?, (l.detach() * beta)?)
         }
-        RewardKind::Reward => unreachable!("handled above"),
+        RewardKind::Reward | RewardKind::RewardDistribution => unreachable!("handled above"),
     };
     let acc = chosen.gt(&rejected)?.to_dtype(chosen.dtype())?;
     Ok(vec![

@@ -46,6 +46,7 @@ fn swapped(s: &PairStats) -> PairStats {
         strength: s.strength.iter().map(|p| 1.0 - p).collect(),
         scores: s.scores.as_ref().map(|v| v.iter().map(|(w, l)| (*l, *w)).collect()),
         margin: s.margin.iter().map(|m| -m).collect(),
+        log_variance: s.log_variance.as_ref().map(|(w, l)| (l.clone(), w.clone())),
     }
 }
 

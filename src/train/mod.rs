@@ -244,6 +244,7 @@ fn batch_stats(
         offsets: lp.offsets,
         meta: batch.iter().map(|e| e.meta.clone()).collect(),
         weights: lp.weights,
+        log_variance: lp.log_variance,
     })
 }
 
@@ -471,8 +472,14 @@ impl Trainer {
             Reference::Model(Box::new(load_ref()?.transformer))
         };
 
+        // a reward model's head: Gaussian (mean, log-variance) for `gaussian`, else one per cluster
+        let gaussian = objective.needs_reward_variance();
+        let add_head = |m: LoadedModel, seed: u64| match gaussian {
+            true => m.with_gaussian_reward_head(seed),
+            false => m.with_reward_heads(seed, cfg.reward_clusters.max(1)),
+        };
         let policy = if cfg.task == "reward" {
-            policy.with_reward_heads(cfg.seed, cfg.reward_clusters.max(1))?
+            add_head(policy, cfg.seed)?
         } else {
             policy
         };
@@ -521,7 +528,7 @@ impl Trainer {
                 .filter(|d| d.is_dir());
             let m = match &saved {
                 Some(d) => model::load(d, dtype, &dev)?,
-                None => model::load(&start_path, dtype, &dev)?.with_reward_heads(cfg.seed.wrapping_add(1), 1)?,
+                None => add_head(model::load(&start_path, dtype, &dev)?, cfg.seed.wrapping_add(1))?,
             };
             let (m, vars) = m.into_trainable()?;
             let popt = Optimizer::new(kind.clone(), cfg.weight_decay, vars);
