@@ -12,6 +12,7 @@ pub mod eval;
 pub mod factors;
 pub mod model;
 pub mod objectives;
+pub mod pal;
 pub mod paths;
 pub mod plot;
 pub mod stats;

@@ -511,3 +511,112 @@ fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
     .unwrap_err();
     assert!(e.to_string().contains("reward_clusters = 1"), "{e}");
 }
+
+/// `prefer pal fit` / `prefer pal adapt` end to end on a tiny model: two groups of annotators
+/// with opposite preferences. Two prototypes serve both groups on held-out pairs where one
+/// shared prototype cannot, the annotators split 4/4 between the prototypes, and new
+/// annotators are fitted from 6 pairs each. Rows without an annotator are refused by line.
+#[test]
+fn pal_cli_fits_annotator_groups_and_adapts_new_annotators() {
+    prefer::util::set_threads_for_tests();
+    let dir = tmp("pal");
+    write_hf(
+        &tiny_model(&TinySpec::default(), DType::F32, 58).unwrap(),
+        &dir.join("lm"),
+    )
+    .unwrap();
+    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    let rows = |annotators: &[&str], per: usize| -> String {
+        let mut lines = vec![];
+        for i in 0..per {
+            for (j, a) in annotators.iter().enumerate() {
+                let (c, r) = if a.starts_with('a') { (" 1", " 2") } else { (" 2", " 1") };
+                let prompt = format!("{} {} =", words[(i + j) % 8], words[(i * 3 + j) % 8]);
+                lines.push(
+                    serde_json::json!({"prompt": prompt, "chosen": c, "rejected": r, "annotator": a}).to_string(),
+                );
+            }
+        }
+        lines.join("\n")
+    };
+    std::fs::write(
+        dir.join("known.jsonl"),
+        rows(&["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"], 12),
+    )
+    .unwrap();
+    std::fs::write(dir.join("new.jsonl"), rows(&["a9", "b9"], 16)).unwrap();
+    let prefer = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
+            .env("RAYON_NUM_THREADS", "1")
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = prefer(&[
+        "pal",
+        "fit",
+        "--model",
+        "lm",
+        "--data",
+        "known.jsonl",
+        "--out",
+        "pal",
+        "--eval-fraction",
+        "0.25",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let fit: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (fit["train_pairs"].as_u64(), fit["held_out_pairs"].as_u64()),
+        (Some(72), Some(24))
+    );
+    let (two, one) = (
+        fit["held_out_accuracy"].as_f64().unwrap(),
+        fit["single_prototype_held_out_accuracy"].as_f64().unwrap(),
+    );
+    assert!(two > 0.9 && one < 0.75, "held out: K=2 {two}, one prototype {one}");
+    assert_eq!(fit["users_per_prototype"], serde_json::json!([4, 4]), "{fit}");
+    let (ok, out, err) = prefer(&[
+        "pal",
+        "adapt",
+        "--pal",
+        "pal",
+        "--data",
+        "new.jsonl",
+        "--shots",
+        "6",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let adapt: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let acc = adapt["held_out_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "{adapt}");
+    assert_eq!(adapt["users"][0]["held_out_pairs"], 10);
+    // the two new annotators lean on different prototypes
+    let lean = |u: usize| adapt["users"][u]["weights"][0].as_f64().unwrap() > 0.5;
+    assert_ne!(lean(0), lean(1), "{adapt}");
+    // the table form names every annotator
+    let (ok, out, _) = prefer(&["pal", "adapt", "--pal", "pal", "--data", "new.jsonl", "--shots", "6"]);
+    assert!(ok && out.contains("| a9 |") && out.contains("| b9 |"), "{out}");
+    // rows without an annotator: one clear error with file and line
+    std::fs::write(
+        dir.join("anon.jsonl"),
+        "{\"prompt\": \"a =\", \"chosen\": \" 1\", \"rejected\": \" 2\"}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = prefer(&["pal", "fit", "--model", "lm", "--data", "anon.jsonl", "--out", "x"]);
+    assert!(
+        !ok && err.contains("anon.jsonl:1") && err.contains("annotator"),
+        "{err}"
+    );
+    // too few pairs to adapt and test
+    let (ok, _, err) = prefer(&["pal", "adapt", "--pal", "pal", "--data", "new.jsonl", "--shots", "16"]);
+    assert!(!ok && err.contains("--shots 16"), "{err}");
+}

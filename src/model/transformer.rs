@@ -570,6 +570,13 @@ impl Transformer {
             .score
             .as_ref()
             .ok_or_else(|| Error::msg("this model has no reward head (score.weight)"))?;
+        Ok(self.last_hidden(seqs, pad_id)?.matmul(&score.t()?)?)
+    }
+
+    /// The final hidden state `[S, H]` (after the last norm) of each right-padded sequence's
+    /// last token that is not `pad_id` (a row of only pad tokens uses its last real position):
+    /// what a sequence-classification head reads, and PAL's item embedding.
+    pub fn last_hidden(&self, seqs: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let dev = self.device();
         let mut ids = Vec::with_capacity(seqs.len() * t);
@@ -589,8 +596,7 @@ impl Transformer {
         let hidden = self
             .hidden_states(&input, &attn)?
             .reshape((seqs.len() * t, self.cfg.hidden_size))?;
-        let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
-        Ok(h.matmul(&score.t()?)?)
+        Ok(hidden.index_select(&Tensor::new(rows, dev)?, 0)?)
     }
 
     /// Logits `[N, V]` for hidden rows `[N, H]`.
