@@ -99,6 +99,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Collaborative reward modeling: train two reward models, each on the pairs its peer is most confident about (largest margins); the peer is saved in output_dir/peer_model.",
     ),
     ("crm_keep_ratio", "0.7", "Fraction of each batch a CRM model keeps (the rest is filtered as likely noisy)."),
+    (
+        "crm_warmup_ratio",
+        "0.25",
+        "CRM: ramp the filtered fraction linearly from 0 to 1 − crm_keep_ratio over this fraction of the run (co-teaching's schedule, Han et al. 2018: margins mean little before the models have learned anything; 0 filters from the first step).",
+    ),
     ("center_rewards_coefficient", "(none)", "Reward models: weight η of the centring term mean((r_w + r_l)²) (TRL)."),
     ("desirable_weight", "1.0", "KTO's λ_D: weight of desirable completions."),
     ("undesirable_weight", "1.0", "KTO's λ_U: weight of undesirable completions."),
@@ -276,6 +281,7 @@ pub struct TrainConfig {
     pub reward_clusters: usize,
     pub crm: bool,
     pub crm_keep_ratio: f64,
+    pub crm_warmup_ratio: f64,
     pub em_steps: usize,
     pub loss_type: LossType,
     pub loss_weights: Option<Vec<f64>>,
@@ -335,6 +341,7 @@ impl Default for TrainConfig {
             reward_clusters: 1,
             crm: false,
             crm_keep_ratio: 0.7,
+            crm_warmup_ratio: 0.25,
             em_steps: 0,
             loss_type: LossType::One("sigmoid".into()),
             loss_weights: None,
@@ -457,6 +464,9 @@ impl TrainConfig {
         }
         if !(self.crm_keep_ratio > 0.0 && self.crm_keep_ratio <= 1.0) {
             return bad("crm_keep_ratio must be in (0, 1]".into());
+        }
+        if !(0.0..=1.0).contains(&self.crm_warmup_ratio) {
+            return bad("crm_warmup_ratio must be in [0, 1]".into());
         }
         if self.reward_clusters > 1 && self.task != "reward" {
             return bad("reward_clusters > 1 trains several reward heads: set task = \"reward\"".into());

@@ -685,7 +685,14 @@ impl Trainer {
                             .to_dtype(DType::F64)?
                             .to_vec1()?)
                     };
-                    let keep = cfg.crm_keep_ratio;
+                    // co-teaching's schedule: filter nothing at first, all of 1 − keep after the warmup
+                    let warmup = (cfg.crm_warmup_ratio * self.total as f64).ceil();
+                    let ramp = if warmup > 0.0 {
+                        (step as f64 / warmup).min(1.0)
+                    } else {
+                        1.0
+                    };
+                    let keep = 1.0 - (1.0 - cfg.crm_keep_ratio) * ramp;
                     let (own, peer_m) = (margins(&stats)?, margins(&pstats)?);
                     let mask_for_self = confident_mask(&peer_m, keep);
                     let mask_for_peer = confident_mask(&own, keep);
