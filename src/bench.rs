@@ -41,6 +41,9 @@ pub struct DpoBenchArgs {
     /// log-prob head).
     #[arg(long)]
     pub no_fused_kernels: bool,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -52,9 +55,9 @@ pub struct DpoBenchArgs {
     pub compare_file: Option<String>,
 }
 
-/// The record of `file` that matches this run's configuration (fields absent from a record
-/// match anything).
-fn comparison_record(file: &str, run: &serde_json::Value) -> Result<serde_json::Value> {
+/// The records of a compare file: one JSON object, or JSON lines (`//` lines are comments).
+/// Each must be an object with a numeric `s_per_step_median`; a bad line is named.
+fn read_records(file: &str) -> Result<Vec<serde_json::Value>> {
     let path = std::path::Path::new(file);
     let text = crate::util::read_to_string(path)?;
     let mut records = Vec::new();
@@ -71,9 +74,7 @@ fn comparison_record(file: &str, run: &serde_json::Value) -> Result<serde_json::
             }
         }
     }
-    let keys = ["reference", "dtype", "batch_pairs", "max_length"];
-    let matches = |r: &serde_json::Value| keys.iter().all(|k| r.get(k).is_none_or(|v| Some(v) == run.get(k)));
-    for (line, r) in records {
+    for (line, r) in &records {
         if !r.is_object() {
             return Err(Error::msg(format!("{file}:{line}: expected a JSON object")));
         }
@@ -82,15 +83,26 @@ fn comparison_record(file: &str, run: &serde_json::Value) -> Result<serde_json::
                 "{file}:{line}: field `s_per_step_median` (a number) is missing"
             )));
         }
-        if matches(&r) {
-            return Ok(r);
-        }
     }
-    let want: Vec<String> = keys.iter().map(|k| format!("{k} = {}", run[k])).collect();
-    Err(Error::msg(format!(
-        "{file}: no record matches this run ({}); add one or change the run's options",
-        want.join(", ")
-    )))
+    Ok(records.into_iter().map(|(_, r)| r).collect())
+}
+
+/// The configuration keys a compare record must agree on with the run (when it has them).
+const MATCH_KEYS: [&str; 5] = [
+    "reference",
+    "dtype",
+    "batch_pairs",
+    "max_length",
+    "gradient_checkpointing",
+];
+
+/// The first record whose configuration matches `run`; a record without a key matches any value.
+fn matching_record<'a>(records: &'a [serde_json::Value], run: &serde_json::Value) -> Option<&'a serde_json::Value> {
+    records.iter().find(|r| {
+        MATCH_KEYS
+            .iter()
+            .all(|k| r.get(k).is_none_or(|v| Some(v) == run.get(k)))
+    })
 }
 
 /// Best-of-3 GFLOP/s of an f32 `[m,k] x [k,n]` matmul.
@@ -155,6 +167,8 @@ fn synthetic_pairs(
 }
 
 pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
+    // a bad compare file fails before the run, not after it
+    let records = args.compare_file.as_deref().map(read_records).transpose()?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => crate::paths::smollm2_gguf()
@@ -207,6 +221,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         share_prompt: !args.no_share_prompt,
         padding_free: !args.no_padding_free,
         fused_kernels: !args.no_fused_kernels,
+        gradient_checkpointing: args.gradient_checkpointing,
         ..TrainConfig::default()
     };
     cfg.validate()?;
@@ -259,15 +274,13 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         "s_per_step_median": median, "tokens_per_second": tokens as f64 / total,
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
         "dtype": "f32", "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,
         "phase_seconds_per_step": phase_secs.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v / args.steps as f64))).collect::<serde_json::Map<_, _>>(),
         "matmul_gflops_2048": mm_big, "matmul_gflops_2048_bf16": mm_bf16, "matmul_gflops_model_shape": mm_model,
     });
-    let compare = match &args.compare_file {
-        Some(f) => Some(comparison_record(f, &v)?),
-        None => None,
-    };
+    let compare = records.as_deref().and_then(|r| matching_record(r, &v));
     if args.json {
         println!("{v}");
     } else {
@@ -291,11 +304,12 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
             .collect();
         println!("  s/step by phase (mean)       {}", phases.join(", "));
         println!(
-            "  computed positions / s       {:.0}  (share_prompt {}, padding_free {}, fused_kernels {})",
+            "  computed positions / s       {:.0}  (share_prompt {}, padding_free {}, fused_kernels {}, gradient_checkpointing {})",
             positions as f64 / total,
             !args.no_share_prompt,
             !args.no_padding_free,
-            !args.no_fused_kernels
+            !args.no_fused_kernels,
+            args.gradient_checkpointing
         );
         println!(
             "  achieved GFLOP/s             {achieved:.1}  ((6{}) x params x computed positions / time)",
@@ -307,6 +321,13 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
             tr.policy.transformer.cfg.intermediate_size
         );
         println!("  candle bf16 matmul GFLOP/s   {mm_bf16:.1} (2048^3; candle widens bf16 to f32 on CPU)");
+    }
+    if let (Some(f), None) = (&args.compare_file, compare) {
+        let want: Vec<String> = MATCH_KEYS.iter().map(|k| format!("{k} = {}", v[k])).collect();
+        eprintln!(
+            "no record in {f} matches this run ({}); add one to compare",
+            want.join(", ")
+        );
     }
     if let Some(c) = compare {
         let name = c.get("name").and_then(|n| n.as_str()).unwrap_or("compared");
@@ -325,8 +346,17 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::comparison_record;
+    use super::{matching_record, read_records};
+    use crate::error::Result;
     use serde_json::json;
+
+    /// The matching record of `file` for `run`, or an error naming what failed.
+    fn comparison_record(file: &str, run: &serde_json::Value) -> Result<serde_json::Value> {
+        let records = read_records(file)?;
+        matching_record(&records, run)
+            .cloned()
+            .ok_or_else(|| crate::error::Error::msg(format!("{file}: no record matches {run}")))
+    }
 
     #[test]
     fn compare_file_picks_the_matching_record_and_names_bad_lines() {
@@ -354,6 +384,17 @@ mod tests {
         assert_eq!(
             comparison_record(f.to_str().unwrap(), &run).unwrap()["s_per_step_median"],
             json!(3.0)
+        );
+        // the shipped TRL figures: gradient checkpointing is matched like the other options
+        let trl = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/trl-1.16-2vcpu.jsonl");
+        let live = |gc: bool| json!({"reference": "live", "dtype": "f32", "batch_pairs": 2, "max_length": 256, "gradient_checkpointing": gc});
+        assert_eq!(
+            comparison_record(trl, &live(false)).unwrap()["s_per_step_median"],
+            json!(6.5)
+        );
+        assert_eq!(
+            comparison_record(trl, &live(true)).unwrap()["s_per_step_median"],
+            json!(7.6)
         );
     }
 }

@@ -192,6 +192,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Pack a batch into one row without padding (each sequence attends only to itself). Same log-probs as padding; fewer tokens computed. TRL's option; its default there is false.",
     ),
     (
+        "gradient_checkpointing",
+        "false",
+        "Recompute each decoder layer in backward instead of keeping its activations: far less memory for a second forward pass of the layers (TRL's option; exact, same numbers).",
+    ),
+    (
         "fused_kernels",
         "true",
         "Fused CPU kernels with their own backward (RMSNorm, RoPE, the attention of a block, SwiGLU, the log-prob head); false = candle primitive ops. Same values either way; fused is faster and keeps far fewer activations.",
@@ -316,6 +321,7 @@ pub struct TrainConfig {
     pub padding_free: bool,
     pub share_prompt: bool,
     pub fused_kernels: bool,
+    pub gradient_checkpointing: bool,
     pub ref_log_probs_cache_dir: String,
     pub resume_from_checkpoint: Option<String>,
     pub reward_augmented: bool,
@@ -373,6 +379,7 @@ impl Default for TrainConfig {
             padding_free: true,
             share_prompt: true,
             fused_kernels: true,
+            gradient_checkpointing: false,
             ref_log_probs_cache_dir: "~/.cache/prefer/ref_logps".into(),
             resume_from_checkpoint: None,
             reward_augmented: false,

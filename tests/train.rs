@@ -163,6 +163,48 @@ fn fused_kernels_option_reaches_both_models_and_changes_no_metric() {
     }
 }
 
+/// `gradient_checkpointing = true` reaches the trained model (a DPO policy, and a reward model
+/// with its CRM peer), and trains to the same metrics as keeping every activation.
+#[test]
+fn gradient_checkpointing_reaches_the_trained_models_and_changes_no_metric() {
+    let (_dir, cfg) = tiny_setup("checkpointing");
+    let rm = TrainConfig {
+        task: "reward".into(),
+        crm: true,
+        ..cfg.clone()
+    };
+    for base in [cfg, rm] {
+        let mut logs = Vec::new();
+        for on in [false, true] {
+            let c = TrainConfig {
+                gradient_checkpointing: on,
+                max_steps: 3,
+                output_dir: format!("{}-{}-{on}", base.output_dir, base.task),
+                ..base.clone()
+            };
+            let tr = Trainer::new(&c).unwrap();
+            assert_eq!(tr.policy.transformer.checkpoint.is_some(), on);
+            if let Some(p) = &tr.peer {
+                assert_eq!(p.model.transformer.checkpoint.is_some(), on);
+            }
+            prefer::train::train(&c).unwrap();
+            logs.push(metrics(&c));
+        }
+        let keys: &[&str] = match base.task.as_str() {
+            "reward" => &["loss", "accuracy", "margin", "grad_norm"],
+            _ => &["loss", "rewards/margins", "logps/chosen", "grad_norm"],
+        };
+        for (a, b) in logs[0].iter().zip(&logs[1]) {
+            for k in keys {
+                assert!(
+                    (f(a, k) - f(b, k)).abs() < 1e-5 * (1.0 + f(b, k).abs()),
+                    "{k}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn resume_gives_the_same_metrics_as_an_uninterrupted_run() {
     let (_dir, cfg) = tiny_setup("resume");

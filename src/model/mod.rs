@@ -1,5 +1,6 @@
 //! The model layer: config, transformer, loaders (HF safetensors, GGUF), saving, log-probs.
 
+pub mod checkpointing;
 pub mod config;
 pub mod fused;
 pub mod gguf;
@@ -119,7 +120,7 @@ impl LoadedModel {
             self.transformer.params().iter().cloned().collect();
         let mut rng = crate::util::Rng::new(seed);
         let hidden = cfg.hidden_size;
-        let transformer = Transformer::build(&cfg, |name, shape| {
+        let mut transformer = Transformer::build(&cfg, |name, shape| {
             if name == "score.weight" {
                 let n: usize = shape.iter().product();
                 let v: Vec<f64> = (0..n)
@@ -135,6 +136,7 @@ impl LoadedModel {
                 .cloned()
                 .ok_or_else(|| Error::msg(format!("missing `{name}`")))
         })?;
+        transformer.kernels = self.transformer.kernels;
         Ok(LoadedModel { transformer, ..self })
     }
 

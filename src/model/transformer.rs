@@ -149,6 +149,77 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+impl Linear {
+    fn map(&self, f: &impl Fn(&Tensor) -> Tensor) -> Linear {
+        Linear {
+            weight: f(&self.weight),
+            bias: self.bias.as_ref().map(f),
+        }
+    }
+
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        std::iter::once(&self.weight).chain(self.bias.as_ref())
+    }
+}
+
+impl Block {
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`: one decoder layer on `[rows, H]`.
+    pub fn forward(&self, x: &Tensor, a: &AttentionInputs, k: Kernels, eps: f64) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&k.rms_norm(x, &self.input_layernorm, eps)?, a, k)?;
+        let x = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&k.rms_norm(&x, &self.post_attention_layernorm, eps)?, k)?;
+        Ok((x + h)?)
+    }
+
+    /// The same layer with every tensor replaced by `f(tensor)`.
+    pub fn map_tensors(&self, f: impl Fn(&Tensor) -> Tensor) -> Block {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        Block {
+            input_layernorm: f(&self.input_layernorm),
+            self_attn: Attention {
+                q_proj: a.q_proj.map(&f),
+                k_proj: a.k_proj.map(&f),
+                v_proj: a.v_proj.map(&f),
+                o_proj: a.o_proj.map(&f),
+                ..a.clone()
+            },
+            post_attention_layernorm: f(&self.post_attention_layernorm),
+            mlp: Mlp {
+                gate_proj: m.gate_proj.map(&f),
+                up_proj: m.up_proj.map(&f),
+                down_proj: m.down_proj.map(&f),
+            },
+        }
+    }
+
+    /// Every parameter of the layer.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        [&self.input_layernorm, &self.post_attention_layernorm]
+            .into_iter()
+            .chain(
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .into_iter()
+                .flat_map(Linear::tensors),
+            )
+            .collect()
+    }
+}
+
 /// Positions and attention pattern for one forward pass over a `[B, T]` batch.
 ///
 /// Attention is computed block by block: the tokens of a block attend only to tokens of the
@@ -417,6 +488,9 @@ pub struct Transformer {
     params: Vec<(String, Tensor)>,
     /// Fused or primitive kernels (the same values; fused is faster and uses less memory).
     pub kernels: Kernels,
+    /// Gradient checkpointing: where recomputed layers leave their parameters' gradients
+    /// (see [`super::checkpointing`]); `None` keeps every activation for backward.
+    pub checkpoint: Option<std::sync::Arc<super::checkpointing::GradSink>>,
 }
 
 impl Transformer {
@@ -493,6 +567,7 @@ impl Transformer {
             score,
             params,
             kernels: Kernels::default(),
+            checkpoint: None,
         })
     }
 
@@ -510,6 +585,7 @@ impl Transformer {
             f(name, t)
         })?;
         m.kernels = self.kernels;
+        m.set_gradient_checkpointing(self.checkpoint.is_some());
         Ok(m)
     }
 
@@ -534,14 +610,11 @@ impl Transformer {
         let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?;
         let k = self.kernels;
         for blk in &self.layers {
-            let h = blk
-                .self_attn
-                .forward(&k.rms_norm(&x, &blk.input_layernorm, eps)?, a, k)?;
-            x = (x + h)?;
-            let h = blk
-                .mlp
-                .forward(&k.rms_norm(&x, &blk.post_attention_layernorm, eps)?, k)?;
-            x = (x + h)?;
+            x = match &self.checkpoint {
+                // gradient checkpointing: keep only the layer's input, recompute in backward
+                Some(sink) if x.track_op() => super::checkpointing::checkpointed(blk, &x, a, k, eps, sink)?,
+                _ => blk.forward(&x, a, k, eps)?,
+            };
         }
         Ok(k.rms_norm(&x, &self.norm, eps)?.reshape((b, t, self.cfg.hidden_size))?)
     }

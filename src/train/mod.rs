@@ -499,6 +499,10 @@ impl Trainer {
                 policy.source.display()
             )));
         }
+        let mut policy = policy;
+        policy
+            .transformer
+            .set_gradient_checkpointing(cfg.gradient_checkpointing);
         let (policy, vars) = policy.into_trainable()?;
         let kind = if cfg.optim == "sgd" {
             OptimKind::Sgd
@@ -530,6 +534,9 @@ impl Trainer {
                 Some(d) => model::load(d, dtype, &dev)?,
                 None => add_head(model::load(&start_path, dtype, &dev)?, cfg.seed.wrapping_add(1))?,
             };
+            let mut m = m;
+            m.transformer.kernels = cfg.kernels();
+            m.transformer.set_gradient_checkpointing(cfg.gradient_checkpointing);
             let (m, vars) = m.into_trainable()?;
             let popt = Optimizer::new(kind.clone(), cfg.weight_decay, vars);
             Some(Peer { model: m, opt: popt })
@@ -701,7 +708,7 @@ impl Trainer {
                         Ok(((l * t)?.sum_all()? / m.iter().sum::<f64>())?)
                     };
                     let ploss = masked_mean(&pout.losses, &mask_for_peer)?;
-                    let mut pgrads = (ploss / accum as f64)?.backward()?;
+                    let mut pgrads = peer.model.transformer.backward(&(ploss / accum as f64)?)?;
                     peer.opt.accumulate(&mut pgrads)?;
                     let dropped = |m: &[f64]| m.iter().filter(|&&x| x == 0.0).count() as f64;
                     *metrics.entry("crm/filtered_for_model".into()).or_default() += dropped(&mask_for_self);
@@ -714,7 +721,7 @@ impl Trainer {
                 *metrics.entry(k).or_default() += v / accum as f64;
             }
             lap("forward");
-            let mut grads = (loss / accum as f64)?.backward()?;
+            let mut grads = self.policy.transformer.backward(&(loss / accum as f64)?)?;
             lap("backward");
             self.opt.accumulate(&mut grads)?;
             drop(grads);
