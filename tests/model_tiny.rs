@@ -2,6 +2,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
+use prefer::model::backward::BackwardOptions;
 use prefer::model::{self, logprobs, Kernels, Layout, PaddingSide, ScoredGroup, ScoredSeq, Transformer};
 use prefer::testing::{tiny_model, write_gguf, write_hf, TinySpec};
 
@@ -137,19 +138,20 @@ fn groups() -> Vec<(Vec<u32>, Vec<Vec<u32>>)> {
 
 /// Token log-probs and the gradient of a weighted sum of the sequence log-probs, flattened.
 fn logps_and_grads(m: &model::LoadedModel, layout: Layout, kernels: Kernels) -> (Vec<f64>, Vec<f64>) {
-    logps_and_grads_with(m, layout, kernels, false)
+    logps_and_grads_with(m, layout, kernels, Default::default())
 }
 
 fn logps_and_grads_with(
     m: &model::LoadedModel,
     layout: Layout,
     kernels: Kernels,
-    checkpointing: bool,
+    opts: BackwardOptions,
 ) -> (Vec<f64>, Vec<f64>) {
     let mut m = m.clone();
-    m.transformer.set_gradient_checkpointing(checkpointing);
+    m.transformer.backward_options = opts;
     let (mut tm, vars) = m.into_trainable().unwrap();
-    assert_eq!(tm.transformer.checkpoint.is_some(), checkpointing);
+    assert_eq!(tm.transformer.backward_options, opts);
+    let checkpointing = opts.gradient_checkpointing;
     tm.transformer.kernels = kernels;
     let g = groups();
     let groups: Vec<ScoredGroup> = g
@@ -170,6 +172,20 @@ fn logps_and_grads_with(
         let raw = loss.backward().unwrap();
         let q = &tm.transformer.layers[0].self_attn.q_proj.weight;
         assert!(raw.get(q).is_none() && grads.get(q).is_some());
+    }
+    if opts.sparse_embedding_grad {
+        // the lookup's rows reach the embedding only through Transformer::backward
+        let raw = loss.backward().unwrap();
+        let w = &tm.transformer.embed_tokens;
+        let flat = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        assert_ne!(raw.get(w).map(flat), grads.get(w).map(flat));
     }
     let mut flat = Vec::new();
     for (_, v) in &vars {
@@ -212,13 +228,21 @@ fn every_layout_gives_the_same_logps_and_gradients() {
                     }
                 }
             }
-            // gradient checkpointing: each layer recomputed in backward, the same numbers
+            // gradient checkpointing (each layer recomputed in backward) and sparse embedding
+            // gradients: the same numbers
             for kernels in [Kernels::Fused, Kernels::Primitive] {
                 for layout in [Layout::PADDED, Layout::PACKED] {
-                    let (lp, g) = logps_and_grads_with(&m, layout, kernels, true);
-                    let what = format!("{} {dtype:?} {layout:?} {kernels:?} checkpointed", spec.model_type);
-                    assert_close(&lp, &want_lp, tol, &format!("{what} log-probs"));
-                    assert_close(&g, &want_g, tol * gmax.max(1.0), &format!("{what} gradients"));
+                    for (gradient_checkpointing, sparse_embedding_grad) in [(true, false), (false, true), (true, true)]
+                    {
+                        let opts = BackwardOptions {
+                            gradient_checkpointing,
+                            sparse_embedding_grad,
+                        };
+                        let (lp, g) = logps_and_grads_with(&m, layout, kernels, opts);
+                        let what = format!("{} {dtype:?} {layout:?} {kernels:?} {opts:?}", spec.model_type);
+                        assert_close(&lp, &want_lp, tol, &format!("{what} log-probs"));
+                        assert_close(&g, &want_g, tol * gmax.max(1.0), &format!("{what} gradients"));
+                    }
                 }
             }
         }

@@ -183,9 +183,9 @@ fn gradient_checkpointing_reaches_the_trained_models_and_changes_no_metric() {
                 ..base.clone()
             };
             let tr = Trainer::new(&c).unwrap();
-            assert_eq!(tr.policy.transformer.checkpoint.is_some(), on);
+            assert_eq!(tr.policy.transformer.backward_options.gradient_checkpointing, on);
             if let Some(p) = &tr.peer {
-                assert_eq!(p.model.transformer.checkpoint.is_some(), on);
+                assert_eq!(p.model.transformer.backward_options.gradient_checkpointing, on);
             }
             prefer::train::train(&c).unwrap();
             logs.push(metrics(&c));

@@ -1,6 +1,6 @@
 //! The model layer: config, transformer, loaders (HF safetensors, GGUF), saving, log-probs.
 
-pub mod checkpointing;
+pub mod backward;
 pub mod config;
 pub mod fused;
 pub mod gguf;

@@ -488,9 +488,11 @@ pub struct Transformer {
     params: Vec<(String, Tensor)>,
     /// Fused or primitive kernels (the same values; fused is faster and uses less memory).
     pub kernels: Kernels,
-    /// Gradient checkpointing: where recomputed layers leave their parameters' gradients
-    /// (see [`super::checkpointing`]); `None` keeps every activation for backward.
-    pub checkpoint: Option<std::sync::Arc<super::checkpointing::GradSink>>,
+    /// What [`Transformer::backward`] adds to candle's backward (see [`super::backward`]):
+    /// gradient checkpointing and sparse embedding gradients, both off by default.
+    pub backward_options: super::backward::BackwardOptions,
+    /// Where those leave gradients for [`Transformer::backward`].
+    pub(crate) sink: std::sync::Arc<super::backward::GradSink>,
 }
 
 impl Transformer {
@@ -567,7 +569,8 @@ impl Transformer {
             score,
             params,
             kernels: Kernels::default(),
-            checkpoint: None,
+            backward_options: Default::default(),
+            sink: Default::default(),
         })
     }
 
@@ -585,7 +588,7 @@ impl Transformer {
             f(name, t)
         })?;
         m.kernels = self.kernels;
-        m.set_gradient_checkpointing(self.checkpoint.is_some());
+        m.backward_options = self.backward_options;
         Ok(m)
     }
 
@@ -607,13 +610,14 @@ impl Transformer {
         let (b, t) = input_ids.dims2()?;
         let eps = self.cfg.rms_norm_eps;
         // the layers work on `[B·T, H]` rows: no reshapes around every projection
-        let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?;
+        let mut x = self.embed(&input_ids.flatten_all()?)?;
         let k = self.kernels;
         for blk in &self.layers {
-            x = match &self.checkpoint {
-                // gradient checkpointing: keep only the layer's input, recompute in backward
-                Some(sink) if x.track_op() => super::checkpointing::checkpointed(blk, &x, a, k, eps, sink)?,
-                _ => blk.forward(&x, a, k, eps)?,
+            x = if self.backward_options.gradient_checkpointing && x.track_op() {
+                // keep only the layer's input, recompute in backward
+                super::backward::checkpointed(blk, &x, a, k, eps, &self.sink)?
+            } else {
+                blk.forward(&x, a, k, eps)?
             };
         }
         Ok(k.rms_norm(&x, &self.norm, eps)?.reshape((b, t, self.cfg.hidden_size))?)

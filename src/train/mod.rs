@@ -503,6 +503,7 @@ impl Trainer {
         policy
             .transformer
             .set_gradient_checkpointing(cfg.gradient_checkpointing);
+        policy.transformer.set_sparse_embedding_grad(true);
         let (policy, vars) = policy.into_trainable()?;
         let kind = if cfg.optim == "sgd" {
             OptimKind::Sgd
@@ -537,6 +538,7 @@ impl Trainer {
             let mut m = m;
             m.transformer.kernels = cfg.kernels();
             m.transformer.set_gradient_checkpointing(cfg.gradient_checkpointing);
+            m.transformer.set_sparse_embedding_grad(true);
             let (m, vars) = m.into_trainable()?;
             let popt = Optimizer::new(kind.clone(), cfg.weight_decay, vars);
             Some(Peer { model: m, opt: popt })
