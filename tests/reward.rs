@@ -10,6 +10,25 @@ fn tmp(name: &str) -> PathBuf {
     prefer::testing::scratch_dir(&format!("reward-{name}"))
 }
 
+/// The words of the toy prompts.
+const WORDS: [&str; 8] = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+
+/// A tiny causal LM with random weights (`seed`), written as an HF directory `dir/lm`.
+fn tiny_lm(dir: &Path, seed: u64) {
+    write_hf(
+        &tiny_model(&TinySpec::default(), DType::F32, seed).unwrap(),
+        &dir.join("lm"),
+    )
+    .unwrap();
+}
+
+/// The `prefer` binary, on one thread.
+fn prefer_cmd() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"));
+    c.env("RAYON_NUM_THREADS", "1");
+    c
+}
+
 #[test]
 fn reward_head_scores_the_last_non_pad_token_and_round_trips() {
     prefer::util::set_threads_for_tests();
@@ -66,12 +85,8 @@ fn reward_head_scores_the_last_non_pad_token_and_round_trips() {
 fn reward_model_training_learns_the_toy_preference_and_scores() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("train");
-    write_hf(
-        &tiny_model(&TinySpec::default(), DType::F32, 52).unwrap(),
-        &dir.join("lm"),
-    )
-    .unwrap();
-    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    tiny_lm(&dir, 52);
+    let words = WORDS;
     let lines: Vec<String> = (0..24)
         .map(|i| serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i * 3 + 1) % 8]), "chosen": " 1", "rejected": " 2"}).to_string())
         .collect();
@@ -99,8 +114,7 @@ fn reward_model_training_learns_the_toy_preference_and_scores() {
         "{last}"
     );
     // the saved reward model scores chosen above rejected, through the CLI too
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
-        .env("RAYON_NUM_THREADS", "1")
+    let o = prefer_cmd()
         .args(["score", "--model"])
         .arg(Path::new(&cfg.output_dir))
         .arg("--data")
@@ -141,12 +155,8 @@ fn reward_model_training_learns_the_toy_preference_and_scores() {
 fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("compare");
-    write_hf(
-        &tiny_model(&TinySpec::default(), DType::F32, 53).unwrap(),
-        &dir.join("lm"),
-    )
-    .unwrap();
-    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    tiny_lm(&dir, 53);
+    let words = WORDS;
     let make = |name: &str, rejected: &str| {
         let lines: Vec<String> = (0..24)
             .map(|i| serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i * 5 + 3) % 8]), "chosen": " 1", "rejected": rejected}).to_string())
@@ -176,8 +186,7 @@ fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
         ..base
     })
     .unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
-        .env("RAYON_NUM_THREADS", "1")
+    let o = prefer_cmd()
         .args(["compare-rewards", "--json", "--dpo"])
         .arg(dir.join("dpo"))
         .arg("--ref")
@@ -212,12 +221,8 @@ fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
 fn em_recovers_planted_annotator_clusters() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("maxmin");
-    write_hf(
-        &tiny_model(&TinySpec::default(), DType::F32, 54).unwrap(),
-        &dir.join("lm"),
-    )
-    .unwrap();
-    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    tiny_lm(&dir, 54);
+    let words = WORDS;
     let mut lines = vec![];
     for i in 0..64 {
         let group_a = i % 2 == 0;
@@ -294,12 +299,8 @@ fn em_recovers_planted_annotator_clusters() {
 fn crm_filters_planted_noise_and_resumes_exactly() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("crm");
-    write_hf(
-        &tiny_model(&TinySpec::default(), DType::F32, 55).unwrap(),
-        &dir.join("lm"),
-    )
-    .unwrap();
-    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    tiny_lm(&dir, 55);
+    let words = WORDS;
     let lines: Vec<String> = (0..64)
         .map(|i| serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i / 8) % 8]), "chosen": " 1", "rejected": " 2"}).to_string())
         .collect();
@@ -389,12 +390,8 @@ fn crm_filters_planted_noise_and_resumes_exactly() {
 fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("gaussian");
-    write_hf(
-        &tiny_model(&TinySpec::default(), DType::F32, 57).unwrap(),
-        &dir.join("lm"),
-    )
-    .unwrap();
-    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    tiny_lm(&dir, 57);
+    let words = WORDS;
     let mut lines = Vec::new();
     for i in 0..16 {
         // lines 4i+1, 4i+2: a clean prompt twice; 4i+3, 4i+4: an ambiguous one, both ways
@@ -433,8 +430,7 @@ fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
     assert_eq!(saved["num_labels"], 2);
     assert_eq!(saved["id2label"]["1"], "reward_log_variance");
 
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
-        .env("RAYON_NUM_THREADS", "1")
+    let o = prefer_cmd()
         .args(["score", "--model"])
         .arg(&cfg.output_dir)
         .arg("--data")
@@ -484,8 +480,7 @@ fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
     assert_eq!(a, b);
 
     // prefer eval reports accuracy and the calibration of Φ(Δμ/√(σ_w² + σ_l²))
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
-        .env("RAYON_NUM_THREADS", "1")
+    let o = prefer_cmd()
         .args(["eval", "--json", "--model"])
         .arg(&cfg.output_dir)
         .arg("--data")
@@ -520,12 +515,8 @@ fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
 fn pal_cli_fits_annotator_groups_and_adapts_new_annotators() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("pal");
-    write_hf(
-        &tiny_model(&TinySpec::default(), DType::F32, 58).unwrap(),
-        &dir.join("lm"),
-    )
-    .unwrap();
-    let words = ["the", "cat", "is", "a", "dog", "here", "sat", "on"];
+    tiny_lm(&dir, 58);
+    let words = WORDS;
     let rows = |annotators: &[&str], per: usize| -> String {
         let mut lines = vec![];
         for i in 0..per {
@@ -546,12 +537,7 @@ fn pal_cli_fits_annotator_groups_and_adapts_new_annotators() {
     .unwrap();
     std::fs::write(dir.join("new.jsonl"), rows(&["a9", "b9"], 16)).unwrap();
     let prefer = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
-            .env("RAYON_NUM_THREADS", "1")
-            .current_dir(&dir)
-            .args(args)
-            .output()
-            .unwrap();
+        let o = prefer_cmd().current_dir(&dir).args(args).output().unwrap();
         (
             o.status.success(),
             String::from_utf8_lossy(&o.stdout).to_string(),
