@@ -112,6 +112,23 @@ fn main() -> anyhow::Result<()> {
         dir.join("expected.json"),
         serde_json::to_string_pretty(&json!({"rewards": rewards}))?,
     )?;
+    // A Gaussian reward model (mean and log-variance outputs): a two-label classifier.
+    let rm = tiny_model(&TinySpec::default(), DType::F32, 45)?.with_gaussian_reward_head(2)?;
+    let dir = out.join("llama-reward-gaussian");
+    model::hf::save_dir(&rm, &dir)?;
+    let mut rewards = vec![];
+    for t in TEXTS {
+        let ids = rm.tokenizer.encode(t, true)?;
+        let r: Vec<Vec<f32>> = rm
+            .transformer
+            .reward_matrix(std::slice::from_ref(&ids), rm.tokenizer.pad_id)?
+            .to_vec2()?;
+        rewards.push(json!({"text": t, "ids": ids, "reward": r[0][0], "log_variance": r[0][1]}));
+    }
+    std::fs::write(
+        dir.join("expected.json"),
+        serde_json::to_string_pretty(&json!({"rewards": rewards}))?,
+    )?;
     // A GGUF (Q8_0) loaded and saved by prefer: the HF checkpoint of a GGUF model.
     let m = tiny_model(&TinySpec::default(), DType::F32, 43)?;
     let g = out.join("tiny-q8.gguf");

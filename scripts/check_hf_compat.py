@@ -28,8 +28,13 @@ def check_reward(d, exp, tol):
             print(f"  {d}: token ids differ for {r['text']!r}")
             ok = False
         with torch.no_grad():
-            got = model(torch.tensor([r["ids"]])).logits[0, 0].item()
-        worst = max(worst, abs(got - r["reward"]))
+            logits = model(torch.tensor([r["ids"]])).logits[0]
+        worst = max(worst, abs(logits[0].item() - r["reward"]))
+        if "log_variance" in r:  # a Gaussian head: output 1 is log sigma^2
+            worst = max(worst, abs(logits[1].item() - r["log_variance"]))
+            if model.config.id2label.get(1) != "reward_log_variance":
+                print(f"  {d}: id2label {model.config.id2label}")
+                ok = False
     ok = ok and worst <= tol
     print(f"{'ok  ' if ok else 'FAIL'} {d}: {type(model).__name__}, max |reward diff| {worst:.2e}")
     return ok
