@@ -1168,6 +1168,9 @@ fn pal_cmd(cmd: PalCmd) -> Result<()> {
             if !(0.0..1.0).contains(&eval_fraction) {
                 bail!("--eval-fraction {eval_fraction} must be in [0, 1)");
             }
+            if k == 0 || dim == 0 || steps == 0 {
+                bail!("--k, --dim and --steps must be at least 1 (got {k}, {dim}, {steps})");
+            }
             let (emb, names) = pal_embeddings(&model_path, &data, &read)?;
             let opts = prefer::pal::PalOptions {
                 k,

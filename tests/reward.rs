@@ -602,6 +602,20 @@ fn pal_cli_fits_annotator_groups_and_adapts_new_annotators() {
         !ok && err.contains("anon.jsonl:1") && err.contains("annotator"),
         "{err}"
     );
+    // nonsense sizes are refused before anything is loaded
+    let (ok, _, err) = prefer(&[
+        "pal",
+        "fit",
+        "--model",
+        "lm",
+        "--data",
+        "known.jsonl",
+        "--out",
+        "x",
+        "--dim",
+        "0",
+    ]);
+    assert!(!ok && err.contains("--dim"), "{err}");
     // too few pairs to adapt and test
     let (ok, _, err) = prefer(&["pal", "adapt", "--pal", "pal", "--data", "new.jsonl", "--shots", "16"]);
     assert!(!ok && err.contains("--shots 16"), "{err}");
