@@ -24,6 +24,29 @@ const TEXTS: [&str; 4] = [
     "Hello world!!! I'm fine, you're 100% right -- aren't you?",
 ];
 
+/// A reward model saved to `dir`, with `expected.json` holding its outputs on TEXTS.
+fn write_reward_fixture(rm: &LoadedModel, dir: &Path) -> anyhow::Result<()> {
+    model::hf::save_dir(rm, dir)?;
+    let mut rewards = vec![];
+    for t in TEXTS {
+        let ids = rm.tokenizer.encode(t, true)?;
+        let r: Vec<Vec<f32>> = rm
+            .transformer
+            .reward_matrix(std::slice::from_ref(&ids), rm.tokenizer.pad_id)?
+            .to_vec2()?;
+        let mut rec = json!({"text": t, "ids": ids, "reward": r[0][0]});
+        if rm.transformer.cfg.reward_variance {
+            rec["log_variance"] = json!(r[0][1]);
+        }
+        rewards.push(rec);
+    }
+    std::fs::write(
+        dir.join("expected.json"),
+        serde_json::to_string_pretty(&json!({"rewards": rewards}))?,
+    )?;
+    Ok(())
+}
+
 fn expected(m: &LoadedModel, texts: &[&str]) -> anyhow::Result<serde_json::Value> {
     let tok = &m.tokenizer;
     let mut seqs = vec![];
@@ -95,40 +118,12 @@ fn main() -> anyhow::Result<()> {
         write_expected(&m, &dir, &texts)?;
         eprintln!("wrote {}", dir.display());
     }
-    // A reward model (score head on the last non-pad token): *ForSequenceClassification.
+    // Reward models (score head on the last non-pad token): *ForSequenceClassification,
+    // one output, or two for a Gaussian head (mean and log-variance).
     let rm = tiny_model(&TinySpec::default(), DType::F32, 44)?.with_reward_head(1)?;
-    let dir = out.join("llama-reward");
-    model::hf::save_dir(&rm, &dir)?;
-    let mut rewards = vec![];
-    for t in TEXTS {
-        let ids = rm.tokenizer.encode(t, true)?;
-        let r: Vec<f32> = rm
-            .transformer
-            .rewards(std::slice::from_ref(&ids), rm.tokenizer.pad_id)?
-            .to_vec1()?;
-        rewards.push(json!({"text": t, "ids": ids, "reward": r[0]}));
-    }
-    std::fs::write(
-        dir.join("expected.json"),
-        serde_json::to_string_pretty(&json!({"rewards": rewards}))?,
-    )?;
-    // A Gaussian reward model (mean and log-variance outputs): a two-label classifier.
+    write_reward_fixture(&rm, &out.join("llama-reward"))?;
     let rm = tiny_model(&TinySpec::default(), DType::F32, 45)?.with_gaussian_reward_head(2)?;
-    let dir = out.join("llama-reward-gaussian");
-    model::hf::save_dir(&rm, &dir)?;
-    let mut rewards = vec![];
-    for t in TEXTS {
-        let ids = rm.tokenizer.encode(t, true)?;
-        let r: Vec<Vec<f32>> = rm
-            .transformer
-            .reward_matrix(std::slice::from_ref(&ids), rm.tokenizer.pad_id)?
-            .to_vec2()?;
-        rewards.push(json!({"text": t, "ids": ids, "reward": r[0][0], "log_variance": r[0][1]}));
-    }
-    std::fs::write(
-        dir.join("expected.json"),
-        serde_json::to_string_pretty(&json!({"rewards": rewards}))?,
-    )?;
+    write_reward_fixture(&rm, &out.join("llama-reward-gaussian"))?;
     // A GGUF (Q8_0) loaded and saved by prefer: the HF checkpoint of a GGUF model.
     let m = tiny_model(&TinySpec::default(), DType::F32, 43)?;
     let g = out.join("tiny-q8.gguf");

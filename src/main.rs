@@ -673,18 +673,24 @@ fn run(cmd: Cmd) -> Result<()> {
     }
 }
 
-/// A Gaussian reward head's probability that each pair's chosen response is preferred,
-/// Φ((μ_w − μ_l)/√(σ_w² + σ_l²)).
-fn gaussian_probabilities(
+/// A (chosen, rejected) pair of scores.
+type Pair = (f64, f64);
+
+/// A Gaussian reward head on pairs, from one scoring pass: the (chosen, rejected) means, and
+/// each pair's probability that chosen is preferred, Φ((μ_w − μ_l)/√(σ_w² + σ_l²)).
+fn gaussian_scores(
     m: &model::LoadedModel,
     pairs: &[prefer::data::TokenizedExample],
     batch_size: usize,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<Pair>, Vec<f64>)> {
     let heads = prefer::stats::score_reward_heads(&m.transformer, pairs, batch_size, m.tokenizer.pad_id)?;
     Ok(heads
         .iter()
-        .map(|r| prefer::util::gaussian_preference_probability(r[0][0], r[0][1], r[1][0], r[1][1]))
-        .collect())
+        .map(|r| {
+            let p = prefer::util::gaussian_preference_probability(r[0][0], r[0][1], r[1][0], r[1][1]);
+            ((r[0][0], r[1][0]), p)
+        })
+        .unzip())
 }
 
 fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result<()> {
@@ -909,10 +915,16 @@ fn eval_cmd(
     let mut rows = Vec::new();
     for (step, path) in &models {
         let m = model::load(path, DType::F32, &dev)?;
-        let scores = score(&m)?;
+        let (scores, gaussian) = match m.transformer.cfg.reward_variance {
+            true => {
+                let (s, p) = gaussian_scores(&m, &pairs, batch_size)?;
+                (s, Some(p))
+            }
+            false => (score(&m)?, None),
+        };
         // the model's probability that each pair's chosen response is preferred
         let probabilities: Option<Vec<f64>> = match (&reference, m.transformer.cfg.reward_head) {
-            (_, true) if m.transformer.cfg.reward_variance => Some(gaussian_probabilities(&m, &pairs, batch_size)?),
+            _ if gaussian.is_some() => gaussian,
             (_, true) => Some(prefer::eval::bt_probabilities(&scores)),
             (Some(r), false) => Some(prefer::eval::bt_probabilities(
                 &scores

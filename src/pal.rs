@@ -15,6 +15,7 @@
 
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
+use crate::model::transformer::softmax_last;
 use crate::model::Transformer;
 use crate::train::optim::{OptimKind, Optimizer};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -35,6 +36,15 @@ impl PairEmbeddings {
 
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
+    }
+
+    /// The same pairs, all as user 0 (for a single user's mixture `[1, K]`).
+    fn as_one_user(&self) -> PairEmbeddings {
+        PairEmbeddings {
+            chosen: self.chosen.clone(),
+            rejected: self.rejected.clone(),
+            users: vec![0; self.len()],
+        }
     }
 
     /// The pairs at `idx`, in that order.
@@ -140,7 +150,7 @@ impl Pal {
             |count: usize, std: f64| -> Vec<f32> { (0..count).map(|_| (std * rng.normal()) as f32).collect() };
         let projector = Tensor::from_vec(normal(opts.dim * h, 1.0 / (h as f64).sqrt()), (opts.dim, h), dev)?;
         let logits = Tensor::from_vec(normal(users.len() * opts.k, 1.0), (users.len(), opts.k), dev)?;
-        // K distinct rows, seeded
+        // K distinct rows, seeded: the first K steps of a Fisher-Yates shuffle
         let mut rows: Vec<usize> = (0..n).collect();
         let mut rng = crate::util::Rng::new(opts.seed.wrapping_add(1));
         for i in 0..opts.k {
@@ -164,7 +174,7 @@ impl Pal {
     /// r(y) = −‖f(z_y) − a_u‖ `[N]` for embeddings `z` `[N, H]` of users `users`, with the
     /// mixture logits `logits` `[U, K]`.
     fn rewards_with(&self, logits: &Tensor, z: &Tensor, users: &[u32]) -> Result<Tensor> {
-        let w = candle_nn_softmax(logits)?;
+        let w = softmax_last(logits)?;
         let ideal = w.matmul(self.prototypes.as_tensor())?.matmul(&self.projector.t()?)?; // [U, d]
         let idx = Tensor::new(users, z.device())?;
         let a = ideal.index_select(&idx, 0)?;
@@ -200,7 +210,7 @@ impl Pal {
 
     /// Each known user's mixture weights w_u.
     pub fn weights(&self) -> Result<Vec<Vec<f64>>> {
-        Ok(candle_nn_softmax(self.user_logits.as_tensor())?
+        Ok(softmax_last(self.user_logits.as_tensor())?
             .to_dtype(DType::F64)?
             .to_vec2()?)
     }
@@ -229,11 +239,7 @@ impl Pal {
     /// this user's; `users` is ignored). Returns the logits.
     pub fn adapt(&self, shots: &PairEmbeddings, steps: usize, learning_rate: f64) -> Result<Tensor> {
         let theta = Var::zeros((1, self.k()), DType::F32, shots.chosen.device())?;
-        let one = PairEmbeddings {
-            chosen: shots.chosen.clone(),
-            rejected: shots.rejected.clone(),
-            users: vec![0; shots.len()],
-        };
+        let one = shots.as_one_user();
         let mut opt = adam(vec![("theta".to_string(), theta.clone())]);
         for _ in 0..steps {
             opt.zero_grad();
@@ -247,12 +253,7 @@ impl Pal {
     /// Accuracy on `data` (all of one user) under the mixture `logits` `[1, K]` from
     /// [`Self::adapt`].
     pub fn accuracy_for(&self, logits: &Tensor, data: &PairEmbeddings) -> Result<f64> {
-        let one = PairEmbeddings {
-            chosen: data.chosen.clone(),
-            rejected: data.rejected.clone(),
-            users: vec![0; data.len()],
-        };
-        self.accuracy_with(logits, &one)
+        self.accuracy_with(logits, &data.as_one_user())
     }
 
     /// `pal.safetensors` (projector, prototypes, user_logits) and `pal.json` (users, and
@@ -481,10 +482,7 @@ pub fn adapt_users(
             held_out_pairs: test.len(),
             held_out_accuracy: acc,
             uniform_accuracy: Some(before),
-            weights: candle_nn_softmax(&theta)?
-                .to_dtype(DType::F64)?
-                .flatten_all()?
-                .to_vec1()?,
+            weights: softmax_last(&theta)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
         });
     }
     Ok(AdaptReport {
@@ -493,13 +491,6 @@ pub fn adapt_users(
         held_out_accuracy: right / total.max(1) as f64,
         uniform_accuracy: right_uniform / total.max(1) as f64,
     })
-}
-
-/// Row-wise softmax of a 2-D tensor.
-fn candle_nn_softmax(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 #[cfg(test)]

@@ -86,9 +86,8 @@ fn reward_model_training_learns_the_toy_preference_and_scores() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("train");
     tiny_lm(&dir, 52);
-    let words = WORDS;
     let lines: Vec<String> = (0..24)
-        .map(|i| serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i * 3 + 1) % 8]), "chosen": " 1", "rejected": " 2"}).to_string())
+        .map(|i| serde_json::json!({"prompt": format!("{} {} =", WORDS[i % 8], WORDS[(i * 3 + 1) % 8]), "chosen": " 1", "rejected": " 2"}).to_string())
         .collect();
     std::fs::write(dir.join("pairs.jsonl"), lines.join("\n")).unwrap();
     let cfg = TrainConfig {
@@ -156,10 +155,9 @@ fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("compare");
     tiny_lm(&dir, 53);
-    let words = WORDS;
     let make = |name: &str, rejected: &str| {
         let lines: Vec<String> = (0..24)
-            .map(|i| serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i * 5 + 3) % 8]), "chosen": " 1", "rejected": rejected}).to_string())
+            .map(|i| serde_json::json!({"prompt": format!("{} {} =", WORDS[i % 8], WORDS[(i * 5 + 3) % 8]), "chosen": " 1", "rejected": rejected}).to_string())
             .collect();
         std::fs::write(dir.join(name), lines.join("\n")).unwrap();
         dir.join(name)
@@ -222,14 +220,13 @@ fn em_recovers_planted_annotator_clusters() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("maxmin");
     tiny_lm(&dir, 54);
-    let words = WORDS;
     let mut lines = vec![];
     for i in 0..64 {
         let group_a = i % 2 == 0;
         let annotator = format!("{}{}", if group_a { "a" } else { "b" }, (i / 2) % 4);
         let (c, r) = if group_a { (" 1", " 2") } else { (" 2", " 1") };
         lines.push(
-            serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i / 8) % 8]), "chosen": c, "rejected": r, "annotator": annotator})
+            serde_json::json!({"prompt": format!("{} {} =", WORDS[i % 8], WORDS[(i / 8) % 8]), "chosen": c, "rejected": r, "annotator": annotator})
                 .to_string(),
         );
     }
@@ -300,9 +297,8 @@ fn crm_filters_planted_noise_and_resumes_exactly() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("crm");
     tiny_lm(&dir, 55);
-    let words = WORDS;
     let lines: Vec<String> = (0..64)
-        .map(|i| serde_json::json!({"prompt": format!("{} {} =", words[i % 8], words[(i / 8) % 8]), "chosen": " 1", "rejected": " 2"}).to_string())
+        .map(|i| serde_json::json!({"prompt": format!("{} {} =", WORDS[i % 8], WORDS[(i / 8) % 8]), "chosen": " 1", "rejected": " 2"}).to_string())
         .collect();
     std::fs::write(dir.join("clean.jsonl"), lines.join("\n")).unwrap();
     let (noisy, flipped) = prefer::data::convert::corrupt_labels(&dir.join("clean.jsonl"), 0.3, 3).unwrap();
@@ -391,11 +387,10 @@ fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("gaussian");
     tiny_lm(&dir, 57);
-    let words = WORDS;
     let mut lines = Vec::new();
     for i in 0..16 {
         // lines 4i+1, 4i+2: a clean prompt twice; 4i+3, 4i+4: an ambiguous one, both ways
-        let p = format!("{} {}", words[i % 8], words[(i / 8) % 8]);
+        let p = format!("{} {}", WORDS[i % 8], WORDS[(i / 8) % 8]);
         for _ in 0..2 {
             lines.push(serde_json::json!({"prompt": format!("{p} ="), "chosen": " 1", "rejected": " 2"}).to_string());
         }
@@ -516,13 +511,12 @@ fn pal_cli_fits_annotator_groups_and_adapts_new_annotators() {
     prefer::util::set_threads_for_tests();
     let dir = tmp("pal");
     tiny_lm(&dir, 58);
-    let words = WORDS;
     let rows = |annotators: &[&str], per: usize| -> String {
         let mut lines = vec![];
         for i in 0..per {
             for (j, a) in annotators.iter().enumerate() {
                 let (c, r) = if a.starts_with('a') { (" 1", " 2") } else { (" 2", " 1") };
-                let prompt = format!("{} {} =", words[(i + j) % 8], words[(i * 3 + j) % 8]);
+                let prompt = format!("{} {} =", WORDS[(i + j) % 8], WORDS[(i * 3 + j) % 8]);
                 lines.push(
                     serde_json::json!({"prompt": prompt, "chosen": c, "rejected": r, "annotator": a}).to_string(),
                 );

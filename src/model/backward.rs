@@ -19,6 +19,7 @@
 //! With this option, the lookup's output is a leaf variable of the graph. [`Transformer::backward`]
 //! then adds its gradient rows into the embedding's gradient in place.
 
+use super::fused::{storage_to_tensor, tensor_to_storage};
 use super::transformer::{AttentionInputs, Block, Kernels, Transformer};
 use crate::error::Result;
 use candle_core::backprop::GradStore;
@@ -83,25 +84,12 @@ impl CustomOp1 for CheckpointedLayer {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((lo, hi)) = l.contiguous_offsets() else {
-            candle_core::bail!("checkpointed-layer: the layer input must be contiguous")
-        };
-        let dev = candle_core::Device::Cpu;
-        let x = match s {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[lo..hi], l.shape(), &dev)?,
-            CpuStorage::F64(v) => Tensor::from_slice(&v[lo..hi], l.shape(), &dev)?,
-            _ => candle_core::bail!("checkpointed-layer: only f32 and f64"),
-        };
+        let x = storage_to_tensor(s, l, self.name())?;
         let y = self
             .detached
             .forward(&x, &self.attn, self.kernels, self.eps)
-            .map_err(msg)?
-            .flatten_all()?;
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(y.to_vec1()?),
-            _ => CpuStorage::F64(y.to_vec1()?),
-        };
-        Ok((out, l.shape().clone()))
+            .map_err(msg)?;
+        tensor_to_storage(&y, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -674,6 +674,20 @@ fn storage_of<T: Elem>(t: &Tensor) -> CResult<(CpuStorage, Shape)> {
     out(v, t.shape().clone())
 }
 
+/// [`tensor_of`] for an f32 or f64 storage: for CustomOps whose forward runs tensor code.
+pub(crate) fn storage_to_tensor(s: &CpuStorage, l: &Layout, op: &str) -> CResult<Tensor> {
+    by_dtype!(s, op, tensor_of(s, l))
+}
+
+/// [`storage_of`] for an f32 or f64 tensor: what such a CustomOp's forward returns.
+pub(crate) fn tensor_to_storage(t: &Tensor, op: &str) -> CResult<(CpuStorage, Shape)> {
+    match t.dtype() {
+        candle_core::DType::F32 => storage_of::<f32>(t),
+        candle_core::DType::F64 => storage_of::<f64>(t),
+        d => candle_core::bail!("{op}: only f32 and f64 have a fused kernel, not {d:?}"),
+    }
+}
+
 fn attention_fwd<T: Elem>(
     a: &Attention,
     s1: &CpuStorage,
