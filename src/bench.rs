@@ -44,6 +44,9 @@ pub struct DpoBenchArgs {
     /// Recompute each decoder layer in backward instead of keeping its activations.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// bf16 matmuls with f32 sums (TRL's `bf16 = true`): AMX tiles where the CPU has them.
+    #[arg(long)]
+    pub bf16: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -105,22 +108,35 @@ fn matching_record<'a>(records: &'a [serde_json::Value], run: &serde_json::Value
     })
 }
 
-/// Best-of-3 GFLOP/s of an f32 `[m,k] x [k,n]` matmul.
+/// Best-of-3 GFLOP/s of an f32 `[m,k] x [k,n]` matmul (candle's, as the f32 model runs it).
 pub fn matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
-    matmul_gflops_dtype(m, k, n, candle_core::DType::F32)
-}
-
-/// Best-of-3 GFLOP/s of a `[m,k] x [k,n]` matmul in `dtype`.
-pub fn matmul_gflops_dtype(m: usize, k: usize, n: usize, dtype: candle_core::DType) -> Result<f64> {
     let dev = Device::Cpu;
-    let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
-    let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?.to_dtype(dtype)?;
+    let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
     let _ = a.matmul(&b)?;
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t = Instant::now();
         let c = a.matmul(&b)?;
         let _ = c.dims();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+/// Best-of-3 GFLOP/s of prefer's bf16 matmul (`bf16 = true`: AMX tiles where the CPU has them),
+/// `[m,k] x [k,n]`, counting the conversion and packing of both operands.
+pub fn bf16_matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
+    use crate::model::bf16::{matmul, Rhs, View};
+    let dev = Device::Cpu;
+    let a: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &dev)?.to_vec1()?;
+    let b: Vec<f32> = Tensor::randn(0f32, 1.0, k * n, &dev)?.to_vec1()?;
+    let mut c = vec![0f32; m * n];
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let rhs = Rhs::new(View::row_major(&b, k, n))?;
+        matmul(View::row_major(&a, m, k), &rhs, &mut c, n, false)?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
@@ -222,11 +238,13 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         padding_free: !args.no_padding_free,
         fused_kernels: !args.no_fused_kernels,
         gradient_checkpointing: args.gradient_checkpointing,
+        bf16: args.bf16,
         ..TrainConfig::default()
     };
     cfg.validate()?;
     let threads = candle_core::utils::get_num_threads();
     let mut tr = Trainer::new(&cfg)?;
+    crate::util::memtrace("after Trainer::new");
     let params = tr.policy.transformer.cfg.num_params() as f64;
     let warm = tr.step()?;
     eprintln!("warm-up step: {:.2} s, loss {:.4}", warm.seconds, warm.metrics["loss"]);
@@ -264,7 +282,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     let achieved = per_token * positions as f64 / total / 1e9;
     let peak = crate::util::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     let mm_big = matmul_gflops(2048, 2048, 2048)?;
-    let mm_bf16 = matmul_gflops_dtype(2048, 2048, 2048, candle_core::DType::BF16)?;
+    let mm_bf16 = bf16_matmul_gflops(2048, 2048, 2048)?;
     let h = tr.policy.transformer.cfg.hidden_size;
     let mm_model = matmul_gflops(512, h, tr.policy.transformer.cfg.intermediate_size)?;
     let _ = std::fs::remove_dir_all(&out);
@@ -273,7 +291,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         "reference": if live_ref { "live" } else { "precomputed" },
         "s_per_step_median": median, "tokens_per_second": tokens as f64 / total,
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
-        "dtype": "f32", "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
+        "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_amx": args.bf16 && crate::model::bf16::amx_available(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
         "gradient_checkpointing": args.gradient_checkpointing,
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,
@@ -286,10 +304,11 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     } else {
         println!("prefer bench dpo: {model}");
         println!(
-            "  threads {threads}, batch {} pairs, max_length {}, reference {}",
+            "  threads {threads}, batch {} pairs, max_length {}, reference {}, matmuls {}",
             args.batch_size,
             args.max_length,
-            if live_ref { "live" } else { "precomputed" }
+            if live_ref { "live" } else { "precomputed" },
+            if args.bf16 { "bf16" } else { "f32" }
         );
         println!("  s/step (median of {})        {median:.2}", args.steps);
         println!("  real tokens / s              {:.0}", tokens as f64 / total);
@@ -320,7 +339,14 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
             "  machine f32 matmul GFLOP/s   {mm_big:.1} (2048^3), {mm_model:.1} (512x{h}x{})",
             tr.policy.transformer.cfg.intermediate_size
         );
-        println!("  candle bf16 matmul GFLOP/s   {mm_bf16:.1} (2048^3; candle widens bf16 to f32 on CPU)");
+        println!(
+            "  machine bf16 matmul GFLOP/s  {mm_bf16:.1} (2048^3, prefer's bf16 matmul incl. packing; {})",
+            if crate::model::bf16::amx_available() {
+                "AMX tiles"
+            } else {
+                "no AMX here: rounded operands through the f32 GEMM"
+            }
+        );
     }
     if let (Some(f), None) = (&args.compare_file, compare) {
         let want: Vec<String> = MATCH_KEYS.iter().map(|k| format!("{k} = {}", v[k])).collect();

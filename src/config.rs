@@ -202,6 +202,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Fused CPU kernels with their own backward (RMSNorm, RoPE, the attention of a block, SwiGLU, the log-prob head); false = candle primitive ops. Same values either way; fused is faster and keeps far fewer activations.",
     ),
     (
+        "bf16",
+        "false",
+        "Multiply in bf16 with f32 sums, as TRL's `bf16 = true` (PyTorch CPU autocast) does: the linear layers and the log-prob head round both operands to bf16, forward and backward. Weights, gradients and optimizer state stay f32. Fast on CPUs with AMX (Xeon 4th generation and later); elsewhere the same numbers at f32 speed.",
+    ),
+    (
         "share_prompt",
         "true",
         "Compute each prompt once for all its responses: [prompt, chosen, rejected] as one unit in which each response sees the prompt and itself. Same log-probs as separate sequences.",
@@ -321,6 +326,7 @@ pub struct TrainConfig {
     pub padding_free: bool,
     pub share_prompt: bool,
     pub fused_kernels: bool,
+    pub bf16: bool,
     pub gradient_checkpointing: bool,
     pub ref_log_probs_cache_dir: String,
     pub resume_from_checkpoint: Option<String>,
@@ -379,6 +385,7 @@ impl Default for TrainConfig {
             padding_free: true,
             share_prompt: true,
             fused_kernels: true,
+            bf16: false,
             gradient_checkpointing: false,
             ref_log_probs_cache_dir: "~/.cache/prefer/ref_logps".into(),
             resume_from_checkpoint: None,
@@ -551,10 +558,9 @@ impl TrainConfig {
     }
 
     pub fn kernels(&self) -> crate::model::Kernels {
-        if self.fused_kernels {
-            crate::model::Kernels::Fused
-        } else {
-            crate::model::Kernels::Primitive
+        crate::model::Kernels {
+            fused: self.fused_kernels,
+            bf16: self.bf16,
         }
     }
 

@@ -109,6 +109,26 @@ pub fn tune_allocator() {
     }
 }
 
+/// Debug aid: with `PREFER_MEMTRACE` set, print current and peak RSS with a label.
+pub fn memtrace(label: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("PREFER_MEMTRACE").is_some()) {
+        return;
+    }
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |k: &str| -> f64 {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    eprintln!(
+        "memtrace {label}: rss {:.3} GiB, peak {:.3} GiB",
+        kb("VmRSS:") / 1048576.0,
+        kb("VmHWM:") / 1048576.0
+    );
+}
+
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -206,15 +206,15 @@ fn every_layout_gives_the_same_logps_and_gradients() {
     for spec in variants() {
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
             let m = tiny_model(&spec, dtype, 5).unwrap();
-            let (want_lp, want_g) = logps_and_grads(&m, Layout::PADDED, Kernels::Primitive);
+            let (want_lp, want_g) = logps_and_grads(&m, Layout::PADDED, Kernels::PRIMITIVE);
             let gmax = want_g.iter().fold(0f64, |a, x| a.max(x.abs()));
             assert!(gmax > 1e-3, "gradients too small to compare: {gmax}");
             for share_prompt in [false, true] {
                 for padding_free in [false, true] {
                     for (padding_side, kernels) in [
-                        (PaddingSide::Left, Kernels::Fused),
-                        (PaddingSide::Right, Kernels::Fused),
-                        (PaddingSide::Right, Kernels::Primitive),
+                        (PaddingSide::Left, Kernels::FUSED),
+                        (PaddingSide::Right, Kernels::FUSED),
+                        (PaddingSide::Right, Kernels::PRIMITIVE),
                     ] {
                         let layout = Layout {
                             share_prompt,
@@ -230,13 +230,19 @@ fn every_layout_gives_the_same_logps_and_gradients() {
             }
             // gradient checkpointing (each layer recomputed in backward) and sparse embedding
             // gradients: the same numbers
-            for kernels in [Kernels::Fused, Kernels::Primitive] {
+            for kernels in [Kernels::FUSED, Kernels::PRIMITIVE] {
                 for layout in [Layout::PADDED, Layout::PACKED] {
-                    for (gradient_checkpointing, sparse_embedding_grad) in [(true, false), (false, true), (true, true)]
-                    {
+                    for (gradient_checkpointing, sparse_embedding_grad, layer_graphs) in [
+                        (true, false, false),
+                        (false, true, false),
+                        (true, true, false),
+                        (false, false, true),
+                        (false, true, true),
+                    ] {
                         let opts = BackwardOptions {
                             gradient_checkpointing,
                             sparse_embedding_grad,
+                            layer_graphs,
                         };
                         let (lp, g) = logps_and_grads_with(&m, layout, kernels, opts);
                         let what = format!("{} {dtype:?} {layout:?} {kernels:?} {opts:?}", spec.model_type);
@@ -245,6 +251,73 @@ fn every_layout_gives_the_same_logps_and_gradients() {
                     }
                 }
             }
+        }
+    }
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// `bf16 = true`: the linear layers and the log-prob head multiply bf16-rounded operands.
+/// Every layout and kernel choice computes the same products, so they agree with each other far
+/// more closely than with f32; and bf16 stays near f32 (log-probs and gradients) while being
+/// measurably different from it (the rounding is really applied).
+#[test]
+fn bf16_matmuls_agree_across_layouts_and_stay_near_f32() {
+    prefer::util::set_threads_for_tests();
+    let bf16 = |fused| Kernels { fused, bf16: true };
+    for spec in variants() {
+        let m = tiny_model(&spec, DType::F32, 5).unwrap();
+        let (lp32, g32) = logps_and_grads(&m, Layout::PADDED, Kernels::PRIMITIVE);
+        let (want_lp, want_g) = logps_and_grads(&m, Layout::PADDED, bf16(false));
+        let gnorm = g32.iter().map(|g| g * g).sum::<f64>().sqrt();
+        let to_f32 = (max_diff(&want_lp, &lp32), max_diff(&want_g, &g32));
+        let rel_g = |g: &[f64], h: &[f64]| g.iter().zip(h).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() / gnorm;
+        eprintln!(
+            "{}: bf16 vs f32: log-probs {:.2e}, gradients {:.2e} (relative {:.2e})",
+            spec.model_type,
+            to_f32.0,
+            to_f32.1,
+            rel_g(&want_g, &g32)
+        );
+        assert!(
+            to_f32.0 > 1e-5 && to_f32.0 < 0.25,
+            "bf16 log-probs vs f32: {}",
+            to_f32.0
+        );
+        assert!(
+            rel_g(&want_g, &g32) < 0.05,
+            "bf16 gradients vs f32: {}",
+            rel_g(&want_g, &g32)
+        );
+        let ckpt = BackwardOptions {
+            gradient_checkpointing: true,
+            sparse_embedding_grad: true,
+            layer_graphs: false,
+        };
+        let layer_graphs = BackwardOptions {
+            sparse_embedding_grad: true,
+            layer_graphs: true,
+            ..Default::default()
+        };
+        for (layout, kernels, opts) in [
+            (Layout::PACKED, bf16(true), BackwardOptions::default()),
+            (Layout::PADDED, bf16(true), BackwardOptions::default()),
+            (Layout::PACKED, bf16(false), BackwardOptions::default()),
+            (Layout::PACKED, bf16(true), ckpt),
+            (Layout::PACKED, bf16(true), layer_graphs),
+        ] {
+            let (lp, g) = logps_and_grads_with(&m, layout, kernels, opts);
+            let (dl, dg) = (max_diff(&lp, &want_lp), rel_g(&g, &want_g));
+            let what = format!("{} {layout:?} {kernels:?} {opts:?}", spec.model_type);
+            eprintln!("{what}: vs padded primitive bf16: log-probs {dl:.2e}, gradients (relative) {dg:.2e}");
+            assert!(
+                dl < 0.2 * to_f32.0,
+                "{what}: log-probs {dl} apart (f32 is {})",
+                to_f32.0
+            );
+            assert!(dg < 0.4 * rel_g(&want_g, &g32), "{what}: gradients {dg} apart");
         }
     }
 }
@@ -377,6 +450,20 @@ fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
             assert!((x - y).abs() < 0.02 * y.abs() + 0.05, "gguf q8_0: {x} vs {y}");
         }
         assert_ne!(got, want);
+        // a frozen copy whose layers stay quantised (the live reference) computes exactly the
+        // same, with its layers in under a third of the bytes; F32 files gain nothing
+        let frozen = model::compact::load_frozen(&q, DType::F32, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let c = frozen.transformer.compact_layers().unwrap();
+        assert!(
+            frozen.transformer.layers.is_empty() && c.bytes() * 3 < c.widened_bytes(),
+            "{c:?}"
+        );
+        assert_eq!(logps(&frozen.transformer, &seqs(), PaddingSide::Right), got);
+        assert!(model::compact::load_frozen(&p, DType::F32, &Device::Cpu)
+            .unwrap()
+            .is_none());
         // and a GGUF model saved as HF is a valid HF checkpoint
         let hf = dir.join("from-gguf");
         prefer::model::hf::save_dir(&gq, &hf).unwrap();
@@ -464,6 +551,18 @@ fn sharded_and_half_precision_checkpoints_load() {
             assert_eq!(got, want);
         } else {
             assert_ne!(got, want, "{dtype:?} weights should round");
+        }
+        // the frozen copy keeps bf16/f16 layers as stored (half the bytes), with the same
+        // numbers; an f32 checkpoint gains nothing
+        let frozen = model::compact::load_frozen(&dir, DType::F32, &Device::Cpu).unwrap();
+        match frozen {
+            Some(f) => {
+                assert_ne!(dtype, DType::F32);
+                let c = f.transformer.compact_layers().unwrap();
+                assert_eq!(c.bytes() * 2, c.widened_bytes());
+                assert_eq!(logps(&f.transformer, &seqs(), PaddingSide::Right), got);
+            }
+            None => assert_eq!(dtype, DType::F32),
         }
     }
 }

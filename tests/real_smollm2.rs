@@ -129,11 +129,11 @@ fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
         t.kernels = kernels;
         group_sequence_logps(&t, &groups, layout, false).unwrap()
     };
-    let padded = run(&m, Layout::PADDED, model::Kernels::Primitive);
-    let packed = run(&m, Layout::PACKED, model::Kernels::Fused);
+    let padded = run(&m, Layout::PADDED, model::Kernels::PRIMITIVE);
+    let packed = run(&m, Layout::PACKED, model::Kernels::FUSED);
     // the same model in f64 is the yardstick for both f32 computations
     let m64 = model::load(&smollm2_path(), DType::F64, &Device::Cpu).unwrap();
-    let truth = run(&m64, Layout::PADDED, model::Kernels::Primitive);
+    let truth = run(&m64, Layout::PADDED, model::Kernels::PRIMITIVE);
     let err = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
         prefer::testing::max_abs_diff(&a.to_dtype(DType::F64).unwrap(), b).unwrap()
     };
@@ -157,4 +157,31 @@ fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
     );
     let sums: Vec<f32> = padded.sums.to_vec1().unwrap();
     assert!(sums.iter().all(|x| *x < -1.0), "sums {sums:?}");
+    // bf16 matmuls (`bf16 = true`): near the f32 numbers, as PyTorch's autocast is
+    let bf16 = run(
+        &m,
+        Layout::PACKED,
+        model::Kernels {
+            fused: true,
+            bf16: true,
+        },
+    );
+    let (bt, bs) = (err(&bf16.token_logps, &truth.token_logps), err(&bf16.sums, &truth.sums));
+    let mean_abs = |t: &candle_core::Tensor| -> f64 {
+        let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.abs()).sum::<f64>() / v.len() as f64
+    };
+    let mean_err = {
+        let d = (bf16.token_logps.to_dtype(DType::F64).unwrap() - &truth.token_logps).unwrap();
+        mean_abs(&d)
+    };
+    eprintln!("                    packed bf16       {bt:e} per token (mean {mean_err:e}), {bs:e} per sequence");
+    assert!(
+        bt > 10.0 * qt,
+        "bf16 is no less exact than f32: is the rounding applied?"
+    );
+    assert!(
+        mean_err < 0.01 * mean_abs(&truth.token_logps),
+        "bf16 token log-probs are off by {mean_err} on average"
+    );
 }

@@ -137,7 +137,7 @@ fn fused_kernels_option_reaches_both_models_and_changes_no_metric() {
     use prefer::train::reference::Reference;
     let (_dir, cfg) = tiny_setup("kernels");
     let mut logs = Vec::new();
-    for (fused, want) in [(true, Kernels::Fused), (false, Kernels::Primitive)] {
+    for (fused, want) in [(true, Kernels::FUSED), (false, Kernels::PRIMITIVE)] {
         let c = TrainConfig {
             fused_kernels: fused,
             max_steps: 3,
@@ -157,6 +157,95 @@ fn fused_kernels_option_reaches_both_models_and_changes_no_metric() {
         for k in ["loss", "rewards/margins", "logps/chosen", "grad_norm"] {
             assert!(
                 (f(a, k) - f(b, k)).abs() < 1e-4 * (1.0 + f(b, k).abs()),
+                "{k}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// `bf16 = true` reaches the trained policy and the live reference. At the first step both
+/// compute the same bf16 products from the same weights, so the DPO loss is exactly ln 2 as
+/// in f32; later steps stay near the f32 run without equalling it.
+#[test]
+fn bf16_option_reaches_both_models_and_trains_near_f32() {
+    use prefer::model::Kernels;
+    use prefer::train::reference::Reference;
+    let (_dir, cfg) = tiny_setup("bf16");
+    let mut logs = Vec::new();
+    for bf16 in [false, true] {
+        let c = TrainConfig {
+            bf16,
+            max_steps: 4,
+            logging_steps: 1,
+            output_dir: format!("{}-{bf16}", cfg.output_dir),
+            ..cfg.clone()
+        };
+        let tr = Trainer::new(&c).unwrap();
+        let want = Kernels { fused: true, bf16 };
+        assert_eq!(tr.policy.transformer.kernels, want);
+        match &tr.reference {
+            Reference::Model(r) => assert_eq!(r.kernels, want),
+            _ => panic!("expected a live reference"),
+        }
+        prefer::train::train(&c).unwrap();
+        logs.push(metrics(&c));
+    }
+    let (f32_log, bf16_log) = (&logs[0], &logs[1]);
+    assert!(
+        (f(&bf16_log[0], "loss") - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        bf16_log[0]
+    );
+    assert!(f(&bf16_log[0], "rewards/margins").abs() < 1e-6);
+    let mut differs = false;
+    for (a, b) in f32_log.iter().zip(bf16_log) {
+        for k in ["loss", "logps/chosen", "grad_norm"] {
+            let (x, y) = (f(a, k), f(b, k));
+            assert!((x - y).abs() < 0.05 * (1.0 + x.abs()), "{k}: f32 {x} vs bf16 {y}");
+            differs |= (x - y).abs() > 1e-6 * (1.0 + x.abs());
+        }
+    }
+    assert!(differs, "bf16 training equals f32 training: is the rounding applied?");
+}
+
+/// A quantised GGUF starting model: the live reference keeps its layers quantised (unless
+/// `sync_ref_model` must mix weights into them) and still equals the policy at the first step,
+/// so the first DPO loss is ln 2 and both runs train to the same metrics.
+#[test]
+fn quantised_reference_stays_compact_and_exact() {
+    use prefer::train::reference::Reference;
+    let (dir, cfg) = tiny_setup("compact-ref");
+    let gguf = dir.join("tiny-q8.gguf");
+    let m = tiny_model(&TinySpec::default(), candle_core::DType::F32, 11).unwrap();
+    write_gguf(&m, &gguf, candle_core::quantized::GgmlDType::Q8_0).unwrap();
+    let mut logs = Vec::new();
+    for sync in [false, true] {
+        let c = TrainConfig {
+            model_name_or_path: gguf.display().to_string(),
+            max_steps: 3,
+            sync_ref_model: sync,
+            // a sync far beyond the run: the reference stays the starting model
+            ref_model_sync_steps: 1000,
+            output_dir: format!("{}-{sync}", cfg.output_dir),
+            ..cfg.clone()
+        };
+        let tr = Trainer::new(&c).unwrap();
+        match &tr.reference {
+            Reference::Model(r) => assert_eq!(r.compact_layers().is_some(), !sync),
+            _ => panic!("expected a live reference"),
+        }
+        prefer::train::train(&c).unwrap();
+        logs.push(metrics(&c));
+    }
+    assert!(
+        (f(&logs[0][0], "loss") - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        logs[0][0]
+    );
+    for (a, b) in logs[0].iter().zip(&logs[1]) {
+        for k in ["loss", "rewards/margins", "logps/chosen", "grad_norm"] {
+            assert!(
+                (f(a, k) - f(b, k)).abs() < 1e-5 * (1.0 + f(b, k).abs()),
                 "{k}: {a} vs {b}"
             );
         }

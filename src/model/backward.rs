@@ -27,12 +27,16 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Which of the module's options a model uses (both off by default; the trainer turns
-/// `sparse_embedding_grad` on, and `gradient_checkpointing` from the config).
+/// Which of the module's options a model uses (all off by default; the trainer turns
+/// `sparse_embedding_grad` and `layer_graphs` on, and `gradient_checkpointing` from the config).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackwardOptions {
     pub gradient_checkpointing: bool,
     pub sparse_embedding_grad: bool,
+    /// Each decoder layer keeps its activations in a graph of its own, freed as soon as the
+    /// layer's backward has run (instead of when the whole backward pass ends). Same numbers,
+    /// no recomputation; ignored when `gradient_checkpointing` is on.
+    pub layer_graphs: bool,
 }
 
 /// A lookup's leaf output and the token ids it gathered.
@@ -62,7 +66,7 @@ impl GradSink {
     }
 }
 
-/// One decoder layer as a checkpointed op; see the module docs.
+/// One decoder layer as one op of the model's graph; see the module docs.
 struct CheckpointedLayer {
     /// The layer with its parameters (variables): used to recompute in backward.
     layer: Block,
@@ -72,6 +76,9 @@ struct CheckpointedLayer {
     kernels: Kernels,
     eps: f64,
     sink: Arc<GradSink>,
+    /// `Some` for a layer graph ([`BackwardOptions::layer_graphs`]): the forward's input
+    /// variable and output, with the layer's own graph, until backward takes them.
+    kept: Option<Mutex<Option<(Var, Tensor)>>>,
 }
 
 fn msg(e: crate::error::Error) -> candle_core::Error {
@@ -85,6 +92,18 @@ impl CustomOp1 for CheckpointedLayer {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = storage_to_tensor(s, l, self.name())?;
+        if let Some(kept) = &self.kept {
+            let x = Var::from_tensor(&x)?;
+            let y = self
+                .layer
+                .forward(x.as_tensor(), &self.attn, self.kernels, self.eps)
+                .map_err(msg)?;
+            let out = tensor_to_storage(&y, self.name())?;
+            *kept
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("layer graph poisoned".into()))? = Some((x, y));
+            return Ok(out);
+        }
         let y = self
             .detached
             .forward(&x, &self.attn, self.kernels, self.eps)
@@ -93,11 +112,25 @@ impl CustomOp1 for CheckpointedLayer {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let x = Var::from_tensor(&arg.detach())?;
-        let y = self
-            .layer
-            .forward(x.as_tensor(), &self.attn, self.kernels, self.eps)
-            .map_err(msg)?;
+        let kept = match &self.kept {
+            Some(k) => k
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("layer graph poisoned".into()))?
+                .take(),
+            None => None,
+        };
+        // the kept graph (freed at the end of this function), or the layer recomputed
+        let (x, y) = match kept {
+            Some(xy) => xy,
+            None => {
+                let x = Var::from_tensor(&arg.detach())?;
+                let y = self
+                    .layer
+                    .forward(x.as_tensor(), &self.attn, self.kernels, self.eps)
+                    .map_err(msg)?;
+                (x, y)
+            }
+        };
         // d/dy Σ y·g = g: backpropagating this gives the layer's vector-Jacobian products
         let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
         for p in self.layer.tensors() {
@@ -109,14 +142,17 @@ impl CustomOp1 for CheckpointedLayer {
     }
 }
 
-/// `layer.forward(x)` as a checkpointed op whose parameter gradients go to `sink`.
-pub(crate) fn checkpointed(
+/// `layer.forward(x)` as one op whose parameter gradients go to `sink`: recomputed in backward
+/// (`keep = false`, gradient checkpointing) or kept in a graph of the layer's own until its
+/// backward (`keep = true`, [`BackwardOptions::layer_graphs`]).
+pub(crate) fn layer_op(
     layer: &Block,
     x: &Tensor,
     a: &AttentionInputs,
     kernels: Kernels,
     eps: f64,
     sink: &Arc<GradSink>,
+    keep: bool,
 ) -> Result<Tensor> {
     let op = CheckpointedLayer {
         layer: layer.clone(),
@@ -125,6 +161,7 @@ pub(crate) fn checkpointed(
         kernels,
         eps,
         sink: sink.clone(),
+        kept: keep.then(|| Mutex::new(None)),
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
@@ -174,6 +211,11 @@ impl Transformer {
     /// Turn layer-by-layer gradient checkpointing on or off (see the module docs).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.backward_options.gradient_checkpointing = on;
+    }
+
+    /// Turn per-layer graphs on or off ([`BackwardOptions::layer_graphs`]).
+    pub fn set_layer_graphs(&mut self, on: bool) {
+        self.backward_options.layer_graphs = on;
     }
 
     /// Turn sparse embedding gradients on or off (see the module docs).

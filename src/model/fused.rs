@@ -757,6 +757,8 @@ pub struct TokenLogps {
     /// The projection, detached (the graph sees it as the op's second argument).
     pub w: Tensor,
     pub targets: Vec<u32>,
+    /// Multiply bf16-rounded operands ([`super::bf16`]; f32 only).
+    pub bf16: bool,
 }
 
 /// Rows of logits made at once.
@@ -773,12 +775,20 @@ fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> CResult<R>) -> CRe
 }
 
 /// `f(row, logits of the row, logsumexp of the row)` for every row of `h`.
-fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, mut f: impl FnMut(usize, &[T], T)) -> CResult<()> {
+fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, bf16: bool, mut f: impl FnMut(usize, &[T], T)) -> CResult<()> {
     let (n, v) = (h.dim(0)?, w.dim(0)?);
     let wt = w.t()?;
+    // the bf16 projection is packed once for all chunks
+    let packed = match bf16 && T::DTYPE == candle_core::DType::F32 {
+        true => Some(super::bf16::rhs_of(w, true)?),
+        false => None,
+    };
     for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
         let c = HEAD_CHUNK_ROWS.min(n - start);
-        let logits = h.narrow(0, start, c)?.matmul(&wt)?;
+        let logits = match &packed {
+            Some(p) => super::bf16::matmul_tensor(&h.narrow(0, start, c)?, false, p)?,
+            None => h.narrow(0, start, c)?.matmul(&wt)?,
+        };
         with_slice::<T, ()>(&logits, |l| {
             let lse: Vec<T> = l.par_chunks(v).map(logsumexp::<T>).collect();
             for (i, row) in l.chunks(v).enumerate() {
@@ -793,7 +803,9 @@ fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, mut f: impl FnMut(usize, 
 fn head_fwd<T: Elem>(op: &TokenLogps, s1: &CpuStorage, l1: &Layout) -> CResult<(CpuStorage, Shape)> {
     let h = tensor_of::<T>(s1, l1)?;
     let mut res = vec![T::zero(); h.dim(0)?];
-    for_each_logit_row::<T>(&h, &op.w, |i, row, lse| res[i] = row[op.targets[i] as usize] - lse)?;
+    for_each_logit_row::<T>(&h, &op.w, op.bf16, |i, row, lse| {
+        res[i] = row[op.targets[i] as usize] - lse
+    })?;
     let n = res.len();
     out(res, Shape::from(n))
 }
@@ -804,12 +816,19 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor
     let g: Vec<T> = g.to_dtype(T::DTYPE)?.to_vec1()?;
     let h = h.contiguous()?;
     let mut dl = vec![T::zero(); n * v];
-    for_each_logit_row::<T>(&h, &op.w, |i, row, lse| {
+    for_each_logit_row::<T>(&h, &op.w, op.bf16, |i, row, lse| {
         let d = &mut dl[i * v..(i + 1) * v];
         neg_softmax_row(d, row, lse, g[i]);
         d[op.targets[i] as usize] += g[i];
     })?;
     let dl = Tensor::from_vec(dl, (n, v), h.device())?;
+    if op.bf16 && T::DTYPE == candle_core::DType::F32 {
+        use super::bf16::{matmul_tensor, rhs_of};
+        return Ok((
+            matmul_tensor(&dl, false, &rhs_of(&op.w, false)?)?,
+            matmul_tensor(&dl, true, &rhs_of(&h, false)?)?,
+        ));
+    }
     Ok((dl.matmul(&op.w)?, dl.t()?.matmul(&h)?))
 }
 
@@ -828,11 +847,13 @@ custom_op!(
     }
 );
 
-/// `log softmax(h · Wᵀ)[targets]` per row of `h` `[n, H]`, fused; see [`TokenLogps`].
-pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+/// `log softmax(h · Wᵀ)[targets]` per row of `h` `[n, H]`, fused; see [`TokenLogps`]. With
+/// `bf16` the logits come from bf16-rounded operands ([`super::bf16`]).
+pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Result<Tensor> {
     let op = TokenLogps {
         w: w.detach(),
         targets: targets.to_vec(),
+        bf16,
     };
     Ok(h.contiguous()?.apply_op2(w, op)?)
 }
@@ -973,8 +994,8 @@ mod tests {
                 .collect();
             (flat(&y), g)
         };
-        let (yf, gf) = run(Kernels::Fused);
-        let (yp, gp) = run(Kernels::Primitive);
+        let (yf, gf) = run(Kernels::FUSED);
+        let (yp, gp) = run(Kernels::PRIMITIVE);
         let close = |a: &[f64], b: &[f64], what: &str| {
             assert_eq!(a.len(), b.len());
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -1089,8 +1110,8 @@ mod tests {
             let n = super::HEAD_CHUNK_ROWS + 7;
             let targets: Vec<u32> = (0..n as u32).map(|i| (i * 13) % 50).collect();
             compare(dt, tol, &[&[n, 16], &[50, 16]], &[true, true], |k, x| {
-                if k == Kernels::Fused {
-                    super::token_logps(&x[0], &x[1], &targets).unwrap()
+                if k == Kernels::FUSED {
+                    super::token_logps(&x[0], &x[1], &targets, false).unwrap()
                 } else {
                     let logits = x[0].matmul(&x[1].t().unwrap()).unwrap();
                     let lse = logsumexp_last(&logits).unwrap().squeeze(1).unwrap();

@@ -274,27 +274,86 @@ pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
     tokenizer_from_meta(&m, &cfg)
 }
 
+/// The heads to un-permute an HF tensor by (llama.cpp permutes the rows of Q and K).
+fn qk_heads(name: &str, cfg: &ModelConfig) -> Option<usize> {
+    if name.ends_with("q_proj.weight") {
+        Some(cfg.num_attention_heads)
+    } else if name.ends_with("k_proj.weight") {
+        Some(cfg.num_key_value_heads)
+    } else {
+        None
+    }
+}
+
+/// A `.gguf` file opened for reading tensors by their HF names.
+struct GgufFile<'a> {
+    file: std::fs::File,
+    content: &'a Content,
+    path: &'a Path,
+    device: &'a Device,
+}
+
+impl GgufFile<'_> {
+    fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let gname = gguf_tensor_name(name);
+        self.content
+            .tensor(&mut self.file, &gname, self.device)
+            .map_err(|e| Error::model(self.path, format!("tensor `{gname}`: {e}")))
+    }
+}
+
 /// Load a `.gguf` file.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
-    let (mut file, content) = read_content(path)?;
+    load(path, dtype, device, false)
+}
+
+/// Load a `.gguf` file as a frozen model whose decoder layers stay quantised
+/// ([`super::compact::CompactLayers`]; F32 layer tensors are kept widened).
+pub(crate) fn load_gguf_frozen(path: &Path, dtype: DType, device: &Device) -> Result<Option<LoadedModel>> {
+    load(path, dtype, device, true).map(Some)
+}
+
+fn load(path: &Path, dtype: DType, device: &Device, compact: bool) -> Result<LoadedModel> {
+    use super::compact::{layer_tensor_names, CompactLayers, Stored};
+    let (file, content) = read_content(path)?;
     let m = Meta {
         content: &content,
         path,
     };
     let cfg = config_from_meta(&m, content.tensor_infos.contains_key("output.weight"))?;
-    let transformer = Transformer::build(&cfg, |name, _| {
-        let gname = gguf_tensor_name(name);
-        let q = content
-            .tensor(&mut file, &gname, device)
-            .map_err(|e| Error::model(path, format!("tensor `{gname}`: {e}")))?;
+    let mut f = GgufFile {
+        file,
+        content: &content,
+        path,
+        device,
+    };
+    let widen = |q: &candle_core::quantized::QTensor, name: &str| -> Result<Tensor> {
         let mut t = q.dequantize(device)?;
-        if name.ends_with("q_proj.weight") {
-            t = unpermute_qk(&t, cfg.num_attention_heads)?;
-        } else if name.ends_with("k_proj.weight") {
-            t = unpermute_qk(&t, cfg.num_key_value_heads)?;
+        if let Some(h) = qk_heads(name, &cfg) {
+            t = unpermute_qk(&t, h)?;
         }
         Ok(t.to_dtype(dtype)?)
-    })?;
+    };
+    let mut transformer = Transformer::build_parts(&cfg, |name, _| widen(&f.tensor(name)?, name), !compact)?;
+    if compact {
+        let mut stored = std::collections::HashMap::new();
+        for i in 0..cfg.num_hidden_layers {
+            for name in layer_tensor_names(&cfg, i)? {
+                let q = f.tensor(&name)?;
+                let s = if q.dtype() == candle_core::quantized::GgmlDType::F32 {
+                    Stored::Dense(widen(&q, &name)?)
+                } else {
+                    Stored::Quantized {
+                        q,
+                        unpermute_heads: qk_heads(&name, &cfg),
+                    }
+                };
+                stored.insert(name, s);
+            }
+        }
+        let layers = CompactLayers::new(&cfg, stored, dtype, device)?;
+        transformer.compact = Some(std::sync::Arc::new(layers));
+    }
     let tokenizer = tokenizer_from_meta(&m, &cfg)?;
     Ok(LoadedModel {
         transformer,

@@ -40,6 +40,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Load an HF checkpoint directory.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    load(dir, dtype, device, false)
+}
+
+/// Load an HF checkpoint directory as a frozen model whose decoder layers stay in the file's
+/// dtype ([`super::compact::CompactLayers`]).
+pub(crate) fn load_dir_frozen(dir: &Path, dtype: DType, device: &Device) -> Result<Option<LoadedModel>> {
+    load(dir, dtype, device, true).map(Some)
+}
+
+fn load(dir: &Path, dtype: DType, device: &Device, compact: bool) -> Result<LoadedModel> {
+    use super::compact::{layer_tensor_names, CompactLayers, Stored};
     let cfg_path = dir.join("config.json");
     let cfg = ModelConfig::from_json(&read_json(&cfg_path)?, &cfg_path)?;
     let files = weight_files(dir)?;
@@ -48,12 +59,29 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel
         let loaded = candle_core::safetensors::load(f, device).map_err(|e| Error::model(f, e.to_string()))?;
         tensors.extend(loaded);
     }
-    let transformer = Transformer::build(&cfg, |name, _| {
-        let t = tensors
+    let mut take = |name: &str| {
+        tensors
             .remove(name)
-            .ok_or_else(|| Error::model(dir, format!("tensor `{name}` is missing from the safetensors files")))?;
-        Ok(t.to_dtype(dtype)?)
-    })?;
+            .ok_or_else(|| Error::model(dir, format!("tensor `{name}` is missing from the safetensors files")))
+    };
+    let mut transformer = Transformer::build_parts(&cfg, |name, _| Ok(take(name)?.to_dtype(dtype)?), !compact)?;
+    if compact {
+        let mut stored = HashMap::new();
+        for i in 0..cfg.num_hidden_layers {
+            for name in layer_tensor_names(&cfg, i)? {
+                let t = take(&name)?;
+                // narrower than the model's dtype: keep as stored (widening is exact)
+                let t = if t.dtype().size_in_bytes() < dtype.size_in_bytes() {
+                    t
+                } else {
+                    t.to_dtype(dtype)?
+                };
+                stored.insert(name, Stored::Dense(t));
+            }
+        }
+        let layers = CompactLayers::new(&cfg, stored, dtype, device)?;
+        transformer.compact = Some(std::sync::Arc::new(layers));
+    }
     let tokenizer = TextTokenizer::from_dir(dir, cfg.eos_token_id, cfg.pad_token_id)?;
     Ok(LoadedModel {
         transformer,

@@ -265,9 +265,13 @@ pub fn gather_logps_with(
     with_sum_sq: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let dev = model.device();
-    if !with_sum_sq && model.kernels == super::Kernels::Fused && super::fused::supported(hidden) {
+    if !with_sum_sq && model.kernels.fused && super::fused::supported(hidden) {
         let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
-        return Ok((super::fused::token_logps(&h, model.output_weight(), targets)?, None));
+        let bf16 = model.kernels.bf16_for(&h);
+        return Ok((
+            super::fused::token_logps(&h, model.output_weight(), targets, bf16)?,
+            None,
+        ));
     }
     let mut parts = Vec::new();
     let mut sq_parts = Vec::new();

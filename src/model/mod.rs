@@ -1,6 +1,8 @@
 //! The model layer: config, transformer, loaders (HF safetensors, GGUF), saving, log-probs.
 
 pub mod backward;
+pub mod bf16;
+pub mod compact;
 pub mod config;
 pub mod fused;
 pub mod gguf;

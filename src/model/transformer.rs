@@ -19,7 +19,8 @@ pub struct Linear {
 
 impl Linear {
     /// `x` of any rank `[..., in]`; the model's layers pass `[rows, in]`, which needs no reshape.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// With `k.bf16` the product multiplies bf16-rounded operands ([`super::bf16`]).
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows = dims[..dims.len() - 1].iter().product::<usize>();
@@ -28,7 +29,11 @@ impl Linear {
         } else {
             x.reshape((rows, inp))?
         };
-        let y = x2.matmul(&self.weight.t()?)?;
+        let y = if k.bf16_for(&x2) {
+            super::bf16::linear(&x2, &self.weight)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -63,20 +68,44 @@ pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?)
 }
 
-/// Which implementation of RMSNorm, RoPE, attention softmax and SwiGLU a model runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Kernels {
+/// Which implementation of RMSNorm, RoPE, attention softmax and SwiGLU a model runs, and in
+/// which precision its matmuls multiply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
     /// Fused CPU kernels with their own backward ([`super::fused`]) where the tensor is an f32
-    /// or f64 CPU tensor; primitive ops elsewhere.
-    #[default]
-    Fused,
-    /// candle primitive ops only (the reference implementation).
-    Primitive,
+    /// or f64 CPU tensor; primitive ops elsewhere. `false`: candle primitive ops only (the
+    /// reference implementation).
+    pub fused: bool,
+    /// The linear layers and the log-prob head multiply bf16-rounded operands with f32 sums
+    /// ([`super::bf16`], `bf16 = true`), where the tensors are f32 CPU tensors.
+    pub bf16: bool,
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Kernels::FUSED
+    }
 }
 
 impl Kernels {
+    /// Fused kernels, f32 matmuls (the default).
+    pub const FUSED: Kernels = Kernels {
+        fused: true,
+        bf16: false,
+    };
+    /// Primitive ops, f32 matmuls.
+    pub const PRIMITIVE: Kernels = Kernels {
+        fused: false,
+        bf16: false,
+    };
+
     fn fused_for(self, x: &Tensor) -> bool {
-        self == Kernels::Fused && super::fused::supported(x)
+        self.fused && super::fused::supported(x)
+    }
+
+    /// Whether a matmul with the activation `x` runs in bf16.
+    pub fn bf16_for(self, x: &Tensor) -> bool {
+        self.bf16 && x.dtype() == DType::F32 && x.device().is_cpu()
     }
 
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -163,6 +192,52 @@ impl Linear {
 }
 
 impl Block {
+    /// Layer `i` of a model, asking `take(name, shape)` for each tensor in a fixed order.
+    pub fn build(
+        cfg: &ModelConfig,
+        i: usize,
+        take: &mut impl FnMut(String, &[usize]) -> Result<Tensor>,
+    ) -> Result<Block> {
+        let (hs, q, kv, is) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        );
+        let p = format!("model.layers.{i}");
+        let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let weight = take(format!("{p}.{name}.weight"), &[out, inp])?;
+            let bias = if bias {
+                Some(take(format!("{p}.{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok(Linear { weight, bias })
+        };
+        let self_attn = Attention {
+            q_proj: lin("self_attn.q_proj", q, hs, cfg.qkv_bias)?,
+            k_proj: lin("self_attn.k_proj", kv, hs, cfg.qkv_bias)?,
+            v_proj: lin("self_attn.v_proj", kv, hs, cfg.qkv_bias)?,
+            o_proj: lin("self_attn.o_proj", hs, q, cfg.o_bias)?,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        };
+        let mlp = Mlp {
+            gate_proj: lin("mlp.gate_proj", is, hs, false)?,
+            up_proj: lin("mlp.up_proj", is, hs, false)?,
+            down_proj: lin("mlp.down_proj", hs, is, false)?,
+        };
+        let input_layernorm = take(format!("{p}.input_layernorm.weight"), &[hs])?;
+        let post_attention_layernorm = take(format!("{p}.post_attention_layernorm.weight"), &[hs])?;
+        Ok(Block {
+            input_layernorm,
+            self_attn,
+            post_attention_layernorm,
+            mlp,
+        })
+    }
+
     /// `x + attn(norm(x))`, then `+ mlp(norm(·))`: one decoder layer on `[rows, H]`.
     pub fn forward(&self, x: &Tensor, a: &AttentionInputs, k: Kernels, eps: f64) -> Result<Tensor> {
         let h = self
@@ -372,9 +447,9 @@ impl Attention {
     pub(crate) fn forward(&self, x: &Tensor, a: &AttentionInputs, kern: Kernels) -> Result<Tensor> {
         let (b, t) = (a.cos.dim(0)?, a.cos.dim(2)?);
         let (q, k, v) = (
-            self.q_proj.forward(x)?,
-            self.k_proj.forward(x)?,
-            self.v_proj.forward(x)?,
+            self.q_proj.forward(x, kern)?,
+            self.k_proj.forward(x, kern)?,
+            self.v_proj.forward(x, kern)?,
         );
         let whole = |blk: &AttentionBlock| blk.start == 0 && blk.len == t;
         let out = if kern.fused_for(x) && (b == 1 || a.blocks.iter().all(whole)) {
@@ -432,7 +507,7 @@ impl Attention {
             };
             out.reshape((b * t, self.n_heads * self.head_dim))?
         };
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, kern)
     }
 
     /// Attention of one block: projected `q, k, v` `[B, L, heads * D]` to `[B, L, H * D]`.
@@ -469,8 +544,8 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?;
-        self.down_proj.forward(&k.swiglu(&g, &self.up_proj.forward(x)?)?)
+        let g = self.gate_proj.forward(x, k)?;
+        self.down_proj.forward(&k.swiglu(&g, &self.up_proj.forward(x, k)?)?, k)
     }
 }
 
@@ -493,11 +568,24 @@ pub struct Transformer {
     pub backward_options: super::backward::BackwardOptions,
     /// Where those leave gradients for [`Transformer::backward`].
     pub(crate) sink: std::sync::Arc<super::backward::GradSink>,
+    /// A frozen model's decoder layers kept in the checkpoint's own precision and widened one
+    /// layer at a time in forward (`layers` is then empty); see [`super::compact`].
+    pub(crate) compact: Option<std::sync::Arc<super::compact::CompactLayers>>,
 }
 
 impl Transformer {
     /// Build the model by asking `get(name, shape)` for each parameter, in a fixed order.
-    pub fn build(cfg: &ModelConfig, mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Self> {
+    pub fn build(cfg: &ModelConfig, get: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Self> {
+        Self::build_parts(cfg, get, true)
+    }
+
+    /// [`Self::build`]; without the decoder layers when `with_layers` is false (their tensors
+    /// are then not asked for: a model with [`CompactLayers`](super::compact::CompactLayers)).
+    pub(crate) fn build_parts(
+        cfg: &ModelConfig,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+        with_layers: bool,
+    ) -> Result<Self> {
         let mut params = Vec::new();
         let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
             let t = get(&name, shape)?;
@@ -510,47 +598,13 @@ impl Transformer {
             params.push((name, t.clone()));
             Ok(t)
         };
-        let (hs, q, kv, is) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.num_key_value_heads * cfg.head_dim,
-            cfg.intermediate_size,
-        );
+        let hs = cfg.hidden_size;
         let embed_tokens = take("model.embed_tokens.weight".into(), &[cfg.vocab_size, hs])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let weight = take(format!("{p}.{name}.weight"), &[out, inp])?;
-                let bias = if bias {
-                    Some(take(format!("{p}.{name}.bias"), &[out])?)
-                } else {
-                    None
-                };
-                Ok(Linear { weight, bias })
-            };
-            let self_attn = Attention {
-                q_proj: lin("self_attn.q_proj", q, hs, cfg.qkv_bias)?,
-                k_proj: lin("self_attn.k_proj", kv, hs, cfg.qkv_bias)?,
-                v_proj: lin("self_attn.v_proj", kv, hs, cfg.qkv_bias)?,
-                o_proj: lin("self_attn.o_proj", hs, q, cfg.o_bias)?,
-                n_heads: cfg.num_attention_heads,
-                n_kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-            };
-            let mlp = Mlp {
-                gate_proj: lin("mlp.gate_proj", is, hs, false)?,
-                up_proj: lin("mlp.up_proj", is, hs, false)?,
-                down_proj: lin("mlp.down_proj", hs, is, false)?,
-            };
-            let input_layernorm = take(format!("{p}.input_layernorm.weight"), &[hs])?;
-            let post_attention_layernorm = take(format!("{p}.post_attention_layernorm.weight"), &[hs])?;
-            layers.push(Block {
-                input_layernorm,
-                self_attn,
-                post_attention_layernorm,
-                mlp,
-            });
+            if with_layers {
+                layers.push(Block::build(cfg, i, &mut take)?);
+            }
         }
         let norm = take("model.norm.weight".into(), &[hs])?;
         let (lm_head, score) = if cfg.reward_head {
@@ -571,10 +625,16 @@ impl Transformer {
             kernels: Kernels::default(),
             backward_options: Default::default(),
             sink: Default::default(),
+            compact: None,
         })
     }
 
-    /// Every parameter with its HF name.
+    /// The decoder layers kept compact ([`super::compact`]), if this is such a frozen model.
+    pub fn compact_layers(&self) -> Option<&super::compact::CompactLayers> {
+        self.compact.as_deref()
+    }
+
+    /// Every parameter with its HF name (without the layers of a compact model).
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params
     }
@@ -582,11 +642,16 @@ impl Transformer {
     /// A new model whose every parameter is `f(name, tensor)`, with the same kernels.
     pub fn map(&self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<Self> {
         let mut it = self.params.iter();
-        let mut m = Self::build(&self.cfg, |name, _| {
-            let (n, t) = it.next().ok_or_else(|| Error::msg("parameter walk mismatch"))?;
-            debug_assert_eq!(n, name);
-            f(name, t)
-        })?;
+        let mut m = Self::build_parts(
+            &self.cfg,
+            |name, _| {
+                let (n, t) = it.next().ok_or_else(|| Error::msg("parameter walk mismatch"))?;
+                debug_assert_eq!(n, name);
+                f(name, t)
+            },
+            self.compact.is_none(),
+        )?;
+        m.compact = self.compact.clone();
         m.kernels = self.kernels;
         m.backward_options = self.backward_options;
         Ok(m)
@@ -612,10 +677,20 @@ impl Transformer {
         // the layers work on `[B·T, H]` rows: no reshapes around every projection
         let mut x = self.embed(&input_ids.flatten_all()?)?;
         let k = self.kernels;
-        for blk in &self.layers {
-            x = if self.backward_options.gradient_checkpointing && x.track_op() {
-                // keep only the layer's input, recompute in backward
-                super::backward::checkpointed(blk, &x, a, k, eps, &self.sink)?
+        for i in 0..self.cfg.num_hidden_layers {
+            let widened;
+            let blk = match &self.compact {
+                Some(c) => {
+                    widened = c.layer(&self.cfg, i)?;
+                    &widened
+                }
+                None => &self.layers[i],
+            };
+            let opts = self.backward_options;
+            x = if (opts.gradient_checkpointing || opts.layer_graphs) && x.track_op() {
+                // one op per layer: keep only the layer's input and recompute in backward
+                // (checkpointing), or keep the layer's graph until its backward
+                super::backward::layer_op(blk, &x, a, k, eps, &self.sink, !opts.gradient_checkpointing)?
             } else {
                 blk.forward(&x, a, k, eps)?
             };
@@ -676,8 +751,11 @@ impl Transformer {
         Ok(hidden.index_select(&Tensor::new(rows, dev)?, 0)?)
     }
 
-    /// Logits `[N, V]` for hidden rows `[N, H]`.
+    /// Logits `[N, V]` for hidden rows `[N, H]` (bf16 products with `kernels.bf16`).
     pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        if self.kernels.bf16_for(hidden_rows) {
+            return super::bf16::linear(hidden_rows, self.output_weight());
+        }
         Ok(hidden_rows.matmul(&self.output_weight().t()?)?)
     }
 }

@@ -414,7 +414,25 @@ impl Trainer {
             let mut m = if let Some(d) = &synced_ref {
                 model::load(d, dtype, &dev)?
             } else if resume.is_none() && ref_paths == [start_path.clone()] {
-                policy.frozen_copy()?
+                // the starting model; its layers stay in the checkpoint's precision unless
+                // sync_ref_model must mix weights into them
+                let compact = match cfg.sync_ref_model {
+                    false => model::compact::load_frozen(&start_path, dtype, &dev)?,
+                    true => None,
+                };
+                match compact {
+                    Some(m) => {
+                        if let Some(c) = &m.transformer.compact {
+                            eprintln!(
+                                "reference model: decoder layers kept as stored ({:.1} MiB instead of {:.1} MiB), widened layer by layer",
+                                c.bytes() as f64 / 1048576.0,
+                                c.widened_bytes() as f64 / 1048576.0
+                            );
+                        }
+                        m
+                    }
+                    None => policy.frozen_copy()?,
+                }
             } else {
                 load_soup(&ref_paths, dtype, &dev)?
             };
@@ -438,7 +456,7 @@ impl Trainer {
                     loaded = Some((m, h));
                 }
                 let (m, h) = loaded.as_ref().expect("loaded above");
-                let path = reference::cache_path(&cache_dir, *h, pairs, dtype, &cfg.stats_options());
+                let path = reference::cache_path(&cache_dir, *h, pairs, dtype, cfg.bf16, &cfg.stats_options());
                 match reference::load_cache(&path, pairs.len()) {
                     Some(v) => {
                         eprintln!("reference log-probs ({name}): reusing {}", path.display());
@@ -504,6 +522,7 @@ impl Trainer {
             .transformer
             .set_gradient_checkpointing(cfg.gradient_checkpointing);
         policy.transformer.set_sparse_embedding_grad(true);
+        policy.transformer.set_layer_graphs(true);
         let (policy, vars) = policy.into_trainable()?;
         let kind = if cfg.optim == "sgd" {
             OptimKind::Sgd
@@ -539,6 +558,7 @@ impl Trainer {
             m.transformer.kernels = cfg.kernels();
             m.transformer.set_gradient_checkpointing(cfg.gradient_checkpointing);
             m.transformer.set_sparse_embedding_grad(true);
+            m.transformer.set_layer_graphs(true);
             let (m, vars) = m.into_trainable()?;
             let popt = Optimizer::new(kind.clone(), cfg.weight_decay, vars);
             Some(Peer { model: m, opt: popt })
@@ -723,8 +743,10 @@ impl Trainer {
                 *metrics.entry(k).or_default() += v / accum as f64;
             }
             lap("forward");
+            crate::util::memtrace("after forward");
             let mut grads = self.policy.transformer.backward(&(loss / accum as f64)?)?;
             lap("backward");
+            crate::util::memtrace("after backward");
             self.opt.accumulate(&mut grads)?;
             drop(grads);
             lap("optimizer");
@@ -742,6 +764,7 @@ impl Trainer {
             p.opt.step(lr)?;
         }
         lap("optimizer");
+        crate::util::memtrace("after optimizer");
         self.state.global_step += 1;
         if cfg.sync_ref_model && self.state.global_step.is_multiple_of(cfg.ref_model_sync_steps) {
             if let Reference::Model(r) = &self.reference {

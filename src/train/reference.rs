@@ -95,18 +95,22 @@ pub fn data_hash(examples: &[TokenizedExample]) -> u64 {
     h.finish()
 }
 
-/// Cache file for (model, data, dtype, statistics options).
+/// Cache file for (model, data, dtype, bf16 matmuls, statistics options).
 pub fn cache_path(
     dir: &Path,
     model_hash: u64,
     examples: &[TokenizedExample],
     dtype: DType,
+    bf16: bool,
     opts: &StatsOptions,
 ) -> PathBuf {
     let mut h = Fnv64::default();
     h.update(&model_hash.to_le_bytes());
     h.update(&data_hash(examples).to_le_bytes());
     h.update(dtype.as_str().as_bytes());
+    if bf16 {
+        h.update(b"bf16");
+    }
     if let Some(a) = opts.ld_alpha {
         h.update(b"ld_alpha");
         h.update(&a.to_le_bytes());

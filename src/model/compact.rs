@@ -1,0 +1,138 @@
+//! A frozen model (the live DPO reference) whose decoder layers stay in the checkpoint's own
+//! precision: GGUF quantised blocks, or bf16/f16 safetensors. Each forward pass widens one
+//! layer at a time and drops it after use, exactly as the loader widens them for the trained
+//! model, so the reference computes the same numbers as a full-precision copy while holding
+//! about a fifth (Q4_1) or half (bf16) of its layer weights. The embedding, final norm and
+//! heads stay in the model's dtype.
+
+use super::config::ModelConfig;
+use super::gguf::unpermute_qk;
+use super::transformer::Block;
+use crate::error::{Error, Result};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// One tensor as the checkpoint stores it.
+pub enum Stored {
+    /// A tensor widened with `to_dtype` on use (bf16/f16 → f32 is exact).
+    Dense(Tensor),
+    /// GGUF blocks, dequantised on use, with the Q/K rows un-permuted to HF's layout (heads).
+    Quantized { q: QTensor, unpermute_heads: Option<usize> },
+}
+
+impl Stored {
+    fn widen(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        match self {
+            Stored::Dense(t) => Ok(t.to_dtype(dtype)?),
+            Stored::Quantized { q, unpermute_heads } => {
+                let mut t = q.dequantize(device)?;
+                if let Some(h) = unpermute_heads {
+                    t = unpermute_qk(&t, *h)?;
+                }
+                Ok(t.to_dtype(dtype)?)
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Stored::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Stored::Quantized { q, .. } => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+/// The decoder layers of a frozen model, stored compactly and widened layer by layer.
+pub struct CompactLayers {
+    tensors: HashMap<String, Stored>,
+    /// Each layer's tensor names, in [`Block::build`]'s order.
+    names: Vec<Vec<String>>,
+    dtype: DType,
+    device: Device,
+}
+
+impl std::fmt::Debug for CompactLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CompactLayers({} layers, {} bytes)", self.names.len(), self.bytes())
+    }
+}
+
+/// The names of layer `i`'s tensors, in [`Block::build`]'s order.
+pub fn layer_tensor_names(cfg: &ModelConfig, i: usize) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    Block::build(cfg, i, &mut |name, _| {
+        names.push(name);
+        Ok(Tensor::zeros((), DType::F32, &Device::Cpu)?)
+    })?;
+    Ok(names)
+}
+
+impl CompactLayers {
+    /// Layers from `tensors` (every layer tensor of `cfg` by its HF name), widened to `dtype`.
+    pub fn new(cfg: &ModelConfig, tensors: HashMap<String, Stored>, dtype: DType, device: &Device) -> Result<Self> {
+        let names = (0..cfg.num_hidden_layers)
+            .map(|i| layer_tensor_names(cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(missing) = names.iter().flatten().find(|n| !tensors.contains_key(*n)) {
+            return Err(Error::msg(format!("compact layers: tensor `{missing}` is missing")));
+        }
+        Ok(CompactLayers {
+            tensors,
+            names,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Layer `i` in the model's dtype (its tensors are widened in parallel).
+    pub fn layer(&self, cfg: &ModelConfig, i: usize) -> Result<Block> {
+        let widened: HashMap<&str, Tensor> = self.names[i]
+            .par_iter()
+            .map(|n| Ok((n.as_str(), self.tensors[n].widen(self.dtype, &self.device)?)))
+            .collect::<Result<_>>()?;
+        Block::build(cfg, i, &mut |name, _| {
+            widened
+                .get(name.as_str())
+                .cloned()
+                .ok_or_else(|| Error::msg(format!("compact layers: no tensor `{name}`")))
+        })
+    }
+
+    /// Bytes held by the stored tensors.
+    pub fn bytes(&self) -> usize {
+        self.tensors.values().map(Stored::bytes).sum()
+    }
+
+    /// Bytes the same layers take widened to the model's dtype.
+    pub fn widened_bytes(&self) -> usize {
+        let elems: usize = self
+            .tensors
+            .values()
+            .map(|s| match s {
+                Stored::Dense(t) => t.elem_count(),
+                Stored::Quantized { q, .. } => q.shape().elem_count(),
+            })
+            .sum();
+        elems * self.dtype.size_in_bytes()
+    }
+}
+
+/// Load `path` (an HF directory or a `.gguf` file) as a frozen model whose decoder layers stay
+/// in the file's precision ([`CompactLayers`]); `None` when that would not be smaller than
+/// widening them to `dtype` (e.g. an f32 checkpoint).
+pub fn load_frozen(path: &Path, dtype: DType, device: &Device) -> Result<Option<super::LoadedModel>> {
+    let m = if path.is_dir() {
+        super::hf::load_dir_frozen(path, dtype, device)?
+    } else {
+        super::gguf::load_gguf_frozen(path, dtype, device)?
+    };
+    Ok(m.filter(|m| {
+        m.transformer
+            .compact
+            .as_ref()
+            .is_some_and(|c| c.bytes() < c.widened_bytes())
+    }))
+}
