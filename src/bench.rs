@@ -127,7 +127,7 @@ pub fn matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
 /// Best-of-3 GFLOP/s of prefer's bf16 matmul (`bf16 = true`: AMX tiles where the CPU has them),
 /// `[m,k] x [k,n]`, counting the conversion and packing of both operands.
 pub fn bf16_matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
-    use crate::model::bf16::{matmul, Rhs, View};
+    use crate::model::matmul::{matmul, Rhs, View};
     let dev = Device::Cpu;
     let a: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &dev)?.to_vec1()?;
     let b: Vec<f32> = Tensor::randn(0f32, 1.0, k * n, &dev)?.to_vec1()?;
@@ -291,7 +291,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         "reference": if live_ref { "live" } else { "precomputed" },
         "s_per_step_median": median, "tokens_per_second": tokens as f64 / total,
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
-        "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_amx": args.bf16 && crate::model::bf16::amx_available(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
+        "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_amx": args.bf16 && crate::model::matmul::amx_available(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
         "gradient_checkpointing": args.gradient_checkpointing,
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,
@@ -341,7 +341,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         );
         println!(
             "  machine bf16 matmul GFLOP/s  {mm_bf16:.1} (2048^3, prefer's bf16 matmul incl. packing; {})",
-            if crate::model::bf16::amx_available() {
+            if crate::model::matmul::amx_available() {
                 "AMX tiles"
             } else {
                 "no AMX here: rounded operands through the f32 GEMM"

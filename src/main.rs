@@ -370,6 +370,12 @@ fn main() {
         // SAFETY: single-threaded here, before any tensor op starts candle's pool.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string()) };
     }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // candle's element-wise ops get a pool of their own whose pinned threads spin while
+        // rayon's (the GEMMs and prefer's kernels) work: on 2 cores one thread there was ~8 %
+        // faster per DPO step. SAFETY: single-threaded here, before any tensor op.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     if let Err(e) = run(cli.cmd) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

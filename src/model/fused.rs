@@ -757,7 +757,7 @@ pub struct TokenLogps {
     /// The projection, detached (the graph sees it as the op's second argument).
     pub w: Tensor,
     pub targets: Vec<u32>,
-    /// Multiply bf16-rounded operands ([`super::bf16`]; f32 only).
+    /// Multiply bf16-rounded operands ([`super::matmul`]; f32 only).
     pub bf16: bool,
 }
 
@@ -780,13 +780,13 @@ fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, bf16: bool, mut f: impl F
     let wt = w.t()?;
     // the bf16 projection is packed once for all chunks
     let packed = match bf16 && T::DTYPE == candle_core::DType::F32 {
-        true => Some(super::bf16::rhs_of(w, true)?),
+        true => Some(super::matmul::rhs_of(w, true)?),
         false => None,
     };
     for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
         let c = HEAD_CHUNK_ROWS.min(n - start);
         let logits = match &packed {
-            Some(p) => super::bf16::matmul_tensor(&h.narrow(0, start, c)?, false, p)?,
+            Some(p) => super::matmul::matmul_tensor(&h.narrow(0, start, c)?, false, p)?,
             None => h.narrow(0, start, c)?.matmul(&wt)?,
         };
         with_slice::<T, ()>(&logits, |l| {
@@ -823,7 +823,7 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor
     })?;
     let dl = Tensor::from_vec(dl, (n, v), h.device())?;
     if op.bf16 && T::DTYPE == candle_core::DType::F32 {
-        use super::bf16::{matmul_tensor, rhs_of};
+        use super::matmul::{matmul_tensor, rhs_of};
         return Ok((
             matmul_tensor(&dl, false, &rhs_of(&op.w, false)?)?,
             matmul_tensor(&dl, true, &rhs_of(&h, false)?)?,
@@ -848,7 +848,7 @@ custom_op!(
 );
 
 /// `log softmax(h · Wᵀ)[targets]` per row of `h` `[n, H]`, fused; see [`TokenLogps`]. With
-/// `bf16` the logits come from bf16-rounded operands ([`super::bf16`]).
+/// `bf16` the logits come from bf16-rounded operands ([`super::matmul`]).
 pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Result<Tensor> {
     let op = TokenLogps {
         w: w.detach(),

@@ -1,13 +1,13 @@
 //! The model layer: config, transformer, loaders (HF safetensors, GGUF), saving, log-probs.
 
 pub mod backward;
-pub mod bf16;
 pub mod compact;
 pub mod config;
 pub mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod logprobs;
+pub mod matmul;
 pub mod transformer;
 
 pub use config::ModelConfig;

@@ -19,7 +19,8 @@ pub struct Linear {
 
 impl Linear {
     /// `x` of any rank `[..., in]`; the model's layers pass `[rows, in]`, which needs no reshape.
-    /// With `k.bf16` the product multiplies bf16-rounded operands ([`super::bf16`]).
+    /// With fused kernels or `k.bf16`, f32 CPU products run as [`super::matmul::linear`]
+    /// (bf16-rounded operands with `k.bf16`).
     pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
@@ -29,8 +30,8 @@ impl Linear {
         } else {
             x.reshape((rows, inp))?
         };
-        let y = if k.bf16_for(&x2) {
-            super::bf16::linear(&x2, &self.weight)?
+        let y = if k.bf16_for(&x2) || k.fused_for(&x2) && x2.dtype() == DType::F32 {
+            super::matmul::linear(&x2, &self.weight, k.bf16_for(&x2))?
         } else {
             x2.matmul(&self.weight.t()?)?
         };
@@ -77,7 +78,7 @@ pub struct Kernels {
     /// reference implementation).
     pub fused: bool,
     /// The linear layers and the log-prob head multiply bf16-rounded operands with f32 sums
-    /// ([`super::bf16`], `bf16 = true`), where the tensors are f32 CPU tensors.
+    /// ([`super::matmul`], `bf16 = true`), where the tensors are f32 CPU tensors.
     pub bf16: bool,
 }
 
@@ -754,7 +755,7 @@ impl Transformer {
     /// Logits `[N, V]` for hidden rows `[N, H]` (bf16 products with `kernels.bf16`).
     pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
         if self.kernels.bf16_for(hidden_rows) {
-            return super::bf16::linear(hidden_rows, self.output_weight());
+            return super::matmul::linear(hidden_rows, self.output_weight(), true);
         }
         Ok(hidden_rows.matmul(&self.output_weight().t()?)?)
     }

@@ -1,4 +1,10 @@
-//! bf16 matrix products with f32 accumulation, for `bf16 = true`: what PyTorch's CPU autocast
+//! The matrix products of the linear layers and the log-prob head.
+//!
+//! [`linear`] is `x·Wᵀ` as one op whose backward writes `dW = dyᵀ·x` straight into `W`'s
+//! `[out, in]` layout (candle's matmul backward leaves a transposed view, which the optimizer
+//! would copy twice per step). In f32 the products go through the `gemm` crate as candle's do.
+//!
+//! With `bf16 = true` they are bf16 products with f32 accumulation: what PyTorch's CPU autocast
 //! does to linear layers. Both operands are rounded to bf16 (round to nearest, ties to even),
 //! their products are exact in f32, and the sums and the result stay f32. Weights, gradients
 //! and optimizer state stay f32 (the "master weights"); only the matmuls' inputs are rounded,
@@ -558,20 +564,102 @@ pub fn matmul_tensor(a: &Tensor, transpose: bool, b: &Rhs) -> candle_core::Resul
     Tensor::from_vec(out, (m, n), a.device())
 }
 
-/// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]` (f32, contiguous, CPU) with bf16 products;
-/// its backward computes `dx = dy·W` and `dW = dyᵀ·x` the same way.
-struct LinearBf16;
+/// `c = a·b` (or `c += a·b`) in f32 through the `gemm` crate, for strided views; `c` is
+/// row-major with `ldc` values per row.
+pub fn matmul_f32(a: View, b: View, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
+    a.check()?;
+    b.check()?;
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        candle_core::bail!("matmul: [{m}, {k}] times [{}, {n}]", b.rows)
+    }
+    if ldc < n || c.len() < m * ldc {
+        candle_core::bail!(
+            "matmul: output of {} values for [{m}, {n}] with row stride {ldc}",
+            c.len()
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return Ok(());
+    }
+    // SAFETY: the views were checked to lie inside their slices, and `c` holds [m, ldc].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    Ok(())
+}
+
+/// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]` (f32, contiguous, CPU); its backward
+/// computes `dx = dy·W` and `dW = dyᵀ·x` (contiguous, in `W`'s layout). With `bf16` every
+/// product multiplies bf16-rounded operands.
+struct LinearOp {
+    bf16: bool,
+}
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("linear-bf16: {what} must be a contiguous f32 CPU tensor"),
+        _ => candle_core::bail!("linear: {what} must be a contiguous f32 CPU tensor"),
     }
 }
 
-impl CustomOp2 for LinearBf16 {
+/// `a·b` for 2-D f32 tensors, `a` transposed with `ta`, `b` with `tb`, as a new `[m, n]` tensor.
+fn product(a: &Tensor, ta: bool, b: &Tensor, tb: bool, bf16: bool) -> candle_core::Result<Tensor> {
+    if bf16 {
+        return matmul_tensor(a, ta, &rhs_of(b, tb)?);
+    }
+    let ((ar, ac), (br, bc)) = (a.dims2()?, b.dims2()?);
+    fn view(v: &[f32], r: usize, c: usize, t: bool) -> View<'_> {
+        let m = View::row_major(v, r, c);
+        if t {
+            m.t()
+        } else {
+            m
+        }
+    }
+    let (m, n) = (if ta { ac } else { ar }, if tb { br } else { bc });
+    let mut out = vec![0f32; m * n];
+    with_f32(a, |av| {
+        with_f32(b, |bv| {
+            matmul_f32(view(av, ar, ac, ta), view(bv, br, bc, tb), &mut out, n, false)
+        })
+    })?;
+    Tensor::from_vec(out, (m, n), a.device())
+}
+
+impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "linear-bf16"
+        if self.bf16 {
+            "linear-bf16"
+        } else {
+            "linear"
+        }
     }
 
     fn cpu_fwd(
@@ -584,12 +672,16 @@ impl CustomOp2 for LinearBf16 {
         let (rows, inp) = l1.shape().dims2()?;
         let (out, inp2) = l2.shape().dims2()?;
         if inp != inp2 {
-            candle_core::bail!("linear-bf16: input [{rows}, {inp}] with weight [{out}, {inp2}]")
+            candle_core::bail!("linear: input [{rows}, {inp}] with weight [{out}, {inp2}]")
         }
         let (x, w) = (f32_slice(s1, l1, "the input")?, f32_slice(s2, l2, "the weight")?);
+        let (x, wt) = (View::row_major(x, rows, inp), View::row_major(w, out, inp).t());
         let mut y = vec![0f32; rows * out];
-        let wt = Rhs::new(View::row_major(w, out, inp).t())?;
-        matmul(View::row_major(x, rows, inp), &wt, &mut y, out, false)?;
+        if self.bf16 {
+            matmul(x, &Rhs::new(wt)?, &mut y, out, false)?;
+        } else {
+            matmul_f32(x, wt, &mut y, out, false)?;
+        }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -600,16 +692,16 @@ impl CustomOp2 for LinearBf16 {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = matmul_tensor(dy, false, &rhs_of(w, false)?)?;
-        let dw = matmul_tensor(dy, true, &rhs_of(x, false)?)?;
+        let dx = product(dy, false, w, false, self.bf16)?;
+        let dw = product(dy, true, x, false, self.bf16)?;
         Ok((Some(dx), Some(dw)))
     }
 }
 
-/// `x·Wᵀ` with bf16 products and f32 sums (see the module docs); `x` `[rows, in]`, `W`
-/// `[out, in]`, both f32 on the CPU.
-pub fn linear(x: &Tensor, w: &Tensor) -> crate::error::Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, LinearBf16)?)
+/// `x·Wᵀ` as one op (see the module docs); `x` `[rows, in]`, `W` `[out, in]`, both f32 on the
+/// CPU; bf16 products with `bf16`.
+pub fn linear(x: &Tensor, w: &Tensor, bf16: bool) -> crate::error::Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp { bf16 })?)
 }
 
 #[cfg(test)]
@@ -725,6 +817,39 @@ mod tests {
         }
     }
 
+    /// In f32: the op's value and both gradients against candle's matmul in f64, and `dW`
+    /// comes out contiguous in `W`'s layout.
+    #[test]
+    fn linear_f32_value_and_gradients_match_f64() {
+        use candle_core::{DType, Device, Var};
+        let dev = Device::Cpu;
+        let (rows, inp, out) = (37, 70, 45);
+        let x = Var::from_vec(lcg(4, rows * inp), (rows, inp), &dev).unwrap();
+        let w = Var::from_vec(lcg(5, out * inp), (out, inp), &dev).unwrap();
+        let g = Tensor::from_vec(lcg(6, rows * out), (rows, out), &dev).unwrap();
+        let y = linear(x.as_tensor(), w.as_tensor(), false).unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let (x64, w64, g64) = (f(x.as_tensor()), f(w.as_tensor()), f(&g));
+        let dw = grads.get(w.as_tensor()).unwrap();
+        assert!(dw.is_contiguous());
+        for (got, want, what) in [
+            (&y, x64.matmul(&w64.t().unwrap()).unwrap(), "y"),
+            (grads.get(x.as_tensor()).unwrap(), g64.matmul(&w64).unwrap(), "dx"),
+            (dw, g64.t().unwrap().matmul(&x64).unwrap(), "dW"),
+        ] {
+            let d = (f(got) - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-5, "{what}: max |diff| {d}");
+        }
+    }
+
     /// The op's value and both gradients against candle's f32 ops on bf16-rounded operands.
     #[test]
     fn linear_bf16_value_and_gradients_match_rounded_f32() {
@@ -734,7 +859,7 @@ mod tests {
         let x = Var::from_vec(lcg(1, rows * inp), (rows, inp), &dev).unwrap();
         let w = Var::from_vec(lcg(2, out * inp), (out, inp), &dev).unwrap();
         let g = Tensor::from_vec(lcg(3, rows * out), (rows, out), &dev).unwrap();
-        let y = linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let y = linear(x.as_tensor(), w.as_tensor(), true).unwrap();
         let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let r = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
         let (x64, w64, g64) = (r(x.as_tensor()), r(w.as_tensor()), r(&g));
