@@ -346,6 +346,11 @@ impl Trainer {
         let start_path = PathBuf::from(&cfg.model_name_or_path);
         let mut policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
         policy.transformer.kernels = cfg.kernels();
+        if cfg.bf16 && !model::matmul::amx_available() {
+            eprintln!(
+                "bf16 = true: this CPU (or kernel) offers no AMX tiles, so the bf16 products run through the f32 GEMM: the same numbers, at f32 speed"
+            );
+        }
         let opts = cfg.tokenize_options();
         let mut cfg = cfg.clone();
         if cfg.reward_augmented {
