@@ -1,17 +1,26 @@
 //! What the model adds to candle's backward pass: [`Transformer::backward`] is `loss.backward()`
-//! plus the gradients that these two options route around candle's graph.
+//! plus the gradients that these options route around candle's graph.
 //!
-//! **Gradient checkpointing**, layer by layer. With it on, each decoder layer of a model that is being trained runs as one
-//! candle CustomOp ([`checkpointed`]). Its forward computes the layer outside the autograd
-//! graph, so only the layer's input is kept for backward. Its backward recomputes the layer
-//! with a graph of its own and backpropagates through it. That gives the input's gradient
-//! (returned to candle's backward) and the gradients of the layer's parameters.
+//! **One op per decoder layer** (`layer_op`), for a model that is being trained, with either
+//! of two options:
+//!
+//! - *Gradient checkpointing*: the op's forward computes the layer outside the autograd graph,
+//!   so only the layer's input is kept for backward; its backward recomputes the layer. Activation
+//!   memory drops from every layer's intermediates to one `[rows, H]` tensor per layer, at the
+//!   cost of a second forward pass of the layers.
+//! - *Per-layer graphs* (`layer_graphs`): the op's forward keeps the layer's activations until
+//!   its own backward has run, so they are freed layer by layer during the backward pass instead
+//!   of all at its end, while the gradients are being allocated.
+//!
+//! Either way the layer's backward is written by hand where the fused kernels run on f32 rows
+//! (`backward_by_hand`): the fused kernels' backward functions and the linear layers' products
+//! in reverse order, with no autograd graph, hence none of its zero-filled gradient buffers.
+//! Elsewhere (primitive ops, f64) the layer runs with a graph of its own and is backpropagated
+//! through it.
 //!
 //! A CustomOp can only return gradients for its tensor arguments. The parameter gradients
 //! therefore go into a [`GradSink`], and [`Transformer::backward`] moves them into the
-//! `GradStore` that the optimizer reads. Activation memory drops from every layer's
-//! intermediates to one `[rows, H]` tensor per layer, at the cost of a second forward pass of
-//! the layers.
+//! `GradStore` that the optimizer reads.
 //!
 //! **Sparse embedding gradients.** candle's backward of the embedding lookup materialises a
 //! dense `[vocab, H]` zero tensor, adds the rows into it, and then adds that into the tied
@@ -76,9 +85,121 @@ struct CheckpointedLayer {
     kernels: Kernels,
     eps: f64,
     sink: Arc<GradSink>,
-    /// `Some` for a layer graph ([`BackwardOptions::layer_graphs`]): the forward's input
-    /// variable and output, with the layer's own graph, until backward takes them.
-    kept: Option<Mutex<Option<(Var, Tensor)>>>,
+    /// `Some` for a layer graph ([`BackwardOptions::layer_graphs`]): what the forward kept
+    /// for backward, until backward takes it.
+    kept: Option<Mutex<Option<Kept>>>,
+}
+
+/// What a layer op's forward keeps for its backward.
+enum Kept {
+    /// The input variable and the output, with the layer's own autograd graph.
+    Graph(Var, Tensor),
+    /// The activations [`backward_by_hand`] needs.
+    Activations(Activations),
+}
+
+/// A decoder layer's activations, for its hand-written backward (fused kernels, f32): the
+/// input, both norms' outputs, the projections, the attention output, the residual between the
+/// two halves, and the MLP's gate, up and SwiGLU outputs.
+struct Activations {
+    x: Tensor,
+    n1: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    h: Tensor,
+    n2: Tensor,
+    g: Tensor,
+    u: Tensor,
+    s: Tensor,
+}
+
+/// The layer's forward on `x` without any autograd graph (`layer` with detached parameters),
+/// keeping its [`Activations`]; `None` where the hand-written backward does not apply (not the
+/// fused kernels on f32 CPU rows).
+fn forward_keeping(
+    layer: &Block,
+    x: &Tensor,
+    a: &AttentionInputs,
+    k: Kernels,
+    eps: f64,
+) -> Result<Option<(Tensor, Activations)>> {
+    if !(k.fused && x.dtype() == candle_core::DType::F32 && x.device().is_cpu()) {
+        return Ok(None);
+    }
+    let at = &layer.self_attn;
+    let n1 = k.rms_norm(x, &layer.input_layernorm, eps)?;
+    let Some(ops) = at.fused_ops(&n1, a, k)? else {
+        return Ok(None);
+    };
+    let (q, kk, v) = (
+        at.q_proj.forward(&n1, k)?,
+        at.k_proj.forward(&n1, k)?,
+        at.v_proj.forward(&n1, k)?,
+    );
+    let att = super::transformer::Attention::attend_fused(&q, &kk, &v, &ops)?;
+    let h = (x + at.o_proj.forward(&att, k)?)?;
+    let n2 = k.rms_norm(&h, &layer.post_attention_layernorm, eps)?;
+    let m = &layer.mlp;
+    let (g, u) = (m.gate_proj.forward(&n2, k)?, m.up_proj.forward(&n2, k)?);
+    let s = k.swiglu(&g, &u)?;
+    let y = (&h + m.down_proj.forward(&s, k)?)?;
+    let acts = Activations {
+        x: x.clone(),
+        n1,
+        q,
+        k: kk,
+        v,
+        a: att,
+        h,
+        n2,
+        g,
+        u,
+        s,
+    };
+    Ok(Some((y, acts)))
+}
+
+/// The input gradient of a layer kept by [`forward_keeping`], for the output gradient `dy`,
+/// by the fused kernels' backward functions in reverse order; parameter gradients go to
+/// `sink` under the ids of `layer`'s variables. No autograd graph: no zero-filled gradient
+/// buffers, and each activation is read once.
+fn backward_by_hand(
+    layer: &Block,
+    s: &Activations,
+    dy: &Tensor,
+    a: &AttentionInputs,
+    k: Kernels,
+    eps: f64,
+    sink: &GradSink,
+) -> Result<Tensor> {
+    use super::fused::{rms_norm_grads, swiglu_grads};
+    let lin = |l: &super::transformer::Linear, x: &Tensor, dy: &Tensor| -> Result<Tensor> {
+        let (dx, dw) = super::matmul::linear_bwd(x, &l.weight, dy, k.bf16)?;
+        sink.add(l.weight.id(), dw)?;
+        if let Some(b) = &l.bias {
+            sink.add(b.id(), dy.sum(0)?)?;
+        }
+        Ok(dx)
+    };
+    let m = &layer.mlp;
+    let ds = lin(&m.down_proj, &s.s, dy)?;
+    let (dg, du) = swiglu_grads(&s.g, &s.u, &ds)?;
+    let dn2 = (lin(&m.gate_proj, &s.n2, &dg)? + lin(&m.up_proj, &s.n2, &du)?)?;
+    let (dh_norm, dw_post) = rms_norm_grads(&s.h, &layer.post_attention_layernorm, &dn2, eps)?;
+    sink.add(layer.post_attention_layernorm.id(), dw_post)?;
+    let dh = (dy + dh_norm)?;
+    let at = &layer.self_attn;
+    let da = lin(&at.o_proj, &s.a, &dh)?;
+    let ops = at
+        .fused_ops(&s.n1, a, k)?
+        .ok_or_else(|| crate::error::Error::msg("layer backward: the fused attention no longer applies"))?;
+    let (dq, dk, dv) = super::transformer::Attention::attend_fused_bwd(&s.q, &s.k, &s.v, &ops, &da)?;
+    let dn1 = ((lin(&at.q_proj, &s.n1, &dq)? + lin(&at.k_proj, &s.n1, &dk)?)? + lin(&at.v_proj, &s.n1, &dv)?)?;
+    let (dx_norm, dw_in) = rms_norm_grads(&s.x, &layer.input_layernorm, &dn1, eps)?;
+    sink.add(layer.input_layernorm.id(), dw_in)?;
+    Ok((dh + dx_norm)?)
 }
 
 fn msg(e: crate::error::Error) -> candle_core::Error {
@@ -93,15 +214,21 @@ impl CustomOp1 for CheckpointedLayer {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = storage_to_tensor(s, l, self.name())?;
         if let Some(kept) = &self.kept {
-            let x = Var::from_tensor(&x)?;
-            let y = self
-                .layer
-                .forward(x.as_tensor(), &self.attn, self.kernels, self.eps)
-                .map_err(msg)?;
+            let (y, k) = match forward_keeping(&self.detached, &x, &self.attn, self.kernels, self.eps).map_err(msg)? {
+                Some((y, acts)) => (y, Kept::Activations(acts)),
+                None => {
+                    let x = Var::from_tensor(&x)?;
+                    let y = self
+                        .layer
+                        .forward(x.as_tensor(), &self.attn, self.kernels, self.eps)
+                        .map_err(msg)?;
+                    (y.clone(), Kept::Graph(x, y))
+                }
+            };
             let out = tensor_to_storage(&y, self.name())?;
             *kept
                 .lock()
-                .map_err(|_| candle_core::Error::Msg("layer graph poisoned".into()))? = Some((x, y));
+                .map_err(|_| candle_core::Error::Msg("layer graph poisoned".into()))? = Some(k);
             return Ok(out);
         }
         let y = self
@@ -119,9 +246,29 @@ impl CustomOp1 for CheckpointedLayer {
                 .take(),
             None => None,
         };
-        // the kept graph (freed at the end of this function), or the layer recomputed
+        // the kept activations or graph (freed at the end of this function), or the layer
+        // recomputed (checkpointing)
+        let kept = match kept {
+            None => forward_keeping(&self.detached, &arg.detach(), &self.attn, self.kernels, self.eps)
+                .map_err(msg)?
+                .map(|(_, acts)| Kept::Activations(acts)),
+            k => k,
+        };
         let (x, y) = match kept {
-            Some(xy) => xy,
+            Some(Kept::Activations(acts)) => {
+                let dx = backward_by_hand(
+                    &self.layer,
+                    &acts,
+                    grad_res,
+                    &self.attn,
+                    self.kernels,
+                    self.eps,
+                    &self.sink,
+                )
+                .map_err(msg)?;
+                return Ok(Some(dx));
+            }
+            Some(Kept::Graph(x, y)) => (x, y),
             None => {
                 let x = Var::from_tensor(&arg.detach())?;
                 let y = self

@@ -408,6 +408,18 @@ custom_op!(
     |op, s1, l1, s2, l2, s3, l3| by_dtype!(s1, "fused-rms-norm-bwd", rms_bwd(s1, l1, s2, l2, s3, l3, op.eps))
 );
 
+/// The gradients of [`rms_norm`]'s `x` and `w` for the output gradient `dy`, outside any graph.
+pub(crate) fn rms_norm_grads(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    two(RmsNorm { eps }.bwd(x, w, dy, dy)?, "fused-rms-norm")
+}
+
+fn two(g: (Option<Tensor>, Option<Tensor>), op: &str) -> Result<(Tensor, Tensor)> {
+    match g {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(crate::error::Error::msg(format!("{op}: backward gave no gradient"))),
+    }
+}
+
 /// `x / sqrt(mean(x²) + eps) * w` over the last dimension, fused.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })?)
@@ -596,6 +608,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 /// (`[B·L, heads·D]`) to `[B·L, H·D]`. Only the inputs are kept for the backward pass, which
 /// recomputes the scores (as flash attention does), so no `[heads, L, L]` tensor outlives the
 /// forward pass.
+#[derive(Clone)]
 pub struct Attention {
     /// `[B, 1, L, D]` rotary tables and `[B, 1, L, L]` additive mask (constants).
     pub cos: Tensor,
@@ -740,6 +753,21 @@ custom_op!(
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 );
+
+/// The gradients of [`attention`]'s `q, k, v` for the output gradient `d_out`, outside any
+/// graph (for a hand-written backward).
+pub(crate) fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    op: &Attention,
+    d_out: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match op.bwd(q, k, v, d_out, d_out)? {
+        (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+        _ => Err(crate::error::Error::msg("fused-attention: backward gave no gradient")),
+    }
+}
 
 /// Fused attention over one block; see [`Attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Result<Tensor> {
@@ -933,6 +961,11 @@ custom_op!(
     "fused-swiglu-bwd",
     |_op, s1, l1, s2, l2, s3, l3| by_dtype!(s1, "fused-swiglu-bwd", swiglu_bwd(s1, l1, s2, l2, s3, l3))
 );
+
+/// The gradients of [`swiglu`]'s `g` and `u` for the output gradient `dy`, outside any graph.
+pub(crate) fn swiglu_grads(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    two(SwiGlu.bwd(g, u, dy, dy)?, "fused-swiglu")
+}
 
 /// `silu(g) · u`, fused.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {

@@ -698,6 +698,11 @@ impl CustomOp2 for LinearOp {
     }
 }
 
+/// The gradients `(dx, dW)` of [`linear`] for the output gradient `dy`, outside any graph.
+pub(crate) fn linear_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, bf16: bool) -> crate::error::Result<(Tensor, Tensor)> {
+    Ok((product(dy, false, w, false, bf16)?, product(dy, true, x, false, bf16)?))
+}
+
 /// `x·Wᵀ` as one op (see the module docs); `x` `[rows, in]`, `W` `[out, in]`, both f32 on the
 /// CPU; bf16 products with `bf16`.
 pub fn linear(x: &Tensor, w: &Tensor, bf16: bool) -> crate::error::Result<Tensor> {

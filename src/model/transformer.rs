@@ -443,6 +443,16 @@ impl AttentionInputs {
     }
 }
 
+/// A fused attention op and the rows of its block (`None`: all rows).
+pub(crate) type FusedBlock = (super::fused::Attention, Option<(usize, usize)>);
+
+fn block_rows(z: &Tensor, rows: Option<(usize, usize)>) -> Result<Tensor> {
+    Ok(match rows {
+        Some((s, l)) => z.narrow(0, s, l)?,
+        None => z.clone(),
+    })
+}
+
 impl Attention {
     /// `x`: the `[B·T, H]` hidden rows of a `[B, T]` batch (the shape `a` describes).
     pub(crate) fn forward(&self, x: &Tensor, a: &AttentionInputs, kern: Kernels) -> Result<Tensor> {
@@ -452,39 +462,9 @@ impl Attention {
             self.k_proj.forward(x, kern)?,
             self.v_proj.forward(x, kern)?,
         );
-        let whole = |blk: &AttentionBlock| blk.start == 0 && blk.len == t;
-        let out = if kern.fused_for(x) && (b == 1 || a.blocks.iter().all(whole)) {
+        let out = if let Some(ops) = self.fused_ops(x, a, kern)? {
             // one fused node per block, on the 2-D rows (a block of a packed row is a row range)
-            let mut outs = Vec::with_capacity(a.blocks.len());
-            for blk in &a.blocks {
-                let part = |z: &Tensor, dim: usize| -> Result<Tensor> {
-                    Ok(if whole(blk) {
-                        z.clone()
-                    } else {
-                        z.narrow(dim, blk.start, blk.len)?
-                    })
-                };
-                let op = super::fused::Attention {
-                    cos: part(&a.cos, 2)?.contiguous()?,
-                    sin: part(&a.sin, 2)?.contiguous()?,
-                    mask: blk.mask.contiguous()?,
-                    batch: b,
-                    n_heads: self.n_heads,
-                    n_kv_heads: self.n_kv_heads,
-                    head_dim: self.head_dim,
-                };
-                outs.push(super::fused::attention(
-                    &part(&q, 0)?,
-                    &part(&k, 0)?,
-                    &part(&v, 0)?,
-                    op,
-                )?);
-            }
-            if outs.len() == 1 {
-                outs.remove(0)
-            } else {
-                Tensor::cat(&outs, 0)?
-            }
+            Self::attend_fused(&q, &k, &v, &ops)?
         } else {
             let rows3 = |z: &Tensor| -> Result<Tensor> { Ok(z.reshape((b, t, z.dim(1)?))?) };
             let (q, k, v) = (rows3(&q)?, rows3(&k)?, rows3(&v)?);
@@ -509,6 +489,72 @@ impl Attention {
             out.reshape((b * t, self.n_heads * self.head_dim))?
         };
         self.o_proj.forward(&out, kern)
+    }
+
+    /// The fused attention op of each block of `a` with its row range (`None`: the whole
+    /// batch), when the fused kernel applies to `x`'s rows (one row, or blocks that span it).
+    pub(crate) fn fused_ops(&self, x: &Tensor, a: &AttentionInputs, kern: Kernels) -> Result<Option<Vec<FusedBlock>>> {
+        let (b, t) = (a.cos.dim(0)?, a.cos.dim(2)?);
+        let whole = |blk: &AttentionBlock| blk.start == 0 && blk.len == t;
+        if !(kern.fused_for(x) && (b == 1 || a.blocks.iter().all(whole))) {
+            return Ok(None);
+        }
+        let mut ops = Vec::with_capacity(a.blocks.len());
+        for blk in &a.blocks {
+            let rows = (!whole(blk)).then_some((blk.start, blk.len));
+            let part = |z: &Tensor| -> Result<Tensor> {
+                Ok(match rows {
+                    Some((s, l)) => z.narrow(2, s, l)?.contiguous()?,
+                    None => z.contiguous()?,
+                })
+            };
+            let op = super::fused::Attention {
+                cos: part(&a.cos)?,
+                sin: part(&a.sin)?,
+                mask: blk.mask.contiguous()?,
+                batch: b,
+                n_heads: self.n_heads,
+                n_kv_heads: self.n_kv_heads,
+                head_dim: self.head_dim,
+            };
+            ops.push((op, rows));
+        }
+        Ok(Some(ops))
+    }
+
+    /// Attention of projected `q, k, v` rows through the fused ops of [`Self::fused_ops`].
+    pub(crate) fn attend_fused(q: &Tensor, k: &Tensor, v: &Tensor, ops: &[FusedBlock]) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(ops.len());
+        for (op, rows) in ops {
+            let p = |z: &Tensor| block_rows(z, *rows);
+            outs.push(super::fused::attention(&p(q)?, &p(k)?, &p(v)?, op.clone())?);
+        }
+        Ok(if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 0)?
+        })
+    }
+
+    /// The gradients of [`Self::attend_fused`]'s `q, k, v` for the output gradient `d_out`.
+    pub(crate) fn attend_fused_bwd(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ops: &[FusedBlock],
+        d_out: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+        for (op, rows) in ops {
+            let p = |z: &Tensor| block_rows(z, *rows);
+            let (a, b, c) = super::fused::attention_grads(&p(q)?, &p(k)?, &p(v)?, op, &p(d_out)?)?;
+            dq.push(a);
+            dk.push(b);
+            dv.push(c);
+        }
+        let cat =
+            |mut v: Vec<Tensor>| -> Result<Tensor> { Ok(if v.len() == 1 { v.remove(0) } else { Tensor::cat(&v, 0)? }) };
+        Ok((cat(dq)?, cat(dk)?, cat(dv)?))
     }
 
     /// Attention of one block: projected `q, k, v` `[B, L, heads * D]` to `[B, L, H * D]`.
