@@ -74,6 +74,27 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
+/// The metrics of two runs agree step by step to `rel` (relative).
+fn assert_same_metrics(a: &[Value], b: &[Value], rel: f64) {
+    assert_eq!(a.len(), b.len());
+    for (a, b) in a.iter().zip(b) {
+        for k in ["loss", "rewards/margins", "logps/chosen", "grad_norm"] {
+            assert!(
+                (f(a, k) - f(b, k)).abs() < rel * (1.0 + f(b, k).abs()),
+                "{k}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// The live reference model of a trainer.
+fn live_reference(tr: &Trainer) -> &prefer::model::Transformer {
+    match &tr.reference {
+        prefer::train::reference::Reference::Model(r) => r,
+        _ => panic!("expected a live reference"),
+    }
+}
+
 const TRL_KEYS: [&str; 10] = [
     "loss",
     "rewards/chosen",
@@ -134,7 +155,6 @@ fn dpo_learns_the_toy_preference_and_saves_an_hf_model() {
 #[test]
 fn fused_kernels_option_reaches_both_models_and_changes_no_metric() {
     use prefer::model::Kernels;
-    use prefer::train::reference::Reference;
     let (_dir, cfg) = tiny_setup("kernels");
     let mut logs = Vec::new();
     for (fused, want) in [(true, Kernels::FUSED), (false, Kernels::PRIMITIVE)] {
@@ -146,21 +166,11 @@ fn fused_kernels_option_reaches_both_models_and_changes_no_metric() {
         };
         let tr = Trainer::new(&c).unwrap();
         assert_eq!(tr.policy.transformer.kernels, want);
-        match &tr.reference {
-            Reference::Model(r) => assert_eq!(r.kernels, want),
-            _ => panic!("expected a live reference"),
-        }
+        assert_eq!(live_reference(&tr).kernels, want);
         prefer::train::train(&c).unwrap();
         logs.push(metrics(&c));
     }
-    for (a, b) in logs[0].iter().zip(&logs[1]) {
-        for k in ["loss", "rewards/margins", "logps/chosen", "grad_norm"] {
-            assert!(
-                (f(a, k) - f(b, k)).abs() < 1e-4 * (1.0 + f(b, k).abs()),
-                "{k}: {a} vs {b}"
-            );
-        }
-    }
+    assert_same_metrics(&logs[0], &logs[1], 1e-4);
 }
 
 /// `bf16 = true` reaches the trained policy and the live reference. At the first step both
@@ -169,7 +179,6 @@ fn fused_kernels_option_reaches_both_models_and_changes_no_metric() {
 #[test]
 fn bf16_option_reaches_both_models_and_trains_near_f32() {
     use prefer::model::Kernels;
-    use prefer::train::reference::Reference;
     let (_dir, cfg) = tiny_setup("bf16");
     let mut logs = Vec::new();
     for bf16 in [false, true] {
@@ -183,10 +192,7 @@ fn bf16_option_reaches_both_models_and_trains_near_f32() {
         let tr = Trainer::new(&c).unwrap();
         let want = Kernels { fused: true, bf16 };
         assert_eq!(tr.policy.transformer.kernels, want);
-        match &tr.reference {
-            Reference::Model(r) => assert_eq!(r.kernels, want),
-            _ => panic!("expected a live reference"),
-        }
+        assert_eq!(live_reference(&tr).kernels, want);
         prefer::train::train(&c).unwrap();
         logs.push(metrics(&c));
     }
@@ -213,7 +219,6 @@ fn bf16_option_reaches_both_models_and_trains_near_f32() {
 /// so the first DPO loss is ln 2 and both runs train to the same metrics.
 #[test]
 fn quantised_reference_stays_compact_and_exact() {
-    use prefer::train::reference::Reference;
     let (dir, cfg) = tiny_setup("compact-ref");
     let gguf = dir.join("tiny-q8.gguf");
     let m = tiny_model(&TinySpec::default(), candle_core::DType::F32, 11).unwrap();
@@ -230,10 +235,7 @@ fn quantised_reference_stays_compact_and_exact() {
             ..cfg.clone()
         };
         let tr = Trainer::new(&c).unwrap();
-        match &tr.reference {
-            Reference::Model(r) => assert_eq!(r.compact_layers().is_some(), !sync),
-            _ => panic!("expected a live reference"),
-        }
+        assert_eq!(live_reference(&tr).compact_layers().is_some(), !sync);
         prefer::train::train(&c).unwrap();
         logs.push(metrics(&c));
     }
@@ -242,14 +244,7 @@ fn quantised_reference_stays_compact_and_exact() {
         "{}",
         logs[0][0]
     );
-    for (a, b) in logs[0].iter().zip(&logs[1]) {
-        for k in ["loss", "rewards/margins", "logps/chosen", "grad_norm"] {
-            assert!(
-                (f(a, k) - f(b, k)).abs() < 1e-5 * (1.0 + f(b, k).abs()),
-                "{k}: {a} vs {b}"
-            );
-        }
-    }
+    assert_same_metrics(&logs[0], &logs[1], 1e-5);
 }
 
 /// `gradient_checkpointing = true` reaches the trained model (a DPO policy, and a reward model

@@ -459,37 +459,13 @@ pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> 
                     *d = round_to_bf16(a.data[i * a.rs + j * a.cs]);
                 }
             });
-            if k == 0 {
-                if !accumulate {
-                    c.chunks_mut(ldc).for_each(|r| r[..n].fill(0.0));
-                }
-                return Ok(());
-            }
-            // SAFETY: the pointers cover [m, k], [k, n] and [m, ldc] row-major buffers (checked above).
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr(),
-                    1,
-                    ldc as isize,
-                    accumulate,
-                    lhs.as_ptr(),
-                    1,
-                    k as isize,
-                    data.as_ptr(),
-                    1,
-                    n as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                );
-            }
-            Ok(())
+            matmul_f32(
+                View::row_major(&lhs, m, k),
+                View::row_major(data, k, n),
+                c,
+                ldc,
+                accumulate,
+            )
         }
         Rhs::Tiles { data: bt, nkb, .. } => {
             let nkb = *nkb;
