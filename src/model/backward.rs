@@ -102,6 +102,8 @@ enum Kept {
 /// input, both norms' outputs, the projections, the attention output, the residual between the
 /// two halves, and the MLP's gate, up and SwiGLU outputs.
 struct Activations {
+    /// The fused attention op of each block, as the forward built them.
+    ops: Vec<super::transformer::FusedBlock>,
     x: Tensor,
     n1: Tensor,
     q: Tensor,
@@ -146,6 +148,7 @@ fn forward_keeping(
     let s = k.swiglu(&g, &u)?;
     let y = (&h + m.down_proj.forward(&s, k)?)?;
     let acts = Activations {
+        ops,
         x: x.clone(),
         n1,
         q,
@@ -169,7 +172,6 @@ fn backward_by_hand(
     layer: &Block,
     s: &Activations,
     dy: &Tensor,
-    a: &AttentionInputs,
     k: Kernels,
     eps: f64,
     sink: &GradSink,
@@ -192,10 +194,7 @@ fn backward_by_hand(
     let dh = (dy + dh_norm)?;
     let at = &layer.self_attn;
     let da = lin(&at.o_proj, &s.a, &dh)?;
-    let ops = at
-        .fused_ops(&s.n1, a, k)?
-        .ok_or_else(|| crate::error::Error::msg("layer backward: the fused attention no longer applies"))?;
-    let (dq, dk, dv) = super::transformer::Attention::attend_fused_bwd(&s.q, &s.k, &s.v, &ops, &da)?;
+    let (dq, dk, dv) = super::transformer::Attention::attend_fused_bwd(&s.q, &s.k, &s.v, &s.ops, &da)?;
     let dn1 = ((lin(&at.q_proj, &s.n1, &dq)? + lin(&at.k_proj, &s.n1, &dk)?)? + lin(&at.v_proj, &s.n1, &dv)?)?;
     let (dx_norm, dw_in) = rms_norm_grads(&s.x, &layer.input_layernorm, &dn1, eps)?;
     sink.add(layer.input_layernorm.id(), dw_in)?;
@@ -256,16 +255,8 @@ impl CustomOp1 for CheckpointedLayer {
         };
         let (x, y) = match kept {
             Some(Kept::Activations(acts)) => {
-                let dx = backward_by_hand(
-                    &self.layer,
-                    &acts,
-                    grad_res,
-                    &self.attn,
-                    self.kernels,
-                    self.eps,
-                    &self.sink,
-                )
-                .map_err(msg)?;
+                let dx =
+                    backward_by_hand(&self.layer, &acts, grad_res, self.kernels, self.eps, &self.sink).map_err(msg)?;
                 return Ok(Some(dx));
             }
             Some(Kept::Graph(x, y)) => (x, y),

@@ -851,11 +851,8 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor
     })?;
     let dl = Tensor::from_vec(dl, (n, v), h.device())?;
     if op.bf16 && T::DTYPE == candle_core::DType::F32 {
-        use super::matmul::{matmul_tensor, rhs_of};
-        return Ok((
-            matmul_tensor(&dl, false, &rhs_of(&op.w, false)?)?,
-            matmul_tensor(&dl, true, &rhs_of(&h, false)?)?,
-        ));
+        // the products of a linear layer's backward: dl·W and dlᵀ·h
+        return super::matmul::linear_bwd(&h, &op.w, &dl, true).map_err(|e| candle_core::Error::Msg(e.to_string()));
     }
     Ok((dl.matmul(&op.w)?, dl.t()?.matmul(&h)?))
 }

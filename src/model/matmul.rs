@@ -356,6 +356,17 @@ fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
+/// `v` rounded to bf16 (and widened back), row-major.
+fn rounded(v: View) -> Vec<f32> {
+    let mut data = vec![0f32; v.rows * v.cols];
+    data.par_chunks_mut(v.cols.max(1)).enumerate().for_each(|(i, row)| {
+        for (j, d) in row.iter_mut().enumerate() {
+            *d = round_to_bf16(v.data[i * v.rs + j * v.cs]);
+        }
+    });
+    data
+}
+
 /// The right-hand operand `[k, n]` of a bf16 product, prepared once so that it can be used
 /// for several left-hand operands (the log-prob head multiplies its weight chunk by chunk).
 pub enum Rhs {
@@ -380,13 +391,7 @@ impl Rhs {
         b.check()?;
         let (k, n) = (b.rows, b.cols);
         if !tiles {
-            let mut data = vec![0f32; k * n];
-            data.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
-                for (j, d) in row.iter_mut().enumerate() {
-                    *d = round_to_bf16(b.data[i * b.rs + j * b.cs]);
-                }
-            });
-            return Ok(Rhs::Rounded { data, k, n });
+            return Ok(Rhs::Rounded { data: rounded(b), k, n });
         }
         let nkb = k.div_ceil(32).max(1);
         let np = round_up(n.max(1), 32);
@@ -453,12 +458,7 @@ pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> 
     match b {
         Rhs::Rounded { data, k, n } => {
             let (k, n) = (*k, *n);
-            let mut lhs = vec![0f32; m * k];
-            lhs.par_chunks_mut(k.max(1)).enumerate().for_each(|(i, row)| {
-                for (j, d) in row.iter_mut().enumerate() {
-                    *d = round_to_bf16(a.data[i * a.rs + j * a.cs]);
-                }
-            });
+            let lhs = rounded(a);
             matmul_f32(
                 View::row_major(&lhs, m, k),
                 View::row_major(data, k, n),
@@ -798,72 +798,62 @@ mod tests {
         }
     }
 
+    /// [`linear`] on seeded `[37, 70]` inputs and `[45, 70]` weights: the op's output, its
+    /// input and weight gradients for the output gradient `g`, and the f64 values of the
+    /// same products (`y = xWᵀ`, `dx = gW`, `dW = gᵀx`) with every operand first passed
+    /// through bf16 rounding when `bf16`. Returns the output, the max |diff| of y, dx and dW,
+    /// whether dW is contiguous, and the plain f32 product.
+    fn linear_against_f64(bf16: bool, seed: u64) -> (Tensor, [f64; 3], bool, Tensor) {
+        use candle_core::{DType, Device, Var};
+        let dev = Device::Cpu;
+        let (rows, inp, out) = (37, 70, 45);
+        let x = Var::from_vec(lcg(seed, rows * inp), (rows, inp), &dev).unwrap();
+        let w = Var::from_vec(lcg(seed + 1, out * inp), (out, inp), &dev).unwrap();
+        let g = Tensor::from_vec(lcg(seed + 2, rows * out), (rows, out), &dev).unwrap();
+        let y = linear(x.as_tensor(), w.as_tensor(), bf16).unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let prep = |t: &Tensor| {
+            let t = if bf16 {
+                t.to_dtype(DType::BF16).unwrap()
+            } else {
+                t.clone()
+            };
+            t.to_dtype(DType::F64).unwrap()
+        };
+        let (x64, w64, g64) = (prep(x.as_tensor()), prep(w.as_tensor()), prep(&g));
+        let dw = grads.get(w.as_tensor()).unwrap();
+        let diff = |got: &Tensor, want: Tensor| -> f64 {
+            let d = (got.to_dtype(DType::F64).unwrap() - want).unwrap();
+            d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let diffs = [
+            diff(&y, x64.matmul(&w64.t().unwrap()).unwrap()),
+            diff(grads.get(x.as_tensor()).unwrap(), g64.matmul(&w64).unwrap()),
+            diff(dw, g64.t().unwrap().matmul(&x64).unwrap()),
+        ];
+        let y32 = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        (y, diffs, dw.is_contiguous(), y32)
+    }
+
     /// In f32: the op's value and both gradients against candle's matmul in f64, and `dW`
     /// comes out contiguous in `W`'s layout.
     #[test]
     fn linear_f32_value_and_gradients_match_f64() {
-        use candle_core::{DType, Device, Var};
-        let dev = Device::Cpu;
-        let (rows, inp, out) = (37, 70, 45);
-        let x = Var::from_vec(lcg(4, rows * inp), (rows, inp), &dev).unwrap();
-        let w = Var::from_vec(lcg(5, out * inp), (out, inp), &dev).unwrap();
-        let g = Tensor::from_vec(lcg(6, rows * out), (rows, out), &dev).unwrap();
-        let y = linear(x.as_tensor(), w.as_tensor(), false).unwrap();
-        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-        let (x64, w64, g64) = (f(x.as_tensor()), f(w.as_tensor()), f(&g));
-        let dw = grads.get(w.as_tensor()).unwrap();
-        assert!(dw.is_contiguous());
-        for (got, want, what) in [
-            (&y, x64.matmul(&w64.t().unwrap()).unwrap(), "y"),
-            (grads.get(x.as_tensor()).unwrap(), g64.matmul(&w64).unwrap(), "dx"),
-            (dw, g64.t().unwrap().matmul(&x64).unwrap(), "dW"),
-        ] {
-            let d = (f(got) - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(d < 1e-5, "{what}: max |diff| {d}");
+        let (_, diffs, contiguous, _) = linear_against_f64(false, 4);
+        assert!(contiguous);
+        for (d, what) in diffs.iter().zip(["y", "dx", "dW"]) {
+            assert!(*d < 1e-5, "{what}: max |diff| {d}");
         }
     }
 
     /// The op's value and both gradients against candle's f32 ops on bf16-rounded operands.
     #[test]
     fn linear_bf16_value_and_gradients_match_rounded_f32() {
-        use candle_core::{DType, Device, Var};
-        let dev = Device::Cpu;
-        let (rows, inp, out) = (37, 70, 45);
-        let x = Var::from_vec(lcg(1, rows * inp), (rows, inp), &dev).unwrap();
-        let w = Var::from_vec(lcg(2, out * inp), (out, inp), &dev).unwrap();
-        let g = Tensor::from_vec(lcg(3, rows * out), (rows, out), &dev).unwrap();
-        let y = linear(x.as_tensor(), w.as_tensor(), true).unwrap();
-        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let r = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
-        let (x64, w64, g64) = (r(x.as_tensor()), r(w.as_tensor()), r(&g));
-        let want_y = x64.matmul(&w64.t().unwrap()).unwrap();
-        let want_dx = g64.matmul(&w64).unwrap();
-        let want_dw = g64.t().unwrap().matmul(&x64).unwrap();
-        let close = |got: &Tensor, want: &Tensor, what: &str| {
-            let got: Vec<f64> = got
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let want: Vec<f64> = want.flatten_all().unwrap().to_vec1().unwrap();
-            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-            assert!(worst < 2e-5, "{what}: max |diff| {worst}");
-        };
-        close(&y, &want_y, "y");
-        close(grads.get(x.as_tensor()).unwrap(), &want_dx, "dx");
-        close(grads.get(w.as_tensor()).unwrap(), &want_dw, "dW");
+        let (y, diffs, _, y32) = linear_against_f64(true, 1);
+        for (d, what) in diffs.iter().zip(["y", "dx", "dW"]) {
+            assert!(*d < 2e-5, "{what}: max |diff| {d}");
+        }
         // and it is not simply the f32 product: rounding changes the result measurably
-        let y32 = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
         let diff = (&y - &y32)
             .unwrap()
             .abs()
