@@ -136,7 +136,7 @@ fn main() -> anyhow::Result<()> {
 
     if let Some(i) = args.iter().position(|a| a == "--smollm2-layers") {
         let n: usize = args.get(i + 1).map(|s| s.parse()).transpose()?.unwrap_or(4);
-        let src = prefer::paths::smollm2_gguf()
+        let src = prefer::testing::shared::smollm2_gguf()
             .ok_or_else(|| anyhow::anyhow!("SmolLM2 GGUF not found; run scripts/fetch-model.sh"))?;
         let mut f = std::fs::File::open(&src)?;
         let content = gguf_file::Content::read(&mut f)?;

@@ -549,10 +549,10 @@ impl TrainConfig {
         crate::stats::StatsOptions {
             ld_alpha: self.ld_alpha,
             use_weighting: self.use_weighting,
-            layout: crate::model::Layout {
+            layout: crate::batch::Layout {
                 share_prompt: self.share_prompt,
                 padding_free: self.padding_free,
-                padding_side: crate::model::PaddingSide::Right,
+                padding_side: crate::batch::PaddingSide::Right,
             },
         }
     }

@@ -4,7 +4,7 @@
 //! sequence statistics) → `data` (readers, validation, tokenisation) → `model` (transformer,
 //! loaders, log-probs) → candle.
 
-pub mod bench;
+pub mod batch;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -13,10 +13,10 @@ pub mod factors;
 pub mod model;
 pub mod objectives;
 pub mod pal;
-pub mod paths;
 pub mod plot;
 pub mod stats;
 pub mod sweep;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
 pub mod train;

@@ -15,7 +15,7 @@
 
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
-use crate::model::transformer::softmax_last;
+use crate::model::kernels::primitive::softmax_last;
 use crate::model::Transformer;
 use crate::train::optim::{OptimKind, Optimizer};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -545,7 +545,7 @@ mod tests {
     /// recognised from 8 pairs. Save/load keeps the rewards bit for bit.
     #[test]
     fn pal_recovers_planted_groups_and_adapts_to_new_users_from_few_pairs() {
-        crate::util::set_threads_for_tests();
+        crate::testing::set_threads_for_tests();
         let (data, group, rows) = planted(16, 80, 6);
         let (train, test): (Vec<usize>, Vec<usize>) = {
             let (mut a, mut b) = (vec![], vec![]);

@@ -93,7 +93,7 @@ fn hh_transcripts_split_at_the_last_assistant_turn() {
 
 #[test]
 fn real_hh_file_reports_rows_without_shared_prefix() {
-    let path = prefer::paths::shared_dir()
+    let path = prefer::testing::shared::shared_dir()
         .expect("../shared")
         .join("data/hh-rlhf-harmless-base/pairs.jsonl");
     let (pairs, rep) = load_text_examples(&path, None, true).unwrap();
@@ -262,7 +262,7 @@ fn ranked_and_unpaired_shapes_parse_and_tokenise() {
 
 #[test]
 fn oasst_trees_convert_to_ranked_lists_and_pairs() {
-    let path = prefer::paths::shared_dir()
+    let path = prefer::testing::shared::shared_dir()
         .expect("../shared")
         .join("data/oasst-en100/en_100_tree.jsonl");
     let lists = prefer::data::convert::oasst_trees(&path, prefer::data::convert::OasstTarget::Lists).unwrap();

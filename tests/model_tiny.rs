@@ -2,8 +2,9 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use prefer::model::backward::BackwardOptions;
-use prefer::model::{self, logprobs, Kernels, Layout, PaddingSide, ScoredGroup, ScoredSeq, Transformer};
+use prefer::batch::{Layout, PaddingSide, ScoredGroup, ScoredSeq};
+use prefer::model::autograd::BackwardOptions;
+use prefer::model::{self, logprobs, Kernels, Transformer};
 use prefer::testing::{tiny_model, write_gguf, write_hf, TinySpec};
 
 fn seqs() -> Vec<ScoredSeq> {
@@ -37,7 +38,7 @@ fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
 
 #[test]
 fn batched_equals_one_at_a_time_with_either_padding() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let m = tiny_model(&TinySpec::default(), DType::F32, 1).unwrap().transformer;
     let s = seqs();
     let right = logps(&m, &s, PaddingSide::Right);
@@ -52,7 +53,7 @@ fn batched_equals_one_at_a_time_with_either_padding() {
 
 #[test]
 fn chunked_gather_equals_full_log_softmax() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let m = tiny_model(&TinySpec::default(), DType::F64, 2).unwrap().transformer;
     let s = &seqs()[2];
     let got = logps(&m, std::slice::from_ref(s), PaddingSide::Right);
@@ -104,7 +105,7 @@ fn variants() -> Vec<TinySpec> {
 
 #[test]
 fn every_parameter_gets_a_gradient() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     for spec in variants() {
         let (m, vars) = tiny_model(&spec, DType::F32, 3).unwrap().into_trainable().unwrap();
         let lp = model::sequence_logps(&m.transformer, &seqs(), PaddingSide::Right).unwrap();
@@ -202,7 +203,7 @@ fn logps_and_grads_with(
 /// 1e-5).
 #[test]
 fn every_layout_gives_the_same_logps_and_gradients() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     for spec in variants() {
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
             let m = tiny_model(&spec, dtype, 5).unwrap();
@@ -265,7 +266,7 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 /// measurably different from it (the rounding is really applied).
 #[test]
 fn bf16_matmuls_agree_across_layouts_and_stay_near_f32() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let bf16 = |fused| Kernels { fused, bf16: true };
     for spec in variants() {
         let m = tiny_model(&spec, DType::F32, 5).unwrap();
@@ -325,7 +326,7 @@ fn bf16_matmuls_agree_across_layouts_and_stay_near_f32() {
 /// Central finite differences in f64 against backprop, for a few entries of every parameter.
 #[test]
 fn finite_difference_gradients_every_parameter_kind() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     for spec in variants() {
         let spec = TinySpec { layers: 1, ..spec };
         let base = tiny_model(&spec, DType::F64, 4).unwrap();
@@ -380,7 +381,7 @@ fn finite_difference_gradients_every_parameter_kind() {
 
 #[test]
 fn hf_save_load_round_trip_is_bit_identical() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tempdir("hf_round_trip");
     for spec in variants() {
         let m = tiny_model(&spec, DType::F32, 5).unwrap();
@@ -408,7 +409,7 @@ fn hf_save_load_round_trip_is_bit_identical() {
 
 #[test]
 fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tempdir("gguf");
     for spec in [
         TinySpec::default(),
@@ -452,18 +453,14 @@ fn gguf_f32_loads_to_the_same_model_and_quantised_close() {
         assert_ne!(got, want);
         // a frozen copy whose layers stay quantised (the live reference) computes exactly the
         // same, with its layers in under a third of the bytes; F32 files gain nothing
-        let frozen = model::compact::load_frozen(&q, DType::F32, &Device::Cpu)
-            .unwrap()
-            .unwrap();
+        let frozen = model::load_frozen(&q, DType::F32, &Device::Cpu).unwrap().unwrap();
         let c = frozen.transformer.compact_layers().unwrap();
         assert!(
             frozen.transformer.layers.is_empty() && c.bytes() * 3 < c.widened_bytes(),
             "{c:?}"
         );
         assert_eq!(logps(&frozen.transformer, &seqs(), PaddingSide::Right), got);
-        assert!(model::compact::load_frozen(&p, DType::F32, &Device::Cpu)
-            .unwrap()
-            .is_none());
+        assert!(model::load_frozen(&p, DType::F32, &Device::Cpu).unwrap().is_none());
         // and a GGUF model saved as HF is a valid HF checkpoint
         let hf = dir.join("from-gguf");
         prefer::model::hf::save_dir(&gq, &hf).unwrap();
@@ -505,7 +502,7 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn sharded_and_half_precision_checkpoints_load() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tempdir("sharded");
     let m = tiny_model(
         &TinySpec {
@@ -554,7 +551,7 @@ fn sharded_and_half_precision_checkpoints_load() {
         }
         // the frozen copy keeps bf16/f16 layers as stored (half the bytes), with the same
         // numbers; an f32 checkpoint gains nothing
-        let frozen = model::compact::load_frozen(&dir, DType::F32, &Device::Cpu).unwrap();
+        let frozen = model::load_frozen(&dir, DType::F32, &Device::Cpu).unwrap();
         match frozen {
             Some(f) => {
                 assert_ne!(dtype, DType::F32);

@@ -435,10 +435,10 @@ fn reference_free_objectives_need_no_reference_and_bad_configs_fail() {
 // ---- unpaired and listwise objectives -------------------------------------------------------
 
 use prefer::data::{ExampleMeta, Shape};
-use prefer::objectives::BatchStats;
+use prefer::stats::SeqStats;
 
 /// A batch of examples given as (policy, reference, tokens) per response and a meta per example.
-fn batch(groups: &[Vec<(f64, f64, usize)>], meta: Vec<ExampleMeta>) -> (BatchStats, Var) {
+fn batch(groups: &[Vec<(f64, f64, usize)>], meta: Vec<ExampleMeta>) -> (SeqStats, Var) {
     let dev = Device::Cpu;
     let pol: Vec<f64> = groups.iter().flatten().map(|r| r.0).collect();
     let var = Var::new(pol, &dev).unwrap();
@@ -446,7 +446,7 @@ fn batch(groups: &[Vec<(f64, f64, usize)>], meta: Vec<ExampleMeta>) -> (BatchSta
     for g in groups {
         offsets.push(offsets.last().unwrap() + g.len());
     }
-    let st = BatchStats {
+    let st = SeqStats {
         policy: var.as_tensor().clone(),
         reference: Some(Tensor::new(groups.iter().flatten().map(|r| r.1).collect::<Vec<f64>>(), &dev).unwrap()),
         tokens: groups.iter().flatten().map(|r| r.2).collect(),

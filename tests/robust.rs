@@ -40,7 +40,7 @@ fn held_out(cfg: TrainConfig, out: &Path, key: &str) -> f64 {
 /// mean held-out accuracy under 30 % flipped labels.
 #[test]
 fn crm_and_rdpo_beat_bt_and_dpo_under_30_percent_label_noise() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let (mut bt, mut crm, mut dpo, mut rdpo) = (vec![], vec![], vec![], vec![]);
     for seed in 0..5u64 {
         let dir = prefer::testing::scratch_dir(&format!("robust-{seed}"));

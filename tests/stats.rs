@@ -33,7 +33,7 @@ fn completion_logps(m: &Transformer, p: &TokenizedExample, c: &[u32]) -> Vec<f64
 
 #[test]
 fn ld_alpha_weighs_tokens_past_the_shorter_completion() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let m = tiny_model(&TinySpec::default(), DType::F32, 21).unwrap().transformer;
     let ps = pairs();
     let refs: Vec<&TokenizedExample> = ps.iter().collect();
@@ -48,7 +48,7 @@ fn ld_alpha_weighs_tokens_past_the_shorter_completion() {
     )
     .unwrap();
     let v = |t: &Tensor| -> Vec<f64> { t.to_dtype(DType::F64).unwrap().to_vec1().unwrap() };
-    assert_eq!(v(&plain.sums), v(&one.sums));
+    assert_eq!(v(&plain.policy), v(&one.policy));
     let alpha = 0.3;
     let ld = group_logps(
         &m,
@@ -62,7 +62,7 @@ fn ld_alpha_weighs_tokens_past_the_shorter_completion() {
     for (i, p) in ps.iter().enumerate() {
         let m_len = p.chosen_ids().len().min(p.rejected_ids().len());
         for (k, ids) in p.responses.iter().enumerate() {
-            let got = v(&ld.sums)[ld.offsets[i] + k];
+            let got = v(&ld.policy)[ld.offsets[i] + k];
             let toks = completion_logps(&m, p, ids);
             let want: f64 = toks
                 .iter()
@@ -76,7 +76,7 @@ fn ld_alpha_weighs_tokens_past_the_shorter_completion() {
 
 #[test]
 fn wpo_weights_match_a_full_vocabulary_computation() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let m = tiny_model(&TinySpec::default(), DType::F64, 22).unwrap().transformer;
     let ps = pairs();
     let refs: Vec<&TokenizedExample> = ps.iter().collect();
@@ -145,13 +145,13 @@ fn weights_scale_the_objective_losses() {
 
 #[test]
 fn reference_soup_averages_weights_and_sync_mixes_them() {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = prefer::testing::scratch_dir("stats");
     let a = tiny_model(&TinySpec::default(), DType::F32, 31).unwrap();
     let b = tiny_model(&TinySpec::default(), DType::F32, 32).unwrap();
     write_hf(&a, &dir.join("a")).unwrap();
     write_hf(&b, &dir.join("b")).unwrap();
-    let soup = prefer::train::load_soup(&[dir.join("a"), dir.join("b")], DType::F32, &Device::Cpu).unwrap();
+    let soup = prefer::model::load_soup(&[dir.join("a"), dir.join("b")], DType::F32, &Device::Cpu).unwrap();
     for (((n, s), (_, x)), (_, y)) in soup
         .transformer
         .params()
@@ -163,7 +163,7 @@ fn reference_soup_averages_weights_and_sync_mixes_them() {
         let d = prefer::testing::max_abs_diff(s, &want).unwrap();
         assert!(d < 1e-6, "{n}");
     }
-    let mixed = prefer::train::mix_into_reference(&a.transformer, &b.transformer, 0.6).unwrap();
+    let mixed = prefer::model::mix_into_reference(&a.transformer, &b.transformer, 0.6).unwrap();
     for (((n, m), (_, r)), (_, p)) in mixed
         .params()
         .iter()
@@ -188,7 +188,7 @@ fn reference_soup_averages_weights_and_sync_mixes_them() {
         &dir.join("c"),
     )
     .unwrap();
-    let e = prefer::train::load_soup(&[dir.join("a"), dir.join("c")], DType::F32, &Device::Cpu)
+    let e = prefer::model::load_soup(&[dir.join("a"), dir.join("c")], DType::F32, &Device::Cpu)
         .err()
         .unwrap();
     assert!(e.to_string().contains("another architecture"), "{e}");
@@ -198,7 +198,7 @@ fn reference_soup_averages_weights_and_sync_mixes_them() {
 /// prompts of 3 and 2 tokens, responses of 3 and 5, and 6 and 2 tokens.
 #[test]
 fn forward_positions_by_layout() {
-    use prefer::model::{Layout, PaddingSide};
+    use prefer::batch::{Layout, PaddingSide};
     let ps = pairs();
     let refs: Vec<&TokenizedExample> = ps.iter().collect();
     let layout = |share_prompt, padding_free| Layout {
@@ -206,7 +206,7 @@ fn forward_positions_by_layout() {
         padding_free,
         padding_side: PaddingSide::Right,
     };
-    let count = |l| prefer::stats::forward_positions(&refs, l);
+    let count = |l| prefer::batch::forward_positions(&refs, l);
     assert_eq!(count(layout(true, true)), (3 + 3 + 5) + (2 + 6 + 2));
     assert_eq!(count(layout(true, false)), 2 * 11);
     assert_eq!(count(layout(false, true)), (3 + 3) + (3 + 5) + (2 + 6) + (2 + 2));

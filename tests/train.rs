@@ -31,7 +31,7 @@ fn toy_data(dir: &Path, n: usize) -> PathBuf {
 }
 
 fn tiny_setup(name: &str) -> (PathBuf, TrainConfig) {
-    prefer::util::set_threads_for_tests();
+    prefer::testing::set_threads_for_tests();
     let dir = tmp(name);
     let model_dir = dir.join("model");
     write_hf(
@@ -90,7 +90,7 @@ fn assert_same_metrics(a: &[Value], b: &[Value], rel: f64) {
 /// The live reference model of a trainer.
 fn live_reference(tr: &Trainer) -> &prefer::model::Transformer {
     match &tr.reference {
-        prefer::train::reference::Reference::Model(r) => r,
+        prefer::stats::reference::Reference::Model(r) => r,
         _ => panic!("expected a live reference"),
     }
 }
@@ -356,7 +356,7 @@ fn precomputed_reference_matches_live_and_is_cached() {
     let t = Trainer::new(&pre).unwrap();
     assert!(matches!(
         t.reference,
-        prefer::train::reference::Reference::Cached { .. }
+        prefer::stats::reference::Reference::Cached { .. }
     ));
     let before = std::fs::metadata(cached[0].as_ref().unwrap().path())
         .unwrap()
@@ -608,7 +608,7 @@ fn each_objective_family_learns_the_toy_preference() {
         let c = TrainConfig::load(Some(&base), &sets).unwrap();
         let t = Trainer::new(&c).unwrap();
         assert_eq!(
-            matches!(t.reference, prefer::train::reference::Reference::None),
+            matches!(t.reference, prefer::stats::reference::Reference::None),
             !c.objective().unwrap().needs_reference(),
             "{loss}: a reference-free objective must not load a reference"
         );

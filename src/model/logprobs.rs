@@ -3,27 +3,15 @@
 //! predict a completion token go through the output projection, in chunks, and each row keeps
 //! just `logit[target] - logsumexp(logits)`.
 
-use super::transformer::{logsumexp_last, AttentionInputs, BlockMask, Transformer};
-use crate::error::{Error, Result};
+use super::inputs::AttentionInputs;
+use super::kernels::primitive::logsumexp_last;
+use super::Transformer;
+use crate::batch::{collate, Layout, PaddingSide, ScoredGroup, ScoredSeq};
+use crate::error::Result;
 use candle_core::{DType, Tensor};
 
 /// Rows of hidden states sent through the output projection at once.
 pub const LOGIT_CHUNK_ROWS: usize = 256;
-
-/// One sequence to score: `ids[completion_start..]` are the scored tokens (the completion,
-/// EOS included); the log-prob of token t comes from the logits at t-1.
-#[derive(Clone, Debug)]
-pub struct ScoredSeq {
-    pub ids: Vec<u32>,
-    pub completion_start: usize,
-}
-
-/// Which side padding goes on in a batch. Results do not depend on it (tested).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PaddingSide {
-    Left,
-    Right,
-}
 
 /// Log-probs of a batch of sequences.
 #[derive(Debug)]
@@ -43,49 +31,6 @@ impl SeqLogps {
     pub fn counts(&self) -> Vec<usize> {
         self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
     }
-}
-
-/// How the sequences of a batch are laid out for the forward pass. Every layout gives the same
-/// log-probs (to float rounding; tested); they differ in how many token positions are computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Layout {
-    /// Lay out a prompt and all its responses as one unit `[prompt, r1, r2, ...]`, in which
-    /// each response attends to the prompt and to itself only, with positions restarting after
-    /// the prompt. The prompt is computed once instead of once per response.
-    pub share_prompt: bool,
-    /// Concatenate all units into one row (each attending only within itself) instead of
-    /// padding every unit to the longest one.
-    pub padding_free: bool,
-    /// Side of the padding when not padding-free.
-    pub padding_side: PaddingSide,
-}
-
-impl Layout {
-    /// One padded row per sequence: the layout of TRL and transformers.
-    pub const PADDED: Layout = Layout {
-        share_prompt: false,
-        padding_free: false,
-        padding_side: PaddingSide::Right,
-    };
-    /// Shared prompts, packed without padding: the fastest exact layout.
-    pub const PACKED: Layout = Layout {
-        share_prompt: true,
-        padding_free: true,
-        padding_side: PaddingSide::Right,
-    };
-}
-
-impl Default for Layout {
-    fn default() -> Self {
-        Layout::PACKED
-    }
-}
-
-/// A prompt and the responses scored after it.
-#[derive(Clone, Copy, Debug)]
-pub struct ScoredGroup<'a> {
-    pub prompt: &'a [u32],
-    pub responses: &'a [Vec<u32>],
 }
 
 /// Score `seqs` in one padded forward pass. Differentiable in the model's parameters.
@@ -119,132 +64,26 @@ pub fn sequence_logps_with(
     group_sequence_logps(model, &groups, layout, with_sum_sq)
 }
 
-/// One attention unit of a layout: token ids, positions, and the segment of each token
-/// (0 = prompt, k = response k).
-struct Unit {
-    ids: Vec<u32>,
-    positions: Vec<usize>,
-    segment: Vec<usize>,
-}
-
-impl Unit {
-    /// Causal attention in which a response token sees the prompt and its own response.
-    fn allowed(&self, i: usize, j: usize) -> bool {
-        j <= i && (self.segment[j] == 0 || self.segment[j] == self.segment[i])
-    }
-}
-
 /// Log-probs of every response of every group, responses in order, group after group, in one
-/// forward pass with the given layout. Differentiable in the model's parameters.
+/// forward pass with the given layout ([`crate::batch::collate`]). Differentiable in the
+/// model's parameters.
 pub fn group_sequence_logps(
     model: &Transformer,
     groups: &[ScoredGroup],
     layout: Layout,
     with_sum_sq: bool,
 ) -> Result<SeqLogps> {
-    if groups.is_empty() {
-        return Err(Error::msg("sequence_logps: empty batch"));
-    }
-    // Units, and for each scored token the (unit, index in unit) of the position predicting it.
-    let mut units: Vec<Unit> = Vec::new();
-    let mut scored: Vec<(usize, usize)> = Vec::new();
-    let mut targets = Vec::new();
-    let mut offsets = vec![0usize];
-    let mut seq = 0;
-    for g in groups {
-        let p = g.prompt.len();
-        for r in g.responses {
-            if p == 0 || r.is_empty() {
-                return Err(Error::msg(format!(
-                    "sequence {seq}: completion_start {p} must be in 1..={} (the first token has no logits to score it)",
-                    p + r.len()
-                )));
-            }
-            seq += 1;
-        }
-        let per_unit: Vec<&[Vec<u32>]> = if layout.share_prompt {
-            vec![g.responses]
-        } else {
-            g.responses.chunks(1).collect()
-        };
-        for rs in per_unit {
-            let mut u = Unit {
-                ids: g.prompt.to_vec(),
-                positions: (0..p).collect(),
-                segment: vec![0; p],
-            };
-            for (k, r) in rs.iter().enumerate() {
-                let start = u.ids.len();
-                for (t, &id) in r.iter().enumerate() {
-                    scored.push((units.len(), if t == 0 { p - 1 } else { start + t - 1 }));
-                    targets.push(id);
-                    u.ids.push(id);
-                    u.positions.push(p + t);
-                    u.segment.push(k + 1);
-                }
-                offsets.push(targets.len());
-            }
-            units.push(u);
-        }
-    }
-    let cfg = &model.cfg;
+    let batch = collate(groups, layout)?;
     let dev = model.device();
-    let (input, attn, rows) = if layout.padding_free {
-        let mut starts = Vec::with_capacity(units.len());
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        for u in &units {
-            starts.push(ids.len());
-            ids.extend_from_slice(&u.ids);
-            positions.extend_from_slice(&u.positions);
-        }
-        let preds: Vec<Box<dyn Fn(usize, usize) -> bool + '_>> = units
-            .iter()
-            .map(|u| Box::new(move |i, j| u.allowed(i, j)) as Box<dyn Fn(usize, usize) -> bool>)
-            .collect();
-        let blocks: Vec<(usize, BlockMask)> = units
-            .iter()
-            .zip(&preds)
-            .map(|(u, f)| (u.ids.len(), f.as_ref()))
-            .collect();
-        let attn = AttentionInputs::packed(cfg, &positions, &blocks, model.dtype(), dev)?;
-        let rows: Vec<u32> = scored.iter().map(|&(u, i)| (starts[u] + i) as u32).collect();
-        let n = ids.len();
-        (Tensor::from_vec(ids, (1, n), dev)?, attn, rows)
-    } else {
-        let t = units.iter().map(|u| u.ids.len()).max().unwrap_or(0);
-        let shift = |u: &Unit| match layout.padding_side {
-            PaddingSide::Left => t - u.ids.len(),
-            PaddingSide::Right => 0,
-        };
-        let mut ids = vec![0u32; units.len() * t];
-        let mut positions = vec![vec![0usize; t]; units.len()];
-        for (b, u) in units.iter().enumerate() {
-            let s = shift(u);
-            ids[b * t + s..b * t + s + u.ids.len()].copy_from_slice(&u.ids);
-            positions[b][s..s + u.ids.len()].copy_from_slice(&u.positions);
-        }
-        let allowed = |b: usize, i: usize, j: usize| {
-            let u = &units[b];
-            let s = shift(u);
-            let real = |x: usize| x >= s && x < s + u.ids.len();
-            i == j || real(i) && real(j) && u.allowed(i - s, j - s)
-        };
-        let attn = AttentionInputs::new(cfg, &positions, allowed, model.dtype(), dev)?;
-        let rows: Vec<u32> = scored
-            .iter()
-            .map(|&(u, i)| (u * t + shift(&units[u]) + i) as u32)
-            .collect();
-        (Tensor::from_vec(ids, (units.len(), t), dev)?, attn, rows)
-    };
+    let input = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), dev)?;
+    let attn = AttentionInputs::for_batch(&model.cfg, &batch, model.dtype(), dev)?;
     let hidden = model.hidden_states(&input, &attn)?;
-    let (b, t) = input.dims2()?;
-    let hidden = hidden.reshape((b * t, cfg.hidden_size))?;
-    let (token_logps, log_sum_sq) = gather_logps_with(model, &hidden, &rows, &targets, with_sum_sq)?;
-    let sums = segment_sums(&token_logps, &offsets)?;
+    let hidden = hidden.reshape((batch.rows * batch.cols, model.cfg.hidden_size))?;
+    let (token_logps, log_sum_sq) = gather_logps_with(model, &hidden, &batch.scored, &batch.targets, with_sum_sq)?;
+    let sums = segment_sums(&token_logps, &batch.offsets)?;
     Ok(SeqLogps {
         token_logps,
-        offsets,
+        offsets: batch.offsets,
         sums,
         log_sum_sq,
     })
@@ -265,11 +104,11 @@ pub fn gather_logps_with(
     with_sum_sq: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let dev = model.device();
-    if !with_sum_sq && model.kernels.fused && super::fused::supported(hidden) {
+    if !with_sum_sq && model.kernels.fused && super::kernels::supported(hidden) {
         let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
         let bf16 = model.kernels.bf16_for(&h);
         return Ok((
-            super::fused::token_logps(&h, model.output_weight(), targets, bf16)?,
+            super::kernels::token_logps(&h, model.output_weight(), targets, bf16)?,
             None,
         ));
     }

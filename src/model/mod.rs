@@ -1,23 +1,27 @@
-//! The model layer: config, transformer, loaders (HF safetensors, GGUF), saving, log-probs.
+//! The model layer: the config, one folder per architecture family ([`llama`]: forward and
+//! hand-written backward together), the kernels ([`kernels`]), what the model adds to candle's
+//! backward ([`autograd`]), attention inputs ([`inputs`]), loaders and the HF writer ([`load`]),
+//! and log-probs of token sequences ([`logprobs`]).
 
-pub mod backward;
-pub mod compact;
+pub mod autograd;
 pub mod config;
-pub mod fused;
-pub mod gguf;
-pub mod hf;
+pub mod inputs;
+pub mod kernels;
+pub mod llama;
+pub mod load;
 pub mod logprobs;
-pub mod matmul;
-pub mod transformer;
 
 pub use config::ModelConfig;
-pub use logprobs::{group_sequence_logps, sequence_logps, Layout, PaddingSide, ScoredGroup, ScoredSeq, SeqLogps};
-pub use transformer::{AttentionInputs, Kernels, Transformer};
+pub use inputs::AttentionInputs;
+pub use kernels::Kernels;
+pub use llama::Transformer;
+pub use load::{compact, gguf, hf, load, load_frozen, load_soup, load_tokenizer, mix_into_reference};
+pub use logprobs::{group_sequence_logps, sequence_logps, SeqLogps};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
-use candle_core::{DType, Device, Var};
-use std::path::{Path, PathBuf};
+use candle_core::Var;
+use std::path::PathBuf;
 
 /// A model with its tokenizer, as loaded from disk.
 #[derive(Clone, Debug)]
@@ -28,39 +32,6 @@ pub struct LoadedModel {
     pub source: PathBuf,
     /// Files whose bytes identify the weights (for cache keys).
     pub weight_files: Vec<PathBuf>,
-}
-
-/// Load a model from an HF directory (`config.json` + safetensors) or a `.gguf` file,
-/// with parameters in `dtype` on `device`.
-pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
-    if path.is_dir() {
-        hf::load_dir(path, dtype, device)
-    } else if path.is_file() {
-        gguf::load_gguf(path, dtype, device)
-    } else {
-        Err(Error::model(
-            path,
-            "no such model: give an HF model directory (config.json + model.safetensors) or a .gguf file",
-        ))
-    }
-}
-
-/// Only the tokenizer of a model directory or `.gguf` file (no weights are read).
-pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
-    if path.is_dir() {
-        let cfg_path = path.join("config.json");
-        let v: serde_json::Value = serde_json::from_str(&crate::util::read_to_string(&cfg_path)?)
-            .map_err(|e| Error::model(&cfg_path, format!("invalid JSON: {e}")))?;
-        let cfg = ModelConfig::from_json(&v, &cfg_path)?;
-        TextTokenizer::from_dir(path, cfg.eos_token_id, cfg.pad_token_id)
-    } else if path.is_file() {
-        gguf::load_tokenizer(path)
-    } else {
-        Err(Error::model(
-            path,
-            "no such model: give an HF model directory or a .gguf file",
-        ))
-    }
 }
 
 impl LoadedModel {

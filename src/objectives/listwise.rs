@@ -1,13 +1,14 @@
 //! Listwise objectives over ranked responses (best first, with graded labels ψ).
 
-use super::{log_sigmoid, BatchStats, ObjectiveOutput, ObjectiveParams};
+use super::{log_sigmoid, ObjectiveOutput, ObjectiveParams};
 use crate::error::{Error, Result};
-use crate::model::transformer::logsumexp_last;
+use crate::model::kernels::primitive::logsumexp_last;
+use crate::stats::SeqStats;
 use candle_core::{DType, Tensor};
 
 /// A ranked batch: per response log-probs and token counts, per example its labels.
 pub struct ListCtx<'a> {
-    pub s: &'a BatchStats,
+    pub s: &'a SeqStats,
     pub p: &'a ObjectiveParams,
     /// ψ per example, best first (higher = better).
     pub labels: Vec<Vec<f64>>,
@@ -16,7 +17,7 @@ pub struct ListCtx<'a> {
 }
 
 impl<'a> ListCtx<'a> {
-    pub fn new(s: &'a BatchStats, p: &'a ObjectiveParams) -> Result<Self> {
+    pub fn new(s: &'a SeqStats, p: &'a ObjectiveParams) -> Result<Self> {
         let labels = s
             .meta
             .iter()

@@ -13,8 +13,9 @@ pub mod reference_free;
 pub mod reward;
 pub mod unpaired;
 
-use crate::data::{ExampleMeta, Shape};
+use crate::data::Shape;
 use crate::error::{Error, Result};
+use crate::stats::SeqStats;
 use candle_core::{DType, Tensor};
 
 /// Sequence statistics of a batch of B preference pairs. Tensors are `[B]`.
@@ -155,35 +156,17 @@ impl LossKind {
 }
 pub type MetricsFn = fn(&Ctx) -> Result<Vec<(String, f64)>>;
 
-/// Statistics of a batch of examples of any shape: one summed log-prob per response,
-/// example after example (see [`crate::stats::GroupLogps`]).
-#[derive(Clone, Debug)]
-pub struct BatchStats {
-    /// `[R]` policy log-probs (differentiable).
-    pub policy: Tensor,
-    /// `[R]` reference log-probs.
-    pub reference: Option<Tensor>,
-    /// Completion tokens of each response.
-    pub tokens: Vec<usize>,
-    /// `B + 1` offsets: example e owns responses `offsets[e]..offsets[e + 1]`.
-    pub offsets: Vec<usize>,
-    pub meta: Vec<ExampleMeta>,
-    /// `[B]` per-example loss weights (WPO).
-    pub weights: Option<Tensor>,
-    /// `[R]` a Gaussian reward head's log σ² per response (`policy` holds the means μ).
-    pub log_variance: Option<Tensor>,
-}
-
-impl BatchStats {
-    /// The pairwise view: chosen = response 0, rejected = response 1 of each example.
-    pub fn pairs(&self) -> Result<PairStats> {
-        let b = self.offsets.len() - 1;
+impl PairStats {
+    /// The pairwise view of a batch: chosen = response 0, rejected = response 1 of each example.
+    pub fn from_stats(stats: &SeqStats) -> Result<PairStats> {
+        let s = stats;
+        let b = s.offsets.len() - 1;
         let idx = |k: usize| -> Result<Tensor> {
-            let v: Vec<u32> = (0..b).map(|e| (self.offsets[e] + k) as u32).collect();
-            Ok(Tensor::new(v, self.policy.device())?)
+            let v: Vec<u32> = (0..b).map(|e| (s.offsets[e] + k) as u32).collect();
+            Ok(Tensor::new(v, s.policy.device())?)
         };
         for e in 0..b {
-            if self.offsets[e + 1] - self.offsets[e] != 2 {
+            if s.offsets[e + 1] - s.offsets[e] != 2 {
                 return Err(Error::msg(
                     "a pairwise objective got an example without exactly two responses",
                 ));
@@ -192,21 +175,21 @@ impl BatchStats {
         let (c, r) = (idx(0)?, idx(1)?);
         let pick = |t: &Tensor, i: &Tensor| -> Result<Tensor> { Ok(t.index_select(i, 0)?) };
         Ok(PairStats {
-            policy_chosen: pick(&self.policy, &c)?,
-            policy_rejected: pick(&self.policy, &r)?,
-            ref_chosen: self.reference.as_ref().map(|t| pick(t, &c)).transpose()?,
-            ref_rejected: self.reference.as_ref().map(|t| pick(t, &r)).transpose()?,
-            chosen_tokens: (0..b).map(|e| self.tokens[self.offsets[e]]).collect(),
-            rejected_tokens: (0..b).map(|e| self.tokens[self.offsets[e] + 1]).collect(),
-            weights: self.weights.clone(),
-            strength: self.meta.iter().map(|m| m.strength.unwrap_or(1.0)).collect(),
-            scores: self
+            policy_chosen: pick(&s.policy, &c)?,
+            policy_rejected: pick(&s.policy, &r)?,
+            ref_chosen: s.reference.as_ref().map(|t| pick(t, &c)).transpose()?,
+            ref_rejected: s.reference.as_ref().map(|t| pick(t, &r)).transpose()?,
+            chosen_tokens: (0..b).map(|e| s.tokens[s.offsets[e]]).collect(),
+            rejected_tokens: (0..b).map(|e| s.tokens[s.offsets[e] + 1]).collect(),
+            weights: s.weights.clone(),
+            strength: s.meta.iter().map(|m| m.strength.unwrap_or(1.0)).collect(),
+            scores: s
                 .meta
                 .iter()
                 .map(|m| m.scores.as_ref().map(|s| (s[0], s[1])))
                 .collect::<Option<Vec<_>>>(),
-            margin: self.meta.iter().map(|m| m.margin.unwrap_or(0.0)).collect(),
-            log_variance: match &self.log_variance {
+            margin: s.meta.iter().map(|m| m.margin.unwrap_or(0.0)).collect(),
+            log_variance: match &s.log_variance {
                 None => None,
                 Some(v) => Some((pick(v, &c)?, pick(v, &r)?)),
             },
@@ -499,9 +482,9 @@ impl Objective {
     }
 
     /// Per-example losses and metrics for a batch of the objective's shape.
-    pub fn loss(&self, stats: &BatchStats) -> Result<ObjectiveOutput> {
+    pub fn loss(&self, stats: &SeqStats) -> Result<ObjectiveOutput> {
         let mut out = match self.shape() {
-            Shape::Pairwise => return self.loss_pairs(&stats.pairs()?),
+            Shape::Pairwise => return self.loss_pairs(&PairStats::from_stats(stats)?),
             Shape::Unpaired => {
                 let ctx = unpaired::UnpairedCtx::new(stats, &self.params, self.needs_kl())?;
                 self.combine(|k| match k {

@@ -1,8 +1,9 @@
 //! Unpaired objectives: each example is one completion with a desirable / undesirable label
 //! (TRL's KTOTrainer).
 
-use super::{mean, sigmoid, BatchStats, ObjectiveOutput, ObjectiveParams};
+use super::{mean, sigmoid, ObjectiveOutput, ObjectiveParams};
 use crate::error::{Error, Result};
+use crate::stats::SeqStats;
 use candle_core::{DType, Tensor};
 
 /// An unpaired batch: Δ = log π − log π_ref of each completion, its label, and (KTO) the
@@ -21,7 +22,7 @@ pub struct UnpairedCtx<'a> {
 impl<'a> UnpairedCtx<'a> {
     /// With `needs_kl`, each example carries a second response: the mismatched completion
     /// (another example's) used for z0.
-    pub fn new(s: &BatchStats, p: &'a ObjectiveParams, needs_kl: bool) -> Result<Self> {
+    pub fn new(s: &SeqStats, p: &'a ObjectiveParams, needs_kl: bool) -> Result<Self> {
         let b = s.offsets.len() - 1;
         let per = if needs_kl { 2 } else { 1 };
         if (0..b).any(|e| s.offsets[e + 1] - s.offsets[e] != per) {

@@ -4,20 +4,20 @@
 
 pub mod checkpoint;
 pub mod optim;
-pub mod reference;
 pub mod schedule;
 
 use crate::config::TrainConfig;
 use crate::data::{load_tokenized_examples, TokenizedExample};
 use crate::error::{Error, Result};
 use crate::model::{self, LoadedModel};
-use crate::objectives::{self, BatchStats, Objective};
+use crate::objectives::{self, Objective, PairStats};
+use crate::stats::reference::{self, Reference, Split};
+use crate::stats::SeqStats;
 use crate::stats::{group_logps, score_examples, StatsOptions};
 use crate::util::Rng;
 use candle_core::{DType, Device};
 use checkpoint::TrainerState;
 use optim::{OptimKind, Optimizer};
-use reference::{Reference, Split};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -175,45 +175,6 @@ fn add_mismatched_completions(examples: &mut [TokenizedExample], file: &str, max
     Ok(())
 }
 
-/// Load one model, or several with the same architecture averaged in weight space (SALSA).
-pub fn load_soup(paths: &[PathBuf], dtype: DType, dev: &Device) -> Result<LoadedModel> {
-    let first = model::load(&paths[0], dtype, dev)?;
-    if paths.len() == 1 {
-        return Ok(first);
-    }
-    let mut sums: Vec<candle_core::Tensor> = first.transformer.params().iter().map(|(_, t)| t.clone()).collect();
-    for p in &paths[1..] {
-        let m = model::load(p, dtype, dev)?;
-        if m.transformer.cfg != first.transformer.cfg {
-            return Err(Error::Config(format!(
-                "ref_model soup: {} has another architecture than {}",
-                p.display(),
-                paths[0].display()
-            )));
-        }
-        for (s, (_, t)) in sums.iter_mut().zip(m.transformer.params()) {
-            *s = (&*s + t)?;
-        }
-    }
-    let k = paths.len() as f64;
-    let mut it = sums.into_iter();
-    let transformer = first.transformer.map(|_, _| Ok((it.next().expect("same walk") / k)?))?;
-    Ok(LoadedModel { transformer, ..first })
-}
-
-/// TR-DPO's reference update: `ref ← α·policy + (1−α)·ref`.
-pub fn mix_into_reference(
-    reference: &model::Transformer,
-    policy: &model::Transformer,
-    alpha: f64,
-) -> Result<model::Transformer> {
-    let mut it = policy.params().iter();
-    reference.map(|_, r| {
-        let (_, p) = it.next().expect("same architecture");
-        Ok(((p.detach() * alpha)? + (r * (1.0 - alpha))?)?)
-    })
-}
-
 /// Objective statistics for a batch of examples.
 fn batch_stats(
     policy: &LoadedModel,
@@ -223,7 +184,7 @@ fn batch_stats(
     examples: &[TokenizedExample],
     opts: &StatsOptions,
     clusters: Option<&BTreeMap<String, usize>>,
-) -> Result<BatchStats> {
+) -> Result<SeqStats> {
     let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
     let heads: Option<Vec<usize>> = clusters.map(|c| {
         batch
@@ -237,15 +198,7 @@ fn batch_stats(
         group_logps(&policy.transformer, &batch, opts)?
     };
     let reference = reference.logps(split, indices, &batch, policy.transformer.dtype(), opts)?;
-    Ok(BatchStats {
-        policy: lp.sums,
-        reference,
-        tokens: lp.tokens,
-        offsets: lp.offsets,
-        meta: batch.iter().map(|e| e.meta.clone()).collect(),
-        weights: lp.weights,
-        log_variance: lp.log_variance,
-    })
+    Ok(SeqStats { reference, ..lp })
 }
 
 /// Evaluate the objective on a whole set (no gradient): `eval_loss` and the objective's metrics
@@ -346,7 +299,7 @@ impl Trainer {
         let start_path = PathBuf::from(&cfg.model_name_or_path);
         let mut policy = model::load(resume.as_deref().unwrap_or(&start_path), dtype, &dev)?;
         policy.transformer.kernels = cfg.kernels();
-        if cfg.bf16 && !model::matmul::amx_available() {
+        if cfg.bf16 && !model::kernels::matmul::amx_available() {
             eprintln!(
                 "bf16 = true: this CPU (or kernel) offers no AMX tiles, so the bf16 products run through the f32 GEMM: the same numbers, at f32 speed"
             );
@@ -422,7 +375,7 @@ impl Trainer {
                 // the starting model; its layers stay in the checkpoint's precision unless
                 // sync_ref_model must mix weights into them
                 let compact = match cfg.sync_ref_model {
-                    false => model::compact::load_frozen(&start_path, dtype, &dev)?,
+                    false => model::load_frozen(&start_path, dtype, &dev)?,
                     true => None,
                 };
                 match compact {
@@ -439,7 +392,7 @@ impl Trainer {
                     None => policy.frozen_copy()?,
                 }
             } else {
-                load_soup(&ref_paths, dtype, &dev)?
+                model::load_soup(&ref_paths, dtype, &dev)?
             };
             m.transformer.kernels = cfg.kernels();
             Ok(m)
@@ -683,11 +636,11 @@ impl Trainer {
             let batch: Vec<&TokenizedExample> = indices.iter().map(|&i| &self.train_pairs[i]).collect();
             // reward models score padded separate sequences (stats::group_rewards)
             let layout = if self.policy.transformer.cfg.reward_head {
-                crate::model::Layout::PADDED
+                crate::batch::Layout::PADDED
             } else {
                 self.stats_options.layout
             };
-            positions += crate::stats::forward_positions(&batch, layout);
+            positions += crate::batch::forward_positions(&batch, layout);
             let stats = batch_stats(
                 &self.policy,
                 &self.reference,
@@ -712,8 +665,8 @@ impl Trainer {
                         None,
                     )?;
                     let pout = self.objective.loss(&pstats)?;
-                    let margins = |st: &BatchStats| -> Result<Vec<f64>> {
-                        let p = st.pairs()?;
+                    let margins = |st: &SeqStats| -> Result<Vec<f64>> {
+                        let p = PairStats::from_stats(st)?;
                         Ok((&p.policy_chosen - &p.policy_rejected)?
                             .detach()
                             .to_dtype(DType::F64)?
@@ -773,7 +726,7 @@ impl Trainer {
         self.state.global_step += 1;
         if cfg.sync_ref_model && self.state.global_step.is_multiple_of(cfg.ref_model_sync_steps) {
             if let Reference::Model(r) = &self.reference {
-                let mixed = mix_into_reference(r, &self.policy.transformer, cfg.ref_model_mixup_alpha)?;
+                let mixed = model::mix_into_reference(r, &self.policy.transformer, cfg.ref_model_mixup_alpha)?;
                 self.reference = Reference::Model(Box::new(mixed));
             }
         }

@@ -2,10 +2,10 @@
 //! computed once (`precompute_ref_log_probs`), stored on disk keyed by a hash of the reference
 //! weights and the tokenised data, and reused by later runs; or nothing (reference-free).
 
+use super::{group_logps, StatsOptions};
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, Transformer};
-use crate::stats::{group_logps, StatsOptions};
 use crate::util::{write_atomic, Fnv64};
 use candle_core::{DType, Tensor};
 use std::io::Read;
@@ -29,7 +29,7 @@ pub enum Split {
 
 impl Reference {
     /// Reference log-probs `[R]` of every response of the examples at `indices` of `split`,
-    /// laid out as [`crate::stats::GroupLogps::sums`].
+    /// laid out as [`crate::stats::SeqStats::reference`].
     pub fn logps(
         &self,
         split: Split,
@@ -45,7 +45,7 @@ impl Reference {
                     use_weighting: false,
                     ..opts.clone()
                 };
-                Ok(Some(group_logps(m, examples, &opts)?.sums.detach()))
+                Ok(Some(group_logps(m, examples, &opts)?.policy.detach()))
             }
             Reference::Cached { train, eval } => {
                 let table = if split == Split::Train { train } else { eval };

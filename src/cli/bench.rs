@@ -1,18 +1,30 @@
 //! `prefer bench dpo`: DPO training steps on a real model, timed, next to the machine's own
 //! f32 matmul throughput measured by the same process.
 
-use crate::config::TrainConfig;
-use crate::error::{Error, Result};
-use crate::train::Trainer;
 use candle_core::{Device, Tensor};
+use prefer::config::TrainConfig;
+use prefer::error::{Error, Result};
+use prefer::train::Trainer;
 use std::time::Instant;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCmd {
+    /// DPO training steps on a real model: s/step, tokens/s, peak RSS, GFLOP/s vs the machine's matmul.
+    Dpo(DpoBenchArgs),
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Dpo(args) => dpo(&args).map_err(Into::into),
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DpoBenchArgs {
-    /// Model (default: the SmolLM2-135M-Instruct GGUF from ../shared/models or models/).
+    /// Model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf, where scripts/fetch-model.sh puts it, or $PREFER_SMOLLM2).
     #[arg(long)]
     pub model: Option<String>,
-    /// Preference pairs (default: ../shared/data/hh-rlhf-harmless-base/pairs.jsonl).
+    /// Preference pairs (default: data/hh-rlhf-harmless-base/pairs.jsonl under $PREFER_SHARED, else ../shared).
     #[arg(long)]
     pub data: Option<String>,
     /// Timed optimizer steps (after one untimed warm-up step).
@@ -62,7 +74,7 @@ pub struct DpoBenchArgs {
 /// Each must be an object with a numeric `s_per_step_median`; a bad line is named.
 fn read_records(file: &str) -> Result<Vec<serde_json::Value>> {
     let path = std::path::Path::new(file);
-    let text = crate::util::read_to_string(path)?;
+    let text = prefer::util::read_to_string(path)?;
     let mut records = Vec::new();
     match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(v @ serde_json::Value::Object(_)) => records.push((1, v)),
@@ -127,7 +139,7 @@ pub fn matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
 /// Best-of-3 GFLOP/s of prefer's bf16 matmul (`bf16 = true`: AMX tiles where the CPU has them),
 /// `[m,k] x [k,n]`, counting the conversion and packing of both operands.
 pub fn bf16_matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
-    use crate::model::matmul::{matmul, Rhs, View};
+    use prefer::model::kernels::matmul::{matmul, Rhs, View};
     let dev = Device::Cpu;
     let a: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &dev)?.to_vec1()?;
     let b: Vec<f32> = Tensor::randn(0f32, 1.0, k * n, &dev)?.to_vec1()?;
@@ -147,7 +159,7 @@ pub fn bf16_matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
 /// length.
 fn synthetic_pairs(
     jsonl: &str,
-    tok: &crate::tokenizer::TextTokenizer,
+    tok: &prefer::tokenizer::TextTokenizer,
     n: usize,
     count: usize,
 ) -> Result<(String, usize)> {
@@ -187,14 +199,16 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     let records = args.compare_file.as_deref().map(read_records).transpose()?;
     let model = match &args.model {
         Some(m) => m.clone(),
-        None => crate::paths::smollm2_gguf()
+        None => super::default_model()
             .ok_or_else(|| Error::msg("no model: pass --model or run scripts/fetch-model.sh"))?
             .display()
             .to_string(),
     };
     let data = match &args.data {
         Some(d) => d.clone(),
-        None => crate::paths::shared_dir()
+        None => std::env::var_os("PREFER_SHARED")
+            .map(std::path::PathBuf::from)
+            .or_else(|| Some("../shared".into()))
             .map(|s| s.join("data/hh-rlhf-harmless-base/pairs.jsonl"))
             .filter(|p| p.is_file())
             .ok_or_else(|| Error::msg("no data: pass --data FILE"))?
@@ -202,17 +216,17 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
             .to_string(),
     };
     let out = std::env::temp_dir().join(format!("prefer-bench-{}", std::process::id()));
-    crate::util::create_dir_all(&out)?;
+    prefer::util::create_dir_all(&out)?;
     // Only the pairs the timed steps use (plus spares for rows the data layer rejects), so a
     // precomputed reference costs one pass over them, not over the whole file.
     let need = (args.steps + 1) * args.batch_size;
-    let text = crate::util::read_to_string(std::path::Path::new(&data))?;
+    let text = prefer::util::read_to_string(std::path::Path::new(&data))?;
     let data_subset = out.join("pairs.jsonl");
     let (mut max_length, mut max_prompt_length) = (args.max_length, args.max_prompt_length);
     let subset = match args.synthetic_length {
         None => text.lines().take(need + 16).collect::<Vec<_>>().join("\n"),
         Some(n) => {
-            let tok = crate::model::load_tokenizer(std::path::Path::new(&model))?;
+            let tok = prefer::model::load_tokenizer(std::path::Path::new(&model))?;
             let (rows, p) = synthetic_pairs(&text, &tok, n, need + 4)?;
             (max_length, max_prompt_length) = (n + 32, p + 16);
             rows
@@ -244,7 +258,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     cfg.validate()?;
     let threads = candle_core::utils::get_num_threads();
     let mut tr = Trainer::new(&cfg)?;
-    crate::util::memtrace("after Trainer::new");
+    prefer::util::memtrace("after Trainer::new");
     let params = tr.policy.transformer.cfg.num_params() as f64;
     let warm = tr.step()?;
     eprintln!("warm-up step: {:.2} s, loss {:.4}", warm.seconds, warm.metrics["loss"]);
@@ -280,7 +294,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     let per_token = (6.0 + if live_ref { 2.0 } else { 0.0 }) * params;
     let equivalent = per_token * tokens as f64 / total / 1e9;
     let achieved = per_token * positions as f64 / total / 1e9;
-    let peak = crate::util::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let peak = prefer::util::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     let mm_big = matmul_gflops(2048, 2048, 2048)?;
     let mm_bf16 = bf16_matmul_gflops(2048, 2048, 2048)?;
     let h = tr.policy.transformer.cfg.hidden_size;
@@ -291,7 +305,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         "reference": if live_ref { "live" } else { "precomputed" },
         "s_per_step_median": median, "tokens_per_second": tokens as f64 / total,
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
-        "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_amx": args.bf16 && crate::model::matmul::amx_available(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
+        "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_amx": args.bf16 && prefer::model::kernels::matmul::amx_available(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
         "gradient_checkpointing": args.gradient_checkpointing,
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,
@@ -341,7 +355,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         );
         println!(
             "  machine bf16 matmul GFLOP/s  {mm_bf16:.1} (2048^3, prefer's bf16 matmul incl. packing; {})",
-            if crate::model::matmul::amx_available() {
+            if prefer::model::kernels::matmul::amx_available() {
                 "AMX tiles"
             } else {
                 "no AMX here: rounded operands through the f32 GEMM"
@@ -373,7 +387,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{matching_record, read_records};
-    use crate::error::Result;
+    use prefer::error::Result;
     use serde_json::json;
 
     /// The matching record of `file` for `run`, or an error naming what failed.
@@ -381,12 +395,12 @@ mod tests {
         let records = read_records(file)?;
         matching_record(&records, run)
             .cloned()
-            .ok_or_else(|| crate::error::Error::msg(format!("{file}: no record matches {run}")))
+            .ok_or_else(|| prefer::error::Error::msg(format!("{file}: no record matches {run}")))
     }
 
     #[test]
     fn compare_file_picks_the_matching_record_and_names_bad_lines() {
-        let dir = crate::testing::scratch_dir("bench-compare");
+        let dir = prefer::testing::scratch_dir("bench-compare");
         let f = dir.join("figures.jsonl");
         std::fs::write(
             &f,

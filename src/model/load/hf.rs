@@ -1,8 +1,8 @@
 //! Hugging Face checkpoint layout: `config.json` + `model.safetensors` (or sharded with
 //! `model.safetensors.index.json`), tokenizer files, `generation_config.json`. Writes are atomic.
 
-use super::{config::ModelConfig, LoadedModel, Transformer};
 use crate::error::{Error, Result};
+use crate::model::{config::ModelConfig, LoadedModel, Transformer};
 use crate::tokenizer::TextTokenizer;
 use crate::util::{read_to_string, write_atomic};
 use candle_core::{DType, Device, Tensor};

@@ -1,17 +1,22 @@
 //! Sequence statistics: the bridge from the model (log-probs of token sequences) to the
 //! objectives (functions of summed log-probs and token counts). Every example is a prompt with
 //! one or more responses (pairwise: chosen, rejected; ranked: best first; unpaired: one), and
-//! a batch's statistics are one summed log-prob per response, example after example.
+//! a batch's statistics ([`SeqStats`], the one type objectives read) are one summed log-prob
+//! per response, example after example, with the reference's beside them. Where reference
+//! log-probs come from is [`reference`].
 //!
 //! Two TRL options change the statistics themselves, so they live here rather than in any one
 //! objective: `ld_alpha` (LD-DPO: tokens past the shortest response's length count α times)
 //! and `use_weighting` (WPO: each example's loss is weighted by the policy's own per-token
 //! probability of its responses, relative to `Σ_v p(v)²`).
 
-use crate::data::TokenizedExample;
+pub mod reference;
+
+use crate::batch::{example_groups, example_sequences, Layout};
+use crate::data::{ExampleMeta, TokenizedExample};
 use crate::error::Result;
 use crate::model::logprobs::segment_sums;
-use crate::model::{group_sequence_logps, Layout, ScoredGroup, ScoredSeq, Transformer};
+use crate::model::{group_sequence_logps, Transformer};
 use candle_core::{DType, Tensor};
 
 /// Options that change how sequence statistics are computed.
@@ -25,66 +30,30 @@ pub struct StatsOptions {
     pub layout: Layout,
 }
 
-/// Summed completion log-probs of every response of a batch of examples.
-#[derive(Debug)]
-pub struct GroupLogps {
-    /// `[R]`, differentiable: response k of example e is at `offsets[e] + k`.
-    pub sums: Tensor,
-    /// `B + 1` offsets into `sums`.
-    pub offsets: Vec<usize>,
+/// Statistics of a batch of examples of any shape: one summed log-prob (or reward) per
+/// response, example after example, with the reference's, token counts and the examples' labels.
+#[derive(Clone, Debug)]
+pub struct SeqStats {
+    /// `[R]` policy log-probs (differentiable): response k of example e is at `offsets[e] + k`.
+    /// A reward model's rewards (a Gaussian head's means) for reward models.
+    pub policy: Tensor,
+    /// `[R]` reference log-probs (no gradient); `None` for reference-free objectives.
+    pub reference: Option<Tensor>,
     /// Completion tokens of each response (EOS included).
     pub tokens: Vec<usize>,
-    /// `[B]` WPO weights `Π_k ω_k` (no gradient), with `use_weighting`.
+    /// `B + 1` offsets: example e owns responses `offsets[e]..offsets[e + 1]`.
+    pub offsets: Vec<usize>,
+    /// The examples' labels, scores, strengths, margins and annotators.
+    pub meta: Vec<ExampleMeta>,
+    /// `[B]` per-example loss weights (WPO's `Π_k ω_k`, `use_weighting`), no gradient.
     pub weights: Option<Tensor>,
-    /// `[R]`, differentiable: a Gaussian reward head's log σ² per response (`sums` is μ).
+    /// `[R]` a Gaussian reward head's log σ² per response (`policy` holds the means μ).
     pub log_variance: Option<Tensor>,
 }
 
-/// The sequences of a batch, example after example, and each example's offset.
-pub fn example_sequences(examples: &[&TokenizedExample]) -> (Vec<ScoredSeq>, Vec<usize>) {
-    let mut seqs = Vec::new();
-    let mut offsets = vec![0];
-    for e in examples {
-        for r in &e.responses {
-            seqs.push(ScoredSeq {
-                ids: e.prompt_ids.iter().chain(r).copied().collect(),
-                completion_start: e.prompt_ids.len(),
-            });
-        }
-        offsets.push(seqs.len());
-    }
-    (seqs, offsets)
-}
-
-/// Token positions one forward pass over `examples` computes under `layout` (padding included).
-pub fn forward_positions(examples: &[&TokenizedExample], layout: Layout) -> usize {
-    let units: Vec<usize> = examples
-        .iter()
-        .flat_map(|e| {
-            let p = e.prompt_ids.len();
-            if layout.share_prompt {
-                vec![p + e.responses.iter().map(Vec::len).sum::<usize>()]
-            } else {
-                e.responses.iter().map(|r| p + r.len()).collect()
-            }
-        })
-        .collect();
-    if layout.padding_free {
-        units.iter().sum()
-    } else {
-        units.len() * units.iter().copied().max().unwrap_or(0)
-    }
-}
-
 /// Summed log-probs of every response (differentiable), with the options applied.
-pub fn group_logps(model: &Transformer, examples: &[&TokenizedExample], opts: &StatsOptions) -> Result<GroupLogps> {
-    let groups: Vec<ScoredGroup> = examples
-        .iter()
-        .map(|e| ScoredGroup {
-            prompt: &e.prompt_ids,
-            responses: &e.responses,
-        })
-        .collect();
+pub fn group_logps(model: &Transformer, examples: &[&TokenizedExample], opts: &StatsOptions) -> Result<SeqStats> {
+    let groups = example_groups(examples);
     let mut offsets = vec![0];
     for e in examples {
         offsets.push(offsets[offsets.len() - 1] + e.responses.len());
@@ -121,24 +90,26 @@ pub fn group_logps(model: &Transformer, examples: &[&TokenizedExample], opts: &S
             Some(segment_sums(&mean, &offsets)?.exp()?)
         }
     };
-    Ok(GroupLogps {
-        sums,
-        offsets,
+    Ok(SeqStats {
+        policy: sums,
+        reference: None,
         tokens,
+        offsets,
+        meta: examples.iter().map(|e| e.meta.clone()).collect(),
         weights,
         log_variance: None,
     })
 }
 
 /// A reward model's scalar reward for every response (differentiable), laid out like
-/// [`GroupLogps::sums`]; `pad_id` marks padding as in transformers' sequence classification.
+/// [`SeqStats::policy`]; `pad_id` marks padding as in transformers' sequence classification.
 /// With several heads, `heads[e]` picks the head (preference cluster) of example e.
 pub fn group_rewards(
     model: &Transformer,
     examples: &[&TokenizedExample],
     pad_id: u32,
     heads: Option<&[usize]>,
-) -> Result<GroupLogps> {
+) -> Result<SeqStats> {
     let (seqs, offsets) = example_sequences(examples);
     let ids: Vec<Vec<u32>> = seqs.iter().map(|s| s.ids.clone()).collect();
     let tokens = seqs.iter().map(|s| s.ids.len() - s.completion_start).collect();
@@ -159,10 +130,12 @@ pub fn group_rewards(
             m.gather(&idx, 1)?.squeeze(1)?
         }
     };
-    Ok(GroupLogps {
-        sums,
-        offsets,
+    Ok(SeqStats {
+        policy: sums,
+        reference: None,
         tokens,
+        offsets,
+        meta: examples.iter().map(|e| e.meta.clone()).collect(),
         weights: None,
         log_variance,
     })
@@ -201,7 +174,7 @@ pub fn score_rewards(
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedExample> = chunk.iter().collect();
         let g = group_rewards(model, &refs, pad_id, None)?;
-        let v: Vec<f64> = g.sums.detach().to_dtype(DType::F64)?.to_vec1()?;
+        let v: Vec<f64> = g.policy.detach().to_dtype(DType::F64)?.to_vec1()?;
         out.extend(g.offsets.windows(2).map(|w| v[w[0]..w[1]].to_vec()));
     }
     Ok(out)
@@ -223,7 +196,7 @@ pub fn score_examples(
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedExample> = chunk.iter().collect();
         let lp = group_logps(model, &refs, &opts)?;
-        let v: Vec<f64> = lp.sums.detach().to_dtype(DType::F64)?.to_vec1()?;
+        let v: Vec<f64> = lp.policy.detach().to_dtype(DType::F64)?.to_vec1()?;
         out.extend(lp.offsets.windows(2).map(|w| v[w[0]..w[1]].to_vec()));
         progress(chunk.len());
     }

@@ -5,15 +5,13 @@
 //! about a fifth (Q4_1) or half (bf16) of its layer weights. The embedding, final norm and
 //! heads stay in the model's dtype.
 
-use super::config::ModelConfig;
-use super::gguf::unpermute_qk;
-use super::transformer::Block;
 use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::llama::Block;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::path::Path;
 
 /// One tensor as the checkpoint stores it.
 pub enum Stored {
@@ -120,19 +118,12 @@ impl CompactLayers {
     }
 }
 
-/// Load `path` (an HF directory or a `.gguf` file) as a frozen model whose decoder layers stay
-/// in the file's precision ([`CompactLayers`]); `None` when that would not be smaller than
-/// widening them to `dtype` (e.g. an f32 checkpoint).
-pub fn load_frozen(path: &Path, dtype: DType, device: &Device) -> Result<Option<super::LoadedModel>> {
-    let m = if path.is_dir() {
-        super::hf::load_dir_frozen(path, dtype, device)?
-    } else {
-        super::gguf::load_gguf_frozen(path, dtype, device)?
-    };
-    Ok(m.filter(|m| {
-        m.transformer
-            .compact
-            .as_ref()
-            .is_some_and(|c| c.bytes() < c.widened_bytes())
-    }))
+/// Undo llama.cpp's permutation of Q/K rows: the converter did
+/// `W.reshape(h, 2, rows/h/2, cols).swap(1, 2)`; this applies the inverse.
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, rows / heads / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
 }

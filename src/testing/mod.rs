@@ -2,6 +2,8 @@
 //! tokenizer with ChatML special tokens, written as real HF directories and GGUF files so the
 //! loaders are exercised exactly as on a real checkpoint.
 
+pub mod shared;
+
 use crate::error::Result;
 use crate::model::{gguf, hf, LoadedModel, ModelConfig, Transformer};
 use crate::tokenizer::{byte_level_bpe_json, byte_level_pre_tokenizer, bytes_to_unicode, TextTokenizer};
@@ -229,4 +231,16 @@ pub fn scratch_dir(name: &str) -> std::path::PathBuf {
 /// The largest absolute difference between two tensors of the same shape, as f32.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar()?)
+}
+
+/// Tests run several test threads; give candle's pool one thread each so nothing spins on an
+/// oversubscribed core (measured 7x slowdowns otherwise). Call at the top of heavy tests.
+pub fn set_threads_for_tests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("RAYON_NUM_THREADS").is_err() {
+            // SAFETY: called once, before any candle op spawns its thread pool.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+        }
+    });
 }

@@ -1,4 +1,5 @@
-//! Where the shared data and the real model live on this machine.
+//! Where the shared data and the real model live on this machine (tests, examples and the
+//! `hf_fixtures` example only; user-facing commands never look there by themselves).
 
 use std::path::PathBuf;
 

@@ -2,8 +2,9 @@
 //! dtype, llama.cpp's Q/K row permutation undone so the model is in HF layout, and the
 //! tokenizer and chat template rebuilt from metadata.
 
-use super::{config::ModelConfig, LoadedModel, Transformer};
+use super::compact::unpermute_qk;
 use crate::error::{Error, Result};
+use crate::model::{config::ModelConfig, LoadedModel, Transformer};
 use crate::tokenizer::{byte_level_bpe_json, byte_level_pre_tokenizer, TextTokenizer};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
@@ -91,16 +92,6 @@ impl Meta<'_> {
             _ => Err(Error::model(self.path, format!("GGUF metadata `{key}` is missing"))),
         }
     }
-}
-
-/// Undo llama.cpp's permutation of Q/K rows: the converter did
-/// `W.reshape(h, 2, rows/h/2, cols).swap(1, 2)`; this applies the inverse.
-pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    Ok(w.reshape((heads, rows / heads / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
 }
 
 /// The converter's permutation (for writing GGUF test fixtures).

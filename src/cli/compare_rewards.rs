@@ -1,0 +1,90 @@
+//! `prefer compare-rewards`: a DPO model's implicit reward against a reward model, in and out of distribution.
+
+use super::*;
+
+#[derive(clap::Args)]
+pub struct CompareRewardsArgs {
+    /// The DPO-trained policy.
+    #[arg(long)]
+    pub dpo: PathBuf,
+    /// Its reference model.
+    #[arg(long = "ref")]
+    pub reference: PathBuf,
+    /// The reward model.
+    #[arg(long)]
+    pub rm: PathBuf,
+    /// In-distribution held-out pairs.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Distribution-shifted pairs.
+    #[arg(long)]
+    pub shifted: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[command(flatten)]
+    pub read: DataArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: CompareRewardsArgs) -> Result<()> {
+    let CompareRewardsArgs {
+        dpo,
+        reference,
+        rm,
+        data,
+        shifted,
+        beta,
+        read,
+        json,
+    } = args;
+    let dev = Device::Cpu;
+    let (pol, refm, rmm) = (
+        model::load(&dpo, DType::F32, &dev)?,
+        model::load(&reference, DType::F32, &dev)?,
+        model::load(&rm, DType::F32, &dev)?,
+    );
+    if !rmm.transformer.cfg.reward_head {
+        bail!("{} has no reward head; train one with task = \"reward\"", rm.display());
+    }
+    let opts = read.tokenize_options();
+    let batch_size = read.batch_size;
+    let acc = |scores: &[Vec<f64>]| scores.iter().filter(|r| r[0] > r[1]).count() as f64 / scores.len().max(1) as f64;
+    let mut cols = vec![];
+    for (name, file) in std::iter::once(("in-distribution", &data)).chain(shifted.as_ref().map(|f| ("shifted", f))) {
+        let (pairs, report) = load_tokenized_examples(file, &pol.tokenizer, &opts, read.skip_invalid)?;
+        for e in &report.skipped {
+            eprintln!("skipped: {e}");
+        }
+        let so =
+            |t: &model::Transformer| prefer::stats::score_examples(t, &pairs, batch_size, &Default::default(), |_| {});
+        let (p, r) = (so(&pol.transformer)?, so(&refm.transformer)?);
+        let implicit: Vec<Vec<f64>> = p
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| vec![beta * (a[0] - b[0]), beta * (a[1] - b[1])])
+            .collect();
+        let explicit = prefer::stats::score_rewards(&rmm.transformer, &pairs, batch_size, rmm.tokenizer.pad_id)?;
+        cols.push(
+            json!({"split": name, "pairs": pairs.len(), "implicit_dpo": acc(&implicit), "explicit_rm": acc(&explicit)}),
+        );
+    }
+    if json {
+        println!("{}", Value::Array(cols));
+    } else {
+        let head: Vec<String> = cols
+            .iter()
+            .map(|c| format!("{} ({} pairs)", c["split"].as_str().unwrap_or(""), c["pairs"]))
+            .collect();
+        println!("| reward | {} |", head.join(" | "));
+        println!("|---|{}", "---|".repeat(cols.len()));
+        for (label, key) in [
+            ("implicit (DPO: β·log π/π_ref)", "implicit_dpo"),
+            ("explicit (reward model)", "explicit_rm"),
+        ] {
+            let cells: Vec<String> = cols.iter().map(|c| pct(c[key].as_f64().unwrap_or(f64::NAN))).collect();
+            println!("| {label} | {} |", cells.join(" | "));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! `prefer eval`: accuracy, margins, calibration and more of a model (or each checkpoint of a run) on pairs.
+
+use super::*;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// The policy: an HF directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The reference for implicit rewards (omit for ranking accuracy only).
+    #[arg(long = "ref")]
+    pub reference: Option<PathBuf>,
+    /// Preference pairs (JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// True preference probability of every pair, for the idealised ranking accuracy
+    /// (rows' `preference_strength` takes precedence).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    #[command(flatten)]
+    pub read: DataArgs,
+    /// Also answer each prompt greedily and report how often the reply starts with the
+    /// chosen completion (generation accuracy).
+    #[arg(long)]
+    pub generate: bool,
+    /// --model is a run's output_dir: evaluate every checkpoint-N (table, eval_trajectory.json).
+    #[arg(long)]
+    pub checkpoints: bool,
+    /// Write PNG plots here (reward histogram; with --checkpoints, each metric over steps).
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    /// Factor-level analysis: how labels and the model's preferences line up with response
+    /// length, list formatting, refusal phrases and question echoing.
+    #[arg(long)]
+    pub factors: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let EvalArgs {
+        model,
+        reference,
+        data,
+        beta,
+        alpha,
+        read,
+        generate,
+        checkpoints,
+        plots,
+        factors,
+        json,
+    } = args;
+    eval_cmd(
+        &model,
+        reference.as_deref(),
+        &data,
+        beta,
+        alpha,
+        &read,
+        generate,
+        checkpoints,
+        plots.as_deref(),
+        factors,
+        json,
+    )
+}
+
+/// A (chosen, rejected) pair of scores.
+type Pair = (f64, f64);
+
+/// A Gaussian reward head on pairs, from one scoring pass: the (chosen, rejected) means, and
+/// each pair's probability that chosen is preferred, Φ((μ_w − μ_l)/√(σ_w² + σ_l²)).
+fn gaussian_scores(
+    m: &model::LoadedModel,
+    pairs: &[prefer::data::TokenizedExample],
+    batch_size: usize,
+) -> Result<(Vec<Pair>, Vec<f64>)> {
+    let heads = prefer::stats::score_reward_heads(&m.transformer, pairs, batch_size, m.tokenizer.pad_id)?;
+    Ok(heads
+        .iter()
+        .map(|r| {
+            let p = prefer::util::gaussian_preference_probability(r[0][0], r[0][1], r[1][0], r[1][1]);
+            ((r[0][0], r[1][0]), p)
+        })
+        .unzip())
+}
+
+fn print_summary(s: &prefer::eval::EvalSummary, beta: f64, gen_acc: Option<f64>) {
+    println!("pairs                          {}", s.pairs);
+    if s.reward_model {
+        if let (Some(a), Some(mg)) = (s.reward_accuracy, s.reward_margin) {
+            println!("reward accuracy (reward model) {}", pct(a));
+            println!("mean reward margin             {mg:.4}");
+        }
+        if let Some(e) = s.calibration_ece {
+            println!("calibration error (ECE)        {e:.4}");
+        }
+        return;
+    }
+    println!("ranking accuracy               {}", pct(s.ranking_accuracy));
+    println!("ranking accuracy (per token)   {}", pct(s.ranking_accuracy_normalized));
+    if let (Some(a), Some(mg)) = (s.reward_accuracy, s.reward_margin) {
+        println!("reward accuracy (beta {beta})    {}", pct(a));
+        println!("mean reward margin             {mg:.4}");
+    }
+    if let (Some(l), Some(rr)) = (s.dpo_loss, s.ref_ranking_accuracy) {
+        println!("DPO loss                       {l:.4}");
+        println!("reference ranking accuracy     {}", pct(rr));
+    }
+    if let Some(e) = s.calibration_ece {
+        println!("calibration error (ECE)        {e:.4}");
+    }
+    if let (Some(i), Some(g)) = (s.idealized_ranking_accuracy, s.alignment_gap) {
+        println!("idealised ranking accuracy     {}", pct(i));
+        println!("alignment gap                  {:+.1} points", 100.0 * g);
+    }
+    if let Some(d) = &s.difficulty {
+        println!("reference misranks             {}", pct(d.reference_misranked));
+        if let Some(t) = d.mean_flip_threshold_misranked {
+            println!("  DPO loss needed to flip them {t:.4} (mean)");
+        }
+    }
+    if let Some(g) = gen_acc {
+        println!("generation accuracy (greedy)   {}", pct(g));
+    }
+}
+
+/// The models `prefer eval --checkpoints RUN_DIR` evaluates: every complete checkpoint-N, then
+/// the final model if the run finished.
+fn run_models(run: &Path) -> Result<Vec<(Option<usize>, PathBuf)>> {
+    let mut v: Vec<(Option<usize>, PathBuf)> = std::fs::read_dir(run)
+        .with_context(|| format!("reading {}", run.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")?
+                .parse::<usize>()
+                .ok()?;
+            e.path()
+                .join("model.safetensors")
+                .is_file()
+                .then(|| (Some(n), e.path()))
+        })
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!("{} holds no checkpoint-N directories", run.display());
+    }
+    Ok(v)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_cmd(
+    model_path: &Path,
+    ref_path: Option<&Path>,
+    data: &Path,
+    beta: f64,
+    alpha: Option<f64>,
+    read: &DataArgs,
+    generate: bool,
+    checkpoints: bool,
+    plots: Option<&Path>,
+    factors: bool,
+    as_json: bool,
+) -> Result<()> {
+    let batch_size = read.batch_size;
+    let dev = Device::Cpu;
+    let models = if checkpoints {
+        run_models(model_path)?
+    } else {
+        vec![(None, model_path.to_path_buf())]
+    };
+    let tok = model::load_tokenizer(&models[0].1)?;
+    let (pairs, report) = load_tokenized_examples(data, &tok, &read.tokenize_options(), read.skip_invalid)?;
+    for e in &report.skipped {
+        eprintln!("skipped: {e}");
+    }
+    if report.shape != Some(Shape::Pairwise) {
+        bail!(
+            "{}: prefer eval reads pairwise data (chosen/rejected); convert ranked lists with `prefer data convert --to pairs`",
+            data.display()
+        );
+    }
+    let score = |m: &model::LoadedModel| -> Result<Vec<(f64, f64)>> {
+        let v = if m.transformer.cfg.reward_head {
+            prefer::stats::score_rewards(&m.transformer, &pairs, batch_size, m.tokenizer.pad_id)?
+        } else {
+            prefer::stats::score_examples(&m.transformer, &pairs, batch_size, &Default::default(), |_| {})?
+        };
+        Ok(v.into_iter().map(|r| (r[0], r[1])).collect())
+    };
+    let reference = match ref_path {
+        Some(r) => Some(score(&model::load(r, DType::F32, &dev)?)?),
+        None => None,
+    };
+    // true preference probabilities: the data's preference_strength, else --alpha
+    let alphas: Option<Vec<f64>> = pairs.iter().map(|p| p.meta.strength.or(alpha)).collect();
+    let lengths: Vec<(usize, usize)> = pairs
+        .iter()
+        .map(|p| (p.chosen_ids().len(), p.rejected_ids().len()))
+        .collect();
+    let mut rows = Vec::new();
+    for (step, path) in &models {
+        let m = model::load(path, DType::F32, &dev)?;
+        let (scores, gaussian) = match m.transformer.cfg.reward_variance {
+            true => {
+                let (s, p) = gaussian_scores(&m, &pairs, batch_size)?;
+                (s, Some(p))
+            }
+            false => (score(&m)?, None),
+        };
+        // the model's probability that each pair's chosen response is preferred
+        let probabilities: Option<Vec<f64>> = match (&reference, m.transformer.cfg.reward_head) {
+            _ if gaussian.is_some() => gaussian,
+            (_, true) => Some(prefer::eval::bt_probabilities(&scores)),
+            (Some(r), false) => Some(prefer::eval::bt_probabilities(
+                &scores
+                    .iter()
+                    .zip(r)
+                    .map(|((c, j), (rc, rj))| (beta * (c - rc), beta * (j - rj)))
+                    .collect::<Vec<_>>(),
+            )),
+            (None, false) => None,
+        };
+        let mut summary = if m.transformer.cfg.reward_head {
+            prefer::eval::summarize_rewards(&scores, probabilities.as_deref().unwrap_or_default())
+        } else {
+            prefer::eval::summarize(&scores, reference.as_deref(), &lengths, beta)
+        };
+        if let (Some(r), false) = (&reference, m.transformer.cfg.reward_head) {
+            summary = summary.with_ideal(r, alphas.as_deref(), beta);
+        }
+        let mut gen_acc = None;
+        if generate && !m.transformer.cfg.reward_head {
+            let mut hits = 0;
+            for p in &pairs {
+                let want: Vec<u32> = p
+                    .chosen_ids()
+                    .iter()
+                    .copied()
+                    .filter(|&t| t != m.tokenizer.eos_id)
+                    .collect();
+                let want_text = m.tokenizer.decode(&want, true)?;
+                let got = model::logprobs::generate_greedy(
+                    &m.transformer,
+                    &p.prompt_ids,
+                    want.len() + 4,
+                    &[m.tokenizer.eos_id],
+                )?;
+                let got_text = m.tokenizer.decode(&got, true)?;
+                if got_text.trim().starts_with(want_text.trim()) && !want_text.trim().is_empty() {
+                    hits += 1;
+                }
+            }
+            gen_acc = Some(hits as f64 / pairs.len() as f64);
+        }
+        if let (Some(dir), None) = (plots, step) {
+            // reward (or log-ratio) histograms of chosen vs rejected
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let implicit: Vec<(f64, f64)> = match (&reference, m.transformer.cfg.reward_head) {
+                (Some(r), false) => scores
+                    .iter()
+                    .zip(r)
+                    .map(|((c, j), (rc, rj))| (beta * (c - rc), beta * (j - rj)))
+                    .collect(),
+                _ => scores.clone(),
+            };
+            let what = if m.transformer.cfg.reward_head || reference.is_some() {
+                "reward"
+            } else {
+                "log-prob"
+            };
+            let p = dir.join("reward_histogram.png");
+            prefer::plot::histogram(
+                &p,
+                &format!("{what}: chosen vs rejected"),
+                what,
+                &[
+                    ("chosen", implicit.iter().map(|x| x.0).collect()),
+                    ("rejected", implicit.iter().map(|x| x.1).collect()),
+                ],
+                30,
+            )?;
+            eprintln!("wrote {}", p.display());
+            if let Some(probabilities) = &probabilities {
+                // reliability diagram of the model's preference probabilities
+                let cal = prefer::eval::calibration(probabilities, prefer::eval::CALIBRATION_BINS);
+                let points: Vec<(f64, f64)> = cal
+                    .bins
+                    .iter()
+                    .filter(|b| b.count > 0)
+                    .map(|b| (b.confidence, b.accuracy))
+                    .collect();
+                let series = [
+                    prefer::plot::Series {
+                        name: format!("model (ECE {:.3})", cal.ece),
+                        points,
+                    },
+                    prefer::plot::Series {
+                        name: "perfectly calibrated".into(),
+                        points: vec![(0.5, 0.5), (1.0, 1.0)],
+                    },
+                ];
+                let p = dir.join("calibration.png");
+                prefer::plot::line_chart(
+                    &p,
+                    match m.transformer.cfg.reward_variance {
+                        true => "calibration of Φ(Δμ / √(σ_w² + σ_l²))",
+                        false => "calibration of σ(reward margin)",
+                    },
+                    "confidence max(p, 1 − p)",
+                    "fraction ranked correctly",
+                    &series,
+                )?;
+                eprintln!("wrote {}", p.display());
+            }
+        }
+        let mut v = serde_json::to_value(&summary)?;
+        v["generation_accuracy"] = json!(gen_acc);
+        v["model"] = json!(path.display().to_string());
+        v["step"] = json!(step);
+        let factor_rows = if factors {
+            // the model's preference: implicit reward with a reference, else its own score
+            let diff: Vec<f64> = match (&reference, m.transformer.cfg.reward_head) {
+                (Some(r), false) => scores
+                    .iter()
+                    .zip(r)
+                    .map(|((c, j), (rc, rj))| (c - rc) - (j - rj))
+                    .collect(),
+                _ => scores.iter().map(|(c, j)| c - j).collect(),
+            };
+            let (text, _) = load_text_examples(data, Some(&m.tokenizer), true)?;
+            let by_line: std::collections::HashMap<usize, &prefer::data::TextExample> =
+                text.iter().map(|t| (t.line, t)).collect();
+            let texts: Vec<(String, String, String)> = pairs
+                .iter()
+                .map(|p| {
+                    let t = by_line[&p.line];
+                    (t.prompt.clone(), t.chosen().to_string(), t.rejected().to_string())
+                })
+                .collect();
+            let rows = prefer::factors::analyze(&texts, &diff);
+            v["factors"] = serde_json::to_value(&rows)?;
+            Some(rows)
+        } else {
+            None
+        };
+        if !checkpoints {
+            if as_json {
+                println!("{v}");
+            } else {
+                print_summary(&summary, beta, gen_acc);
+                if let Some(rows) = factor_rows {
+                    println!("\n| factor | pairs differing | labels prefer more | model prefers more | corr(Δfactor, Δmodel) |");
+                    println!("|---|---|---|---|---|");
+                    let f = |x: Option<f64>| x.map(pct).unwrap_or("—".into());
+                    for r in rows {
+                        let c = r.model_correlation.map(|c| format!("{c:+.3}")).unwrap_or("—".into());
+                        println!(
+                            "| {} | {} | {} | {} | {c} |",
+                            r.factor,
+                            r.pairs_differing,
+                            f(r.labels_prefer_more),
+                            f(r.model_prefers_more)
+                        );
+                    }
+                }
+            }
+            return Ok(());
+        }
+        eprintln!("{}: ranking accuracy {}", path.display(), pct(summary.ranking_accuracy));
+        rows.push(v);
+    }
+    // a run's checkpoints: one table, JSON, and a plot per metric over steps
+    let metrics = [
+        "ranking_accuracy",
+        "ranking_accuracy_normalized",
+        "reward_accuracy",
+        "reward_margin",
+        "dpo_loss",
+        "alignment_gap",
+        "calibration_ece",
+    ];
+    if as_json {
+        println!("{}", Value::Array(rows.clone()));
+    } else {
+        println!("| step | {} |", metrics.join(" | "));
+        println!("|---|{}", "---|".repeat(metrics.len()));
+        for r in &rows {
+            let cells: Vec<String> = metrics
+                .iter()
+                .map(|k| r[*k].as_f64().map(|x| format!("{x:.4}")).unwrap_or("—".into()))
+                .collect();
+            println!("| {} | {} |", r["step"], cells.join(" | "));
+        }
+    }
+    std::fs::write(
+        model_path.join("eval_trajectory.json"),
+        serde_json::to_vec_pretty(&rows)?,
+    )?;
+    if let Some(dir) = plots {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for k in metrics {
+            let points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|r| Some((r["step"].as_f64()?, r[k].as_f64()?)))
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            let p = dir.join(format!("eval-{k}.png"));
+            let series = [prefer::plot::Series {
+                name: k.to_string(),
+                points,
+            }];
+            prefer::plot::line_chart(&p, &format!("{k} over training"), "step", k, &series)?;
+            eprintln!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! The command-line interface: one file per subcommand, each an argument struct (clap derive)
+//! and a `run` function. Shared here: how evaluation tools read a data file, JSONL helpers.
+
+pub mod bench;
+pub mod compare_rewards;
+pub mod convert;
+pub mod data;
+pub mod eval;
+pub mod logprobs;
+pub mod objectives;
+pub mod pal;
+pub mod score;
+pub mod sweep;
+pub mod tokenize;
+pub mod train;
+
+pub(crate) use anyhow::{bail, Context, Result};
+pub(crate) use candle_core::{DType, Device};
+pub(crate) use clap::Subcommand;
+pub(crate) use prefer::config::TrainConfig;
+pub(crate) use prefer::data::tokenize::load_text_examples;
+pub(crate) use prefer::data::{load_tokenized_examples, Shape, TokenizeOptions, TruncationMode};
+pub(crate) use prefer::model;
+pub(crate) use prefer::tokenizer::Message;
+pub(crate) use serde_json::{json, Value};
+pub(crate) use std::io::Write;
+pub(crate) use std::path::{Path, PathBuf};
+
+/// The SmolLM2 GGUF where `scripts/fetch-model.sh` puts it (`models/` under the current
+/// directory), or `$PREFER_SMOLLM2`: the default model of `prefer bench` and `prefer data inspect`.
+pub fn default_model() -> Option<PathBuf> {
+    std::env::var_os("PREFER_SMOLLM2")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf")))
+        .filter(|p| p.is_file())
+}
+
+/// How the evaluation tools read and batch a data file.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DataArgs {
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// Cut prompts to this many tokens (keeping their end), as in training; 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_prompt_length: usize,
+    /// Report and skip bad rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+impl DataArgs {
+    pub fn tokenize_options(&self) -> TokenizeOptions {
+        TokenizeOptions {
+            max_length: Some(self.max_length),
+            max_prompt_length: (self.max_prompt_length > 0).then_some(self.max_prompt_length),
+            truncation_mode: TruncationMode::KeepEnd,
+        }
+    }
+}
+
+pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
+    let mut out = vec![];
+    for rec in prefer::data::jsonl::read_records(path)? {
+        let r = rec?;
+        out.push((r.line, Value::Object(r.obj)));
+    }
+    Ok(out)
+}
+
+pub fn str_field<'a>(v: &'a Value, field: &str, file: &Path, line: usize) -> Result<&'a str> {
+    v.get(field).and_then(Value::as_str).with_context(|| {
+        format!(
+            "{}:{line}: field `{field}`: missing or not a string (choose the field with --field)",
+            file.display()
+        )
+    })
+}
+
+pub fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+pub fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut body = lines.join("\n");
+    body.push('\n');
+    prefer::util::write_atomic(path, body.as_bytes())?;
+    Ok(())
+}
+
+pub fn median(xs: &[usize]) -> usize {
+    let mut v = xs.to_vec();
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}

@@ -1,0 +1,283 @@
+//! What a model adds to candle's backward pass: `Transformer::backward` is `loss.backward()`
+//! plus the gradients that these options route around candle's graph. Nothing here knows a
+//! model family: a decoder layer comes in as a [`LayerCall`].
+//!
+//! **One op per decoder layer** (`layer_op`), for a model that is being trained, with either
+//! of two options:
+//!
+//! - *Gradient checkpointing*: the op's forward computes the layer outside the autograd graph,
+//!   so only the layer's input is kept for backward; its backward recomputes the layer. Activation
+//!   memory drops from every layer's intermediates to one `[rows, H]` tensor per layer, at the
+//!   cost of a second forward pass of the layers.
+//! - *Per-layer graphs* (`layer_graphs`): the op's forward keeps the layer's activations until
+//!   its own backward has run, so they are freed layer by layer during the backward pass instead
+//!   of all at its end, while the gradients are being allocated.
+//!
+//! Either way the layer's backward is written by hand where the fused kernels run on f32 rows
+//! ([`LayerCall::backward_by_hand`]): the fused kernels' backward functions and the linear layers' products
+//! in reverse order, with no autograd graph, hence none of its zero-filled gradient buffers.
+//! Elsewhere (primitive ops, f64) the layer runs with a graph of its own and is backpropagated
+//! through it.
+//!
+//! A CustomOp can only return gradients for its tensor arguments. The parameter gradients
+//! therefore go into a [`GradSink`], and `Transformer::backward` moves them into the
+//! `GradStore` that the optimizer reads.
+//!
+//! **Sparse embedding gradients.** candle's backward of the embedding lookup materialises a
+//! dense `[vocab, H]` zero tensor, adds the rows into it, and then adds that into the tied
+//! output projection's gradient: ~4 passes over 113 MB for SmolLM2 to move a few hundred rows.
+//! With this option, the lookup's output is a leaf variable of the graph. `Transformer::backward`
+//! then adds its gradient rows into the embedding's gradient in place.
+
+use crate::error::Result;
+use crate::model::kernels::{storage_to_tensor, tensor_to_storage};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, TensorId, Var};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Which of the module's options a model uses (all off by default; the trainer turns
+/// `sparse_embedding_grad` and `layer_graphs` on, and `gradient_checkpointing` from the config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackwardOptions {
+    pub gradient_checkpointing: bool,
+    pub sparse_embedding_grad: bool,
+    /// Each decoder layer keeps its activations in a graph of its own, freed as soon as the
+    /// layer's backward has run (instead of when the whole backward pass ends). Same numbers,
+    /// no recomputation; ignored when `gradient_checkpointing` is on.
+    pub layer_graphs: bool,
+}
+
+/// A lookup's leaf output and the token ids it gathered.
+type Lookup = (TensorId, Vec<u32>);
+
+/// Gradients that bypass candle's graph until [`Transformer::backward`] collects them:
+/// parameter gradients of recomputed layers, and the embedding lookups to scatter.
+#[derive(Debug, Default)]
+pub struct GradSink {
+    params: Mutex<HashMap<TensorId, Tensor>>,
+    /// Lookups since the last backward.
+    lookups: Mutex<Vec<Lookup>>,
+}
+
+impl GradSink {
+    /// Add `grad` to the gradient held for the tensor `id`.
+    pub fn add(&self, id: TensorId, grad: Tensor) -> candle_core::Result<()> {
+        let mut map = self
+            .params
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
+        let sum = match map.remove(&id) {
+            Some(g) => (g + grad)?,
+            None => grad,
+        };
+        map.insert(id, sum);
+        Ok(())
+    }
+
+    /// The embedding rows `[N, H]` of `ids` `[N]` from `table` `[V, H]`, as a leaf variable whose
+    /// lookup is recorded for [`Self::collect`] (sparse embedding gradients).
+    pub fn lookup(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let rows = Var::from_tensor(&table.detach().index_select(ids, 0)?)?;
+        let ids: Vec<u32> = ids.to_vec1()?;
+        self.lookups
+            .lock()
+            .map_err(poisoned)?
+            .push((rows.as_tensor().id(), ids));
+        Ok(rows.as_tensor().clone())
+    }
+
+    /// Move what this sink holds into `grads`: the gradients of `params` that layer ops left
+    /// here, and the recorded lookups' row gradients scattered into `embedding`'s gradient.
+    /// Lookups of forward passes that were never backpropagated are dropped.
+    pub fn collect<'a>(
+        &self,
+        grads: &mut GradStore,
+        params: impl IntoIterator<Item = &'a Tensor>,
+        embedding: &Tensor,
+    ) -> Result<()> {
+        let mut held = self.params.lock().map_err(poisoned)?;
+        for p in params {
+            if let Some(g) = held.remove(&p.id()) {
+                let g = match grads.get(p) {
+                    Some(other) => (other + g)?,
+                    None => g,
+                };
+                grads.insert(p, g);
+            }
+        }
+        let lookups = std::mem::take(&mut *self.lookups.lock().map_err(poisoned)?);
+        for (id, ids) in lookups {
+            let Some(rows) = grads.get_id(id).cloned() else {
+                continue;
+            };
+            let dw = match grads.remove(embedding) {
+                Some(g) => g.contiguous()?,
+                None => embedding.zeros_like()?,
+            };
+            dw.inplace_op2(&rows.contiguous()?, &ScatterAddRows(&ids))?;
+            grads.insert(embedding, dw);
+        }
+        Ok(())
+    }
+}
+
+/// A decoder layer as [`layer_op`] runs it: its forward with an autograd graph through its
+/// parameters, the same forward outside any graph, optionally keeping what its hand-written
+/// backward reads, and that backward (parameter gradients into a [`GradSink`]).
+pub trait LayerCall: Send + Sync + 'static {
+    /// The activations [`Self::backward_by_hand`] reads.
+    type Kept: Send + Sync;
+    /// The forward with a graph through the parameters (the input is a fresh variable).
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// The forward without any graph.
+    fn forward_untracked(&self, x: &Tensor) -> Result<Tensor>;
+    /// The forward without any graph, keeping the activations; `None` where the hand-written
+    /// backward does not apply (the layer then runs with a graph of its own).
+    fn forward_keeping(&self, x: &Tensor) -> Result<Option<(Tensor, Self::Kept)>>;
+    /// The input gradient for the output gradient `dy`; parameter gradients go to `sink`.
+    fn backward_by_hand(&self, kept: &Self::Kept, dy: &Tensor, sink: &GradSink) -> Result<Tensor>;
+    /// The parameters (their ids receive the gradients).
+    fn params(&self) -> Vec<&Tensor>;
+}
+
+/// One decoder layer as one op of the model's graph; see the module docs.
+struct CheckpointedLayer<L: LayerCall> {
+    call: L,
+    sink: Arc<GradSink>,
+    /// `Some` for a layer graph ([`BackwardOptions::layer_graphs`]): what the forward kept
+    /// for backward, until backward takes it.
+    kept: Option<Mutex<Option<Kept<L::Kept>>>>,
+}
+
+/// What a layer op's forward keeps for its backward.
+enum Kept<A> {
+    /// The input variable and the output, with the layer's own autograd graph.
+    Graph(Var, Tensor),
+    /// The activations of the hand-written backward.
+    Activations(A),
+}
+
+fn msg(e: crate::error::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl<L: LayerCall> CustomOp1 for CheckpointedLayer<L> {
+    fn name(&self) -> &'static str {
+        "checkpointed-layer"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = storage_to_tensor(s, l, self.name())?;
+        if let Some(kept) = &self.kept {
+            let (y, k) = match self.call.forward_keeping(&x).map_err(msg)? {
+                Some((y, acts)) => (y, Kept::Activations(acts)),
+                None => {
+                    let x = Var::from_tensor(&x)?;
+                    let y = self.call.forward(x.as_tensor()).map_err(msg)?;
+                    (y.clone(), Kept::Graph(x, y))
+                }
+            };
+            let out = tensor_to_storage(&y, self.name())?;
+            *kept
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("layer graph poisoned".into()))? = Some(k);
+            return Ok(out);
+        }
+        let y = self.call.forward_untracked(&x).map_err(msg)?;
+        tensor_to_storage(&y, self.name())
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let kept = match &self.kept {
+            Some(k) => k
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("layer graph poisoned".into()))?
+                .take(),
+            None => None,
+        };
+        // the kept activations or graph (freed at the end of this function), or the layer
+        // recomputed (checkpointing)
+        let kept = match kept {
+            None => self
+                .call
+                .forward_keeping(&arg.detach())
+                .map_err(msg)?
+                .map(|(_, acts)| Kept::Activations(acts)),
+            k => k,
+        };
+        let (x, y) = match kept {
+            Some(Kept::Activations(acts)) => {
+                let dx = self.call.backward_by_hand(&acts, grad_res, &self.sink).map_err(msg)?;
+                return Ok(Some(dx));
+            }
+            Some(Kept::Graph(x, y)) => (x, y),
+            None => {
+                let x = Var::from_tensor(&arg.detach())?;
+                let y = self.call.forward(x.as_tensor()).map_err(msg)?;
+                (x, y)
+            }
+        };
+        // d/dy Σ y·g = g: backpropagating this gives the layer's vector-Jacobian products
+        let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+        for p in self.call.params() {
+            if let Some(g) = grads.get(p) {
+                self.sink.add(p.id(), g.clone())?;
+            }
+        }
+        Ok(grads.get(x.as_tensor()).cloned())
+    }
+}
+
+/// `call.forward(x)` as one op whose parameter gradients go to `sink`: recomputed in backward
+/// (`keep = false`, gradient checkpointing) or kept in a graph of the layer's own until its
+/// backward (`keep = true`, [`BackwardOptions::layer_graphs`]).
+pub fn layer_op<L: LayerCall>(call: L, x: &Tensor, sink: &Arc<GradSink>, keep: bool) -> Result<Tensor> {
+    let op = CheckpointedLayer {
+        call,
+        sink: sink.clone(),
+        kept: keep.then(|| Mutex::new(None)),
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// `dst[ids[r]] += src[r]` for every row r of `src` `[N, H]` into `dst` `[V, H]`, in place.
+struct ScatterAddRows<'a>(&'a [u32]);
+
+impl candle_core::InplaceOp2 for ScatterAddRows<'_> {
+    fn name(&self) -> &'static str {
+        "scatter-add-rows"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, src: &CpuStorage, sl: &Layout) -> candle_core::Result<()> {
+        fn go<T: Copy + std::ops::AddAssign>(dst: &mut [T], src: &[T], ids: &[u32], h: usize) {
+            for (r, &t) in ids.iter().enumerate() {
+                let row = &src[r * h..(r + 1) * h];
+                for (d, &s) in dst[t as usize * h..(t as usize + 1) * h].iter_mut().zip(row) {
+                    *d += s;
+                }
+            }
+        }
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets()) else {
+            candle_core::bail!("scatter-add-rows: both tensors must be contiguous")
+        };
+        let h = dl.dims()[1];
+        if sl.dims() != [self.0.len(), h] || self.0.iter().any(|&t| (t as usize + 1) * h > d1 - d0) {
+            candle_core::bail!(
+                "scatter-add-rows: shapes {:?} and {:?} do not match the ids",
+                dl.dims(),
+                sl.dims()
+            )
+        }
+        match (dst, src) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => go(&mut d[d0..d1], &s[s0..s1], self.0, h),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => go(&mut d[d0..d1], &s[s0..s1], self.0, h),
+            _ => candle_core::bail!("scatter-add-rows: only f32 and f64, of one dtype"),
+        }
+        Ok(())
+    }
+}
+
+fn poisoned<T>(_: T) -> crate::error::Error {
+    crate::error::Error::msg("gradient sink poisoned")
+}

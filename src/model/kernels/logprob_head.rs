@@ -1,0 +1,110 @@
+use super::*;
+
+// ---------------------------------------------------------------- log-prob head
+
+/// `log softmax(h · Wᵀ)[target]` for each row of `h` `[n, H]`, with the output projection
+/// `W` `[V, H]`, as one graph node: logits are made a chunk of rows at a time and only the
+/// picked log-prob is kept; the backward pass makes them again (the fused linear + cross-entropy
+/// of Liger and others). No `[n, V]` tensor outlives either pass's chunk loop except the
+/// gradient of the logits inside the backward pass.
+pub struct TokenLogps {
+    /// The projection, detached (the graph sees it as the op's second argument).
+    pub w: Tensor,
+    pub targets: Vec<u32>,
+    /// Multiply bf16-rounded operands ([`super::matmul`]; f32 only).
+    pub bf16: bool,
+}
+
+/// Rows of logits made at once.
+pub(super) const HEAD_CHUNK_ROWS: usize = 64;
+
+/// Run `f` on the contiguous CPU data of `t`.
+fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> CResult<R>) -> CResult<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cpu(c) => f(slice::<T>(c, l, "fused-token-logps")?),
+        _ => candle_core::bail!("fused-token-logps: CPU tensors only"),
+    }
+}
+
+/// `f(row, logits of the row, logsumexp of the row)` for every row of `h`.
+fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, bf16: bool, mut f: impl FnMut(usize, &[T], T)) -> CResult<()> {
+    let (n, v) = (h.dim(0)?, w.dim(0)?);
+    let wt = w.t()?;
+    // the bf16 projection is packed once for all chunks
+    let packed = match bf16 && T::DTYPE == candle_core::DType::F32 {
+        true => Some(super::matmul::rhs_of(w, true)?),
+        false => None,
+    };
+    for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
+        let c = HEAD_CHUNK_ROWS.min(n - start);
+        let logits = match &packed {
+            Some(p) => super::matmul::matmul_tensor(&h.narrow(0, start, c)?, false, p)?,
+            None => h.narrow(0, start, c)?.matmul(&wt)?,
+        };
+        with_slice::<T, ()>(&logits, |l| {
+            let lse: Vec<T> = l.par_chunks(v).map(logsumexp::<T>).collect();
+            for (i, row) in l.chunks(v).enumerate() {
+                f(start + i, row, lse[i]);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+fn head_fwd<T: Elem>(op: &TokenLogps, s1: &CpuStorage, l1: &Layout) -> CResult<(CpuStorage, Shape)> {
+    let h = tensor_of::<T>(s1, l1)?;
+    let mut res = vec![T::zero(); h.dim(0)?];
+    for_each_logit_row::<T>(&h, &op.w, op.bf16, |i, row, lse| {
+        res[i] = row[op.targets[i] as usize] - lse
+    })?;
+    let n = res.len();
+    out(res, Shape::from(n))
+}
+
+/// dlogits = g·(onehot(target) − softmax(logits)); dh = dlogits·W, dW = dlogitsᵀ·h.
+fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let (n, v) = (h.dim(0)?, op.w.dim(0)?);
+    let g: Vec<T> = g.to_dtype(T::DTYPE)?.to_vec1()?;
+    let h = h.contiguous()?;
+    let mut dl = vec![T::zero(); n * v];
+    for_each_logit_row::<T>(&h, &op.w, op.bf16, |i, row, lse| {
+        let d = &mut dl[i * v..(i + 1) * v];
+        neg_softmax_row(d, row, lse, g[i]);
+        d[op.targets[i] as usize] += g[i];
+    })?;
+    let dl = Tensor::from_vec(dl, (n, v), h.device())?;
+    if op.bf16 && T::DTYPE == candle_core::DType::F32 {
+        // the products of a linear layer's backward: dl·W and dlᵀ·h
+        return super::matmul::linear_bwd(&h, &op.w, &dl, true).map_err(|e| candle_core::Error::Msg(e.to_string()));
+    }
+    Ok((dl.matmul(&op.w)?, dl.t()?.matmul(&h)?))
+}
+
+custom_op!(
+    2,
+    TokenLogps,
+    "fused-token-logps",
+    |op, s1, l1, _s2, _l2| by_dtype!(s1, "fused-token-logps", head_fwd(op, s1, l1)),
+    fn bwd(&self, h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (dh, dw) = match h.dtype() {
+            candle_core::DType::F32 => head_bwd::<f32>(self, h, g)?,
+            candle_core::DType::F64 => head_bwd::<f64>(self, h, g)?,
+            dt => candle_core::bail!("fused-token-logps: no kernel for {dt:?}"),
+        };
+        Ok((Some(dh), Some(dw)))
+    }
+);
+
+/// `log softmax(h · Wᵀ)[targets]` per row of `h` `[n, H]`, fused; see [`TokenLogps`]. With
+/// `bf16` the logits come from bf16-rounded operands ([`super::matmul`]).
+pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Result<Tensor> {
+    let op = TokenLogps {
+        w: w.detach(),
+        targets: targets.to_vec(),
+        bf16,
+    };
+    Ok(h.contiguous()?.apply_op2(w, op)?)
+}

@@ -1,0 +1,233 @@
+//! The AMX tile kernel (`tdpbf16ps` through inline asm), tile configuration and packing.
+
+use std::arch::asm;
+
+/// CPUID leaf 7 (AMX-TILE and AMX-BF16), then the kernel's permission for tile data.
+pub fn enable() -> bool {
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+    // the packing code uses AVX-512 (every AMX CPU has it)
+    let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+    if !(amx_bf16 && amx_tile && avx512) {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only changes this process's permissions.
+    let ret = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    ret == 0
+}
+
+/// The tile configuration: eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// Configures the tiles of the calling thread for [`kernel_32x32`], and releases them when
+/// dropped.
+pub struct Tiles(());
+
+impl Tiles {
+    /// # Safety
+    /// AMX must be available ([`super::amx_available`]).
+    pub unsafe fn configure() -> Tiles {
+        let mut cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
+        Tiles(())
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: the tiles were configured by this thread in `configure`.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// `out[32×32] = A·B` over `nkb` blocks of 32 along k: `a0`/`a1` are the packed 16-row
+/// tiles of the block's two row halves, `b0`/`b1` those of its two column halves (each
+/// `nkb` consecutive 1 KiB tiles); `out` is row-major with 32 f32 per row.
+///
+/// # Safety
+/// The tiles must be configured ([`Tiles::configure`]) and the pointers valid for
+/// `nkb` tiles (and 32×32 f32 for `out`); `nkb > 0`.
+#[inline(always)]
+pub unsafe fn kernel_32x32(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16, nkb: usize, out: *mut f32) {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "2:",
+        "tileloadd tmm4, [{a0} + {s}*1]",
+        "tileloadd tmm6, [{b0} + {s}*1]",
+        "tileloadd tmm5, [{a1} + {s}*1]",
+        "tileloadd tmm7, [{b1} + {s}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 1024",
+        "add {a1}, 1024",
+        "add {b0}, 1024",
+        "add {b1}, 1024",
+        "dec {n}",
+        "jnz 2b",
+        "tilestored [{c} + {cs}*1], tmm0",
+        "add {c}, 64",
+        "tilestored [{c} + {cs}*1], tmm1",
+        "add {c}, 1984",
+        "tilestored [{c} + {cs}*1], tmm2",
+        "add {c}, 64",
+        "tilestored [{c} + {cs}*1], tmm3",
+        a0 = inout(reg) a0 => _,
+        a1 = inout(reg) a1 => _,
+        b0 = inout(reg) b0 => _,
+        b1 = inout(reg) b1 => _,
+        n = inout(reg) nkb => _,
+        c = inout(reg) out => _,
+        s = in(reg) 64usize,
+        cs = in(reg) 128usize,
+        options(nostack),
+    );
+}
+use super::View;
+use std::arch::x86_64::*;
+
+/// Up to 16 floats from `p` (the rest zero) with the bf16 rounding increment added: the
+/// upper 16 bits of each lane are the value rounded to bf16 (ties to even); NaN becomes a
+/// quiet NaN. The same rounding as [`super::to_bf16_bits`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn rounded16(p: *const f32, n: usize) -> __m512i {
+    let mask: __mmask16 = if n >= 16 { 0xffff } else { (1u32 << n) as u16 - 1 };
+    let b = _mm512_maskz_loadu_epi32(mask, p as *const i32);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    let r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    let abs = _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff));
+    let nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+    _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0_0000))
+}
+
+/// Packs columns `j0..j0 + 16` of `b` into `nkb` tiles of 16 × 16 pair words (the bf16 of
+/// rows 2p and 2p + 1 of a column in one word, the even row in the low half).
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn pack_rhs_columns(b: View, j0: usize, nkb: usize, words: &mut [u32]) {
+    let (k, n) = (b.rows, b.cols);
+    let jn = 16.min(n.saturating_sub(j0));
+    if jn == 0 {
+        return; // padding columns stay zero
+    }
+    let hi_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    for kb in 0..nkb {
+        let tile = &mut words[kb * 256..(kb + 1) * 256];
+        let kn = 32.min(k - (kb * 32).min(k));
+        if b.rs == 1 {
+            // columns contiguous along k (a transposed row-major weight): adjacent floats
+            // make a pair, so the column's bf16 values in order are its pair words
+            let mut cols = [[0u32; 16]; 16];
+            for (c, col) in cols.iter_mut().enumerate().take(jn) {
+                let src = b.data[(j0 + c) * b.cs + kb * 32..][..kn].as_ptr();
+                for half in 0..2 {
+                    let n = kn.saturating_sub(half * 16).min(16);
+                    let r = rounded16(src.add(half * 16), n);
+                    let w = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+                    _mm256_storeu_si256(col[half * 8..].as_mut_ptr() as *mut __m256i, w);
+                }
+            }
+            for p in 0..16 {
+                for c in 0..16 {
+                    tile[p * 16 + c] = cols[c][p];
+                }
+            }
+        } else if b.cs == 1 {
+            for p in 0..kn.div_ceil(2) {
+                let r0 = (kb * 32 + 2 * p) * b.rs + j0;
+                let lo = rounded16(b.data[r0..][..jn].as_ptr(), jn);
+                let hi = if 2 * p + 1 < kn {
+                    rounded16(b.data[r0 + b.rs..][..jn].as_ptr(), jn)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let w = _mm512_or_si512(_mm512_and_si512(hi, hi_mask), _mm512_srli_epi32(lo, 16));
+                _mm512_storeu_si512(tile[p * 16..].as_mut_ptr() as *mut __m512i, w);
+            }
+        } else {
+            for p in 0..kn.div_ceil(2) {
+                for c in 0..jn {
+                    let at = |kk: usize| b.data[kk * b.rs + (j0 + c) * b.cs];
+                    let hi = if 2 * p + 1 < kn {
+                        super::to_bf16_bits(at(kb * 32 + 2 * p + 1))
+                    } else {
+                        0
+                    };
+                    tile[p * 16 + c] = ((hi as u32) << 16) | super::to_bf16_bits(at(kb * 32 + 2 * p)) as u32;
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `i0..i0 + 16` of `a` into `nkb` tiles of 16 rows × 32 bf16.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn pack_lhs_rows(a: View, i0: usize, nkb: usize, chunk: &mut [u16]) {
+    let (m, k) = (a.rows, a.cols);
+    let rows = 16.min(m.saturating_sub(i0));
+    if rows == 0 {
+        return; // padding rows stay zero
+    }
+    for kb in 0..nkb {
+        let tile = &mut chunk[kb * 512..(kb + 1) * 512];
+        let kn = 32.min(k - (kb * 32).min(k));
+        if a.cs == 1 {
+            for r in 0..rows {
+                let src = a.data[(i0 + r) * a.rs + kb * 32..][..kn].as_ptr();
+                for half in 0..2 {
+                    let n = kn.saturating_sub(half * 16).min(16);
+                    let w = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded16(src.add(half * 16), n), 16));
+                    _mm256_storeu_si256(tile[r * 32 + half * 16..].as_mut_ptr() as *mut __m256i, w);
+                }
+            }
+        } else if a.rs == 1 {
+            // a transposed row-major matrix: the tile's 16 rows are contiguous for each k
+            let mut tmp = [[0u16; 16]; 32];
+            for (c, t) in tmp.iter_mut().enumerate().take(kn) {
+                let src = a.data[(kb * 32 + c) * a.cs + i0..][..rows].as_ptr();
+                let w = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded16(src, rows), 16));
+                _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, w);
+            }
+            for r in 0..rows {
+                for c in 0..32 {
+                    tile[r * 32 + c] = tmp[c][r];
+                }
+            }
+        } else {
+            for r in 0..rows {
+                for c in 0..kn {
+                    tile[r * 32 + c] = super::to_bf16_bits(a.data[(i0 + r) * a.rs + (kb * 32 + c) * a.cs]);
+                }
+            }
+        }
+    }
+}

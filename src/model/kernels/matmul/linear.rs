@@ -1,0 +1,88 @@
+use super::*;
+
+/// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]` (f32, contiguous, CPU); its backward
+/// computes `dx = dy·W` and `dW = dyᵀ·x` (contiguous, in `W`'s layout). With `bf16` every
+/// product multiplies bf16-rounded operands.
+struct LinearOp {
+    bf16: bool,
+}
+
+/// `a·b` for 2-D f32 tensors, `a` transposed with `ta`, `b` with `tb`, as a new `[m, n]` tensor.
+fn product(a: &Tensor, ta: bool, b: &Tensor, tb: bool, bf16: bool) -> candle_core::Result<Tensor> {
+    if bf16 {
+        return matmul_tensor(a, ta, &rhs_of(b, tb)?);
+    }
+    let ((ar, ac), (br, bc)) = (a.dims2()?, b.dims2()?);
+    fn view(v: &[f32], r: usize, c: usize, t: bool) -> View<'_> {
+        let m = View::row_major(v, r, c);
+        if t {
+            m.t()
+        } else {
+            m
+        }
+    }
+    let (m, n) = (if ta { ac } else { ar }, if tb { br } else { bc });
+    let mut out = vec![0f32; m * n];
+    with_f32(a, |av| {
+        with_f32(b, |bv| {
+            matmul_f32(view(av, ar, ac, ta), view(bv, br, bc, tb), &mut out, n, false)
+        })
+    })?;
+    Tensor::from_vec(out, (m, n), a.device())
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        if self.bf16 {
+            "linear-bf16"
+        } else {
+            "linear"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inp) = l1.shape().dims2()?;
+        let (out, inp2) = l2.shape().dims2()?;
+        if inp != inp2 {
+            candle_core::bail!("linear: input [{rows}, {inp}] with weight [{out}, {inp2}]")
+        }
+        let (x, w) = (f32_slice(s1, l1, "the input")?, f32_slice(s2, l2, "the weight")?);
+        let (x, wt) = (View::row_major(x, rows, inp), View::row_major(w, out, inp).t());
+        let mut y = vec![0f32; rows * out];
+        if self.bf16 {
+            matmul(x, &Rhs::new(wt)?, &mut y, out, false)?;
+        } else {
+            matmul_f32(x, wt, &mut y, out, false)?;
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = product(dy, false, w, false, self.bf16)?;
+        let dw = product(dy, true, x, false, self.bf16)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// The gradients `(dx, dW)` of [`linear`] for the output gradient `dy`, outside any graph.
+pub fn linear_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, bf16: bool) -> crate::error::Result<(Tensor, Tensor)> {
+    Ok((product(dy, false, w, false, bf16)?, product(dy, true, x, false, bf16)?))
+}
+
+/// `x·Wᵀ` as one op (see the module docs); `x` `[rows, in]`, `W` `[out, in]`, both f32 on the
+/// CPU; bf16 products with `bf16`.
+pub fn linear(x: &Tensor, w: &Tensor, bf16: bool) -> crate::error::Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp { bf16 })?)
+}

@@ -1,0 +1,366 @@
+//! The matrix products of the linear layers and the log-prob head.
+//!
+//! [`linear`] is `x·Wᵀ` as one op whose backward writes `dW = dyᵀ·x` straight into `W`'s
+//! `[out, in]` layout (candle's matmul backward leaves a transposed view, which the optimizer
+//! would copy twice per step). In f32 the products go through the `gemm` crate as candle's do.
+//!
+//! With `bf16 = true` they are bf16 products with f32 accumulation: what PyTorch's CPU autocast
+//! does to linear layers. Both operands are rounded to bf16 (round to nearest, ties to even),
+//! their products are exact in f32, and the sums and the result stay f32. Weights, gradients
+//! and optimizer state stay f32 (the "master weights"); only the matmuls' inputs are rounded,
+//! in the forward pass and in backward (`dx = dy·W`, `dW = dyᵀ·x`).
+//!
+//! On CPUs with AMX (Intel Xeon 4th generation, "Sapphire Rapids", and later) the products run
+//! on the tile unit: the operands are converted while they are packed into 16×32 bf16 tiles,
+//! and a 32×32 block of the result is four `tdpbf16ps` accumulators. Elsewhere the same numbers
+//! come from rounding the operands and running the f32 GEMM (the results differ only in the
+//! order of the f32 sums); that path is correct but no faster than f32.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// `x` rounded to the nearest bf16 (ties to even), as bits.
+#[inline(always)]
+pub fn to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `x` rounded to the nearest bf16 and widened back.
+pub fn round_to_bf16(x: f32) -> f32 {
+    f32::from_bits((to_bf16_bits(x) as u32) << 16)
+}
+
+/// A strided f32 matrix: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major `[rows, cols]` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose, without copying.
+    pub fn t(self) -> Self {
+        View {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    fn check(&self) -> candle_core::Result<()> {
+        if self.rows > 0 && self.cols > 0 && (self.rows - 1) * self.rs + (self.cols - 1) * self.cs >= self.data.len() {
+            candle_core::bail!(
+                "bf16 matmul: a {}x{} view does not fit its {} values",
+                self.rows,
+                self.cols,
+                self.data.len()
+            )
+        }
+        Ok(())
+    }
+}
+
+/// Whether this CPU and kernel let this process use AMX bf16 tiles (asked once; on Linux the
+/// process must request the tile state with `arch_prctl` first).
+pub fn amx_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(amx::enable)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod amx {
+    pub fn enable() -> bool {
+        false
+    }
+    pub struct Tiles(());
+    impl Tiles {
+        pub unsafe fn configure() -> Tiles {
+            unreachable!("AMX is x86_64 Linux only")
+        }
+    }
+    pub unsafe fn kernel_32x32(_: *const u16, _: *const u16, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
+        unreachable!("AMX is x86_64 Linux only")
+    }
+    pub unsafe fn pack_rhs_columns(_: super::View, _: usize, _: usize, _: &mut [u32]) {
+        unreachable!("AMX is x86_64 Linux only")
+    }
+    pub unsafe fn pack_lhs_rows(_: super::View, _: usize, _: usize, _: &mut [u16]) {
+        unreachable!("AMX is x86_64 Linux only")
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("linear: {what} must be a contiguous f32 CPU tensor"),
+    }
+}
+
+mod linear;
+pub use linear::{linear, linear_bwd};
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// `v` rounded to bf16 (and widened back), row-major.
+fn rounded(v: View) -> Vec<f32> {
+    let mut data = vec![0f32; v.rows * v.cols];
+    data.par_chunks_mut(v.cols.max(1)).enumerate().for_each(|(i, row)| {
+        for (j, d) in row.iter_mut().enumerate() {
+            *d = round_to_bf16(v.data[i * v.rs + j * v.cs]);
+        }
+    });
+    data
+}
+
+/// The right-hand operand `[k, n]` of a bf16 product, prepared once so that it can be used
+/// for several left-hand operands (the log-prob head multiplies its weight chunk by chunk).
+pub enum Rhs {
+    /// Tiles for AMX: per 16 columns, per 32 rows of k, 16 row pairs × 16 columns × 2
+    /// (`tdpbf16ps`'s pairs along k), k and n zero-padded to multiples of 32.
+    Tiles {
+        data: Vec<u16>,
+        k: usize,
+        n: usize,
+        nkb: usize,
+    },
+    /// Rounded to bf16 and widened back, row-major `[k, n]`, for the f32 GEMM.
+    Rounded { data: Vec<f32>, k: usize, n: usize },
+}
+
+impl Rhs {
+    pub fn new(b: View) -> candle_core::Result<Rhs> {
+        Self::prepare(b, amx_available())
+    }
+
+    fn prepare(b: View, tiles: bool) -> candle_core::Result<Rhs> {
+        b.check()?;
+        let (k, n) = (b.rows, b.cols);
+        if !tiles {
+            return Ok(Rhs::Rounded { data: rounded(b), k, n });
+        }
+        let nkb = k.div_ceil(32).max(1);
+        let np = round_up(n.max(1), 32);
+        let mut data = vec![0u16; np * nkb * 32];
+        // one chunk per 16 columns: nkb tiles of [16 row pairs][16 columns] u32 words, each
+        // word the bf16 pair (row 2p, row 2p + 1) of one column
+        data.par_chunks_mut(nkb * 512).enumerate().for_each(|(jb, chunk)| {
+            let words: &mut [u32] = bytemuck_u32(chunk);
+            // SAFETY: tiles are only prepared when AMX (hence AVX-512) is available.
+            unsafe { amx::pack_rhs_columns(b, jb * 16, nkb, words) };
+        });
+        Ok(Rhs::Tiles { data, k, n, nkb })
+    }
+
+    fn k(&self) -> usize {
+        match self {
+            Rhs::Tiles { k, .. } | Rhs::Rounded { k, .. } => *k,
+        }
+    }
+
+    fn n(&self) -> usize {
+        match self {
+            Rhs::Tiles { n, .. } | Rhs::Rounded { n, .. } => *n,
+        }
+    }
+}
+
+/// Views a `u16` buffer of even length, 4-byte aligned, as `u32` words.
+fn bytemuck_u32(v: &mut [u16]) -> &mut [u32] {
+    assert!(v.len().is_multiple_of(2) && (v.as_ptr() as usize).is_multiple_of(4));
+    // SAFETY: length and alignment checked; every bit pattern is a valid u32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u32, v.len() / 2) }
+}
+
+/// Packs `a` `[m, k]` into 16-row tiles: per 16 rows, per 32 of k, 16 rows × 32 bf16; m padded
+/// to a multiple of 32 and k to one of 32, with zeros.
+fn pack_lhs(a: View, nkb: usize) -> Vec<u16> {
+    let mp = round_up(a.rows.max(1), 32);
+    let mut data = vec![0u16; mp * nkb * 32];
+    data.par_chunks_mut(nkb * 512).enumerate().for_each(|(ib, chunk)| {
+        // SAFETY: tiles are only packed when AMX (hence AVX-512) is available.
+        unsafe { amx::pack_lhs_rows(a, ib * 16, nkb, chunk) }
+    });
+    data
+}
+
+/// `c = a·b` (or `c += a·b` with `accumulate`) with bf16 operands and f32 sums; `c` is
+/// row-major `[a.rows, b.n]` with `ldc` values per row.
+pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
+    a.check()?;
+    let (m, n) = (a.rows, b.n());
+    if a.cols != b.k() {
+        candle_core::bail!("bf16 matmul: [{m}, {}] times [{}, {n}]", a.cols, b.k())
+    }
+    if ldc < n || c.len() < m * ldc {
+        candle_core::bail!(
+            "bf16 matmul: output of {} values for [{m}, {n}] with row stride {ldc}",
+            c.len()
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    match b {
+        Rhs::Rounded { data, k, n } => {
+            let (k, n) = (*k, *n);
+            let lhs = rounded(a);
+            matmul_f32(
+                View::row_major(&lhs, m, k),
+                View::row_major(data, k, n),
+                c,
+                ldc,
+                accumulate,
+            )
+        }
+        Rhs::Tiles { data: bt, nkb, .. } => {
+            let nkb = *nkb;
+            let at = pack_lhs(a, nkb);
+            let (mblocks, nblocks) = (m.div_ceil(32), n.div_ceil(32));
+            let per = mblocks.div_ceil(rayon::current_num_threads().max(1));
+            let tile = nkb * 512; // u16 per 16-row (or 16-column) block
+            c[..m * ldc]
+                .par_chunks_mut(per * 32 * ldc)
+                .enumerate()
+                .for_each(|(t, cc)| {
+                    let mut out = [0f32; 32 * 32];
+                    // SAFETY: this Rhs holds tiles only when AMX is available; pointers stay
+                    // inside `at`, `bt` (32-padded) and `out`.
+                    let _tiles = unsafe { amx::Tiles::configure() };
+                    for nb in 0..nblocks {
+                        let b0 = bt[2 * nb * tile..].as_ptr();
+                        let b1 = bt[(2 * nb + 1) * tile..].as_ptr();
+                        let jn = 32.min(n - nb * 32);
+                        for mb in t * per..((t + 1) * per).min(mblocks) {
+                            let a0 = at[2 * mb * tile..].as_ptr();
+                            let a1 = at[(2 * mb + 1) * tile..].as_ptr();
+                            unsafe { amx::kernel_32x32(a0, a1, b0, b1, nkb, out.as_mut_ptr()) };
+                            let i0 = mb * 32 - t * per * 32;
+                            let rows = 32.min(m - mb * 32);
+                            for r in 0..rows {
+                                let dst = &mut cc[(i0 + r) * ldc + nb * 32..][..jn];
+                                let src = &out[r * 32..][..jn];
+                                if accumulate {
+                                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                                } else {
+                                    dst.copy_from_slice(src);
+                                }
+                            }
+                        }
+                    }
+                });
+            Ok(())
+        }
+    }
+}
+
+/// Runs `f` on the f32 values of a CPU tensor (contiguous; copied first if it is not).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cpu(s) => f(f32_slice(s, l, "an operand")?),
+        _ => candle_core::bail!("bf16 matmul: CPU tensors only"),
+    }
+}
+
+/// [`Rhs`] of a 2-D f32 tensor `[k, n]`, or of its transpose with `transpose`.
+pub fn rhs_of(t: &Tensor, transpose: bool) -> candle_core::Result<Rhs> {
+    let (r, c) = t.dims2()?;
+    with_f32(t, |v| {
+        let view = View::row_major(v, r, c);
+        Rhs::new(if transpose { view.t() } else { view })
+    })
+}
+
+/// `a·b` for a 2-D f32 tensor `a` `[m, k]` (or `aᵀ` with `transpose`), as a new `[m, n]` tensor.
+pub fn matmul_tensor(a: &Tensor, transpose: bool, b: &Rhs) -> candle_core::Result<Tensor> {
+    let (r, c) = a.dims2()?;
+    let m = if transpose { c } else { r };
+    let n = b.n();
+    let mut out = vec![0f32; m * n];
+    with_f32(a, |v| {
+        let view = View::row_major(v, r, c);
+        matmul(if transpose { view.t() } else { view }, b, &mut out, n, false)
+    })?;
+    Tensor::from_vec(out, (m, n), a.device())
+}
+
+/// `c = a·b` (or `c += a·b`) in f32 through the `gemm` crate, for strided views; `c` is
+/// row-major with `ldc` values per row.
+pub fn matmul_f32(a: View, b: View, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
+    a.check()?;
+    b.check()?;
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        candle_core::bail!("matmul: [{m}, {k}] times [{}, {n}]", b.rows)
+    }
+    if ldc < n || c.len() < m * ldc {
+        candle_core::bail!(
+            "matmul: output of {} values for [{m}, {n}] with row stride {ldc}",
+            c.len()
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return Ok(());
+    }
+    // SAFETY: the views were checked to lie inside their slices, and `c` holds [m, ldc].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,177 @@
+use super::*;
+
+fn lcg(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn rounding_is_to_nearest_even() {
+    // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1)
+    assert_eq!(round_to_bf16(1.0 + 1.0 / 256.0), 1.0);
+    // 1 + 3·2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: even is 1 + 2^-6
+    assert_eq!(round_to_bf16(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
+    assert_eq!(round_to_bf16(1.0 + 1.0 / 256.0 + 1e-6), 1.0 + 1.0 / 128.0);
+    assert_eq!(round_to_bf16(-2.5), -2.5);
+    assert!(round_to_bf16(f32::NAN).is_nan());
+    assert_eq!(round_to_bf16(f32::INFINITY), f32::INFINITY);
+    // the same rounding as the `half` crate (which candle's bf16 conversion uses)
+    let xs: Vec<f32> = lcg(7, 1000).iter().map(|v| v * 1e3).collect();
+    let dev = candle_core::Device::Cpu;
+    let theirs: Vec<f32> = Tensor::new(xs.as_slice(), &dev)
+        .and_then(|t| {
+            t.to_dtype(candle_core::DType::BF16)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1()
+        })
+        .unwrap();
+    for (x, t) in xs.iter().zip(theirs) {
+        assert_eq!(round_to_bf16(*x), t, "{x}");
+    }
+}
+
+/// Both paths (tiles when AMX is here, and the rounded f32 GEMM) against an f64 sum of the
+/// rounded operands' products, for shapes that are not multiples of the tiles and for
+/// transposed (strided) operands.
+#[test]
+fn bf16_matmul_matches_an_f64_sum_of_rounded_products() {
+    let paths: Vec<bool> = if amx_available() {
+        vec![true, false]
+    } else {
+        vec![false]
+    };
+    if !amx_available() {
+        eprintln!("AMX is not available here: testing the rounded-f32 path only");
+    }
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (3, 5, 7),
+        (17, 33, 45),
+        (64, 96, 40),
+        (70, 576, 33),
+        (33, 64, 130),
+        (130, 1536, 100),
+        (40, 3000, 20),
+    ] {
+        let a = lcg(m as u64 * 31 + k as u64, m * k);
+        let b = lcg(n as u64 * 17 + 3, k * n);
+        for &(at, bt) in &[(false, false), (true, false), (false, true), (true, true)] {
+            // a stored as [k, m] when transposed, b as [n, k]
+            let av = if at {
+                View::row_major(&a, k, m).t()
+            } else {
+                View::row_major(&a, m, k)
+            };
+            let bv = if bt {
+                View::row_major(&b, n, k).t()
+            } else {
+                View::row_major(&b, k, n)
+            };
+            let at_ = |i: usize, j: usize| round_to_bf16(av.data[i * av.rs + j * av.cs]) as f64;
+            let bt_ = |i: usize, j: usize| round_to_bf16(bv.data[i * bv.rs + j * bv.cs]) as f64;
+            for &tiles in &paths {
+                let rhs = Rhs::prepare(bv, tiles).unwrap();
+                let ldc = n + 3;
+                let init = lcg(99, m * ldc);
+                for accumulate in [false, true] {
+                    let mut c = init.clone();
+                    matmul(av, &rhs, &mut c, ldc, accumulate).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut want, mut scale) = (0f64, 0f64);
+                            for p in 0..k {
+                                want += at_(i, p) * bt_(p, j);
+                                scale += (at_(i, p) * bt_(p, j)).abs();
+                            }
+                            if accumulate {
+                                want += init[i * ldc + j] as f64;
+                                scale += (init[i * ldc + j] as f64).abs();
+                            }
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 2e-6 * scale + 1e-30,
+                                "tiles {tiles} ({m},{k},{n}) at {at} bt {bt} acc {accumulate} [{i},{j}]: {got} vs {want}"
+                            );
+                        }
+                        // the padding between rows is left alone
+                        for j in n..ldc {
+                            assert_eq!(c[i * ldc + j], init[i * ldc + j]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`linear`] on seeded `[37, 70]` inputs and `[45, 70]` weights: the op's output, its
+/// input and weight gradients for the output gradient `g`, and the f64 values of the
+/// same products (`y = xWᵀ`, `dx = gW`, `dW = gᵀx`) with every operand first passed
+/// through bf16 rounding when `bf16`. Returns the output, the max |diff| of y, dx and dW,
+/// whether dW is contiguous, and the plain f32 product.
+fn linear_against_f64(bf16: bool, seed: u64) -> (Tensor, [f64; 3], bool, Tensor) {
+    use candle_core::{DType, Device, Var};
+    let dev = Device::Cpu;
+    let (rows, inp, out) = (37, 70, 45);
+    let x = Var::from_vec(lcg(seed, rows * inp), (rows, inp), &dev).unwrap();
+    let w = Var::from_vec(lcg(seed + 1, out * inp), (out, inp), &dev).unwrap();
+    let g = Tensor::from_vec(lcg(seed + 2, rows * out), (rows, out), &dev).unwrap();
+    let y = linear(x.as_tensor(), w.as_tensor(), bf16).unwrap();
+    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let prep = |t: &Tensor| {
+        let t = if bf16 {
+            t.to_dtype(DType::BF16).unwrap()
+        } else {
+            t.clone()
+        };
+        t.to_dtype(DType::F64).unwrap()
+    };
+    let (x64, w64, g64) = (prep(x.as_tensor()), prep(w.as_tensor()), prep(&g));
+    let dw = grads.get(w.as_tensor()).unwrap();
+    let diff = |got: &Tensor, want: Tensor| -> f64 {
+        let d = (got.to_dtype(DType::F64).unwrap() - want).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let diffs = [
+        diff(&y, x64.matmul(&w64.t().unwrap()).unwrap()),
+        diff(grads.get(x.as_tensor()).unwrap(), g64.matmul(&w64).unwrap()),
+        diff(dw, g64.t().unwrap().matmul(&x64).unwrap()),
+    ];
+    let y32 = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+    (y, diffs, dw.is_contiguous(), y32)
+}
+
+/// In f32: the op's value and both gradients against candle's matmul in f64, and `dW`
+/// comes out contiguous in `W`'s layout.
+#[test]
+fn linear_f32_value_and_gradients_match_f64() {
+    let (_, diffs, contiguous, _) = linear_against_f64(false, 4);
+    assert!(contiguous);
+    for (d, what) in diffs.iter().zip(["y", "dx", "dW"]) {
+        assert!(*d < 1e-5, "{what}: max |diff| {d}");
+    }
+}
+
+/// The op's value and both gradients against candle's f32 ops on bf16-rounded operands.
+#[test]
+fn linear_bf16_value_and_gradients_match_rounded_f32() {
+    let (y, diffs, _, y32) = linear_against_f64(true, 1);
+    for (d, what) in diffs.iter().zip(["y", "dx", "dW"]) {
+        assert!(*d < 2e-5, "{what}: max |diff| {d}");
+    }
+    // and it is not simply the f32 product: rounding changes the result measurably
+    let diff = (&y - &y32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 1e-4, "bf16 result equals the f32 one ({diff})");
+}

@@ -1,0 +1,186 @@
+use super::Kernels;
+use candle_core::{DType, Device, Tensor, Var};
+
+/// Values and input gradients of `f` under fused and primitive kernels, for a random
+/// linear functional of the output.
+fn compare(dtype: DType, tol: f64, shapes: &[&[usize]], trainable: &[bool], f: impl Fn(Kernels, &[Tensor]) -> Tensor) {
+    let dev = Device::Cpu;
+    let inputs: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn(0f64, 1.0, *s, &dev).unwrap().to_dtype(dtype).unwrap())
+        .collect();
+    let run = |k: Kernels| -> (Vec<f64>, Vec<Vec<f64>>) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars
+            .iter()
+            .zip(trainable)
+            .map(|(v, &tr)| {
+                if tr {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_tensor().detach()
+                }
+            })
+            .collect();
+        let y = f(k, &ts);
+        // the same weights for both runs
+        let r: Vec<f64> = (0..y.elem_count())
+            .map(|i| ((i * 7919 % 97) as f64 / 48.5) - 1.0)
+            .collect();
+        let r = Tensor::from_vec(r, y.shape(), &dev).unwrap().to_dtype(dtype).unwrap();
+        let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let g = vars
+            .iter()
+            .zip(trainable)
+            .filter(|(_, &tr)| tr)
+            .map(|(v, _)| flat(grads.get(v.as_tensor()).expect("a gradient for every trainable input")))
+            .collect();
+        (flat(&y), g)
+    };
+    let (yf, gf) = run(Kernels::FUSED);
+    let (yp, gp) = run(Kernels::PRIMITIVE);
+    let close = |a: &[f64], b: &[f64], what: &str| {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}] {dtype:?}: fused {x} vs primitive {y}"
+            );
+        }
+    };
+    close(&yf, &yp, "value");
+    for (k, (a, b)) in gf.iter().zip(&gp).enumerate() {
+        close(a, b, &format!("gradient of input {k}"));
+    }
+}
+
+const DTYPES: [(DType, f64); 2] = [(DType::F64, 1e-12), (DType::F32, 1e-5)];
+
+/// The polynomial exp against f64 exp over the range the kernels use.
+#[test]
+fn exp_f32_is_within_two_ulp() {
+    let mut worst = 0f64;
+    for i in 0..=200_000 {
+        let x = -87.0 + 175.0 * i as f64 / 200_000.0;
+        let got = super::exp_f32(x as f32) as f64;
+        let want = (x as f32 as f64).exp();
+        worst = worst.max(((got - want) / want).abs());
+    }
+    assert!(worst < 2.5e-7, "max relative error {worst:e}");
+    assert_eq!(super::exp_f32(-1e9), 0.0);
+    assert_eq!(super::exp_f32(f32::NEG_INFINITY), 0.0);
+}
+
+#[test]
+fn fused_rms_norm_matches_primitive() {
+    for (dt, tol) in DTYPES {
+        compare(dt, tol, &[&[2, 5, 16], &[16]], &[true, true], |k, x| {
+            k.rms_norm(&x[0], &x[1], 1e-5).unwrap()
+        });
+    }
+}
+
+#[test]
+fn fused_rope_matches_primitive() {
+    for (dt, tol) in DTYPES {
+        compare(
+            dt,
+            tol,
+            &[&[2, 3, 5, 8], &[2, 1, 5, 8], &[2, 1, 5, 8]],
+            &[true, false, false],
+            |k, x| k.rope(&x[0], &x[1], &x[2]).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn fused_masked_softmax_matches_primitive() {
+    for (dt, tol) in DTYPES {
+        compare(dt, tol, &[&[2, 3, 6, 6]], &[true], |k, x| {
+            // a causal mask with a blocked key, as packed units have
+            let mask: Vec<f64> = (0..2 * 36)
+                .map(|i| {
+                    let (q, key) = ((i % 36) / 6, i % 6);
+                    if key <= q && !(key == 2 && q > 3) {
+                        0.0
+                    } else {
+                        -1e9
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (2, 1, 6, 6), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            k.masked_softmax(&x[0], &mask, 0.35).unwrap()
+        });
+    }
+}
+
+/// Whole attention (rope, grouped-query scores, masked softmax, values) of the model's
+/// `Attention` block under both kernels, through a tiny model's first layer.
+#[test]
+fn fused_attention_matches_primitive() {
+    use crate::model::AttentionInputs;
+    use crate::testing::{tiny_model, TinySpec};
+    for (dt, tol) in DTYPES {
+        for kv_heads in [1, 2, 4] {
+            let spec = TinySpec {
+                heads: 4,
+                kv_heads,
+                layers: 1,
+                ..TinySpec::default()
+            };
+            let m = tiny_model(&spec, dt, 9).unwrap().transformer;
+            let cfg = m.cfg.clone();
+            // two batch rows, the second left-padded by two
+            let valid = vec![vec![true; 6], vec![false, false, true, true, true, true]];
+            let attn = AttentionInputs::padded(&cfg, &valid, dt, &Device::Cpu).unwrap();
+            let layer = m.layers[0].self_attn.clone();
+            compare(dt, tol, &[&[2 * 6, cfg.hidden_size]], &[true], |k, x| {
+                layer.forward(&x[0], &attn, k).unwrap().out
+            });
+        }
+    }
+}
+
+/// The fused head against log-softmax on primitives, over more rows than one chunk, with
+/// gradients for both the hidden rows and the projection.
+#[test]
+fn fused_token_logps_matches_primitive() {
+    use crate::model::kernels::primitive::logsumexp_last;
+    for (dt, tol) in DTYPES {
+        let n = super::logprob_head::HEAD_CHUNK_ROWS + 7;
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 13) % 50).collect();
+        compare(dt, tol, &[&[n, 16], &[50, 16]], &[true, true], |k, x| {
+            if k == Kernels::FUSED {
+                super::token_logps(&x[0], &x[1], &targets, false).unwrap()
+            } else {
+                let logits = x[0].matmul(&x[1].t().unwrap()).unwrap();
+                let lse = logsumexp_last(&logits).unwrap().squeeze(1).unwrap();
+                let t = Tensor::new(targets.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(1)
+                    .unwrap();
+                (logits.gather(&t, 1).unwrap().squeeze(1).unwrap() - lse).unwrap()
+            }
+        });
+    }
+}
+
+#[test]
+fn fused_swiglu_matches_primitive() {
+    for (dt, tol) in DTYPES {
+        compare(dt, tol, &[&[3, 7, 10], &[3, 7, 10]], &[true, true], |k, x| {
+            k.swiglu(&x[0], &x[1]).unwrap()
+        });
+    }
+}

@@ -1,0 +1,276 @@
+//! The decoder-only transformer of the Llama family (Llama / SmolLM2 / Mistral / Qwen2: GQA,
+//! RoPE, RMSNorm, SwiGLU, tied embeddings, q/k/v bias), written so that every op on the training
+//! path has a backward (candle's fused `softmax_last_dim`, `rms_norm` and `rope*` kernels
+//! silently drop gradients; none of them is used here).
+//!
+//! Weight names are exactly the Hugging Face ones (`model.layers.{i}.self_attn.q_proj.weight`),
+//! and the model is built by one walk ([`Transformer::build`]) that asks a closure for each
+//! named tensor, so loading, saving, casting and making trainable variables share one code path.
+//! A decoder layer lives in [`layer`]; the graph-level backward options in [`crate::model::autograd`].
+
+pub mod layer;
+
+pub use layer::{Attention, Block, Linear, Mlp};
+
+use crate::error::{Error, Result};
+use crate::model::autograd::{layer_op, BackwardOptions, GradSink};
+use crate::model::config::ModelConfig;
+use crate::model::inputs::AttentionInputs;
+use crate::model::kernels::{matmul, Kernels};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    /// `None` when the output projection is tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    /// The reward head `[1, H]` of a reward model.
+    pub score: Option<Tensor>,
+    /// Every parameter with its HF name, in a fixed order (the walk order of [`Self::build`]).
+    params: Vec<(String, Tensor)>,
+    /// Fused or primitive kernels (the same values; fused is faster and uses less memory).
+    pub kernels: Kernels,
+    /// What [`Transformer::backward`] adds to candle's backward (see [`crate::model::autograd`]):
+    /// gradient checkpointing and sparse embedding gradients, both off by default.
+    pub backward_options: BackwardOptions,
+    /// Where those leave gradients for [`Transformer::backward`].
+    pub(crate) sink: std::sync::Arc<GradSink>,
+    /// A frozen model's decoder layers kept in the checkpoint's own precision and widened one
+    /// layer at a time in forward (`layers` is then empty); see [`crate::model::compact`].
+    pub(crate) compact: Option<std::sync::Arc<crate::model::compact::CompactLayers>>,
+}
+
+impl Transformer {
+    /// Build the model by asking `get(name, shape)` for each parameter, in a fixed order.
+    pub fn build(cfg: &ModelConfig, get: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Self> {
+        Self::build_parts(cfg, get, true)
+    }
+
+    /// [`Self::build`]; without the decoder layers when `with_layers` is false (their tensors
+    /// are then not asked for: a model with [`CompactLayers`](crate::model::compact::CompactLayers)).
+    pub(crate) fn build_parts(
+        cfg: &ModelConfig,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+        with_layers: bool,
+    ) -> Result<Self> {
+        let mut params = Vec::new();
+        let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
+            let t = get(&name, shape)?;
+            if t.dims() != shape {
+                return Err(Error::msg(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?} from config.json",
+                    t.dims()
+                )));
+            }
+            params.push((name, t.clone()));
+            Ok(t)
+        };
+        let hs = cfg.hidden_size;
+        let embed_tokens = take("model.embed_tokens.weight".into(), &[cfg.vocab_size, hs])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            if with_layers {
+                layers.push(Block::build(cfg, i, &mut take)?);
+            }
+        }
+        let norm = take("model.norm.weight".into(), &[hs])?;
+        let (lm_head, score) = if cfg.reward_head {
+            (None, Some(take("score.weight".into(), &[cfg.num_labels.max(1), hs])?))
+        } else if cfg.tie_word_embeddings {
+            (None, None)
+        } else {
+            (Some(take("lm_head.weight".into(), &[cfg.vocab_size, hs])?), None)
+        };
+        Ok(Transformer {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            score,
+            params,
+            kernels: Kernels::default(),
+            backward_options: Default::default(),
+            sink: Default::default(),
+            compact: None,
+        })
+    }
+
+    /// The decoder layers kept compact ([`crate::model::compact`]), if this is such a frozen model.
+    pub fn compact_layers(&self) -> Option<&crate::model::compact::CompactLayers> {
+        self.compact.as_deref()
+    }
+
+    /// Every parameter with its HF name (without the layers of a compact model).
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// A new model whose every parameter is `f(name, tensor)`, with the same kernels.
+    pub fn map(&self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<Self> {
+        let mut it = self.params.iter();
+        let mut m = Self::build_parts(
+            &self.cfg,
+            |name, _| {
+                let (n, t) = it.next().ok_or_else(|| Error::msg("parameter walk mismatch"))?;
+                debug_assert_eq!(n, name);
+                f(name, t)
+            },
+            self.compact.is_none(),
+        )?;
+        m.compact = self.compact.clone();
+        m.kernels = self.kernels;
+        m.backward_options = self.backward_options;
+        Ok(m)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn output_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Final hidden states `[B, T, H]` (after the last RMSNorm) for `input_ids` `[B, T]`.
+    pub fn hidden_states(&self, input_ids: &Tensor, a: &AttentionInputs) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let eps = self.cfg.rms_norm_eps;
+        // the layers work on `[B·T, H]` rows: no reshapes around every projection
+        let mut x = self.embed(&input_ids.flatten_all()?)?;
+        let k = self.kernels;
+        for i in 0..self.cfg.num_hidden_layers {
+            let widened;
+            let blk = match &self.compact {
+                Some(c) => {
+                    widened = c.layer(&self.cfg, i)?;
+                    &widened
+                }
+                None => &self.layers[i],
+            };
+            let opts = self.backward_options;
+            x = if (opts.gradient_checkpointing || opts.layer_graphs) && x.track_op() {
+                // one op per layer: keep only the layer's input and recompute in backward
+                // (checkpointing), or keep the layer's graph until its backward
+                let call = layer::BlockCall {
+                    layer: blk.clone(),
+                    detached: blk.map_tensors(Tensor::detach),
+                    attn: a.clone(),
+                    kernels: k,
+                    eps,
+                };
+                layer_op(call, &x, &self.sink, !opts.gradient_checkpointing)?
+            } else {
+                blk.forward(&x, a, k, eps)?
+            };
+        }
+        Ok(k.rms_norm(&x, &self.norm, eps)?.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Scalar rewards `[S]` of a right-padded batch: the reward head on the hidden state of each
+    /// row's last token that is not `pad_id` (transformers' rule for sequence classification;
+    /// a row of only pad tokens uses its last real position).
+    pub fn rewards(&self, seqs: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
+        let m = self.reward_matrix(seqs, pad_id)?;
+        if self.cfg.reward_variance {
+            // a Gaussian head's reward is its mean
+            return Ok(m.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?);
+        }
+        if m.dim(1)? != 1 {
+            return Err(Error::msg(format!(
+                "this reward model has {} heads (one per preference cluster); choose one per sequence",
+                m.dim(1)?
+            )));
+        }
+        Ok(m.squeeze(1)?)
+    }
+
+    /// Rewards of every head: `[S, K]`.
+    pub fn reward_matrix(&self, seqs: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
+        let score = self
+            .score
+            .as_ref()
+            .ok_or_else(|| Error::msg("this model has no reward head (score.weight)"))?;
+        Ok(self.last_hidden(seqs, pad_id)?.matmul(&score.t()?)?)
+    }
+
+    /// The final hidden state `[S, H]` (after the last norm) of each right-padded sequence's
+    /// last token that is not `pad_id` (a row of only pad tokens uses its last real position):
+    /// what a sequence-classification head reads, and PAL's item embedding.
+    pub fn last_hidden(&self, seqs: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
+        let batch = crate::batch::collate_plain(seqs, pad_id);
+        let (b, t) = (batch.rows, batch.cols);
+        let dev = self.device();
+        let rows: Vec<u32> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let last = s
+                    .iter()
+                    .rposition(|&x| x != pad_id)
+                    .unwrap_or(s.len().saturating_sub(1));
+                (i * t + last) as u32
+            })
+            .collect();
+        let input = Tensor::from_slice(&batch.ids, (b, t), dev)?;
+        let attn = AttentionInputs::for_batch(&self.cfg, &batch, self.dtype(), dev)?;
+        let hidden = self
+            .hidden_states(&input, &attn)?
+            .reshape((b * t, self.cfg.hidden_size))?;
+        Ok(hidden.index_select(&Tensor::new(rows, dev)?, 0)?)
+    }
+
+    /// Logits `[N, V]` for hidden rows `[N, H]` (bf16 products with `kernels.bf16`).
+    pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        if self.kernels.bf16_for(hidden_rows) {
+            return matmul::linear(hidden_rows, self.output_weight(), true);
+        }
+        Ok(hidden_rows.matmul(&self.output_weight().t()?)?)
+    }
+}
+
+impl Transformer {
+    /// Turn layer-by-layer gradient checkpointing on or off (see the module docs).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.backward_options.gradient_checkpointing = on;
+    }
+
+    /// Turn per-layer graphs on or off ([`BackwardOptions::layer_graphs`]).
+    pub fn set_layer_graphs(&mut self, on: bool) {
+        self.backward_options.layer_graphs = on;
+    }
+
+    /// Turn sparse embedding gradients on or off (see the module docs).
+    pub fn set_sparse_embedding_grad(&mut self, on: bool) {
+        self.backward_options.sparse_embedding_grad = on;
+    }
+
+    /// The embedding rows `[N, H]` of `ids` `[N]`; a leaf variable whose lookup is recorded for
+    /// [`Self::backward`] when sparse embedding gradients are on and the model is trained.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        if !(self.backward_options.sparse_embedding_grad && self.embed_tokens.is_variable()) {
+            return Ok(self.embed_tokens.index_select(ids, 0)?);
+        }
+        self.sink.lookup(&self.embed_tokens, ids)
+    }
+
+    /// `loss.backward()`, plus the gradients that [`BackwardOptions`] route around candle's
+    /// graph: use this, not `Tensor::backward`, for a loss that depends on a model with either
+    /// option on. Lookups recorded by forward passes that were never backpropagated (e.g.
+    /// evaluation) are dropped here.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        self.sink
+            .collect(&mut grads, self.params.iter().map(|(_, p)| p), &self.embed_tokens)?;
+        Ok(grads)
+    }
+}
