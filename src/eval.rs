@@ -2,6 +2,8 @@
 //! β·log π/π_ref), and ranking accuracy (does the policy give the chosen completion the higher
 //! summed log-prob?).
 
+use crate::error::Result;
+use crate::objectives::{Objective, PairStats};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -13,8 +15,10 @@ pub struct EvalSummary {
     pub reward_accuracy: Option<f64>,
     /// Mean of β(log π − log π_ref)(chosen) − (rejected) (TRL's `rewards/margins`).
     pub reward_margin: Option<f64>,
-    /// Mean DPO sigmoid loss at this β.
-    pub dpo_loss: Option<f64>,
+    /// The objective whose rewards and loss these are (the run's `loss_type`).
+    pub loss_type: Option<String>,
+    /// Mean loss of that objective.
+    pub loss: Option<f64>,
     /// Fraction of pairs where the policy's summed log-prob of chosen exceeds rejected.
     pub ranking_accuracy: f64,
     /// The same, with length-normalised (per-token mean) log-probs.
@@ -121,7 +125,8 @@ pub fn summarize_rewards(rewards: &[(f64, f64)], probabilities: &[f64]) -> EvalS
         reward_model: true,
         reward_accuracy: Some(acc),
         reward_margin: Some(rewards.iter().map(|(c, r)| c - r).sum::<f64>() / n),
-        dpo_loss: None,
+        loss_type: None,
+        loss: None,
         ranking_accuracy: acc,
         ranking_accuracy_normalized: acc,
         ref_ranking_accuracy: None,
@@ -132,13 +137,15 @@ pub fn summarize_rewards(rewards: &[(f64, f64)], probabilities: &[f64]) -> EvalS
 }
 
 /// Summarise per-pair (chosen, rejected) summed log-probs of the policy and, optionally, the
-/// reference. `lengths` are (chosen, rejected) completion token counts.
+/// reference. `lengths` are (chosen, rejected) completion token counts. Rewards and the loss
+/// are the `objective`'s (the evaluated run's `loss_type` and `beta`), computed through the
+/// objective registry wherever its inputs are there (a reference, if it needs one).
 pub fn summarize(
     policy: &[(f64, f64)],
     reference: Option<&[(f64, f64)]>,
     lengths: &[(usize, usize)],
-    beta: f64,
-) -> EvalSummary {
+    objective: &Objective,
+) -> Result<EvalSummary> {
     let n = policy.len().max(1) as f64;
     let frac = |c: usize| c as f64 / n;
     let ranking = policy.iter().filter(|(c, r)| c > r).count();
@@ -147,31 +154,23 @@ pub fn summarize(
         .zip(lengths)
         .filter(|((c, r), (lc, lr))| c / (*lc).max(1) as f64 > r / (*lr).max(1) as f64)
         .count();
-    let (mut acc, mut margin, mut loss, mut ref_rank, mut ece) = (None, None, None, None, None);
-    if let Some(rf) = reference {
-        let rewards: Vec<(f64, f64)> = policy
-            .iter()
-            .zip(rf)
-            .map(|((pc, pr), (rc, rr))| (beta * (pc - rc), beta * (pr - rr)))
-            .collect();
+    let (mut acc, mut margin, mut loss, mut ece) = (None, None, None, None);
+    if reference.is_some() || !objective.needs_reference() {
+        let stats = PairStats::from_f64(policy, reference, lengths)?;
+        let rewards = objective.pair_rewards(&stats)?;
         acc = Some(frac(rewards.iter().filter(|(c, r)| c > r).count()));
         margin = Some(rewards.iter().map(|(c, r)| c - r).sum::<f64>() / n);
-        loss = Some(
-            rewards
-                .iter()
-                .map(|(c, r)| -crate::util::log_sigmoid(c - r))
-                .sum::<f64>()
-                / n,
-        );
-        ref_rank = Some(frac(rf.iter().filter(|(c, r)| c > r).count()));
+        loss = Some(crate::objectives::mean(&objective.loss_pairs(&stats)?.losses)?);
         ece = Some(calibration(&bt_probabilities(&rewards), CALIBRATION_BINS).ece);
     }
-    EvalSummary {
+    let ref_rank = reference.map(|rf| frac(rf.iter().filter(|(c, r)| c > r).count()));
+    Ok(EvalSummary {
         pairs: policy.len(),
         reward_model: false,
+        loss_type: Some(objective.name()),
         reward_accuracy: acc,
         reward_margin: margin,
-        dpo_loss: loss,
+        loss,
         ranking_accuracy: frac(ranking),
         ranking_accuracy_normalized: frac(ranking_norm),
         ref_ranking_accuracy: ref_rank,
@@ -179,7 +178,7 @@ pub fn summarize(
         alignment_gap: None,
         difficulty: None,
         calibration_ece: ece,
-    }
+    })
 }
 
 /// Bins of the reliability diagram behind `calibration_ece`.
@@ -194,7 +193,12 @@ mod tests {
         let policy = [(-1.0, -3.0), (-5.0, -4.0), (-2.0, -2.5), (-10.0, -6.0)];
         let reference = [(-2.0, -2.0), (-5.0, -5.0), (-2.0, -2.0), (-8.0, -8.0)];
         let lengths = [(1, 3), (5, 2), (1, 1), (10, 3)];
-        let s = summarize(&policy, Some(&reference), &lengths, 0.5);
+        let dpo = |beta: f64| {
+            let mut p = crate::objectives::ObjectiveParams::default();
+            p.beta = beta;
+            crate::objectives::build(&["sigmoid".into()], None, &p).unwrap()
+        };
+        let s = summarize(&policy, Some(&reference), &lengths, &dpo(0.5)).unwrap();
         assert_eq!(s.ranking_accuracy, 0.5); // pairs 0 and 2
                                              // normalised: -1 > -1 (no), -1 < -2? pair1: -1 vs -2 → yes; pair2 yes; pair3: -1 vs -2 → yes
         assert_eq!(s.ranking_accuracy_normalized, 0.75);
@@ -204,9 +208,9 @@ mod tests {
         assert!((s.reward_margin.unwrap() - margin).abs() < 1e-15);
         let nls = |z: f64| (1.0 + (-z).exp()).ln();
         let loss = (nls(1.0) + nls(-0.5) + nls(0.25) + nls(-2.0)) / 4.0;
-        assert!((s.dpo_loss.unwrap() - loss).abs() < 1e-15);
+        assert!((s.loss.unwrap() - loss).abs() < 1e-15);
         assert_eq!(s.ref_ranking_accuracy, Some(0.0));
-        let s = summarize(&policy, None, &lengths, 0.5);
+        let s = summarize(&policy, None, &lengths, &dpo(0.5)).unwrap();
         assert_eq!((s.reward_accuracy, s.ranking_accuracy), (None, 0.5));
     }
 

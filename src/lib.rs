@@ -4,6 +4,10 @@
 //! sequence statistics) → `data` (readers, validation, tokenisation) → `model` (transformer,
 //! loaders, log-probs) → candle.
 
+#[macro_use]
+mod macros;
+
+pub mod algorithms;
 pub mod batch;
 pub mod config;
 pub mod data;
@@ -12,6 +16,7 @@ pub mod eval;
 pub mod factors;
 pub mod model;
 pub mod objectives;
+pub mod optim;
 pub mod pal;
 pub mod plot;
 pub mod stats;

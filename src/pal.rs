@@ -17,7 +17,7 @@ use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::model::kernels::primitive::softmax_last;
 use crate::model::Transformer;
-use crate::train::optim::{OptimKind, Optimizer};
+use crate::optim::{OptimKind, Optimizer};
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::path::Path;
 

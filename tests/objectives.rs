@@ -113,20 +113,20 @@ fn by_hand_frozen(name: &str, rows: &[Row], frozen: &[Row], p: &ObjectiveParams)
                 "apo_down" => sg(b * dw) + 1.0 - sg(b * d),
                 "discopop" => {
                     let z = b * d;
-                    let m = sg(z / p.discopop_tau);
+                    let m = sg(z / p.dpo.discopop_tau);
                     (1.0 - m) * -ls(z) + m * (-z).exp()
                 }
                 "sft" => nll,
                 "sigmoid_norm" => -ls(b * (sw / nw - sl / nl)),
                 "cdpo" => smooth(h),
                 "ipo_sum" => (h - 1.0 / (2.0 * b)).powi(2),
-                "simpo" => smooth(mw - ml - p.simpo_gamma / b),
+                "simpo" => smooth(mw - ml - p.reference_free.simpo_gamma / b),
                 "alphapo" => {
-                    let a = p.alpha;
+                    let a = p.reference_free.alpha;
                     let rw = |x: f64| if a == 0.0 { x } else { (1.0 - (-a * x).exp()) / a };
-                    smooth(rw(mw) - rw(ml) - p.simpo_gamma / b)
+                    smooth(rw(mw) - rw(ml) - p.reference_free.simpo_gamma / b)
                 }
-                "cpo" => smooth(r.pc - r.pr) + p.cpo_alpha * nll,
+                "cpo" => smooth(r.pc - r.pr) + p.reference_free.cpo_alpha * nll,
                 "orpo" => {
                     let lo = |x: f64| x - (1.0 - x.exp()).ln();
                     nll - b * ls(lo(mw) - lo(ml))
@@ -134,27 +134,28 @@ fn by_hand_frozen(name: &str, rows: &[Row], frozen: &[Row], p: &ObjectiveParams)
                 "osp" => -(r.strength * ls(b * h) + (1.0 - r.strength) * ls(-b * h)),
                 "copg" => ((r.sc - r.sr) - b * h).powi(2),
                 "mapo" => {
-                    let phi = |x: f64| p.mapo_k * x / ((p.mapo_k * x).exp() - 1.0);
+                    let phi = |x: f64| p.reference_free.mapo_k * x / ((p.reference_free.mapo_k * x).exp() - 1.0);
                     let (nw_, nl_) = (-mw, -ml);
-                    nw_ - b * ls(p.mapo_t * (phi(nw_) - phi(nl_)))
+                    nw_ - b * ls(p.reference_free.mapo_t * (phi(nw_) - phi(nl_)))
                 }
                 "bradley_terry" => {
                     // the statistics are rewards; margin = sc − sr in these rows
                     let l = -ls(r.pc - r.pr - (r.sc - r.sr));
                     l + p
+                        .reward
                         .center_rewards_coefficient
                         .map_or(0.0, |eta| eta * (r.pc + r.pr).powi(2))
                 }
-                "slic" => (p.slic_delta - (r.pc - r.pr)).max(0.0) - p.slic_lambda * r.pc,
+                "slic" => (p.reference_free.slic_delta - (r.pc - r.pr)).max(0.0) - p.reference_free.slic_lambda * r.pc,
                 "lcpo" => {
-                    assert_eq!(p.lcpo_base, "sigmoid");
+                    assert_eq!(p.noisy.lcpo_base, "sigmoid");
                     let fwd = -ls(b * d);
                     let back = -ls(-b * d);
                     let fr = frozen[i];
                     let (fsw, fsl) = (fdiv(p, fr.pc - fr.rc), fdiv(p, fr.pr - fr.rr));
                     let fd_ = fsw - fsl;
                     let pp = sg(-ls(-b * fd_) - -ls(b * fd_));
-                    let eta = p.lcpo_noise_rate;
+                    let eta = p.noisy.lcpo_noise_rate;
                     let g = (1.0 - eta) * pp / ((1.0 - eta) * pp + eta * (1.0 - pp));
                     g * fwd + (1.0 - g) * back
                 }
@@ -273,43 +274,36 @@ fn every_objective_matches_its_formula_and_gradient() {
         ] {
             check_rows(
                 name,
-                &ObjectiveParams {
-                    f_divergence_type: f.into(),
-                    ..base.clone()
+                &{
+                    let mut p = base.clone();
+                    p.f_divergence_type = prefer::objectives::FDivergenceType::parse(f).unwrap();
+                    p
                 },
                 &moderate,
             );
         }
     }
-    check(
-        "alphapo",
-        &ObjectiveParams {
-            alpha: 0.25,
-            ..base.clone()
-        },
-    );
-    check(
-        "simpo",
-        &ObjectiveParams {
-            simpo_gamma: 1.5,
-            beta: 2.0,
-            ..base.clone()
-        },
-    );
-    check(
-        "cpo",
-        &ObjectiveParams {
-            cpo_alpha: 0.3,
-            ..base.clone()
-        },
-    );
-    check(
-        "bradley_terry",
-        &ObjectiveParams {
-            center_rewards_coefficient: Some(0.01),
-            ..base
-        },
-    );
+    check("alphapo", &{
+        let mut p = base.clone();
+        p.reference_free.alpha = 0.25;
+        p
+    });
+    check("simpo", &{
+        let mut p = base.clone();
+        p.reference_free.simpo_gamma = 1.5;
+        p.beta = 2.0;
+        p
+    });
+    check("cpo", &{
+        let mut p = base.clone();
+        p.reference_free.cpo_alpha = 0.3;
+        p
+    });
+    check("bradley_terry", &{
+        let mut p = base;
+        p.reward.center_rewards_coefficient = Some(0.01);
+        p
+    });
 }
 
 fn losses(names: &[&str], weights: Option<&[f64]>, p: &ObjectiveParams, rows: &[Row]) -> Vec<f64> {
@@ -349,9 +343,10 @@ fn documented_special_cases() {
     );
     same(&losses(&["alphapo"], None, &p, &rs), &losses(&["simpo"], None, &p, &rs)); // α = 0
                                                                                     // LCPO with zero noise is its base loss; OSP with strength 1 is DPO
-    let clean = ObjectiveParams {
-        lcpo_noise_rate: 0.0,
-        ..p.clone()
+    let clean = {
+        let mut p = p.clone();
+        p.noisy.lcpo_noise_rate = 0.0;
+        p
     };
     same(
         &losses(&["lcpo"], None, &clean, &rs),
@@ -502,11 +497,12 @@ fn kto_and_apo_zero_unpaired_match_their_formulas() {
         vec![(-605.0, -5.0, 9), (-4.0, -4.2, 2)],
     ];
     let labels = [true, false, true, false];
-    let p = ObjectiveParams {
-        beta: 0.1,
-        desirable_weight: 1.3,
-        undesirable_weight: 0.7,
-        ..Default::default()
+    let p = {
+        let mut p = ObjectiveParams::default();
+        p.beta = 0.1;
+        p.unpaired.desirable_weight = 1.3;
+        p.unpaired.undesirable_weight = 0.7;
+        p
     };
     let meta: Vec<ExampleMeta> = labels.iter().map(|&l| unpaired(l)).collect();
     let (st, var) = batch(&groups, meta.clone());
@@ -631,9 +627,10 @@ fn lipo_matches_lambda_weighted_pairs_and_reduces_to_weighted_dpo() {
 
 #[test]
 fn pro_matches_plackett_luce_with_and_without_dynamic_temperature() {
-    let p = ObjectiveParams {
-        pro_sft_weight: 0.5,
-        ..Default::default()
+    let p = {
+        let mut p = ObjectiveParams::default();
+        p.listwise.pro_sft_weight = 0.5;
+        p
     };
     let groups = vec![
         vec![(-3.0, 0.0, 2), (-5.0, 0.0, 5), (-2.0, 0.0, 1)],

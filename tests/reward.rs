@@ -1,7 +1,7 @@
 //! Reward models: the scalar head, its HF layout, Bradley-Terry training, `prefer score`.
 
 use candle_core::{DType, Device, Tensor};
-use prefer::config::TrainConfig;
+use prefer::config::{Task, TrainConfig};
 use prefer::model;
 use prefer::testing::{tiny_model, write_hf, TinySpec};
 use std::path::{Path, PathBuf};
@@ -91,7 +91,7 @@ fn reward_model_training_learns_the_toy_preference_and_scores() {
         .collect();
     std::fs::write(dir.join("pairs.jsonl"), lines.join("\n")).unwrap();
     let cfg = TrainConfig {
-        task: "reward".into(),
+        task: Task::Reward,
         model_name_or_path: dir.join("lm").display().to_string(),
         train_file: dir.join("pairs.jsonl").display().to_string(),
         output_dir: dir.join("rm").display().to_string(),
@@ -133,7 +133,7 @@ fn reward_model_training_learns_the_toy_preference_and_scores() {
     assert!(right >= 22, "{right}/24");
     // task mismatches are one clear error
     let e = TrainConfig {
-        task: "dpo".into(),
+        task: Task::Dpo,
         loss_type: prefer::config::LossType::One("bradley_terry".into()),
         ..cfg.clone()
     }
@@ -141,7 +141,7 @@ fn reward_model_training_learns_the_toy_preference_and_scores() {
     .unwrap_err();
     assert!(e.to_string().contains("set task = \"reward\""), "{e}");
     let e = prefer::train::Trainer::new(&TrainConfig {
-        task: "dpo".into(),
+        task: Task::Dpo,
         model_name_or_path: cfg.output_dir.clone(),
         ..cfg
     })
@@ -172,7 +172,7 @@ fn compare_rewards_reports_implicit_and_explicit_accuracy_on_both_splits() {
         ..TrainConfig::default()
     };
     prefer::train::train(&TrainConfig {
-        task: "reward".into(),
+        task: Task::Reward,
         learning_rate: 1e-3,
         output_dir: dir.join("rm").display().to_string(),
         ..base.clone()
@@ -232,7 +232,7 @@ fn em_recovers_planted_annotator_clusters() {
     }
     std::fs::write(dir.join("pairs.jsonl"), lines.join("\n")).unwrap();
     let cfg = TrainConfig {
-        task: "reward".into(),
+        task: Task::Reward,
         reward_clusters: 2,
         em_steps: 4,
         model_name_or_path: dir.join("lm").display().to_string(),
@@ -248,8 +248,15 @@ fn em_recovers_planted_annotator_clusters() {
     let mut t = prefer::train::Trainer::new(&cfg).unwrap();
     assert_eq!(t.policy.transformer.cfg.num_labels, 2);
     let out = t.run().unwrap();
-    t.e_step().unwrap();
-    let clusters = t.state.clusters.clone().unwrap();
+    let bs = t.cfg.per_device_eval_batch_size;
+    let rm = t
+        .algorithm
+        .as_any_mut()
+        .downcast_mut::<prefer::algorithms::reward::RewardModel>()
+        .unwrap();
+    let mm = rm.maxmin.as_mut().unwrap();
+    mm.e_step(&t.policy, &t.data.train, bs).unwrap();
+    let clusters = mm.clusters.clone().unwrap();
     assert_eq!(clusters.len(), 8);
     let ca = clusters["a0"];
     for (a, &c) in &clusters {
@@ -263,7 +270,7 @@ fn em_recovers_planted_annotator_clusters() {
             "{last}"
         );
     }
-    for (k, v) in &t.state.em_metrics {
+    for (k, v) in &mm.metrics {
         if k.ends_with("accuracy") {
             assert!(*v > 0.9, "{k} = {v}");
         }
@@ -305,7 +312,7 @@ fn crm_filters_planted_noise_and_resumes_exactly() {
     assert!((12..=26).contains(&flipped), "{flipped}");
     std::fs::write(dir.join("noisy.jsonl"), noisy.join("\n")).unwrap();
     let cfg = TrainConfig {
-        task: "reward".into(),
+        task: Task::Reward,
         crm: true,
         model_name_or_path: dir.join("lm").display().to_string(),
         train_file: dir.join("noisy.jsonl").display().to_string(),
@@ -400,7 +407,7 @@ fn gaussian_reward_head_learns_where_labels_disagree_and_round_trips() {
     }
     std::fs::write(dir.join("pairs.jsonl"), lines.join("\n")).unwrap();
     let cfg = TrainConfig {
-        task: "reward".into(),
+        task: Task::Reward,
         loss_type: prefer::config::LossType::One("gaussian".into()),
         model_name_or_path: dir.join("lm").display().to_string(),
         train_file: dir.join("pairs.jsonl").display().to_string(),

@@ -68,7 +68,7 @@ fn crm_and_rdpo_beat_bt_and_dpo_under_30_percent_label_noise() {
             ..TrainConfig::default()
         };
         let rm = TrainConfig {
-            task: "reward".into(),
+            task: prefer::config::Task::Reward,
             ..base.clone()
         };
         bt.push(held_out(rm.clone(), &dir.join("bt"), "eval_accuracy"));

@@ -1,7 +1,10 @@
 //! The training loop end to end on generated tiny models: learning, exact resume, Ctrl-C,
 //! precomputed reference log-probs, and the CLI tools.
 
-use prefer::config::TrainConfig;
+use prefer::algorithms::preference::Preference;
+use prefer::algorithms::reward::RewardModel;
+use prefer::config::{Task, TrainConfig};
+use prefer::stats::reference::Reference;
 use prefer::testing::{tiny_model, write_gguf, write_hf, TinySpec};
 use prefer::train::Trainer;
 use serde_json::Value;
@@ -87,9 +90,14 @@ fn assert_same_metrics(a: &[Value], b: &[Value], rel: f64) {
     }
 }
 
+/// The reference of a trainer running an offline preference objective.
+fn reference_of(tr: &Trainer) -> &Reference {
+    &tr.algorithm::<Preference>().expect("a preference objective").reference
+}
+
 /// The live reference model of a trainer.
 fn live_reference(tr: &Trainer) -> &prefer::model::Transformer {
-    match &tr.reference {
+    match reference_of(tr) {
         prefer::stats::reference::Reference::Model(r) => r,
         _ => panic!("expected a live reference"),
     }
@@ -253,7 +261,7 @@ fn quantised_reference_stays_compact_and_exact() {
 fn gradient_checkpointing_reaches_the_trained_models_and_changes_no_metric() {
     let (_dir, cfg) = tiny_setup("checkpointing");
     let rm = TrainConfig {
-        task: "reward".into(),
+        task: Task::Reward,
         crm: true,
         ..cfg.clone()
     };
@@ -268,14 +276,15 @@ fn gradient_checkpointing_reaches_the_trained_models_and_changes_no_metric() {
             };
             let tr = Trainer::new(&c).unwrap();
             assert_eq!(tr.policy.transformer.backward_options.gradient_checkpointing, on);
-            if let Some(p) = &tr.peer {
-                assert_eq!(p.model.transformer.backward_options.gradient_checkpointing, on);
+            let crm = tr.algorithm::<RewardModel>().and_then(|a| a.crm.as_ref());
+            if let Some(p) = crm {
+                assert_eq!(p.peer.transformer.backward_options.gradient_checkpointing, on);
             }
             prefer::train::train(&c).unwrap();
             logs.push(metrics(&c));
         }
-        let keys: &[&str] = match base.task.as_str() {
-            "reward" => &["loss", "accuracy", "margin", "grad_norm"],
+        let keys: &[&str] = match base.task {
+            Task::Reward => &["loss", "accuracy", "margin", "grad_norm"],
             _ => &["loss", "rewards/margins", "logps/chosen", "grad_norm"],
         };
         for (a, b) in logs[0].iter().zip(&logs[1]) {
@@ -354,10 +363,7 @@ fn precomputed_reference_matches_live_and_is_cached() {
     }
     // a second run reuses the cache: make it unreadable as a model to prove the model is not needed
     let t = Trainer::new(&pre).unwrap();
-    assert!(matches!(
-        t.reference,
-        prefer::stats::reference::Reference::Cached { .. }
-    ));
+    assert!(matches!(reference_of(&t), Reference::Cached { .. }));
     let before = std::fs::metadata(cached[0].as_ref().unwrap().path())
         .unwrap()
         .modified()
@@ -608,7 +614,7 @@ fn each_objective_family_learns_the_toy_preference() {
         let c = TrainConfig::load(Some(&base), &sets).unwrap();
         let t = Trainer::new(&c).unwrap();
         assert_eq!(
-            matches!(t.reference, prefer::stats::reference::Reference::None),
+            matches!(reference_of(&t), Reference::None),
             !c.objective().unwrap().needs_reference(),
             "{loss}: a reference-free objective must not load a reference"
         );

@@ -19,8 +19,13 @@ pub struct CompareRewardsArgs {
     /// Distribution-shifted pairs.
     #[arg(long)]
     pub shifted: Option<PathBuf>,
-    #[arg(long, default_value_t = 0.1)]
-    pub beta: f64,
+    /// β of the implicit reward (default: the DPO run's `beta`, else 0.1).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// The objective whose implicit reward is compared (default: the DPO run's `loss_type`,
+    /// else `sigmoid`).
+    #[arg(long = "loss-type", alias = "loss_type")]
+    pub loss_type: Option<String>,
     #[command(flatten)]
     pub read: DataArgs,
     #[arg(long)]
@@ -35,9 +40,11 @@ pub fn run(args: CompareRewardsArgs) -> Result<()> {
         data,
         shifted,
         beta,
+        loss_type,
         read,
         json,
     } = args;
+    let objective = super::run_objective(&dpo, beta, loss_type.as_deref())?;
     let dev = Device::Cpu;
     let (pol, refm, rmm) = (
         model::load(&dpo, DType::F32, &dev)?,
@@ -49,7 +56,8 @@ pub fn run(args: CompareRewardsArgs) -> Result<()> {
     }
     let opts = read.tokenize_options();
     let batch_size = read.batch_size;
-    let acc = |scores: &[Vec<f64>]| scores.iter().filter(|r| r[0] > r[1]).count() as f64 / scores.len().max(1) as f64;
+    let acc = |scores: &[(f64, f64)]| scores.iter().filter(|r| r.0 > r.1).count() as f64 / scores.len().max(1) as f64;
+    let pairs_of = |v: Vec<Vec<f64>>| -> Vec<(f64, f64)> { v.into_iter().map(|r| (r[0], r[1])).collect() };
     let mut cols = vec![];
     for (name, file) in std::iter::once(("in-distribution", &data)).chain(shifted.as_ref().map(|f| ("shifted", f))) {
         let (pairs, report) = load_tokenized_examples(file, &pol.tokenizer, &opts, read.skip_invalid)?;
@@ -58,13 +66,18 @@ pub fn run(args: CompareRewardsArgs) -> Result<()> {
         }
         let so =
             |t: &model::Transformer| prefer::stats::score_examples(t, &pairs, batch_size, &Default::default(), |_| {});
-        let (p, r) = (so(&pol.transformer)?, so(&refm.transformer)?);
-        let implicit: Vec<Vec<f64>> = p
+        let (p, r) = (pairs_of(so(&pol.transformer)?), pairs_of(so(&refm.transformer)?));
+        let lengths: Vec<(usize, usize)> = pairs
             .iter()
-            .zip(&r)
-            .map(|(a, b)| vec![beta * (a[0] - b[0]), beta * (a[1] - b[1])])
+            .map(|e| (e.chosen_ids().len(), e.rejected_ids().len()))
             .collect();
-        let explicit = prefer::stats::score_rewards(&rmm.transformer, &pairs, batch_size, rmm.tokenizer.pad_id)?;
+        let implicit = objective.pair_rewards(&prefer::objectives::PairStats::from_f64(&p, Some(&r), &lengths)?)?;
+        let explicit = pairs_of(prefer::stats::score_rewards(
+            &rmm.transformer,
+            &pairs,
+            batch_size,
+            rmm.tokenizer.pad_id,
+        )?);
         cols.push(
             json!({"split": name, "pairs": pairs.len(), "implicit_dpo": acc(&implicit), "explicit_rm": acc(&explicit)}),
         );

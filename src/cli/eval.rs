@@ -13,8 +13,13 @@ pub struct EvalArgs {
     /// Preference pairs (JSONL).
     #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, default_value_t = 0.1)]
-    pub beta: f64,
+    /// β of the implicit reward (default: the evaluated run's `beta`, else 0.1).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// The objective whose rewards and loss are reported (default: the evaluated run's
+    /// `loss_type`, else `sigmoid`); comma-separated to combine, as in the config.
+    #[arg(long = "loss-type", alias = "loss_type")]
+    pub loss_type: Option<String>,
     /// True preference probability of every pair, for the idealised ranking accuracy
     /// (rows' `preference_strength` takes precedence).
     #[arg(long)]
@@ -46,6 +51,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         reference,
         data,
         beta,
+        loss_type,
         alpha,
         read,
         generate,
@@ -54,11 +60,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         factors,
         json,
     } = args;
+    let objective = super::run_objective(&model, beta, loss_type.as_deref())?;
     eval_cmd(
         &model,
         reference.as_deref(),
         &data,
-        beta,
+        &objective,
         alpha,
         &read,
         generate,
@@ -107,8 +114,10 @@ fn print_summary(s: &prefer::eval::EvalSummary, beta: f64, gen_acc: Option<f64>)
         println!("reward accuracy (beta {beta})    {}", pct(a));
         println!("mean reward margin             {mg:.4}");
     }
-    if let (Some(l), Some(rr)) = (s.dpo_loss, s.ref_ranking_accuracy) {
-        println!("DPO loss                       {l:.4}");
+    if let (Some(l), Some(t)) = (s.loss, &s.loss_type) {
+        println!("{:<30} {l:.4}", format!("loss ({t})"));
+    }
+    if let Some(rr) = s.ref_ranking_accuracy {
         println!("reference ranking accuracy     {}", pct(rr));
     }
     if let Some(e) = s.calibration_ece {
@@ -160,7 +169,7 @@ fn eval_cmd(
     model_path: &Path,
     ref_path: Option<&Path>,
     data: &Path,
-    beta: f64,
+    objective: &prefer::objectives::Objective,
     alpha: Option<f64>,
     read: &DataArgs,
     generate: bool,
@@ -170,6 +179,7 @@ fn eval_cmd(
     as_json: bool,
 ) -> Result<()> {
     let batch_size = read.batch_size;
+    let beta = objective.params.beta;
     let dev = Device::Cpu;
     let models = if checkpoints {
         run_models(model_path)?
@@ -215,23 +225,25 @@ fn eval_cmd(
             }
             false => (score(&m)?, None),
         };
+        // each pair's (chosen, rejected) reward: a reward model's, or the objective's implicit
+        // reward (β·Δ for the DPO family) where the objective can be evaluated
+        let rewards: Option<Vec<(f64, f64)>> = if m.transformer.cfg.reward_head {
+            Some(scores.clone())
+        } else if reference.is_some() || !objective.needs_reference() {
+            let stats = prefer::objectives::PairStats::from_f64(&scores, reference.as_deref(), &lengths)?;
+            Some(objective.pair_rewards(&stats)?)
+        } else {
+            None
+        };
         // the model's probability that each pair's chosen response is preferred
-        let probabilities: Option<Vec<f64>> = match (&reference, m.transformer.cfg.reward_head) {
-            _ if gaussian.is_some() => gaussian,
-            (_, true) => Some(prefer::eval::bt_probabilities(&scores)),
-            (Some(r), false) => Some(prefer::eval::bt_probabilities(
-                &scores
-                    .iter()
-                    .zip(r)
-                    .map(|((c, j), (rc, rj))| (beta * (c - rc), beta * (j - rj)))
-                    .collect::<Vec<_>>(),
-            )),
-            (None, false) => None,
+        let probabilities: Option<Vec<f64>> = match gaussian {
+            Some(g) => Some(g),
+            None => rewards.as_deref().map(prefer::eval::bt_probabilities),
         };
         let mut summary = if m.transformer.cfg.reward_head {
             prefer::eval::summarize_rewards(&scores, probabilities.as_deref().unwrap_or_default())
         } else {
-            prefer::eval::summarize(&scores, reference.as_deref(), &lengths, beta)
+            prefer::eval::summarize(&scores, reference.as_deref(), &lengths, objective)?
         };
         if let (Some(r), false) = (&reference, m.transformer.cfg.reward_head) {
             summary = summary.with_ideal(r, alphas.as_deref(), beta);
@@ -263,19 +275,8 @@ fn eval_cmd(
         if let (Some(dir), None) = (plots, step) {
             // reward (or log-ratio) histograms of chosen vs rejected
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            let implicit: Vec<(f64, f64)> = match (&reference, m.transformer.cfg.reward_head) {
-                (Some(r), false) => scores
-                    .iter()
-                    .zip(r)
-                    .map(|((c, j), (rc, rj))| (beta * (c - rc), beta * (j - rj)))
-                    .collect(),
-                _ => scores.clone(),
-            };
-            let what = if m.transformer.cfg.reward_head || reference.is_some() {
-                "reward"
-            } else {
-                "log-prob"
-            };
+            let implicit = rewards.clone().unwrap_or_else(|| scores.clone());
+            let what = if rewards.is_some() { "reward" } else { "log-prob" };
             let p = dir.join("reward_histogram.png");
             prefer::plot::histogram(
                 &p,
@@ -326,15 +327,8 @@ fn eval_cmd(
         v["model"] = json!(path.display().to_string());
         v["step"] = json!(step);
         let factor_rows = if factors {
-            // the model's preference: implicit reward with a reference, else its own score
-            let diff: Vec<f64> = match (&reference, m.transformer.cfg.reward_head) {
-                (Some(r), false) => scores
-                    .iter()
-                    .zip(r)
-                    .map(|((c, j), (rc, rj))| (c - rc) - (j - rj))
-                    .collect(),
-                _ => scores.iter().map(|(c, j)| c - j).collect(),
-            };
+            // the model's preference: its reward margin (implicit or explicit), else its log-prob margin
+            let diff: Vec<f64> = rewards.as_ref().unwrap_or(&scores).iter().map(|(c, j)| c - j).collect();
             let (text, _) = load_text_examples(data, Some(&m.tokenizer), true)?;
             let by_line: std::collections::HashMap<usize, &prefer::data::TextExample> =
                 text.iter().map(|t| (t.line, t)).collect();
@@ -383,7 +377,7 @@ fn eval_cmd(
         "ranking_accuracy_normalized",
         "reward_accuracy",
         "reward_margin",
-        "dpo_loss",
+        "loss",
         "alignment_gap",
         "calibration_ece",
     ];

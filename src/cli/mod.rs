@@ -26,6 +26,38 @@ pub(crate) use serde_json::{json, Value};
 pub(crate) use std::io::Write;
 pub(crate) use std::path::{Path, PathBuf};
 
+/// The objective an evaluation reports: the evaluated model's run (its saved `loss_type`,
+/// `loss_weights` and hyperparameters), with `beta` and `loss_type` overriding; TRL's defaults
+/// (`sigmoid`, β = 0.1) for a model that prefer did not train. Says on stderr what it used.
+pub fn run_objective(
+    model: &Path,
+    beta: Option<f64>,
+    loss_type: Option<&str>,
+) -> Result<prefer::objectives::Objective> {
+    let (mut cfg, from) = match TrainConfig::of_trained_model(model) {
+        Some((c, p)) => (c, Some(p)),
+        None => (TrainConfig::default(), None),
+    };
+    if let Some(b) = beta {
+        cfg.params.beta = b;
+    }
+    if let Some(l) = loss_type {
+        cfg.loss_type = prefer::config::LossType::One(l.to_string());
+        cfg.loss_weights = None;
+    }
+    let objective = prefer::objectives::build(&cfg.loss_type.names(), cfg.loss_weights.as_deref(), &cfg.params)?;
+    eprintln!(
+        "objective: {}, beta {}{}",
+        objective.name(),
+        cfg.params.beta,
+        match &from {
+            Some(p) => format!(" (the run's, from {}; --beta and --loss-type override)", p.display()),
+            None => " (no run config beside the model: TRL's defaults unless --beta / --loss-type)".into(),
+        }
+    );
+    Ok(objective)
+}
+
 /// The SmolLM2 GGUF where `scripts/fetch-model.sh` puts it (`models/` under the current
 /// directory), or `$PREFER_SMOLLM2`: the default model of `prefer bench` and `prefer data inspect`.
 pub fn default_model() -> Option<PathBuf> {

@@ -90,35 +90,22 @@ fn objectives_eval(loss_type: &str, stats_path: &Path, set: &[String]) -> Result
     if pc.is_empty() {
         bail!("{}: no rows", stats_path.display());
     }
-    let n_rows = pc.len();
-    let t = |x: &[f64]| candle_core::Tensor::new(x, &Device::Cpu);
-    let st = prefer::objectives::PairStats {
-        policy_chosen: t(&pc)?,
-        policy_rejected: t(&pr)?,
-        ref_chosen: if rc.is_empty() { None } else { Some(t(&rc)?) },
-        ref_rejected: if rr.is_empty() { None } else { Some(t(&rr)?) },
-        chosen_tokens: nc,
-        rejected_tokens: nr,
-        weights: None,
-        strength: vec![1.0; n_rows],
-        scores: None,
-        margin: vec![0.0; n_rows],
-        log_variance: if lvc.is_empty() {
-            None
-        } else {
-            Some((t(&lvc)?, t(&lvr)?))
-        },
-    };
+    let policy: Vec<(f64, f64)> = pc.iter().copied().zip(pr.iter().copied()).collect();
+    let reference: Vec<(f64, f64)> = rc.iter().copied().zip(rr.iter().copied()).collect();
+    let lengths: Vec<(usize, usize)> = nc.into_iter().zip(nr).collect();
+    let mut st =
+        prefer::objectives::PairStats::from_f64(&policy, (!reference.is_empty()).then_some(&reference[..]), &lengths)?;
+    if !lvc.is_empty() {
+        let t = |x: &[f64]| candle_core::Tensor::new(x, &Device::Cpu);
+        st.log_variance = Some((t(&lvc)?, t(&lvr)?));
+    }
     let out = objective.loss_pairs(&st)?;
     let losses: Vec<f64> = out.losses.to_vec1()?;
-    let beta = cfg.params.beta;
+    let rewards = objective.pair_rewards(&st)?;
     let mut stdout = std::io::stdout().lock();
     for (i, (line, _)) in rows.iter().enumerate() {
-        let mut rec = json!({"line": line, "loss": losses[i]});
-        if !rc.is_empty() {
-            rec["rewards/chosen"] = json!(beta * (pc[i] - rc[i]));
-            rec["rewards/rejected"] = json!(beta * (pr[i] - rr[i]));
-        }
+        let rec =
+            json!({"line": line, "loss": losses[i], "rewards/chosen": rewards[i].0, "rewards/rejected": rewards[i].1});
         writeln!(stdout, "{rec}")?;
     }
     let mut summary = serde_json::Map::new();

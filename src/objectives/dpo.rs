@@ -7,6 +7,14 @@ use super::{log_sigmoid, sigmoid as sig, Ctx};
 use crate::error::Result;
 use candle_core::{DType, Tensor};
 
+settings! {
+    /// DPO-family hyperparameters (beyond the common ones in [`super::ObjectiveParams`]).
+    pub struct DpoParams {
+        /// τ of the discopop loss.
+        pub discopop_tau: f64 = 0.05,
+    }
+}
+
 /// −log σ(βd). (TRL ≥0.29 ignores ε here; `cdpo` is the smoothed form.)
 pub fn sigmoid(c: &Ctx) -> Result<Tensor> {
     Ok(log_sigmoid(&(c.d()? * c.p.beta)?)?.neg()?)
@@ -112,7 +120,7 @@ pub fn apo_down(c: &Ctx) -> Result<Tensor> {
 /// z = βd, m = σ(z/τ): (1−m)(−log σ(z)) + m e^{−z}, τ = `discopop_tau`.
 pub fn discopop(c: &Ctx) -> Result<Tensor> {
     let z = (c.d()? * c.p.beta)?;
-    let m = sig(&(&z / c.p.discopop_tau)?)?;
+    let m = sig(&(&z / c.p.dpo.discopop_tau)?)?;
     let logistic = log_sigmoid(&z)?.neg()?;
     let exp = z.neg()?.exp()?;
     Ok((((1.0 - &m)? * logistic)? + (m * exp)?)?)

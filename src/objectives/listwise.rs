@@ -6,6 +6,14 @@ use crate::model::kernels::primitive::logsumexp_last;
 use crate::stats::SeqStats;
 use candle_core::{DType, Tensor};
 
+settings! {
+    /// Hyperparameters of the ranked-list objectives.
+    pub struct ListwiseParams {
+        /// Weight of PRO's SFT term on the best response.
+        pub pro_sft_weight: f64 = 1.0,
+    }
+}
+
 /// A ranked batch: per response log-probs and token counts, per example its labels.
 pub struct ListCtx<'a> {
     pub s: &'a SeqStats,
@@ -133,7 +141,7 @@ pub fn pro(c: &ListCtx) -> Result<ObjectiveOutput> {
         let rs = c.responses(e);
         let k = psi.len();
         let re = r.narrow(0, rs.start, k)?;
-        let mut loss = (re.narrow(0, 0, 1)?.neg()? * c.p.pro_sft_weight)?; // SFT on the best
+        let mut loss = (re.narrow(0, 0, 1)?.neg()? * c.p.listwise.pro_sft_weight)?; // SFT on the best
         for top in 0..k - 1 {
             let mut f: Vec<f64> = vec![1.0; k - top];
             if c.scored[e] {

@@ -3,9 +3,21 @@
 //! (ALGORITHMS.md tags them [not found] / [recalled]); these are the documented shapes and are
 //! listed as experimental.
 
-use super::{log_sigmoid, lookup, mean, Ctx, LossKind, PairStats};
+use super::{log_sigmoid, lookup, mean, Ctx, LossKind, ObjectiveParams, PairStats};
 use crate::error::{Error, Result};
 use candle_core::Tensor;
+use std::collections::BTreeMap;
+
+settings! {
+    /// Hyperparameters of the noisy-label objectives.
+    pub struct NoisyParams {
+        /// The pairwise objective lcpo wraps.
+        pub lcpo_base: String = "sigmoid".into(),
+        /// lcpo's initial label-noise rate η, re-estimated each step (EM) and logged as
+        /// lcpo/noise_rate.
+        pub lcpo_noise_rate: f64 = 0.1,
+    }
+}
 
 fn strength(c: &Ctx) -> Result<Tensor> {
     let p = &c.s.policy_chosen;
@@ -54,7 +66,7 @@ fn swapped(s: &PairStats) -> PairStats {
 /// correct, γ = (1−η)P / ((1−η)P + η(1−P)) with P = σ(ℓ(l,w) − ℓ(w,l)) (the link P ∝ e^{−ℓ}),
 /// no gradient through γ.
 fn lcpo_parts(c: &Ctx) -> Result<(Tensor, Tensor, Tensor)> {
-    let base = lookup(&c.p.lcpo_base)?;
+    let base = lookup(&c.p.noisy.lcpo_base)?;
     let LossKind::Pairwise(f) = base.loss else {
         return Err(Error::Config(format!(
             "lcpo_base `{}` is not a pairwise objective",
@@ -68,7 +80,7 @@ fn lcpo_parts(c: &Ctx) -> Result<(Tensor, Tensor, Tensor)> {
     let sw = swapped(c.s);
     let back = f(&Ctx { s: &sw, p: c.p })?;
     let p = super::sigmoid(&(back.detach() - fwd.detach())?)?;
-    let eta = c.p.lcpo_noise_rate;
+    let eta = c.p.noisy.lcpo_noise_rate;
     let num = (&p * (1.0 - eta))?;
     let gamma = (&num / (&num + ((1.0 - &p)? * eta)?)?)?;
     Ok((fwd, back, gamma))
@@ -84,7 +96,15 @@ pub fn lcpo(c: &Ctx) -> Result<Tensor> {
 pub fn lcpo_metrics(c: &Ctx) -> Result<Vec<(String, f64)>> {
     let (_, _, gamma) = lcpo_parts(c)?;
     Ok(vec![
-        ("lcpo/noise_rate".into(), c.p.lcpo_noise_rate),
+        ("lcpo/noise_rate".into(), c.p.noisy.lcpo_noise_rate),
         ("lcpo/estimated_noise".into(), 1.0 - mean(&gamma)?),
     ])
+}
+
+/// LCPO's M-step, after each optimizer step: η moves towards the step's estimate of the
+/// label-noise rate (`lcpo/estimated_noise`, averaged over the step's micro-batches).
+pub fn lcpo_end_step(p: &mut ObjectiveParams, step_metrics: &BTreeMap<String, f64>) {
+    if let Some(est) = step_metrics.get("lcpo/estimated_noise") {
+        p.noisy.lcpo_noise_rate = 0.9 * p.noisy.lcpo_noise_rate + 0.1 * est;
+    }
 }

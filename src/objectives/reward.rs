@@ -5,6 +5,14 @@ use super::{log_ndtr, log_sigmoid, mean, Ctx};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 
+settings! {
+    /// Reward-model objectives' hyperparameters (TRL's `RewardConfig` names).
+    pub struct RewardParams {
+        /// Reward models: weight η of the centring term mean((r_w + r_l)²) (TRL).
+        pub center_rewards_coefficient: Option<f64> = None,
+    }
+}
+
 /// Bradley-Terry: −log σ(r_w − r_l − m) + η·(r_w + r_l)², m = per-pair `margin` (0 if absent),
 /// η = `center_rewards_coefficient` (TRL RewardTrainer; the centring term's batch mean is
 /// η·mean((r_w + r_l)²)).
@@ -13,7 +21,7 @@ pub fn bradley_terry(c: &Ctx) -> Result<Tensor> {
     let dev = rw.device();
     let m = Tensor::new(c.s.margin.clone(), dev)?.to_dtype(rw.dtype())?;
     let mut loss = log_sigmoid(&((rw - rl)? - m)?)?.neg()?;
-    if let Some(eta) = c.p.center_rewards_coefficient {
+    if let Some(eta) = c.p.reward.center_rewards_coefficient {
         loss = (loss + ((rw + rl)?.sqr()? * eta)?)?;
     }
     Ok(loss)
@@ -32,7 +40,7 @@ pub fn gaussian(c: &Ctx) -> Result<Tensor> {
     let scale = (vw.exp()? + vl.exp()?)?.sqrt()?;
     let z = (((rw - rl)? - m)? / scale)?;
     let mut loss = log_ndtr(&z)?.neg()?;
-    if let Some(eta) = c.p.center_rewards_coefficient {
+    if let Some(eta) = c.p.reward.center_rewards_coefficient {
         loss = (loss + ((rw + rl)?.sqr()? * eta)?)?;
     }
     Ok(loss)

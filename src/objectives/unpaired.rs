@@ -6,6 +6,16 @@ use crate::error::{Error, Result};
 use crate::stats::SeqStats;
 use candle_core::{DType, Tensor};
 
+settings! {
+    /// KTO's hyperparameters (TRL's `KTOConfig` names).
+    pub struct UnpairedParams {
+        /// KTO's λ_D: weight of desirable completions.
+        pub desirable_weight: f64 = 1.0,
+        /// KTO's λ_U: weight of undesirable completions.
+        pub undesirable_weight: f64 = 1.0,
+    }
+}
+
 /// An unpaired batch: Δ = log π − log π_ref of each completion, its label, and (KTO) the
 /// reference point z0 estimated from mismatched completions.
 pub struct UnpairedCtx<'a> {
@@ -111,7 +121,8 @@ impl<'a> UnpairedCtx<'a> {
     /// `λ_D · d + λ_U · u` per example, d for desirable rows and u for undesirable ones.
     fn by_label(&self, d: Tensor, u: Tensor) -> Result<Tensor> {
         let und = (1.0 - &self.desirable)?;
-        Ok(((d * &self.desirable)? * self.p.desirable_weight)?.add(&((u * und)? * self.p.undesirable_weight)?)?)
+        Ok(((d * &self.desirable)? * self.p.unpaired.desirable_weight)?
+            .add(&((u * und)? * self.p.unpaired.undesirable_weight)?)?)
     }
 }
 

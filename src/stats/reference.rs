@@ -11,6 +11,9 @@ use candle_core::{DType, Tensor};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// Where a checkpoint keeps the reference that `sync_ref_model` has moved.
+pub const SYNCED_REF_DIR: &str = "ref_model";
+
 pub enum Reference {
     Model(Box<Transformer>),
     /// Per-example summed log-probs of each response, for the train and eval sets.

@@ -1,23 +1,19 @@
 //! Checkpoints: `output_dir/checkpoint-N/` holds the model in HF layout, the optimizer state
-//! (`optimizer.safetensors`) and `trainer_state.json` (step, logging window). The directory is
+//! (`optimizer.safetensors`), `trainer_state.json` (step, logging window, the algorithm's
+//! state) and whatever the algorithm keeps beside them (a synced reference, a peer model). The directory is
 //! written under a temporary name and renamed, so a checkpoint either exists whole or not at all.
 
-use super::optim::Optimizer;
 use super::Window;
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
+use crate::optim::{Optimizer, OPTIMIZER_FILE};
 use crate::util::write_atomic;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
-/// With `sync_ref_model`, the current (synced) reference is saved here inside a checkpoint.
-pub const REF_DIR: &str = "ref_model";
-/// With `crm`, the peer reward model (and its optimizer state) is saved here.
-pub const PEER_DIR: &str = "peer_model";
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -26,14 +22,10 @@ pub struct TrainerState {
     pub window: Window,
     pub last_grad_norm: f64,
     pub last_lr: f64,
-    /// LCPO's current label-noise estimate η (EM), when the objective uses it.
+    /// The algorithm's own state ([`crate::algorithms::Algorithm::state`]): MaxMin's
+    /// clusters, LCPO's noise estimate, ...
     #[serde(default)]
-    pub lcpo_noise_rate: Option<f64>,
-    /// MaxMin-RLHF: each annotator's cluster, and the last E-step's metrics.
-    #[serde(default)]
-    pub clusters: Option<BTreeMap<String, usize>>,
-    #[serde(default)]
-    pub em_metrics: BTreeMap<String, f64>,
+    pub algorithm: Value,
     /// The configuration the run was started with (for the record).
     #[serde(default)]
     pub config: Option<Value>,
@@ -42,11 +34,10 @@ pub struct TrainerState {
 pub fn save(
     out_dir: &Path,
     model: &LoadedModel,
-    synced_ref: Option<&LoadedModel>,
-    peer: Option<(&LoadedModel, &Optimizer)>,
     opt: &Optimizer,
     state: &TrainerState,
     cfg: &TrainConfig,
+    extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let dir = out_dir.join(format!("checkpoint-{}", state.global_step));
     let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.global_step));
@@ -54,19 +45,8 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     crate::model::hf::save_dir(model, &tmp)?;
-    if let Some(r) = synced_ref {
-        crate::model::hf::save_dir(r, &tmp.join(REF_DIR))?;
-    }
-    if let Some((m, o)) = peer {
-        let d = tmp.join(PEER_DIR);
-        crate::model::hf::save_dir(m, &d)?;
-        write_atomic(
-            &d.join("optimizer.safetensors"),
-            &crate::model::hf::model_safetensors_bytes(&o.state_tensors()?)?,
-        )?;
-    }
-    let st = crate::model::hf::model_safetensors_bytes(&opt.state_tensors()?)?;
-    write_atomic(&tmp.join("optimizer.safetensors"), &st)?;
+    extra(&tmp)?;
+    opt.save_file(&tmp.join(OPTIMIZER_FILE))?;
     let mut state = state.clone();
     state.optimizer_steps = opt.t;
     state.config = serde_json::to_value(cfg).ok();
@@ -81,29 +61,11 @@ pub fn save(
     Ok(dir)
 }
 
-/// Restore an optimizer from `dir/optimizer.safetensors` (absent: SGD, nothing to restore).
-pub fn load_optimizer(dir: &Path, opt: &mut Optimizer, steps: u64) -> Result<()> {
-    let op = dir.join("optimizer.safetensors");
-    let tensors = if op.is_file() {
-        candle_core::safetensors::load(&op, &candle_core::Device::Cpu).map_err(|e| Error::model(&op, e.to_string()))?
-    } else {
-        Default::default()
-    };
-    opt.load_state(tensors, steps)
-}
-
-/// Restore optimizer state; returns the trainer state.
 pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
     let p = dir.join(STATE_FILE);
     let state: TrainerState = serde_json::from_str(&crate::util::read_to_string(&p)?)
         .map_err(|e| Error::model(&p, format!("invalid trainer state: {e}")))?;
-    let op = dir.join("optimizer.safetensors");
-    let tensors = if op.is_file() {
-        candle_core::safetensors::load(&op, &candle_core::Device::Cpu).map_err(|e| Error::model(&op, e.to_string()))?
-    } else {
-        Default::default()
-    };
-    opt.load_state(tensors, state.optimizer_steps)?;
+    opt.load_file(&dir.join(OPTIMIZER_FILE), state.optimizer_steps)?;
     Ok(state)
 }
 

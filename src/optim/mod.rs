@@ -3,6 +3,11 @@
 //! used where backward left them (no copy); with accumulation they are summed on the host in
 //! f32. The update is one parallel pass per parameter that writes the weights in place.
 
+pub mod schedule;
+
+/// The file a checkpoint keeps an optimizer's state in.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
 use crate::error::{Error, Result};
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
@@ -261,6 +266,26 @@ impl Optimizer {
     }
 
     /// Restore from [`Self::state_tensors`].
+    /// Write the optimizer state ([`Self::state_tensors`]) as a safetensors file, atomically.
+    pub fn save_file(&self, path: &std::path::Path) -> Result<()> {
+        crate::util::write_atomic(
+            path,
+            &crate::model::hf::model_safetensors_bytes(&self.state_tensors()?)?,
+        )
+    }
+
+    /// Restore the state [`Self::save_file`] wrote, after `steps` updates; a missing file is a
+    /// fresh state (a checkpoint of SGD has none).
+    pub fn load_file(&mut self, path: &std::path::Path, steps: u64) -> Result<()> {
+        let tensors = if path.is_file() {
+            candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+                .map_err(|e| Error::model(path, e.to_string()))?
+        } else {
+            Default::default()
+        };
+        self.load_state(tensors, steps)
+    }
+
     pub fn load_state(&mut self, mut tensors: std::collections::HashMap<String, Tensor>, t: u64) -> Result<()> {
         self.t = t;
         for p in &mut self.params {

@@ -1,0 +1,109 @@
+//! A run's examples (the trainer core holds them and hands micro-batches of indices to the
+//! algorithm): `train_file` and `eval_file` read, validated and tokenised for the
+//! objective that will read them.
+
+use crate::config::TrainConfig;
+use crate::data::{load_tokenized_examples, Shape, TokenizedExample};
+use crate::error::{Error, Result};
+use crate::objectives::Objective;
+use crate::tokenizer::TextTokenizer;
+use std::path::Path;
+
+/// The tokenised train and eval sets of a run.
+pub struct TrainData {
+    pub train: Vec<TokenizedExample>,
+    /// Empty without `eval_file`.
+    pub eval: Vec<TokenizedExample>,
+}
+
+impl TrainData {
+    /// Read both files. With `reward_augmented`, the files are relabelled first into
+    /// `output_dir`, and `cfg` then names the relabelled files (so checkpoints record them).
+    pub fn load(cfg: &mut TrainConfig, tokenizer: &TextTokenizer, objective: &Objective) -> Result<TrainData> {
+        if cfg.reward_augmented {
+            relabel_reward_augmented(cfg)?;
+        }
+        let opts = cfg.tokenize_options();
+        let (mut train, report) =
+            load_tokenized_examples(Path::new(&cfg.train_file), tokenizer, &opts, cfg.skip_invalid)?;
+        for e in &report.skipped {
+            eprintln!("skipped: {e}");
+        }
+        check_shape(objective, report.shape, &cfg.train_file)?;
+        let mut eval = match &cfg.eval_file {
+            Some(f) => {
+                let (p, r) = load_tokenized_examples(Path::new(f), tokenizer, &opts, cfg.skip_invalid)?;
+                for e in &r.skipped {
+                    eprintln!("skipped (eval): {e}");
+                }
+                check_shape(objective, r.shape, f)?;
+                p
+            }
+            None => vec![],
+        };
+        if objective.needs_kl() {
+            add_mismatched_completions(&mut train, &cfg.train_file, cfg.max_length)?;
+            if !eval.is_empty() {
+                add_mismatched_completions(&mut eval, cfg.eval_file.as_deref().unwrap_or(""), cfg.max_length)?;
+            }
+        }
+        eprintln!(
+            "train_file: {} {} examples ({}; {} skipped, {} prompts and {} completions truncated)",
+            train.len(),
+            report.shape.map(|f| f.to_string()).unwrap_or_default(),
+            report.format.map(|f| f.to_string()).unwrap_or_default(),
+            report.skipped.len(),
+            report.prompts_truncated,
+            report.completions_truncated
+        );
+        Ok(TrainData { train, eval })
+    }
+}
+
+/// Relabel scored pairs into files beside the run's outputs, and point `cfg` at them.
+fn relabel_reward_augmented(cfg: &mut TrainConfig) -> Result<()> {
+    let out_dir = cfg.output_dir();
+    crate::util::create_dir_all(&out_dir)?;
+    let relabel = |f: &str, name: &str| -> Result<String> {
+        let lines = crate::data::convert::reward_augment(Path::new(f))?;
+        let p = out_dir.join(name);
+        crate::util::write_atomic(&p, (lines.join("\n") + "\n").as_bytes())?;
+        eprintln!("reward_augmented: {} pairs from {f} in {}", lines.len(), p.display());
+        Ok(p.display().to_string())
+    };
+    cfg.train_file = relabel(&cfg.train_file, "reward_augmented_train.jsonl")?;
+    if let Some(f) = cfg.eval_file.clone() {
+        cfg.eval_file = Some(relabel(&f, "reward_augmented_eval.jsonl")?);
+    }
+    Ok(())
+}
+
+/// The data shape must be the one the objective reads: one clear error at start-up.
+fn check_shape(objective: &Objective, shape: Option<Shape>, file: &str) -> Result<()> {
+    match shape {
+        Some(s) if s != objective.shape() => Err(Error::Config(format!(
+            "loss_type `{}` reads {} data, but {file} holds {s} rows (pairwise: prompt/chosen/rejected; ranked: prompt/responses/ranks or scores; unpaired: prompt/completion/label)",
+            objective.name(),
+            objective.shape()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// KTO's KL estimate needs, for each example, a completion that does not belong to its
+/// prompt: the previous example's (in file order, so the pairing is fixed and cacheable).
+fn add_mismatched_completions(examples: &mut [TokenizedExample], file: &str, max_length: usize) -> Result<()> {
+    let n = examples.len();
+    if n < 2 {
+        return Err(Error::Config(format!(
+            "{file}: KTO's reference point needs at least 2 examples"
+        )));
+    }
+    let completions: Vec<Vec<u32>> = examples.iter().map(|e| e.responses[0].clone()).collect();
+    for (i, e) in examples.iter_mut().enumerate() {
+        let mut other = completions[(i + n - 1) % n].clone();
+        other.truncate(max_length.saturating_sub(e.prompt_ids.len()).max(1));
+        e.responses.push(other);
+    }
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! Training algorithms: what one optimizer step of a method computes, behind the small
+//! [`Algorithm`] trait that the trainer core (`train`, above this module) runs. The core owns the loop,
+//! gradient accumulation, clipping, schedules, checkpoints, resume, logging and Ctrl-C, and
+//! knows nothing of any one method; an algorithm owns everything else it needs: its objective,
+//! extra models (a reference, a peer reward model, later a reward model or a teacher), and
+//! state that checkpoints save and restore.
+//!
+//! - [`preference::Preference`]: offline preference objectives (the DPO family, reference-free,
+//!   unpaired, listwise), with the reference source and TR-DPO's reference sync.
+//! - [`reward::RewardModel`]: reward models, with MaxMin's EM over annotator clusters
+//!   ([`maxmin`]) and collaborative reward modeling's peer model ([`crm`]).
+//!
+//! An online method plugs in the same way: [`Algorithm::begin_step`] is its rollout (sample
+//! with the policy, score with rewards), [`Algorithm::micro_batch`] its loss on the rollout.
+
+pub mod crm;
+pub mod data;
+pub mod maxmin;
+pub mod preference;
+pub mod reward;
+
+use crate::config::{Task, TrainConfig};
+use crate::data::TokenizedExample;
+use crate::error::Result;
+use crate::model::LoadedModel;
+use crate::objectives::Objective;
+use crate::optim::{OptimKind, Optimizer};
+use candle_core::Tensor;
+use data::TrainData;
+use serde_json::Value;
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What the trainer core tells an algorithm about the step it is in.
+pub struct StepCtx<'a> {
+    /// The model being trained (its parameters are the optimizer's variables).
+    pub policy: &'a LoadedModel,
+    pub data: &'a TrainData,
+    pub cfg: &'a TrainConfig,
+    /// The optimizer step being computed (0-based); in [`Algorithm::end_step`], the step just
+    /// finished.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Micro-batches per optimizer step (the core divides each micro-batch's loss by it).
+    pub accumulation: usize,
+    /// Micro-batches in one pass over the training set.
+    pub batches_per_epoch: usize,
+}
+
+/// One micro-batch's loss and what it measured.
+pub struct MicroBatch {
+    /// The scalar loss, differentiable in the policy's parameters.
+    pub loss: Tensor,
+    /// Named metrics (TRL's names), each a micro-batch mean; the core averages them over the
+    /// step's micro-batches.
+    pub metrics: Vec<(String, f64)>,
+    /// Named counts, summed over the step's micro-batches (e.g. CRM's filtered pairs).
+    pub counts: Vec<(String, f64)>,
+    /// Token positions the policy's forward pass computed (padding included).
+    pub positions: usize,
+}
+
+/// A training method, as the trainer core runs it.
+pub trait Algorithm: Any {
+    /// Before a step's micro-batches: an online method's rollout, MaxMin's E-step.
+    fn begin_step(&mut self, _ctx: &StepCtx) -> Result<()> {
+        Ok(())
+    }
+
+    /// The loss of the micro-batch of training examples at `indices`.
+    fn micro_batch(&mut self, ctx: &StepCtx, indices: &[usize]) -> Result<MicroBatch>;
+
+    /// After the policy's update, with the step's averaged metrics and learning rate: the
+    /// algorithm's own models and state move here (a peer's update, TR-DPO's reference sync,
+    /// LCPO's M-step).
+    fn end_step(&mut self, _ctx: &StepCtx, _metrics: &BTreeMap<String, f64>, _lr: f64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Held-out metrics (without the `eval_` prefix the core adds).
+    fn evaluate(
+        &self,
+        policy: &LoadedModel,
+        eval: &[TokenizedExample],
+        batch_size: usize,
+    ) -> Result<Vec<(String, f64)>>;
+
+    /// Metrics added to every log record (e.g. MaxMin's cluster sizes).
+    fn log_metrics(&self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
+
+    /// State that a checkpoint keeps in `trainer_state.json` for an exact resume.
+    fn state(&self) -> Result<Value> {
+        Ok(Value::Null)
+    }
+
+    /// Write what else a checkpoint needs (extra models, their optimizers) into `dir`.
+    fn save_checkpoint(&self, _dir: &Path, _policy: &LoadedModel) -> Result<()> {
+        Ok(())
+    }
+
+    /// Restore [`Self::state`] and what [`Self::save_checkpoint`] wrote; `optimizer_steps` is
+    /// the checkpoint's count of optimizer updates.
+    fn restore(&mut self, _dir: &Path, _state: &Value, _optimizer_steps: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Write the extra models a finished run leaves beside the policy in `output_dir`.
+    fn save_final(&self, _out_dir: &Path) -> Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// The algorithm a config describes, with the policy it trains (a reward model gets its
+/// head here). `resume`: the checkpoint a resumed run starts from.
+pub fn build(
+    cfg: &TrainConfig,
+    objective: Objective,
+    policy: LoadedModel,
+    data: &TrainData,
+    resume: Option<&Path>,
+) -> Result<(LoadedModel, Box<dyn Algorithm>)> {
+    match cfg.task {
+        Task::Dpo => {
+            let a = preference::Preference::new(cfg, objective, &policy, data, resume)?;
+            Ok((policy, Box::new(a)))
+        }
+        Task::Reward => {
+            let (policy, a) = reward::RewardModel::new(cfg, objective, policy, data, resume)?;
+            Ok((policy, Box::new(a)))
+        }
+    }
+}
+
+/// Mean of the objective's loss and metrics over a whole set, in batches (no gradient):
+/// `loss` and the objective's metrics, weighted by batch size.
+pub fn evaluate_in_batches(
+    n: usize,
+    batch_size: usize,
+    mut batch: impl FnMut(&[usize]) -> Result<crate::objectives::ObjectiveOutput>,
+) -> Result<Vec<(String, f64)>> {
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let all: Vec<usize> = (0..n).collect();
+    for chunk in all.chunks(batch_size.max(1)) {
+        let out = batch(chunk)?;
+        let w = chunk.len() as f64;
+        *sums.entry("loss".into()).or_default() += crate::objectives::mean(&out.losses)? * w;
+        for (k, v) in out.metrics {
+            *sums.entry(k).or_default() += v * w;
+        }
+    }
+    Ok(sums.into_iter().map(|(k, v)| (k, v / n.max(1) as f64)).collect())
+}
+
+/// `model` made trainable as the config asks (kernels, gradient checkpointing, sparse embedding
+/// gradients, per-layer graphs), with its optimizer: the policy's, and any extra model an
+/// algorithm trains.
+pub fn trainable(mut model: LoadedModel, cfg: &TrainConfig) -> Result<(LoadedModel, Optimizer)> {
+    model.transformer.kernels = cfg.kernels();
+    model.transformer.set_gradient_checkpointing(cfg.gradient_checkpointing);
+    model.transformer.set_sparse_embedding_grad(true);
+    model.transformer.set_layer_graphs(true);
+    let (model, vars) = model.into_trainable()?;
+    let kind = match cfg.optim {
+        crate::config::Optim::Sgd => OptimKind::Sgd,
+        crate::config::Optim::AdamwTorch => OptimKind::AdamW {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+        },
+    };
+    Ok((model, Optimizer::new(kind, cfg.weight_decay, vars)))
+}

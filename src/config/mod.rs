@@ -1,0 +1,507 @@
+//! The run configuration: a TOML file whose keys are TRL's `DPOConfig` / `TrainingArguments`
+//! names wherever TRL has the option, defaults equal to TRL's, every key overridable with
+//! `--set key=value`. Unknown keys and values outside a closed set are errors that suggest the
+//! closest known one.
+//!
+//! Each key is declared once, with its type, default and documentation: the run's own keys in
+//! [`TrainConfig`] below, the objectives' hyperparameters beside their objectives
+//! ([`crate::objectives::ObjectiveParams`] and the family files). `prefer train --help-config`
+//! is generated from those declarations.
+
+use crate::data::{TokenizeOptions, TruncationMode};
+use crate::error::{Error, Result};
+use crate::objectives::ObjectiveParams;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+choice! {
+    /// What a run trains (`task`).
+    pub enum Task {
+        /// The policy, with a preference objective over its log-probs.
+        Dpo = "dpo",
+        /// A reward model: the LM body plus a reward head.
+        Reward = "reward",
+    }
+}
+
+choice! {
+    /// The optimizer (`optim`).
+    pub enum Optim {
+        AdamwTorch = "adamw_torch" | "adamw",
+        Sgd = "sgd",
+    }
+}
+
+choice! {
+    /// The learning-rate schedule (`lr_scheduler_type`), as transformers' `get_scheduler`.
+    pub enum LrSchedulerType {
+        Constant = "constant",
+        ConstantWithWarmup = "constant_with_warmup",
+        Linear = "linear",
+        Cosine = "cosine",
+    }
+}
+
+/// `ref_model`: one path, or several averaged in weight space.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RefModel {
+    One(String),
+    Soup(Vec<String>),
+}
+
+impl RefModel {
+    pub fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            RefModel::One(s) => vec![PathBuf::from(s)],
+            RefModel::Soup(v) => v.iter().map(PathBuf::from).collect(),
+        }
+    }
+}
+
+/// `loss_type`: one name, a list, or a comma-separated string.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum LossType {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl LossType {
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            LossType::One(s) => s
+                .split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect(),
+            LossType::Many(v) => v.clone(),
+        }
+    }
+}
+
+settings! {
+    /// A training run: TRL's `DPOConfig` / `RewardConfig` / `TrainingArguments` keys, plus the
+    /// objectives' hyperparameters (flattened to the top level).
+    pub struct TrainConfig {
+        /// Policy to train: an HF model directory (config.json + safetensors) or a .gguf file.
+        /// Required.
+        pub model_name_or_path: String = String::new(),
+        /// Reference model: a path (HF dir, .gguf, or an earlier checkpoint of a run: SePPO-style), or a list of paths averaged in weight space (SALSA soup). Default: the
+        /// starting policy.
+        pub ref_model: Option<RefModel> = None,
+        /// TR-DPO: every ref_model_sync_steps, π_ref ← α·π_θ + (1−α)·π_ref with α =
+        /// ref_model_mixup_alpha (α = 1: the reference becomes the policy).
+        pub sync_ref_model: bool = false,
+        /// α of sync_ref_model.
+        pub ref_model_mixup_alpha: f64 = 0.6,
+        /// Steps between reference updates with sync_ref_model.
+        pub ref_model_sync_steps: usize = 512,
+        /// LD-DPO: log-probs count tokens past the shorter completion's length α times (policy
+        /// and reference).
+        pub ld_alpha: Option<f64> = None,
+        /// WPO: weight each pair's loss by exp(mean_t[log p(y_t) − log Σ_v p(v)²]) of chosen
+        /// times rejected.
+        pub use_weighting: bool = false,
+        /// Where checkpoints, metrics.jsonl and the final model go.
+        pub output_dir: String = "runs/prefer".into(),
+        /// Preference pairs, JSONL: standard, conversational or Anthropic HH (auto-detected).
+        /// Required.
+        pub train_file: String = String::new(),
+        /// Held-out pairs evaluated every eval_steps and at the end.
+        pub eval_file: Option<String> = None,
+        /// dpo (align the policy with an objective over log-probs) | reward (train a reward
+        /// model: the LM body plus a reward head, saved as *ForSequenceClassification).
+        pub task: Task = Task::Dpo,
+        /// Objective name (`prefer objectives list`), or a list (or comma-separated string)
+        /// combined with loss_weights.
+        pub loss_type: LossType = LossType::One("sigmoid".into()),
+        /// Weights of a loss_type list: L = Σ w_k · mean(loss_k); RPO = ["sigmoid", "sft"] with
+        /// [1.0, 0.005]. Default: 1.0 each.
+        pub loss_weights: Option<Vec<f64>> = None,
+        /// MaxMin-RLHF: K > 1 learns K reward heads on one body with EM over annotator clusters
+        /// (rows need `annotator`).
+        pub reward_clusters: usize = 1,
+        /// Steps between EM reassignments of annotators to clusters; 0 = once per epoch.
+        pub em_steps: usize = 0,
+        /// Collaborative reward modeling: train two reward models, each on the pairs its peer
+        /// is most confident about (largest margins); the peer is saved in
+        /// output_dir/peer_model.
+        pub crm: bool = false,
+        /// Fraction of each batch a CRM model keeps (the rest is filtered as likely noisy).
+        pub crm_keep_ratio: f64 = 0.7,
+        /// CRM: ramp the filtered fraction linearly from 0 to 1 − crm_keep_ratio over this
+        /// fraction of the run (co-teaching's schedule, Han et al. 2018: margins mean little
+        /// before the models have learned anything; 0 filters from the first step).
+        pub crm_warmup_ratio: f64 = 0.25,
+        /// Peak learning rate.
+        pub learning_rate: f64 = 1e-6,
+        /// Preference pairs per micro-batch.
+        pub per_device_train_batch_size: usize = 8,
+        /// Pairs per batch when evaluating or precomputing reference log-probs.
+        pub per_device_eval_batch_size: usize = 8,
+        /// Micro-batches per optimizer step.
+        pub gradient_accumulation_steps: usize = 1,
+        /// Optimizer steps to run; -1 = derive from num_train_epochs.
+        pub max_steps: i64 = -1,
+        /// Passes over train_file when max_steps = -1.
+        pub num_train_epochs: f64 = 3.0,
+        /// constant | constant_with_warmup | linear | cosine.
+        pub lr_scheduler_type: LrSchedulerType = LrSchedulerType::Linear,
+        /// Linear warm-up steps (overrides warmup_ratio when > 0).
+        pub warmup_steps: usize = 0,
+        /// Warm-up as a fraction of all steps.
+        pub warmup_ratio: f64 = 0.0,
+        /// Clip the global gradient norm to this; 0 = no clipping.
+        pub max_grad_norm: f64 = 1.0,
+        /// adamw_torch (alias adamw) | sgd.
+        pub optim: Optim = Optim::AdamwTorch,
+        /// Decoupled weight decay (AdamW) / L2 (SGD); not applied to biases and norms.
+        pub weight_decay: f64 = 0.0,
+        /// AdamW β1.
+        pub adam_beta1: f64 = 0.9,
+        /// AdamW β2.
+        pub adam_beta2: f64 = 0.999,
+        /// AdamW ε.
+        pub adam_epsilon: f64 = 1e-8,
+        /// Seed of the data order.
+        pub seed: u64 = 42,
+        /// Shuffle the pairs each epoch (seeded); false = file order.
+        pub shuffle: bool = true,
+        /// Write metrics every this many optimizer steps.
+        pub logging_steps: usize = 10,
+        /// Save a checkpoint every this many steps (and always at the end).
+        pub save_steps: usize = 500,
+        /// Evaluate eval_file every this many steps; 0 = only at the end.
+        pub eval_steps: usize = 0,
+        /// Max tokens of prompt + completion.
+        pub max_length: usize = 1024,
+        /// Max prompt tokens (truncated per truncation_mode); 0 = no limit.
+        pub max_prompt_length: usize = 512,
+        /// keep_end (keep the prompt's last tokens) | keep_start.
+        pub truncation_mode: TruncationMode = TruncationMode::KeepEnd,
+        /// Compute reference log-probs once, cache them on disk and drop the reference model.
+        pub precompute_ref_log_probs: bool = false,
+        /// Pack a batch into one row without padding (each sequence attends only to itself).
+        /// Same log-probs as padding; fewer tokens computed. TRL's option; its default there is
+        /// false.
+        pub padding_free: bool = true,
+        /// Compute each prompt once for all its responses: [prompt, chosen, rejected] as one
+        /// unit in which each response sees the prompt and itself. Same log-probs as separate
+        /// sequences.
+        pub share_prompt: bool = true,
+        /// Fused CPU kernels with their own backward (RMSNorm, RoPE, the attention of a block,
+        /// SwiGLU, the log-prob head); false = candle primitive ops. Same values either way;
+        /// fused is faster and keeps far fewer activations.
+        pub fused_kernels: bool = true,
+        /// Multiply in bf16 with f32 sums, as TRL's `bf16 = true` (PyTorch CPU autocast) does:
+        /// the linear layers and the log-prob head round both operands to bf16, forward and
+        /// backward. Weights, gradients and optimizer state stay f32. Fast on CPUs with AMX
+        /// (Xeon 4th generation and later); elsewhere the same numbers at f32 speed.
+        pub bf16: bool = false,
+        /// Recompute each decoder layer in backward instead of keeping its activations: far
+        /// less memory for a second forward pass of the layers (TRL's option; exact, same
+        /// numbers).
+        pub gradient_checkpointing: bool = false,
+        /// Where precomputed reference log-probs are cached (keyed by model and data hash).
+        pub ref_log_probs_cache_dir: String = "~/.cache/prefer/ref_logps".into(),
+        /// A checkpoint directory, or "latest" for the newest one in output_dir.
+        pub resume_from_checkpoint: Option<String> = None,
+        /// Reward-augmented relabeling of scored pairs (chosen_score, rejected_score) before
+        /// training: each pair becomes two score-conditioned pairs (Zhang et al. 2024); the
+        /// relabeled file is written to output_dir.
+        pub reward_augmented: bool = false,
+        /// Report and skip bad rows instead of stopping at the first.
+        pub skip_invalid: bool = false,
+        /// CPU threads for tensor ops; 0 = all cores.
+        pub num_threads: usize = 0,
+        /// No progress bar.
+        pub disable_tqdm: bool = false,
+    }
+    flatten {
+        /// The objectives' hyperparameters (`beta`, `label_smoothing`, ...).
+        pub params: ObjectiveParams,
+    }
+}
+
+fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
+    let keys = TrainConfig::keys();
+    for key in table.keys() {
+        if !keys.iter().any(|(k, _)| k == key) {
+            let hint = crate::util::closest(key, keys.iter().map(|(k, _)| *k))
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_else(|| "; `prefer train --help-config` lists every key".into());
+            return Err(Error::Config(format!("{origin}: unknown key `{key}`{hint}")));
+        }
+    }
+    Ok(())
+}
+
+/// Parse `key=value` (value as TOML, or as a bare string if it is not valid TOML).
+pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| Error::Config(format!("--set `{s}`: expected key=value")))?;
+    let k = k.trim().to_string();
+    let v = v.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(v.into())),
+        Err(_) => toml::Value::String(v.into()),
+    };
+    Ok((k, value))
+}
+
+impl TrainConfig {
+    /// Load a TOML file (optional) and apply `--set` overrides.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut table = match path {
+            Some(p) => {
+                let text = crate::util::read_to_string(p)?;
+                let t: toml::Table =
+                    toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+                check_keys(&t, &p.display().to_string())?;
+                t
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            let (k, v) = parse_override(o)?;
+            let mut one = toml::Table::new();
+            one.insert(k.clone(), v.clone());
+            check_keys(&one, "--set")?;
+            // ints given where floats are expected are fine in TOML; make "1e-5" strings numbers
+            table.insert(k, v);
+        }
+        let cfg: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(e.message().to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.model_name_or_path.is_empty() {
+            return bad("`model_name_or_path` is required (an HF model directory or a .gguf file)".into());
+        }
+        if self.train_file.is_empty() {
+            return bad("`train_file` is required (a JSONL file of preference pairs)".into());
+        }
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return bad("per_device_train_batch_size and gradient_accumulation_steps must be ≥ 1".into());
+        }
+        if self.crm && (self.task != Task::Reward || self.reward_clusters > 1) {
+            return bad(
+                "crm trains two single-head reward models: set task = \"reward\" and reward_clusters = 1".into(),
+            );
+        }
+        if !(self.crm_keep_ratio > 0.0 && self.crm_keep_ratio <= 1.0) {
+            return bad("crm_keep_ratio must be in (0, 1]".into());
+        }
+        if !(0.0..=1.0).contains(&self.crm_warmup_ratio) {
+            return bad("crm_warmup_ratio must be in [0, 1]".into());
+        }
+        if self.reward_clusters > 1 && self.task != Task::Reward {
+            return bad("reward_clusters > 1 trains several reward heads: set task = \"reward\"".into());
+        }
+        if self.max_prompt_length > 0 && self.max_prompt_length >= self.max_length {
+            return bad(format!(
+                "max_prompt_length ({}) must be below max_length ({})",
+                self.max_prompt_length, self.max_length
+            ));
+        }
+        if !(0.0..0.5).contains(&self.params.label_smoothing) {
+            return bad("label_smoothing must be in [0, 0.5)".into());
+        }
+        if self.sync_ref_model && self.precompute_ref_log_probs {
+            return bad("sync_ref_model updates the reference during training, so its log-probs cannot be precomputed; turn one off".into());
+        }
+        if self.sync_ref_model && self.ref_model_sync_steps == 0 {
+            return bad("ref_model_sync_steps must be ≥ 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.ref_model_mixup_alpha) {
+            return bad("ref_model_mixup_alpha must be in [0, 1]".into());
+        }
+        if matches!(&self.ref_model, Some(RefModel::Soup(v)) if v.is_empty()) {
+            return bad("ref_model is an empty list".into());
+        }
+        if self.objective()?.needs_reward_variance() && self.reward_clusters > 1 {
+            return bad("loss_type `gaussian` trains one Gaussian head: set reward_clusters = 1".into());
+        }
+        Ok(())
+    }
+
+    /// The objective `loss_type` / `loss_weights` describe (`bradley_terry` for `task = "reward"`
+    /// unless another reward objective is named).
+    pub fn objective(&self) -> Result<crate::objectives::Objective> {
+        use crate::objectives::RewardKind;
+        let mut names = self.loss_type.names();
+        let reward = self.task == Task::Reward;
+        if reward && names == ["sigmoid"] {
+            names = vec!["bradley_terry".into()];
+        }
+        let obj = crate::objectives::build(&names, self.loss_weights.as_deref(), &self.params)?;
+        let is_reward = obj
+            .parts
+            .iter()
+            .all(|(_, e)| matches!(e.rewards, RewardKind::Reward | RewardKind::RewardDistribution));
+        match (reward, is_reward) {
+            (true, false) => Err(Error::Config(format!(
+                "task = \"reward\" trains with a reward-model objective (bradley_terry or gaussian), not `{}`",
+                obj.name()
+            ))),
+            (false, true) => Err(Error::Config(format!(
+                "`{}` trains reward models: set task = \"reward\"",
+                obj.name()
+            ))),
+            _ => Ok(obj),
+        }
+    }
+
+    pub fn stats_options(&self) -> crate::stats::StatsOptions {
+        crate::stats::StatsOptions {
+            ld_alpha: self.ld_alpha,
+            use_weighting: self.use_weighting,
+            layout: crate::batch::Layout {
+                share_prompt: self.share_prompt,
+                padding_free: self.padding_free,
+                padding_side: crate::batch::PaddingSide::Right,
+            },
+        }
+    }
+
+    pub fn kernels(&self) -> crate::model::Kernels {
+        crate::model::Kernels {
+            fused: self.fused_kernels,
+            bf16: self.bf16,
+        }
+    }
+
+    pub fn tokenize_options(&self) -> TokenizeOptions {
+        TokenizeOptions {
+            max_length: Some(self.max_length),
+            max_prompt_length: (self.max_prompt_length > 0).then_some(self.max_prompt_length),
+            truncation_mode: self.truncation_mode,
+        }
+    }
+
+    pub fn output_dir(&self) -> PathBuf {
+        PathBuf::from(&self.output_dir)
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        expand_home(&self.ref_log_probs_cache_dir)
+    }
+
+    /// `--help-config` text.
+    pub fn help() -> String {
+        let defaults = toml::Value::try_from(TrainConfig::default()).expect("the defaults serialise");
+        let mut s = String::from("Run configuration keys (TOML; override any with --set key=value):\n\n");
+        for (k, doc) in TrainConfig::keys() {
+            let d = match defaults.get(k) {
+                None => "(none)".to_string(),
+                Some(toml::Value::String(v)) if v.is_empty() => "(required)".to_string(),
+                Some(v) => v.to_string(),
+            };
+            let doc = doc.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+            s.push_str(&format!("  {k:<30} default {d}\n      {doc}\n"));
+        }
+        s
+    }
+}
+
+/// The file beside a finished run's model that records the run's configuration.
+pub const RUN_CONFIG_FILE: &str = "run_config.json";
+
+impl TrainConfig {
+    /// The configuration a model was trained with, and the file it came from, when `dir` is a
+    /// run's output or one of its checkpoints: `run_config.json` beside a final model, or the
+    /// `config` a checkpoint's `trainer_state.json` records. `None` for any other model.
+    pub fn of_trained_model(dir: &Path) -> Option<(TrainConfig, PathBuf)> {
+        let read =
+            |p: &Path| -> Option<serde_json::Value> { serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok() };
+        let run = dir.join(RUN_CONFIG_FILE);
+        let state = dir.join("trainer_state.json");
+        let (v, from) = match read(&run) {
+            Some(v) => (v, run),
+            None => (read(&state)?.get("config")?.clone(), state),
+        };
+        serde_json::from_value(v).ok().map(|c| (c, from))
+    }
+}
+
+pub fn expand_home(p: &str) -> PathBuf {
+    match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_table_matches_struct_fields() {
+        let c = TrainConfig {
+            loss_weights: Some(vec![1.0]),
+            params: {
+                let mut p = ObjectiveParams::default();
+                p.reward.center_rewards_coefficient = Some(0.1);
+                p
+            },
+            ref_model: Some(RefModel::One("x".into())),
+            ld_alpha: Some(0.5),
+            eval_file: Some("x".into()),
+            resume_from_checkpoint: Some("x".into()),
+            ..TrainConfig::default()
+        };
+        let v = toml::Value::try_from(&c).unwrap();
+        let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
+        let mut keys: Vec<&str> = TrainConfig::keys().iter().map(|k| k.0).collect();
+        assert_eq!(keys.len(), 71, "every key of the previous table");
+        fields.sort();
+        keys.sort();
+        assert_eq!(fields, keys);
+    }
+
+    #[test]
+    fn unknown_key_suggests_closest_and_overrides_apply() {
+        let dir = std::env::temp_dir().join(format!("prefer-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("run.toml");
+        std::fs::write(
+            &p,
+            "model_name_or_path = \"m\"\ntrain_file = \"t\"\nlearnig_rate = 1e-5\n",
+        )
+        .unwrap();
+        let e = TrainConfig::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("`learnig_rate`") && e.contains("did you mean `learning_rate`"),
+            "{e}"
+        );
+        std::fs::write(&p, "model_name_or_path = \"m\"\ntrain_file = \"t\"\n").unwrap();
+        let c = TrainConfig::load(
+            Some(&p),
+            &[
+                "beta=0.25".into(),
+                "output_dir=out/x".into(),
+                "truncation_mode=keep_start".into(),
+                "shuffle=false".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.params.beta, c.output_dir.as_str(), c.shuffle),
+            (0.25, "out/x", false)
+        );
+        assert_eq!(c.truncation_mode, TruncationMode::KeepStart);
+        assert_eq!(c.learning_rate, 1e-6, "TRL's default");
+        let e = TrainConfig::load(Some(&p), &["bta=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `beta`"), "{e}");
+        let e = TrainConfig::load(Some(&p), &["loss_type=sigmod".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `sigmoid`"), "{e}");
+    }
+}
