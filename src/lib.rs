@@ -1,8 +1,11 @@
 //! prefer: align language models with preferences.
 //!
-//! Layers (see DESIGN.md), top to bottom: `train` (the loop) → `objectives` (pure functions of
-//! sequence statistics) → `data` (readers, validation, tokenisation) → `model` (transformer,
-//! loaders, log-probs) → candle.
+//! The folders follow the pipeline (ARCHITECTURE.md has a paragraph on each): `data` (readers,
+//! formats, tokenisation) → `batch` (collation) → `model` (architectures, kernels, loaders) →
+//! `stats` (sequence statistics, reference log-probs) → `objectives` (pure functions of the
+//! statistics, the registry) → `algorithms` (what a training step computes) → `train` (the
+//! trainer core) → the CLI (`src/cli/`, in the binary). Beside them: `config`, `optim`, `eval`,
+//! `pal`, `sweep`, `plot`, `tokenizer`, `util`.
 
 #[macro_use]
 mod macros;
@@ -13,7 +16,6 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
-pub mod factors;
 pub mod model;
 pub mod objectives;
 pub mod optim;

@@ -11,7 +11,7 @@
 /// declared with `settings!` themselves, whose keys appear at this struct's top level.
 macro_rules! settings {
     (
-        $(#[$sm:meta])*
+        $(#[doc = $sdoc:literal])*
         pub struct $name:ident {
             $(
                 $(#[doc = $doc:literal])*
@@ -25,7 +25,7 @@ macro_rules! settings {
             ),* $(,)?
         })?
     ) => {
-        $(#[$sm])*
+        $(#[doc = $sdoc])*
         #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
         #[serde(default)]
         pub struct $name {
@@ -43,13 +43,23 @@ macro_rules! settings {
         }
 
         impl $name {
-            /// Every key, with its documentation (the field's doc comment), in declaration
-            /// order, the keys of flattened parts after this struct's own.
-            pub fn keys() -> Vec<(&'static str, &'static str)> {
+            /// The keys in sections, one per struct (its doc comment as the title): this
+            /// struct's own keys with their documentation (the fields' doc comments), then each
+            /// flattened part's sections.
+            pub fn sections() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)> {
                 #[allow(unused_mut)]
-                let mut keys = vec![$( (stringify!($field), concat!($($doc, "\n"),*)) ),*];
-                $($( keys.extend(<$fty>::keys()); )*)?
-                keys
+                let mut out = vec![(
+                    concat!($($sdoc, "\n"),*),
+                    vec![$( (stringify!($field), concat!($($doc, "\n"),*)) ),*],
+                )];
+                $($( out.extend(<$fty>::sections()); )*)?
+                out
+            }
+
+            /// Every key with its documentation, in declaration order (flattened parts' after
+            /// this struct's own).
+            pub fn keys() -> Vec<(&'static str, &'static str)> {
+                Self::sections().into_iter().flat_map(|(_, keys)| keys).collect()
             }
         }
     };

@@ -249,8 +249,7 @@ fn em_recovers_planted_annotator_clusters() {
     assert_eq!(t.policy.transformer.cfg.num_labels, 2);
     let out = t.run().unwrap();
     let bs = t.cfg.per_device_eval_batch_size;
-    let rm = t
-        .algorithm
+    let rm = (*t.algorithm)
         .as_any_mut()
         .downcast_mut::<prefer::algorithms::reward::RewardModel>()
         .unwrap();

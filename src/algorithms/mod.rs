@@ -57,12 +57,31 @@ pub struct MicroBatch {
     pub metrics: Vec<(String, f64)>,
     /// Named counts, summed over the step's micro-batches (e.g. CRM's filtered pairs).
     pub counts: Vec<(String, f64)>,
+    /// Tokens of the micro-batch's sequences, each prompt counted once per response (TRL's
+    /// count, behind `tokens_per_second`).
+    pub tokens: usize,
     /// Token positions the policy's forward pass computed (padding included).
     pub positions: usize,
 }
 
+/// Access to an algorithm as its concrete type (the trainer's `Trainer::algorithm`), for
+/// every `'static` type.
+pub trait AsAny: Any {
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 /// A training method, as the trainer core runs it.
-pub trait Algorithm: Any {
+pub trait Algorithm: AsAny {
     /// Before a step's micro-batches: an online method's rollout, MaxMin's E-step.
     fn begin_step(&mut self, _ctx: &StepCtx) -> Result<()> {
         Ok(())
@@ -111,9 +130,6 @@ pub trait Algorithm: Any {
     fn save_final(&self, _out_dir: &Path) -> Result<()> {
         Ok(())
     }
-
-    fn as_any(&self) -> &dyn Any;
-    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 /// The algorithm a config describes, with the policy it trains (a reward model gets its

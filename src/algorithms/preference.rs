@@ -15,7 +15,6 @@ use crate::stats::reference::{self, Reference, Split, SYNCED_REF_DIR};
 use crate::stats::{group_logps, SeqStats, StatsOptions};
 use candle_core::{DType, Device};
 use serde_json::Value;
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::path::PathBuf;
@@ -94,6 +93,7 @@ impl Algorithm for Preference {
             loss: out.losses.mean_all()?,
             metrics: out.metrics,
             counts: Vec::new(),
+            tokens: batch.iter().map(|e| e.num_tokens()).sum(),
             positions: forward_positions(&batch, self.stats_options.layout),
         })
     }
@@ -138,13 +138,6 @@ impl Algorithm for Preference {
 
     fn restore(&mut self, _dir: &Path, state: &Value, _optimizer_steps: u64) -> Result<()> {
         self.objective.restore(&state["objective"])
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 

@@ -16,7 +16,6 @@ use crate::objectives::Objective;
 use crate::stats::{group_rewards, SeqStats};
 use candle_core::{DType, Device};
 use serde_json::{json, Value};
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -145,6 +144,7 @@ impl Algorithm for RewardModel {
             metrics: out.metrics,
             counts,
             // reward models score padded separate sequences (stats::group_rewards)
+            tokens: batch.iter().map(|e| e.num_tokens()).sum(),
             positions: forward_positions(&batch, Layout::PADDED),
         })
     }
@@ -203,12 +203,5 @@ impl Algorithm for RewardModel {
             crate::model::hf::save_dir(&c.peer, &out_dir.join(PEER_DIR))?;
         }
         Ok(())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }

@@ -339,7 +339,7 @@ fn eval_cmd(
                     (t.prompt.clone(), t.chosen().to_string(), t.rejected().to_string())
                 })
                 .collect();
-            let rows = prefer::factors::analyze(&texts, &diff);
+            let rows = prefer::eval::factors::analyze(&texts, &diff);
             v["factors"] = serde_json::to_value(&rows)?;
             Some(rows)
         } else {

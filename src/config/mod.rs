@@ -11,6 +11,7 @@
 use crate::data::{TokenizeOptions, TruncationMode};
 use crate::error::{Error, Result};
 use crate::objectives::ObjectiveParams;
+pub use crate::optim::schedule::LrSchedulerType;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -29,16 +30,6 @@ choice! {
     pub enum Optim {
         AdamwTorch = "adamw_torch" | "adamw",
         Sgd = "sgd",
-    }
-}
-
-choice! {
-    /// The learning-rate schedule (`lr_scheduler_type`), as transformers' `get_scheduler`.
-    pub enum LrSchedulerType {
-        Constant = "constant",
-        ConstantWithWarmup = "constant_with_warmup",
-        Linear = "linear",
-        Cosine = "cosine",
     }
 }
 
@@ -81,8 +72,8 @@ impl LossType {
 }
 
 settings! {
-    /// A training run: TRL's `DPOConfig` / `RewardConfig` / `TrainingArguments` keys, plus the
-    /// objectives' hyperparameters (flattened to the top level).
+    /// The run: model, data, task and objective, optimizer and schedule, logging, checkpoints
+    /// and performance (TRL's DPOConfig / RewardConfig / TrainingArguments names).
     pub struct TrainConfig {
         /// Policy to train: an HF model directory (config.json + safetensors) or a .gguf file.
         /// Required.
@@ -272,9 +263,19 @@ impl TrainConfig {
             // ints given where floats are expected are fine in TOML; make "1e-5" strings numbers
             table.insert(k, v);
         }
-        let cfg: TrainConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(e.message().to_string()))?;
+        let cfg: TrainConfig = match toml::Value::Table(table.clone()).try_into() {
+            Ok(c) => c,
+            Err(e) => {
+                // name the key whose value is wrong: the first that fails on its own
+                for (k, v) in &table {
+                    let one = toml::Table::from_iter([(k.clone(), v.clone())]);
+                    if let Err(e) = toml::Value::Table(one).try_into::<TrainConfig>() {
+                        return Err(Error::Config(format!("`{k}`: {}", e.message())));
+                    }
+                }
+                return Err(Error::Config(e.message().to_string()));
+            }
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -396,15 +397,18 @@ impl TrainConfig {
     /// `--help-config` text.
     pub fn help() -> String {
         let defaults = toml::Value::try_from(TrainConfig::default()).expect("the defaults serialise");
-        let mut s = String::from("Run configuration keys (TOML; override any with --set key=value):\n\n");
-        for (k, doc) in TrainConfig::keys() {
-            let d = match defaults.get(k) {
-                None => "(none)".to_string(),
-                Some(toml::Value::String(v)) if v.is_empty() => "(required)".to_string(),
-                Some(v) => v.to_string(),
-            };
-            let doc = doc.lines().map(str::trim).collect::<Vec<_>>().join(" ");
-            s.push_str(&format!("  {k:<30} default {d}\n      {doc}\n"));
+        let one_line = |doc: &str| doc.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+        let mut s = String::from("Run configuration keys (TOML; override any with --set key=value):\n");
+        for (title, keys) in TrainConfig::sections() {
+            s.push_str(&format!("\n# {}\n\n", one_line(title)));
+            for (k, doc) in keys {
+                let d = match defaults.get(k) {
+                    None => "(none)".to_string(),
+                    Some(toml::Value::String(v)) if v.is_empty() => "(required)".to_string(),
+                    Some(v) => v.to_string(),
+                };
+                s.push_str(&format!("  {k:<30} default {d}\n      {}\n", one_line(doc)));
+            }
         }
         s
     }
@@ -459,7 +463,82 @@ mod tests {
         let v = toml::Value::try_from(&c).unwrap();
         let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
         let mut keys: Vec<&str> = TrainConfig::keys().iter().map(|k| k.0).collect();
-        assert_eq!(keys.len(), 71, "every key of the previous table");
+        // the keys of the hand-written table these declarations replaced, none lost
+        for old in [
+            "model_name_or_path",
+            "ref_model",
+            "sync_ref_model",
+            "ref_model_mixup_alpha",
+            "ref_model_sync_steps",
+            "ld_alpha",
+            "use_weighting",
+            "output_dir",
+            "train_file",
+            "eval_file",
+            "task",
+            "loss_type",
+            "loss_weights",
+            "beta",
+            "label_smoothing",
+            "f_divergence_type",
+            "f_alpha_divergence_coef",
+            "discopop_tau",
+            "simpo_gamma",
+            "cpo_alpha",
+            "alpha",
+            "reward_clusters",
+            "em_steps",
+            "crm",
+            "crm_keep_ratio",
+            "crm_warmup_ratio",
+            "center_rewards_coefficient",
+            "desirable_weight",
+            "undesirable_weight",
+            "pro_sft_weight",
+            "lcpo_base",
+            "lcpo_noise_rate",
+            "mapo_k",
+            "mapo_t",
+            "slic_delta",
+            "slic_lambda",
+            "learning_rate",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "num_train_epochs",
+            "lr_scheduler_type",
+            "warmup_steps",
+            "warmup_ratio",
+            "max_grad_norm",
+            "optim",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "seed",
+            "shuffle",
+            "logging_steps",
+            "save_steps",
+            "eval_steps",
+            "max_length",
+            "max_prompt_length",
+            "truncation_mode",
+            "precompute_ref_log_probs",
+            "padding_free",
+            "gradient_checkpointing",
+            "fused_kernels",
+            "bf16",
+            "share_prompt",
+            "ref_log_probs_cache_dir",
+            "resume_from_checkpoint",
+            "reward_augmented",
+            "skip_invalid",
+            "num_threads",
+            "disable_tqdm",
+        ] {
+            assert!(keys.contains(&old), "{old}");
+        }
         fields.sort();
         keys.sort();
         assert_eq!(fields, keys);
@@ -499,6 +578,21 @@ mod tests {
         assert_eq!(c.learning_rate, 1e-6, "TRL's default");
         let e = TrainConfig::load(Some(&p), &["bta=1".into()]).unwrap_err().to_string();
         assert!(e.contains("did you mean `beta`"), "{e}");
+        let e = TrainConfig::load(Some(&p), &["lr_scheduler_type=cosin".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`lr_scheduler_type`") && e.contains("did you mean `cosine`"),
+            "{e}"
+        );
+        let e = TrainConfig::load(Some(&p), &["f_divergence_type=js".into(), "optim=adam".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`f_divergence_type`: `js` is not one of"), "{e}");
+        let e = TrainConfig::load(Some(&p), &["loss_type=lcpo".into(), "lcpo_base=kto".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lcpo_base `kto` must be a pairwise objective"), "{e}");
         let e = TrainConfig::load(Some(&p), &["loss_type=sigmod".into()])
             .unwrap_err()
             .to_string();

@@ -7,7 +7,7 @@ use crate::stats::SeqStats;
 use candle_core::{DType, Tensor};
 
 settings! {
-    /// Hyperparameters of the ranked-list objectives.
+    /// Objectives, ranked lists (pro).
     pub struct ListwiseParams {
         /// Weight of PRO's SFT term on the best response.
         pub pro_sft_weight: f64 = 1.0,

@@ -45,9 +45,8 @@ choice! {
 }
 
 settings! {
-    /// Hyperparameters of the objectives, under TRL's `DPOConfig` / `CPOConfig` / `KTOConfig`
-    /// names (the run config's keys). The ones every pairwise objective reads are here; each
-    /// family declares its own in its file.
+    /// Objectives: the hyperparameters every pairwise objective reads (TRL's DPOConfig names).
+    /// Each family declares its own in its file.
     pub struct ObjectiveParams {
         /// Temperature β: scales the implicit reward β·log(π/π_ref) (ORPO: the odds-ratio
         /// weight λ).
@@ -257,6 +256,15 @@ pub fn build(names: &[String], weights: Option<&[f64]>, params: &ObjectiveParams
         return Err(Error::Config(
             "label_smoothing has no effect on loss_type `sigmoid` (TRL ≥0.29 ignores it); use `cdpo` for label-smoothed DPO or `robust` for rDPO".into(),
         ));
+    }
+    if parts.iter().any(|(_, e)| e.name == "lcpo") {
+        let base = lookup(&params.noisy.lcpo_base).map_err(|e| Error::Config(format!("lcpo_base: {e}")))?;
+        if !matches!(base.loss, LossKind::Pairwise(_)) || base.name == "lcpo" {
+            return Err(Error::Config(format!(
+                "lcpo_base `{}` must be a pairwise objective other than lcpo",
+                base.name
+            )));
+        }
     }
     Ok(Objective {
         parts,

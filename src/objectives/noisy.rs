@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use std::collections::BTreeMap;
 
 settings! {
-    /// Hyperparameters of the noisy-label objectives.
+    /// Objectives, noisy labels (lcpo).
     pub struct NoisyParams {
         /// The pairwise objective lcpo wraps.
         pub lcpo_base: String = "sigmoid".into(),

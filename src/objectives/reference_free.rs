@@ -6,7 +6,7 @@ use crate::error::Result;
 use candle_core::Tensor;
 
 settings! {
-    /// Hyperparameters of the reference-free objectives (TRL's `CPOConfig` names where TRL has them).
+    /// Objectives, reference-free (simpo, cpo, alphapo, mapo, slic; TRL's CPOConfig names).
     pub struct ReferenceFreeParams {
         /// Target reward margin γ of simpo and alphapo.
         pub simpo_gamma: f64 = 0.5,

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 
 settings! {
-    /// Reward-model objectives' hyperparameters (TRL's `RewardConfig` names).
+    /// Reward models (task = "reward"; TRL's RewardConfig names).
     pub struct RewardParams {
         /// Reward models: weight η of the centring term mean((r_w + r_l)²) (TRL).
         pub center_rewards_coefficient: Option<f64> = None,

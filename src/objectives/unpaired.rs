@@ -7,7 +7,7 @@ use crate::stats::SeqStats;
 use candle_core::{DType, Tensor};
 
 settings! {
-    /// KTO's hyperparameters (TRL's `KTOConfig` names).
+    /// Objectives, unpaired (kto; TRL's KTOConfig names).
     pub struct UnpairedParams {
         /// KTO's λ_D: weight of desirable completions.
         pub desirable_weight: f64 = 1.0,

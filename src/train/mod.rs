@@ -170,7 +170,8 @@ impl Trainer {
 
     /// The run's algorithm as its concrete type (`None` for another algorithm).
     pub fn algorithm<A: Algorithm>(&self) -> Option<&A> {
-        self.algorithm.as_any().downcast_ref::<A>()
+        // through the trait object: `Box<dyn Algorithm>` is itself `Any`
+        (*self.algorithm).as_any().downcast_ref::<A>()
     }
 
     /// One optimizer step over `gradient_accumulation_steps` micro-batches.
@@ -180,13 +181,7 @@ impl Trainer {
         let t0 = Instant::now();
         let accum = self.cfg.gradient_accumulation_steps;
         let cfg = &self.cfg;
-        let lr = schedule::learning_rate(
-            cfg.lr_scheduler_type.as_str(),
-            cfg.learning_rate,
-            step,
-            self.total,
-            self.warmup,
-        );
+        let lr = schedule::learning_rate(cfg.lr_scheduler_type, cfg.learning_rate, step, self.total, self.warmup);
         self.opt.zero_grad();
         let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut tokens = 0usize;
@@ -199,8 +194,8 @@ impl Trainer {
         };
         for a in 0..accum {
             let indices = self.order.micro_batch(step * accum + a);
-            tokens += indices.iter().map(|&i| self.data.train[i].num_tokens()).sum::<usize>();
             let out = self.algorithm.micro_batch(&ctx!(self, step), &indices)?;
+            tokens += out.tokens;
             positions += out.positions;
             *metrics.entry("loss".into()).or_default() +=
                 out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accum as f64;

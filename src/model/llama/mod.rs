@@ -20,6 +20,17 @@ use crate::model::kernels::{matmul, Kernels};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
+/// Decoder layers kept outside a model's parameters and handed out one widened layer at a time:
+/// a frozen model's layers in their stored precision (`model::load::compact`).
+pub trait LayerStore: std::fmt::Debug + Send + Sync {
+    /// Layer `i`, widened to the model's dtype.
+    fn layer(&self, cfg: &ModelConfig, i: usize) -> Result<Block>;
+    /// Bytes the layers take as stored.
+    fn bytes(&self) -> usize;
+    /// Bytes they would take widened.
+    fn widened_bytes(&self) -> usize;
+}
+
 #[derive(Clone, Debug)]
 pub struct Transformer {
     pub cfg: ModelConfig,
@@ -40,8 +51,8 @@ pub struct Transformer {
     /// Where those leave gradients for [`Transformer::backward`].
     pub(crate) sink: std::sync::Arc<GradSink>,
     /// A frozen model's decoder layers kept in the checkpoint's own precision and widened one
-    /// layer at a time in forward (`layers` is then empty); see [`crate::model::compact`].
-    pub(crate) compact: Option<std::sync::Arc<crate::model::compact::CompactLayers>>,
+    /// layer at a time in forward (`layers` is then empty); see [`LayerStore`].
+    pub(crate) compact: Option<std::sync::Arc<dyn LayerStore>>,
 }
 
 impl Transformer {
@@ -51,7 +62,7 @@ impl Transformer {
     }
 
     /// [`Self::build`]; without the decoder layers when `with_layers` is false (their tensors
-    /// are then not asked for: a model with [`CompactLayers`](crate::model::compact::CompactLayers)).
+    /// are then not asked for: a model whose layers are in a [`LayerStore`]).
     pub(crate) fn build_parts(
         cfg: &ModelConfig,
         mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
@@ -100,8 +111,8 @@ impl Transformer {
         })
     }
 
-    /// The decoder layers kept compact ([`crate::model::compact`]), if this is such a frozen model.
-    pub fn compact_layers(&self) -> Option<&crate::model::compact::CompactLayers> {
+    /// The decoder layers kept compact, if this is such a frozen model.
+    pub fn compact_layers(&self) -> Option<&dyn LayerStore> {
         self.compact.as_deref()
     }
 

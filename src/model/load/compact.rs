@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::model::llama::Block;
+use crate::model::llama::{Block, LayerStore};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -126,4 +126,16 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
+}
+
+impl LayerStore for CompactLayers {
+    fn layer(&self, cfg: &ModelConfig, i: usize) -> Result<Block> {
+        CompactLayers::layer(self, cfg, i)
+    }
+    fn bytes(&self) -> usize {
+        CompactLayers::bytes(self)
+    }
+    fn widened_bytes(&self) -> usize {
+        CompactLayers::widened_bytes(self)
+    }
 }

@@ -2,6 +2,8 @@
 //! β·log π/π_ref), and ranking accuracy (does the policy give the chosen completion the higher
 //! summed log-prob?).
 
+pub mod factors;
+
 use crate::error::Result;
 use crate::objectives::{Objective, PairStats};
 use serde::Serialize;
