@@ -8,16 +8,27 @@ use crate::error::Result;
 use candle_core::{DType, Tensor};
 
 settings! {
-    /// DPO-family hyperparameters (beyond the common ones in [`super::ObjectiveParams`]).
+    /// Objectives, DPO family: the extra hyperparameters of discopop and dpop.
     pub struct DpoParams {
         /// τ of the discopop loss.
         pub discopop_tau: f64 = 0.05,
+        /// λ of dpop: the weight of the penalty on the chosen completion's log-ratio falling
+        /// below 0 (the paper uses 50).
+        pub dpop_lambda: f64 = 50.0,
     }
 }
 
 /// −log σ(βd). (TRL ≥0.29 ignores ε here; `cdpo` is the smoothed form.)
 pub fn sigmoid(c: &Ctx) -> Result<Tensor> {
     Ok(log_sigmoid(&(c.d()? * c.p.beta)?)?.neg()?)
+}
+
+/// DPO-Positive: −log σ(β(h − λ·max(0, −Δ_w))): DPO with a penalty, inside the sigmoid,
+/// wherever the policy makes the chosen completion less likely than the reference does.
+pub fn dpop(c: &Ctx) -> Result<Tensor> {
+    let (dw, _) = c.deltas()?;
+    let penalty = (dw.neg()?.relu()? * c.p.dpo.dpop_lambda)?;
+    Ok(log_sigmoid(&((c.h()? - penalty)? * c.p.beta)?)?.neg()?)
 }
 
 /// max(0, 1 − βd).

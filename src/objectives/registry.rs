@@ -203,6 +203,7 @@ pub const REGISTRY: &[ObjectiveEntry] = &[
         "DiscoPOP, Chris Lu et al. 2024 (arXiv:2406.08414); TRL `discopop`",
         dpo::discopop
     ),
+    entry!("dpop", true, Implicit, Experimental, "DPO-Positive (Smaug), Pal et al. 2024 (arXiv:2402.13228): the penalty λ·max(0, −Δ_w) inside the sigmoid, as recalled from the paper (its text was not consulted here; some implementations add it outside)", dpo::dpop),
     entry!(
         "sft",
         false,
