@@ -93,20 +93,26 @@ fn hh_transcripts_split_at_the_last_assistant_turn() {
 
 #[test]
 fn real_hh_file_reports_rows_without_shared_prefix() {
-    let path = prefer::testing::shared::shared_dir()
-        .expect("../shared")
-        .join("data/hh-rlhf-harmless-base/pairs.jsonl");
+    // a slice of the real HH file: 60 good rows, then two empty chosen replies and two pairs
+    // whose chosen and rejected transcripts do not share a prompt (lines 87, 517, 1255, 1689 of
+    // the full file)
+    let path = prefer::testing::fixture("hh-rlhf-harmless-base/pairs.jsonl");
     let (pairs, rep) = load_text_examples(&path, None, true).unwrap();
-    assert_eq!(rep.records, 2000);
-    assert_eq!(pairs.len() + rep.skipped.len(), 2000);
-    assert!(
-        !rep.skipped.is_empty() && rep.skipped.len() < 50,
-        "{} skipped",
-        rep.skipped.len()
-    );
-    for e in &rep.skipped {
-        assert!(e.to_string().contains("pairs.jsonl:"), "{e}");
+    assert_eq!(rep.records, 64);
+    assert_eq!(pairs.len() + rep.skipped.len(), 64);
+    let skipped: Vec<String> = rep.skipped.iter().map(|e| e.to_string()).collect();
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    for (e, line) in skipped.iter().zip(61..) {
+        assert!(e.contains(&format!("pairs.jsonl:{line}:")), "{e}");
     }
+    assert!(
+        skipped[..2].iter().all(|e| e.contains("empty completion")),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped[2..].iter().all(|e| e.contains("does not share the prompt")),
+        "{skipped:?}"
+    );
     assert!(pairs.iter().all(|p| p.prompt.ends_with("\n\nAssistant:")));
 }
 
@@ -262,9 +268,7 @@ fn ranked_and_unpaired_shapes_parse_and_tokenise() {
 
 #[test]
 fn oasst_trees_convert_to_ranked_lists_and_pairs() {
-    let path = prefer::testing::shared::shared_dir()
-        .expect("../shared")
-        .join("data/oasst-en100/en_100_tree.jsonl");
+    let path = prefer::testing::fixture("oasst-en100/en_10_tree.jsonl");
     let lists = prefer::data::convert::oasst_trees(&path, prefer::data::convert::OasstTarget::Lists).unwrap();
     let pairs = prefer::data::convert::oasst_trees(&path, prefer::data::convert::OasstTarget::Pairs).unwrap();
     // counted independently: prompter messages with ≥ 2 ranked replies, and their ordered pairs
@@ -290,7 +294,11 @@ fn oasst_trees_convert_to_ranked_lists_and_pairs() {
         walk(&v["prompt"], &mut want_lists, &mut want_pairs);
     }
     assert_eq!((lists.len(), pairs.len()), (want_lists, want_pairs));
-    assert_eq!(lists.len(), 212);
+    assert_eq!(
+        lists.len(),
+        18,
+        "the 10 trees hold 18 prompts with at least two ranked replies"
+    );
     let first: serde_json::Value = serde_json::from_str(&lists[0]).unwrap();
     assert_eq!(first["prompt"][0]["role"], "user");
     assert_eq!(first["ranks"], serde_json::json!([0.0, 1.0, 2.0]));

@@ -38,16 +38,12 @@ fn smollm2_answers_capital_of_france() {
 fn smollm2_nll_on_gsm8k_answer_is_low_and_logits_finite() {
     prefer::testing::set_threads_for_tests();
     let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
-    let line = std::fs::read_to_string(
-        prefer::testing::shared::shared_dir()
-            .unwrap()
-            .join("data/gsm8k/train.jsonl"),
-    )
-    .unwrap()
-    .lines()
-    .next()
-    .unwrap()
-    .to_string();
+    let line = std::fs::read_to_string(prefer::testing::fixture("gsm8k/train.jsonl"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let q = v["question"].as_str().unwrap();
     let a = v["answer"].as_str().unwrap();
@@ -105,9 +101,7 @@ fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
     prefer::testing::set_threads_for_tests();
     let m = model::load(&smollm2_path(), DType::F32, &Device::Cpu).unwrap();
     let dir = prefer::testing::scratch_dir("packed-hh");
-    let hh = prefer::testing::shared::shared_dir()
-        .unwrap()
-        .join("data/hh-rlhf-harmless-base/pairs.jsonl");
+    let hh = prefer::testing::fixture("hh-rlhf-harmless-base/pairs.jsonl");
     let lines: Vec<String> = std::fs::read_to_string(hh)
         .unwrap()
         .lines()

@@ -244,3 +244,11 @@ pub fn set_threads_for_tests() {
         }
     });
 }
+
+/// A file of the repository's test fixtures (`tests/fixtures/`: small slices of the real data
+/// sets, with their licences), so tests need nothing beside the repository.
+pub fn fixture(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
