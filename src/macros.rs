@@ -85,8 +85,10 @@ macro_rules! choice {
         }
 
         impl $name {
-            /// Every accepted spelling (aliases after the names).
+            /// The names (one per value).
             pub const NAMES: &'static [&'static str] = &[$($text),+];
+            /// Every accepted spelling: the names, then the aliases.
+            pub const SPELLINGS: &'static [&'static str] = &[$($text),+ $($(, $alias)*)+];
 
             pub fn as_str(self) -> &'static str {
                 match self {
@@ -99,7 +101,7 @@ macro_rules! choice {
             pub fn parse(s: &str) -> std::result::Result<Self, String> {
                 match s {
                     $( $text $(| $alias)* => Ok($name::$variant), )+
-                    _ => Err($crate::util::text::not_one_of(s, Self::NAMES)),
+                    _ => Err($crate::util::text::not_one_of(s, Self::NAMES, Self::SPELLINGS)),
                 }
             }
         }

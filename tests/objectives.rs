@@ -507,8 +507,10 @@ fn kto_and_apo_zero_unpaired_match_their_formulas() {
     ];
     let labels = [true, false, true, false];
     let p = {
-        let mut p = ObjectiveParams::default();
-        p.beta = 0.1;
+        let mut p = ObjectiveParams {
+            beta: 0.1,
+            ..Default::default()
+        };
         p.unpaired.desirable_weight = 1.3;
         p.unpaired.undesirable_weight = 0.7;
         p

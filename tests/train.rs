@@ -932,3 +932,58 @@ fn eval_over_checkpoints_with_diagnostics_and_plots() {
         assert!((0.0..=0.5).contains(&e), "{e}");
     }
 }
+
+/// `prefer eval` reports the evaluated run's objective: its `beta` and `loss_type` come from the
+/// run's `run_config.json` (or a checkpoint's `trainer_state.json`) unless flags override them,
+/// and the loss is computed through the objective registry.
+#[test]
+fn eval_reads_beta_and_loss_type_from_the_run() {
+    let (dir, mut cfg) = tiny_setup("evalcfg");
+    cfg.max_steps = 4;
+    cfg.loss_type = prefer::config::LossType::One("ipo".into());
+    prefer::train::train(&cfg).unwrap();
+    let saved = Path::new(&cfg.output_dir).join("run_config.json");
+    let (back, _) = TrainConfig::of_trained_model(Path::new(&cfg.output_dir)).unwrap();
+    assert_eq!(
+        (back.params.beta, back.loss_type.names()),
+        (0.5, vec!["ipo".to_string()]),
+        "{saved:?}"
+    );
+    let eval = |model: &Path, extra: &[&str]| -> Value {
+        let o = bin()
+            .args(["eval", "--json", "--model"])
+            .arg(model)
+            .arg("--ref")
+            .arg(&cfg.model_name_or_path)
+            .arg("--data")
+            .arg(&cfg.train_file)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let out = Path::new(&cfg.output_dir);
+    let run = eval(out, &[]);
+    assert_eq!(run["loss_type"], "ipo");
+    let explicit = eval(out, &["--beta", "0.5", "--loss-type", "ipo"]);
+    assert_eq!(run["reward_margin"], explicit["reward_margin"]);
+    assert_eq!(run["loss"], explicit["loss"]);
+    // β scales the implicit reward; the loss is the named objective's
+    let small = eval(out, &["--beta", "0.1"]);
+    let (m5, m1) = (f(&run, "reward_margin"), f(&small, "reward_margin"));
+    assert!(m5 != 0.0 && (m1 - m5 / 5.0).abs() < 1e-9 * m5.abs(), "{m1} vs {m5}");
+    let dpo = eval(out, &["--loss-type", "sigmoid"]);
+    assert_eq!(dpo["loss_type"], "sigmoid");
+    assert_ne!(dpo["loss"], run["loss"]);
+    // a checkpoint records the run's config too
+    let ck = eval(&out.join("checkpoint-4"), &[]);
+    assert_eq!(
+        (ck["loss_type"].as_str(), ck["loss"].as_f64()),
+        (Some("ipo"), run["loss"].as_f64())
+    );
+    // a model prefer did not train: TRL's defaults
+    let plain = eval(Path::new(&cfg.model_name_or_path), &[]);
+    assert_eq!(plain["loss_type"], "sigmoid");
+    assert!(dir.is_dir());
+}

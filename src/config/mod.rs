@@ -585,7 +585,14 @@ mod tests {
             e.contains("`lr_scheduler_type`") && e.contains("did you mean `cosine`"),
             "{e}"
         );
-        let e = TrainConfig::load(Some(&p), &["f_divergence_type=js".into(), "optim=adam".into()])
+        let e = TrainConfig::load(Some(&p), &["optim=adam".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`optim`: `adam` is not one of adamw_torch, sgd; did you mean `adamw`?"),
+            "{e}"
+        );
+        let e = TrainConfig::load(Some(&p), &["f_divergence_type=js".into(), "optim=adamw".into()])
             .unwrap_err()
             .to_string();
         assert!(e.contains("`f_divergence_type`: `js` is not one of"), "{e}");

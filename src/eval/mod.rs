@@ -196,8 +196,10 @@ mod tests {
         let reference = [(-2.0, -2.0), (-5.0, -5.0), (-2.0, -2.0), (-8.0, -8.0)];
         let lengths = [(1, 3), (5, 2), (1, 1), (10, 3)];
         let dpo = |beta: f64| {
-            let mut p = crate::objectives::ObjectiveParams::default();
-            p.beta = beta;
+            let p = crate::objectives::ObjectiveParams {
+                beta,
+                ..Default::default()
+            };
             crate::objectives::build(&["sigmoid".into()], None, &p).unwrap()
         };
         let s = summarize(&policy, Some(&reference), &lengths, &dpo(0.5)).unwrap();

@@ -46,7 +46,6 @@ choice! {
 
 settings! {
     /// Objectives: the hyperparameters every pairwise objective reads (TRL's DPOConfig names).
-    /// Each family declares its own in its file.
     pub struct ObjectiveParams {
         /// Temperature β: scales the implicit reward β·log(π/π_ref) (ORPO: the odds-ratio
         /// weight λ).

@@ -47,9 +47,10 @@ pub fn text_histogram(xs: &[usize], bins: usize, width: usize) -> String {
     s
 }
 
-/// "`word` is not one of a, b, c (did you mean `b`?)": the error for a value outside a closed set.
-pub fn not_one_of(word: &str, names: &[&str]) -> String {
-    let hint = closest(word, names.iter().copied())
+/// "`word` is not one of a, b, c; did you mean `b`?": the error for a value outside a closed
+/// set of `names`, suggesting the closest of every accepted spelling.
+pub fn not_one_of(word: &str, names: &[&str], spellings: &[&str]) -> String {
+    let hint = closest(word, spellings.iter().copied())
         .map(|c| format!("; did you mean `{c}`?"))
         .unwrap_or_default();
     format!("`{word}` is not one of {}{hint}", names.join(", "))
