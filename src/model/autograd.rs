@@ -51,7 +51,7 @@ pub struct BackwardOptions {
 /// A lookup's leaf output and the token ids it gathered.
 type Lookup = (TensorId, Vec<u32>);
 
-/// Gradients that bypass candle's graph until [`Transformer::backward`] collects them:
+/// Gradients that bypass candle's graph until `Transformer::backward` collects them:
 /// parameter gradients of recomputed layers, and the embedding lookups to scatter.
 #[derive(Debug, Default)]
 pub struct GradSink {

@@ -1,6 +1,6 @@
 //! The model layer: the config, one folder per architecture family ([`llama`]: forward and
 //! hand-written backward together), the kernels ([`kernels`]), what the model adds to candle's
-//! backward ([`autograd`]), attention inputs ([`inputs`]), loaders and the HF writer ([`load`]),
+//! backward ([`autograd`]), attention inputs ([`inputs`]), loaders and the HF writer ([`load`](mod@load)),
 //! and log-probs of token sequences ([`logprobs`]).
 
 pub mod autograd;

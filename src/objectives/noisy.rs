@@ -1,6 +1,6 @@
 //! Soft and noisy labels, and scored pairs: OSP's soft-preference cross-entropy, the LCPO /
 //! RE-PO label-correctness wrapper, CoPG. The papers' exact formulas could not be consulted
-//! (ALGORITHMS.md tags them [not found] / [recalled]); these are the documented shapes and are
+//! (ALGORITHMS.md tags them \[not found\] / \[recalled\]); these are the documented shapes and are
 //! listed as experimental.
 
 use super::{log_sigmoid, lookup, mean, Ctx, LossKind, ObjectiveParams, PairStats};

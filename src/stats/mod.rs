@@ -3,7 +3,7 @@
 //! one or more responses (pairwise: chosen, rejected; ranked: best first; unpaired: one), and
 //! a batch's statistics ([`SeqStats`], the one type objectives read) are one summed log-prob
 //! per response, example after example, with the reference's beside them. Where reference
-//! log-probs come from is [`reference`].
+//! log-probs come from is [`reference`](mod@reference).
 //!
 //! Two TRL options change the statistics themselves, so they live here rather than in any one
 //! objective: `ld_alpha` (LD-DPO: tokens past the shortest response's length count α times)

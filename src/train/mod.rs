@@ -1,7 +1,7 @@
 //! The trainer core: the loop, gradient accumulation, the optimizer and its schedule, clipping,
 //! metrics with TRL's names (`metrics.jsonl` + a progress bar), evaluation, checkpoints with
 //! exact resume, and a checkpoint on Ctrl-C. What a step computes is the run's
-//! [`Algorithm`](crate::algorithms::Algorithm); this module knows no method.
+//! [`crate::algorithms::Algorithm`]; this module knows no method.
 
 pub mod checkpoint;
 pub mod order;

@@ -217,7 +217,7 @@ custom_op!(
     }
 );
 
-/// The gradients of [`attention`]'s `q, k, v` for the output gradient `d_out`, outside any
+/// The gradients of [`attention`](fn@attention)'s `q, k, v` for the output gradient `d_out`, outside any
 /// graph (for a hand-written backward).
 pub fn attention_grads(
     q: &Tensor,

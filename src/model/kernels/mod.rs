@@ -1,5 +1,5 @@
-//! The model's kernels, one file each: RMSNorm ([`norm`]), RoPE ([`rope`]), the attention of a
-//! block ([`attention`]), SwiGLU ([`swiglu`]), the log-prob head ([`logprob_head`]), the matrix
+//! The model's kernels, one file each: RMSNorm ([`norm`]), RoPE ([`rope`](mod@rope)), the attention of a
+//! block ([`attention`](mod@attention)), SwiGLU ([`swiglu`](mod@swiglu)), the log-prob head ([`logprob_head`]), the matrix
 //! products with their bf16/AMX path ([`matmul`]), and the primitive-op reference versions
 //! ([`primitive`]). [`Kernels`] chooses between fused and primitive per call.
 //!

@@ -71,7 +71,7 @@ custom_op!(
     |_op, s1, l1, s2, l2, s3, l3| by_dtype!(s1, "fused-swiglu-bwd", swiglu_bwd(s1, l1, s2, l2, s3, l3))
 );
 
-/// The gradients of [`swiglu`]'s `g` and `u` for the output gradient `dy`, outside any graph.
+/// The gradients of [`swiglu`](fn@swiglu)'s `g` and `u` for the output gradient `dy`, outside any graph.
 pub fn swiglu_grads(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     two(SwiGlu.bwd(g, u, dy, dy)?, "fused-swiglu")
 }
