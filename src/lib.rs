@@ -4,8 +4,9 @@
 //! formats, tokenisation) → `batch` (collation) → `model` (architectures, kernels, loaders) →
 //! `stats` (sequence statistics, reference log-probs) → `objectives` (pure functions of the
 //! statistics, the registry) → `algorithms` (what a training step computes) → `train` (the
-//! trainer core) → the CLI (`src/cli/`, in the binary). Beside them: `config`, `optim`, `eval`,
-//! `pal`, `sweep`, `plot`, `tokenizer`, `util`.
+//! trainer core) → the CLI (`src/cli/`, in the binary). Beside them: `sample` (drawing
+//! completions with a KV cache), `config`, `optim`, `eval`, `pal`, `sweep`, `plot`, `tokenizer`,
+//! `util`.
 
 #[macro_use]
 mod macros;
@@ -21,6 +22,7 @@ pub mod objectives;
 pub mod optim;
 pub mod pal;
 pub mod plot;
+pub mod sample;
 pub mod stats;
 pub mod sweep;
 #[cfg(any(test, feature = "testing"))]

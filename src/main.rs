@@ -36,6 +36,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cli::pal::PalCmd,
     },
+    /// Sample completions of a file of prompts (KV cache; each prompt computed once for all its
+    /// samples), one JSON line per completion with its token ids and log-probs.
+    Generate(cli::generate::GenerateArgs),
     /// Convert a GGUF model to an HF checkpoint directory (dequantised, f32).
     Convert(cli::convert::ConvertArgs),
     /// Token ids and pieces of each text of a JSONL file (one JSON line out per line in).
@@ -82,6 +85,7 @@ fn main() {
         Cmd::Eval(a) => cli::eval::run(a),
         Cmd::Data { cmd } => cli::data::run(cmd),
         Cmd::Pal { cmd } => cli::pal::run(cmd),
+        Cmd::Generate(a) => cli::generate::run(a),
         Cmd::Convert(a) => cli::convert::run(a),
         Cmd::Tokenize(a) => cli::tokenize::run(a),
         Cmd::Score(a) => cli::score::run(a),

@@ -6,6 +6,7 @@ pub mod compare_rewards;
 pub mod convert;
 pub mod data;
 pub mod eval;
+pub mod generate;
 pub mod logprobs;
 pub mod objectives;
 pub mod pal;

@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod examples;
 pub mod jsonl;
+pub mod prompts;
 pub mod synthetic;
 pub mod tokenize;
 

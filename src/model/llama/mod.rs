@@ -8,8 +8,10 @@
 //! named tensor, so loading, saving, casting and making trainable variables share one code path.
 //! A decoder layer lives in [`layer`]; the graph-level backward options in [`crate::model::autograd`].
 
+pub mod decode;
 pub mod layer;
 
+pub use decode::GroupCache;
 pub use layer::{Attention, Block, Linear, Mlp};
 
 use crate::error::{Error, Result};
@@ -109,6 +111,12 @@ impl Transformer {
             sink: Default::default(),
             compact: None,
         })
+    }
+
+    /// The same model reading the same storage outside any autograd graph (cheap: no copy), for
+    /// inference on a model that is being trained (sampling, scoring).
+    pub fn detached(&self) -> Result<Self> {
+        self.map(|_, t| Ok(t.detach()))
     }
 
     /// The decoder layers kept compact, if this is such a frozen model.

@@ -1,3 +1,4 @@
+use super::super::{has_avx2_fma, Elem};
 use super::*;
 
 /// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]` (f32, contiguous, CPU); its backward
@@ -85,4 +86,50 @@ pub fn linear_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, bf16: bool) -> crate::err
 /// CPU; bf16 products with `bf16`.
 pub fn linear(x: &Tensor, w: &Tensor, bf16: bool) -> crate::error::Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp { bf16 })?)
+}
+
+/// Rows of `x` up to which [`few_rows`] applies.
+pub const FEW_ROWS: usize = 32;
+
+multiversioned! {
+    /// `ys[r] = x_r · w_row` for each of the rows `x_r` of `xs` (`k` wide).
+    fn dot_rows<T>(ys: &mut [T], xs: &[T], w_row: &[T], k: usize) {
+        for (r, y) in ys.iter_mut().enumerate() {
+            *y = super::super::lane_dot(&xs[r * k..(r + 1) * k], w_row);
+        }
+    }
+}
+
+/// `x·Wᵀ` for an `x` of at most [`FEW_ROWS`] rows (decoding a token per sequence): one pass
+/// over `W` in parallel over its rows, each dotted with every row of `x`. `gemm` packs `W` on
+/// every call, which costs more than the product itself at a few rows. `None` where it does
+/// not apply (more rows, not f32, not contiguous); the training path never calls it.
+pub fn few_rows(x: &Tensor, w: &Tensor) -> crate::error::Result<Option<Tensor>> {
+    let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
+        return Ok(None);
+    };
+    if m > FEW_ROWS || k != k2 || x.dtype() != candle_core::DType::F32 || w.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let out = with_f32(&x, |xs| {
+        with_f32(w, |ws| {
+            const PER_TASK: usize = 64;
+            let mut yt = vec![0f32; n * m];
+            yt.par_chunks_mut(m * PER_TASK).enumerate().for_each(|(c, out)| {
+                for (j, ys) in out.chunks_mut(m).enumerate() {
+                    let o = c * PER_TASK + j;
+                    dot_rows(ys, xs, &ws[o * k..(o + 1) * k], k);
+                }
+            });
+            let mut y = vec![0f32; m * n];
+            for (o, col) in yt.chunks(m).enumerate() {
+                for (r, &v) in col.iter().enumerate() {
+                    y[r * n + o] = v;
+                }
+            }
+            Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu)
+        })
+    })?;
+    Ok(Some(out))
 }

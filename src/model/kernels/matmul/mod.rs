@@ -121,7 +121,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 }
 
 mod linear;
-pub use linear::{linear, linear_bwd};
+pub use linear::{few_rows, linear, linear_bwd, FEW_ROWS};
 
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to

@@ -1,0 +1,279 @@
+//! Incremental decoding with a key/value cache, for sampling: a prompt is computed once
+//! ([`Transformer::prefill`]) and its keys and values are shared by every sample drawn from it;
+//! each decoding step ([`Transformer::decode`]) computes one new token per sample, attending to
+//! the prompt's cache and the sample's own. No padding: each prompt is its own group, and the
+//! samples of a group always have the same length.
+//!
+//! This is the inference twin of the training forward (`Block::forward`): the same weights,
+//! norms, projections and SwiGLU kernels, with attention over cached keys instead of the fused
+//! training op. Tests check its logits against a full forward at every step.
+
+use super::{Block, Linear, Transformer};
+use crate::error::{Error, Result};
+use crate::model::kernels::matmul::few_rows;
+use crate::model::kernels::primitive::{apply_rope, softmax_last};
+use crate::model::kernels::Kernels;
+use candle_core::{DType, Tensor};
+
+/// One layer's cached keys (after RoPE) and values.
+#[derive(Clone, Debug)]
+struct LayerKv {
+    /// The prompt's, shared by the group's samples: `[kv_heads, prompt, head_dim]`.
+    shared: Option<(Tensor, Tensor)>,
+    /// Each sample's own: `[samples, kv_heads, generated, head_dim]`.
+    own: Option<(Tensor, Tensor)>,
+}
+
+/// The key/value cache of a group: one prompt and the samples drawn from it.
+#[derive(Clone, Debug)]
+pub struct GroupCache {
+    layers: Vec<LayerKv>,
+    /// Tokens of the prompt (shared) and of each sample (own).
+    shared_len: usize,
+    own_len: usize,
+    samples: usize,
+}
+
+impl GroupCache {
+    /// The number of samples of the group.
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Tokens cached per sample (prompt and generated).
+    pub fn len(&self) -> usize {
+        self.shared_len + self.own_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `samples` samples that share this cache (a prompt's, after [`Transformer::prefill`]):
+    /// what they have cached so far becomes their shared prefix. Cheap: tensors are shared.
+    pub fn fork(&self, samples: usize) -> Result<GroupCache> {
+        if self.samples != 1 {
+            return Err(Error::msg("only a single sequence's cache can be forked into samples"));
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| -> Result<LayerKv> {
+                let own = match &l.own {
+                    Some((k, v)) => Some((k.squeeze(0)?, v.squeeze(0)?)),
+                    None => None,
+                };
+                let shared = match (&l.shared, own) {
+                    (Some((sk, sv)), Some((k, v))) => Some((Tensor::cat(&[sk, &k], 1)?, Tensor::cat(&[sv, &v], 1)?)),
+                    (s, o) => s.clone().or(o),
+                };
+                Ok(LayerKv { shared, own: None })
+            })
+            .collect::<Result<_>>()?;
+        Ok(GroupCache {
+            layers,
+            shared_len: self.len(),
+            own_len: 0,
+            samples,
+        })
+    }
+}
+
+/// Cos and sin `[n, head_dim]` of rotary positions `start..start + n`, as the training forward
+/// computes them (f64, then the model's dtype).
+fn rope_rows(t: &Transformer, start: usize, n: usize) -> Result<(Tensor, Tensor)> {
+    let inv = t.cfg.rope_inv_freq();
+    let d = t.cfg.head_dim;
+    let (mut cos, mut sin) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
+    for p in start..start + n {
+        for _half in 0..2 {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let mk = |v: Vec<f64>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (n, d), t.device())?.to_dtype(t.dtype())?) };
+    Ok((mk(cos)?, mk(sin)?))
+}
+
+/// `q · kᵀ` of `q` `[G, kvh, R, d]` against a key tensor shared by the group `[kvh, t, d]`.
+fn shared_scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    let (g, kvh, r, d) = q.dims4()?;
+    let q = q.transpose(0, 1)?.reshape((kvh, g * r, d))?;
+    let s = q.matmul(&k.t()?)?; // [kvh, G·R, t]
+    let t = s.dim(2)?;
+    Ok(s.reshape((kvh, g, r, t))?.transpose(0, 1)?)
+}
+
+/// `p · v` of probabilities `[G, kvh, R, t]` against values shared by the group `[kvh, t, d]`.
+fn shared_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (g, kvh, r, t) = p.dims4()?;
+    let p = p.transpose(0, 1)?.contiguous()?.reshape((kvh, g * r, t))?;
+    let o = p.matmul(v)?; // [kvh, G·R, d]
+    let d = o.dim(2)?;
+    Ok(o.reshape((kvh, g, r, d))?.transpose(0, 1)?)
+}
+
+/// `l(x)` while decoding: the few-rows product where it applies (f32), else the layer's own.
+fn lin(l: &Linear, x: &Tensor, k: Kernels) -> Result<Tensor> {
+    if !k.bf16_for(x) {
+        if let Some(y) = few_rows(x, &l.weight)? {
+            return Ok(match &l.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
+    }
+    l.forward(x, k)
+}
+
+impl Block {
+    /// This layer on `x` `[G·n, H]`: n new tokens for each of the group's G samples, at
+    /// positions `pos..pos + n`, attending to `kv` and to each other causally; their keys and
+    /// values are appended to the samples' own cache.
+    fn decode(
+        &self,
+        x: &Tensor,
+        kv: &mut LayerKv,
+        g: usize,
+        n: usize,
+        rope: &(Tensor, Tensor),
+        t: &Transformer,
+    ) -> Result<Tensor> {
+        let (k, eps) = (t.kernels, t.cfg.rms_norm_eps);
+        let at = &self.self_attn;
+        let (h, kvh, d) = (at.n_heads, at.n_kv_heads, at.head_dim);
+        let rep = h / kvh;
+        let n1 = k.rms_norm(x, &self.input_layernorm, eps)?;
+        let (q, kn, vn) = (
+            lin(&at.q_proj, &n1, k)?,
+            lin(&at.k_proj, &n1, k)?,
+            lin(&at.v_proj, &n1, k)?,
+        );
+        // q: [G, kvh, rep·n, d], rows ordered (rep, n) within a kv head, as repeat_kv groups heads
+        let q = q
+            .reshape((g, n, kvh, rep, d))?
+            .permute((0, 2, 3, 1, 4))?
+            .contiguous()?
+            .reshape((g, kvh, rep * n, d))?;
+        let (cos, sin) = rope;
+        let q = apply_rope(&q, &cos.repeat((rep, 1))?, &sin.repeat((rep, 1))?)?;
+        let kn = apply_rope(&kn.reshape((g, n, kvh, d))?.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let vn = vn.reshape((g, n, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let (own_k, own_v) = match kv.own.take() {
+            Some((ok, ov)) => (Tensor::cat(&[&ok, &kn], 2)?, Tensor::cat(&[&ov, &vn], 2)?),
+            None => (kn, vn),
+        };
+        let own_scores = q.matmul(&own_k.t()?)?; // [G, kvh, rep·n, t_own]
+        let t_own = own_k.dim(2)?;
+        let scores = match &kv.shared {
+            Some((sk, _)) => Tensor::cat(&[&shared_scores(&q, sk)?, &own_scores], 3)?,
+            None => own_scores,
+        };
+        let scores = (scores * (1.0 / (d as f64).sqrt()))?;
+        let scores = if n > 1 {
+            // new token i sees the own cache up to its own position
+            let total = scores.dim(3)?;
+            let before = total - n;
+            let mask: Vec<f32> = (0..rep * n)
+                .flat_map(|r| (0..total).map(move |j| if j < before || j - before <= r % n { 0.0 } else { -1e9 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (rep * n, total), x.device())?.to_dtype(scores.dtype())?;
+            scores.broadcast_add(&mask)?
+        } else {
+            scores
+        };
+        let probs = softmax_last(&scores)?;
+        let total = probs.dim(3)?;
+        let own_probs = probs.narrow(3, total - t_own, t_own)?.contiguous()?;
+        let mut out = own_probs.matmul(&own_v)?; // [G, kvh, rep·n, d]
+        if let Some((_, sv)) = &kv.shared {
+            out = (out + shared_values(&probs.narrow(3, 0, total - t_own)?, sv)?)?;
+        }
+        kv.own = Some((own_k, own_v));
+        let out = out
+            .reshape((g, kvh, rep, n, d))?
+            .permute((0, 3, 1, 2, 4))?
+            .contiguous()?
+            .reshape((g * n, h * d))?;
+        let hdn = (x + lin(&at.o_proj, &out, k)?)?;
+        let n2 = k.rms_norm(&hdn, &self.post_attention_layernorm, eps)?;
+        let m = &self.mlp;
+        let s = k.swiglu(&lin(&m.gate_proj, &n2, k)?, &lin(&m.up_proj, &n2, k)?)?;
+        Ok((&hdn + lin(&m.down_proj, &s, k)?)?)
+    }
+}
+
+impl Transformer {
+    /// Compute `prompt` once: the logits `[V]` that predict its next token, and its cache (one
+    /// sequence; [`GroupCache::fork`] shares it between samples). No autograd graph.
+    pub fn prefill(&self, prompt: &[u32]) -> Result<(Tensor, GroupCache)> {
+        if prompt.is_empty() {
+            return Err(Error::msg("prefill: an empty prompt has nothing to predict from"));
+        }
+        let mut cache = GroupCache {
+            layers: vec![
+                LayerKv {
+                    shared: None,
+                    own: None
+                };
+                self.cfg.num_hidden_layers
+            ],
+            shared_len: 0,
+            own_len: 0,
+            samples: 1,
+        };
+        let logits = self.decode_rows(&mut cache, prompt, prompt.len())?;
+        Ok((logits.squeeze(0)?, cache))
+    }
+
+    /// One step for every sample of a group: `tokens[s]` is sample s's newest token. Returns
+    /// the logits `[samples, V]` that predict each sample's next token.
+    pub fn decode(&self, cache: &mut GroupCache, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.len() != cache.samples {
+            return Err(Error::msg(format!(
+                "decode: {} tokens for a group of {} samples",
+                tokens.len(),
+                cache.samples
+            )));
+        }
+        self.decode_rows(cache, tokens, 1)
+    }
+
+    /// `n` new tokens per sample (`ids`: sample after sample), through every layer; the logits
+    /// of each sample's last new token, `[samples, V]`.
+    fn decode_rows(&self, cache: &mut GroupCache, ids: &[u32], n: usize) -> Result<Tensor> {
+        let g = cache.samples;
+        let rope = rope_rows(self, cache.len(), n)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&Tensor::new(ids, self.device())?, 0)?
+            .detach();
+        for i in 0..self.cfg.num_hidden_layers {
+            let widened;
+            let blk = match &self.compact {
+                Some(c) => {
+                    widened = c.layer(&self.cfg, i)?;
+                    &widened
+                }
+                None => &self.layers[i],
+            };
+            x = blk.decode(&x, &mut cache.layers[i], g, n, &rope, self)?;
+        }
+        cache.own_len += n;
+        let last: Vec<u32> = (0..g).map(|s| (s * n + n - 1) as u32).collect();
+        let x = x.index_select(&Tensor::new(last, self.device())?, 0)?;
+        let x = self.kernels.rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let logits = match self.kernels.bf16_for(&x) {
+            false => few_rows(&x, self.output_weight())?,
+            true => None,
+        };
+        let logits = match logits {
+            Some(l) => l,
+            None => self.logits(&x)?,
+        };
+        Ok(logits.to_dtype(DType::F32)?.detach())
+    }
+}

@@ -1,0 +1,347 @@
+//! Sampling completions from a model: each prompt is computed once and its cache shared by its
+//! `num_generations` samples ([`crate::model::llama::decode`]), every sample draws from its own
+//! seeded generator (so a run, batched or not, resumed or not, draws the same tokens), and the
+//! log-prob of every chosen token at the sampling temperature comes back with it.
+//!
+//! The logits processors run in Hugging Face `generate`'s order: repetition penalty,
+//! temperature, top-k, top-p, min-p; `temperature = 0` is greedy. The reported log-prob of a
+//! token is `log softmax(logits / T)` of the model's own logits (no penalty, no truncation): the
+//! quantity a trainer recomputes for the same token, so the two can be compared.
+
+use crate::error::{Error, Result};
+use crate::model::Transformer;
+use crate::util::Rng;
+use candle_core::Tensor;
+
+/// How tokens are drawn (TRL's / transformers' names and defaults).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = all).
+    pub top_p: f64,
+    /// Keep the `top_k` most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Drop tokens less likely than `min_p` times the most likely one (0 = none).
+    pub min_p: f64,
+    /// Divide positive logits (multiply negative ones) of tokens already in the prompt or the
+    /// completion by this (1 = none), as transformers does.
+    pub repetition_penalty: f64,
+    /// Tokens generated at most per completion.
+    pub max_completion_length: usize,
+    /// Tokens that end a completion (included in it, like EOS in training data).
+    pub stop_tokens: Vec<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            max_completion_length: 256,
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Why a completion ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token (EOS) or a stop string.
+    Stop,
+    /// `max_completion_length` tokens.
+    Length,
+}
+
+/// One sampled completion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub prompt_index: usize,
+    /// Which of the prompt's `num_generations` samples.
+    pub sample_index: usize,
+    pub ids: Vec<u32>,
+    /// `log softmax(logits / T)` of each chosen token (T = 1 when greedy).
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+}
+
+/// The generator of sample `sample` of prompt `prompt` in a run seeded with `seed`.
+pub fn sample_rng(seed: u64, prompt: usize, sample: usize) -> Rng {
+    let mut h = crate::util::Fnv64::default();
+    for x in [seed, prompt as u64, sample as u64] {
+        h.update(&x.to_le_bytes());
+    }
+    Rng::new(h.finish())
+}
+
+/// `log softmax(logits / t)[token]` in f64.
+fn logprob_at(logits: &[f32], t: f64, token: usize) -> f64 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = logits.iter().map(|&x| ((x as f64 - m) / t).exp()).sum::<f64>().ln();
+    (logits[token] as f64 - m) / t - lse
+}
+
+/// Draw the next token from one row of logits, given the tokens so far (prompt and completion,
+/// for the repetition penalty). Returns the token and its log-prob at the sampling temperature.
+pub fn sample_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng) -> (u32, f32) {
+    let greedy = p.temperature <= 0.0;
+    let mut z: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+    if p.repetition_penalty != 1.0 {
+        // once per distinct token, however often it occurred (transformers' gather/scatter)
+        let mut seen = vec![false; z.len()];
+        for &t in history {
+            if let (Some(x), Some(s)) = (z.get_mut(t as usize), seen.get_mut(t as usize)) {
+                if !*s {
+                    *s = true;
+                    *x = if *x > 0.0 {
+                        *x / p.repetition_penalty
+                    } else {
+                        *x * p.repetition_penalty
+                    };
+                }
+            }
+        }
+    }
+    let report_t = if greedy { 1.0 } else { p.temperature };
+    if greedy {
+        let best = (0..z.len())
+            .max_by(|&a, &b| z[a].total_cmp(&z[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
+        return (best as u32, logprob_at(logits, report_t, best) as f32);
+    }
+    for x in z.iter_mut() {
+        *x /= p.temperature;
+    }
+    // candidates, most likely first where a cut needs an order
+    let mut keep: Vec<usize> = (0..z.len()).collect();
+    if p.top_k > 0 && p.top_k < keep.len() {
+        keep.select_nth_unstable_by(p.top_k - 1, |&a, &b| z[b].total_cmp(&z[a]));
+        keep.truncate(p.top_k);
+    }
+    let m = keep.iter().map(|&i| z[i]).fold(f64::NEG_INFINITY, f64::max);
+    let mut w: Vec<(usize, f64)> = keep.iter().map(|&i| (i, (z[i] - m).exp())).collect();
+    if p.top_p < 1.0 {
+        w.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let total: f64 = w.iter().map(|x| x.1).sum();
+        let mut acc = 0.0;
+        let mut n = 0;
+        for (_, x) in &w {
+            acc += x / total;
+            n += 1;
+            if acc >= p.top_p {
+                break;
+            }
+        }
+        w.truncate(n.max(1));
+    }
+    if p.min_p > 0.0 {
+        // the most likely token has weight 1 after the shift by the maximum
+        w.retain(|x| x.1 >= p.min_p);
+    }
+    let total: f64 = w.iter().map(|x| x.1).sum();
+    let mut u = rng.uniform() * total;
+    let mut token = w.last().map(|x| x.0).unwrap_or(0);
+    for &(i, x) in &w {
+        if u < x {
+            token = i;
+            break;
+        }
+        u -= x;
+    }
+    (token as u32, logprob_at(logits, report_t, token) as f32)
+}
+
+/// `num_generations` completions of every prompt: prompt after prompt, sample after sample.
+/// `stop(completion ids)` may end a completion early (stop strings); `progress(tokens)` is told
+/// how many tokens each step generated.
+pub fn sample(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    num_generations: usize,
+    params: &SamplingParams,
+    seed: u64,
+    stop: &dyn Fn(&[u32]) -> bool,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Completion>> {
+    let model = model.detached()?;
+    let mut out = Vec::with_capacity(prompts.len() * num_generations);
+    for (pi, prompt) in prompts.iter().enumerate() {
+        if prompt.is_empty() {
+            return Err(Error::msg(format!("prompt {pi} is empty: nothing to sample from")));
+        }
+        let max = model.cfg.max_position_embeddings;
+        if max > 0 && prompt.len() + params.max_completion_length > max {
+            return Err(Error::msg(format!(
+                "prompt {pi}: {} tokens + max_completion_length {} exceed the model's context of {max}",
+                prompt.len(),
+                params.max_completion_length
+            )));
+        }
+        out.extend(sample_group(
+            &model,
+            pi,
+            prompt,
+            num_generations,
+            params,
+            seed,
+            stop,
+            progress,
+        )?);
+    }
+    Ok(out)
+}
+
+/// The completions of one prompt: one prefill, then one decoding step per token for all of its
+/// samples still running together (a finished sample's later tokens are computed and dropped).
+#[allow(clippy::too_many_arguments)]
+fn sample_group(
+    model: &Transformer,
+    pi: usize,
+    prompt: &[u32],
+    g: usize,
+    params: &SamplingParams,
+    seed: u64,
+    stop: &dyn Fn(&[u32]) -> bool,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Completion>> {
+    let mut rngs: Vec<Rng> = (0..g).map(|s| sample_rng(seed, pi, s)).collect();
+    let mut done: Vec<Option<FinishReason>> = vec![None; g];
+    let mut comps: Vec<Completion> = (0..g)
+        .map(|s| Completion {
+            prompt_index: pi,
+            sample_index: s,
+            ids: Vec::new(),
+            logprobs: Vec::new(),
+            finish_reason: FinishReason::Length,
+        })
+        .collect();
+    if params.max_completion_length == 0 {
+        return Ok(comps);
+    }
+    let (first, cache) = model.prefill(prompt)?;
+    let mut cache = cache.fork(g)?;
+    let first: Vec<f32> = first.to_vec1()?;
+    let mut rows: Vec<Vec<f32>> = vec![first; g];
+    let mut history: Vec<Vec<u32>> = vec![prompt.to_vec(); g];
+    for step in 0..params.max_completion_length {
+        let mut next = Vec::with_capacity(g);
+        let mut fresh = 0;
+        for s in 0..g {
+            let (tok, lp) = sample_token(&rows[s], &history[s], params, &mut rngs[s]);
+            next.push(tok);
+            if done[s].is_some() {
+                continue;
+            }
+            fresh += 1;
+            let c = &mut comps[s];
+            c.ids.push(tok);
+            c.logprobs.push(lp);
+            history[s].push(tok);
+            if params.stop_tokens.contains(&tok) || stop(&c.ids) {
+                done[s] = Some(FinishReason::Stop);
+            } else if c.ids.len() == params.max_completion_length {
+                done[s] = Some(FinishReason::Length);
+            }
+        }
+        progress(fresh);
+        if done.iter().all(Option::is_some) || step + 1 == params.max_completion_length {
+            break;
+        }
+        let logits = model.decode(&mut cache, &next)?;
+        rows = logits.to_vec2()?;
+    }
+    for (c, d) in comps.iter_mut().zip(done) {
+        c.finish_reason = d.unwrap_or(FinishReason::Length);
+    }
+    Ok(comps)
+}
+
+/// The logits `[V]` that follow `ids` by a full forward pass (no cache): the reference the
+/// cached decoding is tested against.
+pub fn full_forward_logits(model: &Transformer, ids: &[u32]) -> Result<Tensor> {
+    let dev = model.device();
+    let t = ids.len();
+    let input = Tensor::new(ids, dev)?.unsqueeze(0)?;
+    let attn = crate::model::AttentionInputs::padded(&model.cfg, &[vec![true; t]], model.dtype(), dev)?;
+    let hidden = model.hidden_states(&input, &attn)?;
+    let last = hidden.narrow(1, t - 1, 1)?.reshape((1, model.cfg.hidden_size))?;
+    Ok(model.logits(&last)?.squeeze(0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frequencies of `n` draws from `logits` under `p`.
+    fn freqs(logits: &[f32], history: &[u32], p: &SamplingParams, n: usize) -> Vec<f64> {
+        let mut rng = Rng::new(5);
+        let mut c = vec![0.0; logits.len()];
+        for _ in 0..n {
+            c[sample_token(logits, history, p, &mut rng).0 as usize] += 1.0 / n as f64;
+        }
+        c
+    }
+
+    fn softmax(z: &[f64]) -> Vec<f64> {
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|x| x / s).collect()
+    }
+
+    fn close(got: &[f64], want: &[f64]) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 0.015, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn processors_cut_and_reweight_as_transformers_does() {
+        let logits = [2.0f32, 1.0, 0.5, -1.0];
+        let n = 40_000;
+        let base = SamplingParams::default();
+        // top-k 2: renormalised over the two best
+        let p = SamplingParams {
+            top_k: 2,
+            ..base.clone()
+        };
+        let w = softmax(&[2.0, 1.0]);
+        close(&freqs(&logits, &[], &p, n), &[w[0], w[1], 0.0, 0.0]);
+        // top-p 0.8: softmax = .590, .217, .132, .029 -> the first two reach 0.807
+        let p = SamplingParams {
+            top_p: 0.8,
+            ..base.clone()
+        };
+        close(&freqs(&logits, &[], &p, n), &[w[0], w[1], 0.0, 0.0]);
+        // min-p 0.2: tokens at least 0.2 × the best's probability: e^{-1} and e^{-1.5} stay
+        let p = SamplingParams {
+            min_p: 0.2,
+            ..base.clone()
+        };
+        let w3 = softmax(&[2.0, 1.0, 0.5]);
+        close(&freqs(&logits, &[], &p, n), &[w3[0], w3[1], w3[2], 0.0]);
+        // repetition penalty 2 on tokens 0 and 3: 2 -> 1, -1 -> -2
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..base.clone()
+        };
+        close(&freqs(&logits, &[0, 3, 3], &p, n), &softmax(&[1.0, 1.0, 0.5, -2.0]));
+        // temperature 0.5 doubles the logits; greedy takes the best, ties to the lower id
+        let p = SamplingParams {
+            temperature: 0.5,
+            ..base.clone()
+        };
+        close(&freqs(&logits, &[], &p, n), &softmax(&[4.0, 2.0, 1.0, -2.0]));
+        let p = SamplingParams {
+            temperature: 0.0,
+            ..base
+        };
+        let (t, lp) = sample_token(&[1.0, 3.0, 3.0], &[], &p, &mut Rng::new(1));
+        assert_eq!(t, 1);
+        assert!((lp as f64 - softmax(&[1.0, 3.0, 3.0])[1].ln()).abs() < 1e-6);
+    }
+}
