@@ -22,6 +22,7 @@ pub mod objectives;
 pub mod optim;
 pub mod pal;
 pub mod plot;
+pub mod rewards;
 pub mod sample;
 pub mod stats;
 pub mod sweep;

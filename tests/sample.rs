@@ -264,3 +264,59 @@ fn generate_command_writes_completions_and_names_bad_rows() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("bad.jsonl:2: field `prompt`: missing"), "{e}");
 }
+
+/// `prefer eval --prompts`: completions sampled and scored by each reward, summarised, and
+/// written with their rewards; a reward command's scores come through as it wrote them.
+#[test]
+fn eval_by_generation_scores_completions_with_rewards() {
+    let dir = prefer::testing::scratch_dir("eval-generation");
+    let m = tiny_model(&TinySpec::default(), DType::F32, 23).unwrap();
+    prefer::testing::write_hf(&m, &dir.join("model")).unwrap();
+    let prompts = dir.join("gsm.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"question\": \"1 + 1?\", \"answer\": \"#### 2\"}\n{\"question\": \"2 + 2?\", \"answer\": \"#### 4\"}\n",
+    )
+    .unwrap();
+    let out = dir.join("scored.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["eval", "--json", "--model"])
+        .arg(dir.join("model"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .args([
+            "--prompt-field",
+            "question",
+            "--chat",
+            "--num-generations",
+            "3",
+            "--temperature",
+            "1",
+        ])
+        .args(["--max-completion-length", "4", "--reward", "accuracy"])
+        .args(["--reward", "cmd:while read -r l; do echo 0.25; done", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((s["prompts"].as_u64(), s["completions"].as_u64()), (Some(2), Some(6)));
+    assert_eq!(s["rewards"][0]["name"], "accuracy");
+    let acc = s["rewards"][0]["mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert_eq!(s["rewards"][1]["mean"].as_f64(), Some(0.25));
+    assert!((s["reward"].as_f64().unwrap() - (acc + 0.25)).abs() < 1e-12);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        assert_eq!(l["rewards"][1].as_f64(), Some(0.25));
+        let a = l["rewards"][0].as_f64().unwrap();
+        assert!(a == 0.0 || a == 1.0);
+        assert!((l["reward"].as_f64().unwrap() - a - 0.25).abs() < 1e-12);
+    }
+}

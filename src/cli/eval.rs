@@ -11,8 +11,14 @@ pub struct EvalArgs {
     #[arg(long = "ref")]
     pub reference: Option<PathBuf>,
     /// Preference pairs (JSONL).
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub data: Option<PathBuf>,
+    /// Instead of pairs, evaluate by generation: sample completions of these prompts (JSONL)
+    /// and score them with --reward (e.g. GSM8K: --prompt-field question --chat).
     #[arg(long)]
-    pub data: PathBuf,
+    pub prompts: Option<PathBuf>,
+    #[command(flatten)]
+    pub gen: GenerationArgs,
     /// β of the implicit reward (default: the evaluated run's `beta`, else 0.1).
     #[arg(long)]
     pub beta: Option<f64>,
@@ -45,7 +51,114 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+/// How `prefer eval --prompts` samples and scores.
+#[derive(clap::Args)]
+pub struct GenerationArgs {
+    /// The column holding the prompt.
+    #[arg(long, default_value = "prompt")]
+    pub prompt_field: String,
+    /// Render string prompts as the user turn of the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Rewards to score completions with (repeatable): accuracy, format, length, cmd:<command>.
+    #[arg(long = "reward", default_value = "accuracy")]
+    pub rewards: Vec<String>,
+    /// `format`'s regular expression.
+    #[arg(long)]
+    pub reward_format_regex: Option<String>,
+    /// `length`'s target in tokens.
+    #[arg(long, default_value_t = 0)]
+    pub reward_length_target: usize,
+    /// Completions per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub num_generations: usize,
+    /// Sampling temperature (0 = greedy, the default for evaluation).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 256)]
+    pub max_completion_length: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Write every completion with its rewards here (JSONL).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `prefer eval --prompts`: sample, score, summarise.
+fn eval_generation(
+    model_path: &Path,
+    prompts: &Path,
+    read: &DataArgs,
+    g: &GenerationArgs,
+    as_json: bool,
+) -> Result<()> {
+    let m = model::load(model_path, DType::F32, &Device::Cpu)?;
+    let field = prefer::data::prompts::PromptField {
+        name: g.prompt_field.clone(),
+        chat: g.chat,
+    };
+    let ps = prefer::data::prompts::load_prompts(prompts, &m.tokenizer, &field, Some(read.max_length), 1)?;
+    let opts = prefer::rewards::RewardOptions {
+        format_regex: g.reward_format_regex.clone(),
+        length_target: g.reward_length_target,
+        command_timeout: 600.0,
+    };
+    let mut rewards = g
+        .rewards
+        .iter()
+        .map(|r| prefer::rewards::by_name(r, &opts))
+        .collect::<prefer::Result<Vec<_>>>()?;
+    let params = prefer::sample::SamplingParams {
+        temperature: g.temperature,
+        max_completion_length: g.max_completion_length,
+        stop_tokens: vec![m.tokenizer.eos_id],
+        ..Default::default()
+    };
+    let pb = prefer::util::progress_bar(ps.len() * g.num_generations * g.max_completion_length, false);
+    pb.set_prefix("generate");
+    let t0 = std::time::Instant::now();
+    let (summary, scored) = prefer::eval::generation::evaluate_generation(
+        &m,
+        &ps,
+        g.num_generations,
+        &params,
+        g.seed,
+        &mut rewards,
+        &mut |n| pb.inc(n as u64),
+    )?;
+    pb.finish_and_clear();
+    eprintln!("generated in {:.1} s", t0.elapsed().as_secs_f64());
+    if let Some(out) = &g.out {
+        let lines: Vec<String> = scored.iter().map(|c| json!(c).to_string()).collect();
+        write_lines(out, &lines)?;
+    }
+    if as_json {
+        println!("{}", json!(summary));
+    } else {
+        println!("prompts                        {}", summary.prompts);
+        println!("completions                    {}", summary.completions);
+        for r in &summary.rewards {
+            println!(
+                "{:<30} {:.4} (std {:.4}, {} scored)",
+                format!("reward {}", r.name),
+                r.mean,
+                r.std,
+                r.scored
+            );
+        }
+        println!(
+            "mean completion length         {:.1} tokens",
+            summary.mean_completion_length
+        );
+        println!("cut at max_completion_length   {}", pct(summary.clipped_ratio));
+    }
+    Ok(())
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
+    if let Some(p) = &args.prompts {
+        return eval_generation(&args.model, p, &args.read, &args.gen, args.json);
+    }
     let EvalArgs {
         model,
         reference,
@@ -59,7 +172,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         plots,
         factors,
         json,
+        ..
     } = args;
+    let data = data.context("give --data (preference pairs) or --prompts (evaluation by generation)")?;
     let objective = super::run_objective(&model, beta, loss_type.as_deref())?;
     eval_cmd(
         &model,

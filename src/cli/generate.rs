@@ -13,6 +13,12 @@ pub struct GenerateArgs {
     /// (rendered with the chat template, generation prompt added).
     #[arg(long)]
     pub prompts: PathBuf,
+    /// The column holding the prompt.
+    #[arg(long, default_value = "prompt")]
+    pub prompt_field: String,
+    /// Render string prompts as the user turn of the chat template.
+    #[arg(long)]
+    pub chat: bool,
     /// Where the completions go (JSONL: prompt_index, completion, completion_ids, logprobs,
     /// finish_reason).
     #[arg(long)]
@@ -52,6 +58,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompts = prefer::data::prompts::load_prompts(
         &args.prompts,
         tok,
+        &prefer::data::prompts::PromptField {
+            name: args.prompt_field.clone(),
+            chat: args.chat,
+        },
         Some(m.transformer.cfg.max_position_embeddings).filter(|&n| n > 0),
         args.max_completion_length,
     )?;

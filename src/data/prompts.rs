@@ -21,11 +21,30 @@ pub struct Prompt {
     pub columns: Map<String, Value>,
 }
 
+/// Where the prompt is in a row, and how it is rendered.
+#[derive(Clone, Debug)]
+pub struct PromptField {
+    /// The column holding the prompt (`prompt`; GSM8K's is `question`).
+    pub name: String,
+    /// Render a string prompt as the user turn of the chat template (messages always are).
+    pub chat: bool,
+}
+
+impl Default for PromptField {
+    fn default() -> Self {
+        PromptField {
+            name: "prompt".into(),
+            chat: false,
+        }
+    }
+}
+
 /// Read and tokenise every prompt of `path`. With `max_length`, a prompt that leaves fewer than
 /// `min_room` tokens of it for the completion is an error naming its line.
 pub fn load_prompts(
     path: &Path,
     tok: &TextTokenizer,
+    field: &PromptField,
     max_length: Option<usize>,
     min_room: usize,
 ) -> Result<Vec<Prompt>> {
@@ -36,15 +55,23 @@ pub fn load_prompts(
         let err = |msg: String| Error::Data {
             path: PathBuf::from(path),
             line,
-            field: "prompt".into(),
+            field: field.name.clone(),
             msg,
         };
-        let text = match rec.obj.remove("prompt") {
+        let text = match rec.obj.remove(&field.name) {
             None => {
-                return Err(err(
-                    "missing: each row needs a `prompt` (a string or a list of {role, content} messages)".into(),
-                ))
+                return Err(err(format!(
+                    "missing: each row needs a `{}` (a string or a list of {{role, content}} messages)",
+                    field.name
+                )))
             }
+            Some(Value::String(s)) if field.chat => tok.apply_chat_template(
+                &[Message {
+                    role: "user".into(),
+                    content: s,
+                }],
+                true,
+            )?,
             Some(Value::String(s)) => s,
             Some(v @ Value::Array(_)) => {
                 let msgs: Vec<Message> = serde_json::from_value(v)
@@ -79,7 +106,7 @@ pub fn load_prompts(
         return Err(Error::Data {
             path: PathBuf::from(path),
             line: 0,
-            field: "prompt".into(),
+            field: field.name.clone(),
             msg: "no prompts in the file".into(),
         });
     }

@@ -3,6 +3,7 @@
 //! summed log-prob?).
 
 pub mod factors;
+pub mod generation;
 
 use crate::error::Result;
 use crate::objectives::{Objective, PairStats};

@@ -1,0 +1,152 @@
+//! `cmd:<command line>` rewards: the command (run by `sh -c`) reads one JSON object per
+//! completion on stdin (`prompt`, `completion` and the row's columns) and writes one score per
+//! line on stdout: a number, or `null` to skip the completion. A crash, a wrong number of
+//! lines, a line that is not a number, or a run past the timeout is an error naming the command.
+
+use super::{Reward, RewardInput};
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::process::{Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Command {
+    cmd: String,
+    name: String,
+    timeout: f64,
+}
+
+impl Command {
+    pub fn new(cmd: &str, timeout: f64) -> Result<Command> {
+        if cmd.trim().is_empty() {
+            return Err(Error::Config("reward `cmd:` names no command".into()));
+        }
+        Ok(Command {
+            cmd: cmd.to_string(),
+            name: format!("cmd:{cmd}"),
+            timeout: if timeout > 0.0 { timeout } else { 600.0 },
+        })
+    }
+
+    fn fail(&self, what: String) -> Error {
+        Error::msg(format!("reward command `{}`: {what}", self.cmd))
+    }
+}
+
+impl Reward for Command {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn score(&mut self, batch: &[RewardInput]) -> Result<Vec<Option<f64>>> {
+        let mut input = String::new();
+        for x in batch {
+            let mut row = x.columns.clone();
+            row.insert("prompt".into(), Value::String(x.prompt.into()));
+            row.insert("completion".into(), Value::String(x.completion.into()));
+            input.push_str(&Value::Object(row).to_string());
+            input.push('\n');
+        }
+        let mut child = Process::new("sh")
+            .arg("-c")
+            .arg(&self.cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.fail(format!("cannot start it: {e}")))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+        let reader = std::thread::spawn(move || {
+            let (mut o, mut e) = (String::new(), String::new());
+            let _ = out.read_to_string(&mut o);
+            let _ = err.read_to_string(&mut e);
+            (o, e)
+        });
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().map_err(|e| self.fail(e.to_string()))? {
+                break s;
+            }
+            if start.elapsed().as_secs_f64() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(self.fail(format!("no answer within {} s (reward_timeout)", self.timeout)));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _ = writer.join();
+        let (stdout, stderr) = reader.join().unwrap_or_default();
+        if !status.success() {
+            let tail: String = stderr
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(self.fail(format!("exited with {status}: {tail}")));
+        }
+        let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.len() != batch.len() {
+            return Err(self.fail(format!(
+                "wrote {} scores for {} completions (one line each: a number or null)",
+                lines.len(),
+                batch.len()
+            )));
+        }
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match serde_json::from_str::<Value>(l.trim()) {
+                Ok(Value::Null) => Ok(None),
+                Ok(Value::Number(n)) => Ok(n.as_f64()),
+                _ => Err(self.fail(format!("line {}: `{l}` is not a number or null", i + 1))),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    #[test]
+    fn command_rewards_read_and_fail_clearly() {
+        let cols: Map<String, Value> = serde_json::from_str(r#"{"answer": "4"}"#).unwrap();
+        let xs = [
+            RewardInput {
+                prompt: "p",
+                completion: "abc",
+                completion_tokens: 1,
+                columns: &cols,
+            },
+            RewardInput {
+                prompt: "p",
+                completion: "x",
+                completion_tokens: 1,
+                columns: &cols,
+            },
+        ];
+        // the length of each completion, via the JSON the command reads; null skips
+        let mut c = Command::new(
+            r#"while read -r l; do case "$l" in *'"abc"'*) echo 3;; *) echo null;; esac; done"#,
+            10.0,
+        )
+        .unwrap();
+        assert_eq!(c.score(&xs).unwrap(), vec![Some(3.0), None]);
+        for (cmd, want) in [
+            ("echo 1", "wrote 1 scores for 2 completions"),
+            ("cat >/dev/null; echo 1; echo x", "line 2: `x` is not a number"),
+            ("cat >/dev/null; echo boom >&2; exit 3", "boom"),
+            ("sleep 5", "no answer within 0.2 s"),
+        ] {
+            let e = Command::new(cmd, 0.2).unwrap().score(&xs).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(cmd), "{cmd}: {e}");
+        }
+    }
+}
