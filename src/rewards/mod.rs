@@ -139,13 +139,16 @@ pub fn by_name(name: &str, opts: &RewardOptions) -> Result<Box<dyn Reward>> {
     }
 }
 
+/// Scores of a batch: `None` where a reward skipped a completion.
+pub type Scores = Vec<Option<f64>>;
+
 /// Every reward's scores of a batch, and their weighted sum per completion (`None` where any
 /// reward skipped it). `weights` defaults to 1 each.
 pub fn score_all(
     rewards: &mut [Box<dyn Reward>],
     weights: Option<&[f64]>,
     batch: &[RewardInput],
-) -> Result<(Vec<Vec<Option<f64>>>, Vec<Option<f64>>)> {
+) -> Result<(Vec<Scores>, Scores)> {
     if let Some(w) = weights {
         if w.len() != rewards.len() {
             return Err(Error::Config(format!(
