@@ -14,9 +14,36 @@ pub struct TrainData {
     pub train: Vec<TokenizedExample>,
     /// Empty without `eval_file`.
     pub eval: Vec<TokenizedExample>,
+    /// An online run's prompts (its `train_file`); `train` and `eval` are then empty.
+    pub prompts: Vec<crate::data::prompts::Prompt>,
 }
 
 impl TrainData {
+    /// The units the data order draws: examples, or an online run's prompts.
+    pub fn len(&self) -> usize {
+        if self.prompts.is_empty() {
+            self.train.len()
+        } else {
+            self.prompts.len()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// An online run's prompts: `train_file` as prompt-only rows.
+    pub fn load_prompts(cfg: &TrainConfig, tokenizer: &TextTokenizer) -> Result<TrainData> {
+        let prompts =
+            crate::data::prompts::load_prompts(Path::new(&cfg.train_file), tokenizer, &Default::default(), None, 1)?;
+        eprintln!("train_file: {} prompts", prompts.len());
+        Ok(TrainData {
+            train: vec![],
+            eval: vec![],
+            prompts,
+        })
+    }
+
     /// Read both files. With `reward_augmented`, the files are relabelled first into
     /// `output_dir`, and `cfg` then names the relabelled files (so checkpoints record them).
     pub fn load(cfg: &mut TrainConfig, tokenizer: &TextTokenizer, objective: &Objective) -> Result<TrainData> {
@@ -56,7 +83,11 @@ impl TrainData {
             report.prompts_truncated,
             report.completions_truncated
         );
-        Ok(TrainData { train, eval })
+        Ok(TrainData {
+            train,
+            eval,
+            prompts: vec![],
+        })
     }
 }
 

@@ -15,6 +15,8 @@
 
 pub mod crm;
 pub mod data;
+pub mod grpo;
+pub mod grpo_config;
 pub mod maxmin;
 pub mod preference;
 pub mod reward;
@@ -82,9 +84,16 @@ impl<T: Any> AsAny for T {
 
 /// A training method, as the trainer core runs it.
 pub trait Algorithm: AsAny {
-    /// Before a step's micro-batches: an online method's rollout, MaxMin's E-step.
-    fn begin_step(&mut self, _ctx: &StepCtx) -> Result<()> {
+    /// Before a step's micro-batches (`batches`: the indices of each): an online method's
+    /// rollout, MaxMin's E-step.
+    fn begin_step(&mut self, _ctx: &StepCtx, _batches: &[Vec<usize>]) -> Result<()> {
         Ok(())
+    }
+
+    /// Units of the data order (examples, or an online run's prompts) in a micro-batch of
+    /// `per_device_train_batch_size` (GRPO's counts completions: that many / num_generations).
+    fn units_per_micro_batch(&self, per_device_train_batch_size: usize) -> usize {
+        per_device_train_batch_size
     }
 
     /// The loss of the micro-batch of training examples at `indices`.
@@ -132,23 +141,30 @@ pub trait Algorithm: AsAny {
     }
 }
 
-/// The algorithm a config describes, with the policy it trains (a reward model gets its
-/// head here). `resume`: the checkpoint a resumed run starts from.
+/// The algorithm a config describes, with the policy it trains (a reward model gets its head
+/// here) and the data it reads. `resume`: the checkpoint a resumed run starts from. With
+/// `reward_augmented`, `cfg` then names the relabelled files.
 pub fn build(
-    cfg: &TrainConfig,
-    objective: Objective,
+    cfg: &mut TrainConfig,
     policy: LoadedModel,
-    data: &TrainData,
     resume: Option<&Path>,
-) -> Result<(LoadedModel, Box<dyn Algorithm>)> {
+) -> Result<(LoadedModel, Box<dyn Algorithm>, TrainData)> {
+    if cfg.task == Task::Grpo {
+        let data = TrainData::load_prompts(cfg, &policy.tokenizer)?;
+        let a = grpo::Grpo::new(cfg, &policy, &data)?;
+        return Ok((policy, Box::new(a), data));
+    }
+    let objective: Objective = cfg.objective()?;
+    let data = TrainData::load(cfg, &policy.tokenizer, &objective)?;
+    let cfg = &*cfg;
     match cfg.task {
-        Task::Dpo => {
-            let a = preference::Preference::new(cfg, objective, &policy, data, resume)?;
-            Ok((policy, Box::new(a)))
-        }
         Task::Reward => {
-            let (policy, a) = reward::RewardModel::new(cfg, objective, policy, data, resume)?;
-            Ok((policy, Box::new(a)))
+            let (policy, a) = reward::RewardModel::new(cfg, objective, policy, &data, resume)?;
+            Ok((policy, Box::new(a), data))
+        }
+        _ => {
+            let a = preference::Preference::new(cfg, objective, &policy, &data, resume)?;
+            Ok((policy, Box::new(a), data))
         }
     }
 }

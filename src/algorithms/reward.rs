@@ -103,7 +103,7 @@ impl RewardModel {
 }
 
 impl Algorithm for RewardModel {
-    fn begin_step(&mut self, ctx: &StepCtx) -> Result<()> {
+    fn begin_step(&mut self, ctx: &StepCtx, _batches: &[Vec<usize>]) -> Result<()> {
         if let Some(m) = &mut self.maxmin {
             if m.due(ctx.step, ctx.batches_per_epoch, ctx.accumulation) {
                 m.e_step(ctx.policy, &ctx.data.train, self.eval_batch_size)?;

@@ -22,6 +22,8 @@ choice! {
         Dpo = "dpo",
         /// A reward model: the LM body plus a reward head.
         Reward = "reward",
+        /// Online: GRPO on completions the policy samples, scored by reward functions.
+        Grpo = "grpo",
     }
 }
 
@@ -212,6 +214,8 @@ settings! {
     flatten {
         /// The objectives' hyperparameters (`beta`, `label_smoothing`, ...).
         pub params: ObjectiveParams,
+        /// GRPO's (task = "grpo").
+        pub grpo: crate::algorithms::grpo_config::GrpoParams,
     }
 }
 
@@ -276,6 +280,11 @@ impl TrainConfig {
                 return Err(Error::Config(e.message().to_string()));
             }
         };
+        let mut cfg = cfg;
+        if cfg.task == Task::Grpo && !table.contains_key("beta") {
+            // TRL's GRPOConfig: beta = 0 (no reference model) unless set
+            cfg.params.beta = 0.0;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -325,6 +334,9 @@ impl TrainConfig {
         }
         if matches!(&self.ref_model, Some(RefModel::Soup(v)) if v.is_empty()) {
             return bad("ref_model is an empty list".into());
+        }
+        if self.task == Task::Grpo {
+            return crate::algorithms::grpo_config::GrpoParams::validate(self);
         }
         if self.objective()?.needs_reward_variance() && self.reward_clusters > 1 {
             return bad("loss_type `gaussian` trains one Gaussian head: set reward_clusters = 1".into());

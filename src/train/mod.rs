@@ -140,13 +140,12 @@ impl Trainer {
             );
         }
         let mut cfg = cfg.clone();
-        let objective = cfg.objective()?;
-        let data = TrainData::load(&mut cfg, &policy.tokenizer, &objective)?;
-        let (policy, mut algorithm) = algorithms::build(&cfg, objective, policy, &data, resume.as_deref())?;
+        let (policy, mut algorithm, data) = algorithms::build(&mut cfg, policy, resume.as_deref())?;
         let (policy, mut opt) = algorithms::trainable(policy, &cfg)?;
-        let total = total_steps(&cfg, data.train.len());
+        let units = algorithm.units_per_micro_batch(cfg.per_device_train_batch_size);
+        let total = total_steps(&cfg, data.len(), units);
         let warmup = schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
-        let order = Order::new(data.train.len(), cfg.per_device_train_batch_size, cfg.seed, cfg.shuffle);
+        let order = Order::new(data.len(), units, cfg.seed, cfg.shuffle);
         let mut state = TrainerState::default();
         if let Some(dir) = &resume {
             state = checkpoint::load_state(dir, &mut opt)?;
@@ -177,9 +176,10 @@ impl Trainer {
     /// One optimizer step over `gradient_accumulation_steps` micro-batches.
     pub fn step(&mut self) -> Result<StepReport> {
         let step = self.state.global_step;
-        self.algorithm.begin_step(&ctx!(self, step))?;
-        let t0 = Instant::now();
         let accum = self.cfg.gradient_accumulation_steps;
+        let batches: Vec<Vec<usize>> = (0..accum).map(|a| self.order.micro_batch(step * accum + a)).collect();
+        self.algorithm.begin_step(&ctx!(self, step), &batches)?;
+        let t0 = Instant::now();
         let cfg = &self.cfg;
         let lr = schedule::learning_rate(cfg.lr_scheduler_type, cfg.learning_rate, step, self.total, self.warmup);
         self.opt.zero_grad();
@@ -192,9 +192,8 @@ impl Trainer {
             *phases.entry(name).or_default() += clock.elapsed().as_secs_f64();
             clock = Instant::now();
         };
-        for a in 0..accum {
-            let indices = self.order.micro_batch(step * accum + a);
-            let out = self.algorithm.micro_batch(&ctx!(self, step), &indices)?;
+        for indices in &batches {
+            let out = self.algorithm.micro_batch(&ctx!(self, step), indices)?;
             tokens += out.tokens;
             positions += out.positions;
             *metrics.entry("loss".into()).or_default() +=

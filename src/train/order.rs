@@ -44,11 +44,11 @@ impl Order {
 }
 
 /// Total optimizer steps (transformers' arithmetic: whole update steps per epoch).
-pub fn total_steps(cfg: &TrainConfig, n_pairs: usize) -> usize {
+pub fn total_steps(cfg: &TrainConfig, n_units: usize, units_per_micro_batch: usize) -> usize {
     if cfg.max_steps > 0 {
         return cfg.max_steps as usize;
     }
-    let batches = n_pairs.div_ceil(cfg.per_device_train_batch_size);
+    let batches = n_units.div_ceil(units_per_micro_batch.max(1));
     let per_epoch = (batches / cfg.gradient_accumulation_steps).max(1);
     (cfg.num_train_epochs * per_epoch as f64).ceil() as usize
 }
@@ -93,7 +93,7 @@ mod tests {
             ..TrainConfig::default()
         };
         // 10 pairs -> 3 batches -> 1 update/epoch (floor) -> ceil(1.5) = 2
-        assert_eq!(total_steps(&cfg, 10), 2);
-        assert_eq!(total_steps(&TrainConfig { max_steps: 7, ..cfg }, 10), 7);
+        assert_eq!(total_steps(&cfg, 10, 4), 2);
+        assert_eq!(total_steps(&TrainConfig { max_steps: 7, ..cfg }, 10, 4), 7);
     }
 }

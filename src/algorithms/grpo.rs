@@ -1,0 +1,506 @@
+//! GRPO (DeepSeekMath, arXiv:2402.03300) with TRL's `GRPOTrainer` semantics: each step samples
+//! `num_generations` completions of every prompt of its batch ([`crate::sample`]: the prompt is
+//! computed once for its group), scores them with the reward functions, turns the rewards into
+//! group-relative advantages, and trains on the clipped surrogate with TRL's loss
+//! normalisations (`dapo`, `grpo`, `bnpo`, `dr_grpo`) and, with `beta` > 0, the k3 estimate of
+//! the KL to a frozen reference.
+//!
+//! This first version generates once per optimizer step and trains on the samples once
+//! (TRL's defaults `steps_per_generation` = gradient accumulation, `num_iterations` = 1), so the
+//! importance ratio is 1 in value and the clipping never binds; sampling and training share
+//! temperature 1.
+
+use super::grpo_config::{GrpoLoss, GrpoParams, ScaleRewards};
+use super::{Algorithm, MicroBatch, StepCtx};
+use crate::algorithms::data::TrainData;
+use crate::batch::{Layout, ScoredGroup};
+use crate::config::TrainConfig;
+use crate::data::TokenizedExample;
+use crate::error::{Error, Result};
+use crate::model::logprobs::group_sequence_logps;
+use crate::model::{LoadedModel, Transformer};
+use crate::rewards::{Reward, RewardInput, RewardOptions};
+use crate::sample::{sample, FinishReason, SamplingParams};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+
+/// One prompt's completions in the current step.
+struct Group {
+    completions: Vec<Vec<u32>>,
+    advantages: Vec<f64>,
+    /// The reference's per-token log-probs of each completion (with `beta` > 0).
+    reference: Option<Vec<f64>>,
+}
+
+pub struct Grpo {
+    num_generations: usize,
+    loss: GrpoLoss,
+    epsilon_low: f64,
+    epsilon_high: f64,
+    beta: f64,
+    scale: ScaleRewards,
+    max_completion_length: usize,
+    sampling: SamplingParams,
+    rewards: Vec<Box<dyn Reward>>,
+    reward_weights: Option<Vec<f64>>,
+    reference: Option<Transformer>,
+    seed: u64,
+    /// The current step's rollout, by prompt index.
+    rollout: HashMap<usize, Group>,
+    /// Completion tokens of the whole step (DAPO's normaliser).
+    step_tokens: usize,
+    step_metrics: Vec<(String, f64)>,
+}
+
+/// Group-relative advantages of `rewards` (groups of `g` consecutive completions; `NaN` marks
+/// a completion every reward skipped, whose advantage is 0): `r − mean(group)`, divided by the
+/// group's (or the whole batch's) unbiased standard deviation + 1e-4 unless `scale` is `none`.
+/// Returns the advantages and each group's standard deviation.
+pub fn advantages(rewards: &[f64], g: usize, scale: ScaleRewards) -> (Vec<f64>, Vec<f64>) {
+    let std = |xs: &[f64]| -> f64 {
+        let v: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+        if v.len() < 2 {
+            return 0.0;
+        }
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+    };
+    let mean = |xs: &[f64]| -> f64 {
+        let v: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let batch_std = std(rewards);
+    let mut adv = Vec::with_capacity(rewards.len());
+    let mut stds = Vec::new();
+    for grp in rewards.chunks(g) {
+        let (m, s) = (mean(grp), std(grp));
+        stds.push(s);
+        let denom = match scale {
+            ScaleRewards::Group => s + 1e-4,
+            ScaleRewards::Batch => batch_std + 1e-4,
+            ScaleRewards::None => 1.0,
+        };
+        adv.extend(grp.iter().map(|&r| if r.is_nan() { 0.0 } else { (r - m) / denom }));
+    }
+    (adv, stds)
+}
+
+/// What the loss needs besides the log-probs.
+#[derive(Clone, Copy, Debug)]
+pub struct LossSpec {
+    pub loss: GrpoLoss,
+    pub epsilon_low: f64,
+    pub epsilon_high: f64,
+    pub beta: f64,
+    pub max_completion_length: usize,
+    /// Micro-batches per step (TRL divides `grpo`, `bnpo` and `dr_grpo` by it; the core does).
+    pub accumulation: usize,
+    /// Completion tokens of the whole step (`dapo`'s normaliser).
+    pub step_tokens: usize,
+}
+
+/// The GRPO loss of a micro-batch, as TRL computes it, times `accumulation` for `dapo` (the
+/// core divides every micro-batch's loss by it): per token, −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A)
+/// with ρ = exp(log π − log π_old) and π_old the sampling policy (here: the same weights), plus
+/// β·(e^{ref − log π} − (ref − log π) − 1); normalised by `loss`. `token_logps` `[N]` holds the
+/// completions' tokens one after another (`offsets`), `old` the sampling log-probs.
+pub fn grpo_loss(
+    token_logps: &Tensor,
+    old: &Tensor,
+    offsets: &[usize],
+    advantages: &[f64],
+    reference: Option<&Tensor>,
+    spec: &LossSpec,
+) -> Result<(Tensor, Vec<(String, f64)>)> {
+    let n = token_logps.dim(0)?;
+    let dev = token_logps.device();
+    let dt = token_logps.dtype();
+    let mut a = Vec::with_capacity(n);
+    for (k, w) in offsets.windows(2).enumerate() {
+        a.extend(std::iter::repeat_n(advantages[k], w[1] - w[0]));
+    }
+    let a = Tensor::new(a, dev)?.to_dtype(dt)?;
+    let ratio = (token_logps - old)?.exp()?;
+    let clipped = ratio.clamp(1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high)?;
+    let mut per_token = (&ratio * &a)?.minimum(&(&clipped * &a)?)?.neg()?;
+    let mut metrics = Vec::new();
+    if let (Some(r), true) = (reference, spec.beta != 0.0) {
+        let d = (r - token_logps)?;
+        let kl = ((d.exp()? - &d)? - 1.0)?;
+        metrics.push(("kl".to_string(), crate::objectives::mean(&kl)?));
+        per_token = (per_token + (kl * spec.beta)?)?;
+    }
+    let tokens = n.max(1) as f64;
+    let completions = offsets.len() - 1;
+    let loss = match spec.loss {
+        GrpoLoss::Grpo => {
+            let sums = crate::model::logprobs::segment_sums(&per_token, offsets)?;
+            let lens: Vec<f64> = offsets.windows(2).map(|w| (w[1] - w[0]).max(1) as f64).collect();
+            (sums / Tensor::new(lens, dev)?.to_dtype(dt)?)?.mean_all()?
+        }
+        GrpoLoss::Bnpo => (per_token.sum_all()? / tokens)?,
+        GrpoLoss::DrGrpo => (per_token.sum_all()? / (completions * spec.max_completion_length) as f64)?,
+        GrpoLoss::Dapo => (per_token.sum_all()? * (spec.accumulation as f64 / spec.step_tokens.max(1) as f64))?,
+    };
+    let below = ratio.lt(1.0 - spec.epsilon_low)?.to_dtype(DType::F64)?;
+    let above = ratio.gt(1.0 + spec.epsilon_high)?.to_dtype(DType::F64)?;
+    metrics.push(("clip_ratio/low_mean".into(), crate::objectives::mean(&below)?));
+    metrics.push(("clip_ratio/high_mean".into(), crate::objectives::mean(&above)?));
+    metrics.push((
+        "clip_ratio/region_mean".into(),
+        crate::objectives::mean(&(below + above)?)?,
+    ));
+    Ok((loss, metrics))
+}
+
+impl Grpo {
+    pub fn new(cfg: &TrainConfig, policy: &LoadedModel, _data: &TrainData) -> Result<Grpo> {
+        let g = &cfg.grpo;
+        if g.temperature != 1.0 {
+            return Err(Error::Config(
+                "task = \"grpo\" samples and trains at temperature 1 in this version; remove `temperature`".into(),
+            ));
+        }
+        let opts = RewardOptions {
+            format_regex: g.reward_format_regex.clone(),
+            length_target: g.reward_length_target,
+            command_timeout: g.reward_timeout,
+        };
+        let rewards = g
+            .reward_funcs
+            .iter()
+            .map(|r| crate::rewards::by_name(r, &opts))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(w) = &g.reward_weights {
+            if w.len() != rewards.len() {
+                return Err(Error::Config(format!(
+                    "reward_weights has {} entries for {} reward_funcs",
+                    w.len(),
+                    rewards.len()
+                )));
+            }
+        }
+        let beta = cfg.params.beta;
+        let reference = match beta != 0.0 {
+            true => Some(policy.frozen_copy()?.transformer),
+            false => None,
+        };
+        Ok(Grpo {
+            num_generations: g.num_generations,
+            loss: GrpoParams::loss(cfg)?,
+            epsilon_low: g.epsilon,
+            epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+            beta,
+            scale: g.scale_rewards,
+            max_completion_length: g.max_completion_length,
+            sampling: SamplingParams {
+                temperature: g.temperature,
+                top_p: g.top_p,
+                top_k: g.top_k,
+                min_p: g.min_p,
+                repetition_penalty: g.repetition_penalty,
+                max_completion_length: g.max_completion_length,
+                stop_tokens: vec![policy.tokenizer.eos_id],
+            },
+            rewards,
+            reward_weights: g.reward_weights.clone(),
+            reference,
+            seed: cfg.seed,
+            rollout: HashMap::new(),
+            step_tokens: 0,
+            step_metrics: Vec::new(),
+        })
+    }
+
+    /// The groups of the prompts at `indices`, as the log-prob path reads them.
+    fn groups<'a>(&'a self, indices: &[usize], data: &'a TrainData) -> Vec<ScoredGroup<'a>> {
+        indices
+            .iter()
+            .map(|i| ScoredGroup {
+                prompt: &data.prompts[*i].ids,
+                responses: &self.rollout[i].completions,
+            })
+            .collect()
+    }
+}
+
+impl Algorithm for Grpo {
+    fn units_per_micro_batch(&self, per_device_train_batch_size: usize) -> usize {
+        (per_device_train_batch_size / self.num_generations).max(1)
+    }
+
+    /// Sample the step's completions, score them, and compute their advantages.
+    fn begin_step(&mut self, ctx: &StepCtx, batches: &[Vec<usize>]) -> Result<()> {
+        let g = self.num_generations;
+        let order: Vec<usize> = batches.concat();
+        let prompts: Vec<Vec<u32>> = order.iter().map(|&i| ctx.data.prompts[i].ids.clone()).collect();
+        // a seed per step: a resumed run draws the same completions
+        let seed = {
+            let mut h = crate::util::Fnv64::default();
+            h.update(&self.seed.to_le_bytes());
+            h.update(&(ctx.step as u64).to_le_bytes());
+            h.finish()
+        };
+        let comps = sample(
+            &ctx.policy.transformer,
+            &prompts,
+            g,
+            &self.sampling,
+            seed,
+            &|_| false,
+            &mut |_| {},
+        )?;
+        let texts: Vec<String> = comps
+            .iter()
+            .map(|c| ctx.policy.tokenizer.decode(&c.ids, true))
+            .collect::<Result<_>>()?;
+        let inputs: Vec<RewardInput> = comps
+            .iter()
+            .zip(&texts)
+            .map(|(c, t)| {
+                let p = &ctx.data.prompts[order[c.prompt_index]];
+                RewardInput {
+                    prompt: &p.text,
+                    completion: t,
+                    completion_tokens: c.ids.len(),
+                    columns: &p.columns,
+                }
+            })
+            .collect();
+        let (per, _) = crate::rewards::score_all(&mut self.rewards, self.reward_weights.as_deref(), &inputs)?;
+        // TRL's nansum: a reward that skipped a completion adds nothing; all skipped = NaN
+        let totals: Vec<f64> = (0..comps.len())
+            .map(|i| {
+                let parts: Vec<f64> = per
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, s)| s[i].map(|v| v * self.reward_weights.as_ref().map_or(1.0, |w| w[k])))
+                    .collect();
+                if parts.is_empty() {
+                    f64::NAN
+                } else {
+                    parts.iter().sum()
+                }
+            })
+            .collect();
+        let (adv, stds) = advantages(&totals, g, self.scale);
+        let mut m: Vec<(String, f64)> = Vec::new();
+        let finite: Vec<f64> = totals.iter().copied().filter(|x| !x.is_nan()).collect();
+        m.push(("reward".into(), finite.iter().sum::<f64>() / finite.len().max(1) as f64));
+        m.push(("reward_std".into(), stds.iter().sum::<f64>() / stds.len().max(1) as f64));
+        m.push((
+            "frac_reward_zero_std".into(),
+            stds.iter().filter(|&&s| s == 0.0).count() as f64 / stds.len().max(1) as f64,
+        ));
+        for (r, s) in self.rewards.iter().zip(&per) {
+            let v: Vec<f64> = s.iter().flatten().copied().collect();
+            let n = v.len().max(1) as f64;
+            let mean = v.iter().sum::<f64>() / n;
+            let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+            m.push((format!("rewards/{}/mean", r.name()), mean));
+            m.push((format!("rewards/{}/std", r.name()), std));
+        }
+        let lens: Vec<f64> = comps.iter().map(|c| c.ids.len() as f64).collect();
+        m.push((
+            "completions/mean_length".into(),
+            lens.iter().sum::<f64>() / lens.len().max(1) as f64,
+        ));
+        m.push((
+            "completions/min_length".into(),
+            lens.iter().cloned().fold(f64::INFINITY, f64::min),
+        ));
+        m.push((
+            "completions/max_length".into(),
+            lens.iter().cloned().fold(0.0, f64::max),
+        ));
+        m.push((
+            "completions/clipped_ratio".into(),
+            comps.iter().filter(|c| c.finish_reason == FinishReason::Length).count() as f64 / comps.len().max(1) as f64,
+        ));
+        self.step_tokens = comps.iter().map(|c| c.ids.len()).sum();
+        self.step_metrics = m;
+        self.rollout.clear();
+        let mut by_prompt: Vec<Vec<crate::sample::Completion>> = vec![Vec::new(); order.len()];
+        for c in comps {
+            by_prompt[c.prompt_index].push(c);
+        }
+        for (k, cs) in by_prompt.into_iter().enumerate() {
+            let completions: Vec<Vec<u32>> = cs.iter().map(|c| c.ids.clone()).collect();
+            let reference = match &self.reference {
+                Some(r) => {
+                    let grp = [ScoredGroup {
+                        prompt: &prompts[k],
+                        responses: &completions,
+                    }];
+                    let lp = group_sequence_logps(r, &grp, Layout::PACKED, false)?;
+                    Some(lp.token_logps.detach().to_dtype(DType::F64)?.to_vec1()?)
+                }
+                None => None,
+            };
+            self.rollout.insert(
+                order[k],
+                Group {
+                    completions,
+                    advantages: adv[k * g..(k + 1) * g].to_vec(),
+                    reference,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn micro_batch(&mut self, ctx: &StepCtx, indices: &[usize]) -> Result<MicroBatch> {
+        let groups = self.groups(indices, ctx.data);
+        let lp = group_sequence_logps(&ctx.policy.transformer, &groups, Layout::PACKED, false)?;
+        let advantages: Vec<f64> = indices
+            .iter()
+            .flat_map(|i| self.rollout[i].advantages.clone())
+            .collect();
+        let reference = match &self.reference {
+            Some(_) => {
+                let v: Vec<f64> = indices
+                    .iter()
+                    .flat_map(|i| self.rollout[i].reference.clone().unwrap_or_default())
+                    .collect();
+                Some(Tensor::new(v, lp.token_logps.device())?.to_dtype(lp.token_logps.dtype())?)
+            }
+            None => None,
+        };
+        let spec = LossSpec {
+            loss: self.loss,
+            epsilon_low: self.epsilon_low,
+            epsilon_high: self.epsilon_high,
+            beta: self.beta,
+            max_completion_length: self.max_completion_length,
+            accumulation: ctx.accumulation,
+            step_tokens: self.step_tokens,
+        };
+        // one update per generation: the sampling policy is the policy itself
+        let old = lp.token_logps.detach();
+        let (loss, mut metrics) = grpo_loss(
+            &lp.token_logps,
+            &old,
+            &lp.offsets,
+            &advantages,
+            reference.as_ref(),
+            &spec,
+        )?;
+        metrics.extend(self.step_metrics.iter().cloned());
+        let tokens = groups
+            .iter()
+            .map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()).sum::<usize>())
+            .sum();
+        let positions = groups
+            .iter()
+            .map(|g| g.prompt.len() + g.responses.iter().map(Vec::len).sum::<usize>())
+            .sum();
+        Ok(MicroBatch {
+            loss,
+            metrics,
+            counts: Vec::new(),
+            tokens,
+            positions,
+        })
+    }
+
+    fn evaluate(
+        &self,
+        _policy: &LoadedModel,
+        _eval: &[TokenizedExample],
+        _batch_size: usize,
+    ) -> Result<Vec<(String, f64)>> {
+        Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn advantages_by_hand() {
+        // groups of 3: [1, 2, 3] (mean 2, unbiased std 1), [5, 5, NaN]
+        let (a, s) = advantages(&[1.0, 2.0, 3.0, 5.0, 5.0, f64::NAN], 3, ScaleRewards::Group);
+        assert_eq!(s, vec![1.0, 0.0]);
+        let want = [-1.0 / 1.0001, 0.0, 1.0 / 1.0001, 0.0, 0.0, 0.0];
+        for (g, w) in a.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{a:?}");
+        }
+        let (a, _) = advantages(&[1.0, 3.0], 2, ScaleRewards::None);
+        assert_eq!(a, vec![-1.0, 1.0]);
+        // batch std of [0, 2, 4, 6] = sqrt(20/3)
+        let (a, _) = advantages(&[0.0, 2.0, 4.0, 6.0], 2, ScaleRewards::Batch);
+        let s = (20.0f64 / 3.0).sqrt() + 1e-4;
+        assert!((a[0] + 1.0 / s).abs() < 1e-12 && (a[3] - 1.0 / s).abs() < 1e-12);
+    }
+
+    /// Each normalisation by hand on two completions of 2 and 3 tokens, with the gradient
+    /// (at ratio 1: −A/normaliser per token) and the k3 KL term.
+    #[test]
+    fn loss_normalisations_and_kl_by_hand() {
+        let lp = Var::new(&[-1.0f64, -2.0, -0.5, -1.5, -3.0], &Device::Cpu).unwrap();
+        let offsets = [0, 2, 5];
+        let adv = [0.5, -2.0];
+        let old = lp.as_tensor().detach();
+        let spec = |loss, beta| LossSpec {
+            loss,
+            epsilon_low: 0.2,
+            epsilon_high: 0.28,
+            beta,
+            max_completion_length: 4,
+            accumulation: 2,
+            step_tokens: 10,
+        };
+        // per-token loss −A: [−.5, −.5, 2, 2, 2]
+        let cases = [
+            (
+                GrpoLoss::Grpo,
+                ((-1.0) / 2.0 + 6.0 / 3.0) / 2.0,
+                vec![-0.125, -0.125, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0],
+            ),
+            (GrpoLoss::Bnpo, 5.0 / 5.0, vec![-0.1, -0.1, 0.4, 0.4, 0.4]),
+            (GrpoLoss::DrGrpo, 5.0 / 8.0, vec![-0.0625, -0.0625, 0.25, 0.25, 0.25]),
+            // Σ / step tokens, times the accumulation the core divides by again
+            (GrpoLoss::Dapo, 5.0 / 10.0 * 2.0, vec![-0.1, -0.1, 0.4, 0.4, 0.4]),
+        ];
+        for (loss, want, grad) in cases {
+            let (l, m) = grpo_loss(lp.as_tensor(), &old, &offsets, &adv, None, &spec(loss, 0.0)).unwrap();
+            let v: f64 = l.to_scalar().unwrap();
+            assert!((v - want).abs() < 1e-12, "{loss:?}: {v} vs {want}");
+            let g: Vec<f64> = l.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec1().unwrap();
+            for (a, b) in g.iter().zip(&grad) {
+                assert!((a - b).abs() < 1e-12, "{loss:?}: {g:?} vs {grad:?}");
+            }
+            assert_eq!(
+                m.iter().find(|x| x.0 == "clip_ratio/region_mean").map(|x| x.1),
+                Some(0.0)
+            );
+        }
+        // k3: ref − lp = d; e^d − d − 1 per token, β-weighted, bnpo-normalised
+        let r = Tensor::new(&[-1.5f64, -2.0, 0.0, -1.0, -2.0], &Device::Cpu).unwrap();
+        let (l, m) = grpo_loss(
+            lp.as_tensor(),
+            &old,
+            &offsets,
+            &adv,
+            Some(&r),
+            &spec(GrpoLoss::Bnpo, 0.1),
+        )
+        .unwrap();
+        let d = [-0.5f64, 0.0, 0.5, 0.5, 1.0];
+        let kl: Vec<f64> = d.iter().map(|d| d.exp() - d - 1.0).collect();
+        let want = (5.0 + 0.1 * kl.iter().sum::<f64>()) / 5.0;
+        assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+        let mean_kl = kl.iter().sum::<f64>() / 5.0;
+        assert!((m.iter().find(|x| x.0 == "kl").unwrap().1 - mean_kl).abs() < 1e-12);
+        // a ratio outside the clip range: the clipped term binds where it is smaller
+        let moved = (lp.as_tensor() + 0.5).unwrap(); // ρ = e^0.5 > 1.28
+        let (l, m) = grpo_loss(&moved, &old, &offsets, &adv, None, &spec(GrpoLoss::Bnpo, 0.0)).unwrap();
+        let rho = 0.5f64.exp();
+        // A > 0: min(ρA, 1.28A) = 1.28A; A < 0: min(ρA, 1.28A) = ρA
+        let want = -(2.0 * 0.5 * 1.28 + 3.0 * (-2.0) * rho) / 5.0;
+        assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+        assert_eq!(m.iter().find(|x| x.0 == "clip_ratio/high_mean").map(|x| x.1), Some(1.0));
+    }
+}

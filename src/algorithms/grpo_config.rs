@@ -1,0 +1,110 @@
+//! GRPO's keys (TRL's `GRPOConfig` names and defaults), flattened into the run config.
+
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+
+choice! {
+    /// How GRPO normalises its per-token losses (`loss_type` with `task = "grpo"`), as TRL.
+    pub enum GrpoLoss {
+        /// Σ over the step's completion tokens / the step's completion tokens (TRL's default).
+        Dapo = "dapo",
+        /// Each completion's token mean, then the mean over completions.
+        Grpo = "grpo",
+        /// Σ over a micro-batch's tokens / its tokens.
+        Bnpo = "bnpo",
+        /// Σ over a micro-batch's tokens / (completions × max_completion_length).
+        DrGrpo = "dr_grpo",
+    }
+}
+
+choice! {
+    /// How rewards are scaled into advantages (`scale_rewards`), as TRL.
+    pub enum ScaleRewards {
+        /// (r − group mean) / (group std + 1e-4).
+        Group = "group",
+        /// (r − group mean) / (std over the whole batch + 1e-4).
+        Batch = "batch",
+        /// r − group mean.
+        None = "none",
+    }
+}
+
+settings! {
+    /// GRPO (task = "grpo"; TRL's GRPOConfig names). train_file holds prompts: `prompt` as a
+    /// string or as chat messages, other columns go to the reward functions. loss_type names
+    /// the normalisation (dapo, grpo, bnpo, dr_grpo; default dapo); beta defaults to 0 (no
+    /// reference model); per_device_train_batch_size counts completions.
+    pub struct GrpoParams {
+        /// Completions sampled per prompt (the group).
+        pub num_generations: usize = 8,
+        /// Tokens generated at most per completion.
+        pub max_completion_length: usize = 256,
+        /// Sampling temperature (also the temperature of the log-probs trained on).
+        pub temperature: f64 = 1.0,
+        /// Nucleus sampling mass (1 = off).
+        pub top_p: f64 = 1.0,
+        /// Sample among the k most likely tokens (0 = off).
+        pub top_k: usize = 0,
+        /// Drop tokens below this fraction of the most likely one's probability (0 = off).
+        pub min_p: f64 = 0.0,
+        /// transformers' repetition penalty while sampling (1 = off).
+        pub repetition_penalty: f64 = 1.0,
+        /// Clipping ε of the probability ratio (lower bound 1 − ε).
+        pub epsilon: f64 = 0.2,
+        /// Upper clipping bound 1 + epsilon_high (default: epsilon).
+        pub epsilon_high: Option<f64> = None,
+        /// group | batch | none: how rewards are scaled into advantages.
+        pub scale_rewards: ScaleRewards = ScaleRewards::Group,
+        /// Reward functions: accuracy, format, length, cmd:<command line>.
+        pub reward_funcs: Vec<String> = Vec::new(),
+        /// Weights of reward_funcs in the total reward (default 1 each).
+        pub reward_weights: Option<Vec<f64>> = None,
+        /// The `format` reward's regular expression.
+        pub reward_format_regex: Option<String> = None,
+        /// The `length` reward's target, in completion tokens.
+        pub reward_length_target: usize = 0,
+        /// Seconds a `cmd:` reward may take for one step's completions.
+        pub reward_timeout: f64 = 600.0,
+    }
+}
+
+impl GrpoParams {
+    /// The normalisation `loss_type` names for GRPO (`sigmoid`, the config's default, means
+    /// GRPO's default `dapo`).
+    pub fn loss(cfg: &TrainConfig) -> Result<GrpoLoss> {
+        let names = cfg.loss_type.names();
+        match names.as_slice() {
+            [n] if n == "sigmoid" => Ok(GrpoLoss::Dapo),
+            [n] => GrpoLoss::parse(n).map_err(|e| Error::Config(format!("`loss_type` with task = \"grpo\": {e}"))),
+            _ => Err(Error::Config(
+                "task = \"grpo\" takes one loss_type (dapo, grpo, bnpo, dr_grpo)".into(),
+            )),
+        }
+    }
+
+    /// The checks a GRPO run needs before it loads anything.
+    pub fn validate(cfg: &TrainConfig) -> Result<()> {
+        let g = &cfg.grpo;
+        let bad = |m: String| Err(Error::Config(m));
+        Self::loss(cfg)?;
+        if g.num_generations < 2 {
+            return bad("num_generations must be ≥ 2: GRPO compares the completions of a prompt".into());
+        }
+        if !cfg.per_device_train_batch_size.is_multiple_of(g.num_generations) {
+            return bad(format!(
+                "per_device_train_batch_size ({}) counts completions and must be a multiple of num_generations ({})",
+                cfg.per_device_train_batch_size, g.num_generations
+            ));
+        }
+        if g.max_completion_length == 0 {
+            return bad("max_completion_length must be ≥ 1".into());
+        }
+        if g.reward_funcs.is_empty() {
+            return bad("task = \"grpo\" needs reward_funcs, e.g. [\"accuracy\"] (accuracy, format, length, cmd:<command line>)".into());
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) || g.temperature <= 0.0 {
+            return bad("GRPO samples: top_p must be in (0, 1] and temperature > 0".into());
+        }
+        Ok(())
+    }
+}
