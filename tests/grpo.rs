@@ -105,6 +105,12 @@ fn grpo_resumes_exactly_and_refuses_bad_configs() {
     .unwrap();
     let resumed = metrics(&c2);
     assert_eq!(resumed.len(), whole.len());
+    let read = |d: &str| std::fs::read_to_string(Path::new(d).join("completions.jsonl")).unwrap();
+    assert_eq!(
+        read(&cfg.output_dir),
+        read(&c2.output_dir),
+        "the same completions, logged once each"
+    );
     for (a, b) in whole.iter().zip(&resumed) {
         for k in ["loss", "reward", "completions/mean_length", "grad_norm"] {
             assert_eq!(a[k], b[k], "step {}: {k}", a["step"]);

@@ -320,3 +320,25 @@ fn eval_by_generation_scores_completions_with_rewards() {
         assert!((l["reward"].as_f64().unwrap() - a - 0.25).abs() < 1e-12);
     }
 }
+
+/// At T ≠ 1 too, the sampler's log-probs are the training path's at that temperature.
+#[test]
+fn sampling_logprobs_at_a_temperature_equal_the_training_ones() {
+    let m = model(&TinySpec::default(), 17);
+    let prompt = vec![5u32, 6, 7, 8];
+    let p = SamplingParams {
+        temperature: 2.5,
+        max_completion_length: 6,
+        ..Default::default()
+    };
+    for c in sample(&m, std::slice::from_ref(&prompt), 3, &p, 3, &|_| false, &mut |_| {}).unwrap() {
+        let r = [c.ids.clone()];
+        let g = [prefer::batch::ScoredGroup {
+            prompt: &prompt,
+            responses: &r,
+        }];
+        let lp = logprobs::group_sequence_logps_at(&m, &g, prefer::batch::Layout::PACKED, false, 2.5).unwrap();
+        let want: Vec<f32> = lp.token_logps.to_vec1().unwrap();
+        assert!(max_diff(&c.logprobs, &want) < 1e-4, "{:?} vs {want:?}", c.logprobs);
+    }
+}

@@ -7,8 +7,8 @@
 //!
 //! This first version generates once per optimizer step and trains on the samples once
 //! (TRL's defaults `steps_per_generation` = gradient accumulation, `num_iterations` = 1), so the
-//! importance ratio is 1 in value and the clipping never binds; sampling and training share
-//! temperature 1.
+//! importance ratio is 1 in value and the clipping never binds. Log-probs are those of the
+//! sampling distribution, `log softmax(logits / temperature)`, as TRL computes them.
 
 use super::grpo_config::{GrpoLoss, GrpoParams, ScaleRewards};
 use super::{Algorithm, MicroBatch, StepCtx};
@@ -17,7 +17,7 @@ use crate::batch::{Layout, ScoredGroup};
 use crate::config::TrainConfig;
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
-use crate::model::logprobs::group_sequence_logps;
+use crate::model::logprobs::group_sequence_logps_at;
 use crate::model::{LoadedModel, Transformer};
 use crate::rewards::{Reward, RewardInput, RewardOptions};
 use crate::sample::{sample, FinishReason, SamplingParams};
@@ -156,11 +156,6 @@ pub fn grpo_loss(
 impl Grpo {
     pub fn new(cfg: &TrainConfig, policy: &LoadedModel, _data: &TrainData) -> Result<Grpo> {
         let g = &cfg.grpo;
-        if g.temperature != 1.0 {
-            return Err(Error::Config(
-                "task = \"grpo\" samples and trains at temperature 1 in this version; remove `temperature`".into(),
-            ));
-        }
         let opts = RewardOptions {
             format_regex: g.reward_format_regex.clone(),
             length_target: g.reward_length_target,
@@ -224,7 +219,14 @@ impl Grpo {
     }
 }
 
+/// Where the sampled completions of each logging step go, in `output_dir`.
+pub const COMPLETIONS_LOG: &str = "completions.jsonl";
+
 impl Algorithm for Grpo {
+    fn step_logs(&self) -> &[&'static str] {
+        &[COMPLETIONS_LOG]
+    }
+
     fn units_per_micro_batch(&self, per_device_train_batch_size: usize) -> usize {
         (per_device_train_batch_size / self.num_generations).max(1)
     }
@@ -284,6 +286,24 @@ impl Algorithm for Grpo {
             })
             .collect();
         let (adv, stds) = advantages(&totals, g, self.scale);
+        let s1 = ctx.step + 1;
+        if s1.is_multiple_of(ctx.cfg.logging_steps.max(1)) || s1 == ctx.total_steps {
+            // the step's completions, as TRL logs them
+            let path = ctx.cfg.output_dir().join(COMPLETIONS_LOG);
+            crate::util::create_dir_all(&ctx.cfg.output_dir())?;
+            for (i, c) in comps.iter().enumerate() {
+                let rec = serde_json::json!({
+                    "step": s1,
+                    "prompt": inputs[i].prompt,
+                    "completion": inputs[i].completion,
+                    "reward": if totals[i].is_nan() { None } else { Some(totals[i]) },
+                    "rewards": self.rewards.iter().zip(&per).map(|(r, s)| (r.name().to_string(), serde_json::json!(s[i]))).collect::<serde_json::Map<_, _>>(),
+                    "advantage": adv[i],
+                    "completion_tokens": c.ids.len(),
+                });
+                crate::util::fs::append_jsonl(&path, &rec)?;
+            }
+        }
         let mut m: Vec<(String, f64)> = Vec::new();
         let finite: Vec<f64> = totals.iter().copied().filter(|x| !x.is_nan()).collect();
         m.push(("reward".into(), finite.iter().sum::<f64>() / finite.len().max(1) as f64));
@@ -332,7 +352,7 @@ impl Algorithm for Grpo {
                         prompt: &prompts[k],
                         responses: &completions,
                     }];
-                    let lp = group_sequence_logps(r, &grp, Layout::PACKED, false)?;
+                    let lp = group_sequence_logps_at(r, &grp, Layout::PACKED, false, self.sampling.temperature)?;
                     Some(lp.token_logps.detach().to_dtype(DType::F64)?.to_vec1()?)
                 }
                 None => None,
@@ -351,7 +371,13 @@ impl Algorithm for Grpo {
 
     fn micro_batch(&mut self, ctx: &StepCtx, indices: &[usize]) -> Result<MicroBatch> {
         let groups = self.groups(indices, ctx.data);
-        let lp = group_sequence_logps(&ctx.policy.transformer, &groups, Layout::PACKED, false)?;
+        let lp = group_sequence_logps_at(
+            &ctx.policy.transformer,
+            &groups,
+            Layout::PACKED,
+            false,
+            self.sampling.temperature,
+        )?;
         let advantages: Vec<f64> = indices
             .iter()
             .flat_map(|i| self.rollout[i].advantages.clone())

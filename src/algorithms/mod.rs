@@ -114,6 +114,12 @@ pub trait Algorithm: AsAny {
         batch_size: usize,
     ) -> Result<Vec<(String, f64)>>;
 
+    /// Files in `output_dir` this algorithm appends step-keyed JSON lines to (each line has a
+    /// `step`): the core cuts them back to the step a run starts from, as `metrics.jsonl`.
+    fn step_logs(&self) -> &[&'static str] {
+        &[]
+    }
+
     /// Metrics added to every log record (e.g. MaxMin's cluster sizes).
     fn log_metrics(&self) -> BTreeMap<String, f64> {
         BTreeMap::new()

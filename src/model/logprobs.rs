@@ -73,12 +73,30 @@ pub fn group_sequence_logps(
     layout: Layout,
     with_sum_sq: bool,
 ) -> Result<SeqLogps> {
+    group_sequence_logps_at(model, groups, layout, with_sum_sq, 1.0)
+}
+
+/// [`group_sequence_logps`] of the distribution at `temperature`: `log softmax(logits / T)`,
+/// what a sampler drawing at T reports (online training at T ≠ 1).
+pub fn group_sequence_logps_at(
+    model: &Transformer,
+    groups: &[ScoredGroup],
+    layout: Layout,
+    with_sum_sq: bool,
+    temperature: f64,
+) -> Result<SeqLogps> {
     let batch = collate(groups, layout)?;
     let dev = model.device();
     let input = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), dev)?;
     let attn = AttentionInputs::for_batch(&model.cfg, &batch, model.dtype(), dev)?;
     let hidden = model.hidden_states(&input, &attn)?;
     let hidden = hidden.reshape((batch.rows * batch.cols, model.cfg.hidden_size))?;
+    // the logits are linear in the final hidden state: scaling it scales them
+    let hidden = if temperature != 1.0 {
+        (hidden / temperature)?
+    } else {
+        hidden
+    };
     let (token_logps, log_sum_sq) = gather_logps_with(model, &hidden, &batch.scored, &batch.targets, with_sum_sq)?;
     let sums = segment_sums(&token_logps, &batch.offsets)?;
     Ok(SeqLogps {

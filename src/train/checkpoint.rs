@@ -10,7 +10,6 @@ use crate::model::LoadedModel;
 use crate::optim::{Optimizer, OPTIMIZER_FILE};
 use crate::util::write_atomic;
 use serde_json::Value;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -81,35 +80,4 @@ pub fn latest(out_dir: &Path) -> Option<PathBuf> {
         }
     }
     best.map(|b| b.1)
-}
-
-pub fn append_metrics(path: &Path, rec: &Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    writeln!(f, "{rec}").map_err(|e| Error::io(path, e))
-}
-
-/// Drop metric records past `step` (written after the checkpoint a run resumes from), or all
-/// of them for a fresh run.
-pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(Value::as_u64))
-                .is_some_and(|s| (s as usize) <= step)
-        })
-        .collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
-    write_atomic(path, body.as_bytes())
 }

@@ -294,7 +294,10 @@ impl Trainer {
         let out_dir = self.cfg.output_dir();
         crate::util::create_dir_all(&out_dir)?;
         let metrics_path = out_dir.join("metrics.jsonl");
-        checkpoint::truncate_metrics(&metrics_path, self.state.global_step)?;
+        crate::util::fs::truncate_jsonl_after_step(&metrics_path, self.state.global_step)?;
+        for f in self.algorithm.step_logs() {
+            crate::util::fs::truncate_jsonl_after_step(&out_dir.join(f), self.state.global_step)?;
+        }
         let total = self.total;
         let pb = progress_bar(total, self.cfg.disable_tqdm);
         pb.set_prefix("train");
@@ -309,7 +312,7 @@ impl Trainer {
                 !self.data.eval.is_empty() && ((cfg.eval_steps > 0 && s.is_multiple_of(cfg.eval_steps)) || s == total);
             if s.is_multiple_of(cfg.logging_steps.max(1)) || s == total || do_eval {
                 let rec = self.log_record(do_eval)?;
-                checkpoint::append_metrics(&metrics_path, &rec)?;
+                crate::util::fs::append_jsonl(&metrics_path, &rec)?;
                 let get = |k: &str| rec.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
                 pb.set_message(format!(
                     "loss {:.4} acc {:.2} margin {:.3} tok/s {:.0}",
