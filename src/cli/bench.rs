@@ -11,11 +11,15 @@ use std::time::Instant;
 pub enum BenchCmd {
     /// DPO training steps on a real model: s/step, tokens/s, peak RSS, GFLOP/s vs the machine's matmul.
     Dpo(DpoBenchArgs),
+    /// GRPO steps on a real model and GSM8K prompts: s/step split into sampling, log-probs,
+    /// backward and optimizer; generated tokens/s; peak RSS.
+    Grpo(super::bench_grpo::GrpoBenchArgs),
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Dpo(args) => dpo(&args).map_err(Into::into),
+        BenchCmd::Grpo(args) => super::bench_grpo::grpo(&args),
     }
 }
 

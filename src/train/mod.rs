@@ -55,8 +55,9 @@ pub struct StepReport {
     /// Token positions the policy's forward pass computed under the configured layout
     /// (fewer than `tokens` with shared prompts; more with padding).
     pub positions: usize,
-    /// Seconds spent in each phase: `forward` (policy, reference and loss), `backward`,
-    /// `optimizer` (gradient accumulation, clipping and the update).
+    /// Seconds spent in each phase: `rollout` (the algorithm's work before the micro-batches:
+    /// sampling and scoring, an E-step; when it took any), `forward` (policy, reference and
+    /// loss), `backward`, `optimizer` (gradient accumulation, clipping and the update).
     pub phases: BTreeMap<&'static str, f64>,
     pub seconds: f64,
     pub grad_norm: f64,
@@ -178,8 +179,9 @@ impl Trainer {
         let step = self.state.global_step;
         let accum = self.cfg.gradient_accumulation_steps;
         let batches: Vec<Vec<usize>> = (0..accum).map(|a| self.order.micro_batch(step * accum + a)).collect();
-        self.algorithm.begin_step(&ctx!(self, step), &batches)?;
         let t0 = Instant::now();
+        self.algorithm.begin_step(&ctx!(self, step), &batches)?;
+        let rollout = t0.elapsed().as_secs_f64();
         let cfg = &self.cfg;
         let lr = schedule::learning_rate(cfg.lr_scheduler_type, cfg.learning_rate, step, self.total, self.warmup);
         self.opt.zero_grad();
@@ -187,6 +189,9 @@ impl Trainer {
         let mut tokens = 0usize;
         let mut positions = 0usize;
         let mut phases: BTreeMap<&'static str, f64> = BTreeMap::new();
+        if rollout > 1e-3 {
+            phases.insert("rollout", rollout);
+        }
         let mut clock = Instant::now();
         let mut lap = |name: &'static str| {
             *phases.entry(name).or_default() += clock.elapsed().as_secs_f64();

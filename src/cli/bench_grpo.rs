@@ -1,0 +1,142 @@
+//! `prefer bench grpo`: GRPO steps on a real model and real prompts (GSM8K questions with the
+//! accuracy reward), timed phase by phase: sampling and scoring (`rollout`), log-probs and loss
+//! (`forward`), `backward`, `optimizer`; and the peak memory.
+
+use super::*;
+use prefer::config::Task;
+use prefer::error::Error;
+use prefer::train::Trainer;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GrpoBenchArgs {
+    /// Model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf or $PREFER_SMOLLM2).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// GSM8K-style rows with `question` and `answer` (default: data/gsm8k/train.jsonl under
+    /// $PREFER_SHARED, else ../shared).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Timed optimizer steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// Prompts per step.
+    #[arg(long, default_value_t = 4)]
+    pub prompts: usize,
+    #[arg(long, default_value_t = 8)]
+    pub num_generations: usize,
+    #[arg(long, default_value_t = 128)]
+    pub max_completion_length: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
+    let model = args
+        .model
+        .clone()
+        .or_else(super::default_model)
+        .ok_or_else(|| Error::msg("no model: pass --model or run scripts/fetch-model.sh"))?;
+    let data = match &args.data {
+        Some(d) => d.clone(),
+        None => std::env::var_os("PREFER_SHARED")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "../shared".into())
+            .join("data/gsm8k/train.jsonl"),
+    };
+    let out = std::env::temp_dir().join(format!("prefer-bench-grpo-{}", std::process::id()));
+    std::fs::create_dir_all(&out)?;
+    // the questions as chat prompts, their answers for the reward
+    let n = (args.steps + 1) * args.prompts;
+    let text = std::fs::read_to_string(&data).with_context(|| format!("reading {}", data.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().take(n).enumerate() {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("{}:{}", data.display(), i + 1))?;
+        rows.push(json!({"prompt": [{"role": "user", "content": v["question"]}], "answer": v["answer"]}).to_string());
+    }
+    let prompts = out.join("prompts.jsonl");
+    write_lines(&prompts, &rows)?;
+    let mut cfg = TrainConfig {
+        task: Task::Grpo,
+        model_name_or_path: model.display().to_string(),
+        train_file: prompts.display().to_string(),
+        output_dir: out.join("run").display().to_string(),
+        per_device_train_batch_size: args.prompts * args.num_generations,
+        max_steps: (args.steps + 1) as i64,
+        learning_rate: 1e-6,
+        shuffle: false,
+        save_steps: 1_000_000,
+        disable_tqdm: true,
+        ..TrainConfig::default()
+    };
+    cfg.params.beta = 0.0;
+    cfg.grpo.num_generations = args.num_generations;
+    cfg.grpo.max_completion_length = args.max_completion_length;
+    cfg.grpo.reward_funcs = vec!["accuracy".into()];
+    cfg.validate()?;
+    let mut tr = Trainer::new(&cfg)?;
+    let warm = tr.step()?;
+    eprintln!("warm-up step: {:.1} s", warm.seconds);
+    let mut secs = Vec::new();
+    let mut phases: std::collections::BTreeMap<&str, f64> = Default::default();
+    let mut generated = 0.0;
+    for i in 0..args.steps {
+        let r = tr.step()?;
+        let len = r.metrics.get("completions/mean_length").copied().unwrap_or(0.0);
+        generated += len * (args.prompts * args.num_generations) as f64;
+        eprintln!(
+            "step {}: {:.1} s ({}), mean completion {len:.0} tokens, reward {:.3}",
+            i + 1,
+            r.seconds,
+            r.phases
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1} s"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.metrics.get("reward").copied().unwrap_or(f64::NAN)
+        );
+        for (k, v) in &r.phases {
+            *phases.entry(*k).or_default() += v / args.steps as f64;
+        }
+        secs.push(r.seconds);
+    }
+    let total: f64 = secs.iter().sum();
+    let rollout = phases.get("rollout").copied().unwrap_or(0.0) * args.steps as f64;
+    let peak = prefer::util::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let rec = json!({
+        "model": model.display().to_string(),
+        "prompts": args.prompts,
+        "num_generations": args.num_generations,
+        "max_completion_length": args.max_completion_length,
+        "s_per_step_mean": total / args.steps.max(1) as f64,
+        "phase_seconds_per_step": phases,
+        "generated_tokens_per_second": generated / rollout.max(1e-9),
+        "peak_rss_gib": peak,
+        "threads": candle_core::utils::get_num_threads(),
+    });
+    let _ = std::fs::remove_dir_all(&out);
+    if args.json {
+        println!("{rec}");
+    } else {
+        println!(
+            "GRPO on {}: {} prompts × {} generations, ≤ {} new tokens, f32",
+            model.display(),
+            args.prompts,
+            args.num_generations,
+            args.max_completion_length
+        );
+        println!(
+            "s/step                      {:.1}",
+            rec["s_per_step_mean"].as_f64().unwrap_or(f64::NAN)
+        );
+        for (k, v) in &phases {
+            println!("  {k:<24}  {v:.1} s");
+        }
+        println!(
+            "generated tokens/s          {:.1}",
+            rec["generated_tokens_per_second"].as_f64().unwrap_or(f64::NAN)
+        );
+        println!("peak RSS                    {peak:.2} GiB");
+    }
+    Ok(())
+}
