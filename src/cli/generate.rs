@@ -81,45 +81,43 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let stop = |ids: &[u32]| -> bool {
         !args.stop.is_empty() && text_of(ids).is_ok_and(|t| args.stop.iter().any(|s| t.contains(s.as_str())))
     };
-    let total = (prompts.len() * args.num_generations) as u64;
-    let pb = prefer::util::progress_bar(total as usize, false);
+    let total = prompts.len() * args.num_generations * args.max_completion_length;
+    let pb = prefer::util::progress_bar(total, false);
     pb.set_prefix("generate");
     let t0 = std::time::Instant::now();
     let mut tokens = 0usize;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let mut lines = Vec::with_capacity(total as usize);
-    for (i, p) in ids.iter().enumerate() {
-        let mut progress = |n: usize| {
-            tokens += n;
-            pb.set_message(format!("{:.1} tokens/s", tokens as f64 / t0.elapsed().as_secs_f64()));
-        };
-        for mut c in sample(
-            &m.transformer,
-            std::slice::from_ref(p),
-            args.num_generations,
-            &params,
-            args.seed,
-            &stop,
-            &mut progress,
-        )? {
-            c.prompt_index = i;
-            let mut text = text_of(&c.ids)?;
-            if let Some(cut) = args.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
-            }
-            lines.push(
-                json!({
-                    "prompt_index": i,
-                    "sample_index": c.sample_index,
-                    "completion": text,
-                    "completion_ids": c.ids,
-                    "logprobs": c.logprobs,
-                    "finish_reason": c.finish_reason,
-                })
-                .to_string(),
-            );
-            pb.inc(1);
+    let mut progress = |n: usize| {
+        tokens += n;
+        pb.inc(n as u64);
+        pb.set_message(format!("{:.1} tokens/s", tokens as f64 / t0.elapsed().as_secs_f64()));
+    };
+    let comps = sample(
+        &m.transformer,
+        &ids,
+        args.num_generations,
+        &params,
+        args.seed,
+        &stop,
+        &mut progress,
+    )?;
+    let mut lines = Vec::with_capacity(comps.len());
+    for c in comps {
+        let mut text = text_of(&c.ids)?;
+        if let Some(cut) = args.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
         }
+        lines.push(
+            json!({
+                "prompt_index": c.prompt_index,
+                "sample_index": c.sample_index,
+                "completion": text,
+                "completion_ids": c.ids,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+            })
+            .to_string(),
+        );
     }
     pb.finish_and_clear();
     write_lines(&args.out, &lines)?;

@@ -155,9 +155,23 @@ pub fn sample_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &m
     (token as u32, logprob_at(logits, report_t, token) as f32)
 }
 
+/// One prompt's samples while they are drawn.
+struct Group {
+    /// `None` while lent to a decoding step.
+    cache: Option<crate::model::llama::GroupCache>,
+    /// Each sample's logits for its next token.
+    rows: Vec<Vec<f32>>,
+    rngs: Vec<Rng>,
+    history: Vec<Vec<u32>>,
+    done: Vec<Option<FinishReason>>,
+    comps: Vec<Completion>,
+}
+
 /// `num_generations` completions of every prompt: prompt after prompt, sample after sample.
-/// `stop(completion ids)` may end a completion early (stop strings); `progress(tokens)` is told
-/// how many tokens each step generated.
+/// Each prompt is computed once; then every step draws one token for each running sample and
+/// computes the next logits of all running prompts' samples in one pass (finished prompts drop
+/// out). `stop(completion ids)` may end a completion early (stop strings); `progress(tokens)`
+/// is told how many tokens each step drew.
 pub fn sample(
     model: &Transformer,
     prompts: &[Vec<u32>],
@@ -168,12 +182,13 @@ pub fn sample(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Completion>> {
     let model = model.detached()?;
-    let mut out = Vec::with_capacity(prompts.len() * num_generations);
+    let g = num_generations;
+    let max = model.cfg.max_position_embeddings;
+    let mut groups = Vec::with_capacity(prompts.len());
     for (pi, prompt) in prompts.iter().enumerate() {
         if prompt.is_empty() {
             return Err(Error::msg(format!("prompt {pi} is empty: nothing to sample from")));
         }
-        let max = model.cfg.max_position_embeddings;
         if max > 0 && prompt.len() + params.max_completion_length > max {
             return Err(Error::msg(format!(
                 "prompt {pi}: {} tokens + max_completion_length {} exceed the model's context of {max}",
@@ -181,83 +196,92 @@ pub fn sample(
                 params.max_completion_length
             )));
         }
-        out.extend(sample_group(
-            &model,
-            pi,
-            prompt,
-            num_generations,
-            params,
-            seed,
-            stop,
-            progress,
-        )?);
+        let comps: Vec<Completion> = (0..g)
+            .map(|s| Completion {
+                prompt_index: pi,
+                sample_index: s,
+                ids: Vec::new(),
+                logprobs: Vec::new(),
+                finish_reason: FinishReason::Length,
+            })
+            .collect();
+        if params.max_completion_length == 0 {
+            groups.push(Group {
+                cache: None,
+                rows: vec![],
+                rngs: vec![],
+                history: vec![],
+                done: vec![Some(FinishReason::Length); g],
+                comps,
+            });
+            continue;
+        }
+        let (first, cache) = model.prefill(prompt)?;
+        let first: Vec<f32> = first.to_vec1()?;
+        groups.push(Group {
+            cache: Some(cache.fork(g)?),
+            rows: vec![first; g],
+            rngs: (0..g).map(|s| sample_rng(seed, pi, s)).collect(),
+            history: vec![prompt.to_vec(); g],
+            done: vec![None; g],
+            comps,
+        });
     }
-    Ok(out)
-}
-
-/// The completions of one prompt: one prefill, then one decoding step per token for all of its
-/// samples still running together (a finished sample's later tokens are computed and dropped).
-#[allow(clippy::too_many_arguments)]
-fn sample_group(
-    model: &Transformer,
-    pi: usize,
-    prompt: &[u32],
-    g: usize,
-    params: &SamplingParams,
-    seed: u64,
-    stop: &dyn Fn(&[u32]) -> bool,
-    progress: &mut dyn FnMut(usize),
-) -> Result<Vec<Completion>> {
-    let mut rngs: Vec<Rng> = (0..g).map(|s| sample_rng(seed, pi, s)).collect();
-    let mut done: Vec<Option<FinishReason>> = vec![None; g];
-    let mut comps: Vec<Completion> = (0..g)
-        .map(|s| Completion {
-            prompt_index: pi,
-            sample_index: s,
-            ids: Vec::new(),
-            logprobs: Vec::new(),
-            finish_reason: FinishReason::Length,
-        })
-        .collect();
-    if params.max_completion_length == 0 {
-        return Ok(comps);
-    }
-    let (first, cache) = model.prefill(prompt)?;
-    let mut cache = cache.fork(g)?;
-    let first: Vec<f32> = first.to_vec1()?;
-    let mut rows: Vec<Vec<f32>> = vec![first; g];
-    let mut history: Vec<Vec<u32>> = vec![prompt.to_vec(); g];
     for step in 0..params.max_completion_length {
-        let mut next = Vec::with_capacity(g);
+        let (mut running, mut next_tokens) = (Vec::new(), Vec::new());
         let mut fresh = 0;
-        for s in 0..g {
-            let (tok, lp) = sample_token(&rows[s], &history[s], params, &mut rngs[s]);
-            next.push(tok);
-            if done[s].is_some() {
+        for (gi, grp) in groups.iter_mut().enumerate() {
+            if grp.done.iter().all(Option::is_some) {
                 continue;
             }
-            fresh += 1;
-            let c = &mut comps[s];
-            c.ids.push(tok);
-            c.logprobs.push(lp);
-            history[s].push(tok);
-            if params.stop_tokens.contains(&tok) || stop(&c.ids) {
-                done[s] = Some(FinishReason::Stop);
-            } else if c.ids.len() == params.max_completion_length {
-                done[s] = Some(FinishReason::Length);
+            let mut next = Vec::with_capacity(g);
+            for s in 0..g {
+                let (tok, lp) = sample_token(&grp.rows[s], &grp.history[s], params, &mut grp.rngs[s]);
+                next.push(tok);
+                if grp.done[s].is_some() {
+                    continue;
+                }
+                fresh += 1;
+                let c = &mut grp.comps[s];
+                c.ids.push(tok);
+                c.logprobs.push(lp);
+                grp.history[s].push(tok);
+                if params.stop_tokens.contains(&tok) || stop(&c.ids) {
+                    grp.done[s] = Some(FinishReason::Stop);
+                } else if c.ids.len() == params.max_completion_length {
+                    grp.done[s] = Some(FinishReason::Length);
+                }
+            }
+            if !grp.done.iter().all(Option::is_some) {
+                running.push(gi);
+                next_tokens.push(next);
             }
         }
         progress(fresh);
-        if done.iter().all(Option::is_some) || step + 1 == params.max_completion_length {
+        if running.is_empty() || step + 1 == params.max_completion_length {
             break;
         }
-        let logits = model.decode(&mut cache, &next)?;
-        rows = logits.to_vec2()?;
+        // a finished sample's later tokens are computed with its group and dropped
+        let mut caches: Vec<_> = running
+            .iter()
+            .map(|&gi| groups[gi].cache.take().expect("a running group has its cache"))
+            .collect();
+        let refs: Vec<&[u32]> = next_tokens.iter().map(Vec::as_slice).collect();
+        let logits = model.decode_many(&mut caches, &refs)?;
+        for ((gi, cache), l) in running.into_iter().zip(caches).zip(logits) {
+            groups[gi].cache = Some(cache);
+            groups[gi].rows = l.to_vec2()?;
+        }
     }
-    for (c, d) in comps.iter_mut().zip(done) {
-        c.finish_reason = d.unwrap_or(FinishReason::Length);
-    }
-    Ok(comps)
+    Ok(groups
+        .into_iter()
+        .flat_map(|grp| {
+            grp.comps.into_iter().zip(grp.done).map(|(mut c, d)| {
+                c.finish_reason = d.unwrap_or(FinishReason::Length);
+                c
+            })
+        })
+        .collect())
 }
 
 /// The logits `[V]` that follow `ids` by a full forward pass (no cache): the reference the

@@ -129,36 +129,64 @@ fn lin(l: &Linear, x: &Tensor, k: Kernels) -> Result<Tensor> {
     l.forward(x, k)
 }
 
+/// One group's part of a decoding step through a layer: its cache, samples, new tokens per
+/// sample, and the rotary tables of their positions.
+struct GroupStep<'a> {
+    kv: &'a mut LayerKv,
+    g: usize,
+    n: usize,
+    rope: &'a (Tensor, Tensor),
+}
+
 impl Block {
-    /// This layer on `x` `[G·n, H]`: n new tokens for each of the group's G samples, at
-    /// positions `pos..pos + n`, attending to `kv` and to each other causally; their keys and
-    /// values are appended to the samples' own cache.
-    fn decode(
-        &self,
-        x: &Tensor,
-        kv: &mut LayerKv,
-        g: usize,
-        n: usize,
-        rope: &(Tensor, Tensor),
-        t: &Transformer,
-    ) -> Result<Tensor> {
+    /// This layer on `x`: the new rows of every group, group after group (`G·n` rows each: n
+    /// new tokens for each of the group's G samples), each attending to its own group's cache
+    /// and causally to its other new tokens; their keys and values are appended to the
+    /// samples' own cache. The projections and the MLP run on all groups' rows at once (one
+    /// pass over the weights per step), the attention group by group.
+    fn decode(&self, x: &Tensor, groups: &mut [GroupStep], t: &Transformer) -> Result<Tensor> {
         let (k, eps) = (t.kernels, t.cfg.rms_norm_eps);
         let at = &self.self_attn;
-        let (h, kvh, d) = (at.n_heads, at.n_kv_heads, at.head_dim);
-        let rep = h / kvh;
         let n1 = k.rms_norm(x, &self.input_layernorm, eps)?;
         let (q, kn, vn) = (
             lin(&at.q_proj, &n1, k)?,
             lin(&at.k_proj, &n1, k)?,
             lin(&at.v_proj, &n1, k)?,
         );
+        let mut outs = Vec::with_capacity(groups.len());
+        let mut row = 0;
+        for gs in groups.iter_mut() {
+            let rows = gs.g * gs.n;
+            let part = |z: &Tensor| z.narrow(0, row, rows);
+            outs.push(self.attend_group(&part(&q)?, &part(&kn)?, &part(&vn)?, gs)?);
+            row += rows;
+        }
+        let out = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        let hdn = (x + lin(&at.o_proj, &out, k)?)?;
+        let n2 = k.rms_norm(&hdn, &self.post_attention_layernorm, eps)?;
+        let m = &self.mlp;
+        let s = k.swiglu(&lin(&m.gate_proj, &n2, k)?, &lin(&m.up_proj, &n2, k)?)?;
+        Ok((&hdn + lin(&m.down_proj, &s, k)?)?)
+    }
+
+    /// The attention of one group's new rows (projected `q`, `k`, `v`, `[G·n, heads·D]`).
+    fn attend_group(&self, q: &Tensor, kn: &Tensor, vn: &Tensor, gs: &mut GroupStep) -> Result<Tensor> {
+        let at = &self.self_attn;
+        let (h, kvh, d) = (at.n_heads, at.n_kv_heads, at.head_dim);
+        let (g, n) = (gs.g, gs.n);
+        let rep = h / kvh;
+        let kv = &mut *gs.kv;
         // q: [G, kvh, rep·n, d], rows ordered (rep, n) within a kv head, as repeat_kv groups heads
         let q = q
             .reshape((g, n, kvh, rep, d))?
             .permute((0, 2, 3, 1, 4))?
             .contiguous()?
             .reshape((g, kvh, rep * n, d))?;
-        let (cos, sin) = rope;
+        let (cos, sin) = gs.rope;
         let q = apply_rope(&q, &cos.repeat((rep, 1))?, &sin.repeat((rep, 1))?)?;
         let kn = apply_rope(&kn.reshape((g, n, kvh, d))?.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let vn = vn.reshape((g, n, kvh, d))?.transpose(1, 2)?.contiguous()?;
@@ -180,7 +208,7 @@ impl Block {
             let mask: Vec<f32> = (0..rep * n)
                 .flat_map(|r| (0..total).map(move |j| if j < before || j - before <= r % n { 0.0 } else { -1e9 }))
                 .collect();
-            let mask = Tensor::from_vec(mask, (rep * n, total), x.device())?.to_dtype(scores.dtype())?;
+            let mask = Tensor::from_vec(mask, (rep * n, total), q.device())?.to_dtype(scores.dtype())?;
             scores.broadcast_add(&mask)?
         } else {
             scores
@@ -193,16 +221,11 @@ impl Block {
             out = (out + shared_values(&probs.narrow(3, 0, total - t_own)?, sv)?)?;
         }
         kv.own = Some((own_k, own_v));
-        let out = out
+        Ok(out
             .reshape((g, kvh, rep, n, d))?
             .permute((0, 3, 1, 2, 4))?
             .contiguous()?
-            .reshape((g * n, h * d))?;
-        let hdn = (x + lin(&at.o_proj, &out, k)?)?;
-        let n2 = k.rms_norm(&hdn, &self.post_attention_layernorm, eps)?;
-        let m = &self.mlp;
-        let s = k.swiglu(&lin(&m.gate_proj, &n2, k)?, &lin(&m.up_proj, &n2, k)?)?;
-        Ok((&hdn + lin(&m.down_proj, &s, k)?)?)
+            .reshape((g * n, h * d))?)
     }
 }
 
@@ -225,28 +248,42 @@ impl Transformer {
             own_len: 0,
             samples: 1,
         };
-        let logits = self.decode_rows(&mut cache, prompt, prompt.len())?;
+        let logits = self
+            .decode_rows(std::slice::from_mut(&mut cache), prompt, prompt.len())?
+            .remove(0);
         Ok((logits.squeeze(0)?, cache))
     }
 
     /// One step for every sample of a group: `tokens[s]` is sample s's newest token. Returns
     /// the logits `[samples, V]` that predict each sample's next token.
     pub fn decode(&self, cache: &mut GroupCache, tokens: &[u32]) -> Result<Tensor> {
-        if tokens.len() != cache.samples {
-            return Err(Error::msg(format!(
-                "decode: {} tokens for a group of {} samples",
-                tokens.len(),
-                cache.samples
-            )));
-        }
-        self.decode_rows(cache, tokens, 1)
+        Ok(self.decode_many(std::slice::from_mut(cache), &[tokens])?.remove(0))
     }
 
-    /// `n` new tokens per sample (`ids`: sample after sample), through every layer; the logits
-    /// of each sample's last new token, `[samples, V]`.
-    fn decode_rows(&self, cache: &mut GroupCache, ids: &[u32], n: usize) -> Result<Tensor> {
-        let g = cache.samples;
-        let rope = rope_rows(self, cache.len(), n)?;
+    /// [`Self::decode`] for several groups at once (different prompts, each with its samples):
+    /// one pass over the weights for all of them. `tokens[i]` are group i's newest tokens.
+    pub fn decode_many(&self, caches: &mut [GroupCache], tokens: &[&[u32]]) -> Result<Vec<Tensor>> {
+        for (c, t) in caches.iter().zip(tokens) {
+            if t.len() != c.samples {
+                return Err(Error::msg(format!(
+                    "decode: {} tokens for a group of {} samples",
+                    t.len(),
+                    c.samples
+                )));
+            }
+        }
+        let ids: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
+        self.decode_rows(caches, &ids, 1)
+    }
+
+    /// `n` new tokens per sample of every group (`ids`: group after group, sample after
+    /// sample), through every layer; each group's logits of its samples' last new tokens,
+    /// `[samples, V]`.
+    fn decode_rows(&self, caches: &mut [GroupCache], ids: &[u32], n: usize) -> Result<Vec<Tensor>> {
+        let ropes: Vec<(Tensor, Tensor)> = caches
+            .iter()
+            .map(|c| rope_rows(self, c.len(), n))
+            .collect::<Result<_>>()?;
         let mut x = self
             .embed_tokens
             .index_select(&Tensor::new(ids, self.device())?, 0)?
@@ -260,10 +297,26 @@ impl Transformer {
                 }
                 None => &self.layers[i],
             };
-            x = blk.decode(&x, &mut cache.layers[i], g, n, &rope, self)?;
+            let mut steps: Vec<GroupStep> = caches
+                .iter_mut()
+                .zip(&ropes)
+                .map(|(c, rope)| GroupStep {
+                    g: c.samples,
+                    n,
+                    rope,
+                    kv: &mut c.layers[i],
+                })
+                .collect();
+            x = blk.decode(&x, &mut steps, self)?;
         }
-        cache.own_len += n;
-        let last: Vec<u32> = (0..g).map(|s| (s * n + n - 1) as u32).collect();
+        // each sample's last new row
+        let mut last = Vec::new();
+        let mut row = 0;
+        for c in caches.iter_mut() {
+            c.own_len += n;
+            last.extend((0..c.samples).map(|s| (row + s * n + n - 1) as u32));
+            row += c.samples * n;
+        }
         let x = x.index_select(&Tensor::new(last, self.device())?, 0)?;
         let x = self.kernels.rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
         let logits = match self.kernels.bf16_for(&x) {
@@ -274,6 +327,13 @@ impl Transformer {
             Some(l) => l,
             None => self.logits(&x)?,
         };
-        Ok(logits.to_dtype(DType::F32)?.detach())
+        let logits = logits.to_dtype(DType::F32)?.detach();
+        let mut out = Vec::with_capacity(caches.len());
+        let mut row = 0;
+        for c in caches.iter() {
+            out.push(logits.narrow(0, row, c.samples)?);
+            row += c.samples;
+        }
+        Ok(out)
     }
 }
