@@ -26,6 +26,9 @@ pub struct GrpoBenchArgs {
     pub num_generations: usize,
     #[arg(long, default_value_t = 128)]
     pub max_completion_length: usize,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -67,6 +70,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         shuffle: false,
         save_steps: 1_000_000,
         disable_tqdm: true,
+        gradient_checkpointing: args.gradient_checkpointing,
         ..TrainConfig::default()
     };
     cfg.params.beta = 0.0;
@@ -108,6 +112,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         "prompts": args.prompts,
         "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "s_per_step_mean": total / args.steps.max(1) as f64,
         "phase_seconds_per_step": phases,
         "generated_tokens_per_second": generated / rollout.max(1e-9),

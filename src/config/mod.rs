@@ -459,7 +459,8 @@ mod tests {
 
     #[test]
     fn keys_table_matches_struct_fields() {
-        let c = TrainConfig {
+        // every optional key set, so that every field serialises
+        let mut c = TrainConfig {
             loss_weights: Some(vec![1.0]),
             params: {
                 let mut p = ObjectiveParams::default();
@@ -472,6 +473,9 @@ mod tests {
             resume_from_checkpoint: Some("x".into()),
             ..TrainConfig::default()
         };
+        c.grpo.epsilon_high = Some(0.28);
+        c.grpo.reward_format_regex = Some("x".into());
+        c.grpo.reward_weights = Some(vec![1.0]);
         let v = toml::Value::try_from(&c).unwrap();
         let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
         let mut keys: Vec<&str> = TrainConfig::keys().iter().map(|k| k.0).collect();
