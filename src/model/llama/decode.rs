@@ -289,14 +289,7 @@ impl Transformer {
             .index_select(&Tensor::new(ids, self.device())?, 0)?
             .detach();
         for i in 0..self.cfg.num_hidden_layers {
-            let widened;
-            let blk = match &self.compact {
-                Some(c) => {
-                    widened = c.layer(&self.cfg, i)?;
-                    &widened
-                }
-                None => &self.layers[i],
-            };
+            let blk = self.layer(i)?;
             let mut steps: Vec<GroupStep> = caches
                 .iter_mut()
                 .zip(&ropes)

@@ -119,6 +119,14 @@ impl Transformer {
         self.map(|_, t| Ok(t.detach()))
     }
 
+    /// Decoder layer `i`: the model's own, or widened from its layer store.
+    pub(crate) fn layer(&self, i: usize) -> Result<std::borrow::Cow<'_, Block>> {
+        Ok(match &self.compact {
+            Some(c) => std::borrow::Cow::Owned(c.layer(&self.cfg, i)?),
+            None => std::borrow::Cow::Borrowed(&self.layers[i]),
+        })
+    }
+
     /// The decoder layers kept compact, if this is such a frozen model.
     pub fn compact_layers(&self) -> Option<&dyn LayerStore> {
         self.compact.as_deref()
@@ -168,14 +176,7 @@ impl Transformer {
         let mut x = self.embed(&input_ids.flatten_all()?)?;
         let k = self.kernels;
         for i in 0..self.cfg.num_hidden_layers {
-            let widened;
-            let blk = match &self.compact {
-                Some(c) => {
-                    widened = c.layer(&self.cfg, i)?;
-                    &widened
-                }
-                None => &self.layers[i],
-            };
+            let blk = &*self.layer(i)?;
             let opts = self.backward_options;
             x = if (opts.gradient_checkpointing || opts.layer_graphs) && x.track_op() {
                 // one op per layer: keep only the layer's input and recompute in backward
