@@ -140,3 +140,19 @@ fn grpo_resumes_exactly_and_refuses_bad_configs() {
         assert!(e.contains(want), "{set}: {e}");
     }
 }
+
+/// With gradient accumulation a step's micro-batches can cross an epoch's end and hold the same
+/// prompt twice: each micro-batch still trains on its own completions.
+#[test]
+fn grpo_accumulates_across_an_epoch_boundary() {
+    let mut cfg = setup("accumulate");
+    cfg.gradient_accumulation_steps = 3;
+    cfg.max_steps = 2;
+    prefer::train::train(&cfg).unwrap();
+    let logs = metrics(&cfg);
+    assert_eq!(logs.len(), 2);
+    let comps = std::fs::read_to_string(Path::new(&cfg.output_dir).join("completions.jsonl")).unwrap();
+    // 3 micro-batches × 2 prompts × 4 completions per step
+    assert_eq!(comps.lines().count(), 2 * 24);
+    assert!(logs.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
+}

@@ -22,10 +22,11 @@ use crate::model::{LoadedModel, Transformer};
 use crate::rewards::{Reward, RewardInput, RewardOptions};
 use crate::sample::{sample, FinishReason, SamplingParams};
 use candle_core::{DType, Tensor};
-use std::collections::HashMap;
+use std::collections::VecDeque;
 
 /// One prompt's completions in the current step.
 struct Group {
+    prompt: Vec<u32>,
     completions: Vec<Vec<u32>>,
     advantages: Vec<f64>,
     /// The reference's per-token log-probs of each completion (with `beta` > 0).
@@ -45,8 +46,9 @@ pub struct Grpo {
     reward_weights: Option<Vec<f64>>,
     reference: Option<Transformer>,
     seed: u64,
-    /// The current step's rollout, by prompt index.
-    rollout: HashMap<usize, Group>,
+    /// The current step's rollout: each micro-batch's groups, in the order the micro-batches
+    /// come (a prompt may appear twice in a step, across an epoch's end).
+    rollout: VecDeque<Vec<Group>>,
     /// Completion tokens of the whole step (DAPO's normaliser).
     step_tokens: usize,
     step_metrics: Vec<(String, f64)>,
@@ -201,21 +203,10 @@ impl Grpo {
             reward_weights: g.reward_weights.clone(),
             reference,
             seed: cfg.seed,
-            rollout: HashMap::new(),
+            rollout: VecDeque::new(),
             step_tokens: 0,
             step_metrics: Vec::new(),
         })
-    }
-
-    /// The groups of the prompts at `indices`, as the log-prob path reads them.
-    fn groups<'a>(&'a self, indices: &[usize], data: &'a TrainData) -> Vec<ScoredGroup<'a>> {
-        indices
-            .iter()
-            .map(|i| ScoredGroup {
-                prompt: &data.prompts[*i].ids,
-                responses: &self.rollout[i].completions,
-            })
-            .collect()
     }
 }
 
@@ -344,6 +335,7 @@ impl Algorithm for Grpo {
         for c in comps {
             by_prompt[c.prompt_index].push(c);
         }
+        let mut groups = Vec::with_capacity(order.len());
         for (k, cs) in by_prompt.into_iter().enumerate() {
             let completions: Vec<Vec<u32>> = cs.iter().map(|c| c.ids.clone()).collect();
             let reference = match &self.reference {
@@ -357,20 +349,33 @@ impl Algorithm for Grpo {
                 }
                 None => None,
             };
-            self.rollout.insert(
-                order[k],
-                Group {
-                    completions,
-                    advantages: adv[k * g..(k + 1) * g].to_vec(),
-                    reference,
-                },
-            );
+            groups.push(Group {
+                prompt: prompts[k].clone(),
+                completions,
+                advantages: adv[k * g..(k + 1) * g].to_vec(),
+                reference,
+            });
+        }
+        let mut groups = groups.into_iter();
+        for b in batches {
+            self.rollout.push_back(groups.by_ref().take(b.len()).collect());
         }
         Ok(())
     }
 
     fn micro_batch(&mut self, ctx: &StepCtx, indices: &[usize]) -> Result<MicroBatch> {
-        let groups = self.groups(indices, ctx.data);
+        let rollout = self
+            .rollout
+            .pop_front()
+            .filter(|r| r.len() == indices.len())
+            .ok_or_else(|| Error::msg("GRPO: a micro-batch without its rollout"))?;
+        let groups: Vec<ScoredGroup> = rollout
+            .iter()
+            .map(|r| ScoredGroup {
+                prompt: &r.prompt,
+                responses: &r.completions,
+            })
+            .collect();
         let lp = group_sequence_logps_at(
             &ctx.policy.transformer,
             &groups,
@@ -378,15 +383,12 @@ impl Algorithm for Grpo {
             false,
             self.sampling.temperature,
         )?;
-        let advantages: Vec<f64> = indices
-            .iter()
-            .flat_map(|i| self.rollout[i].advantages.clone())
-            .collect();
+        let advantages: Vec<f64> = rollout.iter().flat_map(|r| r.advantages.iter().copied()).collect();
         let reference = match &self.reference {
             Some(_) => {
-                let v: Vec<f64> = indices
+                let v: Vec<f64> = rollout
                     .iter()
-                    .flat_map(|i| self.rollout[i].reference.clone().unwrap_or_default())
+                    .flat_map(|r| r.reference.clone().unwrap_or_default())
                     .collect();
                 Some(Tensor::new(v, lp.token_logps.device())?.to_dtype(lp.token_logps.dtype())?)
             }
