@@ -10,7 +10,7 @@
 //! importance ratio is 1 in value and the clipping never binds. Log-probs are those of the
 //! sampling distribution, `log softmax(logits / temperature)`, as TRL computes them.
 
-use super::grpo_config::{GrpoLoss, GrpoParams, ScaleRewards};
+use super::grpo_config::{GrpoLoss, GrpoParams, ImportanceSamplingLevel, ScaleRewards};
 use super::{Algorithm, MicroBatch, StepCtx};
 use crate::algorithms::data::TrainData;
 use crate::batch::{Layout, ScoredGroup};
@@ -36,8 +36,11 @@ struct Group {
 pub struct Grpo {
     num_generations: usize,
     loss: GrpoLoss,
+    level: ImportanceSamplingLevel,
     epsilon_low: f64,
     epsilon_high: f64,
+    delta: Option<f64>,
+    sapo_temperatures: (f64, f64),
     beta: f64,
     scale: ScaleRewards,
     max_completion_length: usize,
@@ -91,21 +94,32 @@ pub fn advantages(rewards: &[f64], g: usize, scale: ScaleRewards) -> (Vec<f64>, 
 #[derive(Clone, Copy, Debug)]
 pub struct LossSpec {
     pub loss: GrpoLoss,
+    pub level: ImportanceSamplingLevel,
     pub epsilon_low: f64,
     pub epsilon_high: f64,
+    /// Cap on the unclipped ratio (two-sided clipping).
+    pub delta: Option<f64>,
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
     pub beta: f64,
     pub max_completion_length: usize,
-    /// Micro-batches per step (TRL divides `grpo`, `bnpo` and `dr_grpo` by it; the core does).
+    /// Micro-batches per step (TRL divides every loss but `dapo`'s and `cispo`'s by it; the
+    /// core does).
     pub accumulation: usize,
-    /// Completion tokens of the whole step (`dapo`'s normaliser).
+    /// Completion tokens of the whole step (`dapo`'s and `cispo`'s normaliser).
     pub step_tokens: usize,
 }
 
-/// The GRPO loss of a micro-batch, as TRL computes it, times `accumulation` for `dapo` (the
-/// core divides every micro-batch's loss by it): per token, −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A)
-/// with ρ = exp(log π − log π_old) and π_old the sampling policy (here: the same weights), plus
-/// β·(e^{ref − log π} − (ref − log π) − 1); normalised by `loss`. `token_logps` `[N]` holds the
-/// completions' tokens one after another (`offsets`), `old` the sampling log-probs.
+/// The GRPO loss of a micro-batch as TRL 1.16 computes it (`GRPOTrainer._compute_loss`), times
+/// `accumulation` for `dapo` and `cispo` (the core divides every micro-batch's loss by it).
+/// With ρ = exp(log π − log π_old) per token, or per sequence as the exp of its mean log-ratio
+/// (GSPO), A the completion's advantage, per token:
+/// - `grpo`, `bnpo`, `dr_grpo`, `dapo`: −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A), ρ capped at `delta`;
+/// - `cispo`: −stop(min(ρ, ε_high))·A·log π;
+/// - `sapo`: −σ(τ(ρ − 1))·4/τ·A, τ by the sign of A;
+///
+/// plus β·(e^{ref − log π} − (ref − log π) − 1), then normalised by `loss`. `token_logps` `[N]`
+/// holds the completions' tokens one after another (`offsets`), `old` the sampling log-probs.
 pub fn grpo_loss(
     token_logps: &Tensor,
     old: &Tensor,
@@ -117,41 +131,106 @@ pub fn grpo_loss(
     let n = token_logps.dim(0)?;
     let dev = token_logps.device();
     let dt = token_logps.dtype();
-    let mut a = Vec::with_capacity(n);
-    for (k, w) in offsets.windows(2).enumerate() {
-        a.extend(std::iter::repeat_n(advantages[k], w[1] - w[0]));
-    }
-    let a = Tensor::new(a, dev)?.to_dtype(dt)?;
-    let ratio = (token_logps - old)?.exp()?;
-    let clipped = ratio.clamp(1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high)?;
-    let mut per_token = (&ratio * &a)?.minimum(&(&clipped * &a)?)?.neg()?;
+    let per_token = |per_seq: &[f64]| -> Vec<f64> {
+        let mut v = Vec::with_capacity(n);
+        for (k, w) in offsets.windows(2).enumerate() {
+            v.extend(std::iter::repeat_n(per_seq[k], w[1] - w[0]));
+        }
+        v
+    };
+    let a_host = per_token(advantages);
+    let a = Tensor::new(a_host.as_slice(), dev)?.to_dtype(dt)?;
+    let log_ratio = (token_logps - old)?;
+    let lens: Vec<f64> = offsets.windows(2).map(|w| (w[1] - w[0]).max(1) as f64).collect();
+    let seq_mean = |x: &Tensor| -> Result<Tensor> {
+        let sums = crate::model::logprobs::segment_sums(x, offsets)?;
+        Ok((sums / Tensor::new(lens.as_slice(), dev)?.to_dtype(dt)?)?)
+    };
+    let log_iw = match spec.level {
+        ImportanceSamplingLevel::Token => log_ratio,
+        ImportanceSamplingLevel::Sequence => {
+            // each sequence's mean log-ratio, on each of its tokens
+            let owner: Vec<u32> = offsets
+                .windows(2)
+                .enumerate()
+                .flat_map(|(k, w)| std::iter::repeat_n(k as u32, w[1] - w[0]))
+                .collect();
+            seq_mean(&log_ratio)?.index_select(&Tensor::new(owner, dev)?, 0)?
+        }
+    };
+    let coef = log_iw.exp()?;
     let mut metrics = Vec::new();
+    let mask_mean = |m: Vec<bool>| m.iter().filter(|&&x| x).count() as f64 / n.max(1) as f64;
+    let coef_host: Vec<f64> = coef.detach().to_dtype(DType::F64)?.to_vec1()?;
+    let mut per = match spec.loss {
+        GrpoLoss::Cispo => {
+            let clamped = coef.clamp(f64::NEG_INFINITY, spec.epsilon_high)?.detach();
+            metrics.push((
+                "cispo_clip_ratio".into(),
+                mask_mean(
+                    coef_host
+                        .iter()
+                        .zip(&a_host)
+                        .map(|(c, a)| *c > spec.epsilon_high && *a > 0.0)
+                        .collect(),
+                ),
+            ));
+            ((clamped * &a)? * token_logps)?.neg()?
+        }
+        GrpoLoss::Sapo => {
+            let t: Vec<f64> = a_host
+                .iter()
+                .map(|&x| {
+                    if x > 0.0 {
+                        spec.sapo_temperature_pos
+                    } else {
+                        spec.sapo_temperature_neg
+                    }
+                })
+                .collect();
+            let t = Tensor::new(t, dev)?.to_dtype(dt)?;
+            let soft = ((crate::objectives::sigmoid(&((&coef - 1.0)? * &t)?)? * 4.0)? / &t)?;
+            (soft * &a)?.neg()?
+        }
+        _ => {
+            let clipped = coef.clamp(1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high)?;
+            let capped = match spec.delta {
+                Some(d) => coef.clamp(f64::NEG_INFINITY, d)?,
+                None => coef.clone(),
+            };
+            let low: Vec<bool> = coef_host
+                .iter()
+                .zip(&a_host)
+                .map(|(c, a)| *c < 1.0 - spec.epsilon_low && *a < 0.0)
+                .collect();
+            let high: Vec<bool> = coef_host
+                .iter()
+                .zip(&a_host)
+                .map(|(c, a)| *c > 1.0 + spec.epsilon_high && *a > 0.0)
+                .collect();
+            let region: Vec<bool> = low.iter().zip(&high).map(|(l, h)| *l || *h).collect();
+            metrics.push(("clip_ratio/low_mean".into(), mask_mean(low)));
+            metrics.push(("clip_ratio/high_mean".into(), mask_mean(high)));
+            metrics.push(("clip_ratio/region_mean".into(), mask_mean(region)));
+            (&capped * &a)?.minimum(&(&clipped * &a)?)?.neg()?
+        }
+    };
     if let (Some(r), true) = (reference, spec.beta != 0.0) {
         let d = (r - token_logps)?;
         let kl = ((d.exp()? - &d)? - 1.0)?;
         metrics.push(("kl".to_string(), crate::objectives::mean(&kl)?));
-        per_token = (per_token + (kl * spec.beta)?)?;
+        per = (per + (kl * spec.beta)?)?;
     }
     let tokens = n.max(1) as f64;
     let completions = offsets.len() - 1;
     let loss = match spec.loss {
-        GrpoLoss::Grpo => {
-            let sums = crate::model::logprobs::segment_sums(&per_token, offsets)?;
-            let lens: Vec<f64> = offsets.windows(2).map(|w| (w[1] - w[0]).max(1) as f64).collect();
-            (sums / Tensor::new(lens, dev)?.to_dtype(dt)?)?.mean_all()?
+        GrpoLoss::Grpo | GrpoLoss::Sapo => seq_mean(&per)?.mean_all()?,
+        GrpoLoss::Bnpo => (per.sum_all()? / tokens)?,
+        GrpoLoss::DrGrpo => (per.sum_all()? / (completions * spec.max_completion_length) as f64)?,
+        GrpoLoss::Dapo | GrpoLoss::Cispo => {
+            (per.sum_all()? * (spec.accumulation as f64 / spec.step_tokens.max(1) as f64))?
         }
-        GrpoLoss::Bnpo => (per_token.sum_all()? / tokens)?,
-        GrpoLoss::DrGrpo => (per_token.sum_all()? / (completions * spec.max_completion_length) as f64)?,
-        GrpoLoss::Dapo => (per_token.sum_all()? * (spec.accumulation as f64 / spec.step_tokens.max(1) as f64))?,
     };
-    let below = ratio.lt(1.0 - spec.epsilon_low)?.to_dtype(DType::F64)?;
-    let above = ratio.gt(1.0 + spec.epsilon_high)?.to_dtype(DType::F64)?;
-    metrics.push(("clip_ratio/low_mean".into(), crate::objectives::mean(&below)?));
-    metrics.push(("clip_ratio/high_mean".into(), crate::objectives::mean(&above)?));
-    metrics.push((
-        "clip_ratio/region_mean".into(),
-        crate::objectives::mean(&(below + above)?)?,
-    ));
     Ok((loss, metrics))
 }
 
@@ -185,8 +264,11 @@ impl Grpo {
         Ok(Grpo {
             num_generations: g.num_generations,
             loss: GrpoParams::loss(cfg)?,
+            level: g.importance_sampling_level,
             epsilon_low: g.epsilon,
             epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+            delta: g.delta,
+            sapo_temperatures: (g.sapo_temperature_pos, g.sapo_temperature_neg),
             beta,
             scale: g.scale_rewards,
             max_completion_length: g.max_completion_length,
@@ -396,8 +478,12 @@ impl Algorithm for Grpo {
         };
         let spec = LossSpec {
             loss: self.loss,
+            level: self.level,
             epsilon_low: self.epsilon_low,
             epsilon_high: self.epsilon_high,
+            delta: self.delta,
+            sapo_temperature_pos: self.sapo_temperatures.0,
+            sapo_temperature_neg: self.sapo_temperatures.1,
             beta: self.beta,
             max_completion_length: self.max_completion_length,
             accumulation: ctx.accumulation,
@@ -473,8 +559,12 @@ mod tests {
         let old = lp.as_tensor().detach();
         let spec = |loss, beta| LossSpec {
             loss,
+            level: ImportanceSamplingLevel::Token,
             epsilon_low: 0.2,
             epsilon_high: 0.28,
+            delta: None,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
             beta,
             max_completion_length: 4,
             accumulation: 2,
@@ -529,6 +619,40 @@ mod tests {
         // A > 0: min(ρA, 1.28A) = 1.28A; A < 0: min(ρA, 1.28A) = ρA
         let want = -(2.0 * 0.5 * 1.28 + 3.0 * (-2.0) * rho) / 5.0;
         assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
-        assert_eq!(m.iter().find(|x| x.0 == "clip_ratio/high_mean").map(|x| x.1), Some(1.0));
+        // TRL counts a high clip only where A > 0 (2 of the 5 tokens)
+        assert_eq!(m.iter().find(|x| x.0 == "clip_ratio/high_mean").map(|x| x.1), Some(0.4));
+        assert_eq!(m.iter().find(|x| x.0 == "clip_ratio/low_mean").map(|x| x.1), Some(0.0));
+        // delta = 1.5 caps ρ for A < 0: min(1.5·(−2), 1.28·(−2)) = −3 per token
+        let delta = LossSpec {
+            delta: Some(1.5),
+            ..spec(GrpoLoss::Bnpo, 0.0)
+        };
+        let (l, _) = grpo_loss(&moved, &old, &offsets, &adv, None, &delta).unwrap();
+        assert!((l.to_scalar::<f64>().unwrap() - 1.544).abs() < 1e-12);
+        // GSPO: one ratio per sequence, exp(mean log-ratio) = e^0.2 for both here
+        let shifted = (lp.as_tensor() + Tensor::new(&[0.1f64, 0.3, 0.0, 0.0, 0.6], &Device::Cpu).unwrap()).unwrap();
+        let gspo = LossSpec {
+            level: ImportanceSamplingLevel::Sequence,
+            ..spec(GrpoLoss::Grpo, 0.0)
+        };
+        let (l, _) = grpo_loss(&shifted, &old, &offsets, &adv, None, &gspo).unwrap();
+        assert!((l.to_scalar::<f64>().unwrap() - 0.75 * 0.2f64.exp()).abs() < 1e-12);
+        // cispo at ρ = 1: −stop(min(1, 0.28))·A·log π, normalised as dapo (×2/10)
+        let (l, m) = grpo_loss(lp.as_tensor(), &old, &offsets, &adv, None, &spec(GrpoLoss::Cispo, 0.0)).unwrap();
+        assert!((l.to_scalar::<f64>().unwrap() - (-2.38 * 0.2)).abs() < 1e-12);
+        let g: Vec<f64> = l.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec1().unwrap();
+        for (a, b) in g.iter().zip([-0.028, -0.028, 0.112, 0.112, 0.112]) {
+            assert!((a - b).abs() < 1e-12, "{g:?}");
+        }
+        assert_eq!(m.iter().find(|x| x.0 == "cispo_clip_ratio").map(|x| x.1), Some(0.4));
+        // sapo at ρ = 1: −σ(0)·4/τ·A = −2A/τ (τ = 1 for A > 0, 1.05 else), normalised as grpo;
+        // its gradient at ρ = 1 is GRPO's
+        let (l, _) = grpo_loss(lp.as_tensor(), &old, &offsets, &adv, None, &spec(GrpoLoss::Sapo, 0.0)).unwrap();
+        let want = (-1.0 + 4.0 / 1.05) / 2.0;
+        assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+        let g: Vec<f64> = l.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec1().unwrap();
+        for (a, b) in g.iter().zip([-0.125, -0.125, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]) {
+            assert!((a - b).abs() < 1e-12, "{g:?}");
+        }
     }
 }

@@ -14,6 +14,20 @@ choice! {
         Bnpo = "bnpo",
         /// Σ over a micro-batch's tokens / (completions × max_completion_length).
         DrGrpo = "dr_grpo",
+        /// Clipped importance weights (no gradient) times A·log π, normalised as dapo.
+        Cispo = "cispo",
+        /// A soft sigmoid gate on the ratio instead of clipping, normalised as grpo.
+        Sapo = "sapo",
+    }
+}
+
+choice! {
+    /// Where the importance ratio is taken (`importance_sampling_level`), as TRL.
+    pub enum ImportanceSamplingLevel {
+        /// Per token (GRPO).
+        Token = "token",
+        /// Per sequence: exp of the mean per-token log-ratio (GSPO).
+        Sequence = "sequence",
     }
 }
 
@@ -32,13 +46,13 @@ choice! {
 settings! {
     /// GRPO (task = "grpo"; TRL's GRPOConfig names). train_file holds prompts: `prompt` as a
     /// string or as chat messages, other columns go to the reward functions. loss_type names
-    /// the normalisation (dapo, grpo, bnpo, dr_grpo; default dapo); beta defaults to 0 (no
+    /// the loss (dapo, grpo, bnpo, dr_grpo, cispo, sapo; default dapo); beta defaults to 0 (no
     /// reference model); per_device_train_batch_size counts completions.
     pub struct GrpoParams {
         /// Completions sampled per prompt (the group).
         pub num_generations: usize = 8,
         /// Tokens generated at most per completion.
-        pub max_completion_length: usize = 256,
+        pub max_completion_length: usize = 512,
         /// Sampling temperature (also the temperature of the log-probs trained on).
         pub temperature: f64 = 1.0,
         /// Nucleus sampling mass (1 = off).
@@ -51,8 +65,16 @@ settings! {
         pub repetition_penalty: f64 = 1.0,
         /// Clipping ε of the probability ratio (lower bound 1 − ε).
         pub epsilon: f64 = 0.2,
-        /// Upper clipping bound 1 + epsilon_high (default: epsilon).
+        /// Upper clipping bound 1 + epsilon_high (default: epsilon); cispo's ε_max.
         pub epsilon_high: Option<f64> = None,
+        /// Two-sided clipping: the unclipped ratio is also capped at delta (none by default).
+        pub delta: Option<f64> = None,
+        /// token | sequence (GSPO): where the importance ratio is taken.
+        pub importance_sampling_level: ImportanceSamplingLevel = ImportanceSamplingLevel::Token,
+        /// sapo's temperature for tokens with positive advantages.
+        pub sapo_temperature_pos: f64 = 1.0,
+        /// sapo's temperature for tokens with non-positive advantages.
+        pub sapo_temperature_neg: f64 = 1.05,
         /// group | batch | none: how rewards are scaled into advantages.
         pub scale_rewards: ScaleRewards = ScaleRewards::Group,
         /// Reward functions: accuracy, format, length, cmd:<command line>.

@@ -474,6 +474,7 @@ mod tests {
             ..TrainConfig::default()
         };
         c.grpo.epsilon_high = Some(0.28);
+        c.grpo.delta = Some(1.5);
         c.grpo.reward_format_regex = Some("x".into());
         c.grpo.reward_weights = Some(vec![1.0]);
         let v = toml::Value::try_from(&c).unwrap();
