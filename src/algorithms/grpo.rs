@@ -378,18 +378,27 @@ impl Algorithm for Grpo {
             }
         }
         let mut m: Vec<(String, f64)> = Vec::new();
-        let finite: Vec<f64> = totals.iter().copied().filter(|x| !x.is_nan()).collect();
-        m.push(("reward".into(), finite.iter().sum::<f64>() / finite.len().max(1) as f64));
-        m.push(("reward_std".into(), stds.iter().sum::<f64>() / stds.len().max(1) as f64));
+        // TRL's nanmean and nanstd (Bessel-corrected) over the whole batch
+        let nan_stats = |xs: &[f64]| -> (f64, f64) {
+            let v: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+            let n = v.len() as f64;
+            let mean = v.iter().sum::<f64>() / n.max(1.0);
+            let std = match v.len() > 1 {
+                true => (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt(),
+                false => f64::NAN,
+            };
+            (mean, std)
+        };
+        let (mean, std) = nan_stats(&totals);
+        m.push(("reward".into(), mean));
+        m.push(("reward_std".into(), std));
         m.push((
             "frac_reward_zero_std".into(),
             stds.iter().filter(|&&s| s == 0.0).count() as f64 / stds.len().max(1) as f64,
         ));
         for (r, s) in self.rewards.iter().zip(&per) {
-            let v: Vec<f64> = s.iter().flatten().copied().collect();
-            let n = v.len().max(1) as f64;
-            let mean = v.iter().sum::<f64>() / n;
-            let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let v: Vec<f64> = s.iter().map(|x| x.unwrap_or(f64::NAN)).collect();
+            let (mean, std) = nan_stats(&v);
             m.push((format!("rewards/{}/mean", r.name()), mean));
             m.push((format!("rewards/{}/std", r.name()), std));
         }
