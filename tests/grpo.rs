@@ -156,3 +156,39 @@ fn grpo_accumulates_across_an_epoch_boundary() {
     assert_eq!(comps.lines().count(), 2 * 24);
     assert!(logs.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
 }
+
+/// RLOO (task = "rloo") on the same learnable reward, with TRL's defaults (beta 0.05: a frozen
+/// reference and the k1 KL in the reward; num_generations 2 unless set).
+#[test]
+fn rloo_raises_a_learnable_reward() {
+    let mut cfg = setup("rloo");
+    cfg.task = Task::Rloo;
+    cfg.params.beta = 0.05;
+    cfg.validate().unwrap();
+    prefer::train::train(&cfg).unwrap();
+    let logs = metrics(&cfg);
+    let mean = |xs: &[Value]| xs.iter().map(|r| r["reward"].as_f64().unwrap()).sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&logs[..6]), mean(&logs[24..]));
+    assert!(last > first + 1.0, "mean reward {first:.2} -> {last:.2}");
+    assert!(logs[0]["kl"].is_number(), "{}", logs[0]);
+    let dir = Path::new(&cfg.output_dir).parent().unwrap().to_path_buf();
+    let toml = dir.join("rloo.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "task = \"rloo\"\nmodel_name_or_path = \"{}\"\ntrain_file = \"{}\"\nreward_funcs = [\"accuracy\"]\nper_device_train_batch_size = 4\n",
+            cfg.model_name_or_path, cfg.train_file
+        ),
+    )
+    .unwrap();
+    let c = TrainConfig::load(Some(&toml), &[]).unwrap();
+    assert_eq!(
+        (c.params.beta, c.grpo.num_generations),
+        (0.05, 2),
+        "TRL's RLOO defaults"
+    );
+    let e = TrainConfig::load(Some(&toml), &["loss_type=dapo".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("remove loss_type"), "{e}");
+}

@@ -33,7 +33,20 @@ struct Group {
     reference: Option<Vec<f64>>,
 }
 
+/// Which method: GRPO, or RLOO with its options.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    Grpo,
+    /// TRL's RLOO: leave-one-out baseline, the k1 KL folded into the reward, a sequence-level
+    /// ratio, optional standardisation and reward clipping.
+    Rloo {
+        normalize_advantages: bool,
+        reward_clip_range: Option<(f64, f64)>,
+    },
+}
+
 pub struct Grpo {
+    method: Method,
     num_generations: usize,
     loss: GrpoLoss,
     level: ImportanceSamplingLevel,
@@ -88,6 +101,60 @@ pub fn advantages(rewards: &[f64], g: usize, scale: ScaleRewards) -> (Vec<f64>, 
         adv.extend(grp.iter().map(|&r| if r.is_nan() { 0.0 } else { (r - m) / denom }));
     }
     (adv, stds)
+}
+
+/// RLOO's advantages (TRL 1.16): `r − mean of the group's other scorable rewards`, `NaN`
+/// rewards (unscorable) excluded from baselines; optionally standardised over the batch
+/// (Bessel-corrected); unscorable completions and groups with one scorable completion get 0.
+pub fn rloo_advantages(rewards: &[f64], g: usize, normalize: bool) -> Vec<f64> {
+    let mut adv = Vec::with_capacity(rewards.len());
+    for grp in rewards.chunks(g) {
+        let scorable = grp.iter().filter(|x| !x.is_nan()).count() as f64;
+        let sum: f64 = grp.iter().filter(|x| !x.is_nan()).sum();
+        adv.extend(grp.iter().map(|&r| r - (sum - r) / (scorable - 1.0)));
+    }
+    if normalize {
+        let v: Vec<f64> = adv.iter().copied().filter(|x| x.is_finite()).collect();
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        for a in adv.iter_mut() {
+            *a = (*a - mean) / (std + 1e-4);
+        }
+    }
+    adv.into_iter().map(|a| if a.is_finite() { a } else { 0.0 }).collect()
+}
+
+/// RLOO's loss of a micro-batch (TRL 1.16 `RLOOTrainer._compute_loss`): per sequence, with
+/// ρ = exp(Σ log π − Σ log π_old), −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A); the mean over sequences.
+pub fn rloo_loss(
+    token_logps: &Tensor,
+    old: &Tensor,
+    offsets: &[usize],
+    advantages: &[f64],
+    epsilon_low: f64,
+    epsilon_high: f64,
+) -> Result<(Tensor, Vec<(String, f64)>)> {
+    let seg = |x: &Tensor| crate::model::logprobs::segment_sums(x, offsets);
+    let coef = (seg(token_logps)? - seg(old)?)?.exp()?;
+    let a = Tensor::new(advantages, token_logps.device())?.to_dtype(token_logps.dtype())?;
+    let clipped = coef.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)?;
+    let loss = (&coef * &a)?.minimum(&(&clipped * &a)?)?.neg()?.mean_all()?;
+    let c: Vec<f64> = coef.detach().to_dtype(DType::F64)?.to_vec1()?;
+    let frac = |f: &dyn Fn(f64, f64) -> bool| {
+        c.iter().zip(advantages).filter(|(c, a)| f(**c, **a)).count() as f64 / c.len().max(1) as f64
+    };
+    let low = frac(&|c, a| c < 1.0 - epsilon_low && a < 0.0);
+    let high = frac(&|c, a| c > 1.0 + epsilon_high && a > 0.0);
+    let region = frac(&|c, a| (c < 1.0 - epsilon_low && a < 0.0) || (c > 1.0 + epsilon_high && a > 0.0));
+    Ok((
+        loss,
+        vec![
+            ("clip_ratio/low_mean".into(), low),
+            ("clip_ratio/high_mean".into(), high),
+            ("clip_ratio/region_mean".into(), region),
+        ],
+    ))
 }
 
 /// What the loss needs besides the log-probs.
@@ -261,7 +328,15 @@ impl Grpo {
             true => Some(policy.frozen_copy()?.transformer),
             false => None,
         };
+        let method = match cfg.task {
+            crate::config::Task::Rloo => Method::Rloo {
+                normalize_advantages: g.normalize_advantages,
+                reward_clip_range: g.reward_clip_range.as_ref().map(|r| (r[0], r[1])),
+            },
+            _ => Method::Grpo,
+        };
         Ok(Grpo {
+            method,
             num_generations: g.num_generations,
             loss: GrpoParams::loss(cfg)?,
             level: g.importance_sampling_level,
@@ -329,6 +404,24 @@ impl Algorithm for Grpo {
             .iter()
             .map(|c| ctx.policy.tokenizer.decode(&c.ids, true))
             .collect::<Result<_>>()?;
+        // the reference's per-token log-probs of each completion (with beta ≠ 0), prompt by prompt
+        let ref_logps: Option<Vec<Vec<f64>>> = match &self.reference {
+            Some(r) => {
+                let mut out = Vec::with_capacity(comps.len());
+                for (k, cs) in comps.chunks(g).enumerate() {
+                    let responses: Vec<Vec<u32>> = cs.iter().map(|c| c.ids.clone()).collect();
+                    let grp = [ScoredGroup {
+                        prompt: &prompts[k],
+                        responses: &responses,
+                    }];
+                    let lp = group_sequence_logps_at(r, &grp, Layout::PACKED, false, self.sampling.temperature)?;
+                    let v: Vec<f64> = lp.token_logps.detach().to_dtype(DType::F64)?.to_vec1()?;
+                    out.extend(lp.offsets.windows(2).map(|w| v[w[0]..w[1]].to_vec()));
+                }
+                Some(out)
+            }
+            None => None,
+        };
         let inputs: Vec<RewardInput> = comps
             .iter()
             .zip(&texts)
@@ -358,7 +451,36 @@ impl Algorithm for Grpo {
                 }
             })
             .collect();
-        let (adv, stds) = advantages(&totals, g, self.scale);
+        let mut totals = totals;
+        let mut kl_metric = None;
+        if let Method::Rloo { reward_clip_range, .. } = self.method {
+            if let Some((lo, hi)) = reward_clip_range {
+                for t in totals.iter_mut().filter(|t| !t.is_nan()) {
+                    *t = t.clamp(lo, hi);
+                }
+            }
+            // the k1 KL of each completion (sampling minus reference log-probs), summed over its
+            // tokens, as a reward penalty
+            if let Some(refs) = &ref_logps {
+                let (mut sum, mut count) = (0.0, 0usize);
+                for ((t, c), r) in totals.iter_mut().zip(&comps).zip(refs) {
+                    let kl: f64 = c.logprobs.iter().zip(r).map(|(&o, &r)| o as f64 - r).sum();
+                    sum += kl;
+                    count += r.len();
+                    *t -= self.beta * kl;
+                }
+                kl_metric = Some(sum / count.max(1) as f64);
+            }
+        }
+        let (adv, stds) = match self.method {
+            Method::Grpo => advantages(&totals, g, self.scale),
+            Method::Rloo {
+                normalize_advantages, ..
+            } => (
+                rloo_advantages(&totals, g, normalize_advantages),
+                advantages(&totals, g, self.scale).1,
+            ),
+        };
         let s1 = ctx.step + 1;
         if s1.is_multiple_of(ctx.cfg.logging_steps.max(1)) || s1 == ctx.total_steps {
             // the step's completions, as TRL logs them
@@ -390,6 +512,9 @@ impl Algorithm for Grpo {
             (mean, std)
         };
         let (mean, std) = nan_stats(&totals);
+        if let Some(kl) = kl_metric {
+            m.push(("kl".into(), kl));
+        }
         m.push(("reward".into(), mean));
         m.push(("reward_std".into(), std));
         m.push((
@@ -429,16 +554,10 @@ impl Algorithm for Grpo {
         let mut groups = Vec::with_capacity(order.len());
         for (k, cs) in by_prompt.into_iter().enumerate() {
             let completions: Vec<Vec<u32>> = cs.iter().map(|c| c.ids.clone()).collect();
-            let reference = match &self.reference {
-                Some(r) => {
-                    let grp = [ScoredGroup {
-                        prompt: &prompts[k],
-                        responses: &completions,
-                    }];
-                    let lp = group_sequence_logps_at(r, &grp, Layout::PACKED, false, self.sampling.temperature)?;
-                    Some(lp.token_logps.detach().to_dtype(DType::F64)?.to_vec1()?)
-                }
-                None => None,
+            // GRPO's KL is in its loss; RLOO's is already in the reward
+            let reference = match (&ref_logps, self.method) {
+                (Some(refs), Method::Grpo) => Some(refs[k * g..(k + 1) * g].concat()),
+                _ => None,
             };
             groups.push(Group {
                 prompt: prompts[k].clone(),
@@ -475,15 +594,15 @@ impl Algorithm for Grpo {
             self.sampling.temperature,
         )?;
         let advantages: Vec<f64> = rollout.iter().flat_map(|r| r.advantages.iter().copied()).collect();
-        let reference = match &self.reference {
-            Some(_) => {
+        let reference = match (&self.reference, self.method) {
+            (Some(_), Method::Grpo) => {
                 let v: Vec<f64> = rollout
                     .iter()
                     .flat_map(|r| r.reference.clone().unwrap_or_default())
                     .collect();
                 Some(Tensor::new(v, lp.token_logps.device())?.to_dtype(lp.token_logps.dtype())?)
             }
-            None => None,
+            _ => None,
         };
         let spec = LossSpec {
             loss: self.loss,
@@ -500,14 +619,24 @@ impl Algorithm for Grpo {
         };
         // one update per generation: the sampling policy is the policy itself
         let old = lp.token_logps.detach();
-        let (loss, mut metrics) = grpo_loss(
-            &lp.token_logps,
-            &old,
-            &lp.offsets,
-            &advantages,
-            reference.as_ref(),
-            &spec,
-        )?;
+        let (loss, mut metrics) = match self.method {
+            Method::Grpo => grpo_loss(
+                &lp.token_logps,
+                &old,
+                &lp.offsets,
+                &advantages,
+                reference.as_ref(),
+                &spec,
+            )?,
+            Method::Rloo { .. } => rloo_loss(
+                &lp.token_logps,
+                &old,
+                &lp.offsets,
+                &advantages,
+                self.epsilon_low,
+                self.epsilon_high,
+            )?,
+        };
         metrics.extend(self.step_metrics.iter().cloned());
         let tokens = groups
             .iter()
@@ -663,5 +792,35 @@ mod tests {
         for (a, b) in g.iter().zip([-0.125, -0.125, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]) {
             assert!((a - b).abs() < 1e-12, "{g:?}");
         }
+    }
+
+    /// RLOO by hand: leave-one-out baselines (unscorable rewards excluded, a lone scorable
+    /// completion gets 0), standardisation, and the sequence-level loss with its gradient.
+    #[test]
+    fn rloo_advantages_and_loss_by_hand() {
+        // groups of 3: [1, 2, 6] -> baselines 4, 3.5, 1.5; [3, NaN, 5] -> 5, NaN, 3
+        let a = rloo_advantages(&[1.0, 2.0, 6.0, 3.0, f64::NAN, 5.0], 3, false);
+        assert_eq!(a, vec![-3.0, -1.5, 4.5, -2.0, 0.0, 2.0]);
+        assert_eq!(rloo_advantages(&[1.0, f64::NAN], 2, false), vec![0.0, 0.0]);
+        let n = rloo_advantages(&[1.0, 2.0, 6.0, 3.0, f64::NAN, 5.0], 3, true);
+        let v = [-3.0f64, -1.5, 4.5, -2.0, 2.0];
+        let mean = v.iter().sum::<f64>() / 5.0;
+        let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 4.0).sqrt() + 1e-4;
+        assert!((n[0] - (-3.0 - mean) / std).abs() < 1e-12 && n[4] == 0.0, "{n:?}");
+        // loss at ρ = 1: −mean(A); ∂/∂log π_t = −A_k / (number of sequences)
+        let lp = Var::new(&[-1.0f64, -2.0, -0.5, -1.5, -3.0], &Device::Cpu).unwrap();
+        let old = lp.as_tensor().detach();
+        let (l, m) = rloo_loss(lp.as_tensor(), &old, &[0, 2, 5], &[0.5, -2.0], 0.2, 0.2).unwrap();
+        assert!((l.to_scalar::<f64>().unwrap() - 0.75).abs() < 1e-12);
+        let g: Vec<f64> = l.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(g, vec![-0.25, -0.25, 1.0, 1.0, 1.0]);
+        assert_eq!(m[2].1, 0.0);
+        // ρ of the whole sequence: e^0.2 > 1.2 for the first (A > 0: clipped to 1.2·A), e^0.6 for
+        // the second (A < 0: the unclipped ρ·A is the smaller and binds)
+        let shifted = (lp.as_tensor() + Tensor::new(&[0.1f64, 0.1, 0.2, 0.2, 0.2], &Device::Cpu).unwrap()).unwrap();
+        let (l, m) = rloo_loss(&shifted, &old, &[0, 2, 5], &[0.5, -2.0], 0.2, 0.2).unwrap();
+        let want = -(0.5 * 1.2 - 2.0 * 0.6f64.exp()) / 2.0;
+        assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+        assert_eq!((m[0].1, m[1].1, m[2].1), (0.0, 0.5, 0.5), "low, high, region");
     }
 }

@@ -44,7 +44,8 @@ choice! {
 }
 
 settings! {
-    /// GRPO (task = "grpo"; TRL's GRPOConfig names). train_file holds prompts: `prompt` as a
+    /// GRPO and RLOO (task = "grpo" | "rloo"; TRL's GRPOConfig and RLOOConfig names; RLOO's
+    /// defaults differ: beta 0.05, num_generations 2). train_file holds prompts: `prompt` as a
     /// string or as chat messages, other columns go to the reward functions. loss_type names
     /// the loss (dapo, grpo, bnpo, dr_grpo, cispo, sapo; default dapo); beta defaults to 0 (no
     /// reference model); per_device_train_batch_size counts completions.
@@ -87,6 +88,10 @@ settings! {
         pub reward_length_target: usize = 0,
         /// Seconds a `cmd:` reward may take for one step's completions.
         pub reward_timeout: f64 = 600.0,
+        /// RLOO: standardise the advantages over the batch.
+        pub normalize_advantages: bool = false,
+        /// RLOO: clip rewards to [min, max] before the baseline.
+        pub reward_clip_range: Option<Vec<f64>> = None,
     }
 }
 
@@ -104,10 +109,16 @@ impl GrpoParams {
         }
     }
 
-    /// The checks a GRPO run needs before it loads anything.
+    /// The checks a GRPO or RLOO run needs before it loads anything.
     pub fn validate(cfg: &TrainConfig) -> Result<()> {
         let g = &cfg.grpo;
         let bad = |m: String| Err(Error::Config(m));
+        if cfg.task == crate::config::Task::Rloo && cfg.loss_type.names() != ["sigmoid"] {
+            return bad("task = \"rloo\" has one loss (TRL's RLOO); remove loss_type".into());
+        }
+        if matches!(&g.reward_clip_range, Some(r) if r.len() != 2 || r[0] > r[1]) {
+            return bad("reward_clip_range must be [min, max] with min ≤ max".into());
+        }
         Self::loss(cfg)?;
         if g.num_generations < 2 {
             return bad("num_generations must be ≥ 2: GRPO compares the completions of a prompt".into());

@@ -155,7 +155,7 @@ pub fn build(
     policy: LoadedModel,
     resume: Option<&Path>,
 ) -> Result<(LoadedModel, Box<dyn Algorithm>, TrainData)> {
-    if cfg.task == Task::Grpo {
+    if matches!(cfg.task, Task::Grpo | Task::Rloo) {
         let data = TrainData::load_prompts(cfg, &policy.tokenizer)?;
         let a = grpo::Grpo::new(cfg, &policy, &data)?;
         return Ok((policy, Box::new(a), data));

@@ -24,6 +24,8 @@ choice! {
         Reward = "reward",
         /// Online: GRPO on completions the policy samples, scored by reward functions.
         Grpo = "grpo",
+        /// Online: RLOO (leave-one-out baseline, KL in the reward, sequence-level ratio).
+        Rloo = "rloo",
     }
 }
 
@@ -285,6 +287,15 @@ impl TrainConfig {
             // TRL's GRPOConfig: beta = 0 (no reference model) unless set
             cfg.params.beta = 0.0;
         }
+        if cfg.task == Task::Rloo {
+            // TRL's RLOOConfig defaults where they differ from GRPO's
+            if !table.contains_key("beta") {
+                cfg.params.beta = 0.05;
+            }
+            if !table.contains_key("num_generations") {
+                cfg.grpo.num_generations = 2;
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -335,7 +346,7 @@ impl TrainConfig {
         if matches!(&self.ref_model, Some(RefModel::Soup(v)) if v.is_empty()) {
             return bad("ref_model is an empty list".into());
         }
-        if self.task == Task::Grpo {
+        if matches!(self.task, Task::Grpo | Task::Rloo) {
             return crate::algorithms::grpo_config::GrpoParams::validate(self);
         }
         if self.objective()?.needs_reward_variance() && self.reward_clusters > 1 {
@@ -475,6 +486,7 @@ mod tests {
         };
         c.grpo.epsilon_high = Some(0.28);
         c.grpo.delta = Some(1.5);
+        c.grpo.reward_clip_range = Some(vec![-1.0, 1.0]);
         c.grpo.reward_format_regex = Some("x".into());
         c.grpo.reward_weights = Some(vec![1.0]);
         let v = toml::Value::try_from(&c).unwrap();
