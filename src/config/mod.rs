@@ -100,13 +100,14 @@ settings! {
         pub use_weighting: bool = false,
         /// Where checkpoints, metrics.jsonl and the final model go.
         pub output_dir: String = "runs/prefer".into(),
-        /// Preference pairs, JSONL: standard, conversational or Anthropic HH (auto-detected).
-        /// Required.
+        /// Training data, JSONL: preference pairs (standard, conversational or Anthropic HH,
+        /// auto-detected), or prompts for grpo / rloo. Required.
         pub train_file: String = String::new(),
         /// Held-out pairs evaluated every eval_steps and at the end.
         pub eval_file: Option<String> = None,
-        /// dpo (align the policy with an objective over log-probs) | reward (train a reward
-        /// model: the LM body plus a reward head, saved as *ForSequenceClassification).
+        /// dpo (align the policy with an objective over log-probs) | reward (train a reward model:
+        /// the LM body plus a reward head, saved as *ForSequenceClassification) | grpo | rloo (online:
+        /// sample completions of train_file's prompts, score them with reward_funcs, learn from them).
         pub task: Task = Task::Dpo,
         /// Objective name (`prefer objectives list`), or a list (or comma-separated string)
         /// combined with loss_weights.
