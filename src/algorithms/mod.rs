@@ -16,7 +16,7 @@
 pub mod crm;
 pub mod data;
 pub mod grpo;
-pub mod grpo_config;
+pub mod grpo_loss;
 pub mod maxmin;
 pub mod preference;
 pub mod reward;

@@ -8,6 +8,8 @@
 //! ([`crate::objectives::ObjectiveParams`] and the family files). `prefer train --help-config`
 //! is generated from those declarations.
 
+pub mod grpo;
+
 use crate::data::{TokenizeOptions, TruncationMode};
 use crate::error::{Error, Result};
 use crate::objectives::ObjectiveParams;
@@ -218,7 +220,7 @@ settings! {
         /// The objectives' hyperparameters (`beta`, `label_smoothing`, ...).
         pub params: ObjectiveParams,
         /// GRPO's (task = "grpo").
-        pub grpo: crate::algorithms::grpo_config::GrpoParams,
+        pub grpo: crate::config::grpo::GrpoParams,
     }
 }
 
@@ -348,7 +350,7 @@ impl TrainConfig {
             return bad("ref_model is an empty list".into());
         }
         if matches!(self.task, Task::Grpo | Task::Rloo) {
-            return crate::algorithms::grpo_config::GrpoParams::validate(self);
+            return crate::config::grpo::GrpoParams::validate(self);
         }
         if self.objective()?.needs_reward_variance() && self.reward_clusters > 1 {
             return bad("loss_type `gaussian` trains one Gaussian head: set reward_clusters = 1".into());
