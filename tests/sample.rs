@@ -342,3 +342,54 @@ fn sampling_logprobs_at_a_temperature_equal_the_training_ones() {
         assert!(max_diff(&c.logprobs, &want) < 1e-4, "{:?} vs {want:?}", c.logprobs);
     }
 }
+
+/// Nash-MD's geometric mixture, sampled with one KV cache per model, draws each token from
+/// `log softmax(α·ref + (1−α)·policy)` of the full-recompute logits: greedily it picks their
+/// argmax at every step, and the log-prob it reports is that of the mixture.
+#[test]
+fn mixture_sampling_follows_the_recomputed_geometric_mixture() {
+    let spec = TinySpec::default();
+    let (policy, reference) = (model(&spec, 5), model(&spec, 9));
+    let prompts = vec![vec![5u32, 6, 7, 30], vec![11u32, 2]];
+    let alpha = 0.3;
+    let p = SamplingParams {
+        temperature: 0.0,
+        max_completion_length: 8,
+        ..Default::default()
+    };
+    let got = prefer::sample::sample_mixture(
+        &[(&policy, 1.0 - alpha), (&reference, alpha)],
+        &prompts,
+        2,
+        &p,
+        3,
+        &|_| false,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(got.len(), 4);
+    let mut differs = false;
+    for c in &got {
+        let mut ids = prompts[c.prompt_index].clone();
+        for (&tok, &lp) in c.ids.iter().zip(&c.logprobs) {
+            let a: Vec<f32> = full_forward_logits(&policy, &ids).unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = full_forward_logits(&reference, &ids).unwrap().to_vec1().unwrap();
+            let z: Vec<f64> = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| (1.0 - alpha) * x as f64 + alpha * y as f64)
+                .collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            let best = (0..z.len()).max_by(|&i, &j| z[i].total_cmp(&z[j])).unwrap();
+            assert_eq!(tok as usize, best);
+            assert!((lp as f64 - (z[best] - lse)).abs() < 1e-4, "{lp} vs {}", z[best] - lse);
+            let pa = (0..a.len()).max_by(|&i, &j| a[i].total_cmp(&a[j])).unwrap();
+            differs |= pa != best;
+            ids.push(tok);
+        }
+    }
+    // the mixture is not the policy alone (else the test would not see the reference)
+    let alone = sample(&policy, &prompts, 2, &p, 3, &|_| false, &mut |_| {}).unwrap();
+    assert!(differs || alone.iter().zip(&got).any(|(x, y)| x.ids != y.ids));
+}

@@ -11,19 +11,21 @@
 //! sampling distribution, `log softmax(logits / temperature)`, as TRL computes them.
 
 use super::grpo_loss::{advantages, grpo_loss, rloo_advantages, rloo_loss, LossSpec};
+use super::rollout;
 use super::{Algorithm, MicroBatch, StepCtx};
-use crate::algorithms::data::TrainData;
 use crate::batch::{Layout, ScoredGroup};
 use crate::config::grpo::{GrpoLoss, GrpoParams, ImportanceSamplingLevel, ScaleRewards};
 use crate::config::TrainConfig;
+use crate::data::prompts::Prompt;
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::model::logprobs::group_sequence_logps_at;
-use crate::model::{LoadedModel, Transformer};
-use crate::rewards::{Reward, RewardInput, RewardOptions};
-use crate::sample::{sample, FinishReason, SamplingParams};
+use crate::model::LoadedModel;
+use crate::rewards::Reward;
+use crate::sample::{sample, SamplingParams};
 use candle_core::{DType, Tensor};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
 
 /// One prompt's completions in the current step.
 struct Group {
@@ -61,7 +63,7 @@ pub struct Grpo {
     sampling: SamplingParams,
     rewards: Vec<Box<dyn Reward>>,
     reward_weights: Option<Vec<f64>>,
-    reference: Option<Transformer>,
+    reference: Option<rollout::OnlineReference>,
     seed: u64,
     /// The current step's rollout: each micro-batch's groups, in the order the micro-batches
     /// come (a prompt may appear twice in a step, across an epoch's end).
@@ -72,30 +74,12 @@ pub struct Grpo {
 }
 
 impl Grpo {
-    pub fn new(cfg: &TrainConfig, policy: &LoadedModel, _data: &TrainData) -> Result<Grpo> {
+    pub fn new(cfg: &TrainConfig, policy: &LoadedModel, resume: Option<&Path>) -> Result<Grpo> {
         let g = &cfg.grpo;
-        let opts = RewardOptions {
-            format_regex: g.reward_format_regex.clone(),
-            length_target: g.reward_length_target,
-            command_timeout: g.reward_timeout,
-        };
-        let rewards = g
-            .reward_funcs
-            .iter()
-            .map(|r| crate::rewards::by_name(r, &opts))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(w) = &g.reward_weights {
-            if w.len() != rewards.len() {
-                return Err(Error::Config(format!(
-                    "reward_weights has {} entries for {} reward_funcs",
-                    w.len(),
-                    rewards.len()
-                )));
-            }
-        }
+        let (rewards, reward_weights) = super::rollout::rewards(cfg)?;
         let beta = cfg.params.beta;
         let reference = match beta != 0.0 {
-            true => Some(policy.frozen_copy()?.transformer),
+            true => Some(rollout::OnlineReference::new(cfg, policy, resume)?),
             false => None,
         };
         let method = match cfg.task {
@@ -117,17 +101,9 @@ impl Grpo {
             beta,
             scale: g.scale_rewards,
             max_completion_length: g.max_completion_length,
-            sampling: SamplingParams {
-                temperature: g.temperature,
-                top_p: g.top_p,
-                top_k: g.top_k,
-                min_p: g.min_p,
-                repetition_penalty: g.repetition_penalty,
-                max_completion_length: g.max_completion_length,
-                stop_tokens: vec![policy.tokenizer.eos_id],
-            },
+            sampling: super::rollout::sampling(cfg, policy.tokenizer.eos_id),
             rewards,
-            reward_weights: g.reward_weights.clone(),
+            reward_weights,
             reference,
             seed: cfg.seed,
             rollout: VecDeque::new(),
@@ -137,8 +113,7 @@ impl Grpo {
     }
 }
 
-/// Where the sampled completions of each logging step go, in `output_dir`.
-pub const COMPLETIONS_LOG: &str = "completions.jsonl";
+pub use super::rollout::COMPLETIONS_LOG;
 
 impl Algorithm for Grpo {
     fn step_logs(&self) -> &[&'static str] {
@@ -155,12 +130,7 @@ impl Algorithm for Grpo {
         let order: Vec<usize> = batches.concat();
         let prompts: Vec<Vec<u32>> = order.iter().map(|&i| ctx.data.prompts[i].ids.clone()).collect();
         // a seed per step: a resumed run draws the same completions
-        let seed = {
-            let mut h = crate::util::Fnv64::default();
-            h.update(&self.seed.to_le_bytes());
-            h.update(&(ctx.step as u64).to_le_bytes());
-            h.finish()
-        };
+        let seed = rollout::step_seed(self.seed, ctx.step);
         let comps = sample(
             &ctx.policy.transformer,
             &prompts,
@@ -184,7 +154,7 @@ impl Algorithm for Grpo {
                         prompt: &prompts[k],
                         responses: &responses,
                     }];
-                    let lp = group_sequence_logps_at(r, &grp, Layout::PACKED, false, self.sampling.temperature)?;
+                    let lp = group_sequence_logps_at(&r.model, &grp, Layout::PACKED, false, self.sampling.temperature)?;
                     let v: Vec<f64> = lp.token_logps.detach().to_dtype(DType::F64)?.to_vec1()?;
                     out.extend(lp.offsets.windows(2).map(|w| v[w[0]..w[1]].to_vec()));
                 }
@@ -192,35 +162,14 @@ impl Algorithm for Grpo {
             }
             None => None,
         };
-        let inputs: Vec<RewardInput> = comps
-            .iter()
-            .zip(&texts)
-            .map(|(c, t)| {
-                let p = &ctx.data.prompts[order[c.prompt_index]];
-                RewardInput {
-                    prompt: &p.text,
-                    completion: t,
-                    completion_tokens: c.ids.len(),
-                    columns: &p.columns,
-                }
-            })
-            .collect();
-        let (per, _) = crate::rewards::score_all(&mut self.rewards, self.reward_weights.as_deref(), &inputs)?;
-        // TRL's nansum: a reward that skipped a completion adds nothing; all skipped = NaN
-        let totals: Vec<f64> = (0..comps.len())
-            .map(|i| {
-                let parts: Vec<f64> = per
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(k, s)| s[i].map(|v| v * self.reward_weights.as_ref().map_or(1.0, |w| w[k])))
-                    .collect();
-                if parts.is_empty() {
-                    f64::NAN
-                } else {
-                    parts.iter().sum()
-                }
-            })
-            .collect();
+        let row_of: Vec<&Prompt> = comps.iter().map(|c| &ctx.data.prompts[order[c.prompt_index]]).collect();
+        let (per, totals) = rollout::score(
+            &mut self.rewards,
+            self.reward_weights.as_deref(),
+            &row_of,
+            &comps,
+            &texts,
+        )?;
         let mut totals = totals;
         let mut kl_metric = None;
         if let Method::Rloo { reward_clip_range, .. } = self.method {
@@ -251,37 +200,26 @@ impl Algorithm for Grpo {
                 advantages(&totals, g, self.scale).1,
             ),
         };
-        let s1 = ctx.step + 1;
-        if s1.is_multiple_of(ctx.cfg.logging_steps.max(1)) || s1 == ctx.total_steps {
+        if rollout::is_logging_step(ctx.cfg, ctx.step, ctx.total_steps) {
             // the step's completions, as TRL logs them
-            let path = ctx.cfg.output_dir().join(COMPLETIONS_LOG);
-            crate::util::create_dir_all(&ctx.cfg.output_dir())?;
-            for (i, c) in comps.iter().enumerate() {
-                let rec = serde_json::json!({
-                    "step": s1,
-                    "prompt": inputs[i].prompt,
-                    "completion": inputs[i].completion,
-                    "reward": if totals[i].is_nan() { None } else { Some(totals[i]) },
-                    "rewards": self.rewards.iter().zip(&per).map(|(r, s)| (r.name().to_string(), serde_json::json!(s[i]))).collect::<serde_json::Map<_, _>>(),
-                    "advantage": adv[i],
-                    "completion_tokens": c.ids.len(),
-                });
-                crate::util::fs::append_jsonl(&path, &rec)?;
-            }
+            let step = ctx.step + 1;
+            rollout::log_completions(
+                ctx.cfg,
+                comps.iter().enumerate().map(|(i, c)| {
+                    serde_json::json!({
+                        "step": step,
+                        "prompt": row_of[i].text,
+                        "completion": texts[i],
+                        "reward": if totals[i].is_nan() { None } else { Some(totals[i]) },
+                        "rewards": rollout::scores_by_name(&self.rewards, &per, i),
+                        "advantage": adv[i],
+                        "completion_tokens": c.ids.len(),
+                    })
+                }),
+            )?;
         }
         let mut m: Vec<(String, f64)> = Vec::new();
-        // TRL's nanmean and nanstd (Bessel-corrected) over the whole batch
-        let nan_stats = |xs: &[f64]| -> (f64, f64) {
-            let v: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
-            let n = v.len() as f64;
-            let mean = v.iter().sum::<f64>() / n.max(1.0);
-            let std = match v.len() > 1 {
-                true => (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt(),
-                false => f64::NAN,
-            };
-            (mean, std)
-        };
-        let (mean, std) = nan_stats(&totals);
+        let (mean, std) = rollout::nan_stats(&totals);
         if let Some(kl) = kl_metric {
             m.push(("kl".into(), kl));
         }
@@ -291,29 +229,8 @@ impl Algorithm for Grpo {
             "frac_reward_zero_std".into(),
             stds.iter().filter(|&&s| s == 0.0).count() as f64 / stds.len().max(1) as f64,
         ));
-        for (r, s) in self.rewards.iter().zip(&per) {
-            let v: Vec<f64> = s.iter().map(|x| x.unwrap_or(f64::NAN)).collect();
-            let (mean, std) = nan_stats(&v);
-            m.push((format!("rewards/{}/mean", r.name()), mean));
-            m.push((format!("rewards/{}/std", r.name()), std));
-        }
-        let lens: Vec<f64> = comps.iter().map(|c| c.ids.len() as f64).collect();
-        m.push((
-            "completions/mean_length".into(),
-            lens.iter().sum::<f64>() / lens.len().max(1) as f64,
-        ));
-        m.push((
-            "completions/min_length".into(),
-            lens.iter().cloned().fold(f64::INFINITY, f64::min),
-        ));
-        m.push((
-            "completions/max_length".into(),
-            lens.iter().cloned().fold(0.0, f64::max),
-        ));
-        m.push((
-            "completions/clipped_ratio".into(),
-            comps.iter().filter(|c| c.finish_reason == FinishReason::Length).count() as f64 / comps.len().max(1) as f64,
-        ));
+        m.extend(rollout::reward_metrics(&self.rewards, &per));
+        m.extend(rollout::length_metrics(&comps.iter().collect::<Vec<_>>()));
         self.step_tokens = comps.iter().map(|c| c.ids.len()).sum();
         self.step_metrics = m;
         self.rollout.clear();
@@ -423,6 +340,20 @@ impl Algorithm for Grpo {
             tokens,
             positions,
         })
+    }
+
+    fn end_step(&mut self, ctx: &StepCtx, _metrics: &BTreeMap<String, f64>, _lr: f64) -> Result<()> {
+        match &mut self.reference {
+            Some(r) => r.end_step(ctx.step, &ctx.policy.transformer),
+            None => Ok(()),
+        }
+    }
+
+    fn save_checkpoint(&self, dir: &Path, policy: &LoadedModel) -> Result<()> {
+        match &self.reference {
+            Some(r) => r.save_checkpoint(dir, policy),
+            None => Ok(()),
+        }
     }
 
     fn evaluate(

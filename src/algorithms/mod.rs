@@ -9,6 +9,12 @@
 //!   unpaired, listwise), with the reference source and TR-DPO's reference sync.
 //! - [`reward::RewardModel`]: reward models, with MaxMin's EM over annotator clusters
 //!   ([`maxmin`]) and collaborative reward modeling's peer model ([`crm`]).
+//! - [`grpo::Grpo`]: GRPO and RLOO (online, groups of completions per prompt).
+//! - [`online_pairs::OnlinePairs`]: online DPO / IPO, Nash-MD and XPO (online, two completions
+//!   per prompt ranked by the reward).
+//!
+//! [`rollout`] holds what the online methods share: rewards, sampling options, per-step seeds,
+//! reward statistics and the completions log.
 //!
 //! An online method plugs in the same way: [`Algorithm::begin_step`] is its rollout (sample
 //! with the policy, score with rewards), [`Algorithm::micro_batch`] its loss on the rollout.
@@ -18,8 +24,10 @@ pub mod data;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod maxmin;
+pub mod online_pairs;
 pub mod preference;
 pub mod reward;
+pub mod rollout;
 
 use crate::config::{Task, TrainConfig};
 use crate::data::TokenizedExample;
@@ -157,7 +165,12 @@ pub fn build(
 ) -> Result<(LoadedModel, Box<dyn Algorithm>, TrainData)> {
     if matches!(cfg.task, Task::Grpo | Task::Rloo) {
         let data = TrainData::load_prompts(cfg, &policy.tokenizer)?;
-        let a = grpo::Grpo::new(cfg, &policy, &data)?;
+        let a = grpo::Grpo::new(cfg, &policy, resume)?;
+        return Ok((policy, Box::new(a), data));
+    }
+    if cfg.task.is_online_pairwise() {
+        let data = TrainData::load_prompts(cfg, &policy.tokenizer)?;
+        let a = online_pairs::OnlinePairs::new(cfg, &policy, resume)?;
         return Ok((policy, Box::new(a), data));
     }
     let objective: Objective = cfg.objective()?;

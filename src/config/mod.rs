@@ -9,6 +9,7 @@
 //! is generated from those declarations.
 
 pub mod grpo;
+pub mod online;
 
 use crate::data::{TokenizeOptions, TruncationMode};
 use crate::error::{Error, Result};
@@ -28,6 +29,12 @@ choice! {
         Grpo = "grpo",
         /// Online: RLOO (leave-one-out baseline, KL in the reward, sequence-level ratio).
         Rloo = "rloo",
+        /// Online: DPO / IPO on two completions of each prompt, ranked by the reward.
+        OnlineDpo = "online_dpo",
+        /// Online: Nash-MD (a policy completion against one from the policy–reference mixture).
+        NashMd = "nash_md",
+        /// Online: XPO (a policy completion against a reference completion, plus exploration).
+        Xpo = "xpo",
     }
 }
 
@@ -108,8 +115,9 @@ settings! {
         /// Held-out pairs evaluated every eval_steps and at the end.
         pub eval_file: Option<String> = None,
         /// dpo (align the policy with an objective over log-probs) | reward (train a reward model:
-        /// the LM body plus a reward head, saved as *ForSequenceClassification) | grpo | rloo (online:
-        /// sample completions of train_file's prompts, score them with reward_funcs, learn from them).
+        /// the LM body plus a reward head, saved as *ForSequenceClassification) | grpo | rloo |
+        /// online_dpo | nash_md | xpo (online: sample completions of train_file's prompts, score
+        /// them with reward_funcs, learn from them).
         pub task: Task = Task::Dpo,
         /// Objective name (`prefer objectives list`), or a list (or comma-separated string)
         /// combined with loss_weights.
@@ -221,6 +229,29 @@ settings! {
         pub params: ObjectiveParams,
         /// GRPO's (task = "grpo").
         pub grpo: crate::config::grpo::GrpoParams,
+        /// Online DPO's, Nash-MD's and XPO's.
+        pub online: crate::config::online::OnlineParams,
+    }
+}
+
+impl Task {
+    /// Online DPO, Nash-MD and XPO: two completions per prompt, ranked by a reward.
+    pub fn is_online_pairwise(self) -> bool {
+        matches!(self, Task::OnlineDpo | Task::NashMd | Task::Xpo)
+    }
+
+    /// Whether the run samples its own completions from prompts (`train_file` holds prompts).
+    pub fn is_online(self) -> bool {
+        matches!(self, Task::Grpo | Task::Rloo) || self.is_online_pairwise()
+    }
+}
+
+/// TRL's other names for prefer's keys: `max_new_tokens` (OnlineDPOConfig) is
+/// `max_completion_length`.
+fn canonical_key(key: &str) -> String {
+    match key {
+        "max_new_tokens" => "max_completion_length".into(),
+        k => k.into(),
     }
 }
 
@@ -259,6 +290,7 @@ impl TrainConfig {
                 let text = crate::util::read_to_string(p)?;
                 let t: toml::Table =
                     toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+                let t: toml::Table = t.into_iter().map(|(k, v)| (canonical_key(&k), v)).collect();
                 check_keys(&t, &p.display().to_string())?;
                 t
             }
@@ -266,11 +298,15 @@ impl TrainConfig {
         };
         for o in overrides {
             let (k, v) = parse_override(o)?;
+            let k = canonical_key(&k);
             let mut one = toml::Table::new();
             one.insert(k.clone(), v.clone());
             check_keys(&one, "--set")?;
             // ints given where floats are expected are fine in TOML; make "1e-5" strings numbers
             table.insert(k, v);
+        }
+        for key in ["beta", "alpha", "mixture_coef"] {
+            crate::config::online::split_per_epoch_list(&mut table, key)?;
         }
         let cfg: TrainConfig = match toml::Value::Table(table.clone()).try_into() {
             Ok(c) => c,
@@ -297,6 +333,22 @@ impl TrainConfig {
             }
             if !table.contains_key("num_generations") {
                 cfg.grpo.num_generations = 2;
+            }
+        }
+        if cfg.task.is_online_pairwise() {
+            // TRL's OnlineDPOConfig defaults where they differ from the offline ones / GRPO's
+            let set = |k: &str| table.contains_key(k);
+            if !set("temperature") {
+                cfg.grpo.temperature = 0.9;
+            }
+            if !set("max_completion_length") {
+                cfg.grpo.max_completion_length = 64;
+            }
+            if !set("learning_rate") {
+                cfg.learning_rate = 5e-7;
+            }
+            if cfg.task == Task::Xpo && !set("alpha") {
+                cfg.params.reference_free.alpha = 1e-5;
             }
         }
         cfg.validate()?;
@@ -351,6 +403,15 @@ impl TrainConfig {
         }
         if matches!(self.task, Task::Grpo | Task::Rloo) {
             return crate::config::grpo::GrpoParams::validate(self);
+        }
+        if self.task.is_online_pairwise() {
+            return crate::config::online::OnlineParams::validate(self);
+        }
+        let o = &self.online;
+        if o.beta_per_epoch.is_some() || o.alpha_per_epoch.is_some() || o.mixture_coef_per_epoch.is_some() {
+            return bad(
+                "beta, alpha and mixture_coef take a list (one value per epoch) only with task = \"online_dpo\", \"nash_md\" or \"xpo\"".into(),
+            );
         }
         if self.objective()?.needs_reward_variance() && self.reward_clusters > 1 {
             return bad("loss_type `gaussian` trains one Gaussian head: set reward_clusters = 1".into());
@@ -492,6 +553,11 @@ mod tests {
         c.grpo.reward_clip_range = Some(vec![-1.0, 1.0]);
         c.grpo.reward_format_regex = Some("x".into());
         c.grpo.reward_weights = Some(vec![1.0]);
+        c.online.missing_eos_penalty = Some(1.0);
+        c.online.reward_model_path = Some("x".into());
+        c.online.beta_per_epoch = Some(vec![0.1]);
+        c.online.alpha_per_epoch = Some(vec![0.1]);
+        c.online.mixture_coef_per_epoch = Some(vec![0.5]);
         let v = toml::Value::try_from(&c).unwrap();
         let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
         let mut keys: Vec<&str> = TrainConfig::keys().iter().map(|k| k.0).collect();

@@ -71,6 +71,7 @@ pub fn evaluate_generation(
             prompt: &prompts[c.prompt_index].text,
             completion: t,
             completion_tokens: c.ids.len(),
+            stopped: c.finish_reason == crate::sample::FinishReason::Stop,
             columns: &prompts[c.prompt_index].columns,
         })
         .collect();

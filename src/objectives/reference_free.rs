@@ -12,7 +12,8 @@ settings! {
         pub simpo_gamma: f64 = 0.5,
         /// Weight of the NLL term of cpo.
         pub cpo_alpha: f64 = 1.0,
-        /// AlphaPO reward-shape α (0 = SimPO's log reward).
+        /// AlphaPO reward-shape α (0 = SimPO's log reward). With task = "xpo": XPO's weight of
+        /// log π(y_ref) (TRL's XPOConfig alpha, default 1e-5 there).
         pub alpha: f64 = 0.0,
         /// MaPO's k in φ(ℓ) = kℓ/(e^{kℓ} − 1).
         pub mapo_k: f64 = 0.5,

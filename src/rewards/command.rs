@@ -123,12 +123,14 @@ mod tests {
                 prompt: "p",
                 completion: "abc",
                 completion_tokens: 1,
+                stopped: true,
                 columns: &cols,
             },
             RewardInput {
                 prompt: "p",
                 completion: "x",
                 completion_tokens: 1,
+                stopped: true,
                 columns: &cols,
             },
         ];

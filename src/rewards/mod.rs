@@ -9,6 +9,7 @@
 
 pub mod answer;
 pub mod command;
+pub mod model;
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -20,6 +21,8 @@ pub struct RewardInput<'a> {
     pub completion: &'a str,
     /// Tokens of the completion.
     pub completion_tokens: usize,
+    /// Whether it ended on a stop token (EOS) rather than at `max_completion_length`.
+    pub stopped: bool,
     /// The prompt row's other columns (e.g. `answer`).
     pub columns: &'a Map<String, Value>,
 }
@@ -109,10 +112,17 @@ impl Reward for Length {
     }
 }
 
-/// The reward named `name`: `accuracy`, `format`, `length` or `cmd:<command line>`.
+/// The reward named `name`: `accuracy`, `format`, `length`, `cmd:<command line>`, or a reward
+/// model's path (`model:<path>`, or a path that exists).
 pub fn by_name(name: &str, opts: &RewardOptions) -> Result<Box<dyn Reward>> {
     if let Some(cmd) = name.strip_prefix("cmd:") {
         return Ok(Box::new(command::Command::new(cmd, opts.command_timeout)?));
+    }
+    if let Some(path) = name.strip_prefix("model:") {
+        return Ok(Box::new(model::RewardModel::load(std::path::Path::new(path))?));
+    }
+    if !matches!(name, "accuracy" | "format" | "length") && std::path::Path::new(name).exists() {
+        return Ok(Box::new(model::RewardModel::load(std::path::Path::new(name))?));
     }
     match name {
         "accuracy" => Ok(Box::new(Accuracy)),
@@ -133,7 +143,13 @@ pub fn by_name(name: &str, opts: &RewardOptions) -> Result<Box<dyn Reward>> {
         }
         other => Err(Error::Config(crate::util::text::not_one_of(
             other,
-            &["accuracy", "format", "length", "cmd:<command line>"],
+            &[
+                "accuracy",
+                "format",
+                "length",
+                "cmd:<command line>",
+                "model:<path of a reward model>",
+            ],
             &["accuracy", "format", "length"],
         ))),
     }
@@ -190,6 +206,7 @@ mod tests {
             prompt: "q",
             completion,
             completion_tokens: completion.split_whitespace().count(),
+            stopped: true,
             columns,
         }
     }

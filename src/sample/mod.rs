@@ -157,8 +157,8 @@ pub fn sample_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &m
 
 /// One prompt's samples while they are drawn.
 struct Group {
-    /// `None` while lent to a decoding step.
-    cache: Option<crate::model::llama::GroupCache>,
+    /// One cache per model of the mixture; `None` while lent to a decoding step.
+    caches: Vec<Option<crate::model::llama::GroupCache>>,
     /// Each sample's logits for its next token.
     rows: Vec<Vec<f32>>,
     rngs: Vec<Rng>,
@@ -181,9 +181,35 @@ pub fn sample(
     stop: &dyn Fn(&[u32]) -> bool,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Completion>> {
-    let model = model.detached()?;
+    sample_mixture(&[(model, 1.0)], prompts, num_generations, params, seed, stop, progress)
+}
+
+/// [`sample`] from the geometric mixture of several models: the next token is drawn from
+/// `log softmax(Σ_m w_m · logits_m)` (Nash-MD's `softmax(α·ref_logits + (1−α)·policy_logits)`
+/// with `[(policy, 1 − α), (reference, α)]`), every model keeping its own KV cache, so each
+/// step costs one cached decoding step per model instead of TRL's full recompute. With one
+/// model of weight 1 the rows are its raw logits (plain sampling).
+pub fn sample_mixture(
+    models: &[(&Transformer, f64)],
+    prompts: &[Vec<u32>],
+    num_generations: usize,
+    params: &SamplingParams,
+    seed: u64,
+    stop: &dyn Fn(&[u32]) -> bool,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Completion>> {
+    if models.is_empty() {
+        return Err(Error::msg("sampling needs a model"));
+    }
+    let weights: Vec<f64> = models.iter().map(|m| m.1).collect();
+    let models: Vec<Transformer> = models.iter().map(|(m, _)| m.detached()).collect::<Result<_>>()?;
     let g = num_generations;
-    let max = model.cfg.max_position_embeddings;
+    let max = models
+        .iter()
+        .map(|m| m.cfg.max_position_embeddings)
+        .filter(|&m| m > 0)
+        .min()
+        .unwrap_or(0);
     let mut groups = Vec::with_capacity(prompts.len());
     for (pi, prompt) in prompts.iter().enumerate() {
         if prompt.is_empty() {
@@ -207,7 +233,7 @@ pub fn sample(
             .collect();
         if params.max_completion_length == 0 {
             groups.push(Group {
-                cache: None,
+                caches: vec![],
                 rows: vec![],
                 rngs: vec![],
                 history: vec![],
@@ -216,10 +242,15 @@ pub fn sample(
             });
             continue;
         }
-        let (first, cache) = model.prefill(prompt)?;
-        let first: Vec<f32> = first.to_vec1()?;
+        let (mut firsts, mut caches) = (Vec::new(), Vec::new());
+        for m in &models {
+            let (first, cache) = m.prefill(prompt)?;
+            firsts.push(first.to_vec1::<f32>()?);
+            caches.push(Some(cache.fork(g)?));
+        }
+        let first = mix_rows(&firsts.iter().map(Vec::as_slice).collect::<Vec<_>>(), &weights);
         groups.push(Group {
-            cache: Some(cache.fork(g)?),
+            caches,
             rows: vec![first; g],
             rngs: (0..g).map(|s| sample_rng(seed, pi, s)).collect(),
             history: vec![prompt.to_vec(); g],
@@ -262,15 +293,32 @@ pub fn sample(
             break;
         }
         // a finished sample's later tokens are computed with its group and dropped
-        let mut caches: Vec<_> = running
-            .iter()
-            .map(|&gi| groups[gi].cache.take().expect("a running group has its cache"))
-            .collect();
         let refs: Vec<&[u32]> = next_tokens.iter().map(Vec::as_slice).collect();
-        let logits = model.decode_many(&mut caches, &refs)?;
-        for ((gi, cache), l) in running.into_iter().zip(caches).zip(logits) {
-            groups[gi].cache = Some(cache);
-            groups[gi].rows = l.to_vec2()?;
+        // per model, per running group: the next logits [g][V]
+        let mut per_model: Vec<Vec<Vec<Vec<f32>>>> = Vec::with_capacity(models.len());
+        for (mi, m) in models.iter().enumerate() {
+            let mut caches: Vec<_> = running
+                .iter()
+                .map(|&gi| groups[gi].caches[mi].take().expect("a running group has its caches"))
+                .collect();
+            let logits = m.decode_many(&mut caches, &refs)?;
+            let mut rows = Vec::with_capacity(running.len());
+            for ((&gi, cache), l) in running.iter().zip(caches).zip(logits) {
+                groups[gi].caches[mi] = Some(cache);
+                rows.push(l.to_vec2::<f32>()?);
+            }
+            per_model.push(rows);
+        }
+        for (k, &gi) in running.iter().enumerate() {
+            groups[gi].rows = match per_model.len() {
+                1 => std::mem::take(&mut per_model[0][k]),
+                _ => (0..g)
+                    .map(|s| {
+                        let rows: Vec<&[f32]> = per_model.iter().map(|m| m[k][s].as_slice()).collect();
+                        mix_rows(&rows, &weights)
+                    })
+                    .collect(),
+            };
         }
     }
     Ok(groups
@@ -282,6 +330,20 @@ pub fn sample(
             })
         })
         .collect())
+}
+
+/// `log softmax(Σ_m w_m · rows_m)`, or the one row as it is.
+fn mix_rows(rows: &[&[f32]], weights: &[f64]) -> Vec<f32> {
+    if rows.len() == 1 {
+        return rows[0].to_vec();
+    }
+    let v = rows[0].len();
+    let z: Vec<f64> = (0..v)
+        .map(|i| rows.iter().zip(weights).map(|(r, w)| w * r[i] as f64).sum())
+        .collect();
+    let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+    z.iter().map(|x| (x - lse) as f32).collect()
 }
 
 /// The logits `[V]` that follow `ids` by a full forward pass (no cache): the reference the

@@ -1,0 +1,380 @@
+//! Online DPO / IPO, Nash-MD and XPO end to end on a tiny model: the expected reward of a learnable
+//! rule reward rises, TRL's metrics are logged, a resumed run matches an uninterrupted one,
+//! TRL's defaults and per-epoch lists load; and a reward model prefer trained scores completions
+//! in-process.
+
+use candle_core::DType;
+use prefer::config::{Task, TrainConfig};
+use prefer::rewards::RewardInput;
+use prefer::testing::{tiny_model, write_hf, TinySpec};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Count the ASCII letters and digits of each completion (read from its JSON line, JSON escapes
+/// removed): a reward about a quarter of the tiny vocabulary earns, so a prompt's two samples
+/// often differ in it.
+const COUNT_ALNUM: &str = r#"cmd:awk -F '"completion":"' '{split($2, c, "\""); s = c[1]; gsub(/\\u..../, "", s); gsub(/\\./, "", s); print gsub(/[A-Za-z0-9]/, "", s)}'"#;
+
+fn setup(name: &str, task: Task) -> TrainConfig {
+    prefer::testing::set_threads_for_tests();
+    let dir = prefer::testing::scratch_dir(&format!("online-{name}"));
+    // untied and small weights: a policy far from deterministic, whose two samples of a
+    // prompt often differ
+    let spec = TinySpec {
+        tie_embeddings: false,
+        init_scale: 0.5,
+        ..TinySpec::default()
+    };
+    write_hf(&tiny_model(&spec, DType::F32, 5).unwrap(), &dir.join("model")).unwrap();
+    let prompts: Vec<String> = ["the", "a cat", "dog", "it is", "we", "then", "so", "but"]
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p}).to_string())
+        .collect();
+    std::fs::write(dir.join("prompts.jsonl"), prompts.join("\n")).unwrap();
+    let mut cfg = TrainConfig {
+        task,
+        model_name_or_path: dir.join("model").display().to_string(),
+        train_file: dir.join("prompts.jsonl").display().to_string(),
+        output_dir: dir.join("out").display().to_string(),
+        learning_rate: 1e-2,
+        per_device_train_batch_size: 8,
+        max_steps: 60,
+        logging_steps: 1,
+        save_steps: 1000,
+        disable_tqdm: true,
+        ..TrainConfig::default()
+    };
+    // one-token completions: the expected reward is then exact (`expected_reward`)
+    cfg.grpo.temperature = 1.0;
+    cfg.grpo.max_completion_length = 1;
+    cfg.grpo.reward_funcs = vec![COUNT_ALNUM.into()];
+    cfg.validate().unwrap();
+    cfg
+}
+
+fn metrics(cfg: &TrainConfig) -> Vec<Value> {
+    std::fs::read_to_string(Path::new(&cfg.output_dir).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The policy's expected reward over the run's prompts, computed exactly: with one-token
+/// completions the reward of token v is the count of ASCII letters and digits in its text (what
+/// `COUNT_ALNUM` counts), and `Σ_v softmax(logits)_v · reward(v)` is the mean reward sampling at
+/// temperature 1 would approach. Exact, so a test of learning is not at the mercy of a few
+/// samples.
+fn expected_reward(model_dir: &str, cfg: &TrainConfig) -> f64 {
+    let m = prefer::model::load(Path::new(model_dir), DType::F32, &candle_core::Device::Cpu).unwrap();
+    let prompts =
+        prefer::data::prompts::load_prompts(Path::new(&cfg.train_file), &m.tokenizer, &Default::default(), None, 1)
+            .unwrap();
+    let vocab = m.transformer.cfg.vocab_size;
+    let reward: Vec<f64> = (0..vocab as u32)
+        .map(|v| {
+            let t = m.tokenizer.decode(&[v], true).unwrap();
+            t.chars().filter(|c| c.is_ascii_alphanumeric()).count() as f64
+        })
+        .collect();
+    let mut total = 0.0;
+    for p in &prompts {
+        let z: Vec<f32> = prefer::sample::full_forward_logits(&m.transformer, &p.ids)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let e: Vec<f64> = z.iter().map(|&x| (x as f64 - mx).exp()).collect();
+        let s: f64 = e.iter().sum();
+        total += e.iter().zip(&reward).map(|(p, r)| p / s * r).sum::<f64>();
+    }
+    total / prompts.len() as f64
+}
+
+/// Train `cfg` and return the policy's expected reward before and after.
+fn reward_before_after(cfg: &TrainConfig) -> (f64, f64) {
+    let before = expected_reward(&cfg.model_name_or_path, cfg);
+    prefer::train::train(cfg).unwrap();
+    (before, expected_reward(&cfg.output_dir, cfg))
+}
+
+fn has(logs: &[Value], keys: &[&str]) {
+    for k in keys {
+        assert!(logs[0][*k].is_number(), "{k} missing: {}", logs[0]);
+    }
+}
+
+#[test]
+fn online_dpo_raises_a_learnable_reward() {
+    let cfg = setup("dpo", Task::OnlineDpo);
+    let (first, last) = reward_before_after(&cfg);
+    assert!(last > 1.2 * first, "expected reward {first:.3} -> {last:.3}");
+    has(
+        &metrics(&cfg),
+        &[
+            "loss",
+            "objective/scores",
+            "objective/scores_margin",
+            "objective/kl",
+            "objective/entropy",
+            "objective/non_score_reward",
+            "objective/rlhf_reward",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "val/contain_eos_token",
+            "beta",
+            "completions/mean_length",
+        ],
+    );
+    // two completions per prompt, one of them chosen
+    let comps = std::fs::read_to_string(Path::new(&cfg.output_dir).join("completions.jsonl")).unwrap();
+    let recs: Vec<Value> = comps.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(recs.len(), 60 * 16);
+    let chosen = recs.iter().filter(|r| r["chosen"] == true).count();
+    assert_eq!(chosen, 60 * 8);
+    // the chosen completion never has the lower reward
+    for step in recs.chunks(16) {
+        for k in 0..8 {
+            let (a, b) = (&step[k], &step[k + 8]);
+            let (w, l) = if a["chosen"] == true { (a, b) } else { (b, a) };
+            assert!(w["reward"].as_f64().unwrap() >= l["reward"].as_f64().unwrap());
+        }
+    }
+}
+
+#[test]
+fn online_ipo_raises_a_learnable_reward() {
+    let mut cfg = setup("ipo", Task::OnlineDpo);
+    cfg.loss_type = prefer::config::LossType::One("ipo".into());
+    let (first, last) = reward_before_after(&cfg);
+    assert!(last > 1.2 * first, "expected reward {first:.3} -> {last:.3}");
+}
+
+#[test]
+fn xpo_raises_a_learnable_reward() {
+    let cfg = setup("xpo", Task::Xpo);
+    let (first, last) = reward_before_after(&cfg);
+    assert!(last > 1.2 * first, "expected reward {first:.3} -> {last:.3}");
+    has(
+        &metrics(&cfg),
+        &[
+            "loss/dpo",
+            "loss/xpo",
+            "objective/model_scores",
+            "objective/ref_scores",
+            "objective/scores_margin",
+            "objective/kl",
+            "val/model_contain_eos_token",
+            "val/ref_contain_eos_token",
+            "alpha",
+        ],
+    );
+}
+
+#[test]
+fn nash_md_raises_a_learnable_reward_and_resumes_exactly() {
+    let mut cfg = setup("nash", Task::NashMd);
+    cfg.params.beta = 0.02;
+    let (first, last) = reward_before_after(&cfg);
+    assert!(last > 1.2 * first, "expected reward {first:.3} -> {last:.3}");
+    has(
+        &metrics(&cfg),
+        &[
+            "loss/score",
+            "loss/kl",
+            "rewards/probabilities",
+            "objective/entropy",
+            "mixture_coef",
+            "val/ref_contain_eos_token",
+        ],
+    );
+    // stop after 3 steps, resume, and log what the uninterrupted run logged
+    cfg.max_steps = 6;
+    cfg.output_dir = format!("{}-short", cfg.output_dir);
+    prefer::train::train(&cfg).unwrap();
+    let whole = metrics(&cfg);
+    let c2 = TrainConfig {
+        output_dir: format!("{}-2", cfg.output_dir),
+        save_steps: 3,
+        ..cfg.clone()
+    };
+    let mut t = prefer::train::Trainer::new(&c2).unwrap();
+    t.stop_after_step = Some(3);
+    assert!(t.run().unwrap().interrupted);
+    prefer::train::train(&TrainConfig {
+        resume_from_checkpoint: Some("latest".into()),
+        ..c2.clone()
+    })
+    .unwrap();
+    let resumed = metrics(&c2);
+    assert_eq!(resumed.len(), whole.len());
+    for (a, b) in whole.iter().zip(&resumed) {
+        for k in ["loss", "reward", "loss/kl", "grad_norm"] {
+            assert_eq!(a[k], b[k], "step {}: {k}", a["step"]);
+        }
+    }
+}
+
+/// TRL's OnlineDPOConfig defaults, its `max_new_tokens` name, per-epoch lists, and the checks.
+#[test]
+fn online_configs_load_with_trls_defaults_and_refuse_bad_values() {
+    let cfg = setup("config", Task::OnlineDpo);
+    let dir = Path::new(&cfg.output_dir).parent().unwrap().to_path_buf();
+    let toml = dir.join("run.toml");
+    let write = |task: &str, extra: &str| {
+        std::fs::write(
+            &toml,
+            format!(
+                "task = \"{task}\"\nmodel_name_or_path = \"{}\"\ntrain_file = \"{}\"\nreward_funcs = [\"length\"]\nreward_length_target = 4\n{extra}",
+                cfg.model_name_or_path, cfg.train_file
+            ),
+        )
+        .unwrap();
+    };
+    write("online_dpo", "");
+    let c = TrainConfig::load(Some(&toml), &[]).unwrap();
+    assert_eq!(
+        (
+            c.grpo.temperature,
+            c.grpo.max_completion_length,
+            c.learning_rate,
+            c.params.beta
+        ),
+        (0.9, 64, 5e-7, 0.1)
+    );
+    write("xpo", "max_new_tokens = 12\nbeta = [0.1, 0.05]\nalpha = [1e-4, 1e-5]\n");
+    let c = TrainConfig::load(Some(&toml), &[]).unwrap();
+    assert_eq!(c.grpo.max_completion_length, 12);
+    assert_eq!(c.online.beta_per_epoch, Some(vec![0.1, 0.05]));
+    assert_eq!(c.online.alpha_per_epoch, Some(vec![1e-4, 1e-5]));
+    assert_eq!(c.params.reference_free.alpha, 1e-4);
+    write("xpo", "");
+    assert_eq!(
+        TrainConfig::load(Some(&toml), &[]).unwrap().params.reference_free.alpha,
+        1e-5
+    );
+    write("nash_md", "mixture_coef = [0.5, 0.25]\n");
+    let c = TrainConfig::load(Some(&toml), &[]).unwrap();
+    assert_eq!(
+        (c.online.mixture_coef, c.online.mixture_coef_per_epoch),
+        (0.5, Some(vec![0.5, 0.25]))
+    );
+    assert_eq!(prefer::config::online::at_epoch(&Some(vec![0.5, 0.25]), 0.5, 7), 0.25);
+    for (task, set, want) in [
+        ("nash_md", "loss_type=ipo", "remove loss_type"),
+        ("online_dpo", "loss_type=kto", "pairwise objective"),
+        ("online_dpo", "mixture_coef=1.5", "mixture_coef must be in [0, 1]"),
+        ("online_dpo", "reward_funcs=[]", "set reward_funcs"),
+        (
+            "online_dpo",
+            "missing_eos_penalty=-1",
+            "missing_eos_penalty must be ≥ 0",
+        ),
+        ("dpo", "beta=[0.1, 0.2]", "only with task"),
+    ] {
+        write(task, "");
+        let e = TrainConfig::load(Some(&toml), &[set.into()]).unwrap_err().to_string();
+        assert!(e.contains(want), "{task} {set}: {e}");
+    }
+}
+
+/// A reward model prefer trained scores `prompt + completion (+ EOS when it stopped)` with its
+/// own tokenizer, exactly as `Transformer::rewards` does; MaxMin's heads give their minimum;
+/// a causal LM is refused with a clear error; and an online run reads it by path.
+#[test]
+fn a_reward_model_scores_completions_in_process() {
+    prefer::testing::set_threads_for_tests();
+    let cfg = setup("rm", Task::OnlineDpo);
+    let dir = Path::new(&cfg.output_dir).parent().unwrap().to_path_buf();
+    let base = tiny_model(&TinySpec::default(), DType::F32, 21).unwrap();
+    let rm = base.clone().with_reward_head(3).unwrap();
+    write_hf(&rm, &dir.join("rm")).unwrap();
+    let heads = base.with_reward_heads(4, 3).unwrap();
+    write_hf(&heads, &dir.join("rm3")).unwrap();
+    let cols = Map::new();
+    let xs = [
+        RewardInput {
+            prompt: "the cat",
+            completion: " sat on",
+            completion_tokens: 2,
+            stopped: true,
+            columns: &cols,
+        },
+        RewardInput {
+            prompt: "a dog",
+            completion: " is here",
+            completion_tokens: 2,
+            stopped: false,
+            columns: &cols,
+        },
+    ];
+    let opts = prefer::rewards::RewardOptions::default();
+    let mut r = prefer::rewards::by_name(&dir.join("rm").display().to_string(), &opts).unwrap();
+    let got = r.score(&xs).unwrap();
+    let tok = &rm.tokenizer;
+    let seqs = vec![
+        tok.encode(&format!("the cat sat on{}", tok.eos_token), true).unwrap(),
+        tok.encode("a dog is here", true).unwrap(),
+    ];
+    let want: Vec<f32> = rm.transformer.rewards(&seqs, tok.pad_id).unwrap().to_vec1().unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g.unwrap() - *w as f64).abs() < 1e-5, "{got:?} vs {want:?}");
+    }
+    let mut r3 = prefer::rewards::by_name(&format!("model:{}", dir.join("rm3").display()), &opts).unwrap();
+    let got3 = r3.score(&xs).unwrap();
+    let m: Vec<Vec<f32>> = heads
+        .transformer
+        .reward_matrix(&seqs, tok.pad_id)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (g, row) in got3.iter().zip(&m) {
+        let min = row.iter().cloned().fold(f32::INFINITY, f32::min);
+        assert!((g.unwrap() - min as f64).abs() < 1e-5, "{got3:?} vs {m:?}");
+    }
+    let e = prefer::rewards::by_name(&format!("model:{}", cfg.model_name_or_path), &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no reward head"), "{e}");
+    let e = prefer::rewards::by_name("model:/no/such/rm", &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no such file"), "{e}");
+    // an online run with the reward model as its only reward
+    let mut c = cfg.clone();
+    c.grpo.reward_funcs = vec![];
+    c.online.reward_model_path = Some(dir.join("rm").display().to_string());
+    c.max_steps = 2;
+    c.validate().unwrap();
+    prefer::train::train(&c).unwrap();
+    let logs = metrics(&c);
+    let key = format!("rewards/model:{}/mean", dir.join("rm").display());
+    assert!(logs[0][&key].is_number(), "{}", logs[0]);
+}
+
+/// `sync_ref_model` with α = 1 makes the reference the policy every `ref_model_sync_steps`:
+/// the step after a sync sees a KL of exactly zero (the policy has not moved since), the
+/// others do not.
+#[test]
+fn sync_ref_model_moves_the_online_reference() {
+    let mut cfg = setup("sync", Task::OnlineDpo);
+    cfg.max_steps = 4;
+    cfg.sync_ref_model = true;
+    cfg.ref_model_sync_steps = 2;
+    cfg.ref_model_mixup_alpha = 1.0;
+    cfg.validate().unwrap();
+    prefer::train::train(&cfg).unwrap();
+    let kl: Vec<f64> = metrics(&cfg)
+        .iter()
+        .map(|r| r["objective/kl"].as_f64().unwrap())
+        .collect();
+    assert_eq!(kl[0], 0.0, "the reference starts as the policy");
+    assert!(kl[1].abs() > 1e-4, "{kl:?}");
+    assert!(kl[2].abs() < 1e-6, "synced after step 2: {kl:?}");
+    assert!(kl[3].abs() > 1e-4, "{kl:?}");
+}
