@@ -10,14 +10,31 @@ use std::path::Path;
 /// Count the letter `a` in each JSON line (the completion varies, the prompt is fixed).
 const COUNT_A: &str = "cmd:awk '{print gsub(/a/, \"\")}'";
 
+/// The length of each JSON line: a reward random completions (their bytes, their escapes)
+/// almost always differ in, so advantages are not all zero.
+const LINE_LENGTH: &str = "cmd:awk '{print length($0)}'";
+
 fn setup(name: &str) -> TrainConfig {
+    setup_with(name, &TinySpec::default())
+}
+
+/// [`setup`] with an untied tiny model of small weights: a policy far from deterministic,
+/// whose samples of a prompt differ.
+fn setup_diverse(name: &str) -> TrainConfig {
+    let spec = TinySpec {
+        tie_embeddings: false,
+        init_scale: 0.5,
+        ..TinySpec::default()
+    };
+    let mut cfg = setup_with(name, &spec);
+    cfg.grpo.reward_funcs = vec![LINE_LENGTH.into()];
+    cfg
+}
+
+fn setup_with(name: &str, spec: &TinySpec) -> TrainConfig {
     prefer::testing::set_threads_for_tests();
     let dir = prefer::testing::scratch_dir(&format!("grpo-{name}"));
-    write_hf(
-        &tiny_model(&TinySpec::default(), DType::F32, 5).unwrap(),
-        &dir.join("model"),
-    )
-    .unwrap();
+    write_hf(&tiny_model(spec, DType::F32, 5).unwrap(), &dir.join("model")).unwrap();
     let prompts: Vec<String> = ["the", "a cat", "dog", "it is", "we", "then", "so", "but"]
         .iter()
         .map(|p| serde_json::json!({"prompt": p}).to_string())
@@ -191,4 +208,102 @@ fn rloo_raises_a_learnable_reward() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("remove loss_type"), "{e}");
+}
+
+/// num_iterations = 2: each generation serves two steps (the second against the log-probs at
+/// generation time, where the clipping can bind), a run stopped between them resumes on the
+/// same completions, and TRL's `entropy` and `num_tokens` are logged.
+#[test]
+fn grpo_num_iterations_reuses_a_generation_and_resumes_between_its_steps() {
+    let mut cfg = setup_diverse("iterations");
+    cfg.grpo.num_iterations = 2;
+    cfg.max_steps = 6;
+    cfg.validate().unwrap();
+    prefer::train::train(&cfg).unwrap();
+    let whole = metrics(&cfg);
+    assert_eq!(whole.len(), 6);
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    for pair in whole.chunks(2) {
+        assert_eq!(
+            f(&pair[0], "clip_ratio/region_mean"),
+            0.0,
+            "a generation's first step is at ratio 1"
+        );
+        assert_eq!(
+            f(&pair[0], "num_tokens"),
+            f(&pair[1], "num_tokens"),
+            "no new tokens on the reuse"
+        );
+        assert_eq!(f(&pair[0], "reward"), f(&pair[1], "reward"), "the same completions");
+        assert!(f(&pair[0], "entropy") > 0.0);
+    }
+    assert!(f(&whole[2], "num_tokens") > f(&whole[1], "num_tokens"));
+    assert!(
+        whole.chunks(2).any(|p| f(&p[1], "clip_ratio/region_mean") > 0.0),
+        "the second iteration clips somewhere: {whole:?}"
+    );
+    let comps = std::fs::read_to_string(Path::new(&cfg.output_dir).join("completions.jsonl")).unwrap();
+    assert_eq!(comps.lines().count(), 3 * 8, "three generations of 2 prompts × 4");
+    // stop after step 3, between the second generation's two steps, and resume
+    let c2 = TrainConfig {
+        output_dir: format!("{}-2", cfg.output_dir),
+        save_steps: 3,
+        ..cfg.clone()
+    };
+    let mut t = prefer::train::Trainer::new(&c2).unwrap();
+    t.stop_after_step = Some(3);
+    assert!(t.run().unwrap().interrupted);
+    prefer::train::train(&TrainConfig {
+        resume_from_checkpoint: Some("latest".into()),
+        ..c2.clone()
+    })
+    .unwrap();
+    let resumed = metrics(&c2);
+    for (a, b) in whole.iter().zip(&resumed) {
+        for k in [
+            "loss",
+            "reward",
+            "grad_norm",
+            "entropy",
+            "num_tokens",
+            "clip_ratio/region_mean",
+        ] {
+            assert_eq!(a[k], b[k], "step {}: {k}", a["step"]);
+        }
+    }
+}
+
+/// mask_truncated_completions leaves completions cut at max_completion_length out of the loss
+/// (all of them here: the tiny model never ends on EOS within 6 tokens, so the loss is 0), and
+/// top_entropy_quantile trains on the high-entropy tokens only.
+#[test]
+fn grpo_masks_truncated_completions_and_low_entropy_tokens() {
+    let mut cfg = setup_diverse("masks");
+    cfg.max_steps = 2;
+    cfg.grpo.mask_truncated_completions = true;
+    cfg.validate().unwrap();
+    prefer::train::train(&cfg).unwrap();
+    for r in metrics(&cfg) {
+        assert_eq!(r["completions/clipped_ratio"], 1.0, "{r}");
+        assert_eq!(r["loss"], 0.0, "{r}");
+        assert_eq!(r["grad_norm"], 0.0, "{r}");
+    }
+    let mut cfg = setup_diverse("entropy-mask");
+    cfg.max_steps = 2;
+    cfg.grpo.top_entropy_quantile = 0.2;
+    cfg.validate().unwrap();
+    prefer::train::train(&cfg).unwrap();
+    let masked = metrics(&cfg);
+    let mut plain = setup_diverse("entropy-plain");
+    plain.max_steps = 2;
+    prefer::train::train(&plain).unwrap();
+    let plain = metrics(&plain);
+    // the same first generation, a different gradient once 80% of the tokens are left out
+    assert_eq!(masked[0]["reward"], plain[0]["reward"]);
+    assert!(
+        plain[0]["grad_norm"].as_f64().unwrap() > 0.0,
+        "without masks the same samples train"
+    );
+    assert_ne!(masked[0]["grad_norm"], plain[0]["grad_norm"]);
+    assert!(masked[0]["loss"].as_f64().unwrap().is_finite());
 }

@@ -393,3 +393,42 @@ fn mixture_sampling_follows_the_recomputed_geometric_mixture() {
     let alone = sample(&policy, &prompts, 2, &p, 3, &|_| false, &mut |_| {}).unwrap();
     assert!(differs || alone.iter().zip(&got).any(|(x, y)| x.ids != y.ids));
 }
+
+/// The entropies the log-prob head leaves beside the log-probs (fused kernel and primitive
+/// ops) equal `−Σ_v p_v log p_v` of the full-recompute logits at the same temperature.
+#[test]
+fn logprob_entropies_equal_the_softmax_entropy() {
+    use prefer::batch::{Layout, ScoredGroup};
+    let mut m = model(&TinySpec::default(), 5);
+    let prompt = vec![5u32, 6, 7];
+    let responses = vec![vec![30u32, 31, 2], vec![9u32]];
+    let t = 0.7;
+    let groups = [ScoredGroup {
+        prompt: &prompt,
+        responses: &responses,
+    }];
+    let mut got = Vec::new();
+    for k in [prefer::model::Kernels::FUSED, prefer::model::Kernels::PRIMITIVE] {
+        m.kernels = k;
+        let lp = logprobs::group_sequence_logps_entropy(&m, &groups, Layout::PACKED, t).unwrap();
+        got.push(lp.entropies.unwrap());
+    }
+    let mut want = Vec::new();
+    for r in &responses {
+        let mut ids = prompt.clone();
+        for &tok in r {
+            let z: Vec<f32> = full_forward_logits(&m, &ids).unwrap().to_vec1().unwrap();
+            let z: Vec<f64> = z.iter().map(|&x| x as f64 / t).collect();
+            let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = mx + z.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            want.push(-z.iter().map(|x| (x - lse).exp() * (x - lse)).sum::<f64>());
+            ids.push(tok);
+        }
+    }
+    for g in &got {
+        assert_eq!(g.len(), want.len());
+        for (a, b) in g.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4, "{g:?} vs {want:?}");
+        }
+    }
+}

@@ -1,39 +1,66 @@
-//! GRPO (DeepSeekMath, arXiv:2402.03300) with TRL's `GRPOTrainer` semantics: each step samples
-//! `num_generations` completions of every prompt of its batch ([`crate::sample`]: the prompt is
-//! computed once for its group), scores them with the reward functions, turns the rewards into
-//! group-relative advantages, and trains on the clipped surrogate with TRL's loss
-//! normalisations (`dapo`, `grpo`, `bnpo`, `dr_grpo`) and, with `beta` > 0, the k3 estimate of
+//! GRPO (DeepSeekMath, arXiv:2402.03300) with TRL's `GRPOTrainer` semantics: each generation
+//! samples `num_generations` completions of every prompt of its batch ([`crate::sample`]: the
+//! prompt is computed once for its group), scores them with the reward functions, turns the
+//! rewards into group-relative advantages, and trains on the clipped surrogate with TRL's loss
+//! variants and normalisations ([`super::grpo_loss`]) and, with `beta` > 0, the k3 estimate of
 //! the KL to a frozen reference.
 //!
-//! This first version generates once per optimizer step and trains on the samples once
-//! (TRL's defaults `steps_per_generation` = gradient accumulation, `num_iterations` = 1), so the
-//! importance ratio is 1 in value and the clipping never binds. Log-probs are those of the
-//! sampling distribution, `log softmax(logits / temperature)`, as TRL computes them.
+//! A generation serves `num_iterations` (μ) optimizer steps on the same prompts (the trainer
+//! core repeats the step's data μ times): the first trains at ratio 1, the later ones against
+//! the log-probs at generation time, where the clipping binds. Generation happens once per
+//! optimizer step otherwise (TRL's default `steps_per_generation` = gradient accumulation).
+//! Log-probs are those of the sampling distribution, `log softmax(logits / temperature)`, and
+//! the logged `entropy` is that distribution's, as TRL computes them.
+//!
+//! `task = "rloo"` is the same rollout with RLOO's advantages (leave-one-out baseline, the k1
+//! KL folded into the reward) and its sequence-level loss.
 
-use super::grpo_loss::{advantages, grpo_loss, rloo_advantages, rloo_loss, LossSpec};
+use super::grpo_loss::{
+    advantages, grpo_loss_masked, high_entropy_mask, rloo_advantages, rloo_loss, LossSpec, TokenMask,
+};
 use super::rollout;
 use super::{Algorithm, MicroBatch, StepCtx};
 use crate::batch::{Layout, ScoredGroup};
-use crate::config::grpo::{GrpoLoss, GrpoParams, ImportanceSamplingLevel, ScaleRewards};
+use crate::config::grpo::{GrpoParams, MultiObjectiveAggregation, ScaleRewards};
 use crate::config::TrainConfig;
 use crate::data::prompts::Prompt;
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
-use crate::model::logprobs::group_sequence_logps_at;
-use crate::model::LoadedModel;
-use crate::rewards::Reward;
-use crate::sample::{sample, SamplingParams};
+use crate::model::logprobs::{group_sequence_logps_at, group_sequence_logps_entropy};
+use crate::model::{LoadedModel, Transformer};
+use crate::rewards::{Reward, Scores};
+use crate::sample::{sample, FinishReason, SamplingParams};
 use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
-/// One prompt's completions in the current step.
+/// One prompt's completions in the current generation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Group {
     prompt: Vec<u32>,
     completions: Vec<Vec<u32>>,
     advantages: Vec<f64>,
-    /// The reference's per-token log-probs of each completion (with `beta` > 0).
+    /// Which completions the loss counts (`mask_truncated_completions` drops those cut at
+    /// `max_completion_length`).
+    keep: Vec<bool>,
+    /// The reference's per-token log-probs of its completions, one after another (`beta` > 0).
     reference: Option<Vec<f64>>,
+    /// The policy's per-token log-probs at generation time (`num_iterations` > 1).
+    old: Option<Vec<f64>>,
+}
+
+/// A generation: its micro-batches' groups and what it logged, kept for the `num_iterations`
+/// steps that train on it (and in checkpoints taken between them).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Generation {
+    /// The optimizer step that sampled it.
+    step: usize,
+    batches: Vec<Vec<Group>>,
+    /// Completion tokens the loss counts over the whole generation (`dapo`'s normaliser).
+    tokens: usize,
+    metrics: Vec<(String, f64)>,
 }
 
 /// Which method: GRPO, or RLOO with its options.
@@ -51,32 +78,33 @@ pub enum Method {
 pub struct Grpo {
     method: Method,
     num_generations: usize,
-    loss: GrpoLoss,
-    level: ImportanceSamplingLevel,
-    epsilon_low: f64,
-    epsilon_high: f64,
-    delta: Option<f64>,
-    sapo_temperatures: (f64, f64),
-    beta: f64,
+    /// The loss's options (`accumulation` and `step_tokens` set per micro-batch).
+    spec: LossSpec,
     scale: ScaleRewards,
-    max_completion_length: usize,
+    aggregation: MultiObjectiveAggregation,
+    num_iterations: usize,
+    mask_truncated: bool,
+    top_entropy_quantile: f64,
     sampling: SamplingParams,
     rewards: Vec<Box<dyn Reward>>,
     reward_weights: Option<Vec<f64>>,
     reference: Option<rollout::OnlineReference>,
     seed: u64,
-    /// The current step's rollout: each micro-batch's groups, in the order the micro-batches
-    /// come (a prompt may appear twice in a step, across an epoch's end).
+    generation: Option<Generation>,
+    /// The current step's micro-batches, in the order they come (a prompt may appear twice in
+    /// a step, across an epoch's end).
     rollout: VecDeque<Vec<Group>>,
-    /// Completion tokens of the whole step (DAPO's normaliser).
-    step_tokens: usize,
-    step_metrics: Vec<(String, f64)>,
+    /// Prompt and completion tokens of every generation so far (TRL's `num_tokens`).
+    num_tokens: f64,
 }
+
+/// Where a run keeps the generation that later steps reuse (`num_iterations` > 1).
+const GENERATION_FILE: &str = "grpo_generation.json";
 
 impl Grpo {
     pub fn new(cfg: &TrainConfig, policy: &LoadedModel, resume: Option<&Path>) -> Result<Grpo> {
         let g = &cfg.grpo;
-        let (rewards, reward_weights) = super::rollout::rewards(cfg)?;
+        let (rewards, reward_weights) = rollout::rewards(cfg)?;
         let beta = cfg.params.beta;
         let reference = match beta != 0.0 {
             true => Some(rollout::OnlineReference::new(cfg, policy, resume)?),
@@ -92,44 +120,63 @@ impl Grpo {
         Ok(Grpo {
             method,
             num_generations: g.num_generations,
-            loss: GrpoParams::loss(cfg)?,
-            level: g.importance_sampling_level,
-            epsilon_low: g.epsilon,
-            epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
-            delta: g.delta,
-            sapo_temperatures: (g.sapo_temperature_pos, g.sapo_temperature_neg),
-            beta,
+            spec: LossSpec {
+                loss: GrpoParams::loss(cfg)?,
+                level: g.importance_sampling_level,
+                epsilon_low: g.epsilon,
+                epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+                delta: g.delta,
+                sapo_temperature_pos: g.sapo_temperature_pos,
+                sapo_temperature_neg: g.sapo_temperature_neg,
+                vespo_pos: (g.vespo_k_pos, g.vespo_lambda_pos),
+                vespo_neg: (g.vespo_k_neg, g.vespo_lambda_neg),
+                beta,
+                max_completion_length: g.max_completion_length,
+                accumulation: 1,
+                step_tokens: 0,
+            },
             scale: g.scale_rewards,
-            max_completion_length: g.max_completion_length,
-            sampling: super::rollout::sampling(cfg, policy.tokenizer.eos_id),
+            aggregation: g.multi_objective_aggregation,
+            num_iterations: g.num_iterations.max(1),
+            mask_truncated: g.mask_truncated_completions,
+            top_entropy_quantile: g.top_entropy_quantile,
+            sampling: rollout::sampling(cfg, policy.tokenizer.eos_id),
             rewards,
             reward_weights,
             reference,
             seed: cfg.seed,
+            generation: None,
             rollout: VecDeque::new(),
-            step_tokens: 0,
-            step_metrics: Vec::new(),
+            num_tokens: 0.0,
         })
     }
-}
 
-pub use super::rollout::COMPLETIONS_LOG;
-
-impl Algorithm for Grpo {
-    fn step_logs(&self) -> &[&'static str] {
-        &[COMPLETIONS_LOG]
+    /// Per-token log-probs (f64, no gradient) of each completion of `prompts[k]` under `model` at
+    /// the sampling temperature, prompt by prompt.
+    fn token_logps(
+        &self,
+        model: &Transformer,
+        prompts: &[Vec<u32>],
+        completions: &[Vec<Vec<u32>>],
+    ) -> Result<Vec<Vec<f64>>> {
+        let mut out = Vec::new();
+        for (p, cs) in prompts.iter().zip(completions) {
+            let grp = [ScoredGroup {
+                prompt: p,
+                responses: cs,
+            }];
+            let lp = group_sequence_logps_at(model, &grp, Layout::PACKED, false, self.sampling.temperature)?;
+            out.push(lp.token_logps.detach().to_dtype(DType::F64)?.to_vec1()?);
+        }
+        Ok(out)
     }
 
-    fn units_per_micro_batch(&self, per_device_train_batch_size: usize) -> usize {
-        (per_device_train_batch_size / self.num_generations).max(1)
-    }
-
-    /// Sample the step's completions, score them, and compute their advantages.
-    fn begin_step(&mut self, ctx: &StepCtx, batches: &[Vec<usize>]) -> Result<()> {
+    /// Sample, score and lay out a generation for the micro-batches `batches` of step `step`.
+    fn generate(&mut self, ctx: &StepCtx, batches: &[Vec<usize>]) -> Result<Generation> {
         let g = self.num_generations;
         let order: Vec<usize> = batches.concat();
         let prompts: Vec<Vec<u32>> = order.iter().map(|&i| ctx.data.prompts[i].ids.clone()).collect();
-        // a seed per step: a resumed run draws the same completions
+        // a seed per generation: a resumed run draws the same completions
         let seed = rollout::step_seed(self.seed, ctx.step);
         let comps = sample(
             &ctx.policy.transformer,
@@ -144,23 +191,19 @@ impl Algorithm for Grpo {
             .iter()
             .map(|c| ctx.policy.tokenizer.decode(&c.ids, true))
             .collect::<Result<_>>()?;
-        // the reference's per-token log-probs of each completion (with beta ≠ 0), prompt by prompt
-        let ref_logps: Option<Vec<Vec<f64>>> = match &self.reference {
-            Some(r) => {
-                let mut out = Vec::with_capacity(comps.len());
-                for (k, cs) in comps.chunks(g).enumerate() {
-                    let responses: Vec<Vec<u32>> = cs.iter().map(|c| c.ids.clone()).collect();
-                    let grp = [ScoredGroup {
-                        prompt: &prompts[k],
-                        responses: &responses,
-                    }];
-                    let lp = group_sequence_logps_at(&r.model, &grp, Layout::PACKED, false, self.sampling.temperature)?;
-                    let v: Vec<f64> = lp.token_logps.detach().to_dtype(DType::F64)?.to_vec1()?;
-                    out.extend(lp.offsets.windows(2).map(|w| v[w[0]..w[1]].to_vec()));
-                }
-                Some(out)
-            }
+        let by_prompt: Vec<Vec<Vec<u32>>> = comps
+            .chunks(g)
+            .map(|cs| cs.iter().map(|c| c.ids.clone()).collect())
+            .collect();
+        // the reference's per-token log-probs (beta ≠ 0) and, when later steps reuse this
+        // generation, the policy's own at generation time
+        let ref_logps = match &self.reference {
+            Some(r) => Some(self.token_logps(&r.model, &prompts, &by_prompt)?),
             None => None,
+        };
+        let old_logps = match self.num_iterations > 1 {
+            true => Some(self.token_logps(&ctx.policy.transformer, &prompts, &by_prompt)?),
+            false => None,
         };
         let row_of: Vec<&Prompt> = comps.iter().map(|c| &ctx.data.prompts[order[c.prompt_index]]).collect();
         let (per, totals) = rollout::score(
@@ -171,7 +214,7 @@ impl Algorithm for Grpo {
             &texts,
         )?;
         let mut totals = totals;
-        let mut kl_metric = None;
+        let mut m: Vec<(String, f64)> = Vec::new();
         if let Method::Rloo { reward_clip_range, .. } = self.method {
             if let Some((lo, hi)) = reward_clip_range {
                 for t in totals.iter_mut().filter(|t| !t.is_nan()) {
@@ -181,27 +224,35 @@ impl Algorithm for Grpo {
             // the k1 KL of each completion (sampling minus reference log-probs), summed over its
             // tokens, as a reward penalty
             if let Some(refs) = &ref_logps {
-                let (mut sum, mut count) = (0.0, 0usize);
-                for ((t, c), r) in totals.iter_mut().zip(&comps).zip(refs) {
+                let refs: Vec<f64> = refs.concat();
+                let (mut sum, mut at) = (0.0, 0usize);
+                for (t, c) in totals.iter_mut().zip(&comps) {
+                    let r = &refs[at..at + c.ids.len()];
+                    at += c.ids.len();
                     let kl: f64 = c.logprobs.iter().zip(r).map(|(&o, &r)| o as f64 - r).sum();
                     sum += kl;
-                    count += r.len();
-                    *t -= self.beta * kl;
+                    *t -= self.spec.beta * kl;
                 }
-                kl_metric = Some(sum / count.max(1) as f64);
+                m.push(("kl".into(), sum / at.max(1) as f64));
             }
         }
-        let (adv, stds) = match self.method {
-            Method::Grpo => advantages(&totals, g, self.scale),
-            Method::Rloo {
-                normalize_advantages, ..
-            } => (
+        let (adv, stds) = match (self.method, self.aggregation) {
+            (Method::Grpo, MultiObjectiveAggregation::SumThenNormalize) => advantages(&totals, g, self.scale),
+            (Method::Grpo, MultiObjectiveAggregation::NormalizeThenSum) => {
+                normalize_then_sum(&per, self.reward_weights.as_deref(), g)
+            }
+            (
+                Method::Rloo {
+                    normalize_advantages, ..
+                },
+                _,
+            ) => (
                 rloo_advantages(&totals, g, normalize_advantages),
                 advantages(&totals, g, self.scale).1,
             ),
         };
         if rollout::is_logging_step(ctx.cfg, ctx.step, ctx.total_steps) {
-            // the step's completions, as TRL logs them
+            // the generation's completions, as TRL logs them
             let step = ctx.step + 1;
             rollout::log_completions(
                 ctx.cfg,
@@ -218,11 +269,7 @@ impl Algorithm for Grpo {
                 }),
             )?;
         }
-        let mut m: Vec<(String, f64)> = Vec::new();
         let (mean, std) = rollout::nan_stats(&totals);
-        if let Some(kl) = kl_metric {
-            m.push(("kl".into(), kl));
-        }
         m.push(("reward".into(), mean));
         m.push(("reward_std".into(), std));
         m.push((
@@ -230,33 +277,134 @@ impl Algorithm for Grpo {
             stds.iter().filter(|&&s| s == 0.0).count() as f64 / stds.len().max(1) as f64,
         ));
         m.extend(rollout::reward_metrics(&self.rewards, &per));
-        m.extend(rollout::length_metrics(&comps.iter().collect::<Vec<_>>()));
-        self.step_tokens = comps.iter().map(|c| c.ids.len()).sum();
-        self.step_metrics = m;
-        self.rollout.clear();
-        let mut by_prompt: Vec<Vec<crate::sample::Completion>> = vec![Vec::new(); order.len()];
-        for c in comps {
-            by_prompt[c.prompt_index].push(c);
-        }
+        let all: Vec<&crate::sample::Completion> = comps.iter().collect();
+        m.extend(rollout::length_metrics(&all));
+        // TRL's completions/*_terminated_length: the lengths of those that ended on EOS
+        let done: Vec<&crate::sample::Completion> =
+            comps.iter().filter(|c| c.finish_reason == FinishReason::Stop).collect();
+        let lens: Vec<f64> = done.iter().map(|c| c.ids.len() as f64).collect();
+        let (mean_t, min_t, max_t) = match lens.is_empty() {
+            true => (0.0, 0.0, 0.0),
+            false => (
+                lens.iter().sum::<f64>() / lens.len() as f64,
+                lens.iter().cloned().fold(f64::INFINITY, f64::min),
+                lens.iter().cloned().fold(0.0, f64::max),
+            ),
+        };
+        m.push(("completions/mean_terminated_length".into(), mean_t));
+        m.push(("completions/min_terminated_length".into(), min_t));
+        m.push(("completions/max_terminated_length".into(), max_t));
+        let keep: Vec<bool> = comps
+            .iter()
+            .map(|c| !self.mask_truncated || c.finish_reason == FinishReason::Stop)
+            .collect();
+        let tokens = comps
+            .iter()
+            .zip(&keep)
+            .filter(|(_, &k)| k)
+            .map(|(c, _)| c.ids.len())
+            .sum();
+        self.num_tokens += comps
+            .iter()
+            .map(|c| (prompts[c.prompt_index].len() + c.ids.len()) as f64)
+            .sum::<f64>();
         let mut groups = Vec::with_capacity(order.len());
         for (k, cs) in by_prompt.into_iter().enumerate() {
-            let completions: Vec<Vec<u32>> = cs.iter().map(|c| c.ids.clone()).collect();
-            // GRPO's KL is in its loss; RLOO's is already in the reward
-            let reference = match (&ref_logps, self.method) {
-                (Some(refs), Method::Grpo) => Some(refs[k * g..(k + 1) * g].concat()),
-                _ => None,
-            };
             groups.push(Group {
                 prompt: prompts[k].clone(),
-                completions,
+                completions: cs,
                 advantages: adv[k * g..(k + 1) * g].to_vec(),
-                reference,
+                keep: keep[k * g..(k + 1) * g].to_vec(),
+                // GRPO's KL is in its loss; RLOO's is already in the reward
+                reference: match self.method {
+                    Method::Grpo => ref_logps.as_ref().map(|r| r[k].clone()),
+                    Method::Rloo { .. } => None,
+                },
+                old: old_logps.as_ref().map(|o| o[k].clone()),
             });
         }
         let mut groups = groups.into_iter();
-        for b in batches {
-            self.rollout.push_back(groups.by_ref().take(b.len()).collect());
+        Ok(Generation {
+            step: ctx.step,
+            batches: batches
+                .iter()
+                .map(|b| groups.by_ref().take(b.len()).collect())
+                .collect(),
+            tokens,
+            metrics: m,
+        })
+    }
+}
+
+/// TRL's `normalize_then_sum` (GDPO): each reward standardised within its group (its own
+/// nan-aware mean and Bessel std + 1e-4), the weighted sum (`nansum`; NaN when every reward
+/// skipped the completion), then standardised over the batch. Returns the advantages (0 for
+/// unscorable completions) and, per group, the batch std (for `frac_reward_zero_std`).
+pub fn normalize_then_sum(per: &[Scores], weights: Option<&[f64]>, g: usize) -> (Vec<f64>, Vec<f64>) {
+    let n = per.first().map_or(0, Vec::len);
+    let mut total = vec![0.0; n];
+    let mut scored = vec![false; n];
+    for (k, s) in per.iter().enumerate() {
+        let w = weights.map_or(1.0, |w| w[k]);
+        for (start, grp) in (0..n).step_by(g).zip(s.chunks(g)) {
+            let v: Vec<f64> = grp.iter().flatten().copied().collect();
+            let (mean, std) = rollout::nan_stats(&v);
+            let std = if std.is_nan() { 0.0 } else { std };
+            for (i, x) in grp.iter().enumerate() {
+                if let Some(x) = x {
+                    total[start + i] += w * (x - mean) / (std + 1e-4);
+                    scored[start + i] = true;
+                }
+            }
         }
+    }
+    let total: Vec<f64> = total
+        .into_iter()
+        .zip(&scored)
+        .map(|(t, &s)| if s { t } else { f64::NAN })
+        .collect();
+    let (mean, std) = rollout::nan_stats(&total);
+    let std = if std.is_nan() { 0.0 } else { std };
+    let adv = total
+        .iter()
+        .map(|t| if t.is_nan() { 0.0 } else { (t - mean) / (std + 1e-4) })
+        .collect();
+    (adv, vec![std; n.div_ceil(g.max(1))])
+}
+
+pub use super::rollout::COMPLETIONS_LOG;
+
+impl Algorithm for Grpo {
+    fn step_logs(&self) -> &[&'static str] {
+        &[COMPLETIONS_LOG]
+    }
+
+    fn units_per_micro_batch(&self, per_device_train_batch_size: usize) -> usize {
+        (per_device_train_batch_size / self.num_generations).max(1)
+    }
+
+    fn steps_per_batch(&self) -> usize {
+        self.num_iterations
+    }
+
+    /// Sample the step's completions, score them, and compute their advantages; with
+    /// `num_iterations` > 1, reuse the generation of the step that began this iteration cycle.
+    fn begin_step(&mut self, ctx: &StepCtx, batches: &[Vec<usize>]) -> Result<()> {
+        let first = ctx.step - ctx.step % self.num_iterations;
+        if self.generation.as_ref().map(|g| g.step) != Some(first) {
+            if ctx.step != first {
+                return Err(Error::msg(format!(
+                    "GRPO: step {} reuses the generation of step {first}, which this run does not hold",
+                    ctx.step + 1
+                )));
+            }
+            self.generation = Some(self.generate(ctx, batches)?);
+        }
+        let gen = self.generation.as_ref().expect("generated above");
+        if gen.batches.iter().map(Vec::len).collect::<Vec<_>>() != batches.iter().map(Vec::len).collect::<Vec<_>>() {
+            return Err(Error::msg("GRPO: the step's micro-batches do not match its generation"));
+        }
+        self.rollout = gen.batches.iter().cloned().collect();
         Ok(())
     }
 
@@ -266,6 +414,7 @@ impl Algorithm for Grpo {
             .pop_front()
             .filter(|r| r.len() == indices.len())
             .ok_or_else(|| Error::msg("GRPO: a micro-batch without its rollout"))?;
+        let gen = self.generation.as_ref().expect("begin_step generated");
         let groups: Vec<ScoredGroup> = rollout
             .iter()
             .map(|r| ScoredGroup {
@@ -273,58 +422,82 @@ impl Algorithm for Grpo {
                 responses: &r.completions,
             })
             .collect();
-        let lp = group_sequence_logps_at(
+        let lp = group_sequence_logps_entropy(
             &ctx.policy.transformer,
             &groups,
             Layout::PACKED,
-            false,
             self.sampling.temperature,
         )?;
+        let dev = lp.token_logps.device().clone();
+        let dt = lp.token_logps.dtype();
         let advantages: Vec<f64> = rollout.iter().flat_map(|r| r.advantages.iter().copied()).collect();
+        let keep: Vec<bool> = rollout.iter().flat_map(|r| r.keep.iter().copied()).collect();
         let reference = match (&self.reference, self.method) {
             (Some(_), Method::Grpo) => {
                 let v: Vec<f64> = rollout
                     .iter()
                     .flat_map(|r| r.reference.clone().unwrap_or_default())
                     .collect();
-                Some(Tensor::new(v, lp.token_logps.device())?.to_dtype(lp.token_logps.dtype())?)
+                Some(Tensor::new(v, &dev)?.to_dtype(dt)?)
             }
             _ => None,
         };
-        let spec = LossSpec {
-            loss: self.loss,
-            level: self.level,
-            epsilon_low: self.epsilon_low,
-            epsilon_high: self.epsilon_high,
-            delta: self.delta,
-            sapo_temperature_pos: self.sapo_temperatures.0,
-            sapo_temperature_neg: self.sapo_temperatures.1,
-            beta: self.beta,
-            max_completion_length: self.max_completion_length,
-            accumulation: ctx.accumulation,
-            step_tokens: self.step_tokens,
+        // the policy at generation time: itself on a generation's first step
+        let old = match rollout.iter().all(|r| r.old.is_some()) && ctx.step != gen.step {
+            true => {
+                let v: Vec<f64> = rollout.iter().flat_map(|r| r.old.clone().unwrap_or_default()).collect();
+                Tensor::new(v, &dev)?.to_dtype(dt)?
+            }
+            false => lp.token_logps.detach(),
         };
-        // one update per generation: the sampling policy is the policy itself
-        let old = lp.token_logps.detach();
+        // the tokens the loss counts, and their entropies
+        let counted: Vec<bool> = lp
+            .offsets
+            .windows(2)
+            .zip(&keep)
+            .flat_map(|(w, &k)| std::iter::repeat_n(k, w[1] - w[0]))
+            .collect();
+        let entropies = lp.entropies.clone().unwrap_or_default();
+        let n_counted = counted.iter().filter(|&&c| c).count().max(1) as f64;
+        let entropy = entropies
+            .iter()
+            .zip(&counted)
+            .filter(|(_, &c)| c)
+            .map(|(e, _)| e)
+            .sum::<f64>()
+            / n_counted;
+        let mask = TokenMask {
+            keep: self.mask_truncated.then(|| keep.clone()),
+            entropy: (self.top_entropy_quantile < 1.0)
+                .then(|| high_entropy_mask(&entropies, &counted, self.top_entropy_quantile)),
+        };
+        let spec = LossSpec {
+            accumulation: ctx.accumulation,
+            step_tokens: gen.tokens,
+            ..self.spec
+        };
         let (loss, mut metrics) = match self.method {
-            Method::Grpo => grpo_loss(
+            Method::Grpo => grpo_loss_masked(
                 &lp.token_logps,
                 &old,
                 &lp.offsets,
                 &advantages,
                 reference.as_ref(),
                 &spec,
+                &mask,
             )?,
             Method::Rloo { .. } => rloo_loss(
                 &lp.token_logps,
                 &old,
                 &lp.offsets,
                 &advantages,
-                self.epsilon_low,
-                self.epsilon_high,
+                self.spec.epsilon_low,
+                self.spec.epsilon_high,
             )?,
         };
-        metrics.extend(self.step_metrics.iter().cloned());
+        metrics.push(("entropy".into(), entropy));
+        metrics.push(("num_tokens".into(), self.num_tokens));
+        metrics.extend(gen.metrics.iter().cloned());
         let tokens = groups
             .iter()
             .map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()).sum::<usize>())
@@ -349,11 +522,33 @@ impl Algorithm for Grpo {
         }
     }
 
+    fn state(&self) -> Result<Value> {
+        Ok(serde_json::json!({ "num_tokens": self.num_tokens }))
+    }
+
+    /// With `num_iterations` > 1 the current generation is kept, so that a resumed run trains
+    /// the remaining iterations on the same completions; with `sync_ref_model`, the reference.
     fn save_checkpoint(&self, dir: &Path, policy: &LoadedModel) -> Result<()> {
+        if let (Some(gen), true) = (&self.generation, self.num_iterations > 1) {
+            let text = serde_json::to_string(gen).map_err(|e| Error::msg(format!("GRPO generation: {e}")))?;
+            crate::util::fs::write_atomic(&dir.join(GENERATION_FILE), text.as_bytes())?;
+        }
         match &self.reference {
             Some(r) => r.save_checkpoint(dir, policy),
             None => Ok(()),
         }
+    }
+
+    fn restore(&mut self, dir: &Path, state: &Value, _optimizer_steps: u64) -> Result<()> {
+        self.num_tokens = state["num_tokens"].as_f64().unwrap_or(0.0);
+        let path = dir.join(GENERATION_FILE);
+        if path.is_file() {
+            let text = crate::util::read_to_string(&path)?;
+            let gen: Generation = serde_json::from_str(&text)
+                .map_err(|e| Error::msg(format!("{}: not a GRPO generation: {e}", path.display())))?;
+            self.generation = Some(gen);
+        }
+        Ok(())
     }
 
     fn evaluate(
@@ -363,5 +558,34 @@ impl Algorithm for Grpo {
         _batch_size: usize,
     ) -> Result<Vec<(String, f64)>> {
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GDPO's normalize_then_sum by hand: two rewards, two groups of two.
+    #[test]
+    fn normalize_then_sum_by_hand() {
+        // reward a: [1, 3 | 2, 2]; reward b: [0, 1 | None, 4]
+        let a = vec![Some(1.0), Some(3.0), Some(2.0), Some(2.0)];
+        let b = vec![Some(0.0), Some(1.0), None, Some(4.0)];
+        let (adv, stds) = normalize_then_sum(&[a, b], Some(&[1.0, 0.5]), 2);
+        // group 1: a → ∓1/(√2+1e-4), b → ∓0.5/(√(0.5)+1e-4); group 2: a → 0, b: one value,
+        // std NaN → 0, so (4 − 4)/1e-4 = 0
+        let s2 = 2f64.sqrt() + 1e-4;
+        let s05 = 0.5f64.sqrt() + 1e-4;
+        let t = [-1.0 / s2 + 0.5 * (-0.5 / s05), 1.0 / s2 + 0.5 * (0.5 / s05), 0.0, 0.0];
+        let mean = t.iter().sum::<f64>() / 4.0;
+        let std = (t.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 3.0).sqrt();
+        for (g, w) in adv.iter().zip(t.iter().map(|x| (x - mean) / (std + 1e-4))) {
+            assert!((g - w).abs() < 1e-12, "{adv:?}");
+        }
+        assert_eq!(stds.len(), 2);
+        assert!((stds[0] - std).abs() < 1e-12);
+        // a completion no reward scored gets 0
+        let (adv, _) = normalize_then_sum(&[vec![Some(1.0), None, Some(0.0), Some(2.0)]], None, 2);
+        assert_eq!(adv[1], 0.0);
     }
 }

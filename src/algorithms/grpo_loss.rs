@@ -106,13 +106,51 @@ pub struct LossSpec {
     pub delta: Option<f64>,
     pub sapo_temperature_pos: f64,
     pub sapo_temperature_neg: f64,
+    /// vespo's Gamma weights: (k, λ) for A ≥ 0 and for A < 0.
+    pub vespo_pos: (f64, f64),
+    pub vespo_neg: (f64, f64),
     pub beta: f64,
     pub max_completion_length: usize,
     /// Micro-batches per step (TRL divides every loss but `dapo`'s and `cispo`'s by it; the
     /// core does).
     pub accumulation: usize,
-    /// Completion tokens of the whole step (`dapo`'s and `cispo`'s normaliser).
+    /// Completion tokens of the whole step that count (`dapo`'s, `cispo`'s and `vespo`'s
+    /// normaliser).
     pub step_tokens: usize,
+}
+
+/// Which tokens a micro-batch's loss counts.
+#[derive(Clone, Debug, Default)]
+pub struct TokenMask {
+    /// Per completion (`mask_truncated_completions`: a completion cut at
+    /// `max_completion_length` counts for nothing, in the loss and its normalisers).
+    pub keep: Option<Vec<bool>>,
+    /// Per token (`top_entropy_quantile`): the policy term acts only on these tokens; the KL
+    /// term and the normalisers still count every kept token, as in TRL.
+    pub entropy: Option<Vec<bool>>,
+}
+
+/// TRL's `top_entropy_quantile` mask: the tokens (among `counted`) whose entropy is at least the
+/// `1 − q` quantile of the counted tokens' entropies (torch.quantile's linear interpolation).
+pub fn high_entropy_mask(entropies: &[f64], counted: &[bool], q: f64) -> Vec<bool> {
+    let mut v: Vec<f64> = entropies
+        .iter()
+        .zip(counted)
+        .filter(|(_, &c)| c)
+        .map(|(e, _)| *e)
+        .collect();
+    if v.is_empty() {
+        return vec![false; entropies.len()];
+    }
+    v.sort_by(f64::total_cmp);
+    let pos = (1.0 - q).clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let threshold = v[lo] + (v[hi] - v[lo]) * (pos - lo as f64);
+    entropies
+        .iter()
+        .zip(counted)
+        .map(|(&e, &c)| c && e >= threshold)
+        .collect()
 }
 
 /// The GRPO loss of a micro-batch as TRL 1.16 computes it (`GRPOTrainer._compute_loss`), times
@@ -133,6 +171,27 @@ pub fn grpo_loss(
     reference: Option<&Tensor>,
     spec: &LossSpec,
 ) -> Result<(Tensor, Vec<(String, f64)>)> {
+    grpo_loss_masked(
+        token_logps,
+        old,
+        offsets,
+        advantages,
+        reference,
+        spec,
+        &TokenMask::default(),
+    )
+}
+
+/// [`grpo_loss`] counting only the tokens of `mask`.
+pub fn grpo_loss_masked(
+    token_logps: &Tensor,
+    old: &Tensor,
+    offsets: &[usize],
+    advantages: &[f64],
+    reference: Option<&Tensor>,
+    spec: &LossSpec,
+    mask: &TokenMask,
+) -> Result<(Tensor, Vec<(String, f64)>)> {
     let n = token_logps.dim(0)?;
     let dev = token_logps.device();
     let dt = token_logps.dtype();
@@ -145,14 +204,25 @@ pub fn grpo_loss(
     };
     let a_host = per_token(advantages);
     let a = Tensor::new(a_host.as_slice(), dev)?.to_dtype(dt)?;
+    let keep_seq: Vec<f64> = match &mask.keep {
+        Some(k) => k.iter().map(|&x| x as u8 as f64).collect(),
+        None => vec![1.0; offsets.len() - 1],
+    };
+    let m_host = per_token(&keep_seq);
+    let m = Tensor::new(m_host.as_slice(), dev)?.to_dtype(dt)?;
     let log_ratio = (token_logps - old)?;
-    let lens: Vec<f64> = offsets.windows(2).map(|w| (w[1] - w[0]).max(1) as f64).collect();
+    // each sequence's counted tokens (at least 1, as TRL's clamp)
+    let lens: Vec<f64> = offsets
+        .windows(2)
+        .zip(&keep_seq)
+        .map(|(w, k)| ((w[1] - w[0]) as f64 * k).max(1.0))
+        .collect();
     let seq_mean = |x: &Tensor| -> Result<Tensor> {
         let sums = crate::model::logprobs::segment_sums(x, offsets)?;
         Ok((sums / Tensor::new(lens.as_slice(), dev)?.to_dtype(dt)?)?)
     };
     let log_iw = match spec.level {
-        ImportanceSamplingLevel::Token => log_ratio,
+        ImportanceSamplingLevel::Token => log_ratio.clone(),
         ImportanceSamplingLevel::Sequence => {
             // each sequence's mean log-ratio, on each of its tokens
             let owner: Vec<u32> = offsets
@@ -160,12 +230,13 @@ pub fn grpo_loss(
                 .enumerate()
                 .flat_map(|(k, w)| std::iter::repeat_n(k as u32, w[1] - w[0]))
                 .collect();
-            seq_mean(&log_ratio)?.index_select(&Tensor::new(owner, dev)?, 0)?
+            seq_mean(&(&log_ratio * &m)?)?.index_select(&Tensor::new(owner, dev)?, 0)?
         }
     };
     let coef = log_iw.exp()?;
     let mut metrics = Vec::new();
-    let mask_mean = |m: Vec<bool>| m.iter().filter(|&&x| x).count() as f64 / n.max(1) as f64;
+    let counted = m_host.iter().filter(|&&x| x > 0.0).count().max(1) as f64;
+    let mask_mean = |v: Vec<bool>| v.iter().zip(&m_host).filter(|(&x, &k)| x && k > 0.0).count() as f64 / counted;
     let coef_host: Vec<f64> = coef.detach().to_dtype(DType::F64)?.to_vec1()?;
     let mut per = match spec.loss {
         GrpoLoss::Cispo => {
@@ -181,6 +252,34 @@ pub fn grpo_loss(
                 ),
             ));
             ((clamped * &a)? * token_logps)?.neg()?
+        }
+        GrpoLoss::Vespo => {
+            // φ(w) = e^λ·w^k·e^{−λw} of the sequence's ratio w = exp(Σ_t clamp(log ρ_t, ±20)),
+            // without gradient, times −A·log π
+            let lr: Vec<f64> = log_ratio.detach().to_dtype(DType::F64)?.to_vec1()?;
+            let lower = 1e-8f64.ln();
+            let phi: Vec<f64> = offsets
+                .windows(2)
+                .enumerate()
+                .map(|(k, w)| {
+                    let seq: f64 = (w[0]..w[1]).map(|t| lr[t].clamp(-20.0, 20.0) * m_host[t]).sum();
+                    let log_w = seq.clamp(lower, 20.0);
+                    let (kk, lam) = if advantages[k] >= 0.0 {
+                        spec.vespo_pos
+                    } else {
+                        spec.vespo_neg
+                    };
+                    let lam = lam.max(1e-4);
+                    let p = (lam + kk * log_w - lam * log_w.exp()).exp();
+                    if p.is_finite() {
+                        p
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let phi = Tensor::new(per_token(&phi), dev)?.to_dtype(dt)?;
+            ((phi * &a)? * token_logps)?.neg()?
         }
         GrpoLoss::Sapo => {
             let t: Vec<f64> = a_host
@@ -220,21 +319,28 @@ pub fn grpo_loss(
             (&capped * &a)?.minimum(&(&clipped * &a)?)?.neg()?
         }
     };
+    if let Some(e) = &mask.entropy {
+        let e: Vec<f64> = e.iter().map(|&x| x as u8 as f64).collect();
+        per = (per * Tensor::new(e, dev)?.to_dtype(dt)?)?;
+    }
     if let (Some(r), true) = (reference, spec.beta != 0.0) {
         let d = (r - token_logps)?;
         let kl = ((d.exp()? - &d)? - 1.0)?;
-        metrics.push(("kl".to_string(), crate::objectives::mean(&kl)?));
+        let kl_host: Vec<f64> = kl.detach().to_dtype(DType::F64)?.to_vec1()?;
+        let kl_mean = kl_host.iter().zip(&m_host).map(|(k, m)| k * m).sum::<f64>() / counted;
+        metrics.push(("kl".to_string(), kl_mean));
         per = (per + (kl * spec.beta)?)?;
     }
-    let tokens = n.max(1) as f64;
+    let per = (per * &m)?;
     let completions = offsets.len() - 1;
     let loss = match spec.loss {
         GrpoLoss::Grpo | GrpoLoss::Sapo => seq_mean(&per)?.mean_all()?,
-        GrpoLoss::Bnpo => (per.sum_all()? / tokens)?,
+        GrpoLoss::Bnpo => (per.sum_all()? / counted)?,
         GrpoLoss::DrGrpo => (per.sum_all()? / (completions * spec.max_completion_length) as f64)?,
-        GrpoLoss::Dapo | GrpoLoss::Cispo => {
+        GrpoLoss::Dapo | GrpoLoss::Cispo | GrpoLoss::Vespo => {
             (per.sum_all()? * (spec.accumulation as f64 / spec.step_tokens.max(1) as f64))?
         }
+        GrpoLoss::Luspo => crate::model::logprobs::segment_sums(&per, offsets)?.mean_all()?,
     };
     Ok((loss, metrics))
 }
@@ -277,6 +383,8 @@ mod tests {
             delta: None,
             sapo_temperature_pos: 1.0,
             sapo_temperature_neg: 1.05,
+            vespo_pos: (2.0, 3.0),
+            vespo_neg: (3.0, 2.0),
             beta,
             max_completion_length: 4,
             accumulation: 2,
@@ -366,6 +474,80 @@ mod tests {
         for (a, b) in g.iter().zip([-0.125, -0.125, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]) {
             assert!((a - b).abs() < 1e-12, "{g:?}");
         }
+    }
+
+    /// luspo, vespo, the truncation and entropy masks, and the entropy quantile, by hand.
+    #[test]
+    fn luspo_vespo_and_masks_by_hand() {
+        let lp = Var::new(&[-1.0f64, -2.0, -0.5, -1.5, -3.0], &Device::Cpu).unwrap();
+        let offsets = [0, 2, 5];
+        let adv = [0.5, -2.0];
+        let old = lp.as_tensor().detach();
+        let spec = |loss| LossSpec {
+            loss,
+            level: ImportanceSamplingLevel::Token,
+            epsilon_low: 0.2,
+            epsilon_high: 0.28,
+            delta: None,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            vespo_pos: (2.0, 3.0),
+            vespo_neg: (3.0, 2.0),
+            beta: 0.0,
+            max_completion_length: 4,
+            accumulation: 2,
+            step_tokens: 10,
+        };
+        // luspo at ρ = 1: per completion Σ_t −A, then the mean: (−0.5·2 + 2·3) / 2
+        let (l, _) = grpo_loss(lp.as_tensor(), &old, &offsets, &adv, None, &spec(GrpoLoss::Luspo)).unwrap();
+        assert!((l.to_scalar::<f64>().unwrap() - 2.5).abs() < 1e-12);
+        let g: Vec<f64> = l.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(g, vec![-0.25, -0.25, 1.0, 1.0, 1.0]);
+        // vespo: w = exp(Σ log-ratio); φ = e^{λ + k log w − λ w}; at w = 1, φ = 1: −A·log π,
+        // normalised as dapo (× 2 / 10)
+        let (l, _) = grpo_loss(lp.as_tensor(), &old, &offsets, &adv, None, &spec(GrpoLoss::Vespo)).unwrap();
+        let want = -(0.5 * -3.0 + -2.0 * -5.0) * 0.2;
+        assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12, "{l}");
+        // a moved sequence: log w = 0.4 for the first (A > 0: k 2, λ 3), 0.3 for the second
+        let moved = (lp.as_tensor() + Tensor::new(&[0.1f64, 0.3, 0.1, 0.1, 0.1], &Device::Cpu).unwrap()).unwrap();
+        let (l, _) = grpo_loss(&moved, &old, &offsets, &adv, None, &spec(GrpoLoss::Vespo)).unwrap();
+        let phi = |k: f64, lam: f64, lw: f64| (lam + k * lw - lam * lw.exp()).exp();
+        let (p1, p2) = (phi(2.0, 3.0, 0.4), phi(3.0, 2.0, 0.3));
+        let want = -(p1 * 0.5 * (-2.6) + p2 * -2.0 * (-4.7)) * 0.2;
+        assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+        // the second completion masked (truncated): bnpo over the first's 2 tokens only, dapo's
+        // normaliser as given (the step's counted tokens), grpo's mean still over both
+        // completions (TRL's), the KL metric over counted tokens
+        let keep = TokenMask {
+            keep: Some(vec![true, false]),
+            entropy: None,
+        };
+        let masked = |loss| grpo_loss_masked(lp.as_tensor(), &old, &offsets, &adv, None, &spec(loss), &keep).unwrap();
+        assert!((masked(GrpoLoss::Bnpo).0.to_scalar::<f64>().unwrap() - (-0.5)).abs() < 1e-12);
+        assert!((masked(GrpoLoss::Grpo).0.to_scalar::<f64>().unwrap() - (-0.25)).abs() < 1e-12);
+        // dapo: Σ (−A) over the kept 2 tokens = −1, times accumulation / step tokens = 2 / 10
+        assert!((masked(GrpoLoss::Dapo).0.to_scalar::<f64>().unwrap() + 0.2).abs() < 1e-12);
+        let g: Vec<f64> = masked(GrpoLoss::Bnpo)
+            .0
+            .backward()
+            .unwrap()
+            .get(lp.as_tensor())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(g, vec![-0.25, -0.25, 0.0, 0.0, 0.0]);
+        // an entropy mask drops the policy term on tokens 1 and 4 (bnpo still divides by 5)
+        let ent = TokenMask {
+            keep: None,
+            entropy: Some(vec![true, false, true, true, false]),
+        };
+        let (l, _) = grpo_loss_masked(lp.as_tensor(), &old, &offsets, &adv, None, &spec(GrpoLoss::Bnpo), &ent).unwrap();
+        assert!((l.to_scalar::<f64>().unwrap() - (-0.5 + 2.0 + 2.0) / 5.0).abs() < 1e-12);
+        // torch.quantile with linear interpolation: entropies [0.1, 0.4, 0.2, 0.3] (token 4 not
+        // counted), top 50% = at least the 0.5 quantile 0.25
+        let m = high_entropy_mask(&[0.1, 0.4, 0.2, 0.3, 9.0], &[true, true, true, true, false], 0.5);
+        assert_eq!(m, vec![false, true, false, true, false]);
+        assert_eq!(high_entropy_mask(&[1.0, 2.0], &[false, false], 0.5), vec![false, false]);
     }
 
     /// RLOO by hand: leave-one-out baselines (unscorable rewards excluded, a lone scorable

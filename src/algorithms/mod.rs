@@ -104,6 +104,12 @@ pub trait Algorithm: AsAny {
         per_device_train_batch_size
     }
 
+    /// Optimizer steps each step's data serves (GRPO's `num_iterations`: the same prompts, and
+    /// the same completions, for μ steps); the core repeats the data order that many times.
+    fn steps_per_batch(&self) -> usize {
+        1
+    }
+
     /// The loss of the micro-batch of training examples at `indices`.
     fn micro_batch(&mut self, ctx: &StepCtx, indices: &[usize]) -> Result<MicroBatch>;
 

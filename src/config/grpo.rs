@@ -18,6 +18,11 @@ choice! {
         Cispo = "cispo",
         /// A soft sigmoid gate on the ratio instead of clipping, normalised as grpo.
         Sapo = "sapo",
+        /// The clipped surrogate summed over each completion's tokens, then averaged over
+        /// completions (length-unbiased; use with importance_sampling_level = "sequence").
+        Luspo = "luspo",
+        /// Gamma weights φ(w) of the sequence ratio (no gradient) times −A·log π, normalised as dapo.
+        Vespo = "vespo",
     }
 }
 
@@ -40,6 +45,14 @@ choice! {
         Batch = "batch",
         /// r − group mean.
         None = "none",
+    }
+}
+
+choice! {
+    /// How several rewards become one advantage (`multi_objective_aggregation`), as TRL.
+    pub enum MultiObjectiveAggregation {
+        SumThenNormalize = "sum_then_normalize",
+        NormalizeThenSum = "normalize_then_sum",
     }
 }
 
@@ -76,6 +89,26 @@ settings! {
         pub sapo_temperature_pos: f64 = 1.0,
         /// sapo's temperature for tokens with non-positive advantages.
         pub sapo_temperature_neg: f64 = 1.05,
+        /// vespo's k for completions with A ≥ 0.
+        pub vespo_k_pos: f64 = 2.0,
+        /// vespo's λ for completions with A ≥ 0.
+        pub vespo_lambda_pos: f64 = 3.0,
+        /// vespo's k for completions with A < 0.
+        pub vespo_k_neg: f64 = 3.0,
+        /// vespo's λ for completions with A < 0.
+        pub vespo_lambda_neg: f64 = 2.0,
+        /// Leave completions cut at max_completion_length out of the loss (and its normalisers).
+        pub mask_truncated_completions: bool = false,
+        /// Train the policy term only on the tokens whose entropy is in this top fraction of the
+        /// batch's (1 = every token).
+        pub top_entropy_quantile: f64 = 1.0,
+        /// sum_then_normalize (weighted sum of the rewards, then group advantages) |
+        /// normalize_then_sum (each reward normalised within its group, the weighted sum then
+        /// standardised over the batch; GDPO).
+        pub multi_objective_aggregation: MultiObjectiveAggregation = MultiObjectiveAggregation::SumThenNormalize,
+        /// μ: optimizer steps on each generation's completions (the clipped ratio against the
+        /// log-probs at generation time binds from the second on).
+        pub num_iterations: usize = 1,
         /// group | batch | none: how rewards are scaled into advantages.
         pub scale_rewards: ScaleRewards = ScaleRewards::Group,
         /// Reward functions: accuracy, format, length, cmd:<command line>.
@@ -104,7 +137,7 @@ impl GrpoParams {
             [n] if n == "sigmoid" => Ok(GrpoLoss::Dapo),
             [n] => GrpoLoss::parse(n).map_err(|e| Error::Config(format!("`loss_type` with task = \"grpo\": {e}"))),
             _ => Err(Error::Config(
-                "task = \"grpo\" takes one loss_type (dapo, grpo, bnpo, dr_grpo)".into(),
+                "task = \"grpo\" takes one loss_type (dapo, grpo, bnpo, dr_grpo, cispo, sapo, luspo, vespo)".into(),
             )),
         }
     }
@@ -131,6 +164,12 @@ impl GrpoParams {
         }
         if g.max_completion_length == 0 {
             return bad("max_completion_length must be ≥ 1".into());
+        }
+        if !(g.top_entropy_quantile > 0.0 && g.top_entropy_quantile <= 1.0) {
+            return bad("top_entropy_quantile must be in (0, 1]".into());
+        }
+        if g.num_iterations == 0 {
+            return bad("num_iterations must be ≥ 1".into());
         }
         if g.reward_funcs.is_empty() {
             return bad("task = \"grpo\" needs reward_funcs, e.g. [\"accuracy\"] (accuracy, format, length, cmd:<command line>)".into());

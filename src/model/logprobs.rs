@@ -25,6 +25,9 @@ pub struct SeqLogps {
     /// `[N]`, only when asked for: `log Σ_v p_t(v)²` at each scored position (no gradient),
     /// for WPO's weights.
     pub log_sum_sq: Option<Tensor>,
+    /// `[N]`, only when asked for: the entropy of the distribution at each scored position
+    /// (no gradient), for GRPO's `entropy` metric and `top_entropy_quantile`.
+    pub entropies: Option<Vec<f64>>,
 }
 
 impl SeqLogps {
@@ -85,6 +88,28 @@ pub fn group_sequence_logps_at(
     with_sum_sq: bool,
     temperature: f64,
 ) -> Result<SeqLogps> {
+    group_logps_impl(model, groups, layout, with_sum_sq, temperature, false)
+}
+
+/// [`group_sequence_logps_at`] with the entropy of the distribution (at `temperature`) at every
+/// scored position, from the same pass over the logits.
+pub fn group_sequence_logps_entropy(
+    model: &Transformer,
+    groups: &[ScoredGroup],
+    layout: Layout,
+    temperature: f64,
+) -> Result<SeqLogps> {
+    group_logps_impl(model, groups, layout, false, temperature, true)
+}
+
+fn group_logps_impl(
+    model: &Transformer,
+    groups: &[ScoredGroup],
+    layout: Layout,
+    with_sum_sq: bool,
+    temperature: f64,
+    with_entropy: bool,
+) -> Result<SeqLogps> {
     let batch = collate(groups, layout)?;
     let dev = model.device();
     let input = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), dev)?;
@@ -97,13 +122,15 @@ pub fn group_sequence_logps_at(
     } else {
         hidden
     };
-    let (token_logps, log_sum_sq) = gather_logps_with(model, &hidden, &batch.scored, &batch.targets, with_sum_sq)?;
+    let (token_logps, log_sum_sq, entropies) =
+        gather_logps_full(model, &hidden, &batch.scored, &batch.targets, with_sum_sq, with_entropy)?;
     let sums = segment_sums(&token_logps, &batch.offsets)?;
     Ok(SeqLogps {
         token_logps,
         offsets: batch.offsets,
         sums,
         log_sum_sq,
+        entropies,
     })
 }
 
@@ -121,21 +148,48 @@ pub fn gather_logps_with(
     targets: &[u32],
     with_sum_sq: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let (lp, sq, _) = gather_logps_full(model, hidden, rows, targets, with_sum_sq, false)?;
+    Ok((lp, sq))
+}
+
+/// [`gather_logps_with`], optionally with each row's entropy.
+#[allow(clippy::type_complexity)]
+fn gather_logps_full(
+    model: &Transformer,
+    hidden: &Tensor,
+    rows: &[u32],
+    targets: &[u32],
+    with_sum_sq: bool,
+    with_entropy: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<Vec<f64>>)> {
     let dev = model.device();
     if !with_sum_sq && model.kernels.fused && super::kernels::supported(hidden) {
         let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
         let bf16 = model.kernels.bf16_for(&h);
+        if with_entropy {
+            let (lp, e) = super::kernels::token_logps_entropy(&h, model.output_weight(), targets, bf16)?;
+            return Ok((lp, None, Some(e)));
+        }
         return Ok((
             super::kernels::token_logps(&h, model.output_weight(), targets, bf16)?,
+            None,
             None,
         ));
     }
     let mut parts = Vec::new();
     let mut sq_parts = Vec::new();
+    let mut entropies = Vec::new();
     for (r, tg) in rows.chunks(LOGIT_CHUNK_ROWS).zip(targets.chunks(LOGIT_CHUNK_ROWS)) {
         let h = hidden.index_select(&Tensor::new(r, dev)?, 0)?;
         let logits = model.logits(&h)?; // [n, V]
         let lse = logsumexp_last(&logits)?.squeeze(1)?;
+        if with_entropy {
+            // H = lse − Σ_v softmax_v · z_v
+            let l = logits.detach();
+            let p = l.broadcast_sub(&lse.detach().unsqueeze(1)?)?.exp()?;
+            let h = (lse.detach() - (p * &l)?.sum(1)?)?;
+            entropies.extend(h.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
         if with_sum_sq {
             let l = logits.detach();
             let lse2 = logsumexp_last(&(l * 2.0)?)?.squeeze(1)?;
@@ -150,7 +204,7 @@ pub fn gather_logps_with(
     } else {
         None
     };
-    Ok((Tensor::cat(&parts, 0)?, sq))
+    Ok((Tensor::cat(&parts, 0)?, sq, with_entropy.then_some(entropies)))
 }
 
 /// Per-token log-probs (f32) of `ids[completion_start..]` for one sequence.

@@ -144,7 +144,7 @@ impl Trainer {
         let (policy, mut algorithm, data) = algorithms::build(&mut cfg, policy, resume.as_deref())?;
         let (policy, mut opt) = algorithms::trainable(policy, &cfg)?;
         let units = algorithm.units_per_micro_batch(cfg.per_device_train_batch_size);
-        let total = total_steps(&cfg, data.len(), units);
+        let total = total_steps(&cfg, data.len(), units, algorithm.steps_per_batch());
         let warmup = schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
         let order = Order::new(data.len(), units, cfg.seed, cfg.shuffle);
         let mut state = TrainerState::default();
@@ -178,7 +178,11 @@ impl Trainer {
     pub fn step(&mut self) -> Result<StepReport> {
         let step = self.state.global_step;
         let accum = self.cfg.gradient_accumulation_steps;
-        let batches: Vec<Vec<usize>> = (0..accum).map(|a| self.order.micro_batch(step * accum + a)).collect();
+        // the data of step ⌊step / μ⌋ (μ = the algorithm's steps per batch, GRPO's num_iterations)
+        let data_step = step / self.algorithm.steps_per_batch().max(1);
+        let batches: Vec<Vec<usize>> = (0..accum)
+            .map(|a| self.order.micro_batch(data_step * accum + a))
+            .collect();
         let t0 = Instant::now();
         self.algorithm.begin_step(&ctx!(self, step), &batches)?;
         let rollout = t0.elapsed().as_secs_f64();
@@ -256,7 +260,8 @@ impl Trainer {
     /// The metrics record for the current logging window (and resets the window).
     fn log_record(&mut self, with_eval: bool) -> Result<Value> {
         let s = self.state.global_step;
-        let epoch = (s * self.cfg.gradient_accumulation_steps) as f64 / self.order.batches_per_epoch() as f64;
+        let epoch = (s * self.cfg.gradient_accumulation_steps) as f64
+            / (self.order.batches_per_epoch() * self.algorithm.steps_per_batch().max(1)) as f64;
         let mut rec = Map::new();
         rec.insert("step".into(), json!(s));
         rec.insert("epoch".into(), json!((epoch * 1e4).round() / 1e4));

@@ -43,13 +43,14 @@ impl Order {
     }
 }
 
-/// Total optimizer steps (transformers' arithmetic: whole update steps per epoch).
-pub fn total_steps(cfg: &TrainConfig, n_units: usize, units_per_micro_batch: usize) -> usize {
+/// Total optimizer steps (transformers' arithmetic: whole update steps per epoch, each step's
+/// data serving `steps_per_batch` steps).
+pub fn total_steps(cfg: &TrainConfig, n_units: usize, units_per_micro_batch: usize, steps_per_batch: usize) -> usize {
     if cfg.max_steps > 0 {
         return cfg.max_steps as usize;
     }
     let batches = n_units.div_ceil(units_per_micro_batch.max(1));
-    let per_epoch = (batches / cfg.gradient_accumulation_steps).max(1);
+    let per_epoch = (batches / cfg.gradient_accumulation_steps).max(1) * steps_per_batch.max(1);
     (cfg.num_train_epochs * per_epoch as f64).ceil() as usize
 }
 
@@ -93,7 +94,9 @@ mod tests {
             ..TrainConfig::default()
         };
         // 10 pairs -> 3 batches -> 1 update/epoch (floor) -> ceil(1.5) = 2
-        assert_eq!(total_steps(&cfg, 10, 4), 2);
-        assert_eq!(total_steps(&TrainConfig { max_steps: 7, ..cfg }, 10, 4), 7);
+        assert_eq!(total_steps(&cfg, 10, 4, 1), 2);
+        // GRPO's num_iterations = 3: each update's data serves 3 -> ceil(1.5 · 3) = 5
+        assert_eq!(total_steps(&cfg, 10, 4, 3), 5);
+        assert_eq!(total_steps(&TrainConfig { max_steps: 7, ..cfg }, 10, 4, 1), 7);
     }
 }

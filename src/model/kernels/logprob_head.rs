@@ -13,6 +13,21 @@ pub struct TokenLogps {
     pub targets: Vec<u32>,
     /// Multiply bf16-rounded operands ([`super::matmul`]; f32 only).
     pub bf16: bool,
+    /// When set, the forward pass also leaves each row's entropy `−Σ_v p_v log p_v` here
+    /// (no gradient): computed from the logits it makes anyway, so it costs one more pass over
+    /// each row in cache instead of a second projection.
+    pub entropies: Option<std::sync::Arc<std::sync::Mutex<Vec<f64>>>>,
+}
+
+/// `−Σ_v softmax(row)_v · log softmax(row)_v = lse − Σ_v softmax(row)_v · row_v`.
+fn row_entropy<T: Elem>(row: &[T], lse: T) -> f64 {
+    let lse64 = candle_core::WithDType::to_f64(lse);
+    let mut mean = 0f64;
+    for &z in row {
+        let p = candle_core::WithDType::to_f64((z - lse).exp_fast());
+        mean += p * candle_core::WithDType::to_f64(z);
+    }
+    lse64 - mean
 }
 
 /// Rows of logits made at once.
@@ -28,8 +43,15 @@ fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> CResult<R>) -> CRe
     }
 }
 
-/// `f(row, logits of the row, logsumexp of the row)` for every row of `h`.
-fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, bf16: bool, mut f: impl FnMut(usize, &[T], T)) -> CResult<()> {
+/// `f(row, logits of the row, logsumexp of the row)` for every row of `h`; with `entropies`,
+/// each row's entropy is pushed there too (computed in parallel with the logsumexps).
+fn for_each_logit_row<T: Elem>(
+    h: &Tensor,
+    w: &Tensor,
+    bf16: bool,
+    mut entropies: Option<&mut Vec<f64>>,
+    mut f: impl FnMut(usize, &[T], T),
+) -> CResult<()> {
     let (n, v) = (h.dim(0)?, w.dim(0)?);
     let wt = w.t()?;
     // the bf16 projection is packed once for all chunks
@@ -45,6 +67,14 @@ fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, bf16: bool, mut f: impl F
         };
         with_slice::<T, ()>(&logits, |l| {
             let lse: Vec<T> = l.par_chunks(v).map(logsumexp::<T>).collect();
+            if let Some(e) = entropies.as_deref_mut() {
+                let rows: Vec<f64> = l
+                    .par_chunks(v)
+                    .zip(lse.par_iter())
+                    .map(|(row, &m)| row_entropy(row, m))
+                    .collect();
+                e.extend(rows);
+            }
             for (i, row) in l.chunks(v).enumerate() {
                 f(start + i, row, lse[i]);
             }
@@ -57,9 +87,15 @@ fn for_each_logit_row<T: Elem>(h: &Tensor, w: &Tensor, bf16: bool, mut f: impl F
 fn head_fwd<T: Elem>(op: &TokenLogps, s1: &CpuStorage, l1: &Layout) -> CResult<(CpuStorage, Shape)> {
     let h = tensor_of::<T>(s1, l1)?;
     let mut res = vec![T::zero(); h.dim(0)?];
-    for_each_logit_row::<T>(&h, &op.w, op.bf16, |i, row, lse| {
+    let mut ent = Vec::new();
+    let want = op.entropies.is_some();
+    for_each_logit_row::<T>(&h, &op.w, op.bf16, want.then_some(&mut ent), |i, row, lse| {
         res[i] = row[op.targets[i] as usize] - lse
     })?;
+    if let Some(e) = &op.entropies {
+        *e.lock()
+            .map_err(|_| candle_core::Error::Msg("fused-token-logps: poisoned entropy buffer".into()))? = ent;
+    }
     let n = res.len();
     out(res, Shape::from(n))
 }
@@ -70,7 +106,7 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor
     let g: Vec<T> = g.to_dtype(T::DTYPE)?.to_vec1()?;
     let h = h.contiguous()?;
     let mut dl = vec![T::zero(); n * v];
-    for_each_logit_row::<T>(&h, &op.w, op.bf16, |i, row, lse| {
+    for_each_logit_row::<T>(&h, &op.w, op.bf16, None, |i, row, lse| {
         let d = &mut dl[i * v..(i + 1) * v];
         neg_softmax_row(d, row, lse, g[i]);
         d[op.targets[i] as usize] += g[i];
@@ -105,6 +141,25 @@ pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Resul
         w: w.detach(),
         targets: targets.to_vec(),
         bf16,
+        entropies: None,
     };
     Ok(h.contiguous()?.apply_op2(w, op)?)
+}
+
+/// [`token_logps`] with each row's entropy (no gradient), from the same pass over the logits.
+pub fn token_logps_entropy(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Result<(Tensor, Vec<f64>)> {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let op = TokenLogps {
+        w: w.detach(),
+        targets: targets.to_vec(),
+        bf16,
+        entropies: Some(buf.clone()),
+    };
+    let lp = h.contiguous()?.apply_op2(w, op)?;
+    let e = std::mem::take(
+        &mut *buf
+            .lock()
+            .map_err(|_| crate::error::Error::msg("entropy buffer poisoned"))?,
+    );
+    Ok((lp, e))
 }

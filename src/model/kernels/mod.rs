@@ -349,7 +349,7 @@ pub mod swiglu;
 mod tests;
 
 pub use attention::{attention, attention_grads, masked_softmax, Attention};
-pub use logprob_head::{token_logps, TokenLogps};
+pub use logprob_head::{token_logps, token_logps_entropy, TokenLogps};
 pub use norm::{rms_norm, rms_norm_grads};
 pub use rope::rope;
 pub use swiglu::{swiglu, swiglu_grads};
