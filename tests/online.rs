@@ -378,3 +378,46 @@ fn sync_ref_model_moves_the_online_reference() {
     assert!(kl[2].abs() < 1e-6, "synced after step 2: {kl:?}");
     assert!(kl[3].abs() > 1e-4, "{kl:?}");
 }
+
+/// Bad input to an online run: a row without a prompt and a prompt with no room for its
+/// completion are refused before training, naming the line; a reward command that starts
+/// failing mid-run stops the run with the command named, and the checkpoints already written
+/// stay.
+#[test]
+fn online_runs_refuse_bad_prompts_and_stop_cleanly_on_a_failing_reward() {
+    let cfg = setup("bad", Task::OnlineDpo);
+    let dir = Path::new(&cfg.output_dir).parent().unwrap().to_path_buf();
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"the\"}\n{\"question\": \"a cat\"}\n").unwrap();
+    let e = prefer::train::train(&TrainConfig {
+        train_file: bad.display().to_string(),
+        ..cfg.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("bad.jsonl:2:") && e.contains("`prompt`"), "{e}");
+    let mut long = cfg.clone();
+    long.grpo.max_completion_length = 100_000;
+    let e = prefer::train::train(&long).unwrap_err().to_string();
+    assert!(
+        e.contains("prompts.jsonl:1:") && e.contains("no room for a completion"),
+        "{e}"
+    );
+    // a reward that works twice (steps 1 and 2), then exits with status 3
+    let counter = dir.join("calls");
+    let mut failing = cfg.clone();
+    failing.grpo.reward_funcs = vec![format!(
+        "cmd:n=$(cat {0} 2>/dev/null || echo 0); echo $((n + 1)) > {0}; [ $n -lt 2 ] || exit 3; awk '{{print 1}}'",
+        counter.display()
+    )];
+    failing.max_steps = 5;
+    failing.save_steps = 1;
+    let e = prefer::train::train(&failing).unwrap_err().to_string();
+    assert!(e.contains("reward command") && e.contains("exit"), "{e}");
+    let out = Path::new(&failing.output_dir);
+    assert!(
+        out.join("checkpoint-2").is_dir(),
+        "the checkpoints before the failure stay"
+    );
+    assert!(!out.join("checkpoint-3").exists());
+}

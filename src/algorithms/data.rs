@@ -32,10 +32,17 @@ impl TrainData {
         self.len() == 0
     }
 
-    /// An online run's prompts: `train_file` as prompt-only rows.
-    pub fn load_prompts(cfg: &TrainConfig, tokenizer: &TextTokenizer) -> Result<TrainData> {
-        let prompts =
-            crate::data::prompts::load_prompts(Path::new(&cfg.train_file), tokenizer, &Default::default(), None, 1)?;
+    /// An online run's prompts: `train_file` as prompt-only rows. A prompt that leaves less
+    /// than `max_completion_length` of the model's `context` is an error naming its line,
+    /// before anything trains.
+    pub fn load_prompts(cfg: &TrainConfig, tokenizer: &TextTokenizer, context: usize) -> Result<TrainData> {
+        let prompts = crate::data::prompts::load_prompts(
+            Path::new(&cfg.train_file),
+            tokenizer,
+            &Default::default(),
+            (context > 0).then_some(context),
+            cfg.grpo.max_completion_length.max(1),
+        )?;
         eprintln!("train_file: {} prompts", prompts.len());
         Ok(TrainData {
             train: vec![],

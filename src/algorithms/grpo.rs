@@ -496,7 +496,6 @@ impl Algorithm for Grpo {
             )?,
         };
         metrics.push(("entropy".into(), entropy));
-        metrics.push(("num_tokens".into(), self.num_tokens));
         metrics.extend(gen.metrics.iter().cloned());
         let tokens = groups
             .iter()
@@ -520,6 +519,12 @@ impl Algorithm for Grpo {
             Some(r) => r.end_step(ctx.step, &ctx.policy.transformer),
             None => Ok(()),
         }
+    }
+
+    /// TRL's `num_tokens`: prompt and completion tokens of every generation so far (a running
+    /// count, so logged as it stands rather than averaged over the logging window).
+    fn log_metrics(&self) -> BTreeMap<String, f64> {
+        BTreeMap::from([("num_tokens".to_string(), self.num_tokens)])
     }
 
     fn state(&self) -> Result<Value> {

@@ -170,12 +170,12 @@ pub fn build(
     resume: Option<&Path>,
 ) -> Result<(LoadedModel, Box<dyn Algorithm>, TrainData)> {
     if matches!(cfg.task, Task::Grpo | Task::Rloo) {
-        let data = TrainData::load_prompts(cfg, &policy.tokenizer)?;
+        let data = TrainData::load_prompts(cfg, &policy.tokenizer, policy.transformer.cfg.max_position_embeddings)?;
         let a = grpo::Grpo::new(cfg, &policy, resume)?;
         return Ok((policy, Box::new(a), data));
     }
     if cfg.task.is_online_pairwise() {
-        let data = TrainData::load_prompts(cfg, &policy.tokenizer)?;
+        let data = TrainData::load_prompts(cfg, &policy.tokenizer, policy.transformer.cfg.max_position_embeddings)?;
         let a = online_pairs::OnlinePairs::new(cfg, &policy, resume)?;
         return Ok((policy, Box::new(a), data));
     }

@@ -52,7 +52,9 @@ pub enum DataCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write the arithmetic preference set (correct sum chosen, near miss rejected).
+    /// Write the arithmetic preference set (correct sum chosen, near miss rejected) as
+    /// train.jsonl / eval.jsonl, and its questions with their answers as train_prompts.jsonl /
+    /// eval_prompts.jsonl (for online training and `prefer eval --prompts`).
     MakeArithmetic {
         #[arg(long)]
         out: PathBuf,
@@ -224,10 +226,16 @@ pub fn run(cmd: DataCmd) -> Result<()> {
         DataCmd::MakeArithmetic { out, train, eval, seed } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let all = prefer::data::synthetic::arithmetic_pairs(train + eval, seed);
-            for (name, lines) in [("train.jsonl", &all[..train]), ("eval.jsonl", &all[train..])] {
+            let prompts = prefer::data::synthetic::arithmetic_prompts(train + eval, seed);
+            for (name, lines, what) in [
+                ("train.jsonl", &all[..train], "pairs"),
+                ("eval.jsonl", &all[train..], "pairs"),
+                ("train_prompts.jsonl", &prompts[..train], "prompts"),
+                ("eval_prompts.jsonl", &prompts[train..], "prompts"),
+            ] {
                 let p = out.join(name);
                 std::fs::write(&p, lines.join("\n") + "\n").with_context(|| format!("writing {}", p.display()))?;
-                eprintln!("wrote {} ({} pairs)", p.display(), lines.len());
+                eprintln!("wrote {} ({} {what})", p.display(), lines.len());
             }
             Ok(())
         }

@@ -60,7 +60,7 @@ pub struct GenerationArgs {
     /// Render string prompts as the user turn of the chat template.
     #[arg(long)]
     pub chat: bool,
-    /// Rewards to score completions with (repeatable): accuracy, format, length, cmd:<command>.
+    /// Rewards to score completions with (repeatable): accuracy, format, length, cmd:<command>, model:<reward model>.
     #[arg(long = "reward", default_value = "accuracy")]
     pub rewards: Vec<String>,
     /// `format`'s regular expression.

@@ -1,5 +1,7 @@
 //! A preference set with a checkable truth: two-digit addition questions in chat form, the
-//! correct sum chosen and a near miss rejected. Used by the README's first job.
+//! correct sum chosen and a near miss rejected. Used by the README's first job; the same
+//! questions as prompt rows with their `answer` feed online training and evaluation by
+//! generation.
 
 use crate::util::Rng;
 use serde_json::json;
@@ -20,6 +22,18 @@ pub fn arithmetic_pairs(n: usize, seed: u64) -> Vec<String> {
                 "rejected": [{"role": "assistant", "content": wrong.to_string()}],
             })
             .to_string()
+        })
+        .collect()
+}
+
+/// The questions of [`arithmetic_pairs`] (same `n`, same `seed`) as prompt rows with their
+/// `answer`, for online methods and `prefer eval --prompts` (reward `accuracy`).
+pub fn arithmetic_prompts(n: usize, seed: u64) -> Vec<String> {
+    arithmetic_pairs(n, seed)
+        .iter()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("made above");
+            json!({"prompt": v["prompt"], "answer": v["chosen"][0]["content"]}).to_string()
         })
         .collect()
 }
@@ -46,5 +60,10 @@ mod tests {
             assert_eq!(chosen, nums[0] + nums[1]);
             assert_ne!(rejected, chosen);
         }
+        let p = super::arithmetic_prompts(50, 3);
+        let v: serde_json::Value = serde_json::from_str(&p[7]).unwrap();
+        let pair: serde_json::Value = serde_json::from_str(&a[7]).unwrap();
+        assert_eq!(v["prompt"], pair["prompt"]);
+        assert_eq!(v["answer"], pair["chosen"][0]["content"]);
     }
 }
