@@ -236,7 +236,33 @@ pub fn grpo_loss_masked(
     let coef = log_iw.exp()?;
     let mut metrics = Vec::new();
     let counted = m_host.iter().filter(|&&x| x > 0.0).count().max(1) as f64;
-    let mask_mean = |v: Vec<bool>| v.iter().zip(&m_host).filter(|(&x, &k)| x && k > 0.0).count() as f64 / counted;
+    // TRL's statistics of a per-token flag: at token level the mean over counted tokens, at
+    // sequence level (one ratio per completion) the mean over completions, masked or not
+    let mask_mean = |v: Vec<bool>| match spec.level {
+        ImportanceSamplingLevel::Token => {
+            v.iter().zip(&m_host).filter(|(&x, &k)| x && k > 0.0).count() as f64 / counted
+        }
+        ImportanceSamplingLevel::Sequence => {
+            let s = offsets.windows(2).filter(|w| w[1] > w[0] && v[w[0]]).count();
+            s as f64 / (offsets.len() - 1).max(1) as f64
+        }
+    };
+    // and per completion (TRL's `masked_seq_mean`): the flag's mean over its counted tokens,
+    // NaN for a completion with none (skipped by the min and max), or its one value
+    let per_seq = |v: &[bool]| -> Vec<f64> {
+        offsets
+            .windows(2)
+            .map(|w| match spec.level {
+                ImportanceSamplingLevel::Sequence if w[1] > w[0] => v[w[0]] as u8 as f64,
+                _ => {
+                    let n: f64 = (w[0]..w[1]).map(|t| m_host[t]).sum();
+                    (w[0]..w[1]).map(|t| v[t] as u8 as f64 * m_host[t]).sum::<f64>() / n
+                }
+            })
+            .collect()
+    };
+    let nan_fold =
+        |xs: Vec<f64>, f: fn(f64, f64) -> f64| xs.into_iter().filter(|x| !x.is_nan()).reduce(f).unwrap_or(f64::NAN);
     let coef_host: Vec<f64> = coef.detach().to_dtype(DType::F64)?.to_vec1()?;
     let mut per = match spec.loss {
         GrpoLoss::Cispo => {
@@ -278,6 +304,10 @@ pub fn grpo_loss_masked(
                     }
                 })
                 .collect();
+            metrics.push((
+                "vespo/phi_seq_mean".into(),
+                phi.iter().sum::<f64>() / phi.len().max(1) as f64,
+            ));
             let phi = Tensor::new(per_token(&phi), dev)?.to_dtype(dt)?;
             ((phi * &a)? * token_logps)?.neg()?
         }
@@ -313,6 +343,8 @@ pub fn grpo_loss_masked(
                 .map(|(c, a)| *c > 1.0 + spec.epsilon_high && *a > 0.0)
                 .collect();
             let region: Vec<bool> = low.iter().zip(&high).map(|(l, h)| *l || *h).collect();
+            metrics.push(("clip_ratio/low_min".into(), nan_fold(per_seq(&low), f64::min)));
+            metrics.push(("clip_ratio/high_max".into(), nan_fold(per_seq(&high), f64::max)));
             metrics.push(("clip_ratio/low_mean".into(), mask_mean(low)));
             metrics.push(("clip_ratio/high_mean".into(), mask_mean(high)));
             metrics.push(("clip_ratio/region_mean".into(), mask_mean(region)));
