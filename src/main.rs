@@ -20,10 +20,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train a model on preference pairs (DPO). Writes checkpoints, metrics.jsonl and the final
-    /// model (HF layout) to output_dir.
+    /// Train a model: on preference data (DPO and ~30 objectives; reward models), or online on
+    /// its own samples of a prompt file (GRPO, RLOO, online DPO, Nash-MD, XPO). Writes
+    /// checkpoints, metrics.jsonl and the final model (HF layout) to output_dir.
     Train(cli::train::TrainArgs),
-    /// Reward accuracy, margin and ranking accuracy of a model on preference pairs.
+    /// Reward accuracy, margin and ranking accuracy of a model on preference pairs; or, with
+    /// --prompts, its rewards on completions it generates.
     Eval(cli::eval::EvalArgs),
     /// Check, inspect or make preference data.
     Data {

@@ -14,12 +14,16 @@ pub enum BenchCmd {
     /// GRPO steps on a real model and GSM8K prompts: s/step split into sampling, log-probs,
     /// backward and optimizer; generated tokens/s; peak RSS.
     Grpo(super::bench_grpo::GrpoBenchArgs),
+    /// The sampler's tokens/s: batch 1 and a GRPO-shaped batch, next to the machine's memory
+    /// bandwidth and matmul bounds.
+    Generate(super::bench_generate::GenerateBenchArgs),
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Dpo(args) => dpo(&args).map_err(Into::into),
         BenchCmd::Grpo(args) => super::bench_grpo::grpo(&args),
+        BenchCmd::Generate(args) => super::bench_generate::generate(&args),
     }
 }
 

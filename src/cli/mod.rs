@@ -2,6 +2,7 @@
 //! and a `run` function. Shared here: how evaluation tools read a data file, JSONL helpers.
 
 pub mod bench;
+pub mod bench_generate;
 pub mod bench_grpo;
 pub mod compare_rewards;
 pub mod convert;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Generation speed, prefer beside transformers generate() and llama.cpp, on this machine, in
+# one run, on the same prompts: SmolLM2-135M-Instruct, the first GSM8K questions as chat prompts,
+# temperature 1, 128 new tokens per completion; batch 1 and 4 prompts × 8 generations.
+# Makes a Python venv with transformers and llama-cpp-python (which builds llama.cpp) unless
+# $PEER_PYTHON names one.   THREADS=2 scripts/bench-generate-peers.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads=${THREADS:-$(nproc)}
+shared=${PREFER_SHARED:-../shared}
+data=$shared/data/gsm8k/train.jsonl
+[ -f "$data" ] || data=tests/fixtures/gsm8k/train.jsonl
+gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
+scripts/fetch-model.sh
+cargo build --release --quiet
+py=${PEER_PYTHON:-}
+if [ -z "$py" ]; then
+  venv=${PEER_VENV:-target/peer-venv}
+  [ -x "$venv/bin/python" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q torch==2.15.0 transformers llama-cpp-python; }
+  py=$venv/bin/python
+fi
+hf=target/smollm2-135m-hf
+[ -f "$hf/model.safetensors" ] || target/release/prefer convert --model $gguf --out "$hf"
+lscpu | grep -E "Model name|^CPU\(s\)" || true
+echo "== prefer (threads $threads, f32 weights from the GGUF)"
+target/release/prefer --threads "$threads" bench generate --model $gguf --data "$data" --json | tee target/bench-generate-prefer.json
+echo "== transformers generate (f32)"
+"$py" -W ignore scripts/peers/transformers_generate_bench.py --model "$hf" --data "$data" --threads "$threads" | tail -1 | tee target/bench-generate-transformers.json
+echo "== llama.cpp (Q4_1 GGUF)"
+"$py" -W ignore scripts/peers/llamacpp_generate_bench.py --model $gguf --data "$data" --threads "$threads" | tail -1 | tee target/bench-generate-llamacpp.json
+python3 - <<'PY'
+import json
+p = json.load(open("target/bench-generate-prefer.json"))
+t = json.load(open("target/bench-generate-transformers.json"))
+l = json.load(open("target/bench-generate-llamacpp.json"))
+print(f"{'tokens/s':34}{'prefer':>10}{'transformers':>14}{'llama.cpp':>11}")
+print(f"{'batch 1, decode':34}{p['batch1_decode_tokens_per_second']:10.1f}{t['batch1_decode_tokens_per_second']:14.1f}{l['batch1_decode_tokens_per_second']:11.1f}")
+print(f"{'4 prompts x 8 generations':34}{p['batch_tokens_per_second']:10.1f}{t['batch_tokens_per_second']:14.1f}{'':>11}")
+print(f"prefer's batch vs llama.cpp's one stream: {p['batch_tokens_per_second']/l['batch1_decode_tokens_per_second']:.2f}x; "
+      f"vs transformers' batch: {p['batch_tokens_per_second']/t['batch_tokens_per_second']:.2f}x; "
+      f"batch-1 decode vs llama.cpp: {p['batch1_decode_tokens_per_second']/l['batch1_decode_tokens_per_second']:.2f}x")
+PY

@@ -1,0 +1,47 @@
+"""llama.cpp (llama-cpp-python) on the job `prefer bench generate` times, with the same GGUF file
+(SmolLM2-135M-Instruct Q4_1, llama.cpp's own quantised kernels): one stream, sampling at
+temperature 1 with no top-k/top-p, the completion forced to the full length (EOS ignored).
+Prints one JSON line: decode tokens/s of the single stream (llama.cpp runs one sequence per
+context here; its aggregate over a GRPO-shaped batch is that of streams one after another).
+Run by scripts/bench-generate-peers.sh."""
+
+import argparse
+import json
+import time
+
+from llama_cpp import Llama
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="the .gguf file")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--max-completion-length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    llm = Llama(model_path=a.model, n_ctx=2048, n_threads=a.threads, n_batch=512, verbose=False, seed=7)
+    q = json.loads(open(a.data).readline())["question"]
+    prompt = llm.tokenize(("<|im_start|>user\n" + q + "<|im_end|>\n<|im_start|>assistant\n").encode(), special=True)
+    n = a.max_completion_length
+
+    def run(new):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        t_prompt = time.perf_counter() - t
+        for _ in range(new):
+            tok = llm.sample(temp=1.0, top_k=0, top_p=1.0, min_p=0.0)
+            llm.eval([tok])
+        return t_prompt, time.perf_counter() - t
+
+    run(8)  # warm-up
+    t_prompt, whole = run(n)
+    print(json.dumps({
+        "peer": "llama.cpp (llama-cpp-python)", "threads": a.threads,
+        "batch1_decode_tokens_per_second": n / max(whole - t_prompt, 1e-9),
+        "batch1_end_to_end_tokens_per_second": n / whole,
+    }))
+
+
+if __name__ == "__main__":
+    main()
