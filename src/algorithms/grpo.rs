@@ -107,7 +107,7 @@ impl Grpo {
         let (rewards, reward_weights) = rollout::rewards(cfg)?;
         let beta = cfg.params.beta;
         let reference = match beta != 0.0 {
-            true => Some(rollout::OnlineReference::new(cfg, policy, resume)?),
+            true => Some(rollout::OnlineReference::new(cfg, policy, resume, false)?),
             false => None,
         };
         let method = match cfg.task {

@@ -99,7 +99,7 @@ impl OnlinePairs {
             }
         };
         let (rewards, reward_weights) = rollout::rewards(cfg)?;
-        let reference = rollout::OnlineReference::new(cfg, policy, resume)?;
+        let reference = rollout::OnlineReference::new(cfg, policy, resume, method != Method::OnlineDpo)?;
         let o = &cfg.online;
         Ok(OnlinePairs {
             method,

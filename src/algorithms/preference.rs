@@ -54,6 +54,7 @@ impl Preference {
             &data.train,
             &data.eval,
             resume,
+            false,
         )?;
         Ok(Preference {
             objective,
@@ -145,7 +146,9 @@ impl Algorithm for Preference {
 /// (or `ref_model`, a weight-space soup when a list), also when resuming, and with
 /// `sync_ref_model` the synced reference a resumed checkpoint holds. With
 /// `precompute_ref_log_probs` it is scored once over both sets, cached on disk (keyed by the
-/// weights, the data and the options) and dropped from memory.
+/// weights, the data and the options) and dropped from memory. `dense`: keep every layer
+/// widened (a reference that samples token by token would otherwise widen its layers at every
+/// token).
 pub fn reference_for_run(
     cfg: &TrainConfig,
     needs_reference: bool,
@@ -153,6 +156,7 @@ pub fn reference_for_run(
     train: &[TokenizedExample],
     eval: &[TokenizedExample],
     resume: Option<&Path>,
+    dense: bool,
 ) -> Result<Reference> {
     if !needs_reference {
         return Ok(Reference::None);
@@ -170,7 +174,7 @@ pub fn reference_for_run(
         } else if resume.is_none() && ref_paths == [start_path.clone()] {
             // the starting model; its layers stay in the checkpoint's precision unless
             // sync_ref_model must mix weights into them
-            let compact = match cfg.sync_ref_model {
+            let compact = match cfg.sync_ref_model || dense {
                 false => crate::model::load_frozen(&start_path, dtype, &dev)?,
                 true => None,
             };

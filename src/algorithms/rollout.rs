@@ -187,13 +187,20 @@ pub struct OnlineReference {
 }
 
 impl OnlineReference {
-    pub fn new(cfg: &TrainConfig, policy: &LoadedModel, resume: Option<&Path>) -> Result<OnlineReference> {
+    /// `samples`: the method samples from the reference (XPO, Nash-MD), so its layers are kept
+    /// widened rather than in their stored precision.
+    pub fn new(
+        cfg: &TrainConfig,
+        policy: &LoadedModel,
+        resume: Option<&Path>,
+        samples: bool,
+    ) -> Result<OnlineReference> {
         if cfg.precompute_ref_log_probs {
             return Err(Error::Config(
                 "precompute_ref_log_probs does not apply to online training: every step's completions are new".into(),
             ));
         }
-        let model = match super::preference::reference_for_run(cfg, true, policy, &[], &[], resume)? {
+        let model = match super::preference::reference_for_run(cfg, true, policy, &[], &[], resume, samples)? {
             crate::stats::reference::Reference::Model(m) => *m,
             _ => return Err(Error::msg("online training needs a live reference model")),
         };

@@ -1,4 +1,4 @@
-use super::super::{has_avx2_fma, Elem};
+use super::super::{has_avx2_fma, Elem, LANES};
 use super::*;
 
 /// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]` (f32, contiguous, CPU); its backward
@@ -100,6 +100,69 @@ multiversioned! {
     }
 }
 
+multiversioned! {
+    /// `yt[j·m + r] = x_r · w_j` for every row `w_j` of `w` and `x_r` of `xs` (`k` wide, `m ≥ 4`
+    /// rows): tiles of 2 rows of `w` by 4 rows of `x`, eight independent accumulators of
+    /// fused multiply-adds, so each load of a `w` chunk feeds four products and no addition
+    /// waits on the one before (a lone dot product is bound by its adds' latency).
+    fn dot_tiles<T>(yt: &mut [T], xs: &[T], w: &[T], m: usize, k: usize) {
+        let wn = w.len() / k;
+        let full = k / LANES * LANES;
+        let mut j = 0;
+        while j < wn {
+            let jn = (wn - j).min(2);
+            let mut r = 0;
+            while r < m {
+                let rn = (m - r).min(4);
+                // a short tile repeats its last row; the repeats are computed and dropped
+                let wr = [j * k, (j + jn - 1) * k];
+                let xr = [r * k, (r + 1).min(r + rn - 1) * k, (r + 2).min(r + rn - 1) * k, (r + rn - 1) * k];
+                let (w0, w1) = (&w[wr[0]..wr[0] + k], &w[wr[1]..wr[1] + k]);
+                let x = [
+                    &xs[xr[0]..xr[0] + k],
+                    &xs[xr[1]..xr[1] + k],
+                    &xs[xr[2]..xr[2] + k],
+                    &xs[xr[3]..xr[3] + k],
+                ];
+                // eight accumulators as locals (an array of them spills to the stack)
+                let z = [T::zero(); LANES];
+                let (mut a0, mut a1, mut a2, mut a3, mut b0, mut b1, mut b2, mut b3) = (z, z, z, z, z, z, z, z);
+                let chunks = w0
+                    .chunks_exact(LANES)
+                    .zip(w1.chunks_exact(LANES))
+                    .zip(x[0].chunks_exact(LANES))
+                    .zip(x[1].chunks_exact(LANES))
+                    .zip(x[2].chunks_exact(LANES))
+                    .zip(x[3].chunks_exact(LANES));
+                for (((((c0, c1), d0), d1), d2), d3) in chunks {
+                    for l in 0..LANES {
+                        a0[l] = d0[l].mul_add(c0[l], a0[l]);
+                        a1[l] = d1[l].mul_add(c0[l], a1[l]);
+                        a2[l] = d2[l].mul_add(c0[l], a2[l]);
+                        a3[l] = d3[l].mul_add(c0[l], a3[l]);
+                        b0[l] = d0[l].mul_add(c1[l], b0[l]);
+                        b1[l] = d1[l].mul_add(c1[l], b1[l]);
+                        b2[l] = d2[l].mul_add(c1[l], b2[l]);
+                        b3[l] = d3[l].mul_add(c1[l], b3[l]);
+                    }
+                }
+                let acc = [[a0, a1, a2, a3], [b0, b1, b2, b3]];
+                for a in 0..jn {
+                    for b in 0..rn {
+                        let mut s = acc[a][b].iter().fold(T::zero(), |p, &q| p + q);
+                        for cc in full..k {
+                            s += xs[xr[b] + cc] * w[wr[a] + cc];
+                        }
+                        yt[(j + a) * m + r + b] = s;
+                    }
+                }
+                r += 4;
+            }
+            j += 2;
+        }
+    }
+}
+
 /// `x·Wᵀ` for an `x` of at most [`FEW_ROWS`] rows (decoding a token per sequence): one pass
 /// over `W` in parallel over its rows, each dotted with every row of `x`. `gemm` packs `W` on
 /// every call, which costs more than the product itself at a few rows. `None` where it does
@@ -117,6 +180,12 @@ pub fn few_rows(x: &Tensor, w: &Tensor) -> crate::error::Result<Option<Tensor>> 
             const PER_TASK: usize = 64;
             let mut yt = vec![0f32; n * m];
             yt.par_chunks_mut(m * PER_TASK).enumerate().for_each(|(c, out)| {
+                if m >= 4 {
+                    let rows = out.len() / m;
+                    let o = c * PER_TASK;
+                    dot_tiles(out, xs, &ws[o * k..(o + rows) * k], m, k);
+                    return;
+                }
                 for (j, ys) in out.chunks_mut(m).enumerate() {
                     let o = c * PER_TASK + j;
                     dot_rows(ys, xs, &ws[o * k..(o + 1) * k], k);

@@ -175,3 +175,38 @@ fn linear_bf16_value_and_gradients_match_rounded_f32() {
         .unwrap();
     assert!(diff > 1e-4, "bf16 result equals the f32 one ({diff})");
 }
+
+/// The few-rows product (row by row below 4 rows, tiles of 2×4 above) against f64 sums, at
+/// row counts and widths that leave partial tiles, lanes and tasks.
+#[test]
+fn few_rows_matches_f64_sums() {
+    let dev = candle_core::Device::Cpu;
+    let mut rng = crate::util::Rng::new(3);
+    for (m, k, n) in [
+        (1, 37, 67),
+        (3, 576, 130),
+        (4, 8, 2),
+        (5, 37, 129),
+        (8, 576, 64),
+        (32, 100, 131),
+    ] {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+        let wt = Tensor::from_vec(w.clone(), (n, k), &dev).unwrap();
+        let y: Vec<Vec<f32>> = few_rows(&xt, &wt).unwrap().unwrap().to_vec2().unwrap();
+        for r in 0..m {
+            for o in 0..n {
+                let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[o * k + i] as f64).sum();
+                assert!(
+                    (y[r][o] as f64 - want).abs() < 1e-4,
+                    "m {m} k {k} n {n}: [{r}][{o}] {} vs {want}",
+                    y[r][o]
+                );
+            }
+        }
+    }
+    let big = Tensor::zeros((FEW_ROWS + 1, 8), candle_core::DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
+    assert!(few_rows(&big, &w).unwrap().is_none());
+}
