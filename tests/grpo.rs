@@ -174,11 +174,11 @@ fn grpo_accumulates_across_an_epoch_boundary() {
     assert!(logs.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
 }
 
-/// RLOO (task = "rloo") on the same learnable reward, with TRL's defaults (beta 0.05: a frozen
+/// RLOO (task = "rloo") on a learnable reward (the JSON line's length, on the diverse tiny model), with TRL's defaults (beta 0.05: a frozen
 /// reference and the k1 KL in the reward; num_generations 2 unless set).
 #[test]
 fn rloo_raises_a_learnable_reward() {
-    let mut cfg = setup("rloo");
+    let mut cfg = setup_diverse("rloo");
     cfg.task = Task::Rloo;
     cfg.params.beta = 0.05;
     cfg.validate().unwrap();

@@ -24,7 +24,6 @@ use crate::batch::{Layout, ScoredGroup};
 use crate::config::grpo::{GrpoParams, MultiObjectiveAggregation, ScaleRewards};
 use crate::config::TrainConfig;
 use crate::data::prompts::Prompt;
-use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::model::logprobs::{group_sequence_logps_at, group_sequence_logps_entropy};
 use crate::model::{LoadedModel, Transformer};
@@ -554,15 +553,6 @@ impl Algorithm for Grpo {
             self.generation = Some(gen);
         }
         Ok(())
-    }
-
-    fn evaluate(
-        &self,
-        _policy: &LoadedModel,
-        _eval: &[TokenizedExample],
-        _batch_size: usize,
-    ) -> Result<Vec<(String, f64)>> {
-        Ok(Vec::new())
     }
 }
 

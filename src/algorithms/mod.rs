@@ -120,13 +120,16 @@ pub trait Algorithm: AsAny {
         Ok(())
     }
 
-    /// Held-out metrics (without the `eval_` prefix the core adds).
+    /// Held-out metrics (without the `eval_` prefix the core adds); none by default (the online
+    /// methods read prompts, not held-out pairs).
     fn evaluate(
         &self,
-        policy: &LoadedModel,
-        eval: &[TokenizedExample],
-        batch_size: usize,
-    ) -> Result<Vec<(String, f64)>>;
+        _policy: &LoadedModel,
+        _eval: &[TokenizedExample],
+        _batch_size: usize,
+    ) -> Result<Vec<(String, f64)>> {
+        Ok(Vec::new())
+    }
 
     /// Files in `output_dir` this algorithm appends step-keyed JSON lines to (each line has a
     /// `step`): the core cuts them back to the step a run starts from, as `metrics.jsonl`.

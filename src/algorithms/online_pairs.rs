@@ -499,15 +499,6 @@ impl Algorithm for OnlinePairs {
     fn save_checkpoint(&self, dir: &Path, policy: &LoadedModel) -> Result<()> {
         self.reference.save_checkpoint(dir, policy)
     }
-
-    fn evaluate(
-        &self,
-        _policy: &LoadedModel,
-        _eval: &[TokenizedExample],
-        _batch_size: usize,
-    ) -> Result<Vec<(String, f64)>> {
-        Ok(Vec::new())
-    }
 }
 
 #[cfg(test)]

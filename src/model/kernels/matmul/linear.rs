@@ -92,10 +92,24 @@ pub fn linear(x: &Tensor, w: &Tensor, bf16: bool) -> crate::error::Result<Tensor
 pub const FEW_ROWS: usize = 32;
 
 multiversioned! {
-    /// `ys[r] = x_r · w_row` for each of the rows `x_r` of `xs` (`k` wide).
+    /// `ys[r] = x_r · w_row` for each of the rows `x_r` of `xs` (`k` wide), summed exactly as
+    /// [`dot_tiles`] sums each of its products (lane accumulators of fused multiply-adds, the
+    /// lanes added in order, then the tail), so a row's result does not depend on how many
+    /// rows came with it.
     fn dot_rows<T>(ys: &mut [T], xs: &[T], w_row: &[T], k: usize) {
         for (r, y) in ys.iter_mut().enumerate() {
-            *y = super::super::lane_dot(&xs[r * k..(r + 1) * k], w_row);
+            let x = &xs[r * k..(r + 1) * k];
+            let mut acc = [T::zero(); LANES];
+            for (c, d) in w_row.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] = d[l].mul_add(c[l], acc[l]);
+                }
+            }
+            let mut s = acc.iter().fold(T::zero(), |p, &q| p + q);
+            for cc in k / LANES * LANES..k {
+                s += x[cc] * w_row[cc];
+            }
+            *y = s;
         }
     }
 }

@@ -206,6 +206,32 @@ fn few_rows_matches_f64_sums() {
             }
         }
     }
+    // a row's result is the same, bit for bit, alone or among others (batched sampling draws
+    // what sampling prompt by prompt draws)
+    let (k, n) = (37, 67);
+    let x: Vec<f32> = (0..5 * k).map(|_| rng.uniform() as f32 - 0.5).collect();
+    let w = Tensor::from_vec(
+        (0..n * k).map(|_| rng.uniform() as f32 - 0.5).collect::<Vec<f32>>(),
+        (n, k),
+        &dev,
+    )
+    .unwrap();
+    let five: Vec<Vec<f32>> = few_rows(&Tensor::from_vec(x.clone(), (5, k), &dev).unwrap(), &w)
+        .unwrap()
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for r in 0..5 {
+        let one: Vec<Vec<f32>> = few_rows(
+            &Tensor::from_vec(x[r * k..(r + 1) * k].to_vec(), (1, k), &dev).unwrap(),
+            &w,
+        )
+        .unwrap()
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+        assert_eq!(one[0], five[r], "row {r}");
+    }
     let big = Tensor::zeros((FEW_ROWS + 1, 8), candle_core::DType::F32, &dev).unwrap();
     let w = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
     assert!(few_rows(&big, &w).unwrap().is_none());
