@@ -111,7 +111,8 @@ settings! {
         pub num_iterations: usize = 1,
         /// group | batch | none: how rewards are scaled into advantages.
         pub scale_rewards: ScaleRewards = ScaleRewards::Group,
-        /// Reward functions: accuracy, format, length, cmd:<command line>.
+        /// Reward functions: accuracy, format, length, cmd:<command line>, or a reward model
+        /// prefer trained (its path, or model:<path>).
         pub reward_funcs: Vec<String> = Vec::new(),
         /// Weights of reward_funcs in the total reward (default 1 each).
         pub reward_weights: Option<Vec<f64>> = None,
