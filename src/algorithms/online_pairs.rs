@@ -479,10 +479,7 @@ impl Algorithm for OnlinePairs {
         };
         metrics.extend(self.step_metrics.iter().cloned());
         let tokens = examples.iter().map(|e| e.num_tokens()).sum();
-        let positions = examples
-            .iter()
-            .map(|e| e.prompt_ids.len() + e.responses.iter().map(Vec::len).sum::<usize>())
-            .sum();
+        let positions = crate::batch::forward_positions(&examples, self.stats_options.layout);
         Ok(MicroBatch {
             loss,
             metrics,

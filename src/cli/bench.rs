@@ -214,10 +214,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     };
     let data = match &args.data {
         Some(d) => d.clone(),
-        None => std::env::var_os("PREFER_SHARED")
-            .map(std::path::PathBuf::from)
-            .or_else(|| Some("../shared".into()))
-            .map(|s| s.join("data/hh-rlhf-harmless-base/pairs.jsonl"))
+        None => Some(super::shared_data("data/hh-rlhf-harmless-base/pairs.jsonl"))
             .filter(|p| p.is_file())
             .ok_or_else(|| Error::msg("no data: pass --data FILE"))?
             .display()

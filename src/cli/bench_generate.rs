@@ -66,10 +66,7 @@ pub fn generate(args: &GenerateBenchArgs) -> Result<()> {
         .or_else(super::default_model)
         .ok_or_else(|| Error::msg("no model: pass --model or run scripts/fetch-model.sh"))?;
     let data = args.data.clone().unwrap_or_else(|| {
-        let shared = std::env::var_os("PREFER_SHARED")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "../shared".into())
-            .join("data/gsm8k/train.jsonl");
+        let shared = super::shared_data("data/gsm8k/train.jsonl");
         match shared.is_file() {
             true => shared,
             false => "tests/fixtures/gsm8k/train.jsonl".into(),

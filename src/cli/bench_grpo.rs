@@ -42,10 +42,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         .ok_or_else(|| Error::msg("no model: pass --model or run scripts/fetch-model.sh"))?;
     let data = match &args.data {
         Some(d) => d.clone(),
-        None => std::env::var_os("PREFER_SHARED")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "../shared".into())
-            .join("data/gsm8k/train.jsonl"),
+        None => super::shared_data("data/gsm8k/train.jsonl"),
     };
     let out = std::env::temp_dir().join(format!("prefer-bench-grpo-{}", std::process::id()));
     std::fs::create_dir_all(&out)?;

@@ -70,6 +70,14 @@ pub fn default_model() -> Option<PathBuf> {
         .filter(|p| p.is_file())
 }
 
+/// `rel` under the shared data folder beside the checkout: `$PREFER_SHARED`, else `../shared`.
+pub fn shared_data(rel: &str) -> PathBuf {
+    std::env::var_os("PREFER_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "../shared".into())
+        .join(rel)
+}
+
 /// How the evaluation tools read and batch a data file.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DataArgs {
