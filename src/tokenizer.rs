@@ -51,7 +51,14 @@ impl TextTokenizer {
         eos_id_hint: Option<u32>,
         pad_id_hint: Option<u32>,
     ) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
+        // malformed JSON is reported here: the tokenizers crate panics on some of it
+        serde_json::from_str::<Value>(&json)
+            .map_err(|e| Error::Tokenizer(format!("cannot parse tokenizer.json: {e}")))?;
+        // and a panic inside it on a well-formed but unexpected file is an error, not a crash
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json.as_bytes()))
+            .map_err(|_| {
+                Error::Tokenizer("cannot parse tokenizer.json: the tokenizers crate rejected its structure".into())
+            })?
             .map_err(|e| Error::Tokenizer(format!("cannot parse tokenizer.json: {e}")))?;
         let eos_token = match token_str(tok_config.get("eos_token")) {
             Some(s) => s,

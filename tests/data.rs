@@ -151,6 +151,27 @@ fn bad_rows_name_file_line_and_field() {
     }
 }
 
+/// A UTF-8 byte-order mark at the start of a JSONL file (Windows editors, some exporters) is
+/// skipped: the first row loads as the others do. One inside the file is still an error.
+#[test]
+fn a_byte_order_mark_at_the_start_is_skipped() {
+    let row = b"{\"prompt\": \"ok \", \"chosen\": \"x\", \"rejected\": \"y\"}\n";
+    let mut body = b"\xEF\xBB\xBF".to_vec();
+    body.extend_from_slice(row);
+    body.extend_from_slice(row);
+    let p = write("bom.jsonl", &body);
+    let (pairs, rep) = load_text_examples(&p, None, false).unwrap();
+    assert_eq!((pairs.len(), rep.skipped.len()), (2, 0));
+    assert_eq!(pairs[0].prompt, "ok ");
+    let mut body = row.to_vec();
+    body.extend_from_slice(b"\xEF\xBB\xBF");
+    body.extend_from_slice(row);
+    let e = load_text_examples(&write("bom-inside.jsonl", &body), None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bom-inside.jsonl:2:") && e.contains("malformed JSON"), "{e}");
+}
+
 #[test]
 fn truncation_follows_trl() {
     let tok = tiny_tokenizer(false).unwrap();

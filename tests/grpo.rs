@@ -115,6 +115,7 @@ fn grpo_resumes_exactly_and_refuses_bad_configs() {
     let mut t = prefer::train::Trainer::new(&c2).unwrap();
     t.stop_after_step = Some(3);
     assert!(t.run().unwrap().interrupted);
+    drop(t); // its hold on the output_dir
     prefer::train::train(&TrainConfig {
         resume_from_checkpoint: Some("latest".into()),
         ..c2.clone()
@@ -253,6 +254,7 @@ fn grpo_num_iterations_reuses_a_generation_and_resumes_between_its_steps() {
     let mut t = prefer::train::Trainer::new(&c2).unwrap();
     t.stop_after_step = Some(3);
     assert!(t.run().unwrap().interrupted);
+    drop(t); // its hold on the output_dir
     prefer::train::train(&TrainConfig {
         resume_from_checkpoint: Some("latest".into()),
         ..c2.clone()

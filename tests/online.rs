@@ -204,6 +204,7 @@ fn nash_md_raises_a_learnable_reward_and_resumes_exactly() {
     let mut t = prefer::train::Trainer::new(&c2).unwrap();
     t.stop_after_step = Some(3);
     assert!(t.run().unwrap().interrupted);
+    drop(t); // its hold on the output_dir
     prefer::train::train(&TrainConfig {
         resume_from_checkpoint: Some("latest".into()),
         ..c2.clone()

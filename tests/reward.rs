@@ -280,7 +280,8 @@ fn em_recovers_planted_annotator_clusters() {
     assert_eq!(saved["num_labels"], 2);
     let back = model::load(&dir.join("rm"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(back.transformer.cfg.num_labels, 2);
-    // rows without an annotator are refused up front
+    drop(t); // its hold on the output_dir
+             // rows without an annotator are refused up front
     std::fs::write(
         dir.join("anon.jsonl"),
         "{\"prompt\": \"a =\", \"chosen\": \" 1\", \"rejected\": \" 2\"}\n",
@@ -360,6 +361,7 @@ fn crm_filters_planted_noise_and_resumes_exactly() {
     let mut t = prefer::train::Trainer::new(&c2).unwrap();
     t.stop_after_step = Some(5);
     t.run().unwrap();
+    drop(t); // its hold on the output_dir
     assert!(Path::new(&c2.output_dir)
         .join("checkpoint-5/peer_model/optimizer.safetensors")
         .is_file());

@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 use prefer::config::TrainConfig;
 use prefer::error::{Error, Result};
 use prefer::train::Trainer;
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Subcommand)]
@@ -40,9 +41,12 @@ pub struct DpoBenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub batch_size: usize,
+    /// Tokens of a sequence (prompt + completion) at most. Only pairs within it are used, so
+    /// no sequence is truncated and a peer trains on exactly the same tokens.
     #[arg(long, default_value_t = 256)]
     pub max_length: usize,
-    #[arg(long, default_value_t = 128)]
+    /// A separate cut of prompts (0 = none, as TRL 1.16, which has no such option).
+    #[arg(long, default_value_t = 0)]
     pub max_prompt_length: usize,
     /// Use precomputed (cached) reference log-probs instead of a live reference model.
     #[arg(long)]
@@ -70,62 +74,10 @@ pub struct DpoBenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Figures to compare against: a JSON object or JSON lines, each with at least
-    /// `s_per_step_median` (and optionally `peak_rss_gib`, `reference`, `dtype`, `batch_pairs`,
-    /// `max_length`, `name`). The record whose configuration matches this run is used; the
-    /// output of `--json` is such a record. benches/trl-1.16-2vcpu.jsonl holds TRL's figures.
+    /// Write the pairs the run trained on, in order (JSONL prompt/chosen/rejected): the input
+    /// of a peer's run on the same batches (scripts/bench-dpo-vs-trl.sh).
     #[arg(long)]
-    pub compare_file: Option<String>,
-}
-
-/// The records of a compare file: one JSON object, or JSON lines (`//` lines are comments).
-/// Each must be an object with a numeric `s_per_step_median`; a bad line is named.
-fn read_records(file: &str) -> Result<Vec<serde_json::Value>> {
-    let path = std::path::Path::new(file);
-    let text = prefer::util::read_to_string(path)?;
-    let mut records = Vec::new();
-    match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(v @ serde_json::Value::Object(_)) => records.push((1, v)),
-        _ => {
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() || line.trim_start().starts_with("//") {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .map_err(|e| Error::msg(format!("{file}:{}: not a JSON object: {e}", i + 1)))?;
-                records.push((i + 1, v));
-            }
-        }
-    }
-    for (line, r) in &records {
-        if !r.is_object() {
-            return Err(Error::msg(format!("{file}:{line}: expected a JSON object")));
-        }
-        if r.get("s_per_step_median").and_then(|v| v.as_f64()).is_none() {
-            return Err(Error::msg(format!(
-                "{file}:{line}: field `s_per_step_median` (a number) is missing"
-            )));
-        }
-    }
-    Ok(records.into_iter().map(|(_, r)| r).collect())
-}
-
-/// The configuration keys a compare record must agree on with the run (when it has them).
-const MATCH_KEYS: [&str; 5] = [
-    "reference",
-    "dtype",
-    "batch_pairs",
-    "max_length",
-    "gradient_checkpointing",
-];
-
-/// The first record whose configuration matches `run`; a record without a key matches any value.
-fn matching_record<'a>(records: &'a [serde_json::Value], run: &serde_json::Value) -> Option<&'a serde_json::Value> {
-    records.iter().find(|r| {
-        MATCH_KEYS
-            .iter()
-            .all(|k| r.get(k).is_none_or(|v| Some(v) == run.get(k)))
-    })
+    pub rows_out: Option<PathBuf>,
 }
 
 /// Best-of-3 GFLOP/s of an f32 `[m,k] x [k,n]` matmul (candle's, as the f32 model runs it).
@@ -144,7 +96,7 @@ pub fn matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
-/// Best-of-3 GFLOP/s of prefer's bf16 matmul (`bf16 = true`: AMX tiles where the CPU has them),
+/// Best-of-3 GFLOP/s of prefer's bf16 matmul (`bf16 = true`: AMX tiles or `vdpbf16ps`),
 /// `[m,k] x [k,n]`, counting the conversion and packing of both operands.
 pub fn bf16_matmul_gflops(m: usize, k: usize, n: usize) -> Result<f64> {
     use prefer::model::kernels::matmul::{matmul, Rhs, View};
@@ -202,9 +154,51 @@ fn synthetic_pairs(
     Ok((rows.join("\n"), p))
 }
 
+/// The first `count` rows of `text` (JSONL pairs) whose prompt + chosen and prompt + rejected
+/// fit `max_length` tokens as prefer tokenizes them (completion + EOS), as JSON lines.
+fn whole_pairs(
+    text: &str,
+    file: &str,
+    tok: &prefer::tokenizer::TextTokenizer,
+    max_length: usize,
+    count: usize,
+    scratch: &std::path::Path,
+) -> Result<String> {
+    // tokenized by the data layer itself, a window of rows at a time
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut kept = Vec::new();
+    let probe = scratch.join("probe.jsonl");
+    for window in lines.chunks(256) {
+        std::fs::write(&probe, window.join("\n")).map_err(|e| Error::io(&probe, e))?;
+        let opts = prefer::data::TokenizeOptions {
+            max_length: None,
+            max_prompt_length: None,
+            truncation_mode: Default::default(),
+        };
+        let (examples, _) = prefer::data::load_tokenized_examples(&probe, tok, &opts, true)?;
+        let (texts, _) = prefer::data::tokenize::load_text_examples(&probe, None, true)?;
+        for e in examples {
+            let Some(t) = texts.iter().find(|t| t.line == e.line) else {
+                continue;
+            };
+            if e.responses.len() == 2 && e.responses.iter().all(|r| e.prompt_ids.len() + r.len() <= max_length) {
+                // explicit prompt/chosen/rejected, split as prefer splits them (a peer given
+                // the implicit-prompt rows would find its own split)
+                let row = serde_json::json!({"prompt": t.prompt, "chosen": t.chosen(), "rejected": t.rejected()});
+                kept.push(row.to_string());
+                if kept.len() == count {
+                    return Ok(kept.join("\n"));
+                }
+            }
+        }
+    }
+    Err(Error::msg(format!(
+        "{file}: only {} pairs fit max_length {max_length} whole; {count} needed (fewer --steps or a larger --max-length)",
+        kept.len()
+    )))
+}
+
 pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
-    // a bad compare file fails before the run, not after it
-    let records = args.compare_file.as_deref().map(read_records).transpose()?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => super::default_model()
@@ -222,22 +216,26 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     };
     let out = std::env::temp_dir().join(format!("prefer-bench-{}", std::process::id()));
     prefer::util::create_dir_all(&out)?;
-    // Only the pairs the timed steps use (plus spares for rows the data layer rejects), so a
-    // precomputed reference costs one pass over them, not over the whole file.
+    // Only the pairs the timed steps use, so a precomputed reference costs one pass over
+    // them, not over the whole file; and only pairs whose sequences fit max_length whole, so
+    // that no truncation rule (prefer's or a peer's) changes what is trained on.
     let need = (args.steps + 1) * args.batch_size;
     let text = prefer::util::read_to_string(std::path::Path::new(&data))?;
     let data_subset = out.join("pairs.jsonl");
+    let tok = prefer::model::load_tokenizer(std::path::Path::new(&model))?;
     let (mut max_length, mut max_prompt_length) = (args.max_length, args.max_prompt_length);
     let subset = match args.synthetic_length {
-        None => text.lines().take(need + 16).collect::<Vec<_>>().join("\n"),
+        None => whole_pairs(&text, &data, &tok, max_length, need, &out)?,
         Some(n) => {
-            let tok = prefer::model::load_tokenizer(std::path::Path::new(&model))?;
-            let (rows, p) = synthetic_pairs(&text, &tok, n, need + 4)?;
+            let (rows, p) = synthetic_pairs(&text, &tok, n, need)?;
             (max_length, max_prompt_length) = (n + 32, p + 16);
             rows
         }
     };
-    std::fs::write(&data_subset, subset).map_err(|e| Error::io(&data_subset, e))?;
+    std::fs::write(&data_subset, &subset).map_err(|e| Error::io(&data_subset, e))?;
+    if let Some(f) = &args.rows_out {
+        std::fs::write(f, format!("{subset}\n")).map_err(|e| Error::io(f, e))?;
+    }
     let cfg = TrainConfig {
         model_name_or_path: model.clone(),
         train_file: data_subset.display().to_string(),
@@ -271,7 +269,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     let mut tokens = 0usize;
     let mut positions = 0usize;
     let mut phase_secs: std::collections::BTreeMap<&str, f64> = Default::default();
-    let mut first_loss = None;
+    let mut losses = vec![warm.metrics["loss"]];
     for i in 0..args.steps {
         let r = tr.step()?;
         eprintln!(
@@ -286,7 +284,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         for (k, v) in &r.phases {
             *phase_secs.entry(*k).or_insert(0.0) += v;
         }
-        first_loss.get_or_insert(r.metrics["loss"]);
+        losses.push(r.metrics["loss"]);
         secs.push(r.seconds);
         tokens += r.tokens;
     }
@@ -308,16 +306,15 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     let v = serde_json::json!({
         "model": model, "threads": threads, "batch_pairs": args.batch_size, "max_length": args.max_length, "synthetic_length": args.synthetic_length,
         "reference": if live_ref { "live" } else { "precomputed" },
-        "s_per_step_median": median, "tokens_per_second": tokens as f64 / total,
+        "losses": losses, "s_per_step": secs, "s_per_step_median": median, "tokens_per_second": tokens as f64 / total, "tokens_per_step": tokens as f64 / args.steps as f64,
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
-        "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_amx": args.bf16 && prefer::model::kernels::matmul::amx_available(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
+        "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_kernel": if args.bf16 { prefer::model::kernels::matmul::bf16_kernel() } else { None }, "kernel_path": prefer::model::kernels::CpuPath::active().name(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
         "gradient_checkpointing": args.gradient_checkpointing,
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,
         "phase_seconds_per_step": phase_secs.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v / args.steps as f64))).collect::<serde_json::Map<_, _>>(),
         "matmul_gflops_2048": mm_big, "matmul_gflops_2048_bf16": mm_bf16, "matmul_gflops_model_shape": mm_model,
     });
-    let compare = records.as_deref().and_then(|r| matching_record(r, &v));
     if args.json {
         println!("{v}");
     } else {
@@ -360,86 +357,9 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         );
         println!(
             "  machine bf16 matmul GFLOP/s  {mm_bf16:.1} (2048^3, prefer's bf16 matmul incl. packing; {})",
-            if prefer::model::kernels::matmul::amx_available() {
-                "AMX tiles"
-            } else {
-                "no AMX here: rounded operands through the f32 GEMM"
-            }
+            prefer::model::kernels::matmul::bf16_kernel()
+                .unwrap_or("no fast bf16 product here: rounded operands through the f32 GEMM")
         );
-    }
-    if let (Some(f), None) = (&args.compare_file, compare) {
-        let want: Vec<String> = MATCH_KEYS.iter().map(|k| format!("{k} = {}", v[k])).collect();
-        eprintln!(
-            "no record in {f} matches this run ({}); add one to compare",
-            want.join(", ")
-        );
-    }
-    if let Some(c) = compare {
-        let name = c.get("name").and_then(|n| n.as_str()).unwrap_or("compared");
-        let theirs = c["s_per_step_median"].as_f64().unwrap_or(f64::NAN);
-        println!("vs {name}: {theirs:.2} s/step");
-        println!("  speed-up (their s/step / ours)   {:.2}x", theirs / median);
-        if let Some(rss) = c.get("peak_rss_gib").and_then(|x| x.as_f64()) {
-            println!(
-                "  memory (our peak RSS / theirs)   {:.2}  ({peak:.2} vs {rss:.2} GiB)",
-                peak / rss
-            );
-        }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{matching_record, read_records};
-    use prefer::error::Result;
-    use serde_json::json;
-
-    /// The matching record of `file` for `run`, or an error naming what failed.
-    fn comparison_record(file: &str, run: &serde_json::Value) -> Result<serde_json::Value> {
-        let records = read_records(file)?;
-        matching_record(&records, run)
-            .cloned()
-            .ok_or_else(|| prefer::error::Error::msg(format!("{file}: no record matches {run}")))
-    }
-
-    #[test]
-    fn compare_file_picks_the_matching_record_and_names_bad_lines() {
-        let dir = prefer::testing::scratch_dir("bench-compare");
-        let f = dir.join("figures.jsonl");
-        std::fs::write(
-            &f,
-            "// a comment\n{\"reference\": \"live\", \"s_per_step_median\": 6.5}\n\
-             {\"reference\": \"precomputed\", \"dtype\": \"f32\", \"s_per_step_median\": 5.4}\n",
-        )
-        .unwrap();
-        let run = json!({"reference": "precomputed", "dtype": "f32", "batch_pairs": 2, "max_length": 256});
-        let r = comparison_record(f.to_str().unwrap(), &run).unwrap();
-        assert_eq!(r["s_per_step_median"], json!(5.4));
-        // no record for bf16
-        let bf16 = json!({"reference": "precomputed", "dtype": "bf16", "batch_pairs": 2, "max_length": 256});
-        let e = comparison_record(f.to_str().unwrap(), &bf16).unwrap_err().to_string();
-        assert!(e.contains("no record matches") && e.contains("bf16"), "{e}");
-        // a record without the figure is named by line
-        std::fs::write(&f, "{\"reference\": \"live\"}\n").unwrap();
-        let e = comparison_record(f.to_str().unwrap(), &run).unwrap_err().to_string();
-        assert!(e.contains(":1:") && e.contains("s_per_step_median"), "{e}");
-        // a single JSON object (the output of --json) works as a file
-        std::fs::write(&f, run.to_string().replace('}', ", \"s_per_step_median\": 3.0}")).unwrap();
-        assert_eq!(
-            comparison_record(f.to_str().unwrap(), &run).unwrap()["s_per_step_median"],
-            json!(3.0)
-        );
-        // the shipped TRL figures: gradient checkpointing is matched like the other options
-        let trl = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/trl-1.16-2vcpu.jsonl");
-        let live = |gc: bool| json!({"reference": "live", "dtype": "f32", "batch_pairs": 2, "max_length": 256, "gradient_checkpointing": gc});
-        assert_eq!(
-            comparison_record(trl, &live(false)).unwrap()["s_per_step_median"],
-            json!(6.5)
-        );
-        assert_eq!(
-            comparison_record(trl, &live(true)).unwrap()["s_per_step_median"],
-            json!(7.6)
-        );
-    }
 }

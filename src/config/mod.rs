@@ -160,6 +160,10 @@ settings! {
         pub warmup_ratio: f64 = 0.0,
         /// Clip the global gradient norm to this; 0 = no clipping.
         pub max_grad_norm: f64 = 1.0,
+        /// A step whose loss or gradient norm is not finite (NaN, ±inf) leaves the weights and
+        /// the optimizer as they were and is reported; after this many such steps in a row the
+        /// run stops with an error, keeping its last checkpoint (0 = stop at the first).
+        pub max_nonfinite_steps: usize = 3,
         /// adamw_torch (alias adamw) | sgd.
         pub optim: Optim = Optim::AdamwTorch,
         /// Decoupled weight decay (AdamW) / L2 (SGD); not applied to biases and norms.
@@ -202,8 +206,9 @@ settings! {
         pub fused_kernels: bool = true,
         /// Multiply in bf16 with f32 sums, as TRL's `bf16 = true` (PyTorch CPU autocast) does:
         /// the linear layers and the log-prob head round both operands to bf16, forward and
-        /// backward. Weights, gradients and optimizer state stay f32. Fast on CPUs with AMX
-        /// (Xeon 4th generation and later); elsewhere the same numbers at f32 speed.
+        /// backward. Weights, gradients and optimizer state stay f32. Runs on AMX tiles (Xeon
+        /// 4th generation and later) or with AVX512-BF16 (AMD Zen 4/5); on a CPU with neither
+        /// it would only be slower, so training says so and runs in f32.
         pub bf16: bool = false,
         /// Recompute each decoder layer in backward instead of keeping its activations: far
         /// less memory for a second forward pass of the layers (TRL's option; exact, same
@@ -389,6 +394,28 @@ impl TrainConfig {
         if !(0.0..0.5).contains(&self.params.label_smoothing) {
             return bad("label_smoothing must be in [0, 0.5)".into());
         }
+        if self.params.f_divergence_type != crate::objectives::FDivergenceType::ReverseKl {
+            // TRL 1.16's rule: the f-DPO reparameterisation leaves a β·log Z(x) term that only
+            // cancels in the chosen − rejected difference
+            const WITH_F: [&str; 8] = [
+                "sigmoid",
+                "sigmoid_norm",
+                "hinge",
+                "ipo",
+                "exo_pair",
+                "robust",
+                "discopop",
+                "sft",
+            ];
+            let names = self.loss_type.names();
+            if let Some(n) = names.iter().find(|n| !WITH_F.contains(&n.as_str())) {
+                return bad(format!(
+                    "f_divergence_type = \"{}\" does not apply to loss_type `{n}`: the f-DPO reparameterisation leaves a β·log Z(x) term that cancels only in the chosen − rejected difference, so it is defined for {} (as in TRL). Use f_divergence_type = \"reverse_kl\" with `{n}`.",
+                    self.params.f_divergence_type.as_str(),
+                    WITH_F.join(", ")
+                ));
+            }
+        }
         if self.sync_ref_model && self.precompute_ref_log_probs {
             return bad("sync_ref_model updates the reference during training, so its log-probs cannot be precomputed; turn one off".into());
         }
@@ -458,10 +485,27 @@ impl TrainConfig {
         }
     }
 
+    /// The kernels a run uses: `bf16` only where this CPU has a fast bf16 product
+    /// ([`crate::model::kernels::CpuPath::fast_bf16`]); elsewhere bf16 would cost rounding and
+    /// give no speed, so the run is f32 (and [`Self::bf16_notice`] says so).
     pub fn kernels(&self) -> crate::model::Kernels {
         crate::model::Kernels {
             fused: self.fused_kernels,
-            bf16: self.bf16,
+            bf16: self.bf16 && crate::model::kernels::CpuPath::fast_bf16().is_some(),
+        }
+    }
+
+    /// What `bf16 = true` does on this CPU, for the start of a run; `None` without bf16.
+    pub fn bf16_notice(&self) -> Option<String> {
+        use crate::model::kernels::matmul::bf16_kernel;
+        match (self.bf16, bf16_kernel()) {
+            (false, _) => None,
+            (true, Some(k)) => Some(format!("bf16 = true: bf16 products with f32 sums on {k}")),
+            (true, None) => Some(
+                "bf16 = true: this CPU has no fast bf16 product (neither AMX nor AVX512-BF16 on an AMD CPU), \
+                 so bf16 would round every operand and gain nothing: training runs in f32"
+                    .into(),
+            ),
         }
     }
 
@@ -531,6 +575,51 @@ pub fn expand_home(p: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An f-divergence other than reverse KL is refused with the losses TRL 1.16 refuses it
+    /// with (their β·log Z(x) does not cancel), and accepted with the others.
+    #[test]
+    fn f_divergence_is_refused_where_trl_refuses_it() {
+        let dir = std::env::temp_dir().join(format!("prefer-fdiv-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("run.toml");
+        std::fs::write(&p, "model_name_or_path = \"m\"\ntrain_file = \"d.jsonl\"\n").unwrap();
+        let load = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::load(Some(&p), &sets).and_then(|c| c.validate().map(|_| c))
+        };
+        for ok in ["ipo", "sigmoid_norm", "sigmoid,sft", "robust"] {
+            let lt = format!("loss_type={ok}");
+            load(&["f_divergence_type=js_divergence", &lt]).unwrap();
+        }
+        for bad in ["nca_pair", "bco_pair", "sppo_hard", "apo_down", "sigmoid,apo_zero"] {
+            let lt = format!("loss_type={bad}");
+            let e = load(&["f_divergence_type=forward_kl", &lt]).unwrap_err().to_string();
+            assert!(
+                e.contains("does not apply to loss_type") && e.contains("reverse_kl"),
+                "{bad}: {e}"
+            );
+        }
+        load(&["f_divergence_type=reverse_kl", "loss_type=nca_pair"]).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A config saved with a UTF-8 byte-order mark (Windows editors) loads as without one.
+    #[test]
+    fn a_config_with_a_byte_order_mark_loads() {
+        let dir = std::env::temp_dir().join(format!("prefer-bom-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("run.toml");
+        std::fs::write(
+            &p,
+            "\u{feff}beta = 0.25\nmodel_name_or_path = \"m\"\ntrain_file = \"d.jsonl\"\n",
+        )
+        .unwrap();
+        assert!(crate::util::read_to_string(&p).unwrap().starts_with("beta"));
+        let c = TrainConfig::load(Some(&p), &[]).unwrap();
+        assert_eq!(c.params.beta, 0.25);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn keys_table_matches_struct_fields() {

@@ -45,9 +45,11 @@ pub fn kind(v: &Value) -> &'static str {
 }
 
 /// Read every non-blank line of a JSONL file. Each line yields a record or an error that
-/// names the file and line (malformed JSON, non-UTF-8, not an object).
+/// names the file and line (malformed JSON, non-UTF-8, not an object). A UTF-8 byte-order
+/// mark at the start (Windows editors and some exporters write one) is skipped.
 pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut out = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;

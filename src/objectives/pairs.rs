@@ -136,16 +136,20 @@ impl Ctx<'_> {
         let (nw, nl) = self.lengths()?;
         Ok(((&self.s.policy_chosen / nw)?, (&self.s.policy_rejected / nl)?))
     }
-    /// Scores after TRL's f-divergence transform of Δ (`f_divergence_type`).
+    /// Scores after TRL's f-divergence transform of Δ (`f_divergence_type`), f′(exp Δ) with
+    /// its constant terms, exactly as TRL 1.16 writes them: they cancel in s_w − s_l but not
+    /// once chosen and rejected are divided by different lengths (`ipo`, `sigmoid_norm`).
+    /// forward KL: 1 − e^(−Δ); JS: log 2 + log σ(Δ); α: (e^((α−1)Δ) − 1)/(α − 1), the exponent
+    /// clamped at 80.
     pub fn scores(&self) -> Result<(Tensor, Tensor)> {
         let (w, l) = self.deltas()?;
         let f = |d: Tensor| -> Result<Tensor> {
             Ok(match self.p.f_divergence_type {
-                FDivergenceType::ForwardKl => d.neg()?.exp()?.neg()?,
-                FDivergenceType::JsDivergence => log_sigmoid(&d)?,
+                FDivergenceType::ForwardKl => (1.0 - d.neg()?.exp()?)?,
+                FDivergenceType::JsDivergence => (log_sigmoid(&d)? + std::f64::consts::LN_2)?,
                 FDivergenceType::AlphaDivergence if (self.p.f_alpha_divergence_coef - 1.0).abs() >= 1e-6 => {
                     let a = self.p.f_alpha_divergence_coef;
-                    ((d * (a - 1.0))?.minimum(80.0)?.exp()? / (a - 1.0))?
+                    (((d * (a - 1.0))?.minimum(80.0)?.exp()? - 1.0)? / (a - 1.0))?
                 }
                 _ => d,
             })

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::Transformer;
 use crate::util::Rng;
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 /// How tokens are drawn (TRL's / transformers' names and defaults).
 #[derive(Clone, Debug, PartialEq)]
@@ -261,13 +262,26 @@ pub fn sample_mixture(
     for step in 0..params.max_completion_length {
         let (mut running, mut next_tokens) = (Vec::new(), Vec::new());
         let mut fresh = 0;
-        for (gi, grp) in groups.iter_mut().enumerate() {
+        // every running group's samples draw in parallel (each from its own RNG)
+        let draws: Vec<Vec<(u32, f32)>> = groups
+            .par_iter_mut()
+            .map(|grp| match grp.done.iter().all(Option::is_some) {
+                true => Vec::new(),
+                false => grp
+                    .rows
+                    .par_iter()
+                    .zip(grp.history.par_iter())
+                    .zip(grp.rngs.par_iter_mut())
+                    .map(|((row, history), rng)| sample_token(row, history, params, rng))
+                    .collect(),
+            })
+            .collect();
+        for ((gi, grp), draws) in groups.iter_mut().enumerate().zip(draws) {
             if grp.done.iter().all(Option::is_some) {
                 continue;
             }
             let mut next = Vec::with_capacity(g);
-            for s in 0..g {
-                let (tok, lp) = sample_token(&grp.rows[s], &grp.history[s], params, &mut grp.rngs[s]);
+            for (s, (tok, lp)) in draws.into_iter().enumerate() {
                 next.push(tok);
                 if grp.done[s].is_some() {
                     continue;

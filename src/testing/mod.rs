@@ -2,6 +2,7 @@
 //! tokenizer with ChatML special tokens, written as real HF directories and GGUF files so the
 //! loaders are exercised exactly as on a real checkpoint.
 
+pub mod fuzz;
 pub mod shared;
 
 use crate::error::Result;

@@ -21,6 +21,11 @@ pub struct TrainerState {
     pub window: Window,
     pub last_grad_norm: f64,
     pub last_lr: f64,
+    /// Steps skipped for a non-finite loss or gradient norm: in all, and in a row up to now.
+    #[serde(default)]
+    pub nonfinite_steps: usize,
+    #[serde(default)]
+    pub nonfinite_in_a_row: usize,
     /// The algorithm's own state ([`crate::algorithms::Algorithm::state`]): MaxMin's
     /// clusters, LCPO's noise estimate, ...
     #[serde(default)]

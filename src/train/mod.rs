@@ -126,19 +126,25 @@ pub struct Trainer {
     pub resumed_from: Option<PathBuf>,
     /// Behave as if Ctrl-C came after this step (tests and scripted runs).
     pub stop_after_step: Option<usize>,
+    /// Make the loss of these steps (0-based) NaN (tests of the non-finite guard).
+    pub inject_nonfinite: Vec<usize>,
+    /// This run's hold on its output_dir (released when the trainer is dropped or the
+    /// process dies).
+    _lock: crate::util::fs::DirLock,
 }
 
 impl Trainer {
     /// Load the policy and the data, build the algorithm and the optimizer, restore a checkpoint.
     pub fn new(cfg: &TrainConfig) -> Result<Self> {
+        // the output directory first: a run that cannot write there, or whose directory another
+        // run is writing to, stops before any work
+        let lock = crate::util::fs::DirLock::acquire(&cfg.output_dir())?;
         let resume = resolve_resume(cfg)?;
         let start_path = PathBuf::from(&cfg.model_name_or_path);
         let mut policy = model::load(resume.as_deref().unwrap_or(&start_path), DType::F32, &Device::Cpu)?;
         policy.transformer.kernels = cfg.kernels();
-        if cfg.bf16 && !model::kernels::matmul::amx_available() {
-            eprintln!(
-                "bf16 = true: this CPU (or kernel) offers no AMX tiles, so the bf16 products run through the f32 GEMM: the same numbers, at f32 speed"
-            );
+        if let Some(notice) = cfg.bf16_notice() {
+            eprintln!("{notice}");
         }
         let mut cfg = cfg.clone();
         let (policy, mut algorithm, data) = algorithms::build(&mut cfg, policy, resume.as_deref())?;
@@ -165,6 +171,8 @@ impl Trainer {
             state,
             resumed_from: resume,
             stop_after_step: None,
+            inject_nonfinite: Vec::new(),
+            _lock: lock,
         })
     }
 
@@ -202,7 +210,10 @@ impl Trainer {
             clock = Instant::now();
         };
         for indices in &batches {
-            let out = self.algorithm.micro_batch(&ctx!(self, step), indices)?;
+            let mut out = self.algorithm.micro_batch(&ctx!(self, step), indices)?;
+            if self.inject_nonfinite.contains(&step) {
+                out.loss = (out.loss * f64::NAN)?;
+            }
             tokens += out.tokens;
             positions += out.positions;
             *metrics.entry("loss".into()).or_default() +=
@@ -223,7 +234,25 @@ impl Trainer {
             lap("optimizer");
         }
         let grad_norm = self.opt.clip_grad_norm(self.cfg.max_grad_norm)?;
-        self.opt.step(lr)?;
+        let loss = metrics.get("loss").copied().unwrap_or(0.0);
+        if loss.is_finite() && grad_norm.is_finite() {
+            self.opt.step(lr)?;
+            self.state.nonfinite_in_a_row = 0;
+        } else {
+            // the weights and the optimizer's moments stay as they were
+            self.state.nonfinite_steps += 1;
+            self.state.nonfinite_in_a_row += 1;
+            let what = format!("step {}: loss {loss}, gradient norm {grad_norm}", step + 1);
+            if self.state.nonfinite_in_a_row > self.cfg.max_nonfinite_steps {
+                return Err(Error::msg(format!(
+                    "{what}: {} steps in a row were not finite (max_nonfinite_steps = {}), so the run stops; \
+                     the last checkpoint in {} is intact. Lower the learning rate, check the data of these steps, \
+                     or resume with resume_from_checkpoint = \"latest\"",
+                    self.state.nonfinite_in_a_row, self.cfg.max_nonfinite_steps, self.cfg.output_dir
+                )));
+            }
+            eprintln!("{what}: not finite, so this step leaves the weights unchanged");
+        }
         self.algorithm.end_step(&ctx!(self, step), &metrics, lr)?;
         lap("optimizer");
         crate::util::memtrace("after optimizer");
@@ -270,6 +299,9 @@ impl Trainer {
             rec.insert(k.clone(), json!(v / w.steps.max(1) as f64));
         }
         rec.insert("grad_norm".into(), json!(self.state.last_grad_norm));
+        if self.state.nonfinite_steps > 0 {
+            rec.insert("nonfinite_steps".into(), json!(self.state.nonfinite_steps));
+        }
         rec.insert("learning_rate".into(), json!(self.state.last_lr));
         rec.insert("tokens_per_second".into(), json!(w.tokens as f64 / w.seconds.max(1e-9)));
         for (k, v) in self.algorithm.log_metrics() {

@@ -23,8 +23,13 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// A text file's contents, without the UTF-8 byte-order mark some editors put first.
 pub fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+    let mut text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..3);
+    }
+    Ok(text)
 }
 
 pub fn create_dir_all(path: &Path) -> Result<()> {
@@ -61,4 +66,53 @@ pub fn truncate_jsonl_after_step(path: &Path, step: usize) -> Result<()> {
         body.push('\n');
     }
     write_atomic(path, body.as_bytes())
+}
+
+/// An exclusive hold on a run's output directory: `.prefer.lock` in it, locked with `flock`,
+/// which the kernel releases when the holder ends, however it ends (a crash or SIGKILL leaves
+/// no stale lock). A second run pointed at the same directory is refused.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Creates `dir` if needed and takes the lock; an error names the directory and says why.
+    pub fn acquire(dir: &Path) -> Result<DirLock> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::msg(format!(
+                "output_dir {}: cannot create it ({e}); choose a writable output_dir",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join(".prefer.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| {
+                Error::msg(format!(
+                    "output_dir {}: cannot write in it ({e}); choose a writable output_dir",
+                    dir.display()
+                ))
+            })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(Error::msg(format!(
+                    "output_dir {}: another run is writing to it ({}); wait for it to end, stop it, or choose another output_dir",
+                    dir.display(),
+                    holder.trim()
+                )));
+            }
+        }
+        // who holds it, for the message above
+        let _ = file.set_len(0).and_then(|_| write!(file, "pid {}", std::process::id()));
+        Ok(DirLock { _file: file })
+    }
 }

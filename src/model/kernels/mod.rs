@@ -76,13 +76,36 @@ pub fn exp_f32(x: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
     static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *YES.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *YES.get_or_init(|| cpu::CpuPath::Avx2.allows())
 }
 
 /// A generic row kernel compiled twice, for the baseline target and for AVX2 + FMA, the
 /// latter chosen at run time (the crate is built for the baseline, so the element-wise loops
 /// would otherwise not use the wide registers).
+///
+/// Written `fn name<T>(avx2: bool, ...)`, the caller chooses: the AVX2 version when `avx2` and
+/// the CPU has it, else the baseline one (kernels whose tests try every path).
 macro_rules! multiversioned {
+    ($(#[$m:meta])* fn $name:ident<T>(avx2: bool, $($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        fn $name<T: Elem>(avx2: bool, $($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp<T: Elem>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3<T: Elem>($($arg: $ty),*) $(-> $ret)? {
+                    imp::<T>($($arg),*)
+                }
+                if avx2 && $crate::model::kernels::CpuPath::detected() >= $crate::model::kernels::CpuPath::Avx2 {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    return unsafe { v3::<T>($($arg),*) };
+                }
+            }
+            let _ = avx2;
+            imp::<T>($($arg),*)
+        }
+    };
     ($(#[$m:meta])* fn $name:ident<T>($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         fn $name<T: Elem>($($arg: $ty),*) $(-> $ret)? {
@@ -339,6 +362,7 @@ pub(crate) fn tensor_to_storage(t: &Tensor, op: &str) -> CResult<(CpuStorage, Sh
 }
 
 pub mod attention;
+pub mod cpu;
 pub mod logprob_head;
 pub mod matmul;
 pub mod norm;
@@ -349,6 +373,7 @@ pub mod swiglu;
 mod tests;
 
 pub use attention::{attention, attention_grads, masked_softmax, Attention};
+pub use cpu::CpuPath;
 pub use logprob_head::{token_logps, token_logps_entropy, TokenLogps};
 pub use norm::{rms_norm, rms_norm_grads};
 pub use rope::rope;

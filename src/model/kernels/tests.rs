@@ -184,3 +184,58 @@ fn fused_swiglu_matches_primitive() {
         });
     }
 }
+
+/// This module's tests again in child processes, once per CPU path below the one this CPU
+/// has (`PREFER_KERNELS` caps the row kernels, the few-row products and the bf16 products),
+/// down to the portable one: each fallback is exercised on a machine that has better.
+#[test]
+fn kernel_tests_pass_on_every_lower_cpu_path() {
+    use super::CpuPath;
+    if std::env::var_os("PREFER_KERNELS").is_some() {
+        return; // a child (or a run capped on purpose): the cap applies to this process
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut ran = Vec::new();
+    for path in CpuPath::supported() {
+        if path == CpuPath::detected() {
+            continue; // this process runs them there
+        }
+        let out = std::process::Command::new(&exe)
+            .args(["model::kernels::", "--test-threads=2"])
+            .env("PREFER_KERNELS", path.name())
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "kernel tests on the {} path failed:\n{text}",
+            path.name()
+        );
+        // the child ran the module's tests, not an empty selection
+        let passed: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("test result: ok. "))
+            .and_then(|l| l.split(' ').next()?.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            passed >= 10,
+            "the {} run passed only {passed} tests:\n{text}",
+            path.name()
+        );
+        ran.push(format!("{} ({passed} tests)", path.name()));
+    }
+    eprintln!(
+        "kernel tests ran on: {} (this process), {}",
+        CpuPath::detected().name(),
+        if ran.is_empty() {
+            "no lower path".to_string()
+        } else {
+            ran.join(", ")
+        }
+    );
+}

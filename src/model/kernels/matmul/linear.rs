@@ -1,4 +1,5 @@
-use super::super::{has_avx2_fma, Elem, LANES};
+use super::super::{Elem, LANES};
+use super::CpuPath;
 use super::*;
 
 /// `x·Wᵀ` for `x` `[rows, in]` and `W` `[out, in]` (f32, contiguous, CPU); its backward
@@ -88,6 +89,17 @@ pub fn linear(x: &Tensor, w: &Tensor, bf16: bool) -> crate::error::Result<Tensor
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp { bf16 })?)
 }
 
+/// `x·y + a`, fused where the CPU has FMA (`fused`); without it a fused multiply-add is a
+/// library call, an order of magnitude slower than the two operations.
+#[inline(always)]
+fn madd<T: Elem>(fused: bool, x: T, y: T, a: T) -> T {
+    if fused {
+        x.mul_add(y, a)
+    } else {
+        x * y + a
+    }
+}
+
 /// Rows of `x` up to which [`few_rows`] applies.
 pub const FEW_ROWS: usize = 32;
 
@@ -96,13 +108,13 @@ multiversioned! {
     /// [`dot_tiles`] sums each of its products (lane accumulators of fused multiply-adds, the
     /// lanes added in order, then the tail), so a row's result does not depend on how many
     /// rows came with it.
-    fn dot_rows<T>(ys: &mut [T], xs: &[T], w_row: &[T], k: usize) {
+    fn dot_rows<T>(avx2: bool, fused: bool, ys: &mut [T], xs: &[T], w_row: &[T], k: usize) {
         for (r, y) in ys.iter_mut().enumerate() {
             let x = &xs[r * k..(r + 1) * k];
             let mut acc = [T::zero(); LANES];
             for (c, d) in w_row.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
                 for l in 0..LANES {
-                    acc[l] = d[l].mul_add(c[l], acc[l]);
+                    acc[l] = madd(fused, d[l], c[l], acc[l]);
                 }
             }
             let mut s = acc.iter().fold(T::zero(), |p, &q| p + q);
@@ -119,7 +131,7 @@ multiversioned! {
     /// rows): tiles of 2 rows of `w` by 4 rows of `x`, eight independent accumulators of
     /// fused multiply-adds, so each load of a `w` chunk feeds four products and no addition
     /// waits on the one before (a lone dot product is bound by its adds' latency).
-    fn dot_tiles<T>(yt: &mut [T], xs: &[T], w: &[T], m: usize, k: usize) {
+    fn dot_tiles<T>(avx2: bool, fused: bool, yt: &mut [T], xs: &[T], w: &[T], m: usize, k: usize) {
         let wn = w.len() / k;
         let full = k / LANES * LANES;
         let mut j = 0;
@@ -150,14 +162,14 @@ multiversioned! {
                     .zip(x[3].chunks_exact(LANES));
                 for (((((c0, c1), d0), d1), d2), d3) in chunks {
                     for l in 0..LANES {
-                        a0[l] = d0[l].mul_add(c0[l], a0[l]);
-                        a1[l] = d1[l].mul_add(c0[l], a1[l]);
-                        a2[l] = d2[l].mul_add(c0[l], a2[l]);
-                        a3[l] = d3[l].mul_add(c0[l], a3[l]);
-                        b0[l] = d0[l].mul_add(c1[l], b0[l]);
-                        b1[l] = d1[l].mul_add(c1[l], b1[l]);
-                        b2[l] = d2[l].mul_add(c1[l], b2[l]);
-                        b3[l] = d3[l].mul_add(c1[l], b3[l]);
+                        a0[l] = madd(fused, d0[l], c0[l], a0[l]);
+                        a1[l] = madd(fused, d1[l], c0[l], a1[l]);
+                        a2[l] = madd(fused, d2[l], c0[l], a2[l]);
+                        a3[l] = madd(fused, d3[l], c0[l], a3[l]);
+                        b0[l] = madd(fused, d0[l], c1[l], b0[l]);
+                        b1[l] = madd(fused, d1[l], c1[l], b1[l]);
+                        b2[l] = madd(fused, d2[l], c1[l], b2[l]);
+                        b3[l] = madd(fused, d3[l], c1[l], b3[l]);
                     }
                 }
                 let acc = [[a0, a1, a2, a3], [b0, b1, b2, b3]];
@@ -177,40 +189,176 @@ multiversioned! {
     }
 }
 
+/// The AVX-512 twins of [`dot_rows`] and [`dot_tiles`]: sixteen lanes, and tiles of 4 rows of
+/// `w` by 4 rows of `x` (sixteen accumulators), each product summed the same way by both.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use std::arch::x86_64::*;
+
+    /// The sixteen lanes of `acc` added (a fixed tree of halves), then the tail of the dot
+    /// product past the last full chunk.
+    #[inline(always)]
+    unsafe fn finish(acc: __m512, x: &[f32], w: &[f32], full: usize) -> f32 {
+        let mut s = _mm512_reduce_add_ps(acc);
+        for c in full..x.len() {
+            s += x[c] * w[c];
+        }
+        s
+    }
+
+    /// `ys[j·m + r] = x_r · w_j` for every row of `xs` (see [`super::dot_rows`]), four rows of
+    /// `w` at a time (four independent sums, so no addition waits on the one before).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_rows(ys: &mut [f32], xs: &[f32], w: &[f32], m: usize, k: usize) {
+        let (full, wn) = (k / 16 * 16, w.len() / k);
+        for r in 0..m {
+            let x = &xs[r * k..(r + 1) * k];
+            for j in (0..wn).step_by(4) {
+                let jn = (wn - j).min(4);
+                let wr: [usize; 4] = std::array::from_fn(|a| (j + a.min(jn - 1)) * k);
+                let mut acc = [_mm512_setzero_ps(); 4];
+                let mut c = 0;
+                while c < full {
+                    let xv = _mm512_loadu_ps(x.as_ptr().add(c));
+                    for a in 0..4 {
+                        acc[a] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w.as_ptr().add(wr[a] + c)), acc[a]);
+                    }
+                    c += 16;
+                }
+                for (a, &acc) in acc.iter().enumerate().take(jn) {
+                    ys[(j + a) * m + r] = finish(acc, x, &w[wr[a]..wr[a] + k], full);
+                }
+            }
+        }
+    }
+
+    /// `yt[j·m + r] = x_r · w_j` in tiles of `WR` rows of `w` by `XR` rows of `x` (see
+    /// [`super::dot_tiles`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_tiles(yt: &mut [f32], xs: &[f32], w: &[f32], m: usize, k: usize) {
+        const WR: usize = 8;
+        const XR: usize = 2;
+        let wn = w.len() / k;
+        let full = k / 16 * 16;
+        for j in (0..wn).step_by(WR) {
+            let jn = (wn - j).min(WR);
+            for r in (0..m).step_by(XR) {
+                let rn = (m - r).min(XR);
+                // a short tile repeats its last row; the repeats are computed and dropped
+                let wr: [usize; WR] = std::array::from_fn(|a| (j + a.min(jn - 1)) * k);
+                let xr: [usize; XR] = std::array::from_fn(|b| (r + b.min(rn - 1)) * k);
+                let mut acc = [[_mm512_setzero_ps(); XR]; WR];
+                let mut c = 0;
+                while c < full {
+                    let xv: [__m512; XR] = std::array::from_fn(|b| _mm512_loadu_ps(xs.as_ptr().add(xr[b] + c)));
+                    for a in 0..WR {
+                        let wv = _mm512_loadu_ps(w.as_ptr().add(wr[a] + c));
+                        for b in 0..XR {
+                            acc[a][b] = _mm512_fmadd_ps(xv[b], wv, acc[a][b]);
+                        }
+                    }
+                    c += 16;
+                }
+                for (a, acc) in acc.iter().enumerate().take(jn) {
+                    for (b, &acc) in acc.iter().enumerate().take(rn) {
+                        let (x, wj) = (&xs[xr[b]..xr[b] + k], &w[wr[a]..wr[a] + k]);
+                        yt[(j + a) * m + r + b] = finish(acc, x, wj, full);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The output of [`few_rows`], written by its tasks, each to its own columns.
+struct SharedOut(*mut f32);
+
+// SAFETY: the tasks write disjoint elements (see `few_rows_on`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` must lie in the buffer, and no other task may touch element `i`.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+/// `yt[j·m + r] = x_r · w_j` for this task's rows `w` of the weight, with the kernels of `path`.
+fn few_rows_task(path: CpuPath, yt: &mut [f32], xs: &[f32], w: &[f32], m: usize, k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if path >= CpuPath::Avx512 {
+        // SAFETY: AVX-512 F is present (the path is at most the detected one).
+        unsafe {
+            match m >= 4 {
+                true => wide::dot_tiles(yt, xs, w, m, k),
+                false => wide::dot_rows(yt, xs, w, m, k),
+            }
+        }
+        return;
+    }
+    let avx2 = path >= CpuPath::Avx2;
+    if m >= 4 {
+        dot_tiles(avx2, avx2, yt, xs, w, m, k);
+        return;
+    }
+    for (ys, w_row) in yt.chunks_mut(m).zip(w.chunks_exact(k)) {
+        dot_rows(avx2, avx2, ys, xs, w_row, k);
+    }
+}
+
 /// `x·Wᵀ` for an `x` of at most [`FEW_ROWS`] rows (decoding a token per sequence): one pass
 /// over `W` in parallel over its rows, each dotted with every row of `x`. `gemm` packs `W` on
 /// every call, which costs more than the product itself at a few rows. `None` where it does
 /// not apply (more rows, not f32, not contiguous); the training path never calls it.
+///
+/// Each result is summed the same way whatever the number of rows (row by row below 4 rows,
+/// in tiles above), so batched sampling draws what sampling prompt by prompt draws. The sums
+/// depend on the CPU path (eight lanes portable and on AVX2, sixteen on AVX-512).
 pub fn few_rows(x: &Tensor, w: &Tensor) -> crate::error::Result<Option<Tensor>> {
+    few_rows_on(CpuPath::active(), x, w)
+}
+
+/// [`few_rows`] with the kernels of `path` (at most the CPU's).
+pub(crate) fn few_rows_on(path: CpuPath, x: &Tensor, w: &Tensor) -> crate::error::Result<Option<Tensor>> {
     let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
         return Ok(None);
     };
     if m > FEW_ROWS || k != k2 || x.dtype() != candle_core::DType::F32 || w.dtype() != candle_core::DType::F32 {
         return Ok(None);
     }
+    let path = path.min(CpuPath::detected());
     let x = x.contiguous()?;
     let out = with_f32(&x, |xs| {
         with_f32(w, |ws| {
-            const PER_TASK: usize = 64;
-            let mut yt = vec![0f32; n * m];
-            yt.par_chunks_mut(m * PER_TASK).enumerate().for_each(|(c, out)| {
-                if m >= 4 {
-                    let rows = out.len() / m;
-                    let o = c * PER_TASK;
-                    dot_tiles(out, xs, &ws[o * k..(o + rows) * k], m, k);
-                    return;
-                }
-                for (j, ys) in out.chunks_mut(m).enumerate() {
-                    let o = c * PER_TASK + j;
-                    dot_rows(ys, xs, &ws[o * k..(o + 1) * k], k);
+            // about four tasks per thread, whole tiles of w's rows each
+            let per_task = n
+                .div_ceil(4 * rayon::current_num_threads().max(1))
+                .next_multiple_of(4)
+                .max(8);
+            let mut y = vec![0f32; m * n];
+            let out = SharedOut(y.as_mut_ptr());
+            (0..n.div_ceil(per_task)).into_par_iter().for_each(|c| {
+                let j0 = c * per_task;
+                let rows = per_task.min(n - j0);
+                let w = &ws[j0 * k..(j0 + rows) * k];
+                // this task's columns of y, transposed: yt[j·m + r] = y[r][j0 + j]
+                let mut yt = vec![0f32; rows * m];
+                few_rows_task(path, &mut yt, xs, w, m, k);
+                for (j, col) in yt.chunks_exact(m).enumerate() {
+                    for (r, &v) in col.iter().enumerate() {
+                        // SAFETY: each task writes only its own columns j0..j0 + rows of the
+                        // [m, n] buffer, which outlives the parallel loop.
+                        unsafe { *out.at(r * n + j0 + j) = v };
+                    }
                 }
             });
-            let mut y = vec![0f32; m * n];
-            for (o, col) in yt.chunks(m).enumerate() {
-                for (r, &v) in col.iter().enumerate() {
-                    y[r * n + o] = v;
-                }
-            }
             Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu)
         })
     })?;

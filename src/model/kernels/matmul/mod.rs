@@ -16,6 +16,7 @@
 //! come from rounding the operands and running the f32 GEMM (the results differ only in the
 //! order of the f32 sums); that path is correct but no faster than f32.
 
+use super::cpu::CpuPath;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -82,10 +83,23 @@ impl<'a> View<'a> {
 }
 
 /// Whether this CPU and kernel let this process use AMX bf16 tiles (asked once; on Linux the
-/// process must request the tile state with `arch_prctl` first).
-pub fn amx_available() -> bool {
+/// process must request the tile state with `arch_prctl` first), whatever `PREFER_KERNELS` says.
+pub(crate) fn amx_permitted() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(amx::enable)
+}
+
+/// Whether the bf16 products run on AMX tiles ([`CpuPath::Amx`]).
+pub fn amx_available() -> bool {
+    CpuPath::Amx.allows()
+}
+
+/// The fast bf16 kernel of this CPU ([`CpuPath::fast_bf16`]) in words, or `None`.
+pub fn bf16_kernel() -> Option<&'static str> {
+    match CpuPath::fast_bf16()? {
+        CpuPath::Amx => Some("AMX tiles (tdpbf16ps)"),
+        _ => Some("AVX512-BF16 (vdpbf16ps)"),
+    }
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -113,6 +127,16 @@ mod amx {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
+
+#[cfg(not(target_arch = "x86_64"))]
+mod dpbf16 {
+    pub unsafe fn kernel_32x32(_: *const u16, _: *const u16, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
+        unreachable!("AVX512-BF16 is x86_64 only")
+    }
+}
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
@@ -121,6 +145,8 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 }
 
 mod linear;
+#[cfg(test)]
+use linear::few_rows_on;
 pub use linear::{few_rows, linear, linear_bwd, FEW_ROWS};
 
 fn round_up(x: usize, to: usize) -> usize {
@@ -155,7 +181,7 @@ pub enum Rhs {
 
 impl Rhs {
     pub fn new(b: View) -> candle_core::Result<Rhs> {
-        Self::prepare(b, amx_available())
+        Self::prepare(b, CpuPath::Avx512Bf16.allows())
     }
 
     fn prepare(b: View, tiles: bool) -> candle_core::Result<Rhs> {
@@ -171,7 +197,7 @@ impl Rhs {
         // word the bf16 pair (row 2p, row 2p + 1) of one column
         data.par_chunks_mut(nkb * 512).enumerate().for_each(|(jb, chunk)| {
             let words: &mut [u32] = bytemuck_u32(chunk);
-            // SAFETY: tiles are only prepared when AMX (hence AVX-512) is available.
+            // SAFETY: tiles are only prepared on the AVX512-BF16 or AMX paths (hence AVX-512).
             unsafe { amx::pack_rhs_columns(b, jb * 16, nkb, words) };
         });
         Ok(Rhs::Tiles { data, k, n, nkb })
@@ -203,7 +229,7 @@ fn pack_lhs(a: View, nkb: usize) -> Vec<u16> {
     let mp = round_up(a.rows.max(1), 32);
     let mut data = vec![0u16; mp * nkb * 32];
     data.par_chunks_mut(nkb * 512).enumerate().for_each(|(ib, chunk)| {
-        // SAFETY: tiles are only packed when AMX (hence AVX-512) is available.
+        // SAFETY: tiles are only packed on the AVX512-BF16 or AMX paths (hence AVX-512).
         unsafe { amx::pack_lhs_rows(a, ib * 16, nkb, chunk) }
     });
     data
@@ -212,6 +238,12 @@ fn pack_lhs(a: View, nkb: usize) -> Vec<u16> {
 /// `c = a·b` (or `c += a·b` with `accumulate`) with bf16 operands and f32 sums; `c` is
 /// row-major `[a.rows, b.n]` with `ldc` values per row.
 pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
+    matmul_on(CpuPath::active(), a, b, c, ldc, accumulate)
+}
+
+/// [`matmul`] with tiles multiplied by the kernel of `path`: AMX's `tdpbf16ps` on
+/// [`CpuPath::Amx`], AVX512-BF16's `vdpbf16ps` below it (the same tiles, the same 32×32 blocks).
+fn matmul_on(path: CpuPath, a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
     a.check()?;
     let (m, n) = (a.rows, b.n());
     if a.cols != b.k() {
@@ -249,9 +281,9 @@ pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> 
                 .enumerate()
                 .for_each(|(t, cc)| {
                     let mut out = [0f32; 32 * 32];
-                    // SAFETY: this Rhs holds tiles only when AMX is available; pointers stay
-                    // inside `at`, `bt` (32-padded) and `out`.
-                    let _tiles = unsafe { amx::Tiles::configure() };
+                    let on_amx = path >= CpuPath::Amx;
+                    // SAFETY: AMX is checked; pointers stay inside `at`, `bt` (32-padded) and `out`.
+                    let _tiles = on_amx.then(|| unsafe { amx::Tiles::configure() });
                     for nb in 0..nblocks {
                         let b0 = bt[2 * nb * tile..].as_ptr();
                         let b1 = bt[(2 * nb + 1) * tile..].as_ptr();
@@ -259,7 +291,13 @@ pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> 
                         for mb in t * per..((t + 1) * per).min(mblocks) {
                             let a0 = at[2 * mb * tile..].as_ptr();
                             let a1 = at[(2 * mb + 1) * tile..].as_ptr();
-                            unsafe { amx::kernel_32x32(a0, a1, b0, b1, nkb, out.as_mut_ptr()) };
+                            // SAFETY: tiles exist only on the AVX512-BF16 or AMX paths.
+                            unsafe {
+                                match on_amx {
+                                    true => amx::kernel_32x32(a0, a1, b0, b1, nkb, out.as_mut_ptr()),
+                                    false => dpbf16::kernel_32x32(a0, a1, b0, b1, nkb, out.as_mut_ptr()),
+                                }
+                            };
                             let i0 = mb * 32 - t * per * 32;
                             let rows = 32.min(m - mb * 32);
                             for r in 0..rows {

@@ -35,19 +35,25 @@ fn rounding_is_to_nearest_even() {
     }
 }
 
-/// Both paths (tiles when AMX is here, and the rounded f32 GEMM) against an f64 sum of the
-/// rounded operands' products, for shapes that are not multiples of the tiles and for
-/// transposed (strided) operands.
+/// Every bf16 path this CPU has (the rounded f32 GEMM always; `vdpbf16ps` and AMX tiles where
+/// present, whatever `PREFER_KERNELS` says) against an f64 sum of the rounded operands'
+/// products, for shapes that are not multiples of the tiles and for transposed (strided)
+/// operands.
 #[test]
 fn bf16_matmul_matches_an_f64_sum_of_rounded_products() {
-    let paths: Vec<bool> = if amx_available() {
-        vec![true, false]
-    } else {
-        vec![false]
-    };
-    if !amx_available() {
-        eprintln!("AMX is not available here: testing the rounded-f32 path only");
+    let mut paths = vec![(false, CpuPath::Portable)];
+    for p in [CpuPath::Avx512Bf16, CpuPath::Amx] {
+        if CpuPath::detected() >= p {
+            paths.push((true, p));
+        }
     }
+    eprintln!(
+        "bf16 matmul paths tested on this CPU: rounded f32 GEMM{}",
+        paths[1..]
+            .iter()
+            .map(|(_, p)| format!(", {} tiles", p.name()))
+            .collect::<String>()
+    );
     for &(m, k, n) in &[
         (1, 1, 1),
         (3, 5, 7),
@@ -74,13 +80,13 @@ fn bf16_matmul_matches_an_f64_sum_of_rounded_products() {
             };
             let at_ = |i: usize, j: usize| round_to_bf16(av.data[i * av.rs + j * av.cs]) as f64;
             let bt_ = |i: usize, j: usize| round_to_bf16(bv.data[i * bv.rs + j * bv.cs]) as f64;
-            for &tiles in &paths {
+            for &(tiles, path) in &paths {
                 let rhs = Rhs::prepare(bv, tiles).unwrap();
                 let ldc = n + 3;
                 let init = lcg(99, m * ldc);
                 for accumulate in [false, true] {
                     let mut c = init.clone();
-                    matmul(av, &rhs, &mut c, ldc, accumulate).unwrap();
+                    matmul_on(path, av, &rhs, &mut c, ldc, accumulate).unwrap();
                     for i in 0..m {
                         for j in 0..n {
                             let (mut want, mut scale) = (0f64, 0f64);
@@ -95,13 +101,56 @@ fn bf16_matmul_matches_an_f64_sum_of_rounded_products() {
                             let got = c[i * ldc + j] as f64;
                             assert!(
                                 (got - want).abs() <= 2e-6 * scale + 1e-30,
-                                "tiles {tiles} ({m},{k},{n}) at {at} bt {bt} acc {accumulate} [{i},{j}]: {got} vs {want}"
+                                "{path:?} tiles {tiles} ({m},{k},{n}) at {at} bt {bt} acc {accumulate} [{i},{j}]: {got} vs {want}"
                             );
                         }
                         // the padding between rows is left alone
                         for j in n..ldc {
                             assert_eq!(c[i * ldc + j], init[i * ldc + j]);
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Non-finite operands on every bf16 path: an infinity times a finite non-zero value gives
+/// that infinity in its row and column, a NaN gives NaN, infinity times zero gives NaN (as in
+/// f32), and rows and columns without them stay finite and exact.
+#[test]
+fn bf16_matmul_propagates_nan_and_infinity_on_every_path() {
+    let mut paths = vec![(false, CpuPath::Portable)];
+    for p in [CpuPath::Avx512Bf16, CpuPath::Amx] {
+        if CpuPath::detected() >= p {
+            paths.push((true, p));
+        }
+    }
+    let (m, k, n) = (35, 70, 33);
+    let mut a: Vec<f32> = lcg(5, m * k).iter().map(|v| v + 2.0).collect(); // all ≥ 1
+    let b: Vec<f32> = lcg(6, k * n).iter().map(|v| v + 2.0).collect();
+    a[3 * k + 40] = f32::INFINITY; // row 3: +inf everywhere
+    a[7 * k + 1] = f32::NAN; // row 7: NaN everywhere
+    a[9 * k + 69] = f32::NEG_INFINITY; // row 9: -inf, except column 0 where b is zero
+    let mut b = b;
+    b[69 * n] = 0.0;
+    for (tiles, path) in paths {
+        let rhs = Rhs::prepare(View::row_major(&b, k, n), tiles).unwrap();
+        let mut c = vec![0f32; m * n];
+        matmul_on(path, View::row_major(&a, m, k), &rhs, &mut c, n, false).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let v = c[i * n + j];
+                match i {
+                    3 => assert_eq!(v, f32::INFINITY, "{path:?} [{i},{j}]"),
+                    7 => assert!(v.is_nan(), "{path:?} [{i},{j}]"),
+                    9 if j == 0 => assert!(v.is_nan(), "{path:?} [{i},{j}]: -inf·0"),
+                    9 => assert_eq!(v, f32::NEG_INFINITY, "{path:?} [{i},{j}]"),
+                    _ => {
+                        let want: f64 = (0..k)
+                            .map(|p| round_to_bf16(a[i * k + p]) as f64 * round_to_bf16(b[p * n + j]) as f64)
+                            .sum();
+                        assert!((v as f64 - want).abs() <= 2e-6 * want.abs(), "{path:?} [{i},{j}]");
                     }
                 }
             }
@@ -176,18 +225,36 @@ fn linear_bf16_value_and_gradients_match_rounded_f32() {
     assert!(diff > 1e-4, "bf16 result equals the f32 one ({diff})");
 }
 
-/// The few-rows product (row by row below 4 rows, tiles of 2×4 above) against f64 sums, at
-/// row counts and widths that leave partial tiles, lanes and tasks.
+/// The few-rows product (row by row below 4 rows, in tiles above) on every CPU path this
+/// machine has (portable, AVX2, AVX-512) against f64 sums, at row counts and widths that
+/// leave partial tiles, lanes and tasks; and a row's result is the same bit for bit alone or
+/// among others.
 #[test]
 fn few_rows_matches_f64_sums() {
+    let paths: Vec<CpuPath> = CpuPath::supported()
+        .into_iter()
+        .filter(|p| *p <= CpuPath::Avx512)
+        .collect();
+    eprintln!(
+        "few-rows product: paths tested on this CPU: {}",
+        paths.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+    );
+    for path in paths {
+        few_rows_on_path(path);
+    }
+}
+
+fn few_rows_on_path(path: CpuPath) {
     let dev = candle_core::Device::Cpu;
     let mut rng = crate::util::Rng::new(3);
+    let few_rows = |x: &Tensor, w: &Tensor| few_rows_on(path, x, w);
     for (m, k, n) in [
         (1, 37, 67),
         (3, 576, 130),
         (4, 8, 2),
         (5, 37, 129),
         (8, 576, 64),
+        (9, 48, 13),
         (32, 100, 131),
     ] {
         let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32 - 0.5).collect();
@@ -200,7 +267,7 @@ fn few_rows_matches_f64_sums() {
                 let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[o * k + i] as f64).sum();
                 assert!(
                     (y[r][o] as f64 - want).abs() < 1e-4,
-                    "m {m} k {k} n {n}: [{r}][{o}] {} vs {want}",
+                    "{path:?}: m {m} k {k} n {n}: [{r}][{o}] {} vs {want}",
                     y[r][o]
                 );
             }
@@ -208,29 +275,30 @@ fn few_rows_matches_f64_sums() {
     }
     // a row's result is the same, bit for bit, alone or among others (batched sampling draws
     // what sampling prompt by prompt draws)
-    let (k, n) = (37, 67);
-    let x: Vec<f32> = (0..5 * k).map(|_| rng.uniform() as f32 - 0.5).collect();
-    let w = Tensor::from_vec(
-        (0..n * k).map(|_| rng.uniform() as f32 - 0.5).collect::<Vec<f32>>(),
-        (n, k),
-        &dev,
-    )
-    .unwrap();
-    let five: Vec<Vec<f32>> = few_rows(&Tensor::from_vec(x.clone(), (5, k), &dev).unwrap(), &w)
-        .unwrap()
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    for r in 0..5 {
-        let one: Vec<Vec<f32>> = few_rows(
-            &Tensor::from_vec(x[r * k..(r + 1) * k].to_vec(), (1, k), &dev).unwrap(),
-            &w,
+    for (k, n) in [(37, 67), (576, 40)] {
+        let x: Vec<f32> = (0..9 * k).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let w = Tensor::from_vec(
+            (0..n * k).map(|_| rng.uniform() as f32 - 0.5).collect::<Vec<f32>>(),
+            (n, k),
+            &dev,
         )
-        .unwrap()
-        .unwrap()
-        .to_vec2()
         .unwrap();
-        assert_eq!(one[0], five[r], "row {r}");
+        let nine: Vec<Vec<f32>> = few_rows(&Tensor::from_vec(x.clone(), (9, k), &dev).unwrap(), &w)
+            .unwrap()
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for r in 0..9 {
+            let one: Vec<Vec<f32>> = few_rows(
+                &Tensor::from_vec(x[r * k..(r + 1) * k].to_vec(), (1, k), &dev).unwrap(),
+                &w,
+            )
+            .unwrap()
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+            assert_eq!(one[0], nine[r], "{path:?}: k {k}, row {r}");
+        }
     }
     let big = Tensor::zeros((FEW_ROWS + 1, 8), candle_core::DType::F32, &dev).unwrap();
     let w = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
