@@ -5,6 +5,7 @@
 # truncates), in file order, batch 2, beta 0.1, lr 1e-6. For each configuration prefer runs, then
 # TRL on the rows prefer trained on; one table at the end, on the batches both processed.
 # Makes a Python venv with TRL (a few GiB: torch from PyPI) unless $TRL_PYTHON names one.
+# PREFER_FLAGS are added to prefer's side only (e.g. "--adam-moments-dtype bf16").
 #   STEPS=5 THREADS=2 CONFIGS="live precomputed checkpointing bf16" scripts/bench-dpo-vs-trl.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ for c in $configs; do
   echo "== $c: prefer (threads $threads)"
   # shellcheck disable=SC2086
   target/release/prefer --threads "$threads" bench dpo --model "$hf" --data "$data" --steps "$steps" \
-    --rows-out "$out/rows.jsonl" --json $p_flags | tail -1 > "$out/$c-prefer.json"
+    --rows-out "$out/rows.jsonl" --json $p_flags ${PREFER_FLAGS:-} | tail -1 > "$out/$c-prefer.json"
   echo "== $c: TRL (threads $threads)"
   # shellcheck disable=SC2086
   "$py" -W ignore scripts/peers/trl_dpo_bench.py --model "$hf" --data "$out/rows.jsonl" --steps "$steps" \
@@ -61,5 +62,5 @@ for c in os.environ["CONFIGS"].split():
     dl = max(abs(a - b) for a, b in zip(p["losses"], t["losses"]))
     print(f"{c:15}{pm:7.2f} ({pd:5.2f}){tm:6.2f} ({td:5.2f}){tm/pm:5.2f} ({td/pd:.2f}){tok/pm:11.0f}{tok/tm:11.0f}{p['peak_rss_gib']:12.2f}{t['peak_rss_gib']:9.2f}{p['peak_rss_gib']/t['peak_rss_gib']:8.2f}{dl:13.1e}")
 first = json.load(open(f"{out}/{os.environ['CONFIGS'].split()[0]}-prefer.json"))
-print(f"prefer's kernel path: {first.get('kernel_path')}; {first['tokens_per_step']:.0f} tokens per step on both sides (the same rows)")
+print(f"prefer's kernel path: {first.get('kernel_path')}, Adam moments {first.get('adam_moments_dtype')}; {first['tokens_per_step']:.0f} tokens per step on both sides (the same rows)")
 PY

@@ -129,6 +129,7 @@ fn adam(vars: Vec<(String, Var)>) -> Optimizer {
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
+        bf16_moments: false,
     };
     Optimizer::new(kind, 0.0, vars)
 }

@@ -487,6 +487,26 @@ fn unknown_gguf_quantisation_is_named() {
     assert!(e.contains("IQ2_XXS") && e.contains("bad.gguf"), "{e}");
 }
 
+/// A GGUF whose header claims four billion layers (found by the fuzzer, which saw 80 MB
+/// allocated for a 58 KB file): the load fails at the first missing layer, with the file and
+/// the tensor named, without allocating for the claimed layers.
+#[test]
+fn a_gguf_claiming_more_layers_than_it_holds_is_refused() {
+    let dir = tempdir("gguf_layers");
+    let m = tiny_model(&TinySpec::default(), DType::F32, 7).unwrap();
+    let p = dir.join("layers.gguf");
+    write_gguf(&m, &p, GgmlDType::F32).unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    let key = b"llama.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    let ty = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    assert_eq!(ty, 4, "block_count written as u32");
+    bytes[at + 4..at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    let e = model::load(&p, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("layers.gguf") && e.contains("blk.2."), "{e}");
+}
+
 #[test]
 fn greedy_generation_is_deterministic() {
     let m = tiny_model(&TinySpec::default(), DType::F32, 8).unwrap();

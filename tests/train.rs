@@ -474,6 +474,61 @@ fn weights(t: &Trainer) -> Vec<f32> {
         .collect()
 }
 
+/// `adam_moments_dtype = "bf16"`: the moments are bf16 in the checkpoint, a resumed run equals
+/// an uninterrupted one metric for metric, and training stays near the f32-moment run.
+#[test]
+fn bf16_adam_moments_resume_exactly_and_train_near_f32() {
+    let (_dir, cfg) = tiny_setup("bf16-moments");
+    let c = TrainConfig {
+        adam_moments_dtype: prefer::config::MomentsDtype::Bf16,
+        max_steps: 10,
+        save_steps: 4,
+        ..cfg.clone()
+    };
+    prefer::train::train(&c).unwrap();
+    let straight = metrics(&c);
+    let st = candle_core::safetensors::load(
+        Path::new(&c.output_dir).join("checkpoint-4/optimizer.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(st.values().all(|t| t.dtype() == candle_core::DType::BF16));
+    let c2 = TrainConfig {
+        output_dir: format!("{}-2", c.output_dir),
+        ..c.clone()
+    };
+    let mut t = Trainer::new(&c2).unwrap();
+    t.stop_after_step = Some(6);
+    t.run().unwrap();
+    drop(t); // its hold on the output_dir
+    prefer::train::train(&TrainConfig {
+        resume_from_checkpoint: Some("latest".into()),
+        ..c2.clone()
+    })
+    .unwrap();
+    let resumed = metrics(&c2);
+    assert_eq!(resumed.len(), straight.len());
+    for (x, y) in resumed.iter().zip(&straight) {
+        for k in TRL_KEYS.iter().filter(|k| **k != "tokens_per_second") {
+            assert_eq!(x[*k], y[*k], "step {}: {k}", x["step"]);
+        }
+    }
+    let f32_run = TrainConfig {
+        output_dir: format!("{}-f32", c.output_dir),
+        adam_moments_dtype: prefer::config::MomentsDtype::F32,
+        ..c.clone()
+    };
+    prefer::train::train(&f32_run).unwrap();
+    for (a, b) in metrics(&f32_run).iter().zip(&straight) {
+        let (x, y) = (f(a, "loss"), f(b, "loss"));
+        assert!(
+            (x - y).abs() < 0.02 * (1.0 + x.abs()),
+            "step {}: loss f32 {x} vs bf16 moments {y}",
+            a["step"]
+        );
+    }
+}
+
 /// A step whose loss is NaN leaves the weights exactly as they were, is reported in the log
 /// (`nonfinite_steps`), and the run goes on; more such steps in a row than
 /// `max_nonfinite_steps` stop the run with an error that names the checkpoint kept.

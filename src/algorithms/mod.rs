@@ -232,6 +232,7 @@ pub fn trainable(mut model: LoadedModel, cfg: &TrainConfig) -> Result<(LoadedMod
             beta1: cfg.adam_beta1,
             beta2: cfg.adam_beta2,
             eps: cfg.adam_epsilon,
+            bf16_moments: cfg.adam_moments_dtype == crate::config::MomentsDtype::Bf16,
         },
     };
     Ok((model, Optimizer::new(kind, cfg.weight_decay, vars)))

@@ -74,6 +74,9 @@ pub struct DpoBenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// How AdamW keeps its moments: f32, or bf16 (half their memory; `adam_moments_dtype`).
+    #[arg(long, default_value = "f32")]
+    pub adam_moments_dtype: String,
     /// Write the pairs the run trained on, in order (JSONL prompt/chosen/rejected): the input
     /// of a peer's run on the same batches (scripts/bench-dpo-vs-trl.sh).
     #[arg(long)]
@@ -256,6 +259,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         fused_kernels: !args.no_fused_kernels,
         gradient_checkpointing: args.gradient_checkpointing,
         bf16: args.bf16,
+        adam_moments_dtype: prefer::config::MomentsDtype::parse(&args.adam_moments_dtype).map_err(Error::msg)?,
         ..TrainConfig::default()
     };
     cfg.validate()?;
@@ -309,7 +313,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         "losses": losses, "s_per_step": secs, "s_per_step_median": median, "tokens_per_second": tokens as f64 / total, "tokens_per_step": tokens as f64 / args.steps as f64,
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
         "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_kernel": if args.bf16 { prefer::model::kernels::matmul::bf16_kernel() } else { None }, "kernel_path": prefer::model::kernels::CpuPath::active().name(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing": args.gradient_checkpointing, "adam_moments_dtype": args.adam_moments_dtype,
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,
         "phase_seconds_per_step": phase_secs.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v / args.steps as f64))).collect::<serde_json::Map<_, _>>(),

@@ -84,7 +84,9 @@ impl Transformer {
         };
         let hs = cfg.hidden_size;
         let embed_tokens = take("model.embed_tokens.weight".into(), &[cfg.vocab_size, hs])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        // grown layer by layer, not sized by the config: a layer count the file does not back
+        // (a corrupt header) fails at the first missing tensor instead of allocating for it
+        let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             if with_layers {
                 layers.push(Block::build(cfg, i, &mut take)?);
