@@ -84,7 +84,7 @@ pub enum OptimKind {
 /// stochastic rounding. Round to nearest would lose the moments' small updates: with β₂ =
 /// 0.999 each step moves v by 0.1 %, under bf16's resolution of 0.4 %, so v would stop moving.
 /// Rounding up with probability equal to the remainder keeps every update in expectation. The
-/// random bits are a hash of (step, parameter, element, moment), so runs and resumes repeat.
+/// random bits are a hash of (step, parameter, element), so runs and resumes repeat.
 #[derive(Clone, Debug)]
 pub enum Moment {
     F32(Vec<f32>),
@@ -134,21 +134,26 @@ pub fn bf16_stochastic(x: f32, r: u32) -> u16 {
     (x.to_bits().wrapping_add(r & 0xffff) >> 16) as u16
 }
 
-/// 16 random bits for element `i` of parameter `param`'s moment `which` at step `t`
-/// (SplitMix64's finaliser of the four).
-#[inline(always)]
-fn rounding_bits(t: u64, param: u64, i: u64, which: u64) -> u32 {
+/// The key of step `t`'s rounding bits for parameter `param` (SplitMix64's finaliser).
+fn rounding_key(t: u64, param: u64) -> u32 {
     let mut z = t
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(param.wrapping_mul(0xD1B5_4A32_D192_ED03))
-        .wrapping_add(
-            i.wrapping_mul(2)
-                .wrapping_add(which)
-                .wrapping_mul(0xBF58_476D_1CE4_E5B9),
-        );
+        .wrapping_add(param.wrapping_mul(0xD1B5_4A32_D192_ED03));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 48) as u32
+    (z ^ (z >> 31)) as u32
+}
+
+/// 32 random bits for element `i` under `key` (a 32-bit integer hash, "lowbias32"): the low
+/// 16 round the first moment, the high 16 the second.
+#[inline(always)]
+fn rounding_bits(key: u32, i: u32) -> u32 {
+    let mut x = i ^ key;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
 }
 
 /// One trainable parameter with its optimizer state.
@@ -308,21 +313,23 @@ impl Optimizer {
                                         (*m, *v) = adam(w, g, *m, *v);
                                     }
                                 }),
-                            (Moment::Bf16(m), Moment::Bf16(v)) => w
-                                .par_chunks_mut(chunk)
-                                .zip(g.par_chunks(chunk))
-                                .zip(m.par_chunks_mut(chunk))
-                                .zip(v.par_chunks_mut(chunk))
-                                .enumerate()
-                                .for_each(|(c, (((w, g), m), v))| {
-                                    let items = w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
-                                    for (j, (((w, &g), m), v)) in items.enumerate() {
-                                        let (nm, nv) = adam(w, g, bf16_to_f32(*m), bf16_to_f32(*v));
-                                        let i = (c * chunk + j) as u64;
-                                        *m = bf16_stochastic(nm, rounding_bits(t as u64, pid as u64, i, 0));
-                                        *v = bf16_stochastic(nv, rounding_bits(t as u64, pid as u64, i, 1));
-                                    }
-                                }),
+                            (Moment::Bf16(m), Moment::Bf16(v)) => {
+                                let key = rounding_key(t as u64, pid as u64);
+                                w.par_chunks_mut(chunk)
+                                    .zip(g.par_chunks(chunk))
+                                    .zip(m.par_chunks_mut(chunk))
+                                    .zip(v.par_chunks_mut(chunk))
+                                    .enumerate()
+                                    .for_each(|(c, (((w, g), m), v))| {
+                                        let items = w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+                                        for (j, (((w, &g), m), v)) in items.enumerate() {
+                                            let (nm, nv) = adam(w, g, bf16_to_f32(*m), bf16_to_f32(*v));
+                                            let r = rounding_bits(key, (c * chunk + j) as u32);
+                                            *m = bf16_stochastic(nm, r);
+                                            *v = bf16_stochastic(nv, r >> 16);
+                                        }
+                                    })
+                            }
                             _ => unreachable!("both moments share one dtype"),
                         }
                     }
