@@ -605,6 +605,69 @@ fn one_output_dir_takes_one_run_and_an_unwritable_one_fails_first() {
     assert!(e.contains("cannot create it") && e.contains("blocked"), "{e}");
 }
 
+/// A save that cannot be written (here a file-size limit, as a full disk would fail it) stops
+/// the run with an error naming the file; the checkpoint saved before is whole, is still what
+/// `latest` picks, and the run resumes from it to the same end as an uninterrupted one.
+#[cfg(unix)]
+#[test]
+fn a_save_that_cannot_be_written_fails_clearly_and_loses_nothing() {
+    let (dir, cfg) = tiny_setup("fsize");
+    let c = TrainConfig {
+        max_steps: 8,
+        save_steps: 4,
+        ..cfg.clone()
+    };
+    let toml_path = dir.join("fsize.toml");
+    std::fs::write(&toml_path, toml::to_string(&c).unwrap()).unwrap();
+    let run = |limit_kib: Option<u64>, resume: bool| {
+        // SIGXFSZ ignored, so that writing past the limit is an error (EFBIG), not a kill
+        let limit = limit_kib.map(|k| format!("ulimit -f {k}; ")).unwrap_or_default();
+        let resume = if resume {
+            "--set resume_from_checkpoint=latest"
+        } else {
+            ""
+        };
+        let script = format!("trap '' XFSZ; {limit}exec \"$0\" train --config \"$1\" --set max_steps=$2 {resume}");
+        Command::new("bash")
+            .env("RAYON_NUM_THREADS", "1")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_prefer")])
+            .arg(&toml_path)
+            .arg(if limit_kib.is_some() { "8" } else { "4" })
+            .output()
+            .unwrap()
+    };
+    // four steps and a checkpoint, then a run limited to files of 16 KiB: its first save fails
+    let out = run(None, false);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(Some(16), true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the limited run succeeded: {err}");
+    assert!(err.contains("File too large") && err.contains("checkpoint-8"), "{err}");
+    let out_dir = Path::new(&c.output_dir);
+    let latest = prefer::train::checkpoint::latest(out_dir).unwrap();
+    assert!(latest.ends_with("checkpoint-4"), "{}", latest.display());
+    assert!(!out_dir.join("checkpoint-8").exists());
+    // resumed without the limit, it ends where an uninterrupted run ends
+    let done = Command::new(env!("CARGO_BIN_EXE_prefer"))
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["train", "--config"])
+        .arg(&toml_path)
+        .args(["--set", "resume_from_checkpoint=latest"])
+        .output()
+        .unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let straight = TrainConfig {
+        output_dir: format!("{}-straight", c.output_dir),
+        ..c.clone()
+    };
+    prefer::train::train(&straight).unwrap();
+    let (a, b) = (metrics(&c), metrics(&straight));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["loss"], y["loss"], "step {}", x["step"]);
+    }
+}
+
 /// SIGKILL at seeded random moments of a run (steps, logging, checkpoint writes), each time
 /// resumed from `latest`: the finished run's metrics equal an uninterrupted run's, step for
 /// step, and no half-written checkpoint is ever taken for a whole one.
