@@ -3,6 +3,7 @@
 # SmolLM2-135M-Instruct (f32), the first GSM8K questions as chat prompts, the accuracy reward,
 # 4 prompts × 8 completions, ≤ 128 new tokens, TRL's defaults (loss dapo, beta 0, no vLLM).
 # Makes a Python venv with TRL (a few GiB: torch from PyPI) unless $TRL_PYTHON names one.
+# PREFER_FLAGS are added to prefer's side only (e.g. "--gradient-checkpointing --adam-moments-dtype bf16").
 #   STEPS=2 THREADS=2 scripts/bench-grpo-vs-trl.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ hf=target/smollm2-135m-hf
 [ -f "$hf/model.safetensors" ] || target/release/prefer convert --model models/SmolLM2-135M-Instruct.Q4_1.gguf --out "$hf"
 lscpu | grep -E "Model name|^CPU\(s\)" || true
 echo "== prefer (threads $threads)"
-target/release/prefer --threads "$threads" bench grpo --model "$hf" --data "$data" --steps "$steps" --json | tee target/bench-grpo-prefer.json
+target/release/prefer --threads "$threads" bench grpo --model "$hf" --data "$data" --steps "$steps" --json ${PREFER_FLAGS:-} | tee target/bench-grpo-prefer.json
 echo "== TRL (threads $threads)"
 "$py" -W ignore scripts/peers/trl_grpo_bench.py --model "$hf" --data "$data" --steps "$steps" --threads "$threads" | tail -1 | tee target/bench-grpo-trl.json
 python3 - <<'PY'

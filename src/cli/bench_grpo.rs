@@ -29,6 +29,9 @@ pub struct GrpoBenchArgs {
     /// Recompute each decoder layer in backward instead of keeping its activations.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// How AdamW keeps its moments: f32, or bf16 (half their memory; `adam_moments_dtype`).
+    #[arg(long, default_value = "f32")]
+    pub adam_moments_dtype: String,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -68,6 +71,8 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         save_steps: 1_000_000,
         disable_tqdm: true,
         gradient_checkpointing: args.gradient_checkpointing,
+        adam_moments_dtype: prefer::config::MomentsDtype::parse(&args.adam_moments_dtype)
+            .map_err(anyhow::Error::msg)?,
         ..TrainConfig::default()
     };
     cfg.params.beta = 0.0;

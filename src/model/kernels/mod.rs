@@ -86,43 +86,34 @@ fn has_avx2_fma() -> bool {
 /// Written `fn name<T>(avx2: bool, ...)`, the caller chooses: the AVX2 version when `avx2` and
 /// the CPU has it, else the baseline one (kernels whose tests try every path).
 macro_rules! multiversioned {
+    // the body both forms share: the two compilations, and the AVX2 one where `$avx2` holds
+    (@body ($($avx2:tt)*) ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {{
+        #[inline(always)]
+        fn imp<T: Elem>($($arg: $ty),*) $(-> $ret)? $body
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v3<T: Elem>($($arg: $ty),*) $(-> $ret)? {
+                imp::<T>($($arg),*)
+            }
+            if $($avx2)* {
+                // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                return unsafe { v3::<T>($($arg),*) };
+            }
+        }
+        imp::<T>($($arg),*)
+    }};
     ($(#[$m:meta])* fn $name:ident<T>(avx2: bool, $($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         fn $name<T: Elem>(avx2: bool, $($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn imp<T: Elem>($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3<T: Elem>($($arg: $ty),*) $(-> $ret)? {
-                    imp::<T>($($arg),*)
-                }
-                if avx2 && $crate::model::kernels::CpuPath::detected() >= $crate::model::kernels::CpuPath::Avx2 {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-                    return unsafe { v3::<T>($($arg),*) };
-                }
-            }
             let _ = avx2;
-            imp::<T>($($arg),*)
+            multiversioned!(@body (avx2 && $crate::model::kernels::CpuPath::detected() >= $crate::model::kernels::CpuPath::Avx2) ($($arg: $ty),*) $(-> $ret)? $body)
         }
     };
     ($(#[$m:meta])* fn $name:ident<T>($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         fn $name<T: Elem>($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn imp<T: Elem>($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3<T: Elem>($($arg: $ty),*) $(-> $ret)? {
-                    imp::<T>($($arg),*)
-                }
-                if has_avx2_fma() {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-                    return unsafe { v3::<T>($($arg),*) };
-                }
-            }
-            imp::<T>($($arg),*)
+            multiversioned!(@body (has_avx2_fma()) ($($arg: $ty),*) $(-> $ret)? $body)
         }
     };
 }
