@@ -15,19 +15,10 @@ configs=${CONFIGS:-live precomputed checkpointing bf16}
 shared=${PREFER_SHARED:-../shared}
 data=$shared/data/hh-rlhf-harmless-base/pairs.jsonl
 [ -f "$data" ] || data=tests/fixtures/hh-rlhf-harmless-base/pairs.jsonl
-scripts/fetch-model.sh
-cargo build --release --quiet
-py=${TRL_PYTHON:-}
-if [ -z "$py" ]; then
-  venv=${TRL_VENV:-target/trl-venv}
-  [ -x "$venv/bin/python" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q torch==2.15.0 trl==1.16.0; }
-  py=$venv/bin/python
-fi
-hf=target/smollm2-135m-hf
-[ -f "$hf/model.safetensors" ] || target/release/prefer convert --model models/SmolLM2-135M-Instruct.Q4_1.gguf --out "$hf"
+# shellcheck source=scripts/peers/trl-env.sh
+. scripts/peers/trl-env.sh
 out=target/bench-dpo
 mkdir -p "$out"
-lscpu | grep -E "Model name|^CPU\(s\)" || true
 grep -o -w -E 'avx512f|avx512_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 for c in $configs; do
   case $c in

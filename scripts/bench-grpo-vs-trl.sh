@@ -12,17 +12,8 @@ threads=${THREADS:-$(nproc)}
 shared=${PREFER_SHARED:-../shared}
 data=$shared/data/gsm8k/train.jsonl
 [ -f "$data" ] || data=tests/fixtures/gsm8k/train.jsonl
-scripts/fetch-model.sh
-cargo build --release --quiet
-py=${TRL_PYTHON:-}
-if [ -z "$py" ]; then
-  venv=${TRL_VENV:-target/trl-venv}
-  [ -x "$venv/bin/python" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q torch==2.15.0 trl==1.16.0; }
-  py=$venv/bin/python
-fi
-hf=target/smollm2-135m-hf
-[ -f "$hf/model.safetensors" ] || target/release/prefer convert --model models/SmolLM2-135M-Instruct.Q4_1.gguf --out "$hf"
-lscpu | grep -E "Model name|^CPU\(s\)" || true
+# shellcheck source=scripts/peers/trl-env.sh
+. scripts/peers/trl-env.sh
 echo "== prefer (threads $threads)"
 target/release/prefer --threads "$threads" bench grpo --model "$hf" --data "$data" --steps "$steps" --json ${PREFER_FLAGS:-} | tee target/bench-grpo-prefer.json
 echo "== TRL (threads $threads)"

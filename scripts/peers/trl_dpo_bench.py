@@ -10,24 +10,13 @@ import argparse
 import json
 import resource
 import statistics
-import time
 
 import torch
 from datasets import Dataset
 from torch.utils.data import SequentialSampler
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from timing import Timer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
-
-
-class Timer(TrainerCallback):
-    def __init__(self):
-        self.times, self.t0 = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter() - self.t0)
 
 
 class InOrder(DPOTrainer):

@@ -10,11 +10,11 @@ import json
 import re
 import resource
 import statistics
-import time
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from timing import Timer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 
@@ -38,17 +38,6 @@ def accuracy(completions, answer, **_):
         g, p = final_number(a), final_number(text)
         out.append(1.0 if g is not None and p is not None and g == p else 0.0)
     return out
-
-
-class Timer(TrainerCallback):
-    def __init__(self):
-        self.times, self.t0 = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter() - self.t0)
 
 
 def main():

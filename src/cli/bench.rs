@@ -167,22 +167,21 @@ fn whole_pairs(
     count: usize,
     scratch: &std::path::Path,
 ) -> Result<String> {
-    // tokenized by the data layer itself, a window of rows at a time
+    // read and tokenized by the data layer itself, a window of rows at a time
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut kept = Vec::new();
     let probe = scratch.join("probe.jsonl");
+    let opts = prefer::data::TokenizeOptions {
+        max_length: None,
+        max_prompt_length: None,
+        truncation_mode: Default::default(),
+    };
     for window in lines.chunks(256) {
         std::fs::write(&probe, window.join("\n")).map_err(|e| Error::io(&probe, e))?;
-        let opts = prefer::data::TokenizeOptions {
-            max_length: None,
-            max_prompt_length: None,
-            truncation_mode: Default::default(),
-        };
-        let (examples, _) = prefer::data::load_tokenized_examples(&probe, tok, &opts, true)?;
         let (texts, _) = prefer::data::tokenize::load_text_examples(&probe, None, true)?;
-        for e in examples {
-            let Some(t) = texts.iter().find(|t| t.line == e.line) else {
-                continue;
+        for t in texts {
+            let Ok(e) = prefer::data::tokenize::tokenize_example(&t, tok, &opts, &probe) else {
+                continue; // a row the data layer rejects (as the run would skip it)
             };
             if e.responses.len() == 2 && e.responses.iter().all(|r| e.prompt_ids.len() + r.len() <= max_length) {
                 // explicit prompt/chosen/rejected, split as prefer splits them (a peer given

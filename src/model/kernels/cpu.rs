@@ -95,13 +95,14 @@ impl CpuPath {
     /// guest whose hypervisor hides AMX) issue `vdpbf16ps` at half the rate of their two FMA
     /// ports: measured on a Xeon with AMX forced to this path, 180 GFLOP/s against 310 in f32.
     pub fn fast_bf16() -> Option<CpuPath> {
-        match CpuPath::active() {
+        static FAST: OnceLock<Option<CpuPath>> = OnceLock::new();
+        *FAST.get_or_init(|| match CpuPath::active() {
             CpuPath::Amx => Some(CpuPath::Amx),
             CpuPath::Avx512Bf16 if amd() || std::env::var("PREFER_KERNELS").is_ok_and(|v| v.trim() == "avx512bf16") => {
                 Some(CpuPath::Avx512Bf16)
             }
             _ => None,
-        }
+        })
     }
 }
 
