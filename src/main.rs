@@ -43,6 +43,8 @@ enum Cmd {
     Generate(cli::generate::GenerateArgs),
     /// Convert a GGUF model to an HF checkpoint directory (dequantised, f32).
     Convert(cli::convert::ConvertArgs),
+    /// Merge a LoRA adapter (PEFT directory) into its base and write a full HF checkpoint.
+    Merge(cli::convert::MergeArgs),
     /// Token ids and pieces of each text of a JSONL file (one JSON line out per line in).
     Tokenize(cli::tokenize::TokenizeArgs),
     /// Scores of every response of a preference file under a reward model (JSONL to stdout:
@@ -89,6 +91,7 @@ fn main() {
         Cmd::Pal { cmd } => cli::pal::run(cmd),
         Cmd::Generate(a) => cli::generate::run(a),
         Cmd::Convert(a) => cli::convert::run(a),
+        Cmd::Merge(a) => cli::convert::run_merge(a),
         Cmd::Tokenize(a) => cli::tokenize::run(a),
         Cmd::Score(a) => cli::score::run(a),
         Cmd::Logprobs(a) => cli::logprobs::run(a),

@@ -217,6 +217,45 @@ pub fn evaluate_in_batches(
     Ok(sums.into_iter().map(|(k, v)| (k, v / n.max(1) as f64)).collect())
 }
 
+/// The policy a run starts from at `path` (the starting model, or the checkpoint it resumes).
+/// With `use_peft` (or when `path` is a PEFT adapter directory) the base stays frozen in its
+/// stored precision where that is smaller, with LoRA adapters on it: those in `path`, or fresh
+/// ones as PEFT initialises them.
+pub fn load_policy(cfg: &TrainConfig, path: &Path) -> Result<LoadedModel> {
+    use crate::model::lora;
+    let (dtype, dev) = (candle_core::DType::F32, candle_core::Device::Cpu);
+    if !(cfg.peft.use_peft || lora::is_adapter_dir(path)) {
+        return crate::model::load(path, dtype, &dev);
+    }
+    let m = match crate::model::load_frozen(path, dtype, &dev)? {
+        Some(m) => m,
+        None => crate::model::load(path, dtype, &dev)?,
+    };
+    let transformer = match m.transformer.adapters() {
+        Some(a) => {
+            let mut a = a.clone();
+            a.seed = cfg.seed;
+            m.transformer.without_adapters()?.with_adapters(a)?
+        }
+        None => {
+            let t = &m.transformer;
+            let a = lora::Adapters::init(&t.cfg, cfg.lora_spec()?, cfg.seed, t.dtype(), t.device())?;
+            t.with_adapters(a)?
+        }
+    };
+    if let (Some(a), Some(c)) = (transformer.adapters(), transformer.compact_layers()) {
+        eprintln!(
+            "LoRA: {} adapter parameters (r = {}, {}); base layers kept as stored ({:.1} MiB instead of {:.1} MiB)",
+            a.parameter_count(),
+            a.spec.r,
+            a.spec.targets.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
+            c.bytes() as f64 / 1048576.0,
+            c.widened_bytes() as f64 / 1048576.0
+        );
+    }
+    Ok(LoadedModel { transformer, ..m })
+}
+
 /// `model` made trainable as the config asks (kernels, gradient checkpointing, sparse embedding
 /// gradients, per-layer graphs), with its optimizer: the policy's, and any extra model an
 /// algorithm trains.

@@ -171,6 +171,12 @@ pub fn reference_for_run(
     let load_ref = || -> Result<LoadedModel> {
         let mut m = if let Some(d) = &synced_ref {
             crate::model::load(d, dtype, &dev)?
+        } else if policy.transformer.adapters().is_some() && cfg.ref_model.is_none() {
+            // a LoRA run: the base with the adapters off, sharing the policy's weights
+            LoadedModel {
+                transformer: policy.transformer.without_adapters()?,
+                ..policy.clone()
+            }
         } else if resume.is_none() && ref_paths == [start_path.clone()] {
             // the starting model; its layers stay in the checkpoint's precision unless
             // sync_ref_model must mix weights into them

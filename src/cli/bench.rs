@@ -77,6 +77,16 @@ pub struct DpoBenchArgs {
     /// How AdamW keeps its moments: f32, or bf16 (half their memory; `adam_moments_dtype`).
     #[arg(long, default_value = "f32")]
     pub adam_moments_dtype: String,
+    /// Train LoRA adapters on the frozen base (kept in its stored precision) instead of every
+    /// weight (`use_peft`); the reference is the base with the adapters off.
+    #[arg(long)]
+    pub peft: bool,
+    /// LoRA rank with --peft.
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// Modules adapted with --peft (comma-separated PEFT names, or all-linear).
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub lora_target_modules: String,
     /// Write the pairs the run trained on, in order (JSONL prompt/chosen/rejected): the input
     /// of a peer's run on the same batches (scripts/bench-dpo-vs-trl.sh).
     #[arg(long)]
@@ -259,6 +269,18 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         gradient_checkpointing: args.gradient_checkpointing,
         bf16: args.bf16,
         adam_moments_dtype: prefer::config::MomentsDtype::parse(&args.adam_moments_dtype).map_err(Error::msg)?,
+        peft: prefer::config::peft::PeftParams {
+            use_peft: args.peft,
+            lora_r: args.lora_r,
+            lora_alpha: 2.0 * args.lora_r as f64,
+            lora_target_modules: Some(
+                args.lora_target_modules
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .collect(),
+            ),
+            ..Default::default()
+        },
         ..TrainConfig::default()
     };
     cfg.validate()?;
@@ -313,6 +335,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
         "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_kernel": if args.bf16 { prefer::model::kernels::matmul::bf16_kernel() } else { None }, "kernel_path": prefer::model::kernels::CpuPath::active().name(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
         "gradient_checkpointing": args.gradient_checkpointing, "adam_moments_dtype": args.adam_moments_dtype,
+        "peft": args.peft.then(|| serde_json::json!({"lora_r": args.lora_r, "lora_target_modules": args.lora_target_modules})),
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,
         "phase_seconds_per_step": phase_secs.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v / args.steps as f64))).collect::<serde_json::Map<_, _>>(),
@@ -323,11 +346,18 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     } else {
         println!("prefer bench dpo: {model}");
         println!(
-            "  threads {threads}, batch {} pairs, max_length {}, reference {}, matmuls {}",
+            "  threads {threads}, batch {} pairs, max_length {}, reference {}, matmuls {}, {}",
             args.batch_size,
             args.max_length,
             if live_ref { "live" } else { "precomputed" },
-            if args.bf16 { "bf16" } else { "f32" }
+            if args.bf16 { "bf16" } else { "f32" },
+            match args.peft {
+                true => format!(
+                    "LoRA r {} on {} (frozen base as stored)",
+                    args.lora_r, args.lora_target_modules
+                ),
+                false => "full fine-tuning".into(),
+            }
         );
         println!("  s/step (median of {})        {median:.2}", args.steps);
         println!("  real tokens / s              {:.0}", tokens as f64 / total);

@@ -7,6 +7,10 @@ pub struct EvalArgs {
     /// The policy: an HF directory or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter (a PEFT directory: adapter_config.json + adapter_model.safetensors) to
+    /// put on --model. A PEFT directory given as --model itself loads the base it names.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The reference for implicit rewards (omit for ranking accuracy only).
     #[arg(long = "ref")]
     pub reference: Option<PathBuf>,
@@ -87,12 +91,13 @@ pub struct GenerationArgs {
 /// `prefer eval --prompts`: sample, score, summarise.
 fn eval_generation(
     model_path: &Path,
+    adapter: Option<&Path>,
     prompts: &Path,
     read: &DataArgs,
     g: &GenerationArgs,
     as_json: bool,
 ) -> Result<()> {
-    let m = model::load(model_path, DType::F32, &Device::Cpu)?;
+    let m = model::load::load_with_adapter(model_path, adapter, DType::F32, &Device::Cpu)?;
     let field = prefer::data::prompts::PromptField {
         name: g.prompt_field.clone(),
         chat: g.chat,
@@ -157,7 +162,14 @@ fn eval_generation(
 
 pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(p) = &args.prompts {
-        return eval_generation(&args.model, p, &args.read, &args.gen, args.json);
+        return eval_generation(
+            &args.model,
+            args.adapter.as_deref(),
+            p,
+            &args.read,
+            &args.gen,
+            args.json,
+        );
     }
     let EvalArgs {
         model,
@@ -172,12 +184,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
         plots,
         factors,
         json,
+        adapter,
         ..
     } = args;
     let data = data.context("give --data (preference pairs) or --prompts (evaluation by generation)")?;
     let objective = super::run_objective(&model, beta, loss_type.as_deref())?;
     eval_cmd(
         &model,
+        adapter.as_deref(),
         reference.as_deref(),
         &data,
         &objective,
@@ -266,10 +280,10 @@ fn run_models(run: &Path) -> Result<Vec<(Option<usize>, PathBuf)>> {
                 .strip_prefix("checkpoint-")?
                 .parse::<usize>()
                 .ok()?;
-            e.path()
-                .join("model.safetensors")
-                .is_file()
-                .then(|| (Some(n), e.path()))
+            let p = e.path();
+            // a full checkpoint, or a LoRA run's adapter
+            (p.join("model.safetensors").is_file() || p.join("adapter_model.safetensors").is_file())
+                .then_some((Some(n), p))
         })
         .collect();
     v.sort();
@@ -282,6 +296,7 @@ fn run_models(run: &Path) -> Result<Vec<(Option<usize>, PathBuf)>> {
 #[allow(clippy::too_many_arguments)]
 fn eval_cmd(
     model_path: &Path,
+    adapter: Option<&Path>,
     ref_path: Option<&Path>,
     data: &Path,
     objective: &prefer::objectives::Objective,
@@ -332,7 +347,8 @@ fn eval_cmd(
         .collect();
     let mut rows = Vec::new();
     for (step, path) in &models {
-        let m = model::load(path, DType::F32, &dev)?;
+        // --adapter goes on the evaluated model (not on a run's checkpoints, which hold their own)
+        let m = model::load::load_with_adapter(path, adapter.filter(|_| step.is_none()), DType::F32, &dev)?;
         let (scores, gaussian) = match m.transformer.cfg.reward_variance {
             true => {
                 let (s, p) = gaussian_scores(&m, &pairs, batch_size)?;

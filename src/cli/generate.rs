@@ -9,6 +9,10 @@ pub struct GenerateArgs {
     /// The model: an HF directory or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter (a PEFT directory: adapter_config.json + adapter_model.safetensors) to
+    /// put on --model. A PEFT directory given as --model itself loads the base it names.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Prompts, JSONL: `prompt` as a string (used as is) or as {role, content} messages
     /// (rendered with the chat template, generation prompt added).
     #[arg(long)]
@@ -53,7 +57,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let m = model::load(&args.model, DType::F32, &Device::Cpu)?;
+    let m = model::load::load_with_adapter(&args.model, args.adapter.as_deref(), DType::F32, &Device::Cpu)?;
     let tok = &m.tokenizer;
     let prompts = prefer::data::prompts::load_prompts(
         &args.prompts,

@@ -6,6 +6,10 @@ use super::*;
 pub struct LogprobsArgs {
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter (a PEFT directory: adapter_config.json + adapter_model.safetensors) to
+    /// put on --model. A PEFT directory given as --model itself loads the base it names.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[arg(long)]
     pub file: PathBuf,
     #[arg(long, default_value = "text")]
@@ -25,8 +29,9 @@ pub fn run(args: LogprobsArgs) -> Result<()> {
         field,
         prompt_field,
         completion_field,
+        adapter,
     } = args;
-    let m = model::load(&model, DType::F32, &Device::Cpu)?;
+    let m = model::load::load_with_adapter(&model, adapter.as_deref(), DType::F32, &Device::Cpu)?;
     let tok = &m.tokenizer;
     let mut out = std::io::stdout().lock();
     for (line, v) in read_jsonl(&file)? {

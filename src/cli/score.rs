@@ -7,6 +7,10 @@ pub struct ScoreArgs {
     /// A reward model (HF directory with score.weight, as `prefer train` with task = "reward" writes).
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter (a PEFT directory: adapter_config.json + adapter_model.safetensors) to
+    /// put on --model. A PEFT directory given as --model itself loads the base it names.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[arg(long)]
     pub data: PathBuf,
     #[command(flatten)]
@@ -14,8 +18,13 @@ pub struct ScoreArgs {
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let ScoreArgs { model, data, read } = args;
-    let m = model::load(&model, DType::F32, &Device::Cpu)?;
+    let ScoreArgs {
+        model,
+        data,
+        read,
+        adapter,
+    } = args;
+    let m = model::load::load_with_adapter(&model, adapter.as_deref(), DType::F32, &Device::Cpu)?;
     if !m.transformer.cfg.reward_head {
         bail!(
             "{} has no reward head (score.weight); train one with task = \"reward\"",

@@ -10,6 +10,7 @@
 
 pub mod grpo;
 pub mod online;
+pub mod peft;
 
 use crate::data::{TokenizeOptions, TruncationMode};
 use crate::error::{Error, Result};
@@ -248,6 +249,8 @@ settings! {
         pub grpo: crate::config::grpo::GrpoParams,
         /// Online DPO's, Nash-MD's and XPO's.
         pub online: crate::config::online::OnlineParams,
+        /// LoRA's (use_peft = true).
+        pub peft: crate::config::peft::PeftParams,
     }
 }
 
@@ -380,6 +383,7 @@ impl TrainConfig {
         if self.train_file.is_empty() {
             return bad("`train_file` is required (a JSONL file of preference pairs)".into());
         }
+        self.validate_peft()?;
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return bad("per_device_train_batch_size and gradient_accumulation_steps must be ≥ 1".into());
         }
@@ -659,6 +663,8 @@ mod tests {
         c.online.beta_per_epoch = Some(vec![0.1]);
         c.online.alpha_per_epoch = Some(vec![0.1]);
         c.online.mixture_coef_per_epoch = Some(vec![0.5]);
+        c.peft.lora_target_modules = Some(vec!["q_proj".into()]);
+        c.peft.lora_modules_to_save = Some(vec!["score".into()]);
         let v = toml::Value::try_from(&c).unwrap();
         let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
         let mut keys: Vec<&str> = TrainConfig::keys().iter().map(|k| k.0).collect();

@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod llama;
 pub mod load;
 pub mod logprobs;
+pub mod lora;
 
 pub use config::ModelConfig;
 pub use inputs::AttentionInputs;
@@ -37,8 +38,30 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Make every parameter a trainable `Var`. The returned model reads the variables, so an
     /// optimizer that updates them in place updates the model.
+    /// With LoRA adapters, only the adapters (under PEFT's names) and the base parameters of
+    /// `modules_to_save` become variables; the base stays frozen.
     pub fn into_trainable(self) -> Result<(LoadedModel, Vec<(String, Var)>)> {
         let mut vars = Vec::new();
+        if let Some(adapters) = self.transformer.adapters() {
+            let spec = adapters.spec.clone();
+            let adapters = adapters.map(|name, t| {
+                let v = Var::from_tensor(t)?;
+                let out = v.as_tensor().clone();
+                vars.push((name.to_string(), v));
+                Ok(out)
+            })?;
+            let transformer = self.transformer.map(|name, t| {
+                if !spec.saves(name) {
+                    return Ok(t.detach());
+                }
+                let v = Var::from_tensor(t)?;
+                let out = v.as_tensor().clone();
+                vars.push((name.to_string(), v));
+                Ok(out)
+            })?;
+            let transformer = transformer.with_adapters(adapters)?;
+            return Ok((LoadedModel { transformer, ..self }, vars));
+        }
         let transformer = self.transformer.map(|name, t| {
             let v = Var::from_tensor(t)?;
             let out = v.as_tensor().clone();
@@ -93,23 +116,30 @@ impl LoadedModel {
             self.transformer.params().iter().cloned().collect();
         let mut rng = crate::util::Rng::new(seed);
         let hidden = cfg.hidden_size;
-        let mut transformer = Transformer::build(&cfg, |name, shape| {
-            if name == "score.weight" {
-                let n: usize = shape.iter().product();
-                let v: Vec<f64> = (0..n)
-                    .map(|i| match variance && i >= hidden {
-                        true => 0.0, // log σ² starts at 0
-                        false => 0.02 * rng.normal(),
-                    })
-                    .collect();
-                let t = candle_core::Tensor::from_vec(v, shape, self.transformer.device())?;
-                return Ok(t.to_dtype(self.transformer.dtype())?);
-            }
-            old.get(name)
-                .cloned()
-                .ok_or_else(|| Error::msg(format!("missing `{name}`")))
-        })?;
-        transformer.kernels = self.transformer.kernels;
+        let old_t = &self.transformer;
+        let mut transformer = Transformer::build_parts(
+            &cfg,
+            |name, shape| {
+                if name == "score.weight" {
+                    let n: usize = shape.iter().product();
+                    let v: Vec<f64> = (0..n)
+                        .map(|i| match variance && i >= hidden {
+                            true => 0.0, // log σ² starts at 0
+                            false => 0.02 * rng.normal(),
+                        })
+                        .collect();
+                    let t = candle_core::Tensor::from_vec(v, shape, self.transformer.device())?;
+                    return Ok(t.to_dtype(self.transformer.dtype())?);
+                }
+                old.get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::msg(format!("missing `{name}`")))
+            },
+            old_t.compact.is_none(),
+        )?;
+        transformer.kernels = old_t.kernels;
+        transformer.compact = old_t.compact.clone();
+        transformer.adapters = old_t.adapters.clone();
         Ok(LoadedModel { transformer, ..self })
     }
 

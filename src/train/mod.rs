@@ -12,10 +12,10 @@ use crate::algorithms::data::TrainData;
 use crate::algorithms::{self, Algorithm, StepCtx};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::model::{self, LoadedModel};
+use crate::model::LoadedModel;
 use crate::optim::{schedule, Optimizer};
 use crate::util::{progress_bar, say};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use checkpoint::TrainerState;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -141,7 +141,7 @@ impl Trainer {
         let lock = crate::util::fs::DirLock::acquire(&cfg.output_dir())?;
         let resume = resolve_resume(cfg)?;
         let start_path = PathBuf::from(&cfg.model_name_or_path);
-        let mut policy = model::load(resume.as_deref().unwrap_or(&start_path), DType::F32, &Device::Cpu)?;
+        let mut policy = algorithms::load_policy(cfg, resume.as_deref().unwrap_or(&start_path))?;
         policy.transformer.kernels = cfg.kernels();
         if let Some(notice) = cfg.bf16_notice() {
             eprintln!("{notice}");
@@ -204,6 +204,8 @@ impl Trainer {
         if rollout > 1e-3 {
             phases.insert("rollout", rollout);
         }
+        // a LoRA policy's dropout masks are drawn for this step
+        self.policy.transformer.set_dropout_step(Some(step));
         let mut clock = Instant::now();
         let mut lap = |name: &'static str| {
             *phases.entry(name).or_default() += clock.elapsed().as_secs_f64();
@@ -233,6 +235,7 @@ impl Trainer {
             drop(grads);
             lap("optimizer");
         }
+        self.policy.transformer.set_dropout_step(None);
         let grad_norm = self.opt.clip_grad_norm(self.cfg.max_grad_norm)?;
         let loss = metrics.get("loss").copied().unwrap_or(0.0);
         if loss.is_finite() && grad_norm.is_finite() {

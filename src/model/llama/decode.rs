@@ -120,8 +120,12 @@ fn shared_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
 fn lin(l: &Linear, x: &Tensor, k: Kernels) -> Result<Tensor> {
     if !k.bf16_for(x) {
         if let Some(y) = few_rows(x, &l.weight)? {
-            return Ok(match &l.bias {
+            let y = match &l.bias {
                 Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            return Ok(match &l.lora {
+                Some(lora) => (y + lora.delta(x, k)?)?,
                 None => y,
             });
         }

@@ -7,12 +7,18 @@ use crate::model::autograd::{GradSink, LayerCall};
 use crate::model::config::ModelConfig;
 use crate::model::inputs::{AttentionBlock, AttentionInputs};
 use crate::model::kernels::{self, matmul, Kernels};
+use crate::model::llama::LayerStore;
+use crate::model::lora::{Lora, Module};
 use candle_core::{DType, Tensor};
+use std::borrow::Cow;
+use std::sync::Arc;
 /// A dense layer `y = x W^T (+ b)`, with `W` of shape `[out, in]` as in PyTorch.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A LoRA adapter on this layer (attached per forward pass by `Transformer::layer`).
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -35,6 +41,10 @@ impl Linear {
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(l) => (y + l.delta(&x2, k)?)?,
             None => y,
         };
         if dims.len() == 2 {
@@ -77,11 +87,18 @@ impl Linear {
         Linear {
             weight: f(&self.weight),
             bias: self.bias.as_ref().map(f),
+            lora: self.lora.as_ref().map(|l| Lora {
+                a: f(&l.a),
+                b: f(&l.b),
+                ..l.clone()
+            }),
         }
     }
 
     fn tensors(&self) -> impl Iterator<Item = &Tensor> {
-        std::iter::once(&self.weight).chain(self.bias.as_ref())
+        std::iter::once(&self.weight)
+            .chain(self.bias.as_ref())
+            .chain(self.lora.iter().flat_map(|l| [&l.a, &l.b]))
     }
 }
 
@@ -106,7 +123,11 @@ impl Block {
             } else {
                 None
             };
-            Ok(Linear { weight, bias })
+            Ok(Linear {
+                weight,
+                bias,
+                lora: None,
+            })
         };
         let self_attn = Attention {
             q_proj: lin("self_attn.q_proj", q, hs, cfg.qkv_bias)?,
@@ -207,6 +228,59 @@ impl Block {
                 up_proj: m.up_proj.map(&f),
                 down_proj: m.down_proj.map(&f),
             },
+        }
+    }
+
+    /// The layer's linear layers, in [`Module::ALL`]'s order.
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
+    /// The same layer with `loras[m]` on the linear layer of `Module::ALL[m]`.
+    pub fn with_adapters(mut self, loras: [Option<Lora>; 7]) -> Block {
+        for (lin, lora) in self.linears_mut().into_iter().zip(loras) {
+            lin.lora = lora;
+        }
+        self
+    }
+
+    /// The linear layer of `m`.
+    pub fn linear(&self, m: Module) -> &Linear {
+        let (a, mlp) = (&self.self_attn, &self.mlp);
+        match m {
+            Module::QProj => &a.q_proj,
+            Module::KProj => &a.k_proj,
+            Module::VProj => &a.v_proj,
+            Module::OProj => &a.o_proj,
+            Module::GateProj => &mlp.gate_proj,
+            Module::UpProj => &mlp.up_proj,
+            Module::DownProj => &mlp.down_proj,
+        }
+    }
+
+    /// The tensor at `path` inside the layer (`self_attn.q_proj.weight`, `input_layernorm.weight`).
+    pub fn get(&self, path: &str) -> Option<&Tensor> {
+        match path {
+            "input_layernorm.weight" => return Some(&self.input_layernorm),
+            "post_attention_layernorm.weight" => return Some(&self.post_attention_layernorm),
+            _ => {}
+        }
+        let (module, field) = path.rsplit_once('.')?;
+        let m = *Module::ALL.iter().find(|m| m.path() == module)?;
+        let l = self.linear(m);
+        match field {
+            "weight" => Some(&l.weight),
+            "bias" => l.bias.as_ref(),
+            _ => None,
         }
     }
 
@@ -436,10 +510,19 @@ fn backward_by_hand(
 ) -> Result<Tensor> {
     use kernels::{rms_norm_grads, swiglu_grads};
     let lin = |l: &Linear, x: &Tensor, dy: &Tensor| -> Result<Tensor> {
-        let (dx, dw) = matmul::linear_bwd(x, &l.weight, dy, k.bf16)?;
-        sink.add(l.weight.id(), dw)?;
-        if let Some(b) = &l.bias {
+        // a frozen weight (a LoRA base) gets no gradient: only the input's product runs
+        let mut dx = if l.weight.is_variable() {
+            let (dx, dw) = matmul::linear_bwd(x, &l.weight, dy, k.bf16)?;
+            sink.add(l.weight.id(), dw)?;
+            dx
+        } else {
+            matmul::linear_bwd_input(&l.weight, dy, k.bf16)?
+        };
+        if let Some(b) = l.bias.as_ref().filter(|b| b.is_variable()) {
             sink.add(b.id(), dy.sum(0)?)?;
+        }
+        if let Some(lora) = &l.lora {
+            dx = (dx + lora.backward(x, dy, sink)?)?;
         }
         Ok(dx)
     };
@@ -448,22 +531,86 @@ fn backward_by_hand(
     let (dg, du) = swiglu_grads(&s.g, &s.u, &ds)?;
     let dn2 = (lin(&m.gate_proj, &s.n2, &dg)? + lin(&m.up_proj, &s.n2, &du)?)?;
     let (dh_norm, dw_post) = rms_norm_grads(&s.h, &layer.post_attention_layernorm, &dn2, eps)?;
-    sink.add(layer.post_attention_layernorm.id(), dw_post)?;
+    if layer.post_attention_layernorm.is_variable() {
+        sink.add(layer.post_attention_layernorm.id(), dw_post)?;
+    }
     let dh = (dy + dh_norm)?;
     let at = &layer.self_attn;
     let da = lin(&at.o_proj, &s.a, &dh)?;
     let (dq, dk, dv) = Attention::attend_fused_bwd(&s.q, &s.k, &s.v, &s.ops, &da)?;
     let dn1 = ((lin(&at.q_proj, &s.n1, &dq)? + lin(&at.k_proj, &s.n1, &dk)?)? + lin(&at.v_proj, &s.n1, &dv)?)?;
     let (dx_norm, dw_in) = rms_norm_grads(&s.x, &layer.input_layernorm, &dn1, eps)?;
-    sink.add(layer.input_layernorm.id(), dw_in)?;
+    if layer.input_layernorm.is_variable() {
+        sink.add(layer.input_layernorm.id(), dw_in)?;
+    }
     Ok((dh + dx_norm)?)
+}
+
+/// Where a [`BlockCall`] gets its layer: held whole, or widened from a layer store on each use
+/// (a frozen base in its stored precision: the widened weights live only while used), with
+/// the layer's adapters attached.
+pub enum LayerSource {
+    Held(Block),
+    Stored {
+        store: Arc<dyn LayerStore>,
+        cfg: Box<ModelConfig>,
+        index: usize,
+        loras: [Option<Lora>; 7],
+    },
+}
+
+impl LayerSource {
+    /// The layer.
+    pub fn block(&self) -> Result<Cow<'_, Block>> {
+        Ok(match self {
+            LayerSource::Held(b) => Cow::Borrowed(b),
+            LayerSource::Stored {
+                store,
+                cfg,
+                index,
+                loras,
+            } => Cow::Owned(store.layer(cfg, *index)?.with_adapters(loras.clone())),
+        })
+    }
+
+    /// The same source reading detached copies of its trainable tensors.
+    pub fn detached(&self) -> LayerSource {
+        match self {
+            LayerSource::Held(b) => LayerSource::Held(b.map_tensors(Tensor::detach)),
+            LayerSource::Stored {
+                store,
+                cfg,
+                index,
+                loras,
+            } => LayerSource::Stored {
+                store: store.clone(),
+                cfg: cfg.clone(),
+                index: *index,
+                loras: loras.clone().map(|l| {
+                    l.map(|l| Lora {
+                        a: l.a.detach(),
+                        b: l.b.detach(),
+                        ..l
+                    })
+                }),
+            },
+        }
+    }
+
+    /// The tensors that may be trained (a stored layer's are its adapters only).
+    fn params(&self) -> Vec<&Tensor> {
+        match self {
+            LayerSource::Held(b) => b.tensors(),
+            LayerSource::Stored { loras, .. } => loras.iter().flatten().flat_map(|l| l.tensors()).collect(),
+        }
+    }
 }
 
 /// A layer with its attention inputs and kernels, as [`crate::model::autograd::layer_op`] runs
 /// it: `layer` reads the parameters (variables), `detached` the same values outside the graph.
 pub struct BlockCall {
-    pub layer: Block,
-    pub detached: Block,
+    pub layer: LayerSource,
+    pub detached: LayerSource,
     pub attn: AttentionInputs,
     pub kernels: Kernels,
     pub eps: f64,
@@ -473,26 +620,27 @@ impl LayerCall for BlockCall {
     type Kept = Activations;
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.layer.forward(x, &self.attn, self.kernels, self.eps)
+        self.layer.block()?.forward(x, &self.attn, self.kernels, self.eps)
     }
 
     fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
-        self.detached.forward(x, &self.attn, self.kernels, self.eps)
+        self.detached.block()?.forward(x, &self.attn, self.kernels, self.eps)
     }
 
     fn forward_keeping(&self, x: &Tensor) -> Result<Option<(Tensor, Activations)>> {
-        if !self.detached.can_keep(x, &self.attn, self.kernels)? {
+        let detached = self.detached.block()?;
+        if !detached.can_keep(x, &self.attn, self.kernels)? {
             return Ok(None);
         }
-        let (y, kept) = self.detached.run(x, &self.attn, self.kernels, self.eps, true)?;
+        let (y, kept) = detached.run(x, &self.attn, self.kernels, self.eps, true)?;
         Ok(kept.map(|k| (y, k)))
     }
 
     fn backward_by_hand(&self, kept: &Activations, dy: &Tensor, sink: &GradSink) -> Result<Tensor> {
-        backward_by_hand(&self.layer, kept, dy, self.kernels, self.eps, sink)
+        backward_by_hand(&*self.layer.block()?, kept, dy, self.kernels, self.eps, sink)
     }
 
     fn params(&self) -> Vec<&Tensor> {
-        self.layer.tensors()
+        self.layer.params()
     }
 }

@@ -19,6 +19,7 @@ use crate::model::autograd::{layer_op, BackwardOptions, GradSink};
 use crate::model::config::ModelConfig;
 use crate::model::inputs::AttentionInputs;
 use crate::model::kernels::{matmul, Kernels};
+use crate::model::lora::{Adapters, DropoutClock};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
@@ -55,6 +56,10 @@ pub struct Transformer {
     /// A frozen model's decoder layers kept in the checkpoint's own precision and widened one
     /// layer at a time in forward (`layers` is then empty); see [`LayerStore`].
     pub(crate) compact: Option<std::sync::Arc<dyn LayerStore>>,
+    /// LoRA adapters on the (frozen) layers, attached to each layer as it is used.
+    pub(crate) adapters: Option<std::sync::Arc<Adapters>>,
+    /// Which training forward pass the adapters' dropout is in (shared by clones).
+    pub(crate) dropout_clock: std::sync::Arc<DropoutClock>,
 }
 
 impl Transformer {
@@ -112,21 +117,110 @@ impl Transformer {
             backward_options: Default::default(),
             sink: Default::default(),
             compact: None,
+            adapters: None,
+            dropout_clock: Default::default(),
         })
     }
 
     /// The same model reading the same storage outside any autograd graph (cheap: no copy), for
     /// inference on a model that is being trained (sampling, scoring).
     pub fn detached(&self) -> Result<Self> {
-        self.map(|_, t| Ok(t.detach()))
+        let mut m = self.map(|_, t| Ok(t.detach()))?;
+        if let Some(a) = &self.adapters {
+            m.adapters = Some(std::sync::Arc::new(a.map(|_, t| Ok(t.detach()))?));
+        }
+        Ok(m)
     }
 
-    /// Decoder layer `i`: the model's own, or widened from its layer store.
+    /// Decoder layer `i`: the model's own, or widened from its layer store, with its adapters
+    /// (no dropout).
     pub(crate) fn layer(&self, i: usize) -> Result<std::borrow::Cow<'_, Block>> {
-        Ok(match &self.compact {
+        self.layer_for(i, None)
+    }
+
+    /// Decoder layer `i` with its adapters' dropout keyed from `forward_key`.
+    fn layer_for(&self, i: usize, forward_key: Option<u64>) -> Result<std::borrow::Cow<'_, Block>> {
+        let blk = match &self.compact {
             Some(c) => std::borrow::Cow::Owned(c.layer(&self.cfg, i)?),
             None => std::borrow::Cow::Borrowed(&self.layers[i]),
+        };
+        Ok(match &self.adapters {
+            Some(a) => std::borrow::Cow::Owned(blk.into_owned().with_adapters(a.layer(i, forward_key))),
+            None => blk,
         })
+    }
+
+    /// The LoRA adapters, if the model has them.
+    pub fn adapters(&self) -> Option<&Adapters> {
+        self.adapters.as_deref()
+    }
+
+    /// The same model with `adapters` on its layers (their shapes are checked).
+    pub fn with_adapters(&self, adapters: Adapters) -> Result<Self> {
+        if adapters.layers.len() != self.cfg.num_hidden_layers {
+            return Err(Error::msg(format!(
+                "the adapter has {} layers, the model {}",
+                adapters.layers.len(),
+                self.cfg.num_hidden_layers
+            )));
+        }
+        let mut m = self.clone();
+        m.adapters = Some(std::sync::Arc::new(adapters));
+        Ok(m)
+    }
+
+    /// The base model: the same weights (shared, not copied) with the adapters off and every
+    /// tensor detached. A LoRA run's reference.
+    pub fn without_adapters(&self) -> Result<Self> {
+        let mut m = self.map(|_, t| Ok(t.detach()))?;
+        m.adapters = None;
+        Ok(m)
+    }
+
+    /// The adapters merged into the weights (`W + s·B·A` of each adapted module): a dense model
+    /// without adapters and with every layer widened, detached.
+    pub fn merged(&self) -> Result<Self> {
+        let base = self.without_adapters()?;
+        let mut current: Option<(usize, Block)> = None;
+        let mut m = Self::build(&self.cfg, |name, _| {
+            let Some(rest) = name.strip_prefix("model.layers.") else {
+                return base
+                    .params
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t.clone())
+                    .ok_or_else(|| Error::msg(format!("merge: no tensor `{name}`")));
+            };
+            let (i, path) = rest
+                .split_once('.')
+                .and_then(|(i, p)| Some((i.parse::<usize>().ok()?, p)))
+                .ok_or_else(|| Error::msg(format!("merge: unexpected tensor name `{name}`")))?;
+            if current.as_ref().is_none_or(|(c, _)| *c != i) {
+                current = Some((i, base.layer(i)?.into_owned()));
+            }
+            let blk = &current.as_ref().expect("set above").1;
+            let w = blk
+                .get(path)
+                .ok_or_else(|| Error::msg(format!("merge: no tensor `{name}`")))?;
+            let adapted = self.adapters.as_ref().and_then(|a| {
+                let k = crate::model::lora::Module::ALL
+                    .iter()
+                    .position(|m| format!("{}.weight", m.path()) == path)?;
+                let (la, lb) = a.layers[i][k].as_ref()?;
+                Some((la.detach(), lb.detach(), a.spec.scale()))
+            });
+            match adapted {
+                Some((la, lb, s)) => crate::model::lora::merged_weight(w, &la, &lb, s),
+                None => Ok(w.clone()),
+            }
+        })?;
+        m.kernels = self.kernels;
+        Ok(m)
+    }
+
+    /// Set (or with `None` clear) the training step the adapters' dropout masks are drawn for.
+    pub fn set_dropout_step(&self, step: Option<usize>) {
+        self.dropout_clock.set_step(step);
     }
 
     /// The decoder layers kept compact, if this is such a frozen model.
@@ -152,6 +246,8 @@ impl Transformer {
             self.compact.is_none(),
         )?;
         m.compact = self.compact.clone();
+        m.adapters = self.adapters.clone();
+        m.dropout_clock = self.dropout_clock.clone();
         m.kernels = self.kernels;
         m.backward_options = self.backward_options;
         Ok(m)
@@ -177,22 +273,39 @@ impl Transformer {
         // the layers work on `[B·T, H]` rows: no reshapes around every projection
         let mut x = self.embed(&input_ids.flatten_all()?)?;
         let k = self.kernels;
+        // trained adapters on a frozen base: the embedding is not trained, so the first layer's
+        // input becomes a leaf of the graph (its layer op must be tracked), and this forward
+        // pass draws its dropout masks
+        let training_adapters = self.adapters.as_ref().filter(|a| a.trainable());
+        if training_adapters.is_some() && !x.track_op() {
+            x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
+        }
+        let key = training_adapters.and_then(|a| self.dropout_clock.next_key(a.seed));
         for i in 0..self.cfg.num_hidden_layers {
-            let blk = &*self.layer(i)?;
             let opts = self.backward_options;
             x = if (opts.gradient_checkpointing || opts.layer_graphs) && x.track_op() {
                 // one op per layer: keep only the layer's input and recompute in backward
                 // (checkpointing), or keep the layer's graph until its backward
+                let layer = match (&self.compact, &self.adapters) {
+                    // a stored base is widened only while the op uses it
+                    (Some(store), Some(a)) => layer::LayerSource::Stored {
+                        store: store.clone(),
+                        cfg: Box::new(self.cfg.clone()),
+                        index: i,
+                        loras: a.layer(i, key),
+                    },
+                    _ => layer::LayerSource::Held(self.layer_for(i, key)?.into_owned()),
+                };
                 let call = layer::BlockCall {
-                    layer: blk.clone(),
-                    detached: blk.map_tensors(Tensor::detach),
+                    detached: layer.detached(),
+                    layer,
                     attn: a.clone(),
                     kernels: k,
                     eps,
                 };
                 layer_op(call, &x, &self.sink, !opts.gradient_checkpointing)?
             } else {
-                blk.forward(&x, a, k, eps)?
+                self.layer_for(i, key)?.forward(&x, a, k, eps)?
             };
         }
         Ok(k.rms_norm(&x, &self.norm, eps)?.reshape((b, t, self.cfg.hidden_size))?)
@@ -291,8 +404,13 @@ impl Transformer {
     /// evaluation) are dropped here.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = loss.backward()?;
-        self.sink
-            .collect(&mut grads, self.params.iter().map(|(_, p)| p), &self.embed_tokens)?;
+        let adapters = self.adapters.as_ref().map(|a| a.named()).unwrap_or_default();
+        let params = self
+            .params
+            .iter()
+            .map(|(_, p)| p)
+            .chain(adapters.iter().map(|(_, t)| *t));
+        self.sink.collect(&mut grads, params, &self.embed_tokens)?;
         Ok(grads)
     }
 }

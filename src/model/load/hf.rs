@@ -93,8 +93,13 @@ fn load(dir: &Path, dtype: DType, device: &Device, compact: bool) -> Result<Load
 
 /// Save `model` as an HF checkpoint directory that `transformers` loads unchanged. Weights are
 /// written in f32 (the training master precision); every file is written atomically.
+/// A model with LoRA adapters is saved as a PEFT adapter directory instead (see
+/// [`save_adapter_dir`]).
 pub fn save_dir(model: &LoadedModel, dir: &Path) -> Result<()> {
     crate::util::create_dir_all(dir)?;
+    if model.transformer.adapters().is_some() {
+        return save_adapter_dir(model, dir);
+    }
     let t = &model.transformer;
     let mut cfg = t.cfg.clone();
     cfg.eos_token_id = Some(model.tokenizer.eos_id);
@@ -110,13 +115,42 @@ pub fn save_dir(model: &LoadedModel, dir: &Path) -> Result<()> {
     write_atomic(&dir.join("model.safetensors"), &st)?;
     let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON value serialises");
     write_atomic(&dir.join("config.json"), &pretty(&cfg.to_json()))?;
+    save_tokenizer(model, dir, cfg.bos_token_id)
+}
+
+/// A model with LoRA adapters as PEFT saves it (`adapter_config.json`,
+/// `adapter_model.safetensors` with the adapters and the modules to save), with the tokenizer
+/// files beside them as TRL's trainers save them.
+pub fn save_adapter_dir(model: &LoadedModel, dir: &Path) -> Result<()> {
+    let t = &model.transformer;
+    let adapters = t
+        .adapters()
+        .ok_or_else(|| Error::msg("save_adapter_dir: the model has no adapters"))?;
+    let saved: Vec<(String, Tensor)> = t
+        .params()
+        .iter()
+        .filter(|(n, _)| adapters.spec.saves(n))
+        .cloned()
+        .collect();
+    adapters.save(dir, &saved)?;
+    let bos = model
+        .tokenizer
+        .bos_token
+        .as_ref()
+        .and_then(|b| model.tokenizer.inner.token_to_id(b));
+    save_tokenizer(model, dir, bos)
+}
+
+/// `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`.
+fn save_tokenizer(model: &LoadedModel, dir: &Path, bos_token_id: Option<u32>) -> Result<()> {
+    let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON value serialises");
     write_atomic(&dir.join("tokenizer.json"), model.tokenizer.json.as_bytes())?;
     write_atomic(
         &dir.join("tokenizer_config.json"),
         &pretty(&model.tokenizer.config_json()),
     )?;
     let mut gen = json!({"eos_token_id": model.tokenizer.eos_id, "pad_token_id": model.tokenizer.pad_id});
-    if let Some(b) = cfg.bos_token_id {
+    if let Some(b) = bos_token_id {
         gen["bos_token_id"] = json!(b);
     }
     write_atomic(&dir.join("generation_config.json"), &pretty(&gen))?;

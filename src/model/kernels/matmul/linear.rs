@@ -83,6 +83,11 @@ pub fn linear_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, bf16: bool) -> crate::err
     Ok((product(dy, false, w, false, bf16)?, product(dy, true, x, false, bf16)?))
 }
 
+/// The input's gradient alone of `x·Wᵀ` for the output gradient `dy` (a frozen `W`): `dy·W`.
+pub fn linear_bwd_input(w: &Tensor, dy: &Tensor, bf16: bool) -> crate::error::Result<Tensor> {
+    Ok(product(dy, false, w, false, bf16)?)
+}
+
 /// `x·Wᵀ` as one op (see the module docs); `x` `[rows, in]`, `W` `[out, in]`, both f32 on the
 /// CPU; bf16 products with `bf16`.
 pub fn linear(x: &Tensor, w: &Tensor, bf16: bool) -> crate::error::Result<Tensor> {

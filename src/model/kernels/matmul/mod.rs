@@ -147,7 +147,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 mod linear;
 #[cfg(test)]
 use linear::few_rows_on;
-pub use linear::{few_rows, linear, linear_bwd, FEW_ROWS};
+pub use linear::{few_rows, linear, linear_bwd, linear_bwd_input, FEW_ROWS};
 
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
