@@ -206,6 +206,8 @@ fn adapter_grads(m: &LoadedModel, layer_graphs: bool, checkpointing: bool, fused
     let mut flat = Vec::new();
     for (_, v) in &vars {
         let g = grads.get(v.as_tensor()).expect("every adapter tensor gets a gradient");
+        // a gradient recorded in a graph would keep that graph's activations alive
+        assert!(!g.track_op(), "an adapter's gradient is outside any graph");
         flat.extend(
             g.to_dtype(DType::F64)
                 .unwrap()

@@ -245,13 +245,16 @@ impl Lora {
     /// The hand-written backward of [`Self::delta`] for its output gradient `dy`: `x`'s
     /// gradient; `A`'s and `B`'s go to `sink`.
     pub fn backward(&self, x: &Tensor, dy: &Tensor, sink: &GradSink) -> Result<Tensor> {
-        let (xd, mask) = self.input(x)?;
-        let t = xd.matmul(&self.a.t()?)?; // [rows, r]
+        // outside any graph: `A` and `B` are variables, and a product with them would record
+        // its inputs (every layer's activations, kept alive by the sink until the step's end)
+        let (a, b, dy) = (self.a.detach(), self.b.detach(), dy.detach());
+        let (xd, mask) = self.input(&x.detach())?;
+        let t = xd.matmul(&a.t()?)?; // [rows, r]
         let dys = (dy * self.scale)?;
         sink.add(self.b.id(), dys.t()?.matmul(&t)?)?;
-        let dt = dys.matmul(&self.b)?; // [rows, r]
+        let dt = dys.matmul(&b)?; // [rows, r]
         sink.add(self.a.id(), dt.t()?.matmul(&xd)?)?;
-        let dx = dt.matmul(&self.a)?;
+        let dx = dt.matmul(&a)?;
         Ok(match mask {
             Some(m) => (dx * m)?,
             None => dx,

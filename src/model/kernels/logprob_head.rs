@@ -101,7 +101,9 @@ fn head_fwd<T: Elem>(op: &TokenLogps, s1: &CpuStorage, l1: &Layout) -> CResult<(
 }
 
 /// dlogits = g·(onehot(target) − softmax(logits)); dh = dlogits·W, dW = dlogitsᵀ·h.
-fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor, Tensor)> {
+/// `dh`, and `dW` when `want_dw` (a frozen head, e.g. under LoRA, gets none: candle would
+/// otherwise add a `[V, H]` gradient of an untracked weight into its store).
+fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResult<(Tensor, Option<Tensor>)> {
     let (n, v) = (h.dim(0)?, op.w.dim(0)?);
     let g: Vec<T> = g.to_dtype(T::DTYPE)?.to_vec1()?;
     let h = h.contiguous()?;
@@ -112,11 +114,20 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor) -> CResult<(Tensor
         d[op.targets[i] as usize] += g[i];
     })?;
     let dl = Tensor::from_vec(dl, (n, v), h.device())?;
+    let msg = |e: crate::error::Error| candle_core::Error::Msg(e.to_string());
     if op.bf16 && T::DTYPE == candle_core::DType::F32 {
         // the products of a linear layer's backward: dl·W and dlᵀ·h
-        return super::matmul::linear_bwd(&h, &op.w, &dl, true).map_err(|e| candle_core::Error::Msg(e.to_string()));
+        if !want_dw {
+            return Ok((super::matmul::linear_bwd_input(&op.w, &dl, true).map_err(msg)?, None));
+        }
+        let (dh, dw) = super::matmul::linear_bwd(&h, &op.w, &dl, true).map_err(msg)?;
+        return Ok((dh, Some(dw)));
     }
-    Ok((dl.matmul(&op.w)?, dl.t()?.matmul(&h)?))
+    let dw = match want_dw {
+        true => Some(dl.t()?.matmul(&h)?),
+        false => None,
+    };
+    Ok((dl.matmul(&op.w)?, dw))
 }
 
 custom_op!(
@@ -124,13 +135,14 @@ custom_op!(
     TokenLogps,
     "fused-token-logps",
     |op, s1, l1, _s2, _l2| by_dtype!(s1, "fused-token-logps", head_fwd(op, s1, l1)),
-    fn bwd(&self, h: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let want_dw = w.track_op();
         let (dh, dw) = match h.dtype() {
-            candle_core::DType::F32 => head_bwd::<f32>(self, h, g)?,
-            candle_core::DType::F64 => head_bwd::<f64>(self, h, g)?,
+            candle_core::DType::F32 => head_bwd::<f32>(self, h, g, want_dw)?,
+            candle_core::DType::F64 => head_bwd::<f64>(self, h, g, want_dw)?,
             dt => candle_core::bail!("fused-token-logps: no kernel for {dt:?}"),
         };
-        Ok((Some(dh), Some(dw)))
+        Ok((Some(dh), dw))
     }
 );
 

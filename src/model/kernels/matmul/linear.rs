@@ -72,9 +72,16 @@ impl CustomOp2 for LinearOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = product(dy, false, w, false, self.bf16)?;
-        let dw = product(dy, true, x, false, self.bf16)?;
-        Ok((Some(dx), Some(dw)))
+        // only the gradients of tracked operands (a frozen weight gets none)
+        let dx = match x.track_op() {
+            true => Some(product(dy, false, w, false, self.bf16)?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(product(dy, true, x, false, self.bf16)?),
+            false => None,
+        };
+        Ok((dx, dw))
     }
 }
 
