@@ -139,6 +139,15 @@ pub trait LayerCall: Send + Sync + 'static {
     fn backward_by_hand(&self, kept: &Self::Kept, dy: &Tensor, sink: &GradSink) -> Result<Tensor>;
     /// The parameters (their ids receive the gradients).
     fn params(&self) -> Vec<&Tensor>;
+    /// Gradient checkpointing's backward: the layer recomputed from its input `x`, keeping its
+    /// activations, then [`Self::backward_by_hand`]; `None` where that does not apply. A layer
+    /// that must fetch its weights (widen them from storage) does so once for both.
+    fn recompute_backward(&self, x: &Tensor, dy: &Tensor, sink: &GradSink) -> Result<Option<Tensor>> {
+        match self.forward_keeping(x)? {
+            Some((_, kept)) => Ok(Some(self.backward_by_hand(&kept, dy, sink)?)),
+            None => Ok(None),
+        }
+    }
 }
 
 /// One decoder layer as one op of the model's graph; see the module docs.
@@ -199,11 +208,13 @@ impl<L: LayerCall> CustomOp1 for CheckpointedLayer<L> {
         // the kept activations or graph (freed at the end of this function), or the layer
         // recomputed (checkpointing)
         let kept = match kept {
-            None => self
-                .call
-                .forward_keeping(&arg.detach())
-                .map_err(msg)?
-                .map(|(_, acts)| Kept::Activations(acts)),
+            None => {
+                let x = arg.detach();
+                if let Some(dx) = self.call.recompute_backward(&x, grad_res, &self.sink).map_err(msg)? {
+                    return Ok(Some(dx));
+                }
+                None
+            }
             k => k,
         };
         let (x, y) = match kept {

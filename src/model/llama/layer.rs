@@ -643,4 +643,34 @@ impl LayerCall for BlockCall {
     fn params(&self) -> Vec<&Tensor> {
         self.layer.params()
     }
+
+    fn recompute_backward(&self, x: &Tensor, dy: &Tensor, sink: &GradSink) -> Result<Option<Tensor>> {
+        // a stored layer is widened once, for the recomputation and the backward both
+        let (tracked, detached) = match (&self.layer, &self.detached) {
+            (
+                LayerSource::Stored {
+                    store,
+                    cfg,
+                    index,
+                    loras,
+                },
+                LayerSource::Stored { loras: plain, .. },
+            ) => {
+                let widened = store.layer(cfg, *index)?;
+                (
+                    Cow::Owned(widened.clone().with_adapters(loras.clone())),
+                    Cow::Owned(widened.with_adapters(plain.clone())),
+                )
+            }
+            _ => (self.layer.block()?, self.detached.block()?),
+        };
+        if !detached.can_keep(x, &self.attn, self.kernels)? {
+            return Ok(None);
+        }
+        let (_, kept) = detached.run(x, &self.attn, self.kernels, self.eps, true)?;
+        match kept {
+            Some(k) => Ok(Some(backward_by_hand(&tracked, &k, dy, self.kernels, self.eps, sink)?)),
+            None => Ok(None),
+        }
+    }
 }
