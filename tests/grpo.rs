@@ -411,3 +411,25 @@ fn grpo_losses_agree_with_trls_own_code() {
         }
     }
 }
+
+/// GRPO with LoRA adapters (all-linear) on a frozen base: the reward rises, the output is a
+/// PEFT adapter, and the sampler runs the adapted policy (the base alone scores lower).
+#[test]
+fn grpo_with_lora_raises_the_reward_and_saves_an_adapter() {
+    let mut cfg = setup("lora");
+    cfg.peft.use_peft = true;
+    cfg.peft.lora_r = 8;
+    cfg.peft.lora_alpha = 16.0;
+    cfg.peft.lora_target_modules = Some(vec!["all-linear".into()]);
+    cfg.learning_rate = 5e-2;
+    cfg.validate().unwrap();
+    prefer::train::train(&cfg).unwrap();
+    let logs = metrics(&cfg);
+    let mean = |xs: &[Value]| xs.iter().map(|r| r["reward"].as_f64().unwrap()).sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&logs[..6]), mean(&logs[24..]));
+    assert!(last > first + 0.5, "mean reward {first:.2} -> {last:.2}");
+    let out = Path::new(&cfg.output_dir);
+    assert!(out.join("adapter_config.json").is_file() && !out.join("model.safetensors").exists());
+    let m = prefer::model::load(out, DType::F32, &candle_core::Device::Cpu).unwrap();
+    assert!(m.transformer.adapters().is_some());
+}

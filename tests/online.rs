@@ -422,3 +422,33 @@ fn online_runs_refuse_bad_prompts_and_stop_cleanly_on_a_failing_reward() {
     );
     assert!(!out.join("checkpoint-3").exists());
 }
+
+/// Online DPO and Nash-MD with LoRA adapters on a frozen base: the reward rises (the reference
+/// is the base with the adapters off; Nash-MD samples from its mixture with the policy), and
+/// the output is a PEFT adapter that loads back onto its base.
+#[test]
+fn online_methods_with_lora_raise_a_learnable_reward() {
+    for task in [Task::OnlineDpo, Task::NashMd] {
+        let mut cfg = setup(&format!("lora-{task:?}"), task);
+        cfg.peft.use_peft = true;
+        cfg.peft.lora_r = 8;
+        cfg.peft.lora_alpha = 16.0;
+        cfg.peft.lora_target_modules = Some(vec!["all-linear".into()]);
+        // the untied output head trained fully beside the adapters (one-token completions
+        // depend on it most)
+        cfg.peft.lora_modules_to_save = Some(vec!["lm_head".into()]);
+        cfg.learning_rate = 1e-2;
+        cfg.validate().unwrap();
+        let (first, last) = reward_before_after(&cfg);
+        assert!(last > 1.2 * first, "{task:?}: expected reward {first:.3} -> {last:.3}");
+        let st = candle_core::safetensors::load(
+            Path::new(&cfg.output_dir).join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert!(
+            st.contains_key("base_model.model.lm_head.weight"),
+            "the module to save is saved"
+        );
+    }
+}

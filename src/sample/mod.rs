@@ -203,7 +203,12 @@ pub fn sample_mixture(
         return Err(Error::msg("sampling needs a model"));
     }
     let weights: Vec<f64> = models.iter().map(|m| m.1).collect();
-    let models: Vec<Transformer> = models.iter().map(|(m, _)| m.detached()).collect::<Result<_>>()?;
+    // layers kept compact (a quantised LoRA base, a compact reference) are widened once for
+    // the whole generation, not at every token
+    let models: Vec<Transformer> = models
+        .iter()
+        .map(|(m, _)| m.detached()?.widened())
+        .collect::<Result<_>>()?;
     let g = num_generations;
     let max = models
         .iter()

@@ -218,6 +218,21 @@ impl Transformer {
         Ok(m)
     }
 
+    /// This model with its stored layers widened once (adapters kept, unmerged: the same
+    /// numbers as layer-by-layer widening): what the sampler decodes from, since widening at
+    /// every token would repeat the whole dequantisation per token. The model itself when its
+    /// layers are held already.
+    pub fn widened(&self) -> Result<Self> {
+        if self.compact.is_none() {
+            return Ok(self.clone());
+        }
+        let mut m = self.without_adapters()?.merged()?;
+        m.adapters = self.adapters.clone();
+        m.dropout_clock = self.dropout_clock.clone();
+        m.backward_options = self.backward_options;
+        Ok(m)
+    }
+
     /// Set (or with `None` clear) the training step the adapters' dropout masks are drawn for.
     pub fn set_dropout_step(&self, step: Option<usize>) {
         self.dropout_clock.set_step(step);
