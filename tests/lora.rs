@@ -612,3 +612,41 @@ fn lora_with_precomputed_reference_matches_the_live_base() {
         }
     }
 }
+
+/// A PEFT directory as `model_name_or_path` continues training its adapter on its base (the
+/// reference stays the base), and as `ref_model` it is the base with that adapter on.
+#[test]
+fn a_peft_directory_is_a_starting_model_and_a_reference() {
+    let (dir, cfg) = lora_setup("continue");
+    let cfg = TrainConfig { max_steps: 3, ..cfg };
+    prefer::train::train(&cfg).unwrap();
+    let saved = model::load(Path::new(&cfg.output_dir), DType::F32, &Device::Cpu).unwrap();
+    let next = TrainConfig {
+        model_name_or_path: cfg.output_dir.clone(),
+        output_dir: dir.join("next").display().to_string(),
+        ..cfg.clone()
+    };
+    let t = Trainer::new(&next).unwrap();
+    assert!(t.policy.transformer.compact_layers().is_some(), "the base stays stored");
+    let (a, b) = (t.policy.transformer.adapters().unwrap(), saved.transformer.adapters().unwrap());
+    for ((n, x), (_, y)) in a.named().iter().zip(b.named()) {
+        assert_eq!(max_abs_diff(x, y).unwrap(), 0.0, "{n}");
+    }
+    match &t.algorithm::<prefer::algorithms::preference::Preference>().unwrap().reference {
+        prefer::stats::reference::Reference::Model(r) => assert!(r.adapters().is_none()),
+        _ => panic!("expected a live reference"),
+    }
+    drop(t);
+    let with_ref = TrainConfig {
+        ref_model: Some(prefer::config::RefModel::One(cfg.output_dir.clone())),
+        output_dir: dir.join("ref").display().to_string(),
+        ..cfg.clone()
+    };
+    let t = Trainer::new(&with_ref).unwrap();
+    match &t.algorithm::<prefer::algorithms::preference::Preference>().unwrap().reference {
+        prefer::stats::reference::Reference::Model(r) => {
+            assert_eq!(token_logps(r), token_logps(&saved.transformer), "the reference is base + adapter")
+        }
+        _ => panic!("expected a live reference"),
+    }
+}
