@@ -45,6 +45,9 @@ enum Cmd {
     Convert(cli::convert::ConvertArgs),
     /// Merge a LoRA adapter (PEFT directory) into its base and write a full HF checkpoint.
     Merge(cli::convert::MergeArgs),
+    /// Write a model as a GGUF file for llama.cpp / Ollama (architecture, tokenizer and chat
+    /// template in GGUF's keys; f32, f16, bf16, q8_0, ..., q4_k_m).
+    Export(cli::convert::ExportArgs),
     /// Token ids and pieces of each text of a JSONL file (one JSON line out per line in).
     Tokenize(cli::tokenize::TokenizeArgs),
     /// Scores of every response of a preference file under a reward model (JSONL to stdout:
@@ -92,6 +95,7 @@ fn main() {
         Cmd::Generate(a) => cli::generate::run(a),
         Cmd::Convert(a) => cli::convert::run(a),
         Cmd::Merge(a) => cli::convert::run_merge(a),
+        Cmd::Export(a) => cli::convert::run_export(a),
         Cmd::Tokenize(a) => cli::tokenize::run(a),
         Cmd::Score(a) => cli::score::run(a),
         Cmd::Logprobs(a) => cli::logprobs::run(a),

@@ -628,11 +628,18 @@ fn a_peft_directory_is_a_starting_model_and_a_reference() {
     };
     let t = Trainer::new(&next).unwrap();
     assert!(t.policy.transformer.compact_layers().is_some(), "the base stays stored");
-    let (a, b) = (t.policy.transformer.adapters().unwrap(), saved.transformer.adapters().unwrap());
+    let (a, b) = (
+        t.policy.transformer.adapters().unwrap(),
+        saved.transformer.adapters().unwrap(),
+    );
     for ((n, x), (_, y)) in a.named().iter().zip(b.named()) {
         assert_eq!(max_abs_diff(x, y).unwrap(), 0.0, "{n}");
     }
-    match &t.algorithm::<prefer::algorithms::preference::Preference>().unwrap().reference {
+    match &t
+        .algorithm::<prefer::algorithms::preference::Preference>()
+        .unwrap()
+        .reference
+    {
         prefer::stats::reference::Reference::Model(r) => assert!(r.adapters().is_none()),
         _ => panic!("expected a live reference"),
     }
@@ -643,9 +650,17 @@ fn a_peft_directory_is_a_starting_model_and_a_reference() {
         ..cfg.clone()
     };
     let t = Trainer::new(&with_ref).unwrap();
-    match &t.algorithm::<prefer::algorithms::preference::Preference>().unwrap().reference {
+    match &t
+        .algorithm::<prefer::algorithms::preference::Preference>()
+        .unwrap()
+        .reference
+    {
         prefer::stats::reference::Reference::Model(r) => {
-            assert_eq!(token_logps(r), token_logps(&saved.transformer), "the reference is base + adapter")
+            assert_eq!(
+                token_logps(r),
+                token_logps(&saved.transformer),
+                "the reference is base + adapter"
+            )
         }
         _ => panic!("expected a live reference"),
     }

@@ -396,7 +396,10 @@ fn hf_save_load_round_trip_is_bit_identical() {
             assert!(dir.join(f).is_file(), "{f} missing");
         }
         let back = model::load(&dir, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(back.transformer.cfg, m.transformer.cfg);
+        // the special ids come from the tokenizer (BOS: where it is added), the rest as it was
+        let mut want = m.transformer.cfg.clone();
+        want.bos_token_id = back.transformer.cfg.bos_token_id;
+        assert_eq!(back.transformer.cfg, want);
         let a = logps(&m.transformer, &seqs(), PaddingSide::Right);
         let b = logps(&back.transformer, &seqs(), PaddingSide::Right);
         assert_eq!(a, b, "{}: log-probs differ after save/load", spec.model_type);
@@ -582,4 +585,122 @@ fn sharded_and_half_precision_checkpoints_load() {
             None => assert_eq!(dtype, DType::F32),
         }
     }
+}
+
+/// `save_gguf` (prefer export): f32 reads back bit for bit with the same tokenizer and chat
+/// template, f16 as the f16-rounded weights, and every quantisation loads to log-probs near
+/// the f32 model's, closer with more bits; a model with a LoRA adapter is written merged.
+#[test]
+fn gguf_export_reads_back_exactly_at_f32_and_f16_and_closely_quantised() {
+    use prefer::model::gguf::{save_gguf, ExportQuant};
+    prefer::testing::set_threads_for_tests();
+    let dir = tempdir("gguf-export");
+    for spec in variants() {
+        // blocks of 32 and 256 along the rows: hidden 256, intermediate 512
+        let spec = TinySpec {
+            hidden: 256,
+            intermediate: 512,
+            heads: 4,
+            kv_heads: 2,
+            ..spec
+        };
+        let mut m = tiny_model(&spec, DType::F32, 9).unwrap();
+        m.tokenizer.chat_template = Some(prefer::testing::CHATML_TEMPLATE.into());
+        let lp = |t: &Transformer| logps(t, &seqs(), PaddingSide::Right);
+        let base = lp(&m.transformer);
+        let path = dir.join(format!("{}-f32.gguf", spec.model_type));
+        if spec.llama3_rope_scaling {
+            let e = save_gguf(&m, &path, ExportQuant::F32).unwrap_err().to_string();
+            assert!(e.contains("rope scaling") && e.contains("convert_hf_to_gguf"), "{e}");
+            continue;
+        }
+        save_gguf(&m, &path, ExportQuant::F32).unwrap();
+        let back = model::load(&path, DType::F32, &Device::Cpu).unwrap();
+        for ((n, a), (_, b)) in m.transformer.params().iter().zip(back.transformer.params()) {
+            assert_eq!(prefer::testing::max_abs_diff(a, b).unwrap(), 0.0, "{n}");
+        }
+        // the special ids come from the tokenizer (BOS: where it is added), the rest as it was
+        let mut want = m.transformer.cfg.clone();
+        want.bos_token_id = back.transformer.cfg.bos_token_id;
+        assert_eq!(back.transformer.cfg, want);
+        let text = "<|im_start|>user\nhello 123 wörld<|im_end|>";
+        assert_eq!(
+            back.tokenizer.encode(text, true).unwrap(),
+            m.tokenizer.encode(text, true).unwrap()
+        );
+        assert_eq!(back.tokenizer.chat_template, m.tokenizer.chat_template);
+        assert_eq!(
+            (back.tokenizer.eos_id, back.tokenizer.pad_id),
+            (m.tokenizer.eos_id, m.tokenizer.pad_id)
+        );
+        // f16: the weights rounded to f16, exactly
+        save_gguf(&m, &path, ExportQuant::F16).unwrap();
+        let back = model::load(&path, DType::F32, &Device::Cpu).unwrap();
+        for ((n, a), (_, b)) in m.transformer.params().iter().zip(back.transformer.params()) {
+            let r = if a.rank() == 2 {
+                a.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap()
+            } else {
+                a.clone()
+            };
+            assert_eq!(prefer::testing::max_abs_diff(&r, b).unwrap(), 0.0, "{n}");
+        }
+        let mut errs = Vec::new();
+        for q in [
+            ExportQuant::Q8_0,
+            ExportQuant::Q6K,
+            ExportQuant::Q5KM,
+            ExportQuant::Q4KM,
+            ExportQuant::Q4_0,
+        ] {
+            save_gguf(&m, &path, q).unwrap();
+            let back = model::load(&path, DType::F32, &Device::Cpu).unwrap();
+            // relative to the log-prob's size (these random models' log-probs reach −30)
+            let d = lp(&back.transformer)
+                .iter()
+                .zip(&base)
+                .map(|(a, b)| (a - b).abs() / (b.abs() + 1.0))
+                .fold(0.0, f64::max);
+            errs.push((q, d));
+        }
+        assert!(errs[0].1 < 0.02, "{}: q8_0 {errs:?}", spec.model_type);
+        assert!(
+            errs[0].1 < errs[4].1,
+            "{}: q8_0 closer than q4_0: {errs:?}",
+            spec.model_type
+        );
+        assert!(errs.iter().all(|(_, d)| *d < 0.3), "{}: {errs:?}", spec.model_type);
+    }
+    // an adapter is merged on the way out
+    let m = tiny_model(&TinySpec::default(), DType::F32, 10).unwrap();
+    let t = &m.transformer;
+    let spec = prefer::model::lora::LoraSpec {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: prefer::model::lora::Module::ALL.to_vec(),
+        use_rslora: false,
+        modules_to_save: vec![],
+        base: String::new(),
+        task_type: "CAUSAL_LM".into(),
+    };
+    let a = prefer::model::lora::Adapters::init(&t.cfg, spec, 3, DType::F32, &Device::Cpu)
+        .unwrap()
+        .map(|_, x| Ok((x.ones_like()? * 0.05)?))
+        .unwrap();
+    let adapted = model::LoadedModel {
+        transformer: t.with_adapters(a).unwrap(),
+        ..m.clone()
+    };
+    let path = dir.join("adapted.gguf");
+    save_gguf(&adapted, &path, ExportQuant::F32).unwrap();
+    let back = model::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let (x, y) = (
+        logps(&adapted.transformer, &seqs(), PaddingSide::Right),
+        logps(&back.transformer, &seqs(), PaddingSide::Right),
+    );
+    assert!(x.iter().zip(&y).all(|(p, q)| (p - q).abs() < 1e-4), "{x:?} vs {y:?}");
+    assert!(x
+        .iter()
+        .zip(&logps(t, &seqs(), PaddingSide::Right))
+        .any(|(p, q)| (p - q).abs() > 1e-3));
 }

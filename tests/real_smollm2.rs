@@ -185,3 +185,62 @@ fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
         "bf16 token log-probs are off by {mean_err} on average"
     );
 }
+
+/// `prefer export` of the real SmolLM2: the tokenizer goes out exactly as llama.cpp's converter
+/// wrote it (tokens, merges, token types, special ids, BOS rule, pre-tokenizer, chat template,
+/// every architecture key), and the exported f16 file reads back to log-probs within f16
+/// rounding of the source's.
+#[test]
+fn smollm2_exports_to_gguf_with_the_source_metadata() {
+    use candle_core::quantized::gguf_file::{Content, Value};
+    prefer::testing::set_threads_for_tests();
+    let src = smollm2_path();
+    let m = model::load(&src, DType::F32, &Device::Cpu).unwrap();
+    let out = prefer::testing::scratch_dir("export-smollm2").join("smollm2-f16.gguf");
+    model::gguf::save_gguf(&m, &out, model::gguf::ExportQuant::F16).unwrap();
+    let read = |p: &std::path::Path| Content::read(&mut std::fs::File::open(p).unwrap()).unwrap();
+    let (a, b) = (read(&src), read(&out));
+    let show = |v: Option<&Value>| format!("{v:?}");
+    for key in [
+        "general.architecture",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.chat_template",
+        "llama.block_count",
+        "llama.context_length",
+        "llama.embedding_length",
+        "llama.feed_forward_length",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.rope.freq_base",
+        "llama.attention.layer_norm_rms_epsilon",
+    ] {
+        assert_eq!(show(a.metadata.get(key)), show(b.metadata.get(key)), "{key}");
+    }
+    // BOS: added by neither
+    let add = |c: &Content| matches!(c.metadata.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    assert_eq!(add(&a), add(&b));
+    let back = model::load(&out, DType::F32, &Device::Cpu).unwrap();
+    let text = "<|im_start|>user\nWhat is 12 + 35?<|im_end|>\n<|im_start|>assistant\n47";
+    let ids = m.tokenizer.encode(text, true).unwrap();
+    assert_eq!(back.tokenizer.encode(text, true).unwrap(), ids);
+    let seq = || {
+        vec![ScoredSeq {
+            ids: ids.clone(),
+            completion_start: 1,
+        }]
+    };
+    let lp = |t: &model::Transformer| -> Vec<f64> {
+        let l = model::sequence_logps(t, &seq(), PaddingSide::Right).unwrap();
+        l.token_logps.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+    };
+    let (x, y) = (lp(&m.transformer), lp(&back.transformer));
+    let d = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+    assert!(d < 0.05, "f16 export vs source: {d}");
+}

@@ -60,3 +60,39 @@ fn write_merged(m: model::LoadedModel, out: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The model: an HF directory, a .gguf file, or a PEFT adapter directory (merged on its base).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A LoRA adapter (PEFT directory) to merge into --model first.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The .gguf file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// How matrices are stored: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0 | q6_k |
+    /// q5_k_m | q4_k_m (llama-quantize's mixes; norms stay f32).
+    #[arg(long, default_value = "q8_0")]
+    pub quant: String,
+}
+
+pub fn run_export(args: ExportArgs) -> Result<()> {
+    let quant = model::gguf::ExportQuant::parse(&args.quant).map_err(|e| anyhow::anyhow!("--quant: {e}"))?;
+    let m = model::load::load_with_adapter(&args.model, args.adapter.as_deref(), DType::F32, &Device::Cpu)?;
+    model::gguf::save_gguf(&m, &args.out, quant)?;
+    let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({}, {:.1} MiB){}",
+        args.out.display(),
+        args.quant,
+        bytes as f64 / 1048576.0,
+        if m.transformer.adapters().is_some() {
+            ", adapter merged"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

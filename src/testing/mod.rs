@@ -201,10 +201,9 @@ pub fn write_gguf(model: &LoadedModel, path: &Path, quant: GgmlDType) -> Result<
     let mut qtensors = Vec::new();
     for (name, t) in model.transformer.params() {
         let mut t = t.to_dtype(DType::F32)?;
-        if name.ends_with("q_proj.weight") {
-            t = gguf::permute_qk(&t, cfg.num_attention_heads)?;
-        } else if name.ends_with("k_proj.weight") {
-            t = gguf::permute_qk(&t, cfg.num_key_value_heads)?;
+        // llama.cpp's converter permutes Q/K rows for llama and mistral, not for qwen2
+        if let Some(h) = gguf::qk_heads(name, cfg) {
+            t = gguf::permute_qk(&t, h)?;
         }
         let q = if t.rank() == 2 { quant } else { GgmlDType::F32 };
         qtensors.push((gguf::gguf_tensor_name(name), QTensor::quantize(&t, q)?));

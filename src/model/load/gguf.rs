@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::{config::ModelConfig, LoadedModel, Transformer};
 use crate::tokenizer::{byte_level_bpe_json, byte_level_pre_tokenizer, TextTokenizer};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::path::Path;
@@ -265,9 +266,13 @@ pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
     tokenizer_from_meta(&m, &cfg)
 }
 
-/// The heads to un-permute an HF tensor by (llama.cpp permutes the rows of Q and K).
-fn qk_heads(name: &str, cfg: &ModelConfig) -> Option<usize> {
-    if name.ends_with("q_proj.weight") {
+/// The heads to un-permute an HF tensor by: llama.cpp's converter permutes the rows of Q and K
+/// for the architectures it runs with interleaved RoPE (llama, mistral), not for Qwen2 (NeoX
+/// RoPE, HF's layout kept; checked against llama.cpp, `scripts/check-gguf-export.sh`).
+pub fn qk_heads(name: &str, cfg: &ModelConfig) -> Option<usize> {
+    if cfg.model_type == "qwen2" {
+        None
+    } else if name.ends_with("q_proj.weight") {
         Some(cfg.num_attention_heads)
     } else if name.ends_with("k_proj.weight") {
         Some(cfg.num_key_value_heads)
@@ -384,4 +389,268 @@ mod tests {
             "blk.1.attn_q.bias"
         );
     }
+}
+
+// ---- Writing -------------------------------------------------------------------------------
+
+choice! {
+    /// How `prefer export` stores a model's matrices (norms and biases stay F32). The k-quant
+    /// mixes follow llama.cpp's `llama-quantize` rules: `attn_v` and `ffn_down` get more bits in
+    /// the first and last eighth of the layers and every third between, the output head Q6_K,
+    /// and a matrix whose rows are no multiple of 256 falls back (Q4_K → Q5_0, Q5_K → Q5_1,
+    /// Q6_K → Q8_0).
+    pub enum ExportQuant {
+        F32 = "f32",
+        F16 = "f16",
+        Bf16 = "bf16",
+        Q8_0 = "q8_0",
+        Q5_1 = "q5_1",
+        Q5_0 = "q5_0",
+        Q4_1 = "q4_1",
+        Q4_0 = "q4_0",
+        Q6K = "q6_k",
+        Q5KM = "q5_k_m",
+        Q4KM = "q4_k_m",
+    }
+}
+
+impl ExportQuant {
+    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`).
+    fn file_type(self) -> u32 {
+        match self {
+            ExportQuant::F32 => 0,
+            ExportQuant::F16 => 1,
+            ExportQuant::Q4_0 => 2,
+            ExportQuant::Q4_1 => 3,
+            ExportQuant::Q8_0 => 7,
+            ExportQuant::Q5_0 => 8,
+            ExportQuant::Q5_1 => 9,
+            ExportQuant::Q4KM => 15,
+            ExportQuant::Q5KM => 17,
+            ExportQuant::Q6K => 18,
+            ExportQuant::Bf16 => 32,
+        }
+    }
+
+    /// The type of the matrix `gguf_name` (`blk.3.attn_v.weight`) of a model with `layers`
+    /// layers and rows of `cols` values.
+    fn matrix_type(self, gguf_name: &str, layers: usize, cols: usize) -> GgmlDType {
+        use GgmlDType as G;
+        let layer: Option<usize> = gguf_name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse().ok());
+        // llama.cpp's use_more_bits(i, n)
+        let more_bits =
+            |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2;
+        let sensitive = gguf_name.contains("attn_v.") || gguf_name.contains("ffn_down.");
+        let wanted = match self {
+            ExportQuant::F32 => G::F32,
+            ExportQuant::F16 => G::F16,
+            ExportQuant::Bf16 => G::BF16,
+            ExportQuant::Q8_0 => G::Q8_0,
+            ExportQuant::Q5_1 => G::Q5_1,
+            ExportQuant::Q5_0 => G::Q5_0,
+            ExportQuant::Q4_1 => G::Q4_1,
+            ExportQuant::Q4_0 => G::Q4_0,
+            ExportQuant::Q6K => G::Q6K,
+            ExportQuant::Q5KM | ExportQuant::Q4KM if gguf_name == "output.weight" => G::Q6K,
+            ExportQuant::Q5KM | ExportQuant::Q4KM if sensitive && layer.is_some_and(more_bits) => G::Q6K,
+            ExportQuant::Q5KM => G::Q5K,
+            ExportQuant::Q4KM => G::Q4K,
+        };
+        let fits = |t: G| cols.is_multiple_of(t.block_size());
+        let fallback = match wanted {
+            G::Q4K => G::Q5_0,
+            G::Q5K => G::Q5_1,
+            G::Q6K => G::Q8_0,
+            other => other,
+        };
+        if fits(wanted) {
+            wanted
+        } else if fits(fallback) {
+            fallback
+        } else {
+            G::F16
+        }
+    }
+}
+
+/// The byte-level BPE tokenizer of `tok` as GGUF metadata: tokens by id (padded to
+/// `vocab_size` with unused `[PAD{i}]` entries, as llama.cpp's converter pads), merges, token
+/// types (3 = control for special added tokens, 1 = normal, 5 = unused), the pre-tokenizer's
+/// llama.cpp name, special ids, BOS insertion and the chat template.
+fn tokenizer_meta(tok: &TextTokenizer, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let v: serde_json::Value =
+        serde_json::from_str(&tok.json).map_err(|e| Error::Tokenizer(format!("tokenizer.json: {e}")))?;
+    let model = &v["model"];
+    if model["type"].as_str() != Some("BPE") || v["decoder"]["type"].as_str() != Some("ByteLevel") {
+        return Err(Error::Tokenizer(
+            "GGUF export writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen2); this model's is another kind".into(),
+        ));
+    }
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![1i32; vocab_size];
+    let mut put = |id: u64, t: &str, ty: i32| -> Result<()> {
+        let i = id as usize;
+        if i >= vocab_size {
+            return Err(Error::Tokenizer(format!(
+                "token `{t}` has id {i}, beyond the model's vocab_size {vocab_size}"
+            )));
+        }
+        tokens[i] = Some(t.to_string());
+        types[i] = ty;
+        Ok(())
+    };
+    for (t, id) in model["vocab"].as_object().into_iter().flatten() {
+        put(id.as_u64().unwrap_or(u64::MAX), t, 1)?;
+    }
+    for a in v["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            continue;
+        };
+        let special = a["special"].as_bool().unwrap_or(false);
+        put(id, t, if special { 3 } else { 4 })?;
+    }
+    let mut strings = Vec::with_capacity(vocab_size);
+    for (i, t) in tokens.into_iter().enumerate() {
+        match t {
+            Some(t) => strings.push(Value::String(t)),
+            None => {
+                strings.push(Value::String(format!("[PAD{i}]")));
+                types[i] = 5;
+            }
+        }
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .map(Value::String)
+        .collect();
+    // the pre-tokenizer by what it does (llama.cpp knows these by name)
+    let pre_json = v["pre_tokenizer"].to_string();
+    let pre = if pre_json.contains("\"Digits\"") {
+        "smollm"
+    } else if pre_json.contains(r"\\p{N}{1,3}") {
+        "llama-bpe"
+    } else if pre_json.contains(r"\\p{N}|") {
+        "qwen2"
+    } else {
+        "gpt2"
+    };
+    let mut meta = vec![
+        ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(strings)),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(tok.eos_id)),
+        ("tokenizer.ggml.padding_token_id".to_string(), Value::U32(tok.pad_id)),
+    ];
+    // whether encoding adds BOS: what the tokenizer does, not whether it names a BOS token
+    let bos = tok.bos_token.as_ref().and_then(|b| tok.inner.token_to_id(b));
+    let with = tok.encode("a", true)?;
+    let adds_bos = bos.is_some() && with.first() == bos.as_ref() && with.len() > tok.encode("a", false)?.len();
+    meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(adds_bos)));
+    if let Some(b) = bos {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(t) = &tok.chat_template {
+        meta.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
+    }
+    Ok(meta)
+}
+
+/// Write `model` as a GGUF file that llama.cpp loads: the architecture in `general.*` and
+/// `{arch}.*` keys, the tokenizer and chat template in `tokenizer.*`, tensors under llama.cpp's
+/// names with the Q/K rows permuted as its converter permutes them, matrices stored as `quant`
+/// (see [`ExportQuant`]). A model with LoRA adapters is written merged; a reward model is
+/// refused (llama.cpp runs language models).
+pub fn save_gguf(model: &LoadedModel, path: &Path, quant: ExportQuant) -> Result<()> {
+    use candle_core::quantized::QTensor;
+    let cfg = &model.transformer.cfg;
+    if cfg.reward_head {
+        return Err(Error::model(
+            &model.source,
+            "a reward model (score head) has no GGUF form llama.cpp runs; export a language model",
+        ));
+    }
+    if cfg.rope_scaling.is_some() {
+        return Err(Error::model(
+            &model.source,
+            "Llama-3 rope scaling is not written to GGUF yet (llama.cpp needs its rope_freqs tensor); export the HF directory with llama.cpp's convert_hf_to_gguf.py instead",
+        ));
+    }
+    let transformer = match model.transformer.adapters().is_some() || model.transformer.compact_layers().is_some() {
+        true => model.transformer.merged()?,
+        false => model.transformer.clone(),
+    };
+    let arch = cfg.model_type.as_str();
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (
+            "general.name".into(),
+            Value::String(
+                model
+                    .source
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_else(|| "prefer".into()),
+            ),
+        ),
+        ("general.file_type".into(), Value::U32(quant.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+        (k("block_count"), Value::U32(cfg.num_hidden_layers as u32)),
+        (k("context_length"), Value::U32(cfg.max_position_embeddings as u32)),
+        (k("embedding_length"), Value::U32(cfg.hidden_size as u32)),
+        (k("feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
+        (k("attention.head_count"), Value::U32(cfg.num_attention_heads as u32)),
+        (k("attention.head_count_kv"), Value::U32(cfg.num_key_value_heads as u32)),
+        (k("attention.key_length"), Value::U32(cfg.head_dim as u32)),
+        (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (k("vocab_size"), Value::U32(cfg.vocab_size as u32)),
+    ];
+    meta.extend(tokenizer_meta(&model.tokenizer, cfg.vocab_size)?);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in transformer.params() {
+        let mut t = t.detach().to_dtype(DType::F32)?;
+        if let Some(h) = qk_heads(name, cfg) {
+            t = permute_qk(&t, h)?;
+        }
+        let gname = gguf_tensor_name(name);
+        let ty = match t.rank() {
+            2 => quant.matrix_type(&gname, cfg.num_hidden_layers, t.dim(1)?),
+            _ => GgmlDType::F32,
+        };
+        let q = QTensor::quantize(&t, ty).map_err(|e| Error::msg(format!("quantising `{gname}` as {ty:?}: {e}")))?;
+        tensors.push((gname, q));
+    }
+    let tmp = path.with_extension("gguf.tmp");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        candle_core::quantized::gguf_file::write(&mut f, &meta_refs, &tensor_refs)
+            .map_err(|e| Error::model(&tmp, format!("writing GGUF: {e}")))?;
+        use std::io::Write;
+        f.flush().map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(())
 }
