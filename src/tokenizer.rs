@@ -161,6 +161,13 @@ impl TextTokenizer {
 }
 
 /// Render a HF chat template with minijinja (Python string methods enabled, `raise_exception`).
+/// `template` without `{% generation %}` / `{% endgeneration %}` tags.
+pub fn strip_generation_tags(template: &str) -> std::borrow::Cow<'_, str> {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| regex::Regex::new(r"\{%-?\s*(end)?generation\s*-?%\}").expect("valid regex"))
+        .replace_all(template, "")
+}
+
 pub fn render_chat_template(
     template: &str,
     messages: &[Message],
@@ -176,7 +183,10 @@ pub fn render_chat_template(
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         },
     );
-    env.add_template("chat", template)
+    // `{% generation %}` marks assistant tokens for transformers' assistant masks; rendering
+    // ignores it (prefer's SFT reads it, `data::sft`)
+    let template = strip_generation_tags(template);
+    env.add_template("chat", &template)
         .map_err(|e| Error::Template(format!("cannot parse: {e}")))?;
     let tpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
     tpl.render(minijinja::context! {

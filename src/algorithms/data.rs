@@ -16,11 +16,23 @@ pub struct TrainData {
     pub eval: Vec<TokenizedExample>,
     /// An online run's prompts (its `train_file`); `train` and `eval` are then empty.
     pub prompts: Vec<crate::data::prompts::Prompt>,
+    /// An SFT run's examples; `train` and `eval` are then empty.
+    pub sft: Option<std::sync::Arc<SftData>>,
+}
+
+/// An SFT run's train and eval units: one example each, or with packing a bin of examples.
+#[derive(Debug, Default)]
+pub struct SftData {
+    pub train: Vec<Vec<crate::data::sft::SftExample>>,
+    pub eval: Vec<Vec<crate::data::sft::SftExample>>,
 }
 
 impl TrainData {
     /// The units the data order draws: examples, or an online run's prompts.
     pub fn len(&self) -> usize {
+        if let Some(s) = &self.sft {
+            return s.train.len();
+        }
         if self.prompts.is_empty() {
             self.train.len()
         } else {
@@ -30,6 +42,63 @@ impl TrainData {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether there is an eval set.
+    pub fn has_eval(&self) -> bool {
+        !self.eval.is_empty() || self.sft.as_ref().is_some_and(|s| !s.eval.is_empty())
+    }
+
+    /// An SFT run's files, prepared as TRL's SFTTrainer prepares them
+    /// ([`crate::data::sft`]); with packing, in best-fit-decreasing bins of `max_length`.
+    pub fn load_sft(cfg: &TrainConfig, tokenizer: &TextTokenizer) -> Result<TrainData> {
+        use crate::data::sft::{load_sft_examples, pack_bfd};
+        let opts = cfg.sft_options();
+        let load = |f: &str, what: &str| -> Result<Vec<Vec<crate::data::sft::SftExample>>> {
+            let (ex, report) = load_sft_examples(Path::new(f), tokenizer, &opts, cfg.skip_invalid)?;
+            for e in &report.skipped {
+                eprintln!("skipped ({what}): {e}");
+            }
+            if ex.is_empty() {
+                return Err(Error::Config(format!(
+                    "{f}: no SFT example left to train on (every row was skipped, or lost its targets to truncation)"
+                )));
+            }
+            let units: Vec<Vec<_>> = if opts.packing {
+                let lengths: Vec<usize> = ex.iter().map(|e| e.ids.len()).collect();
+                pack_bfd(&lengths, opts.max_length)
+                    .into_iter()
+                    .map(|bin| bin.into_iter().map(|i| ex[i].clone()).collect())
+                    .collect()
+            } else {
+                ex.into_iter().map(|e| vec![e]).collect()
+            };
+            eprintln!(
+                "{what}: {} SFT examples ({:?}; {} skipped, {} truncated, {} without a target dropped){}",
+                units.iter().map(Vec::len).sum::<usize>(),
+                report.kind,
+                report.skipped.len(),
+                report.truncated,
+                report.dropped,
+                if opts.packing {
+                    format!(", packed into {} rows of ≤ {} tokens", units.len(), opts.max_length)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(units)
+        };
+        let train = load(&cfg.train_file, "train_file")?;
+        let eval = match &cfg.eval_file {
+            Some(f) => load(f, "eval_file")?,
+            None => vec![],
+        };
+        Ok(TrainData {
+            train: vec![],
+            eval: vec![],
+            prompts: vec![],
+            sft: Some(std::sync::Arc::new(SftData { train, eval })),
+        })
     }
 
     /// An online run's prompts: `train_file` as prompt-only rows. A prompt that leaves less
@@ -48,6 +117,7 @@ impl TrainData {
             train: vec![],
             eval: vec![],
             prompts,
+            sft: None,
         })
     }
 
@@ -94,6 +164,7 @@ impl TrainData {
             train,
             eval,
             prompts: vec![],
+            sft: None,
         })
     }
 }

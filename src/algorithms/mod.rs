@@ -12,6 +12,7 @@
 //! - [`grpo::Grpo`]: GRPO and RLOO (online, groups of completions per prompt).
 //! - [`online_pairs::OnlinePairs`]: online DPO / IPO, Nash-MD and XPO (online, two completions
 //!   per prompt ranked by the reward).
+//! - [`sft::Sft`]: supervised fine-tuning (the NLL of text, completions or assistant turns).
 //!
 //! [`rollout`] holds what the online methods share: rewards, sampling options, per-step seeds,
 //! reward statistics and the completions log.
@@ -28,6 +29,7 @@ pub mod online_pairs;
 pub mod preference;
 pub mod reward;
 pub mod rollout;
+pub mod sft;
 
 use crate::config::{Task, TrainConfig};
 use crate::data::TokenizedExample;
@@ -180,6 +182,11 @@ pub fn build(
     if cfg.task.is_online_pairwise() {
         let data = TrainData::load_prompts(cfg, &policy.tokenizer, policy.transformer.cfg.max_position_embeddings)?;
         let a = online_pairs::OnlinePairs::new(cfg, &policy, resume)?;
+        return Ok((policy, Box::new(a), data));
+    }
+    if cfg.task == Task::Sft {
+        let data = TrainData::load_sft(cfg, &policy.tokenizer)?;
+        let a = sft::Sft::new(cfg, &data)?;
         return Ok((policy, Box::new(a), data));
     }
     let objective: Objective = cfg.objective()?;

@@ -11,6 +11,7 @@
 pub mod grpo;
 pub mod online;
 pub mod peft;
+pub mod sft;
 
 use crate::data::{TokenizeOptions, TruncationMode};
 use crate::error::{Error, Result};
@@ -36,6 +37,8 @@ choice! {
         NashMd = "nash_md",
         /// Online: XPO (a policy completion against a reference completion, plus exploration).
         Xpo = "xpo",
+        /// Supervised fine-tuning: the NLL of text, completions or assistant turns.
+        Sft = "sft",
     }
 }
 
@@ -251,6 +254,8 @@ settings! {
         pub online: crate::config::online::OnlineParams,
         /// LoRA's (use_peft = true).
         pub peft: crate::config::peft::PeftParams,
+        /// SFT's (task = "sft").
+        pub sft: crate::config::sft::SftParams,
     }
 }
 
@@ -355,6 +360,21 @@ impl TrainConfig {
                 cfg.grpo.num_generations = 2;
             }
         }
+        if cfg.task == Task::Sft {
+            // TRL's SFTConfig defaults where they differ from DPOConfig's
+            if !table.contains_key("learning_rate") {
+                cfg.learning_rate = 2e-5;
+            }
+            if !table.contains_key("truncation_mode") {
+                cfg.truncation_mode = TruncationMode::KeepStart;
+            }
+            if !table.contains_key("loss_type") {
+                cfg.loss_type = LossType::One("nll".into());
+            }
+            if !table.contains_key("max_prompt_length") {
+                cfg.max_prompt_length = 0;
+            }
+        }
         if cfg.task.is_online_pairwise() {
             // TRL's OnlineDPOConfig defaults where they differ from the offline ones / GRPO's
             let set = |k: &str| table.contains_key(k);
@@ -446,6 +466,9 @@ impl TrainConfig {
         }
         if matches!(self.task, Task::Grpo | Task::Rloo) {
             return crate::config::grpo::GrpoParams::validate(self);
+        }
+        if self.task == Task::Sft {
+            return crate::config::sft::SftParams::validate(self);
         }
         if self.task.is_online_pairwise() {
             return crate::config::online::OnlineParams::validate(self);
@@ -665,6 +688,7 @@ mod tests {
         c.online.mixture_coef_per_epoch = Some(vec![0.5]);
         c.peft.lora_target_modules = Some(vec!["q_proj".into()]);
         c.peft.lora_modules_to_save = Some(vec!["score".into()]);
+        c.sft.completion_only_loss = Some(true);
         let v = toml::Value::try_from(&c).unwrap();
         let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
         let mut keys: Vec<&str> = TrainConfig::keys().iter().map(|k| k.0).collect();

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod examples;
 pub mod jsonl;
 pub mod prompts;
+pub mod sft;
 pub mod synthetic;
 pub mod tokenize;
 

@@ -28,6 +28,9 @@ pub struct SeqLogps {
     /// `[N]`, only when asked for: the entropy of the distribution at each scored position
     /// (no gradient), for GRPO's `entropy` metric and `top_entropy_quantile`.
     pub entropies: Option<Vec<f64>>,
+    /// `[N]`, with `entropies`: the largest log-prob at each scored position (the target is
+    /// the top-1 token where its log-prob equals it).
+    pub top_logps: Option<Vec<f64>>,
 }
 
 impl SeqLogps {
@@ -122,15 +125,20 @@ fn group_logps_impl(
     } else {
         hidden
     };
-    let (token_logps, log_sum_sq, entropies) =
+    let (token_logps, log_sum_sq, stats) =
         gather_logps_full(model, &hidden, &batch.scored, &batch.targets, with_sum_sq, with_entropy)?;
     let sums = segment_sums(&token_logps, &batch.offsets)?;
+    let (entropies, top_logps) = match stats {
+        Some((e, t)) => (Some(e), Some(t)),
+        None => (None, None),
+    };
     Ok(SeqLogps {
         token_logps,
         offsets: batch.offsets,
         sums,
         log_sum_sq,
         entropies,
+        top_logps,
     })
 }
 
@@ -152,7 +160,7 @@ pub fn gather_logps_with(
     Ok((lp, sq))
 }
 
-/// [`gather_logps_with`], optionally with each row's entropy.
+/// [`gather_logps_with`], optionally with each row's entropy and largest log-prob.
 #[allow(clippy::type_complexity)]
 fn gather_logps_full(
     model: &Transformer,
@@ -161,14 +169,14 @@ fn gather_logps_full(
     targets: &[u32],
     with_sum_sq: bool,
     with_entropy: bool,
-) -> Result<(Tensor, Option<Tensor>, Option<Vec<f64>>)> {
+) -> Result<(Tensor, Option<Tensor>, Option<(Vec<f64>, Vec<f64>)>)> {
     let dev = model.device();
     if !with_sum_sq && model.kernels.fused && super::kernels::supported(hidden) {
         let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
         let bf16 = model.kernels.bf16_for(&h);
         if with_entropy {
-            let (lp, e) = super::kernels::token_logps_entropy(&h, model.output_weight(), targets, bf16)?;
-            return Ok((lp, None, Some(e)));
+            let (lp, e, t) = super::kernels::token_logps_stats(&h, model.output_weight(), targets, bf16)?;
+            return Ok((lp, None, Some((e, t))));
         }
         return Ok((
             super::kernels::token_logps(&h, model.output_weight(), targets, bf16)?,
@@ -179,6 +187,7 @@ fn gather_logps_full(
     let mut parts = Vec::new();
     let mut sq_parts = Vec::new();
     let mut entropies = Vec::new();
+    let mut tops = Vec::new();
     for (r, tg) in rows.chunks(LOGIT_CHUNK_ROWS).zip(targets.chunks(LOGIT_CHUNK_ROWS)) {
         let h = hidden.index_select(&Tensor::new(r, dev)?, 0)?;
         let logits = model.logits(&h)?; // [n, V]
@@ -189,6 +198,8 @@ fn gather_logps_full(
             let p = l.broadcast_sub(&lse.detach().unsqueeze(1)?)?.exp()?;
             let h = (lse.detach() - (p * &l)?.sum(1)?)?;
             entropies.extend(h.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            let top = (l.max(1)? - lse.detach())?;
+            tops.extend(top.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         }
         if with_sum_sq {
             let l = logits.detach();
@@ -204,7 +215,7 @@ fn gather_logps_full(
     } else {
         None
     };
-    Ok((Tensor::cat(&parts, 0)?, sq, with_entropy.then_some(entropies)))
+    Ok((Tensor::cat(&parts, 0)?, sq, with_entropy.then_some((entropies, tops))))
 }
 
 /// Per-token log-probs (f32) of `ids[completion_start..]` for one sequence.

@@ -354,7 +354,7 @@ impl Trainer {
             let s = self.state.global_step;
             let cfg = &self.cfg;
             let do_eval =
-                !self.data.eval.is_empty() && ((cfg.eval_steps > 0 && s.is_multiple_of(cfg.eval_steps)) || s == total);
+                self.data.has_eval() && ((cfg.eval_steps > 0 && s.is_multiple_of(cfg.eval_steps)) || s == total);
             if s.is_multiple_of(cfg.logging_steps.max(1)) || s == total || do_eval {
                 let rec = self.log_record(do_eval)?;
                 crate::util::fs::append_jsonl(&metrics_path, &rec)?;

@@ -17,6 +17,10 @@ pub struct TokenLogps {
     /// (no gradient): computed from the logits it makes anyway, so it costs one more pass over
     /// each row in cache instead of a second projection.
     pub entropies: Option<std::sync::Arc<std::sync::Mutex<Vec<f64>>>>,
+    /// When set (with `entropies`), the forward pass also leaves each row's largest log-prob
+    /// `max_v logit_v − logsumexp` here: the target is the top-1 token where its log-prob
+    /// equals it (SFT's `mean_token_accuracy`).
+    pub top_logps: Option<std::sync::Arc<std::sync::Mutex<Vec<f64>>>>,
 }
 
 /// `−Σ_v softmax(row)_v · log softmax(row)_v = lse − Σ_v softmax(row)_v · row_v`.
@@ -50,6 +54,7 @@ fn for_each_logit_row<T: Elem>(
     w: &Tensor,
     bf16: bool,
     mut entropies: Option<&mut Vec<f64>>,
+    mut tops: Option<&mut Vec<f64>>,
     mut f: impl FnMut(usize, &[T], T),
 ) -> CResult<()> {
     let (n, v) = (h.dim(0)?, w.dim(0)?);
@@ -75,6 +80,17 @@ fn for_each_logit_row<T: Elem>(
                     .collect();
                 e.extend(rows);
             }
+            if let Some(t) = tops.as_deref_mut() {
+                let rows: Vec<f64> = l
+                    .par_chunks(v)
+                    .zip(lse.par_iter())
+                    .map(|(row, &m)| {
+                        let top = row.iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+                        candle_core::WithDType::to_f64(top - m)
+                    })
+                    .collect();
+                t.extend(rows);
+            }
             for (i, row) in l.chunks(v).enumerate() {
                 f(start + i, row, lse[i]);
             }
@@ -88,13 +104,23 @@ fn head_fwd<T: Elem>(op: &TokenLogps, s1: &CpuStorage, l1: &Layout) -> CResult<(
     let h = tensor_of::<T>(s1, l1)?;
     let mut res = vec![T::zero(); h.dim(0)?];
     let mut ent = Vec::new();
+    let mut tops = Vec::new();
     let want = op.entropies.is_some();
-    for_each_logit_row::<T>(&h, &op.w, op.bf16, want.then_some(&mut ent), |i, row, lse| {
-        res[i] = row[op.targets[i] as usize] - lse
-    })?;
+    let want_top = op.top_logps.is_some();
+    for_each_logit_row::<T>(
+        &h,
+        &op.w,
+        op.bf16,
+        want.then_some(&mut ent),
+        want_top.then_some(&mut tops),
+        |i, row, lse| res[i] = row[op.targets[i] as usize] - lse,
+    )?;
+    let poisoned = |_| candle_core::Error::Msg("fused-token-logps: poisoned buffer".into());
     if let Some(e) = &op.entropies {
-        *e.lock()
-            .map_err(|_| candle_core::Error::Msg("fused-token-logps: poisoned entropy buffer".into()))? = ent;
+        *e.lock().map_err(poisoned)? = ent;
+    }
+    if let Some(t) = &op.top_logps {
+        *t.lock().map_err(poisoned)? = tops;
     }
     let n = res.len();
     out(res, Shape::from(n))
@@ -108,7 +134,7 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> 
     let g: Vec<T> = g.to_dtype(T::DTYPE)?.to_vec1()?;
     let h = h.contiguous()?;
     let mut dl = vec![T::zero(); n * v];
-    for_each_logit_row::<T>(&h, &op.w, op.bf16, None, |i, row, lse| {
+    for_each_logit_row::<T>(&h, &op.w, op.bf16, None, None, |i, row, lse| {
         let d = &mut dl[i * v..(i + 1) * v];
         neg_softmax_row(d, row, lse, g[i]);
         d[op.targets[i] as usize] += g[i];
@@ -154,24 +180,36 @@ pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Resul
         targets: targets.to_vec(),
         bf16,
         entropies: None,
+        top_logps: None,
     };
     Ok(h.contiguous()?.apply_op2(w, op)?)
 }
 
 /// [`token_logps`] with each row's entropy (no gradient), from the same pass over the logits.
 pub fn token_logps_entropy(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Result<(Tensor, Vec<f64>)> {
+    let (lp, e, _) = token_logps_stats(h, w, targets, bf16)?;
+    Ok((lp, e))
+}
+
+/// [`token_logps`] with each row's entropy and largest log-prob (no gradient), from the same
+/// pass over the logits.
+pub fn token_logps_stats(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
     let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tops = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let op = TokenLogps {
         w: w.detach(),
         targets: targets.to_vec(),
         bf16,
         entropies: Some(buf.clone()),
+        top_logps: Some(tops.clone()),
     };
     let lp = h.contiguous()?.apply_op2(w, op)?;
-    let e = std::mem::take(
-        &mut *buf
-            .lock()
-            .map_err(|_| crate::error::Error::msg("entropy buffer poisoned"))?,
-    );
-    Ok((lp, e))
+    let take = |b: &std::sync::Mutex<Vec<f64>>| -> Result<Vec<f64>> {
+        Ok(std::mem::take(
+            &mut *b
+                .lock()
+                .map_err(|_| crate::error::Error::msg("entropy buffer poisoned"))?,
+        ))
+    };
+    Ok((lp, take(&buf)?, take(&tops)?))
 }

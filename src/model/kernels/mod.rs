@@ -365,7 +365,7 @@ mod tests;
 
 pub use attention::{attention, attention_grads, masked_softmax, Attention};
 pub use cpu::CpuPath;
-pub use logprob_head::{token_logps, token_logps_entropy, TokenLogps};
+pub use logprob_head::{token_logps, token_logps_entropy, token_logps_stats, TokenLogps};
 pub use norm::{rms_norm, rms_norm_grads};
 pub use rope::rope;
 pub use swiglu::{swiglu, swiglu_grads};

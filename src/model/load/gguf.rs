@@ -441,8 +441,7 @@ impl ExportQuant {
             .and_then(|r| r.split('.').next())
             .and_then(|i| i.parse().ok());
         // llama.cpp's use_more_bits(i, n)
-        let more_bits =
-            |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2;
+        let more_bits = |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2;
         let sensitive = gguf_name.contains("attn_v.") || gguf_name.contains("ffn_down.");
         let wanted = match self {
             ExportQuant::F32 => G::F32,

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# SFT on the arithmetic set: SmolLM2-135M-Instruct fine-tuned on 400 correct answers
+# (conversational prompt-completion rows), greedy answer accuracy on 100 held-out questions
+# before and after (`prefer eval --prompts ... --reward accuracy`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-model.sh
+cargo build --release --quiet
+prefer=target/release/prefer
+model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+data=runs/arithmetic/data
+mkdir -p runs/arithmetic/sft
+$prefer data make-arithmetic --out $data --train 400 --eval 100 --seed 0
+# the pairs' chosen answers as prompt-completion rows
+python3 -c '
+import json, sys
+with open("runs/arithmetic/sft/train.jsonl", "w") as out:
+    for line in open("runs/arithmetic/data/train.jsonl"):
+        r = json.loads(line)
+        out.write(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n")
+'
+rm -rf runs/arithmetic/sft/run
+echo "== before: greedy answers to 100 held-out questions"
+$prefer eval --model $model --prompts $data/eval_prompts.jsonl --reward accuracy --max-completion-length 8 --json > runs/arithmetic/sft/before.json
+echo "== SFT (examples/arithmetic-sft.toml)"
+$prefer train --config examples/arithmetic-sft.toml --set disable_tqdm=true
+echo "== after"
+$prefer eval --model runs/arithmetic/sft/run --prompts $data/eval_prompts.jsonl --reward accuracy --max-completion-length 8 --json > runs/arithmetic/sft/after.json
+python3 -c '
+import json
+b, a = (json.load(open(f"runs/arithmetic/sft/{x}.json")) for x in ("before", "after"))
+print("greedy accuracy before:", b.get("rewards/accuracy/mean", b), " after SFT:", a.get("rewards/accuracy/mean", a))
+'
