@@ -74,8 +74,48 @@ enum Cmd {
     },
 }
 
+/// `prefer train --beta 0.2 --per_device_train_batch_size 4` (as `trl dpo` takes them): every
+/// `--KEY VALUE` or `--KEY=VALUE` after `train` that is not one of its own flags becomes
+/// `--set KEY=VALUE` (dashes in KEY read as underscores); a bare `--KEY` is `KEY=true`.
+fn config_flags_as_set(args: Vec<String>) -> Vec<String> {
+    if args.get(1).map(String::as_str) != Some("train") {
+        return args;
+    }
+    const OWN: [&str; 6] = ["--config", "--set", "--help-config", "--help", "--threads", "--version"];
+    let mut out = args[..2].to_vec();
+    let mut it = args.into_iter().skip(2).peekable();
+    while let Some(a) = it.next() {
+        let Some(flag) = a.strip_prefix("--") else {
+            out.push(a);
+            continue;
+        };
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (flag.to_string(), None),
+        };
+        if OWN.contains(&format!("--{name}").as_str()) || name.is_empty() {
+            out.push(a);
+            continue;
+        }
+        let (name, value) = match inline {
+            Some(v) => (name, v),
+            None => match it.peek() {
+                Some(next) if !next.starts_with("--") => (name, it.next().expect("peeked")),
+                // HfArgumentParser's `--no_KEY` for a false boolean
+                _ => match name.strip_prefix("no_").or_else(|| name.strip_prefix("no-")) {
+                    Some(key) => (key.to_string(), "false".into()),
+                    None => (name, "true".into()),
+                },
+            },
+        };
+        out.push("--set".into());
+        out.push(format!("{}={value}", name.replace('-', "_")));
+    }
+    out
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(config_flags_as_set(std::env::args().collect()));
     prefer::util::tune_allocator();
     if cli.threads > 0 {
         // SAFETY: single-threaded here, before any tensor op starts candle's pool.

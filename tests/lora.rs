@@ -437,6 +437,8 @@ fn lora_setup(name: &str) -> (PathBuf, TrainConfig) {
     cfg.peft.lora_r = 4;
     cfg.peft.lora_alpha = 8.0;
     cfg.peft.lora_dropout = 0.1;
+    // TRL's DPO turns dropout off (LoRA's included) unless told otherwise: keep it on here
+    cfg.disable_dropout = Some(false);
     cfg.peft.lora_target_modules = Some(vec!["all-linear".into()]);
     (dir, cfg)
 }

@@ -230,7 +230,7 @@ pub fn reference_for_run(
                     let v = crate::stats::score_examples(
                         &m.transformer,
                         pairs,
-                        cfg.per_device_eval_batch_size,
+                        cfg.precompute_ref_batch_size.unwrap_or(cfg.per_device_eval_batch_size),
                         &cfg.stats_options(),
                         |n| pb.inc(n as u64),
                     )?;

@@ -12,6 +12,7 @@ pub mod grpo;
 pub mod online;
 pub mod peft;
 pub mod sft;
+pub mod trl;
 
 use crate::data::{TokenizeOptions, TruncationMode};
 use crate::error::{Error, Result};
@@ -64,6 +65,16 @@ impl RefModel {
             RefModel::One(s) => vec![PathBuf::from(s)],
             RefModel::Soup(v) => v.iter().map(PathBuf::from).collect(),
         }
+    }
+}
+
+choice! {
+    /// When something happens during training (`logging_strategy`, `save_strategy`,
+    /// `eval_strategy`), as TrainingArguments.
+    pub enum Strategy {
+        Steps = "steps",
+        Epoch = "epoch",
+        No = "no",
     }
 }
 
@@ -194,12 +205,38 @@ settings! {
         pub seed: u64 = 42,
         /// Shuffle the pairs each epoch (seeded); false = file order.
         pub shuffle: bool = true,
+        /// Seed of the data order when set (TrainingArguments' data_seed); else `seed`.
+        pub data_seed: Option<u64> = None,
         /// Write metrics every this many optimizer steps.
         pub logging_steps: usize = 10,
         /// Save a checkpoint every this many steps (and always at the end).
         pub save_steps: usize = 500,
         /// Evaluate eval_file every this many steps; 0 = only at the end.
         pub eval_steps: usize = 0,
+        /// When to write metrics: steps (every logging_steps) | epoch | no (TrainingArguments').
+        pub logging_strategy: Strategy = Strategy::Steps,
+        /// When to save checkpoints: steps (every save_steps) | epoch | no. A run still saves
+        /// its final model, and a checkpoint on Ctrl-C.
+        pub save_strategy: Strategy = Strategy::Steps,
+        /// When to evaluate eval_file: steps (every eval_steps, and at the end) | epoch | no.
+        pub eval_strategy: Strategy = Strategy::Steps,
+        /// Keep at most this many checkpoints in output_dir (the oldest are removed, each
+        /// renamed away before it is deleted, so `latest` never sees half a checkpoint).
+        pub save_total_limit: Option<usize> = None,
+        /// A name for the run, recorded in run_config.json.
+        pub run_name: Option<String> = None,
+        /// Where metrics go: "jsonl" (output_dir/metrics.jsonl, always written), "none" or
+        /// "all" (the same); other loggers (wandb, tensorboard) are refused, not ignored.
+        pub report_to: LossType = LossType::One("jsonl".into()),
+        /// TrainingArguments' logging directory: recorded; metrics.jsonl stays in output_dir.
+        pub logging_dir: Option<String> = None,
+        /// Drop dropout while training (TRL's disable_dropout). prefer's models have no dropout;
+        /// this turns off LoRA's. Default as TRL: on for dpo, reward and the online pairwise
+        /// methods, off for grpo, rloo and sft.
+        pub disable_dropout: Option<bool> = None,
+        /// Batch size of the reference pass with precompute_ref_log_probs (default:
+        /// per_device_eval_batch_size).
+        pub precompute_ref_batch_size: Option<usize> = None,
         /// Max tokens of prompt + completion.
         pub max_length: usize = 1024,
         /// Max prompt tokens (truncated per truncation_mode); 0 = no limit.
@@ -259,6 +296,15 @@ settings! {
     }
 }
 
+impl TrainConfig {
+    /// Whether dropout is off in training: `disable_dropout`, or TRL's default for the task
+    /// (on for dpo, reward and the online pairwise methods; off for grpo, rloo and sft).
+    pub fn dropout_disabled(&self) -> bool {
+        self.disable_dropout
+            .unwrap_or(matches!(self.task, Task::Dpo | Task::Reward) || self.task.is_online_pairwise())
+    }
+}
+
 impl Task {
     /// Online DPO, Nash-MD and XPO: two completions per prompt, ranked by a reward.
     pub fn is_online_pairwise(self) -> bool {
@@ -283,14 +329,61 @@ fn canonical_key(key: &str) -> String {
 fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
     let keys = TrainConfig::keys();
     for key in table.keys() {
+        if crate::config::trl::is_trl_key(key) {
+            continue;
+        }
         if !keys.iter().any(|(k, _)| k == key) {
+            if crate::config::trl::is_trl_config_key(key) {
+                return Err(Error::Config(format!(
+                    "{origin}: `{key}` is a TRL option prefer does not implement; remove it \
+                     (`prefer train --help-config` lists what prefer reads)"
+                )));
+            }
+            // a near miss only: a couple of edits, not another key that shares words
             let hint = crate::util::closest(key, keys.iter().map(|(k, _)| *k))
+                .filter(|c| crate::util::text::edit_distance(key, c) <= 2 + key.len() / 8)
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_else(|| "; `prefer train --help-config` lists every key".into());
             return Err(Error::Config(format!("{origin}: unknown key `{key}`{hint}")));
         }
     }
     Ok(())
+}
+
+/// The 1-based line of a config text that sets `key` (TOML `key =` or YAML `key:`).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('=') || rest.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
+}
+
+/// A YAML mapping as a TOML table: numbers, strings, booleans, lists and nested mappings as
+/// themselves; `null` leaves the key out (unset).
+fn yaml_table(text: &str) -> std::result::Result<toml::Table, String> {
+    fn conv(v: serde_json::Value) -> Option<toml::Value> {
+        use serde_json::Value as J;
+        Some(match v {
+            J::Null => return None,
+            J::Bool(b) => toml::Value::Boolean(b),
+            J::Number(n) => match n.as_i64() {
+                Some(i) => toml::Value::Integer(i),
+                None => toml::Value::Float(n.as_f64()?),
+            },
+            J::String(s) => toml::Value::String(s),
+            J::Array(a) => toml::Value::Array(a.into_iter().filter_map(conv).collect()),
+            J::Object(o) => toml::Value::Table(o.into_iter().filter_map(|(k, v)| Some((k, conv(v)?))).collect()),
+        })
+    }
+    let v: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
+    match v {
+        serde_json::Value::Object(o) => Ok(o.into_iter().filter_map(|(k, v)| Some((k, conv(v)?))).collect()),
+        serde_json::Value::Null => Ok(toml::Table::new()),
+        _ => Err("a config is a mapping of keys to values".into()),
+    }
 }
 
 /// Parse `key=value` (value as TOML, or as a bare string if it is not valid TOML).
@@ -309,18 +402,25 @@ pub fn parse_override(s: &str) -> Result<(String, toml::Value)> {
 
 impl TrainConfig {
     /// Load a TOML file (optional) and apply `--set` overrides.
+    /// A `.yaml` / `.yml` file (TRL CLI and alignment-handbook recipes) is read as the same
+    /// keys; YAML's `null` means "unset".
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut text = String::new();
         let mut table = match path {
             Some(p) => {
-                let text = crate::util::read_to_string(p)?;
-                let t: toml::Table =
-                    toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+                text = crate::util::read_to_string(p)?;
+                let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+                let t: toml::Table = match yaml {
+                    true => yaml_table(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+                    false => toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+                };
                 let t: toml::Table = t.into_iter().map(|(k, v)| (canonical_key(&k), v)).collect();
                 check_keys(&t, &p.display().to_string())?;
                 t
             }
             None => toml::Table::new(),
         };
+        let origin = path.map(|p| p.display().to_string()).unwrap_or_else(|| "--set".into());
         for o in overrides {
             let (k, v) = parse_override(o)?;
             let k = canonical_key(&k);
@@ -333,14 +433,25 @@ impl TrainConfig {
         for key in ["beta", "alpha", "mixture_coef"] {
             crate::config::online::split_per_epoch_list(&mut table, key)?;
         }
+        for note in crate::config::trl::apply(&mut table, &origin)? {
+            eprintln!("config: {note}");
+        }
         let cfg: TrainConfig = match toml::Value::Table(table.clone()).try_into() {
             Ok(c) => c,
             Err(e) => {
-                // name the key whose value is wrong: the first that fails on its own
+                // name the key whose value is wrong (the first that fails on its own), with the
+                // file and line that set it, or --set
                 for (k, v) in &table {
                     let one = toml::Table::from_iter([(k.clone(), v.clone())]);
                     if let Err(e) = toml::Value::Table(one).try_into::<TrainConfig>() {
-                        return Err(Error::Config(format!("`{k}`: {}", e.message())));
+                        let set_by_flag = overrides
+                            .iter()
+                            .any(|o| o.split('=').next().map(str::trim) == Some(k.as_str()));
+                        let at = match (path, key_line(&text, k)) {
+                            (Some(p), Some(line)) if !set_by_flag => format!("{}:{line}: ", p.display()),
+                            _ => "--set ".to_string(),
+                        };
+                        return Err(Error::Config(format!("{at}{k}: {}, found {v}", e.message())));
                     }
                 }
                 return Err(Error::Config(e.message().to_string()));
@@ -404,6 +515,14 @@ impl TrainConfig {
             return bad("`train_file` is required (a JSONL file of preference pairs)".into());
         }
         self.validate_peft()?;
+        for r in self.report_to.names() {
+            if !["jsonl", "none", "all"].contains(&r.as_str()) {
+                return bad(format!(
+                    "report_to = \"{r}\": prefer writes output_dir/metrics.jsonl (report_to = \"jsonl\"); {r} is not \
+                     implemented (plots: `prefer sweep`, or read metrics.jsonl with pandas.read_json(lines=True))"
+                ));
+            }
+        }
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return bad("per_device_train_batch_size and gradient_accumulation_steps must be ≥ 1".into());
         }
@@ -689,6 +808,12 @@ mod tests {
         c.peft.lora_target_modules = Some(vec!["q_proj".into()]);
         c.peft.lora_modules_to_save = Some(vec!["score".into()]);
         c.sft.completion_only_loss = Some(true);
+        c.data_seed = Some(1);
+        c.save_total_limit = Some(1);
+        c.run_name = Some("r".into());
+        c.logging_dir = Some("l".into());
+        c.disable_dropout = Some(true);
+        c.precompute_ref_batch_size = Some(2);
         let v = toml::Value::try_from(&c).unwrap();
         let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
         let mut keys: Vec<&str> = TrainConfig::keys().iter().map(|k| k.0).collect();
@@ -811,20 +936,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("`lr_scheduler_type`") && e.contains("did you mean `cosine`"),
+            e.contains("--set lr_scheduler_type:") && e.contains("did you mean `cosine`"),
             "{e}"
         );
         let e = TrainConfig::load(Some(&p), &["optim=adam".into()])
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("`optim`: `adam` is not one of adamw_torch, sgd; did you mean `adamw`?"),
+            e.contains("--set optim: `adam` is not one of adamw_torch, sgd; did you mean `adamw`?"),
             "{e}"
         );
         let e = TrainConfig::load(Some(&p), &["f_divergence_type=js".into(), "optim=adamw".into()])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`f_divergence_type`: `js` is not one of"), "{e}");
+        assert!(e.contains("--set f_divergence_type: `js` is not one of"), "{e}");
         let e = TrainConfig::load(Some(&p), &["loss_type=lcpo".into(), "lcpo_base=kto".into()])
             .unwrap_err()
             .to_string();

@@ -47,7 +47,8 @@ impl TrainConfig {
         Ok(LoraSpec {
             r: p.lora_r,
             alpha: p.lora_alpha,
-            dropout: p.lora_dropout,
+            // TRL's disable_dropout turns off every nn.Dropout, LoRA's included
+            dropout: if self.dropout_disabled() { 0.0 } else { p.lora_dropout },
             targets: Module::parse_targets(p.lora_target_modules.as_deref())?,
             use_rslora: p.use_rslora,
             modules_to_save,

@@ -86,3 +86,30 @@ pub fn latest(out_dir: &Path) -> Option<PathBuf> {
     }
     best.map(|b| b.1)
 }
+
+/// Keep the newest `limit` (at least 1) complete checkpoints of `out_dir`: each older one is
+/// renamed to a hidden name first (so `latest` can never pick it half-deleted), then removed.
+pub fn prune(out_dir: &Path, limit: usize) -> Result<()> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(out_dir)
+        .map_err(|e| Error::io(out_dir, e))?
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")?
+                .parse::<usize>()
+                .ok()?;
+            e.path().join(STATE_FILE).is_file().then(|| (n, e.path()))
+        })
+        .collect();
+    found.sort();
+    let keep = limit.max(1);
+    let excess = found.len().saturating_sub(keep);
+    for (n, dir) in found.into_iter().take(excess) {
+        let gone = out_dir.join(format!(".checkpoint-{n}.deleting"));
+        std::fs::rename(&dir, &gone).map_err(|e| Error::io(&dir, e))?;
+        std::fs::remove_dir_all(&gone).map_err(|e| Error::io(&gone, e))?;
+    }
+    Ok(())
+}

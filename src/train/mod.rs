@@ -10,7 +10,7 @@ pub use order::{total_steps, Order};
 
 use crate::algorithms::data::TrainData;
 use crate::algorithms::{self, Algorithm, StepCtx};
-use crate::config::TrainConfig;
+use crate::config::{Strategy, TrainConfig};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 use crate::optim::{schedule, Optimizer};
@@ -152,7 +152,7 @@ impl Trainer {
         let units = algorithm.units_per_micro_batch(cfg.per_device_train_batch_size);
         let total = total_steps(&cfg, data.len(), units, algorithm.steps_per_batch());
         let warmup = schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);
-        let order = Order::new(data.len(), units, cfg.seed, cfg.shuffle);
+        let order = Order::new(data.len(), units, cfg.data_seed.unwrap_or(cfg.seed), cfg.shuffle);
         let mut state = TrainerState::default();
         if let Some(dir) = &resume {
             state = checkpoint::load_state(dir, &mut opt)?;
@@ -334,6 +334,12 @@ impl Trainer {
         )
     }
 
+    /// Optimizer steps in one pass over the training data.
+    fn epoch_steps(&self) -> usize {
+        let per_epoch = self.order.batches_per_epoch() / self.cfg.gradient_accumulation_steps.max(1);
+        (per_epoch.max(1) * self.algorithm.steps_per_batch().max(1)).max(1)
+    }
+
     /// The loop: steps, logging, evaluation, checkpoints, Ctrl-C.
     pub fn run(&mut self) -> Result<TrainOutcome> {
         let out_dir = self.cfg.output_dir();
@@ -353,9 +359,19 @@ impl Trainer {
             pb.inc(1);
             let s = self.state.global_step;
             let cfg = &self.cfg;
-            let do_eval =
-                self.data.has_eval() && ((cfg.eval_steps > 0 && s.is_multiple_of(cfg.eval_steps)) || s == total);
-            if s.is_multiple_of(cfg.logging_steps.max(1)) || s == total || do_eval {
+            // TrainingArguments' strategies: every N steps, every epoch, or never
+            let epoch_steps = self.epoch_steps();
+            let due = |strategy: Strategy, every: usize| match strategy {
+                Strategy::Steps => every > 0 && s.is_multiple_of(every),
+                Strategy::Epoch => s.is_multiple_of(epoch_steps),
+                Strategy::No => false,
+            };
+            let do_eval = self.data.has_eval()
+                && cfg.eval_strategy != Strategy::No
+                && (due(cfg.eval_strategy, cfg.eval_steps) || s == total);
+            let do_log = cfg.logging_strategy != Strategy::No
+                && (due(cfg.logging_strategy, cfg.logging_steps.max(1)) || s == total);
+            if do_log || do_eval {
                 let rec = self.log_record(do_eval)?;
                 crate::util::fs::append_jsonl(&metrics_path, &rec)?;
                 let get = |k: &str| rec.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
@@ -372,8 +388,17 @@ impl Trainer {
                 last_log = Some(rec);
             }
             let stop = STOP_REQUESTED.load(Ordering::SeqCst) || self.stop_after_step == Some(s);
-            if s.is_multiple_of(self.cfg.save_steps.max(1)) || s == total || stop {
+            let save = match self.cfg.save_strategy {
+                Strategy::Steps => s.is_multiple_of(self.cfg.save_steps.max(1)) || s == total,
+                Strategy::Epoch => s.is_multiple_of(epoch_steps) || s == total,
+                // no checkpoints, except the one Ctrl-C leaves to resume from
+                Strategy::No => false,
+            };
+            if save || stop {
                 last_checkpoint = Some(self.save_checkpoint()?);
+                if let Some(limit) = self.cfg.save_total_limit {
+                    checkpoint::prune(&self.cfg.output_dir(), limit)?;
+                }
             }
             if stop && s < total {
                 interrupted = true;
