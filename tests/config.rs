@@ -43,7 +43,7 @@ fn trl_keys_are_mapped_or_refused_with_the_reason() {
     for (key, value, words) in [
         ("fp16", "true", "bf16"),
         ("push_to_hub", "true", "upload"),
-        ("report_to", "\"tensorboard\"", "metrics.jsonl"),
+        ("report_to", "\"wandb\"", "metrics.jsonl"),
         ("load_best_model_at_end", "true", "--checkpoints"),
         ("use_vllm", "true", "sampler"),
         ("reference_free", "true", "simpo"),
@@ -249,6 +249,32 @@ fn checkpoint_limit_and_strategies() {
         })
         .collect();
     assert_eq!(steps, vec![4, 8]);
+    // report_to = tensorboard: one event per logged record, with TRL's tags, framed and
+    // checksummed (tensorboard's own reader: scripts/check-tensorboard.sh)
+    let tb = TrainConfig {
+        output_dir: dir.join("tb").display().to_string(),
+        report_to: prefer::config::LossType::One("tensorboard".into()),
+        eval_file: Some(data.display().to_string()),
+        eval_steps: 4,
+        ..base.clone()
+    };
+    prefer::train::train(&tb).unwrap();
+    let runs = Path::new(&tb.output_dir).join("runs");
+    let files: Vec<PathBuf> = std::fs::read_dir(&runs).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(files.len(), 1);
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let recs = prefer::train::tensorboard::read_records(&files[0]).unwrap();
+    assert_eq!(recs.len(), 1 + 8, "file_version + one event per logged step");
+    let has = |r: &[u8], s: &str| r.windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(has(&recs[1], "train/loss") && has(&recs[1], "train/rewards/accuracies"));
+    assert!(
+        has(&recs[4], "eval/loss") && !has(&recs[3], "eval/loss"),
+        "eval at step 4 only"
+    );
     let none = TrainConfig {
         output_dir: dir.join("none").display().to_string(),
         save_strategy: Strategy::No,

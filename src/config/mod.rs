@@ -225,10 +225,12 @@ settings! {
         pub save_total_limit: Option<usize> = None,
         /// A name for the run, recorded in run_config.json.
         pub run_name: Option<String> = None,
-        /// Where metrics go: "jsonl" (output_dir/metrics.jsonl, always written), "none" or
-        /// "all" (the same); other loggers (wandb, tensorboard) are refused, not ignored.
+        /// Where metrics go besides output_dir/metrics.jsonl (always written): "tensorboard"
+        /// (event files in logging_dir, default output_dir/runs; TRL's tags), "all" (the same),
+        /// "none" / "jsonl" (nothing else); other loggers (wandb, ...) are refused.
         pub report_to: LossType = LossType::One("jsonl".into()),
-        /// TrainingArguments' logging directory: recorded; metrics.jsonl stays in output_dir.
+        /// Where TensorBoard event files go (default output_dir/runs); metrics.jsonl stays in
+        /// output_dir.
         pub logging_dir: Option<String> = None,
         /// Drop dropout while training (TRL's disable_dropout). prefer's models have no dropout;
         /// this turns off LoRA's. Default as TRL: on for dpo, reward and the online pairwise
@@ -297,6 +299,11 @@ settings! {
 }
 
 impl TrainConfig {
+    /// Whether the run writes TensorBoard event files (`report_to` "tensorboard" or "all").
+    pub fn reports_to_tensorboard(&self) -> bool {
+        self.report_to.names().iter().any(|r| r == "tensorboard" || r == "all")
+    }
+
     /// Whether dropout is off in training: `disable_dropout`, or TRL's default for the task
     /// (on for dpo, reward and the online pairwise methods; off for grpo, rloo and sft).
     pub fn dropout_disabled(&self) -> bool {
@@ -516,10 +523,11 @@ impl TrainConfig {
         }
         self.validate_peft()?;
         for r in self.report_to.names() {
-            if !["jsonl", "none", "all"].contains(&r.as_str()) {
+            if !["jsonl", "none", "all", "tensorboard"].contains(&r.as_str()) {
                 return bad(format!(
-                    "report_to = \"{r}\": prefer writes output_dir/metrics.jsonl (report_to = \"jsonl\"); {r} is not \
-                     implemented (plots: `prefer sweep`, or read metrics.jsonl with pandas.read_json(lines=True))"
+                    "report_to = \"{r}\": prefer writes output_dir/metrics.jsonl always, and TensorBoard event \
+                     files with report_to = \"tensorboard\"; {r} is not implemented (read metrics.jsonl with \
+                     pandas.read_json(lines=True), or point TensorBoard at the event files)"
                 ));
             }
         }

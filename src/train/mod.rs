@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod order;
+pub mod tensorboard;
 
 pub use order::{total_steps, Order};
 
@@ -346,6 +347,16 @@ impl Trainer {
         crate::util::create_dir_all(&out_dir)?;
         let metrics_path = out_dir.join("metrics.jsonl");
         crate::util::fs::truncate_jsonl_after_step(&metrics_path, self.state.global_step)?;
+        let mut tensorboard = match self.cfg.reports_to_tensorboard() {
+            true => {
+                let dir = match &self.cfg.logging_dir {
+                    Some(d) => PathBuf::from(d),
+                    None => out_dir.join("runs"),
+                };
+                Some(tensorboard::EventWriter::create(&dir, self.state.global_step)?)
+            }
+            false => None,
+        };
         for f in self.algorithm.step_logs() {
             crate::util::fs::truncate_jsonl_after_step(&out_dir.join(f), self.state.global_step)?;
         }
@@ -374,6 +385,9 @@ impl Trainer {
             if do_log || do_eval {
                 let rec = self.log_record(do_eval)?;
                 crate::util::fs::append_jsonl(&metrics_path, &rec)?;
+                if let (Some(tb), Some(obj)) = (tensorboard.as_mut(), rec.as_object()) {
+                    tb.log(s, obj)?;
+                }
                 let get = |k: &str| rec.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
                 pb.set_message(format!(
                     "loss {:.4} acc {:.2} margin {:.3} tok/s {:.0}",
