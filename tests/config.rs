@@ -287,3 +287,26 @@ fn checkpoint_limit_and_strategies() {
         "the final model is saved"
     );
 }
+
+/// `prefer data oasst` (formerly `data convert`, still accepted) converts OpenAssistant trees.
+#[test]
+fn data_oasst_and_its_old_name_agree() {
+    let dir = prefer::testing::scratch_dir("data-oasst");
+    let src = fixture("oasst-en100/en_10_tree.jsonl");
+    for (name, out) in [("oasst", "a.jsonl"), ("convert", "b.jsonl")] {
+        let o = bin()
+            .args(["data", name])
+            .arg(&src)
+            .args(["--to", "pairs", "--out"])
+            .arg(dir.join(out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (a, b) = (
+        std::fs::read_to_string(dir.join("a.jsonl")).unwrap(),
+        std::fs::read_to_string(dir.join("b.jsonl")).unwrap(),
+    );
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+}

@@ -403,3 +403,42 @@ fn corrupt_flips_a_seeded_fraction_of_labels() {
     assert_eq!(prefer::data::convert::corrupt_labels(&p, 0.0, 1).unwrap().1, 0);
     assert_eq!(prefer::data::convert::corrupt_labels(&p, 1.0, 1).unwrap().1, 400);
 }
+
+/// Parquet, JSON arrays and `datasets` directories (as `datasets` 5.2 wrote them) give the same
+/// rows as the JSONL they were made from; a DatasetDict must be narrowed to a split; a bad row
+/// in a Parquet file is named by file, row and field.
+#[test]
+fn datasets_files_read_like_jsonl() {
+    use prefer::data::jsonl::read_records;
+    let dir = prefer::testing::fixture("datasets");
+    let rows = |p: &std::path::Path| -> Vec<serde_json::Map<String, serde_json::Value>> {
+        read_records(p).unwrap().into_iter().map(|r| r.unwrap().obj).collect()
+    };
+    let want = rows(&dir.join("pairs.jsonl"));
+    assert_eq!(want.len(), 8);
+    assert_eq!(rows(&dir.join("pairs.parquet")), want);
+    assert_eq!(rows(&dir.join("pairs-array.json")), want);
+    let mut split = rows(&dir.join("pairs-dict/train"));
+    split.extend(rows(&dir.join("pairs-dict/test")));
+    assert_eq!(split, want);
+    let e = read_records(&dir.join("pairs-dict")).unwrap_err().to_string();
+    assert!(e.contains("DatasetDict") && e.contains("pairs-dict/train"), "{e}");
+    // conversational rows keep their nested messages
+    let m = rows(&dir.join("messages.parquet"));
+    let jsonl = rows(&prefer::testing::fixture("trl-sft/messages.jsonl"));
+    assert_eq!(m, jsonl);
+    // errors name the file and the row
+    let tok = prefer::testing::tiny_tokenizer(false).unwrap();
+    let recs = read_records(&dir.join("messages.parquet")).unwrap();
+    let r = recs[2].as_ref().unwrap();
+    let e = prefer::data::examples::detect(r).unwrap_err().to_string();
+    assert!(e.contains("messages.parquet:3") && e.contains("chosen"), "{e}");
+    // and a preference loader reads them as it reads JSONL
+    let opts = prefer::data::TokenizeOptions::default();
+    let (a, _) = prefer::data::load_tokenized_examples(&dir.join("pairs.jsonl"), &tok, &opts, false).unwrap();
+    let (b, _) = prefer::data::load_tokenized_examples(&dir.join("pairs.parquet"), &tok, &opts, false).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.prompt_ids, &x.responses), (&y.prompt_ids, &y.responses));
+    }
+}

@@ -22,8 +22,11 @@ pub enum DataCmd {
         #[arg(long)]
         model: Option<PathBuf>,
     },
-    /// Convert OpenAssistant message trees into ranked lists or pairs (conversational JSONL).
-    Convert {
+    /// OpenAssistant message trees to ranked lists or pairs (conversational JSONL). Formerly
+    /// `prefer data convert` (still accepted), renamed so it is not mistaken for `prefer convert`
+    /// (GGUF to HF).
+    #[command(alias = "convert")]
+    Oasst {
         file: PathBuf,
         /// Source format (only `oasst`: message trees with ranked sibling replies).
         #[arg(long, default_value = "oasst")]
@@ -192,7 +195,7 @@ pub fn run(cmd: DataCmd) -> Result<()> {
             );
             Ok(())
         }
-        DataCmd::Convert { file, from, to, out } => {
+        DataCmd::Oasst { file, from, to, out } => {
             if from != "oasst" {
                 bail!("--from {from}: only `oasst` (OpenAssistant message trees) is supported");
             }

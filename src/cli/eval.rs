@@ -323,7 +323,7 @@ fn eval_cmd(
     }
     if report.shape != Some(Shape::Pairwise) {
         bail!(
-            "{}: prefer eval reads pairwise data (chosen/rejected); convert ranked lists with `prefer data convert --to pairs`",
+            "{}: prefer eval reads pairwise data (chosen/rejected); convert ranked lists with `prefer data oasst --to pairs`",
             data.display()
         );
     }

@@ -1,4 +1,6 @@
-//! Line-by-line JSONL reading that never loses track of where a value came from.
+//! Reading rows that never loses track of where a value came from: JSONL line by line, and
+//! (through [`super::tables`]) JSON arrays, Parquet files and Hugging Face `datasets`
+//! directories, whose rows are numbered from 1 in place of lines.
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -44,10 +46,32 @@ pub fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Read the rows of a data file: JSONL (by default), a JSON array (`.json` whose first
+/// non-blank byte is `[`), Parquet (`.parquet`), or a directory saved by `datasets`
+/// (`save_to_disk`'s Arrow files, or Parquet shards as a hub download leaves them).
+pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
+    if path.is_dir() {
+        return super::tables::read_dataset_dir(path);
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => super::tables::read_parquet(path),
+        Some("arrow") => super::tables::read_arrow(path),
+        Some("json") => {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+            match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b'[') => super::tables::read_json_array(path, bytes),
+                _ => read_jsonl(path),
+            }
+        }
+        _ => read_jsonl(path),
+    }
+}
+
 /// Read every non-blank line of a JSONL file. Each line yields a record or an error that
 /// names the file and line (malformed JSON, non-UTF-8, not an object). A UTF-8 byte-order
 /// mark at the start (Windows editors and some exporters write one) is skipped.
-pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
+pub fn read_jsonl(path: &Path) -> Result<Vec<Result<Record>>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut out = Vec::new();

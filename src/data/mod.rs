@@ -8,6 +8,7 @@ pub mod jsonl;
 pub mod prompts;
 pub mod sft;
 pub mod synthetic;
+pub mod tables;
 pub mod tokenize;
 
 pub use examples::{DataFormat, ExampleMeta, Shape, TextExample};
