@@ -132,15 +132,17 @@ settings! {
         pub use_weighting: bool = false,
         /// Where checkpoints, metrics.jsonl and the final model go.
         pub output_dir: String = "runs/prefer".into(),
-        /// Training data, JSONL: preference pairs (standard, conversational or Anthropic HH,
-        /// auto-detected), or prompts for grpo / rloo. Required.
+        /// Training data (JSONL, a JSON array, Parquet, or a `datasets` folder): preference
+        /// pairs (standard, conversational or Anthropic HH, auto-detected), SFT rows for sft,
+        /// or prompts for the online tasks. Required.
         pub train_file: String = String::new(),
         /// Held-out pairs evaluated every eval_steps and at the end.
         pub eval_file: Option<String> = None,
         /// dpo (align the policy with an objective over log-probs) | reward (train a reward model:
-        /// the LM body plus a reward head, saved as *ForSequenceClassification) | grpo | rloo |
-        /// online_dpo | nash_md | xpo (online: sample completions of train_file's prompts, score
-        /// them with reward_funcs, learn from them).
+        /// the LM body plus a reward head, saved as *ForSequenceClassification) | sft
+        /// (supervised fine-tuning, TRL's SFTTrainer) | grpo | rloo | online_dpo | nash_md | xpo
+        /// (online: sample completions of train_file's prompts, score them with reward_funcs,
+        /// learn from them).
         pub task: Task = Task::Dpo,
         /// Objective name (`prefer objectives list`), or a list (or comma-separated string)
         /// combined with loss_weights.
