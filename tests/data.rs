@@ -18,6 +18,7 @@ fn no_limits() -> TokenizeOptions {
         max_length: None,
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
+        columns: Vec::new(),
     }
 }
 
@@ -183,6 +184,7 @@ fn truncation_follows_trl() {
         max_length: Some(8),
         max_prompt_length: Some(4),
         truncation_mode: mode,
+        columns: Vec::new(),
     };
     let (pairs, _) = load_text_examples(&p, None, false).unwrap();
     let full_prompt = tok.encode("abcdefgh", true).unwrap();
@@ -198,6 +200,7 @@ fn truncation_follows_trl() {
         max_length: Some(5),
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
+        columns: Vec::new(),
     };
     let e = tokenize_example(&pairs[0], &tok, &no_room, &p).unwrap_err().to_string();
     assert!(
@@ -441,4 +444,49 @@ fn datasets_files_read_like_jsonl() {
     for (x, y) in a.iter().zip(&b) {
         assert_eq!((&x.prompt_ids, &x.responses), (&y.prompt_ids, &y.responses));
     }
+}
+
+/// Datasets whose columns have other names: `columns = {...}` (or prompt_column /
+/// chosen_column / rejected_column) reads them as prefer's fields, in any file format.
+#[test]
+fn renamed_columns_read_as_prefers_fields() {
+    let dir = prefer::testing::scratch_dir("columns");
+    let std_rows = [
+        "{\"prompt\": \"2+2=\", \"chosen\": \" 4\", \"rejected\": \" 5\"}",
+        "{\"prompt\": \"1+1=\", \"chosen\": \" 2\", \"rejected\": \" 3\"}",
+    ];
+    let other: Vec<String> = std_rows
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r).unwrap();
+            serde_json::json!({"question": v["prompt"], "good": v["chosen"], "bad": v["rejected"], "id": 7}).to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("std.jsonl"), std_rows.join("\n")).unwrap();
+    std::fs::write(dir.join("other.jsonl"), other.join("\n")).unwrap();
+    let tok = prefer::testing::tiny_tokenizer(false).unwrap();
+    let cfg = prefer::config::TrainConfig::load(
+        None,
+        &[
+            "model_name_or_path=\"m\"".into(),
+            "train_file=\"t\"".into(),
+            "columns={prompt = \"question\"}".into(),
+            "chosen_column=\"good\"".into(),
+            "rejected_column=\"bad\"".into(),
+        ],
+    )
+    .unwrap();
+    let opts = cfg.tokenize_options();
+    let (a, _) =
+        prefer::data::load_tokenized_examples(&dir.join("std.jsonl"), &tok, &Default::default(), false).unwrap();
+    let (b, _) = prefer::data::load_tokenized_examples(&dir.join("other.jsonl"), &tok, &opts, false).unwrap();
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.prompt_ids, &x.responses), (&y.prompt_ids, &y.responses));
+    }
+    // without the mapping, the missing field is named
+    let e = prefer::data::load_tokenized_examples(&dir.join("other.jsonl"), &tok, &Default::default(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other.jsonl:1") && e.contains("chosen"), "{e}");
 }

@@ -27,6 +27,7 @@ fn opts(max_length: usize, packing: bool) -> SftOptions {
         max_length,
         truncation_mode: TruncationMode::KeepStart,
         packing,
+        columns: Vec::new(),
     }
 }
 

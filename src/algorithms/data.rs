@@ -108,7 +108,10 @@ impl TrainData {
         let prompts = crate::data::prompts::load_prompts(
             Path::new(&cfg.train_file),
             tokenizer,
-            &Default::default(),
+            &crate::data::prompts::PromptField {
+                name: cfg.prompt_column.clone().unwrap_or_else(|| "prompt".into()),
+                ..Default::default()
+            },
             (context > 0).then_some(context),
             cfg.grpo.max_completion_length.max(1),
         )?;

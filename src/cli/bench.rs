@@ -185,6 +185,7 @@ fn whole_pairs(
         max_length: None,
         max_prompt_length: None,
         truncation_mode: Default::default(),
+        columns: Vec::new(),
     };
     for window in lines.chunks(256) {
         std::fs::write(&probe, window.join("\n")).map_err(|e| Error::io(&probe, e))?;

@@ -85,6 +85,7 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                     max_length: Some(max_length),
                     max_prompt_length: (max_prompt_length > 0).then_some(max_prompt_length),
                     truncation_mode: TruncationMode::KeepEnd,
+                    columns: Vec::new(),
                 };
                 for p in &pairs {
                     if let Err(e) = prefer::data::tokenize::tokenize_example(p, tok, &opts, &file) {
@@ -117,6 +118,7 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                 max_length: None,
                 max_prompt_length: None,
                 truncation_mode: TruncationMode::KeepEnd,
+                columns: Vec::new(),
             };
             let (text, _) = load_text_examples(&file, Some(&tok), true)?;
             let (pairs, report) = load_tokenized_examples(&file, &tok, &opts, true)?;

@@ -100,6 +100,7 @@ impl DataArgs {
             max_length: Some(self.max_length),
             max_prompt_length: (self.max_prompt_length > 0).then_some(self.max_prompt_length),
             truncation_mode: TruncationMode::KeepEnd,
+            columns: Vec::new(),
         }
     }
 }

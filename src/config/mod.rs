@@ -136,6 +136,15 @@ settings! {
         /// pairs (standard, conversational or Anthropic HH, auto-detected), SFT rows for sft,
         /// or prompts for the online tasks. Required.
         pub train_file: String = String::new(),
+        /// Dataset columns under other names, read as prefer's fields:
+        /// `columns = {prompt = "question", chosen = "response_a", rejected = "response_b"}`.
+        pub columns: Option<std::collections::BTreeMap<String, String>> = None,
+        /// The column read as `prompt` (same as columns.prompt).
+        pub prompt_column: Option<String> = None,
+        /// The column read as `chosen`.
+        pub chosen_column: Option<String> = None,
+        /// The column read as `rejected`.
+        pub rejected_column: Option<String> = None,
         /// Held-out pairs evaluated every eval_steps and at the end.
         pub eval_file: Option<String> = None,
         /// dpo (align the policy with an objective over log-probs) | reward (train a reward model:
@@ -682,7 +691,25 @@ impl TrainConfig {
             max_length: Some(self.max_length),
             max_prompt_length: (self.max_prompt_length > 0).then_some(self.max_prompt_length),
             truncation_mode: self.truncation_mode,
+            columns: self.column_map(),
         }
+    }
+
+    /// `(field, column)` pairs: the dataset's `column` read as prefer's `field`, from
+    /// `columns` and the `prompt_column` / `chosen_column` / `rejected_column` keys.
+    pub fn column_map(&self) -> Vec<(String, String)> {
+        let mut m: Vec<(String, String)> = self.columns.clone().unwrap_or_default().into_iter().collect();
+        for (field, col) in [
+            ("prompt", &self.prompt_column),
+            ("chosen", &self.chosen_column),
+            ("rejected", &self.rejected_column),
+        ] {
+            if let Some(c) = col {
+                m.retain(|(f, _)| f != field);
+                m.push((field.to_string(), c.clone()));
+            }
+        }
+        m
     }
 
     pub fn output_dir(&self) -> PathBuf {
@@ -824,6 +851,10 @@ mod tests {
         c.logging_dir = Some("l".into());
         c.disable_dropout = Some(true);
         c.precompute_ref_batch_size = Some(2);
+        c.columns = Some([("prompt".to_string(), "q".to_string())].into_iter().collect());
+        c.prompt_column = Some("q".into());
+        c.chosen_column = Some("a".into());
+        c.rejected_column = Some("b".into());
         let v = toml::Value::try_from(&c).unwrap();
         let mut fields: Vec<&str> = v.as_table().unwrap().keys().map(String::as_str).collect();
         let mut keys: Vec<&str> = TrainConfig::keys().iter().map(|k| k.0).collect();

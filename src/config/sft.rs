@@ -76,6 +76,7 @@ impl TrainConfig {
             max_length: self.max_length,
             truncation_mode: self.truncation_mode,
             packing: self.sft.packing,
+            columns: self.column_map(),
         }
     }
 }

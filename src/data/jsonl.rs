@@ -68,6 +68,23 @@ pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
     }
 }
 
+/// [`read_records`] with columns renamed: each `(field, column)` pair reads the dataset's
+/// `column` as prefer's `field` (`columns = {prompt = "question"}`).
+pub fn read_records_renamed(path: &Path, columns: &[(String, String)]) -> Result<Vec<Result<Record>>> {
+    let mut rows = read_records(path)?;
+    if columns.is_empty() {
+        return Ok(rows);
+    }
+    for r in rows.iter_mut().flatten() {
+        for (field, column) in columns {
+            if let Some(v) = r.obj.remove(column) {
+                r.obj.insert(field.clone(), v);
+            }
+        }
+    }
+    Ok(rows)
+}
+
 /// Read every non-blank line of a JSONL file. Each line yields a record or an error that
 /// names the file and line (malformed JSON, non-UTF-8, not an object). A UTF-8 byte-order
 /// mark at the start (Windows editors and some exporters write one) is skipped.

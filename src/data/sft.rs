@@ -15,7 +15,7 @@
 //! `max_length` (`keep_start` or `keep_end`), dropping examples left without a target; or, with
 //! packing, best-fit-decreasing bins of at most `max_length` tokens (TRL's `bfd`).
 
-use super::jsonl::{read_records, Record};
+use super::jsonl::Record;
 use crate::data::TruncationMode;
 use crate::error::{Error, Result};
 use crate::tokenizer::{Message, TextTokenizer};
@@ -52,6 +52,8 @@ pub struct SftOptions {
     pub truncation_mode: TruncationMode,
     /// Pack into bins instead of truncating (each sequence is cut to `max_length` first).
     pub packing: bool,
+    /// Dataset columns read as prefer's fields: `(field, column)`.
+    pub columns: Vec<(String, String)>,
 }
 
 /// The kind of an SFT file, from its first row.
@@ -247,7 +249,7 @@ pub fn load_sft_examples(
 ) -> Result<(Vec<SftExample>, SftReport)> {
     let mut out = Vec::new();
     let mut report = SftReport::default();
-    for rec in read_records(path)? {
+    for rec in super::jsonl::read_records_renamed(path, &opts.columns)? {
         let one = rec.and_then(|r| {
             let kind = detect(&r, &opts.dataset_text_field)?;
             match report.kind {

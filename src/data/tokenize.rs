@@ -13,7 +13,7 @@
 //! is an error ("prompt longer than the limit").
 
 use super::examples::{detect, parse_example, DataFormat, ExampleMeta, Shape, TextExample};
-use super::jsonl::{read_records, Record};
+use super::jsonl::Record;
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,8 @@ pub struct TokenizeOptions {
     pub max_length: Option<usize>,
     pub max_prompt_length: Option<usize>,
     pub truncation_mode: TruncationMode,
+    /// Dataset columns read as prefer's fields: `(field, column)` (`columns` in the config).
+    pub columns: Vec<(String, String)>,
 }
 
 impl Default for TokenizeOptions {
@@ -39,6 +41,7 @@ impl Default for TokenizeOptions {
             max_length: Some(1024),
             max_prompt_length: Some(512),
             truncation_mode: TruncationMode::KeepEnd,
+            columns: Vec::new(),
         }
     }
 }
@@ -167,12 +170,23 @@ pub fn load_text_examples(
     tok: Option<&TextTokenizer>,
     skip_invalid: bool,
 ) -> Result<(Vec<TextExample>, LoadReport)> {
+    load_text_examples_renamed(path, tok, skip_invalid, &[])
+}
+
+/// [`load_text_examples`] reading the dataset's `column` as prefer's `field` for each
+/// `(field, column)` of `columns`.
+pub fn load_text_examples_renamed(
+    path: &Path,
+    tok: Option<&TextTokenizer>,
+    skip_invalid: bool,
+    columns: &[(String, String)],
+) -> Result<(Vec<TextExample>, LoadReport)> {
     let mut report = LoadReport {
         path: path.to_path_buf(),
         ..Default::default()
     };
     let mut out = Vec::new();
-    for rec in read_records(path)? {
+    for rec in super::jsonl::read_records_renamed(path, columns)? {
         report.records += 1;
         let parsed = rec.and_then(|r: Record| {
             let (shape, f) = detect(&r)?;
@@ -216,7 +230,7 @@ pub fn load_tokenized_examples(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<(Vec<TokenizedExample>, LoadReport)> {
-    let (pairs, mut report) = load_text_examples(path, Some(tok), skip_invalid)?;
+    let (pairs, mut report) = load_text_examples_renamed(path, Some(tok), skip_invalid, &opts.columns)?;
     let mut out = Vec::with_capacity(pairs.len());
     for p in &pairs {
         match tokenize_example(p, tok, opts, path) {
