@@ -73,25 +73,11 @@ pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// The newest complete checkpoint in `out_dir`.
-pub fn latest(out_dir: &Path) -> Option<PathBuf> {
-    let mut best: Option<(usize, PathBuf)> = None;
-    for e in std::fs::read_dir(out_dir).ok()?.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
-            if e.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|b| n > b.0) {
-                best = Some((n, e.path()));
-            }
-        }
-    }
-    best.map(|b| b.1)
-}
-
-/// Keep the newest `limit` (at least 1) complete checkpoints of `out_dir`: each older one is
-/// renamed to a hidden name first (so `latest` can never pick it half-deleted), then removed.
-pub fn prune(out_dir: &Path, limit: usize) -> Result<()> {
+/// The complete checkpoints of `out_dir` (`checkpoint-N` with its trainer state), by step.
+pub fn list(out_dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(out_dir)
-        .map_err(|e| Error::io(out_dir, e))?
+        .into_iter()
+        .flatten()
         .flatten()
         .filter_map(|e| {
             let n = e
@@ -104,8 +90,19 @@ pub fn prune(out_dir: &Path, limit: usize) -> Result<()> {
         })
         .collect();
     found.sort();
-    let keep = limit.max(1);
-    let excess = found.len().saturating_sub(keep);
+    found
+}
+
+/// The newest complete checkpoint in `out_dir`.
+pub fn latest(out_dir: &Path) -> Option<PathBuf> {
+    list(out_dir).pop().map(|(_, p)| p)
+}
+
+/// Keep the newest `limit` (at least 1) complete checkpoints of `out_dir`: each older one is
+/// renamed to a hidden name first (so `latest` can never pick it half-deleted), then removed.
+pub fn prune(out_dir: &Path, limit: usize) -> Result<()> {
+    let found = list(out_dir);
+    let excess = found.len().saturating_sub(limit.max(1));
     for (n, dir) in found.into_iter().take(excess) {
         let gone = out_dir.join(format!(".checkpoint-{n}.deleting"));
         std::fs::rename(&dir, &gone).map_err(|e| Error::io(&dir, e))?;
