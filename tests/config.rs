@@ -154,8 +154,11 @@ fn trl_command_line_flags_are_config_keys() {
         .split_whitespace()
         .map(String::from)
         .collect();
+    // run in a scratch directory: the recipe's output_dir is relative
+    let dir = prefer::testing::scratch_dir("config-flags");
     // a wrong value among them is reported through --set, which proves the flags were read
     let out = bin()
+        .current_dir(&dir)
         .arg("train")
         .args(&flags)
         .args([
@@ -172,6 +175,7 @@ fn trl_command_line_flags_are_config_keys() {
     assert!(!out.status.success() && err.contains("--set max_steps"), "{err}");
     // and without it they load: the run then fails only on the missing model
     let out = bin()
+        .current_dir(&dir)
         .arg("train")
         .args(&flags)
         .args(["--model_name_or_path", "no-such-model", "--train-file", "t.jsonl"])
@@ -180,6 +184,7 @@ fn trl_command_line_flags_are_config_keys() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-model"), "{err}");
     assert!(err.contains("rpo_alpha = 0.5"), "the mapping is reported: {err}");
+    assert!(!Path::new(env!("CARGO_MANIFEST_DIR")).join("Qwen2-0.5B-DPO").exists());
 }
 
 fn toy(dir: &Path) -> PathBuf {
