@@ -163,9 +163,18 @@ impl TextTokenizer {
 /// Render a HF chat template with minijinja (Python string methods enabled, `raise_exception`).
 /// `template` without `{% generation %}` / `{% endgeneration %}` tags.
 pub fn strip_generation_tags(template: &str) -> std::borrow::Cow<'_, str> {
+    replace_generation_tags(template, "", "")
+}
+
+/// `template` with each `{% generation %}` replaced by `start` and each `{% endgeneration %}`
+/// by `end` (any whitespace and `-` trimming in the tags).
+pub fn replace_generation_tags<'a>(template: &'a str, start: &str, end: &str) -> std::borrow::Cow<'a, str> {
     static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     RE.get_or_init(|| regex::Regex::new(r"\{%-?\s*(end)?generation\s*-?%\}").expect("valid regex"))
-        .replace_all(template, "")
+        .replace_all(template, |c: &regex::Captures| match c.get(1) {
+            Some(_) => end.to_string(),
+            None => start.to_string(),
+        })
 }
 
 pub fn render_chat_template(

@@ -270,23 +270,13 @@ fn print_summary(s: &prefer::eval::EvalSummary, beta: f64, gen_acc: Option<f64>)
 /// The models `prefer eval --checkpoints RUN_DIR` evaluates: every complete checkpoint-N, then
 /// the final model if the run finished.
 fn run_models(run: &Path) -> Result<Vec<(Option<usize>, PathBuf)>> {
-    let mut v: Vec<(Option<usize>, PathBuf)> = std::fs::read_dir(run)
-        .with_context(|| format!("reading {}", run.display()))?
-        .flatten()
-        .filter_map(|e| {
-            let n = e
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix("checkpoint-")?
-                .parse::<usize>()
-                .ok()?;
-            let p = e.path();
-            // a full checkpoint, or a LoRA run's adapter
-            (p.join("model.safetensors").is_file() || p.join("adapter_model.safetensors").is_file())
-                .then_some((Some(n), p))
-        })
+    if !run.is_dir() {
+        bail!("{} is not a run directory", run.display());
+    }
+    let v: Vec<(Option<usize>, PathBuf)> = prefer::train::checkpoint::list(run)
+        .into_iter()
+        .map(|(n, p)| (Some(n), p))
         .collect();
-    v.sort();
     if v.is_empty() {
         bail!("{} holds no checkpoint-N directories", run.display());
     }

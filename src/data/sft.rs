@@ -221,11 +221,11 @@ fn encode_chat(
 /// The template with `{% generation %}` / `{% endgeneration %}` (any whitespace and `-`
 /// trimming) replaced by output of the marker characters.
 fn generation_markers(tpl: &str) -> String {
-    let re = regex::Regex::new(r"\{%-?\s*(end)?generation\s*-?%\}").expect("valid regex");
-    re.replace_all(tpl, |c: &regex::Captures| match c.get(1) {
-        Some(_) => format!("{{{{ '{GEN_END}' }}}}"),
-        None => format!("{{{{ '{GEN_START}' }}}}"),
-    })
+    crate::tokenizer::replace_generation_tags(
+        tpl,
+        &format!("{{{{ '{GEN_START}' }}}}"),
+        &format!("{{{{ '{GEN_END}' }}}}"),
+    )
     .into_owned()
 }
 
