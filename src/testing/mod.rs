@@ -221,11 +221,54 @@ pub fn write_hf(model: &LoadedModel, dir: &Path) -> Result<()> {
 }
 
 /// A fresh, empty scratch directory for a test: `$TMPDIR/prefer-<name>-<pid>`.
+///
+/// Scratch directories are removed when the test process exits, so a test run leaves nothing
+/// behind (a CI disk once filled up with them), unless a test panicked (they are kept so the
+/// failure can be inspected) or `PREFER_KEEP_SCRATCH` is set.
 pub fn scratch_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("prefer-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create a scratch directory");
+    scratch::register(&d);
     d
+}
+
+mod scratch {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, Once};
+
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static PANICKED: AtomicBool = AtomicBool::new(false);
+
+    pub(super) fn register(dir: &Path) {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                PANICKED.store(true, Ordering::SeqCst);
+                previous(info)
+            }));
+            // SAFETY: `remove_all` is a plain `extern "C" fn()` that catches every panic.
+            unsafe { libc::atexit(remove_all) };
+        });
+        if let Ok(mut dirs) = DIRS.lock() {
+            dirs.push(dir.to_path_buf());
+        }
+    }
+
+    extern "C" fn remove_all() {
+        let _ = std::panic::catch_unwind(|| {
+            if PANICKED.load(Ordering::SeqCst) || std::env::var_os("PREFER_KEEP_SCRATCH").is_some() {
+                return;
+            }
+            if let Ok(dirs) = DIRS.lock() {
+                for d in dirs.iter() {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            }
+        });
+    }
 }
 
 /// The largest absolute difference between two tensors of the same shape, as f32.
