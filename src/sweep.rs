@@ -56,6 +56,9 @@ fn read_metrics(dir: &Path) -> Vec<Value> {
 /// Run every objective of `loss_types` with `base`'s settings; outputs go to
 /// `base.output_dir/<loss_type>/`, the table and plots to `base.output_dir`.
 pub fn sweep(base: &TrainConfig, loss_types: &[String]) -> Result<Vec<SweepRow>> {
+    let mut base = base.clone();
+    crate::algorithms::data::resolve_dataset_splits(&mut base)?;
+    let base = &base;
     let out = base.output_dir();
     crate::util::create_dir_all(&out)?;
     // check every objective against the data before training anything
@@ -87,12 +90,17 @@ pub fn sweep(base: &TrainConfig, loss_types: &[String]) -> Result<Vec<SweepRow>>
     // held-out pairs and the starting model's log-probs on them, once
     let held_out_file = base.eval_file.clone().unwrap_or_else(|| base.train_file.clone());
     let start = crate::model::load(Path::new(&base.model_name_or_path), DType::F32, &Device::Cpu)?;
-    let (held_out, _) = load_tokenized_examples(
+    let (mut held_out, _) = load_tokenized_examples(
         Path::new(&held_out_file),
         &start.tokenizer,
         &base.tokenize_options(),
         true,
     )?;
+    if crate::algorithms::data::holds_out(base) {
+        // the rows each run holds out of train_file
+        let seed = crate::algorithms::data::hold_out_seed(base);
+        held_out = crate::data::hold_out(held_out, base.eval_fraction, seed, &base.train_file)?.1;
+    }
     let pairwise = shape == Some(Shape::Pairwise);
     let base_scores = if pairwise {
         Some(score_examples(

@@ -44,7 +44,7 @@ fn trl_keys_are_mapped_or_refused_with_the_reason() {
         ("fp16", "true", "bf16"),
         ("push_to_hub", "true", "upload"),
         ("report_to", "\"wandb\"", "metrics.jsonl"),
-        ("load_best_model_at_end", "true", "--checkpoints"),
+        ("load_best_model_at_end", "true", "eval_steps"),
         ("use_vllm", "true", "sampler"),
         ("reference_free", "true", "simpo"),
         ("generate_during_eval", "true", "prefer eval"),

@@ -6,9 +6,8 @@ use prefer::testing::tiny_tokenizer;
 use std::path::PathBuf;
 
 fn write(name: &str, content: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("prefer-data-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let p = DIR.get_or_init(|| prefer::testing::scratch_dir("data")).join(name);
     std::fs::write(&p, content).unwrap();
     p
 }
@@ -425,7 +424,22 @@ fn datasets_files_read_like_jsonl() {
     split.extend(rows(&dir.join("pairs-dict/test")));
     assert_eq!(split, want);
     let e = read_records(&dir.join("pairs-dict")).unwrap_err().to_string();
-    assert!(e.contains("DatasetDict") && e.contains("pairs-dict/train"), "{e}");
+    assert!(
+        e.contains("dataset_train_split") && e.contains("pairs-dict/train"),
+        "{e}"
+    );
+    // a hub download: data/<split>-*.parquet shards, read by split as DIR/<split>
+    let hub = dir.join("pairs-hub");
+    assert_eq!(prefer::data::tables::splits(&hub), ["test", "train"]);
+    assert_eq!(prefer::data::tables::splits(&dir.join("pairs-dict")), ["train", "test"]);
+    assert!(prefer::data::tables::splits(&dir.join("pairs-dict/train")).is_empty());
+    let mut split = rows(&hub.join("train"));
+    assert_eq!(split.len(), 6);
+    split.extend(rows(&hub.join("test")));
+    assert_eq!(split, want);
+    let e = read_records(&hub).unwrap_err().to_string();
+    assert!(e.contains("[\"test\", \"train\"]"), "{e}");
+    assert!(read_records(&hub.join("validation")).is_err());
     // conversational rows keep their nested messages
     let m = rows(&dir.join("messages.parquet"));
     let jsonl = rows(&prefer::testing::fixture("trl-sft/messages.jsonl"));

@@ -15,6 +15,10 @@ use std::path::Path;
 /// often differ in it.
 const COUNT_ALNUM: &str = r#"cmd:awk -F '"completion":"' '{split($2, c, "\""); s = c[1]; gsub(/\\u..../, "", s); gsub(/\\./, "", s); print gsub(/[A-Za-z0-9]/, "", s)}'"#;
 
+/// A pairwise judge preferring the completion with more ASCII letters and digits (ties to the
+/// first): 1 when the first has at least as many as the second, else 0.
+const MORE_ALNUM_JUDGE: &str = r#"cmd:awk '{ i = index($0, "\"completions\":[\""); s = substr($0, i + 16); j = index(s, "\"]"); s = substr(s, 1, j - 1); gsub(/\\u..../, "", s); gsub(/\\./, "", s); k = index(s, "\",\""); a = substr(s, 1, k - 1); b = substr(s, k + 3); na = gsub(/[A-Za-z0-9]/, "", a); nb = gsub(/[A-Za-z0-9]/, "", b); print ((na >= nb) ? 1 : 0) }'"#;
+
 fn setup(name: &str, task: Task) -> TrainConfig {
     prefer::testing::set_threads_for_tests();
     let dir = prefer::testing::scratch_dir(&format!("online-{name}"));
@@ -153,6 +157,80 @@ fn online_ipo_raises_a_learnable_reward() {
     assert!(last > 1.2 * first, "expected reward {first:.3} -> {last:.3}");
 }
 
+/// IPO-MD: both completions from the policy–reference mixture, ranked, IPO's loss (its default).
+#[test]
+fn ipo_md_raises_a_learnable_reward_from_mixture_samples() {
+    let cfg = setup("ipo-md", Task::IpoMd);
+    assert_eq!(cfg.loss_type.names(), ["sigmoid"], "setup builds the config directly");
+    let cfg = TrainConfig {
+        loss_type: prefer::config::LossType::One("ipo".into()),
+        ..cfg
+    };
+    let (first, last) = reward_before_after(&cfg);
+    assert!(last > 1.2 * first, "expected reward {first:.3} -> {last:.3}");
+    has(
+        &metrics(&cfg),
+        &["loss", "objective/scores", "mixture_coef", "rewards/margins"],
+    );
+    let comps = std::fs::read_to_string(Path::new(&cfg.output_dir).join("completions.jsonl")).unwrap();
+    let first_step: Vec<Value> = comps
+        .lines()
+        .take(16)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        first_step.iter().all(|r| r["sampled_from"] == "mixture"),
+        "{:?}",
+        first_step[0]
+    );
+}
+
+/// A pairwise judge ranks the pairs in place of a reward: one that prefers more letters and
+/// digits teaches what the COUNT_ALNUM reward does, for online DPO and for Nash-MD (whose p it
+/// is); its verdicts are logged beside each completion, and no reward metric is made up.
+#[test]
+fn a_pairwise_judge_ranks_the_pairs_in_place_of_a_reward() {
+    for task in [Task::OnlineDpo, Task::NashMd] {
+        let mut cfg = setup(&format!("judge-{task:?}"), task);
+        cfg.grpo.reward_funcs.clear();
+        cfg.online.judge = Some(MORE_ALNUM_JUDGE.into());
+        if task == Task::NashMd {
+            cfg.params.beta = 0.02;
+        }
+        cfg.validate().unwrap();
+        let (first, last) = reward_before_after(&cfg);
+        assert!(last > 1.2 * first, "{task:?}: expected reward {first:.3} -> {last:.3}");
+        let logs = metrics(&cfg);
+        assert!(
+            logs[0].get("reward").is_none() && logs[0].get("objective/scores").is_none(),
+            "{}",
+            logs[0]
+        );
+        let comps = std::fs::read_to_string(Path::new(&cfg.output_dir).join("completions.jsonl")).unwrap();
+        let recs: Vec<Value> = comps.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        for step in recs.chunks(16) {
+            for k in 0..8 {
+                let (a, b) = (&step[k], &step[k + 8]);
+                let p = a["judge"].as_f64().unwrap();
+                assert!(p == 0.0 || p == 1.0, "{a}");
+                assert_eq!(p + b["judge"].as_f64().unwrap(), 1.0);
+                assert!(a["reward"].is_null());
+                if task == Task::OnlineDpo {
+                    assert_eq!(a["chosen"] == true, p >= 0.5, "{a}");
+                }
+            }
+        }
+    }
+    // a judge replaces the rewards; it does not join them, and GRPO has none
+    let mut cfg = setup("judge-refused", Task::OnlineDpo);
+    cfg.online.judge = Some(MORE_ALNUM_JUDGE.into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("keep one"), "{e}");
+    cfg.task = Task::Grpo;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("GRPO and RLOO score each completion"), "{e}");
+}
+
 #[test]
 fn xpo_raises_a_learnable_reward() {
     let cfg = setup("xpo", Task::Xpo);
@@ -264,6 +342,13 @@ fn online_configs_load_with_trls_defaults_and_refuse_bad_values() {
         (0.5, Some(vec![0.5, 0.25]))
     );
     assert_eq!(prefer::config::online::at_epoch(&Some(vec![0.5, 0.25]), 0.5, 7), 0.25);
+    // IPO-MD takes online DPO's defaults, with IPO's loss unless loss_type is set
+    write("ipo_md", "");
+    let c = TrainConfig::load(Some(&toml), &[]).unwrap();
+    assert_eq!(
+        (c.loss_type.names(), c.grpo.temperature),
+        (vec!["ipo".to_string()], 0.9)
+    );
     for (task, set, want) in [
         ("nash_md", "loss_type=ipo", "remove loss_type"),
         ("online_dpo", "loss_type=kto", "pairwise objective"),

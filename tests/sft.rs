@@ -329,3 +329,31 @@ fn assistant_only_loss_reads_generation_spans() {
     assert_eq!(all[0].ids, e.ids);
     assert!(all[0].targets.iter().all(|&t| t));
 }
+
+/// eval_fraction holds out a share of the rows before packing, and the run evaluates it.
+#[test]
+fn sft_eval_fraction_holds_out_rows_before_packing() {
+    let (_dir, cfg) = setup("held-out");
+    for packing in [false, true] {
+        let c = TrainConfig {
+            output_dir: format!("{}-{packing}", cfg.output_dir),
+            eval_fraction: 0.25,
+            max_length: 32,
+            max_steps: 2,
+            sft: prefer::config::sft::SftParams {
+                packing,
+                ..cfg.sft.clone()
+            },
+            ..cfg.clone()
+        };
+        let mut t = prefer::train::Trainer::new(&c).unwrap();
+        let s = t.data.sft.clone().unwrap();
+        let n = |u: &Vec<Vec<prefer::data::sft::SftExample>>| u.iter().map(Vec::len).sum::<usize>();
+        assert_eq!((n(&s.train), n(&s.eval)), (18, 6), "packing {packing}");
+        assert_eq!(packing, s.train.len() < 18, "packing {packing}: units");
+        t.run().unwrap();
+        drop(t);
+        let logs = metrics(&c);
+        assert!(logs.iter().any(|m| m["eval_loss"].is_number()), "{logs:?}");
+    }
+}

@@ -778,7 +778,7 @@ fn cli_tools_work_on_a_gguf_model() {
     let o = bin()
         .args(["tokenize", "--model"])
         .arg(&gguf)
-        .arg("--file")
+        .arg("--data")
         .arg(&texts)
         .output()
         .unwrap();
@@ -788,7 +788,7 @@ fn cli_tools_work_on_a_gguf_model() {
     let o = bin()
         .args(["logprobs", "--model"])
         .arg(&gguf)
-        .arg("--file")
+        .arg("--data")
         .arg(&texts)
         .output()
         .unwrap();
@@ -796,7 +796,7 @@ fn cli_tools_work_on_a_gguf_model() {
     let o = bin()
         .args(["logprobs", "--model"])
         .arg(&gguf)
-        .arg("--file")
+        .arg("--data")
         .arg(&texts)
         .args(["--prompt-field", "p", "--completion-field", "c"])
         .output()
@@ -909,11 +909,7 @@ fn each_objective_family_learns_the_toy_preference() {
         let mut table = toml::Table::try_from(&cfg).unwrap();
         table.remove("loss_type");
         table.remove("output_dir");
-        let base = std::env::temp_dir().join(format!(
-            "prefer-fam-{}-{}.toml",
-            std::process::id(),
-            loss.replace(',', "+")
-        ));
+        let base = prefer::testing::scratch_dir(&format!("fam-{}", loss.replace(',', "+"))).join("base.toml");
         std::fs::write(&base, toml::to_string(&table).unwrap()).unwrap();
         let c = TrainConfig::load(Some(&base), &sets).unwrap();
         let t = Trainer::new(&c).unwrap();
@@ -1292,4 +1288,181 @@ fn eval_reads_beta_and_loss_type_from_the_run() {
     let plain = eval(Path::new(&cfg.model_name_or_path), &[]);
     assert_eq!(plain["loss_type"], "sigmoid");
     assert!(dir.is_dir());
+}
+
+/// Where the eval set comes from: a dataset's test split (a saved DatasetDict or a hub
+/// download's shards, narrowed by dataset_train_split / dataset_test_split), or eval_fraction
+/// of train_file held out by a seeded choice; TRL's dataset_name reads a local path.
+#[test]
+fn dataset_splits_and_eval_fraction_make_the_eval_set() {
+    let (dir, base) = tiny_setup("splits");
+    let data = prefer::testing::fixture("datasets");
+    let at = |name: &str, sets: &[(&str, &str)]| -> prefer::Result<Trainer> {
+        let mut cfg = TrainConfig {
+            output_dir: dir.join(name).display().to_string(),
+            max_length: 256,
+            max_prompt_length: 128,
+            ..base.clone()
+        };
+        let mut table = toml::Table::try_from(&cfg).unwrap();
+        table.remove("train_file");
+        for (k, v) in sets {
+            table.insert(k.to_string(), toml::Value::String(v.to_string()));
+        }
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, toml::to_string(&table).unwrap()).unwrap();
+        cfg = TrainConfig::load(Some(&file), &[])?;
+        Trainer::new(&cfg)
+    };
+    let prompts = |t: &Trainer, eval: bool| -> Vec<Vec<u32>> {
+        let v = if eval { &t.data.eval } else { &t.data.train };
+        v.iter().map(|e| e.prompt_ids.clone()).collect()
+    };
+    let dict = data.join("pairs-dict").display().to_string();
+    let hub = data.join("pairs-hub").display().to_string();
+    // a DatasetDict: train split trained, test split evaluated
+    let t = at("dict", &[("train_file", &dict)]).unwrap();
+    assert!(t.cfg.train_file.ends_with("pairs-dict/train"), "{}", t.cfg.train_file);
+    assert!(t.cfg.eval_file.as_deref().unwrap().ends_with("pairs-dict/test"));
+    assert_eq!((t.data.train.len(), t.data.eval.len()), (6, 2));
+    let (dict_train, dict_eval) = (prompts(&t, false), prompts(&t, true));
+    drop(t);
+    // the same splits as a hub download's Parquet shards, named by TRL's dataset_name
+    let t = at("hub", &[("dataset_name", &hub)]).unwrap();
+    assert_eq!(
+        (prompts(&t, false), prompts(&t, true)),
+        (dict_train.clone(), dict_eval.clone())
+    );
+    drop(t);
+    // the splits swapped; no evaluation at all with eval_strategy = "no"
+    let t = at(
+        "swapped",
+        &[
+            ("train_file", &hub),
+            ("dataset_train_split", "test"),
+            ("dataset_test_split", "train"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        (prompts(&t, false), prompts(&t, true)),
+        (dict_eval.clone(), dict_train.clone())
+    );
+    drop(t);
+    let t = at("no-eval", &[("train_file", &dict), ("eval_strategy", "no")]).unwrap();
+    assert_eq!((t.data.train.len(), t.data.eval.len()), (6, 0));
+    drop(t);
+    let e = at(
+        "bad-split",
+        &[("train_file", &dict), ("dataset_train_split", "validation")],
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("[\"train\", \"test\"]"), "{e}");
+    let e = at("hub-id", &[("dataset_name", "trl-lib/ultrafeedback_binarized")])
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("huggingface-cli download"), "{e}");
+    // eval_fraction: a seeded quarter of the 8 pairs held out, the rest trained, none lost
+    let jsonl = data.join("pairs.jsonl").display().to_string();
+    let at_frac = |name: &str, seed: u64| {
+        let cfg = TrainConfig {
+            output_dir: dir.join(name).display().to_string(),
+            train_file: jsonl.clone(),
+            max_length: 256,
+            max_prompt_length: 128,
+            eval_fraction: 0.25,
+            data_seed: Some(seed),
+            ..base.clone()
+        };
+        let t = Trainer::new(&cfg).unwrap();
+        (prompts(&t, false), prompts(&t, true))
+    };
+    let (train1, eval1) = at_frac("frac-1", 1);
+    assert_eq!((train1.len(), eval1.len()), (6, 2));
+    let mut all = [train1.clone(), eval1.clone()].concat();
+    all.sort();
+    let mut want = [dict_train.clone(), dict_eval.clone()].concat();
+    want.sort();
+    assert_eq!(all, want, "every pair is trained or held out, once");
+    assert_eq!(at_frac("frac-1-again", 1), (train1.clone(), eval1.clone()), "seeded");
+    let other = (2..20)
+        .map(|s| at_frac(&format!("frac-{s}"), s).1)
+        .find(|e| *e != eval1);
+    assert!(other.is_some(), "data_seed chooses the held-out rows");
+}
+
+/// load_best_model_at_end: output_dir gets the checkpoint whose evaluation was best (here the
+/// *highest* eval loss, so not the last), and save_total_limit never removes it.
+#[test]
+fn load_best_model_at_end_keeps_and_writes_the_best_checkpoint() {
+    let (_dir, base) = tiny_setup("best");
+    let cfg = TrainConfig {
+        learning_rate: 1e-3,
+        eval_fraction: 0.25,
+        eval_steps: 4,
+        save_steps: 4,
+        save_total_limit: Some(1),
+        load_best_model_at_end: true,
+        metric_for_best_model: Some("loss".into()),
+        greater_is_better: Some(true),
+        ..base.clone()
+    };
+    cfg.validate().unwrap();
+    prefer::train::train(&cfg).unwrap();
+    let evals: Vec<(u64, f64)> = metrics(&cfg)
+        .iter()
+        .filter(|m| m["eval_loss"].is_number())
+        .map(|m| (m["step"].as_u64().unwrap(), f(m, "eval_loss")))
+        .collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [4, 8, 12]);
+    let best = evals.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    assert_ne!(
+        best, 12,
+        "the test needs a best checkpoint that is not the last: {evals:?}"
+    );
+    let out = Path::new(&cfg.output_dir);
+    let kept: Vec<usize> = prefer::train::checkpoint::list(out).into_iter().map(|c| c.0).collect();
+    assert_eq!(kept, [best as usize, 12], "the best and the newest are kept");
+    let tensors =
+        |p: &Path| candle_core::safetensors::load(p.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (final_model, best_model) = (tensors(out), tensors(&out.join(format!("checkpoint-{best}"))));
+    let last_model = tensors(&out.join("checkpoint-12"));
+    for (name, t) in &best_model {
+        let d = prefer::testing::max_abs_diff(t, &final_model[name]).unwrap();
+        assert_eq!(d, 0.0, "{name}: output_dir is the best checkpoint");
+    }
+    let moved = best_model
+        .iter()
+        .map(|(n, t)| prefer::testing::max_abs_diff(t, &last_model[n]).unwrap())
+        .fold(0f32, f32::max);
+    assert!(moved > 0.0, "training moved the weights after the best checkpoint");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint-12/trainer_state.json")).unwrap()).unwrap();
+    assert!(state["best_model_checkpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("checkpoint-{best}")));
+    // refused when checkpoints would have no evaluation of their own
+    let e = TrainConfig {
+        eval_steps: 3,
+        ..cfg.clone()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(e.to_string().contains("multiple of eval_steps"), "{e}");
+    let e = TrainConfig {
+        eval_strategy: prefer::config::Strategy::Epoch,
+        ..cfg.clone()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(e.to_string().contains("eval_strategy = save_strategy"), "{e}");
+    let no_eval = TrainConfig {
+        eval_fraction: 0.0,
+        output_dir: format!("{}-no-eval", cfg.output_dir),
+        ..cfg.clone()
+    };
+    let e = Trainer::new(&no_eval).err().unwrap();
+    assert!(e.to_string().contains("needs an eval set"), "{e}");
 }

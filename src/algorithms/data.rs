@@ -54,8 +54,9 @@ impl TrainData {
     pub fn load_sft(cfg: &TrainConfig, tokenizer: &TextTokenizer) -> Result<TrainData> {
         use crate::data::sft::{load_sft_examples, pack_bfd};
         let opts = cfg.sft_options();
-        let load = |f: &str, what: &str| -> Result<Vec<Vec<crate::data::sft::SftExample>>> {
-            let (ex, report) = load_sft_examples(Path::new(f), tokenizer, &opts, cfg.skip_invalid)?;
+        // the examples of `f`, or the held-out share of train_file's with `held_out`
+        let load = |f: &str, what: &str, held_out: bool| -> Result<Vec<Vec<crate::data::sft::SftExample>>> {
+            let (mut ex, report) = load_sft_examples(Path::new(f), tokenizer, &opts, cfg.skip_invalid)?;
             for e in &report.skipped {
                 eprintln!("skipped ({what}): {e}");
             }
@@ -63,6 +64,10 @@ impl TrainData {
                 return Err(Error::Config(format!(
                     "{f}: no SFT example left to train on (every row was skipped, or lost its targets to truncation)"
                 )));
+            }
+            if holds_out(cfg) {
+                let (t, e) = crate::data::hold_out(ex, cfg.eval_fraction, hold_out_seed(cfg), f)?;
+                ex = if held_out { e } else { t };
             }
             let units: Vec<Vec<_>> = if opts.packing {
                 let lengths: Vec<usize> = ex.iter().map(|e| e.ids.len()).collect();
@@ -88,9 +93,10 @@ impl TrainData {
             );
             Ok(units)
         };
-        let train = load(&cfg.train_file, "train_file")?;
+        let train = load(&cfg.train_file, "train_file", false)?;
         let eval = match &cfg.eval_file {
-            Some(f) => load(f, "eval_file")?,
+            Some(f) => load(f, "eval_file", false)?,
+            None if holds_out(cfg) => load(&cfg.train_file, "eval (held out of train_file by eval_fraction)", true)?,
             None => vec![],
         };
         Ok(TrainData {
@@ -146,6 +152,16 @@ impl TrainData {
                 check_shape(objective, r.shape, f)?;
                 p
             }
+            None if holds_out(cfg) => {
+                let (t, e) = crate::data::hold_out(train, cfg.eval_fraction, hold_out_seed(cfg), &cfg.train_file)?;
+                train = t;
+                eprintln!(
+                    "eval: {} examples held out of train_file (eval_fraction {})",
+                    e.len(),
+                    cfg.eval_fraction
+                );
+                e
+            }
             None => vec![],
         };
         if objective.needs_kl() {
@@ -170,6 +186,49 @@ impl TrainData {
             sft: None,
         })
     }
+}
+
+/// Narrow a dataset with several splits to the run's: `train_file` becomes its
+/// `dataset_train_split`, and without an `eval_file` (unless eval_strategy = "no") its
+/// `dataset_test_split` when it has one, as TRL's scripts take `dataset[dataset_test_split]`.
+/// A file, or a dataset of one split, is left as it is.
+pub fn resolve_dataset_splits(cfg: &mut TrainConfig) -> Result<()> {
+    let dir = Path::new(&cfg.train_file).to_path_buf();
+    let splits = crate::data::tables::splits(&dir);
+    if splits.is_empty() {
+        return Ok(());
+    }
+    if !splits.contains(&cfg.dataset_train_split) {
+        return Err(Error::Config(format!(
+            "train_file = \"{}\" holds the splits {splits:?}, not dataset_train_split = \"{}\"; set \
+             dataset_train_split to one of them",
+            dir.display(),
+            cfg.dataset_train_split
+        )));
+    }
+    cfg.train_file = dir.join(&cfg.dataset_train_split).display().to_string();
+    eprintln!("train_file: split `{}` of {}", cfg.dataset_train_split, dir.display());
+    let test = &cfg.dataset_test_split;
+    if cfg.eval_file.is_none()
+        && cfg.eval_strategy != crate::config::Strategy::No
+        && !cfg.task.is_online()
+        && test != &cfg.dataset_train_split
+        && splits.contains(test)
+    {
+        cfg.eval_file = Some(dir.join(test).display().to_string());
+        eprintln!("eval_file: split `{test}` of {} (dataset_test_split)", dir.display());
+    }
+    Ok(())
+}
+
+/// The seed that chooses eval_fraction's held-out rows: data_seed, else seed.
+pub(crate) fn hold_out_seed(cfg: &TrainConfig) -> u64 {
+    cfg.data_seed.unwrap_or(cfg.seed)
+}
+
+/// Whether the run holds out eval_fraction of its train rows (no eval_file, evaluation on).
+pub(crate) fn holds_out(cfg: &TrainConfig) -> bool {
+    cfg.eval_fraction > 0.0 && cfg.eval_file.is_none() && cfg.eval_strategy != crate::config::Strategy::No
 }
 
 /// Relabel scored pairs into files beside the run's outputs, and point `cfg` at them.

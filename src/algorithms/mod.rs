@@ -174,6 +174,7 @@ pub fn build(
     policy: LoadedModel,
     resume: Option<&Path>,
 ) -> Result<(LoadedModel, Box<dyn Algorithm>, TrainData)> {
+    data::resolve_dataset_splits(cfg)?;
     if matches!(cfg.task, Task::Grpo | Task::Rloo) {
         let data = TrainData::load_prompts(cfg, &policy.tokenizer, policy.transformer.cfg.max_position_embeddings)?;
         let a = grpo::Grpo::new(cfg, &policy, resume)?;

@@ -14,11 +14,19 @@
 //!   per model ([`crate::sample::sample_mixture`]) instead of TRL's recompute without cache. With
 //!   p = σ(r(y) − r(y')), the loss of y is `β·Σ_t sg(log π_t − log π_ref,t)·log π_t −
 //!   (p − ½)·Σ_t log π_t`: REINFORCE on the preference with ½ as control variate, and on the KL.
+//! - **IPO-MD** (`task = "ipo_md"`, Calandriello et al. 2024, arXiv:2403.08635; not in TRL,
+//!   experimental): online IPO on data from Nash-MD's regularised sampler, both completions
+//!   drawn from the mixture `softmax(α·ref_logits + (1−α)·policy_logits)`; ranked by the
+//!   reward, then the IPO loss (`loss_type`, default `ipo`) against the frozen reference. The
+//!   paper's soft-label variant (the preference probability as the IPO target) is not built:
+//!   pairs are ranked, as in online IPO.
 //!
 //! Rewards come from `reward_funcs` (rules, `cmd:` commands, reward models prefer trained) and
 //! `reward_model_path`; `missing_eos_penalty` is subtracted from a completion that did not end
-//! with EOS. TRL's pairwise judges are not supported: a judge is a reward here. Log-probs are
-//! those of the model at temperature 1, as TRL computes them for these trainers.
+//! with EOS. A pairwise judge (`judge = "cmd:..."`, [`crate::rewards::judge`]) may rank the
+//! pairs instead: its probability that the first completion is better picks the chosen one
+//! (≥ ½), or is Nash-MD's p. Log-probs are those of the model at temperature 1, as TRL computes
+//! them for these trainers.
 
 use super::rollout;
 use super::{Algorithm, MicroBatch, StepCtx};
@@ -31,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::model::logprobs::group_sequence_logps_at;
 use crate::model::{LoadedModel, Transformer};
 use crate::objectives::Objective;
+use crate::rewards::judge::{Judge, Pair};
 use crate::rewards::Reward;
 use crate::sample::{sample, sample_mixture, Completion, FinishReason, SamplingParams};
 use crate::stats::{group_logps, SeqStats, StatsOptions};
@@ -45,6 +54,7 @@ pub enum Method {
     OnlineDpo,
     NashMd,
     Xpo,
+    IpoMd,
 }
 
 /// One prompt's pair in the current step.
@@ -69,6 +79,8 @@ pub struct OnlinePairs {
     sampling: SamplingParams,
     rewards: Vec<Box<dyn Reward>>,
     reward_weights: Option<Vec<f64>>,
+    /// A pairwise judge, in place of the rewards.
+    judge: Option<Judge>,
     missing_eos_penalty: Option<f64>,
     seed: u64,
     /// beta, alpha (XPO), mixture_coef (Nash-MD): one value, or one per epoch.
@@ -91,6 +103,7 @@ impl OnlinePairs {
             Task::OnlineDpo => Method::OnlineDpo,
             Task::NashMd => Method::NashMd,
             Task::Xpo => Method::Xpo,
+            Task::IpoMd => Method::IpoMd,
             t => {
                 return Err(Error::msg(format!(
                     "task `{}` is not an online pairwise method",
@@ -112,6 +125,11 @@ impl OnlinePairs {
             sampling: rollout::sampling(cfg, policy.tokenizer.eos_id),
             rewards,
             reward_weights,
+            judge: o
+                .judge
+                .as_deref()
+                .map(|j| Judge::new(j, cfg.grpo.reward_timeout))
+                .transpose()?,
             missing_eos_penalty: o.missing_eos_penalty,
             seed: cfg.seed,
             beta: (cfg.params.beta, o.beta_per_epoch.clone()),
@@ -192,8 +210,19 @@ impl Algorithm for OnlinePairs {
         // a[k] and b[k]: prompt k's two completions (b: the policy's again, the reference's,
         // or the mixture's)
         let (a, b): (Vec<Completion>, Vec<Completion>) = match self.method {
-            Method::OnlineDpo => {
-                let both = sample(policy, &prompts, 2, &self.sampling, seed, &none, &mut |_| {})?;
+            Method::OnlineDpo | Method::IpoMd => {
+                let both = match self.method {
+                    Method::OnlineDpo => sample(policy, &prompts, 2, &self.sampling, seed, &none, &mut |_| {})?,
+                    _ => sample_mixture(
+                        &[(policy, 1.0 - mixture_coef), (&self.reference.model, mixture_coef)],
+                        &prompts,
+                        2,
+                        &self.sampling,
+                        seed ^ 0x4950_4f4d,
+                        &none,
+                        &mut |_| {},
+                    )?,
+                };
                 let mut it = both.into_iter();
                 let mut pairs = (Vec::new(), Vec::new());
                 while let (Some(x), Some(y)) = (it.next(), it.next()) {
@@ -244,6 +273,22 @@ impl Algorithm for OnlinePairs {
             }
         }
         let (ra, rb) = totals.split_at(n);
+        // a judge's probability that the first completion is better, in place of the rewards
+        let judged: Option<Vec<f64>> = match &mut self.judge {
+            Some(j) => {
+                let pairs: Vec<Pair> = (0..n)
+                    .map(|k| Pair {
+                        prompt: &rows[k].text,
+                        first: &texts[k],
+                        second: &texts[n + k],
+                        columns: &rows[k].columns,
+                    })
+                    .collect();
+                Some(j.judge(&pairs)?)
+            }
+            None => None,
+        };
+        let scored = judged.is_none();
         let eos = |cs: &[Completion]| {
             cs.iter().filter(|c| c.finish_reason == FinishReason::Stop).count() as f64 / cs.len().max(1) as f64
         };
@@ -252,9 +297,12 @@ impl Algorithm for OnlinePairs {
         let mut units = Vec::with_capacity(n);
         // TRL's ranking: the first is chosen when its reward is ≥ the second's (so a NaN
         // reward ranks the first completion second)
-        let first_wins: Vec<bool> = (0..n).map(|k| ra[k] >= rb[k]).collect();
+        let first_wins: Vec<bool> = match &judged {
+            Some(p) => p.iter().map(|&p| p >= 0.5).collect(),
+            None => (0..n).map(|k| ra[k] >= rb[k]).collect(),
+        };
         match self.method {
-            Method::OnlineDpo | Method::Xpo => {
+            Method::OnlineDpo | Method::Xpo | Method::IpoMd => {
                 let examples: Vec<TokenizedExample> = (0..n)
                     .map(|k| {
                         let (c, r) = match first_wins[k] {
@@ -280,15 +328,22 @@ impl Algorithm for OnlinePairs {
                     .map(|k| if first_wins[k] { ra[k] - rb[k] } else { rb[k] - ra[k] })
                     .collect();
                 let margin = rollout::nan_stats(&margin).0;
-                if self.method == Method::OnlineDpo {
-                    m.push(("objective/scores".into(), rollout::nan_stats(&totals).0));
-                    m.push(("objective/scores_margin".into(), margin));
+                if self.method != Method::Xpo {
+                    if self.method == Method::IpoMd {
+                        m.push(("mixture_coef".into(), mixture_coef));
+                    }
+                    if scored {
+                        m.push(("objective/scores".into(), rollout::nan_stats(&totals).0));
+                        m.push(("objective/scores_margin".into(), margin));
+                    }
                     m.push(("val/contain_eos_token".into(), eos(&all)));
                 } else {
-                    m.push(("objective/model_scores".into(), rollout::nan_stats(ra).0));
-                    m.push(("objective/ref_scores".into(), rollout::nan_stats(rb).0));
-                    let d: Vec<f64> = (0..n).map(|k| ra[k] - rb[k]).collect();
-                    m.push(("objective/scores_margin".into(), rollout::nan_stats(&d).0));
+                    if scored {
+                        m.push(("objective/model_scores".into(), rollout::nan_stats(ra).0));
+                        m.push(("objective/ref_scores".into(), rollout::nan_stats(rb).0));
+                        let d: Vec<f64> = (0..n).map(|k| ra[k] - rb[k]).collect();
+                        m.push(("objective/scores_margin".into(), rollout::nan_stats(&d).0));
+                    }
                     m.push(("val/model_contain_eos_token".into(), eos(&a)));
                     m.push(("val/ref_contain_eos_token".into(), eos(&b)));
                     m.push(("alpha".into(), alpha));
@@ -304,12 +359,20 @@ impl Algorithm for OnlinePairs {
                 }
             }
             Method::NashMd => {
-                let mut probs = Vec::with_capacity(n);
-                for k in 0..n {
-                    let d = ra[k] - rb[k];
-                    // no preference signal when a reward skipped a completion
-                    probs.push(if d.is_nan() { 0.5 } else { 1.0 / (1.0 + (-d).exp()) });
-                }
+                let probs: Vec<f64> = match &judged {
+                    Some(p) => p.clone(),
+                    None => (0..n)
+                        .map(|k| {
+                            let d = ra[k] - rb[k];
+                            // no preference signal when a reward skipped a completion
+                            if d.is_nan() {
+                                0.5
+                            } else {
+                                1.0 / (1.0 + (-d).exp())
+                            }
+                        })
+                        .collect(),
+                };
                 let mut ref_tokens = Vec::new();
                 for chunk in (0..n).collect::<Vec<_>>().chunks(8) {
                     let responses: Vec<Vec<Vec<u32>>> = chunk.iter().map(|&k| vec![a[k].ids.clone()]).collect();
@@ -329,8 +392,10 @@ impl Algorithm for OnlinePairs {
                     "rewards/probabilities".into(),
                     probs.iter().sum::<f64>() / n.max(1) as f64,
                 ));
-                m.push(("rewards/chosen".into(), rollout::nan_stats(ra).0));
-                m.push(("rewards/rejected".into(), rollout::nan_stats(rb).0));
+                if scored {
+                    m.push(("rewards/chosen".into(), rollout::nan_stats(ra).0));
+                    m.push(("rewards/rejected".into(), rollout::nan_stats(rb).0));
+                }
                 m.push(("val/model_contain_eos_token".into(), eos(&a)));
                 m.push(("val/ref_contain_eos_token".into(), eos(&b)));
                 m.push(("mixture_coef".into(), mixture_coef));
@@ -352,8 +417,10 @@ impl Algorithm for OnlinePairs {
             }
         }
         m.push(("beta".into(), beta));
-        m.push(("reward".into(), rollout::nan_stats(&totals).0));
-        m.extend(rollout::reward_metrics(&self.rewards, &per));
+        if scored {
+            m.push(("reward".into(), rollout::nan_stats(&totals).0));
+            m.extend(rollout::reward_metrics(&self.rewards, &per));
+        }
         m.extend(rollout::length_metrics(&all.iter().collect::<Vec<_>>()));
         if rollout::is_logging_step(ctx.cfg, ctx.step, ctx.total_steps) {
             let step = ctx.step + 1;
@@ -361,6 +428,7 @@ impl Algorithm for OnlinePairs {
                 Method::OnlineDpo => ["policy", "policy"],
                 Method::Xpo => ["policy", "reference"],
                 Method::NashMd => ["policy", "mixture"],
+                Method::IpoMd => ["mixture", "mixture"],
             };
             rollout::log_completions(
                 ctx.cfg,
@@ -374,6 +442,7 @@ impl Algorithm for OnlinePairs {
                         "reward": if totals[i].is_nan() { None } else { Some(totals[i]) },
                         "rewards": rollout::scores_by_name(&self.rewards, &per, i),
                         "sampled_from": source[if first { 0 } else { 1 }],
+                        "judge": judged.as_ref().map(|p| if first { p[k] } else { 1.0 - p[k] }),
                         "chosen": first == first_wins[k],
                         "completion_tokens": all[i].ids.len(),
                     })
@@ -400,7 +469,7 @@ impl Algorithm for OnlinePairs {
         let dev = policy.device().clone();
         let n = units.len() as f64;
         let (loss, mut metrics) = match self.method {
-            Method::OnlineDpo | Method::Xpo => {
+            Method::OnlineDpo | Method::Xpo | Method::IpoMd => {
                 let lp = group_logps(policy, &examples, &self.stats_options)?;
                 let reference: Vec<f64> = units.iter().flat_map(|u| u.reference.iter().copied()).collect();
                 let reference = Tensor::new(reference, &dev)?.to_dtype(lp.policy.dtype())?;

@@ -38,6 +38,9 @@ choice! {
         NashMd = "nash_md",
         /// Online: XPO (a policy completion against a reference completion, plus exploration).
         Xpo = "xpo",
+        /// Online: IPO-MD (IPO on two completions of the policy–reference mixture, ranked by the
+        /// reward; experimental).
+        IpoMd = "ipo_md",
         /// Supervised fine-tuning: the NLL of text, completions or assistant turns.
         Sft = "sft",
     }
@@ -147,6 +150,15 @@ settings! {
         pub rejected_column: Option<String> = None,
         /// Held-out pairs evaluated every eval_steps and at the end.
         pub eval_file: Option<String> = None,
+        /// The split train_file reads when it is a dataset with several (a saved `DatasetDict`,
+        /// or a hub download's `train-*.parquet` / `test-*.parquet` shards), as TRL's scripts.
+        pub dataset_train_split: String = "train".into(),
+        /// The split evaluated when eval_file is unset and train_file's dataset has it (unless
+        /// eval_strategy = "no").
+        pub dataset_test_split: String = "test".into(),
+        /// Without eval_file or a test split: hold out this fraction of train_file's rows
+        /// (chosen with data_seed, else seed) as the eval set. 0 = none.
+        pub eval_fraction: f64 = 0.0,
         /// dpo (align the policy with an objective over log-probs) | reward (train a reward model:
         /// the LM body plus a reward head, saved as *ForSequenceClassification) | sft
         /// (supervised fine-tuning, TRL's SFTTrainer) | grpo | rloo | online_dpo | nash_md | xpo
@@ -234,6 +246,17 @@ settings! {
         /// Keep at most this many checkpoints in output_dir (the oldest are removed, each
         /// renamed away before it is deleted, so `latest` never sees half a checkpoint).
         pub save_total_limit: Option<usize> = None,
+        /// At the end, output_dir holds the checkpoint with the best metric_for_best_model
+        /// instead of the last weights (TrainingArguments'); save_total_limit never removes that
+        /// checkpoint. Needs an eval set and eval_strategy = save_strategy (save_steps a multiple
+        /// of eval_steps).
+        pub load_best_model_at_end: bool = false,
+        /// The eval metric that picks the best checkpoint, with or without its `eval_` prefix
+        /// (e.g. "loss", "rewards/accuracies"). Default: loss.
+        pub metric_for_best_model: Option<String> = None,
+        /// Whether a larger metric_for_best_model is better. Default: false for a name ending in
+        /// "loss", true otherwise (as transformers).
+        pub greater_is_better: Option<bool> = None,
         /// A name for the run, recorded in run_config.json.
         pub run_name: Option<String> = None,
         /// Where metrics go besides output_dir/metrics.jsonl (always written): "tensorboard"
@@ -326,7 +349,7 @@ impl TrainConfig {
 impl Task {
     /// Online DPO, Nash-MD and XPO: two completions per prompt, ranked by a reward.
     pub fn is_online_pairwise(self) -> bool {
-        matches!(self, Task::OnlineDpo | Task::NashMd | Task::Xpo)
+        matches!(self, Task::OnlineDpo | Task::NashMd | Task::Xpo | Task::IpoMd)
     }
 
     /// Whether the run samples its own completions from prompts (`train_file` holds prompts).
@@ -519,6 +542,9 @@ impl TrainConfig {
             if cfg.task == Task::Xpo && !set("alpha") {
                 cfg.params.reference_free.alpha = 1e-5;
             }
+            if cfg.task == Task::IpoMd && !set("loss_type") {
+                cfg.loss_type = LossType::One("ipo".into());
+            }
         }
         cfg.validate()?;
         Ok(cfg)
@@ -539,6 +565,41 @@ impl TrainConfig {
                     "report_to = \"{r}\": prefer writes output_dir/metrics.jsonl always, and TensorBoard event \
                      files with report_to = \"tensorboard\"; {r} is not implemented (read metrics.jsonl with \
                      pandas.read_json(lines=True), or point TensorBoard at the event files)"
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return bad(format!(
+                "eval_fraction = {}: it is the fraction of train_file held out for evaluation, in [0, 1)",
+                self.eval_fraction
+            ));
+        }
+        if self.eval_fraction > 0.0 && self.task.is_online() {
+            return bad(
+                "eval_fraction: the online tasks evaluate nothing during training; evaluate the trained \
+                 policy with `prefer eval --model OUTPUT_DIR --prompts FILE`"
+                    .into(),
+            );
+        }
+        if self.load_best_model_at_end {
+            if self.task.is_online() {
+                return bad("load_best_model_at_end: the online tasks evaluate nothing during training, so no checkpoint is best".into());
+            }
+            if self.eval_strategy != self.save_strategy || self.eval_strategy == Strategy::No {
+                return bad(format!(
+                    "load_best_model_at_end compares the checkpoints by the evaluation made when each was saved: set \
+                     eval_strategy = save_strategy (now {:?} and {:?}), not \"no\"",
+                    self.eval_strategy.as_str(),
+                    self.save_strategy.as_str()
+                ));
+            }
+            if self.eval_strategy == Strategy::Steps
+                && (self.eval_steps == 0 || !self.save_steps.is_multiple_of(self.eval_steps))
+            {
+                return bad(format!(
+                    "load_best_model_at_end: save_steps ({}) must be a multiple of eval_steps ({}), so that every \
+                     checkpoint has an evaluation",
+                    self.save_steps, self.eval_steps
                 ));
             }
         }
@@ -602,6 +663,13 @@ impl TrainConfig {
         if matches!(&self.ref_model, Some(RefModel::Soup(v)) if v.is_empty()) {
             return bad("ref_model is an empty list".into());
         }
+        if self.online.judge.is_some() && !self.task.is_online_pairwise() {
+            return bad(format!(
+                "judge compares the two completions of the online pairwise tasks (online_dpo, nash_md, xpo, \
+                 ipo_md), not task = \"{}\"; GRPO and RLOO score each completion with reward_funcs",
+                self.task.as_str()
+            ));
+        }
         if matches!(self.task, Task::Grpo | Task::Rloo) {
             return crate::config::grpo::GrpoParams::validate(self);
         }
@@ -614,7 +682,7 @@ impl TrainConfig {
         let o = &self.online;
         if o.beta_per_epoch.is_some() || o.alpha_per_epoch.is_some() || o.mixture_coef_per_epoch.is_some() {
             return bad(
-                "beta, alpha and mixture_coef take a list (one value per epoch) only with task = \"online_dpo\", \"nash_md\" or \"xpo\"".into(),
+                "beta, alpha and mixture_coef take a list (one value per epoch) only with task = \"online_dpo\", \"nash_md\", \"xpo\" or \"ipo_md\"".into(),
             );
         }
         if self.objective()?.needs_reward_variance() && self.reward_clusters > 1 {
@@ -740,6 +808,37 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// `--help-config --markdown`: every key in a table per section, the reference in
+    /// docs/config.md (a test keeps that file equal to this).
+    pub fn help_markdown() -> String {
+        let defaults = toml::Value::try_from(TrainConfig::default()).expect("the defaults serialise");
+        let one_line = |doc: &str| doc.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+        let cell = |t: &str| t.replace('|', "\\|");
+        let mut s = String::from(
+            "# Run configuration reference\n\n\
+             Every key of a `prefer train` config (TOML or YAML; override any with `--set key=value` or \
+             `--key value`), with its default. Generated by `prefer train --help-config --markdown`; \
+             TRL keys that are not prefer keys are listed in the README's \"Porting a TRL recipe\".\n",
+        );
+        for (title, keys) in TrainConfig::sections() {
+            s.push_str(&format!(
+                "\n## {}\n\n| key | default | meaning |\n|---|---|---|\n",
+                one_line(title)
+            ));
+            for (k, doc) in keys {
+                let d = match defaults.get(k) {
+                    None => "(none)".to_string(),
+                    Some(toml::Value::String(v)) if v.is_empty() => "(required)".to_string(),
+                    Some(v) => format!("`{v}`"),
+                };
+                s.push_str(&format!("| `{k}` | {} | {} |\n", cell(&d), cell(&one_line(doc))));
+            }
+        }
+        s
+    }
+}
+
 /// The file beside a finished run's model that records the run's configuration.
 pub const RUN_CONFIG_FILE: &str = "run_config.json";
 
@@ -775,8 +874,7 @@ mod tests {
     /// with (their β·log Z(x) does not cancel), and accepted with the others.
     #[test]
     fn f_divergence_is_refused_where_trl_refuses_it() {
-        let dir = std::env::temp_dir().join(format!("prefer-fdiv-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testing::scratch_dir("fdiv-config");
         let p = dir.join("run.toml");
         std::fs::write(&p, "model_name_or_path = \"m\"\ntrain_file = \"d.jsonl\"\n").unwrap();
         let load = |sets: &[&str]| {
@@ -802,8 +900,7 @@ mod tests {
     /// A config saved with a UTF-8 byte-order mark (Windows editors) loads as without one.
     #[test]
     fn a_config_with_a_byte_order_mark_loads() {
-        let dir = std::env::temp_dir().join(format!("prefer-bom-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testing::scratch_dir("bom-config");
         let p = dir.join("run.toml");
         std::fs::write(
             &p,
@@ -842,6 +939,9 @@ mod tests {
         c.online.beta_per_epoch = Some(vec![0.1]);
         c.online.alpha_per_epoch = Some(vec![0.1]);
         c.online.mixture_coef_per_epoch = Some(vec![0.5]);
+        c.online.judge = Some("cmd:x".into());
+        c.metric_for_best_model = Some("loss".into());
+        c.greater_is_better = Some(false);
         c.peft.lora_target_modules = Some(vec!["q_proj".into()]);
         c.peft.lora_modules_to_save = Some(vec!["score".into()]);
         c.sft.completion_only_loss = Some(true);
@@ -939,10 +1039,25 @@ mod tests {
         assert_eq!(fields, keys);
     }
 
+    /// docs/config.md is the generated reference, never a stale copy.
+    #[test]
+    fn the_config_reference_in_docs_is_up_to_date() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/config.md");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == TrainConfig::help_markdown(),
+            "docs/config.md differs from the config keys: regenerate it with \
+             `cargo run --release -- train --help-config --markdown > docs/config.md`"
+        );
+        // every key is in it, with its default
+        for (k, _) in TrainConfig::keys() {
+            assert!(committed.contains(&format!("| `{k}` |")), "{k}");
+        }
+    }
+
     #[test]
     fn unknown_key_suggests_closest_and_overrides_apply() {
-        let dir = std::env::temp_dir().join(format!("prefer-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testing::scratch_dir("cfg");
         let p = dir.join("run.toml");
         std::fs::write(
             &p,

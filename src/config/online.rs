@@ -1,4 +1,4 @@
-//! The keys of the online pairwise methods (task = "online_dpo" | "nash_md" | "xpo"; TRL's
+//! The keys of the online pairwise methods (task = "online_dpo" | "nash_md" | "xpo" | "ipo_md"; TRL's
 //! `OnlineDPOConfig`, `NashMDConfig` and `XPOConfig` names and defaults), flattened into the
 //! run config. Their sampling keys (`temperature`, `max_completion_length`, `top_p`, ...) and
 //! `reward_funcs` are GRPO's.
@@ -11,20 +11,25 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 
 settings! {
-    /// Online DPO / IPO, Nash-MD and XPO (task = "online_dpo" | "nash_md" | "xpo"; TRL's names).
+    /// Online DPO / IPO, Nash-MD, XPO and IPO-MD (task = "online_dpo" | "nash_md" | "xpo" |
+    /// "ipo_md"; TRL's names).
     /// Two completions per prompt are ranked by reward_funcs (or reward_model_path); the
     /// sampling keys are GRPO's (defaults here as TRL's OnlineDPOConfig: temperature 0.9,
     /// max_completion_length (TRL: max_new_tokens) 64, learning_rate 5e-7). loss_type: any
-    /// pairwise objective (sigmoid, ipo, ...) for online_dpo and xpo.
+    /// pairwise objective (sigmoid, ipo, ...) for online_dpo, xpo and ipo_md (default ipo).
     /// per_device_train_batch_size counts prompts.
     pub struct OnlineParams {
         /// Subtracted from the reward of a completion that did not end with EOS (none by default).
         pub missing_eos_penalty: Option<f64> = None,
         /// Nash-MD: the second completion is sampled from softmax(mixture_coef·ref_logits +
-        /// (1 − mixture_coef)·policy_logits); a list gives one value per epoch.
+        /// (1 − mixture_coef)·policy_logits); IPO-MD: both are. A list gives one value per epoch.
         pub mixture_coef: f64 = 0.5,
         /// A reward model prefer trained (task = "reward"), added to reward_funcs.
         pub reward_model_path: Option<String> = None,
+        /// A pairwise judge instead of rewards (TRL's `judge`): `cmd:<command line>` reads JSON
+        /// lines (`prompt`, `completions`: the two texts, the row's columns) and writes, per pair,
+        /// the probability that the first completion is better (1, 0, or anything between).
+        pub judge: Option<String> = None,
         /// beta per epoch (written as `beta = [..]`; the last value holds after the list ends).
         pub beta_per_epoch: Option<Vec<f64>> = None,
         /// XPO's alpha per epoch (written as `alpha = [..]`).
@@ -71,11 +76,18 @@ impl OnlineParams {
         let g = &cfg.grpo;
         let o = &cfg.online;
         let bad = |m: String| Err(Error::Config(m));
-        if g.reward_funcs.is_empty() && o.reward_model_path.is_none() {
+        let has_rewards = !g.reward_funcs.is_empty() || o.reward_model_path.is_some();
+        if !has_rewards && o.judge.is_none() {
             return bad(format!(
-                "task = \"{}\" ranks two completions per prompt by a reward: set reward_funcs (accuracy, format, length, cmd:<command line>, a reward model's path) or reward_model_path",
+                "task = \"{}\" ranks two completions per prompt by a reward: set reward_funcs (accuracy, format, length, cmd:<command line>, a reward model's path), reward_model_path, or a pairwise judge (judge = \"cmd:<command line>\")",
                 cfg.task.as_str()
             ));
+        }
+        if has_rewards && o.judge.is_some() {
+            return bad("judge and reward_funcs / reward_model_path both rank the pairs: keep one".into());
+        }
+        if let Some(j) = &o.judge {
+            crate::rewards::judge::Judge::new(j, g.reward_timeout)?;
         }
         if matches!(o.missing_eos_penalty, Some(p) if p < 0.0) {
             return bad("missing_eos_penalty must be ≥ 0 (it is subtracted)".into());

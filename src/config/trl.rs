@@ -36,7 +36,7 @@ fn handling(key: &str) -> Option<Handling> {
         | "router_aux_loss_coef" | "cast_lm_head_to_fp32" | "ds3_gather_for_generation" | "eval_packing"
         | "log_completions" | "num_completions_to_print" | "log_unique_prompts" | "wandb_log_unique_prompts"
         | "dataset_kwargs_skip" | "hub_strategy" | "hub_private_repo" | "hub_token" | "hub_model_id"
-        | "metric_for_best_model" | "greater_is_better" | "optim_args" | "length_column_name" | "group_by_length"
+        | "optim_args" | "length_column_name" | "group_by_length"
         | "shuffle_dataset" | "seed_data" => Ignored(
             "a performance, logging or hub setting of PyTorch/transformers; prefer's results do not depend on it",
         ),
@@ -52,10 +52,6 @@ fn handling(key: &str) -> Option<Handling> {
         "push_to_hub" => OnlyDefault(
             off(),
             "prefer does not upload; push output_dir with `huggingface-cli upload` (it is an HF / PEFT directory)",
-        ),
-        "load_best_model_at_end" => OnlyDefault(
-            off(),
-            "not implemented: pick the checkpoint with the best eval metric with `prefer eval --model OUTPUT_DIR --checkpoints`",
         ),
         "deepspeed" | "fsdp" | "fsdp_config" | "accelerator_config" => OnlyDefault(
             toml::Value::String(String::new()),
@@ -95,7 +91,7 @@ fn handling(key: &str) -> Option<Handling> {
 /// Whether `key` is a key of TRL's configs or transformers' TrainingArguments that prefer
 /// handles here (so an unknown-key message never suggests it as a typo of something else).
 pub fn is_trl_key(key: &str) -> bool {
-    handling(key).is_some() || key == "rpo_alpha"
+    handling(key).is_some() || ["rpo_alpha", "dataset_name", "dataset_config"].contains(&key)
 }
 
 /// Whether `v` is "unset": TOML has no null, so recipes translated from YAML leave it out;
@@ -161,6 +157,7 @@ pub fn apply(table: &mut toml::Table, origin: &str) -> Result<Vec<String>> {
             ));
         }
     }
+    dataset_name(table, origin, &mut notes)?;
     let keys: Vec<String> = table.keys().cloned().collect();
     for key in keys {
         let Some(h) = handling(&key) else { continue };
@@ -179,6 +176,62 @@ pub fn apply(table: &mut toml::Table, origin: &str) -> Result<Vec<String>> {
         }
     }
     Ok(notes)
+}
+
+/// TRL scripts' `dataset_name` (with `dataset_config`, a subset): the data to train on, which
+/// prefer reads from a local path. A path is `train_file`; a hub id is refused with how to
+/// download it, as prefer never fetches from a hub itself.
+fn dataset_name(table: &mut toml::Table, origin: &str, notes: &mut Vec<String>) -> Result<()> {
+    let text = |key: &str, v: toml::Value| match v {
+        toml::Value::String(s) => Ok(Some(s).filter(|s| !unset(&toml::Value::String(s.clone())))),
+        other => Err(Error::Config(format!(
+            "{origin}: `{key}`: expected a path, found {other}"
+        ))),
+    };
+    let name = table
+        .remove("dataset_name")
+        .map(|v| text("dataset_name", v))
+        .transpose()?
+        .flatten();
+    let config = table
+        .remove("dataset_config")
+        .map(|v| text("dataset_config", v))
+        .transpose()?
+        .flatten();
+    let base = match (name, table.get("train_file")) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Config(format!(
+                "{origin}: both dataset_name and train_file are set; they name the same thing, keep one"
+            )))
+        }
+        (Some(n), None) => {
+            if !std::path::Path::new(&n).exists() {
+                return Err(Error::Config(format!(
+                    "{origin}: dataset_name = \"{n}\" is not a local path: prefer reads data from disk. \
+                     Download it first, e.g. `huggingface-cli download --repo-type dataset {n} --local-dir data/{n}`, \
+                     then set dataset_name (or train_file) to that folder"
+                )));
+            }
+            notes.push(format!("dataset_name = \"{n}\" read as train_file"));
+            n
+        }
+        (None, Some(toml::Value::String(f))) => f.clone(),
+        (None, _) => {
+            if config.is_some() {
+                return Err(Error::Config(format!(
+                    "{origin}: dataset_config needs dataset_name or train_file"
+                )));
+            }
+            return Ok(());
+        }
+    };
+    let file = match config {
+        // a hub dataset's subset: its own folder of the download
+        Some(c) => std::path::Path::new(&base).join(c).display().to_string(),
+        None => base,
+    };
+    table.insert("train_file".into(), toml::Value::String(file));
+    Ok(())
 }
 
 /// Every key of TRL 1.16's DPOConfig, RewardConfig, SFTConfig, KTOConfig, GRPOConfig,

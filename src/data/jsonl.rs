@@ -48,9 +48,10 @@ pub fn kind(v: &Value) -> &'static str {
 
 /// Read the rows of a data file: JSONL (by default), a JSON array (`.json` whose first
 /// non-blank byte is `[`), Parquet (`.parquet`), or a directory saved by `datasets`
-/// (`save_to_disk`'s Arrow files, or Parquet shards as a hub download leaves them).
+/// (`save_to_disk`'s Arrow files, or Parquet shards as a hub download leaves them), or one
+/// split of such a directory, `DIR/<split>`.
 pub fn read_records(path: &Path) -> Result<Vec<Result<Record>>> {
-    if path.is_dir() {
+    if super::tables::is_dataset_path(path) {
         return super::tables::read_dataset_dir(path);
     }
     match path.extension().and_then(|e| e.to_str()) {

@@ -86,55 +86,115 @@ pub fn read_arrow(path: &Path) -> Result<Vec<Result<Record>>> {
     batches_to_records(path, &batches, 1)
 }
 
-/// The data files of a `datasets` directory, in order: its Arrow files (`save_to_disk` of a
-/// `Dataset`), else its Parquet files (also under `data/`, as a hub download has them).
-fn data_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let list = |d: &Path, ext: &str| -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some(ext))
-            .collect();
-        v.sort();
-        v
-    };
-    let arrow = list(dir, "arrow");
-    if !arrow.is_empty() {
-        return Ok(arrow);
-    }
-    let mut parquet = list(dir, "parquet");
-    if parquet.is_empty() {
-        parquet = list(&dir.join("data"), "parquet");
-    }
-    Ok(parquet)
+/// The files of one extension in `dir`, sorted.
+fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().and_then(|e| e.to_str()) == Some(ext))
+        .collect();
+    v.sort();
+    v
 }
 
-/// The rows of a directory `datasets` wrote: one split (a `Dataset` saved to disk, or a folder
-/// of Parquet shards). A `DatasetDict` (several splits) must be narrowed to one split's folder.
-pub fn read_dataset_dir(dir: &Path) -> Result<Vec<Result<Record>>> {
+/// The split a hub shard belongs to: `train` of `train-00000-of-00002.parquet`.
+fn shard_split(file: &Path) -> Option<&str> {
+    let stem = file.file_stem()?.to_str()?;
+    let (split, rest) = stem.split_once('-')?;
+    let (n, of) = rest.split_once("-of-")?;
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    (digits(n) && digits(of) && !split.is_empty()).then_some(split)
+}
+
+/// The Parquet shards of a hub download: in `dir`, else in `dir/data`.
+fn parquet_shards(dir: &Path) -> Vec<PathBuf> {
+    let here = files_with(dir, "parquet");
+    if here.is_empty() {
+        files_with(&dir.join("data"), "parquet")
+    } else {
+        here
+    }
+}
+
+/// The splits of a dataset directory, in order: a `DatasetDict`'s (`dataset_dict.json`), or
+/// the split names of a hub download's shards (`data/train-00000-of-00001.parquet`, ...).
+/// Empty for a single `Dataset` (or any other directory).
+pub fn splits(dir: &Path) -> Vec<String> {
     let dict = dir.join("dataset_dict.json");
     if dict.is_file() {
-        let splits: Vec<String> = serde_json::from_str::<Value>(&crate::util::read_to_string(&dict)?)
+        return std::fs::read_to_string(&dict)
             .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
             .and_then(|v| v["splits"].as_array().cloned())
             .unwrap_or_default()
             .iter()
             .filter_map(|s| s.as_str().map(String::from))
             .collect();
-        let example = splits
-            .first()
-            .map(|s| dir.join(s).display().to_string())
-            .unwrap_or_default();
-        return Err(Error::model(
-            dir,
-            format!(
-                "a DatasetDict with splits {splits:?}: give one split's directory, e.g. train_file = \"{example}\""
-            ),
-        ));
     }
-    let files = data_files(dir)?;
+    let mut out: Vec<String> = Vec::new();
+    for f in parquet_shards(dir) {
+        match shard_split(&f) {
+            Some(s) if !out.iter().any(|o| o == s) => out.push(s.to_string()),
+            Some(_) => {}
+            // a shard without a split in its name: the folder is one split
+            None => return Vec::new(),
+        }
+    }
+    out
+}
+
+/// The shards of `path` when it is a virtual split path (`DIR/train` where `DIR` holds
+/// `train-*.parquet` shards and no `train` entry).
+fn virtual_split(path: &Path) -> Option<Vec<PathBuf>> {
+    if path.exists() {
+        return None;
+    }
+    let (dir, split) = (path.parent()?, path.file_name()?.to_str()?);
+    let shards: Vec<PathBuf> = parquet_shards(dir)
+        .into_iter()
+        .filter(|f| shard_split(f) == Some(split))
+        .collect();
+    (!shards.is_empty()).then_some(shards)
+}
+
+/// Whether `path` names something [`read_records`](super::jsonl::read_records) reads as a
+/// dataset directory (a real one, or one split of a hub download).
+pub fn is_dataset_path(path: &Path) -> bool {
+    path.is_dir() || virtual_split(path).is_some()
+}
+
+/// The rows of a directory `datasets` wrote: one split (a `Dataset` saved to disk, or a folder
+/// of Parquet shards), or `DIR/<split>` of a hub download. A directory with several splits
+/// must be narrowed to one (`dataset_train_split`, or the split's path).
+pub fn read_dataset_dir(dir: &Path) -> Result<Vec<Result<Record>>> {
+    let files = match virtual_split(dir) {
+        Some(shards) => shards,
+        None => {
+            let splits = splits(dir);
+            if dir.join("dataset_dict.json").is_file() || splits.len() > 1 {
+                let example = splits
+                    .first()
+                    .map(|s| dir.join(s).display().to_string())
+                    .unwrap_or_default();
+                return Err(Error::model(
+                    dir,
+                    format!(
+                        "a dataset with splits {splits:?}: choose one with dataset_train_split (train) or \
+                         dataset_test_split (eval), or give its path, e.g. train_file = \"{example}\""
+                    ),
+                ));
+            }
+            // save_to_disk's Arrow files, else Parquet shards
+            let arrow = files_with(dir, "arrow");
+            if arrow.is_empty() {
+                parquet_shards(dir)
+            } else {
+                arrow
+            }
+        }
+    };
     if files.is_empty() {
         return Err(Error::model(
             dir,

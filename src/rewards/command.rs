@@ -47,57 +47,15 @@ impl Reward for Command {
             input.push_str(&Value::Object(row).to_string());
             input.push('\n');
         }
-        let mut child = Process::new("sh")
-            .arg("-c")
-            .arg(&self.cmd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| self.fail(format!("cannot start it: {e}")))?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-        let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
-        let reader = std::thread::spawn(move || {
-            let (mut o, mut e) = (String::new(), String::new());
-            let _ = out.read_to_string(&mut o);
-            let _ = err.read_to_string(&mut e);
-            (o, e)
-        });
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().map_err(|e| self.fail(e.to_string()))? {
-                break s;
-            }
-            if start.elapsed().as_secs_f64() > self.timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(self.fail(format!("no answer within {} s (reward_timeout)", self.timeout)));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let _ = writer.join();
-        let (stdout, stderr) = reader.join().unwrap_or_default();
-        if !status.success() {
-            let tail: String = stderr
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            return Err(self.fail(format!("exited with {status}: {tail}")));
-        }
-        let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-        if lines.len() != batch.len() {
-            return Err(self.fail(format!(
-                "wrote {} scores for {} completions (one line each: a number or null)",
-                lines.len(),
-                batch.len()
-            )));
-        }
+        let lines = run_lines(
+            &self.cmd,
+            &input,
+            batch.len(),
+            "scores for",
+            "completions",
+            self.timeout,
+        )
+        .map_err(|e| self.fail(e))?;
         lines
             .iter()
             .enumerate()
@@ -108,6 +66,66 @@ impl Reward for Command {
             })
             .collect()
     }
+}
+
+/// Run `cmd` with `sh -c`, `input` on its stdin, and return its `n` non-blank output lines; or
+/// what went wrong (it did not start, exited with an error (with the end of its stderr), wrote
+/// another number of lines, or ran past `timeout` seconds). `what` and `per` name the lines in
+/// that message ("wrote 3 scores for 4 completions").
+pub(crate) fn run_lines(
+    cmd: &str,
+    input: &str,
+    n: usize,
+    what: &str,
+    per: &str,
+    timeout: f64,
+) -> std::result::Result<Vec<String>, String> {
+    let mut child = Process::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start it: {e}"))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let input = input.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+    let reader = std::thread::spawn(move || {
+        let (mut o, mut e) = (String::new(), String::new());
+        let _ = out.read_to_string(&mut o);
+        let _ = err.read_to_string(&mut e);
+        (o, e)
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if start.elapsed().as_secs_f64() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no answer within {timeout} s (reward_timeout)"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = writer.join();
+    let (stdout, stderr) = reader.join().unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(format!("exited with {status}: {}", tail.join("\n")));
+    }
+    let lines: Vec<String> = stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect();
+    if lines.len() != n {
+        return Err(format!("wrote {} {what} {n} {per} (one line each)", lines.len()));
+    }
+    Ok(lines)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 pub mod answer;
 pub mod command;
+pub mod judge;
 pub mod model;
 
 use crate::error::{Error, Result};

@@ -30,6 +30,12 @@ pub struct TrainerState {
     /// clusters, LCPO's noise estimate, ...
     #[serde(default)]
     pub algorithm: Value,
+    /// load_best_model_at_end: the best metric_for_best_model so far, and the checkpoint that
+    /// had it (TrainerState's names in transformers).
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    #[serde(default)]
+    pub best_model_checkpoint: Option<PathBuf>,
     /// The configuration the run was started with (for the record).
     #[serde(default)]
     pub config: Option<Value>,
@@ -98,11 +104,20 @@ pub fn latest(out_dir: &Path) -> Option<PathBuf> {
     list(out_dir).pop().map(|(_, p)| p)
 }
 
-/// Keep the newest `limit` (at least 1) complete checkpoints of `out_dir`: each older one is
-/// renamed to a hidden name first (so `latest` can never pick it half-deleted), then removed.
-pub fn prune(out_dir: &Path, limit: usize) -> Result<()> {
-    let found = list(out_dir);
-    let excess = found.len().saturating_sub(limit.max(1));
+/// Keep the newest `limit` (at least 1) complete checkpoints of `out_dir`, and `best` besides
+/// (load_best_model_at_end's, never removed; with `limit` 1 that keeps two, as transformers):
+/// each older one is renamed to a hidden name first (so `latest` can never pick it
+/// half-deleted), then removed.
+pub fn prune(out_dir: &Path, limit: usize, best: Option<&Path>) -> Result<()> {
+    let found: Vec<(usize, PathBuf)> = list(out_dir)
+        .into_iter()
+        .filter(|(_, d)| best.is_none_or(|b| b.file_name() != d.file_name()))
+        .collect();
+    let limit = match best.is_some() {
+        true => limit.max(2) - 1,
+        false => limit.max(1),
+    };
+    let excess = found.len().saturating_sub(limit);
     for (n, dir) in found.into_iter().take(excess) {
         let gone = out_dir.join(format!(".checkpoint-{n}.deleting"));
         std::fs::rename(&dir, &gone).map_err(|e| Error::io(&dir, e))?;

@@ -149,6 +149,13 @@ impl Trainer {
         }
         let mut cfg = cfg.clone();
         let (policy, mut algorithm, data) = algorithms::build(&mut cfg, policy, resume.as_deref())?;
+        if cfg.load_best_model_at_end && !data.has_eval() {
+            return Err(Error::Config(
+                "load_best_model_at_end needs an eval set: eval_file, a test split of train_file's dataset \
+                 (dataset_test_split), or eval_fraction"
+                    .into(),
+            ));
+        }
         let (policy, mut opt) = algorithms::trainable(policy, &cfg)?;
         let units = algorithm.units_per_micro_batch(cfg.per_device_train_batch_size);
         let total = total_steps(&cfg, data.len(), units, algorithm.steps_per_batch());
@@ -335,6 +342,46 @@ impl Trainer {
         )
     }
 
+    /// The logged name of metric_for_best_model: `eval_` and the name (default `eval_loss`).
+    fn best_metric_key(&self) -> String {
+        let m = self.cfg.metric_for_best_model.as_deref().unwrap_or("loss");
+        match m.starts_with("eval_") {
+            true => m.to_string(),
+            false => format!("eval_{m}"),
+        }
+    }
+
+    /// load_best_model_at_end: record `checkpoint` as the best when the evaluation in `rec`
+    /// (made at the step it is saved) beats the best so far.
+    fn note_if_best(&mut self, rec: &Value, checkpoint: &std::path::Path) -> Result<()> {
+        let key = self.best_metric_key();
+        let Some(v) = rec.get(&key).and_then(Value::as_f64) else {
+            let logged: Vec<&str> = rec
+                .as_object()
+                .map(|o| {
+                    o.keys()
+                        .filter(|k| k.starts_with("eval_"))
+                        .map(String::as_str)
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Err(Error::Config(format!(
+                "metric_for_best_model: the evaluation logs no `{key}`; it logs {}",
+                logged.join(", ")
+            )));
+        };
+        let greater = self.cfg.greater_is_better.unwrap_or(!key.ends_with("loss"));
+        let better = match self.state.best_metric {
+            None => v.is_finite(),
+            Some(b) => (greater && v > b) || (!greater && v < b),
+        };
+        if better {
+            self.state.best_metric = Some(v);
+            self.state.best_model_checkpoint = Some(checkpoint.to_path_buf());
+        }
+        Ok(())
+    }
+
     /// Optimizer steps in one pass over the training data.
     fn epoch_steps(&self) -> usize {
         let per_epoch = self.order.batches_per_epoch() / self.cfg.gradient_accumulation_steps.max(1);
@@ -409,9 +456,13 @@ impl Trainer {
                 Strategy::No => false,
             };
             if save || stop {
+                if do_eval && self.cfg.load_best_model_at_end {
+                    let rec = last_log.as_ref().expect("an evaluation logs a record");
+                    self.note_if_best(rec, &out_dir.join(format!("checkpoint-{s}")))?;
+                }
                 last_checkpoint = Some(self.save_checkpoint()?);
                 if let Some(limit) = self.cfg.save_total_limit {
-                    checkpoint::prune(&self.cfg.output_dir(), limit)?;
+                    checkpoint::prune(&out_dir, limit, self.state.best_model_checkpoint.as_deref())?;
                 }
             }
             if stop && s < total {
@@ -428,7 +479,21 @@ impl Trainer {
         }
         pb.finish_and_clear();
         if !interrupted {
-            crate::model::hf::save_dir(&self.policy, &out_dir)?;
+            let best = match (&self.state.best_model_checkpoint, self.cfg.load_best_model_at_end) {
+                (Some(dir), true)
+                    if dir.is_dir() && !dir.ends_with(format!("checkpoint-{}", self.state.global_step)) =>
+                {
+                    eprintln!(
+                        "load_best_model_at_end: output_dir holds {} ({} {})",
+                        dir.display(),
+                        self.best_metric_key(),
+                        self.state.best_metric.unwrap_or(f64::NAN)
+                    );
+                    Some(crate::algorithms::load_policy(&self.cfg, dir)?)
+                }
+                _ => None,
+            };
+            crate::model::hf::save_dir(best.as_ref().unwrap_or(&self.policy), &out_dir)?;
             crate::util::write_atomic(
                 &out_dir.join(crate::config::RUN_CONFIG_FILE),
                 &serde_json::to_vec_pretty(&self.cfg).expect("the config serialises"),
