@@ -28,8 +28,8 @@ cat > "$w/texts.jsonl" <<'TXT'
 {"text": "<|im_start|>user\nHow do I bake bread?<|im_end|>\n<|im_start|>assistant\nMix flour, water and yeast."}
 TXT
 check() { # name, gguf
-  $prefer tokenize --model "$2" --file "$w/texts.jsonl" > "$w/$1-ids.jsonl"
-  $prefer logprobs --model "$2" --file "$w/texts.jsonl" > "$w/$1-prefer.jsonl"
+  $prefer tokenize --model "$2" --data "$w/texts.jsonl" > "$w/$1-ids.jsonl"
+  $prefer logprobs --model "$2" --data "$w/texts.jsonl" > "$w/$1-prefer.jsonl"
   "$py" scripts/peers/llamacpp_logprobs.py "$2" "$w/texts.jsonl" > "$w/$1-llamacpp.jsonl" 2> "$w/$1.err"
   echo "== $1 ($(du -h "$2" | cut -f1))"
   python3 scripts/peers/compare_logprobs.py "$w/$1-prefer.jsonl" "$w/$1-llamacpp.jsonl" "$w/$1-ids.jsonl"

@@ -26,8 +26,8 @@ with open(f"{w}/texts.jsonl", "w") as f:
     for t in texts:
         f.write(json.dumps({"text": t}) + "\n")
 PY
-target/release/prefer logprobs --model "$hf" --adapter "$w/run" --file "$w/texts.jsonl" > "$w/prefer.jsonl"
-target/release/prefer logprobs --model "$hf" --file "$w/texts.jsonl" > "$w/base.jsonl"
+target/release/prefer logprobs --model "$hf" --adapter "$w/run" --data "$w/texts.jsonl" > "$w/prefer.jsonl"
+target/release/prefer logprobs --model "$hf" --data "$w/texts.jsonl" > "$w/base.jsonl"
 "$py" scripts/peers/peft_logprobs.py "$hf" "$w/run" "$w/texts.jsonl" > "$w/peft.jsonl"
 "$py" - "$w" <<'PY'
 import json, sys

@@ -81,7 +81,15 @@ fn config_flags_as_set(args: Vec<String>) -> Vec<String> {
     if args.get(1).map(String::as_str) != Some("train") {
         return args;
     }
-    const OWN: [&str; 6] = ["--config", "--set", "--help-config", "--help", "--threads", "--version"];
+    // `prefer train`'s own flags (and the global ones), as clap knows them
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let own: Vec<String> = cli
+        .get_arguments()
+        .chain(cli.find_subcommand("train").into_iter().flat_map(|t| t.get_arguments()))
+        .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+        .chain(["--help".to_string(), "--version".to_string()])
+        .collect();
     let mut out = args[..2].to_vec();
     let mut it = args.into_iter().skip(2).peekable();
     while let Some(a) = it.next() {
@@ -93,7 +101,7 @@ fn config_flags_as_set(args: Vec<String>) -> Vec<String> {
             Some((n, v)) => (n.to_string(), Some(v.to_string())),
             None => (flag.to_string(), None),
         };
-        if OWN.contains(&format!("--{name}").as_str()) || name.is_empty() {
+        if own.contains(&format!("--{name}")) || name.is_empty() {
             out.push(a);
             continue;
         }
@@ -147,5 +155,69 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag of every subcommand, with what is wrong with it: no help text, or a name off
+    /// the shared convention (inputs --data / --prompts / --model / --adapter / --config, outputs
+    /// --out; old spellings only as hidden aliases).
+    fn problems(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if a.is_hide_set() || id == "help" || id == "version" {
+                continue;
+            }
+            let name = a
+                .get_long()
+                .map(|l| format!("--{l}"))
+                .unwrap_or_else(|| id.to_uppercase());
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path} {name}: no help text"));
+            }
+            if a.get_long().is_none() && !a.is_positional() {
+                out.push(format!("{path} {name}: no long name"));
+            }
+            if a.is_positional() {
+                out.push(format!("{path} {name}: positional; inputs are --data FILE"));
+            }
+            if let Some(l) = a.get_long() {
+                if ["file", "input", "output", "in", "output-dir", "prompt-file"].contains(&l) {
+                    out.push(format!("{path} {name}: inputs are --data / --prompts, outputs --out"));
+                }
+            }
+        }
+        for s in cmd.get_subcommands() {
+            problems(s, &format!("{path} {}", s.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_help_and_follows_the_naming_convention() {
+        let mut out = Vec::new();
+        problems(&super::Cli::command(), "prefer", &mut out);
+        assert!(out.is_empty(), "{}", out.join("\n"));
+    }
+
+    /// Old spellings still parse: `--file` of tokenize and logprobs, a positional file of the
+    /// data subcommands, `data convert` for `data oasst`.
+    #[test]
+    fn renamed_flags_keep_their_old_spelling() {
+        use clap::Parser;
+        for argv in [
+            "prefer tokenize --model m --file f.jsonl",
+            "prefer tokenize --model m --data f.jsonl",
+            "prefer logprobs --model m --file f.jsonl",
+            "prefer data validate f.jsonl",
+            "prefer data validate --data f.jsonl",
+            "prefer data inspect f.jsonl --json",
+            "prefer data convert f.jsonl --out o.jsonl",
+            "prefer data oasst --data f.jsonl --out o.jsonl",
+        ] {
+            super::Cli::try_parse_from(argv.split(' ')).unwrap_or_else(|e| panic!("{argv}: {e}"));
+        }
     }
 }

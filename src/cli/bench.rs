@@ -33,12 +33,14 @@ pub struct DpoBenchArgs {
     /// Model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf, where scripts/fetch-model.sh puts it, or $PREFER_SMOLLM2).
     #[arg(long)]
     pub model: Option<String>,
-    /// Preference pairs (default: data/hh-rlhf-harmless-base/pairs.jsonl under $PREFER_SHARED, else ../shared).
+    /// Preference pairs (default: data/hh-rlhf-harmless-base/pairs.jsonl under $PREFER_SHARED
+    /// when set, else the checkout's tests/fixtures/hh-rlhf-harmless-base/pairs.jsonl).
     #[arg(long)]
     pub data: Option<String>,
     /// Timed optimizer steps (after one untimed warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Preference pairs per step.
     #[arg(long, default_value_t = 2)]
     pub batch_size: usize,
     /// Tokens of a sequence (prompt + completion) at most. Only pairs within it are used, so
@@ -221,9 +223,8 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
     };
     let data = match &args.data {
         Some(d) => d.clone(),
-        None => Some(super::shared_data("data/hh-rlhf-harmless-base/pairs.jsonl"))
-            .filter(|p| p.is_file())
-            .ok_or_else(|| Error::msg("no data: pass --data FILE"))?
+        None => super::bench_data("hh-rlhf-harmless-base/pairs.jsonl")
+            .ok_or_else(|| Error::msg("no data: pass --data FILE (preference pairs), or set PREFER_SHARED"))?
             .display()
             .to_string(),
     };

@@ -15,13 +15,14 @@ pub struct GenerateBenchArgs {
     /// Model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf or $PREFER_SMOLLM2).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// GSM8K-style rows with `question` (default: data/gsm8k/train.jsonl under $PREFER_SHARED,
-    /// else ../shared, else the test fixture).
+    /// GSM8K-style rows with `question` (default: data/gsm8k/train.jsonl under $PREFER_SHARED
+    /// when set, else the checkout's tests/fixtures/gsm8k/train.jsonl).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Prompts of the GRPO-shaped batch.
     #[arg(long, default_value_t = 4)]
     pub prompts: usize,
+    /// Completions per prompt of the GRPO-shaped batch.
     #[arg(long, default_value_t = 8)]
     pub num_generations: usize,
     /// New tokens per completion.
@@ -65,13 +66,11 @@ pub fn generate(args: &GenerateBenchArgs) -> Result<()> {
         .clone()
         .or_else(super::default_model)
         .ok_or_else(|| Error::msg("no model: pass --model or run scripts/fetch-model.sh"))?;
-    let data = args.data.clone().unwrap_or_else(|| {
-        let shared = super::shared_data("data/gsm8k/train.jsonl");
-        match shared.is_file() {
-            true => shared,
-            false => "tests/fixtures/gsm8k/train.jsonl".into(),
-        }
-    });
+    let data = match args.data.clone() {
+        Some(d) => d,
+        None => super::bench_data("gsm8k/train.jsonl")
+            .ok_or_else(|| Error::msg("no data: pass --data FILE (rows with `question`), or set PREFER_SHARED"))?,
+    };
     let m = prefer::model::load(&model, DType::F32, &Device::Cpu)?;
     let text = std::fs::read_to_string(&data).with_context(|| format!("reading {}", data.display()))?;
     let mut prompts = Vec::new();

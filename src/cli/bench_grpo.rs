@@ -13,7 +13,7 @@ pub struct GrpoBenchArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// GSM8K-style rows with `question` and `answer` (default: data/gsm8k/train.jsonl under
-    /// $PREFER_SHARED, else ../shared).
+    /// $PREFER_SHARED when set, else the checkout's tests/fixtures/gsm8k/train.jsonl).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Timed optimizer steps (after one untimed warm-up step).
@@ -22,8 +22,10 @@ pub struct GrpoBenchArgs {
     /// Prompts per step.
     #[arg(long, default_value_t = 4)]
     pub prompts: usize,
+    /// Completions per prompt (GRPO's group).
     #[arg(long, default_value_t = 8)]
     pub num_generations: usize,
+    /// New tokens per completion at most.
     #[arg(long, default_value_t = 128)]
     pub max_completion_length: usize,
     /// Recompute each decoder layer in backward instead of keeping its activations.
@@ -45,7 +47,8 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         .ok_or_else(|| Error::msg("no model: pass --model or run scripts/fetch-model.sh"))?;
     let data = match &args.data {
         Some(d) => d.clone(),
-        None => super::shared_data("data/gsm8k/train.jsonl"),
+        None => super::bench_data("gsm8k/train.jsonl")
+            .ok_or_else(|| Error::msg("no data: pass --data FILE (GSM8K-style rows), or set PREFER_SHARED"))?,
     };
     let out = std::env::temp_dir().join(format!("prefer-bench-grpo-{}", std::process::id()));
     std::fs::create_dir_all(&out)?;

@@ -28,6 +28,7 @@ pub struct CompareRewardsArgs {
     pub loss_type: Option<String>,
     #[command(flatten)]
     pub read: DataArgs,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -54,7 +55,7 @@ pub fn run(args: CompareRewardsArgs) -> Result<()> {
     if !rmm.transformer.cfg.reward_head {
         bail!("{} has no reward head; train one with task = \"reward\"", rm.display());
     }
-    let opts = read.tokenize_options();
+    let opts = read.tokenize_options(&dpo);
     let batch_size = read.batch_size;
     let acc = |scores: &[(f64, f64)]| scores.iter().filter(|r| r.0 > r.1).count() as f64 / scores.len().max(1) as f64;
     let pairs_of = |v: Vec<Vec<f64>>| -> Vec<(f64, f64)> { v.into_iter().map(|r| (r[0], r[1])).collect() };

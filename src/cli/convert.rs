@@ -5,6 +5,7 @@ use super::*;
 
 #[derive(clap::Args)]
 pub struct ConvertArgs {
+    /// The model to convert: a .gguf file, or any model prefer loads.
     #[arg(long)]
     pub model: PathBuf,
     /// A LoRA adapter (a PEFT directory: adapter_config.json + adapter_model.safetensors) to

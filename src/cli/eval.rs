@@ -79,8 +79,10 @@ pub struct GenerationArgs {
     /// Sampling temperature (0 = greedy, the default for evaluation).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// New tokens per completion at most.
     #[arg(long, default_value_t = 256)]
     pub max_completion_length: usize,
+    /// Seed of the sampler (with --temperature above 0).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Write every completion with its rewards here (JSONL).
@@ -102,7 +104,8 @@ fn eval_generation(
         name: g.prompt_field.clone(),
         chat: g.chat,
     };
-    let ps = prefer::data::prompts::load_prompts(prompts, &m.tokenizer, &field, Some(read.max_length), 1)?;
+    let max_length = read.tokenize_options(adapter.unwrap_or(model_path)).max_length;
+    let ps = prefer::data::prompts::load_prompts(prompts, &m.tokenizer, &field, max_length, 1)?;
     let opts = prefer::rewards::RewardOptions {
         format_regex: g.reward_format_regex.clone(),
         length_target: g.reward_length_target,
@@ -188,7 +191,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         ..
     } = args;
     let data = data.context("give --data (preference pairs) or --prompts (evaluation by generation)")?;
-    let objective = super::run_objective(&model, beta, loss_type.as_deref())?;
+    let objective = super::run_objective(adapter.as_deref().unwrap_or(&model), beta, loss_type.as_deref())?;
     eval_cmd(
         &model,
         adapter.as_deref(),
@@ -307,7 +310,8 @@ fn eval_cmd(
         vec![(None, model_path.to_path_buf())]
     };
     let tok = model::load_tokenizer(&models[0].1)?;
-    let (pairs, report) = load_tokenized_examples(data, &tok, &read.tokenize_options(), read.skip_invalid)?;
+    let opts = read.tokenize_options(adapter.unwrap_or(model_path));
+    let (pairs, report) = load_tokenized_examples(data, &tok, &opts, read.skip_invalid)?;
     for e in &report.skipped {
         eprintln!("skipped: {e}");
     }

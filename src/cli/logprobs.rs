@@ -4,14 +4,17 @@ use super::*;
 
 #[derive(clap::Args)]
 pub struct LogprobsArgs {
+    /// The model: an HF directory, a .gguf file, or a PEFT adapter directory.
     #[arg(long)]
     pub model: PathBuf,
     /// A LoRA adapter (a PEFT directory: adapter_config.json + adapter_model.safetensors) to
     /// put on --model. A PEFT directory given as --model itself loads the base it names.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    #[arg(long)]
+    /// The texts: a JSONL file (or any data format prefer reads), one text per row.
+    #[arg(long = "data", alias = "file", value_name = "FILE")]
     pub file: PathBuf,
+    /// The field holding the whole text to score (without --prompt-field).
     #[arg(long, default_value = "text")]
     pub field: String,
     /// Score only the completion: the prompt comes from this field...

@@ -70,12 +70,15 @@ pub fn default_model() -> Option<PathBuf> {
         .filter(|p| p.is_file())
 }
 
-/// `rel` under the shared data folder beside the checkout: `$PREFER_SHARED`, else `../shared`.
-pub fn shared_data(rel: &str) -> PathBuf {
-    std::env::var_os("PREFER_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "../shared".into())
-        .join(rel)
+/// A benchmark's default data: `data/<rel>` under `$PREFER_SHARED` (a folder with the full
+/// data files) when that is set, else the repository's slice of it, `tests/fixtures/<rel>`
+/// (when run from a checkout); `None` if neither is there.
+pub fn bench_data(rel: &str) -> Option<PathBuf> {
+    match std::env::var_os("PREFER_SHARED") {
+        Some(shared) => Some(PathBuf::from(shared).join("data").join(rel)),
+        None => Some(PathBuf::from("tests/fixtures").join(rel)),
+    }
+    .filter(|p| p.is_file())
 }
 
 /// How the evaluation tools read and batch a data file.
@@ -84,24 +87,50 @@ pub struct DataArgs {
     /// Examples per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub max_length: usize,
-    /// Cut prompts to this many tokens (keeping their end), as in training; 0 = no limit.
-    #[arg(long, default_value_t = 0)]
-    pub max_prompt_length: usize,
+    /// Cut each prompt + completion to this many tokens (default: the evaluated run's
+    /// max_length, else 1024).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Cut prompts to this many tokens, as in training; 0 = no limit (default: the evaluated
+    /// run's max_prompt_length, else no limit).
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
     /// Report and skip bad rows instead of stopping at the first.
     #[arg(long)]
     pub skip_invalid: bool,
 }
 
 impl DataArgs {
-    pub fn tokenize_options(&self) -> TokenizeOptions {
-        TokenizeOptions {
-            max_length: Some(self.max_length),
-            max_prompt_length: (self.max_prompt_length > 0).then_some(self.max_prompt_length),
-            truncation_mode: TruncationMode::KeepEnd,
-            columns: Vec::new(),
+    /// How data is read for `model`: the run that trained it (its max_length,
+    /// max_prompt_length, truncation_mode and column names, from run_config.json or a
+    /// checkpoint's trainer_state.json), with --max-length / --max-prompt-length overriding;
+    /// for any other model 1024 tokens, no prompt cut, prompts keeping their end.
+    pub fn tokenize_options(&self, model: &Path) -> TokenizeOptions {
+        let run = TrainConfig::of_trained_model(model);
+        let mut o = match &run {
+            Some((c, _)) => c.tokenize_options(),
+            None => TokenizeOptions {
+                max_length: Some(1024),
+                max_prompt_length: None,
+                truncation_mode: TruncationMode::KeepEnd,
+                columns: Vec::new(),
+            },
+        };
+        if let Some(l) = self.max_length {
+            o.max_length = Some(l);
         }
+        if let Some(p) = self.max_prompt_length {
+            o.max_prompt_length = (p > 0).then_some(p);
+        }
+        if let Some((_, from)) = &run {
+            eprintln!(
+                "data: max_length {}, max_prompt_length {} (the run's, from {}; --max-length and --max-prompt-length override)",
+                o.max_length.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+                o.max_prompt_length.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+                from.display()
+            );
+        }
+        o
     }
 }
 

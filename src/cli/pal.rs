@@ -12,8 +12,10 @@ pub enum PalCmd {
         /// The embedding model (HF directory or .gguf); rows need an `annotator`.
         #[arg(long)]
         model: PathBuf,
+        /// Preference pairs with an `annotator` column.
         #[arg(long)]
         data: PathBuf,
+        /// The directory to write pal.safetensors and pal.json to.
         #[arg(long)]
         out: PathBuf,
         /// Prototypes K.
@@ -22,14 +24,16 @@ pub enum PalCmd {
         /// Dimension of the preference space.
         #[arg(long, default_value_t = 16)]
         dim: usize,
-        /// Full-batch Adam steps and learning rate.
+        /// Full-batch Adam steps.
         #[arg(long, default_value_t = 300)]
         steps: usize,
+        /// Adam's learning rate.
         #[arg(long, default_value_t = 0.02)]
         learning_rate: f64,
         /// Fraction of each annotator's pairs (the last ones) held out.
         #[arg(long, default_value_t = 0.2)]
         eval_fraction: f64,
+        /// Seed of the initialisation.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[command(flatten)]
@@ -47,10 +51,13 @@ pub enum PalCmd {
         /// Pairs of the new annotators (rows need an `annotator`).
         #[arg(long)]
         data: PathBuf,
+        /// Pairs per annotator used to fit its mixture (the rest test it).
         #[arg(long, default_value_t = 10)]
         shots: usize,
+        /// Full-batch Adam steps.
         #[arg(long, default_value_t = 200)]
         steps: usize,
+        /// Adam's learning rate.
         #[arg(long, default_value_t = 0.1)]
         learning_rate: f64,
         /// The embedding model, if not the one recorded in pal.json.
@@ -58,6 +65,7 @@ pub enum PalCmd {
         model: Option<PathBuf>,
         #[command(flatten)]
         read: DataArgs,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -70,7 +78,12 @@ fn pal_embeddings(
     read: &DataArgs,
 ) -> Result<(prefer::pal::PairEmbeddings, Vec<String>)> {
     let m = model::load(model_path, DType::F32, &Device::Cpu)?;
-    let (examples, report) = load_tokenized_examples(data, &m.tokenizer, &read.tokenize_options(), read.skip_invalid)?;
+    let (examples, report) = load_tokenized_examples(
+        data,
+        &m.tokenizer,
+        &read.tokenize_options(model_path),
+        read.skip_invalid,
+    )?;
     for e in &report.skipped {
         eprintln!("skipped: {e}");
     }

@@ -11,6 +11,7 @@ pub struct ScoreArgs {
     /// put on --model. A PEFT directory given as --model itself loads the base it names.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// The responses to score: preference pairs, ranked lists or unpaired rows.
     #[arg(long)]
     pub data: PathBuf,
     #[command(flatten)]
@@ -31,7 +32,12 @@ pub fn run(args: ScoreArgs) -> Result<()> {
             model.display()
         );
     }
-    let (examples, report) = load_tokenized_examples(&data, &m.tokenizer, &read.tokenize_options(), read.skip_invalid)?;
+    let (examples, report) = load_tokenized_examples(
+        &data,
+        &m.tokenizer,
+        &read.tokenize_options(adapter.as_deref().unwrap_or(&model)),
+        read.skip_invalid,
+    )?;
     for e in &report.skipped {
         eprintln!("skipped: {e}");
     }

@@ -4,9 +4,11 @@ use super::*;
 
 #[derive(clap::Args)]
 pub struct TokenizeArgs {
+    /// The model whose tokenizer (and chat template) is used: an HF directory or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long)]
+    /// The texts: a JSONL file (or any data format prefer reads), one text per row.
+    #[arg(long = "data", alias = "file", value_name = "FILE")]
     pub file: PathBuf,
     /// The field holding the text (a string, or a list of messages with --chat).
     #[arg(long, default_value = "text")]

@@ -13,6 +13,9 @@ pub struct TrainArgs {
     /// Print every config key with its default and meaning.
     #[arg(long)]
     pub help_config: bool,
+    /// With --help-config: print it as Markdown tables (docs/config.md).
+    #[arg(long, requires = "help_config")]
+    pub markdown: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -20,9 +23,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config,
         set,
         help_config,
+        markdown,
     } = args;
     if help_config {
-        print!("{}", TrainConfig::help());
+        match markdown {
+            true => print!("{}", TrainConfig::help_markdown()),
+            false => print!("{}", TrainConfig::help()),
+        }
         return Ok(());
     }
     if config.is_none() && set.is_empty() {
