@@ -368,7 +368,7 @@ fn grpo_losses_agree_with_trls_own_code() {
             beta: case["beta"].as_f64().unwrap(),
             max_completion_length: fx["max_completion_length"].as_u64().unwrap() as usize,
             accumulation,
-            step_tokens,
+            step_tokens: step_tokens as f64,
         };
         let lp = Var::new(flat(&logps).as_slice(), &Device::Cpu).unwrap();
         let old_t = Tensor::new(flat(&old).as_slice(), &Device::Cpu).unwrap();
@@ -432,4 +432,116 @@ fn grpo_with_lora_raises_the_reward_and_saves_an_adapter() {
     assert!(out.join("adapter_config.json").is_file() && !out.join("model.safetensors").exists());
     let m = prefer::model::load(out, DType::F32, &candle_core::Device::Cpu).unwrap();
     assert!(m.transformer.adapters().is_some());
+}
+
+/// `steps_per_generation` (S): one generation of S micro-batches' prompts spread over S
+/// micro-steps, as TRL's `_prepare_inputs` does. With S = 2 and no accumulation, every other
+/// step samples; the step between trains on the same completions against the log-probs at
+/// generation time; a run stopped between the two resumes exactly. With S below the
+/// accumulation a step samples twice. And the config's spellings and refusals.
+#[test]
+fn steps_per_generation_spreads_a_generation_over_steps_and_resumes_inside_it() {
+    let mut cfg = setup_diverse("steps-per-generation");
+    cfg.grpo.steps_per_generation = Some(2);
+    cfg.max_steps = 6;
+    cfg.validate().unwrap();
+    prefer::train::train(&cfg).unwrap();
+    let whole = metrics(&cfg);
+    assert_eq!(whole.len(), 6);
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    for pair in whole.chunks(2) {
+        assert_eq!(
+            f(&pair[0], "clip_ratio/region_mean"),
+            0.0,
+            "the sampling step is at ratio 1"
+        );
+        assert_eq!(
+            f(&pair[0], "num_tokens"),
+            f(&pair[1], "num_tokens"),
+            "no sampling on the second step"
+        );
+        assert_eq!(f(&pair[0], "reward"), f(&pair[1], "reward"), "one generation's metrics");
+    }
+    assert!(f(&whole[2], "num_tokens") > f(&whole[1], "num_tokens"));
+    // one generation every two steps, of 2 micro-batches × 2 prompts × 4 completions
+    let comps = std::fs::read_to_string(Path::new(&cfg.output_dir).join("completions.jsonl")).unwrap();
+    let steps: Vec<u64> = comps
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.len(), 3 * 16);
+    assert!(
+        steps.chunks(16).zip([1, 3, 5]).all(|(c, s)| c.iter().all(|&x| x == s)),
+        "{steps:?}"
+    );
+    // stop after step 3, inside the second generation, and resume
+    let c2 = TrainConfig {
+        output_dir: format!("{}-2", cfg.output_dir),
+        save_steps: 3,
+        ..cfg.clone()
+    };
+    let mut t = prefer::train::Trainer::new(&c2).unwrap();
+    t.stop_after_step = Some(3);
+    assert!(t.run().unwrap().interrupted);
+    drop(t);
+    prefer::train::train(&TrainConfig {
+        resume_from_checkpoint: Some("latest".into()),
+        ..c2.clone()
+    })
+    .unwrap();
+    let resumed = metrics(&c2);
+    for (a, b) in whole.iter().zip(&resumed) {
+        for k in [
+            "loss",
+            "reward",
+            "grad_norm",
+            "entropy",
+            "num_tokens",
+            "clip_ratio/region_mean",
+        ] {
+            assert_eq!(a[k], b[k], "step {}: {k}", a["step"]);
+        }
+    }
+    // S below the accumulation: two generations in each step, each of one micro-batch
+    let c3 = TrainConfig {
+        output_dir: format!("{}-3", cfg.output_dir),
+        gradient_accumulation_steps: 2,
+        per_device_train_batch_size: 4,
+        max_steps: 2,
+        grpo: prefer::config::grpo::GrpoParams {
+            steps_per_generation: Some(1),
+            ..cfg.grpo.clone()
+        },
+        ..cfg.clone()
+    };
+    c3.validate().unwrap();
+    prefer::train::train(&c3).unwrap();
+    let comps = std::fs::read_to_string(Path::new(&c3.output_dir).join("completions.jsonl")).unwrap();
+    assert_eq!(
+        comps.lines().count(),
+        2 * 2 * 4,
+        "two steps, each two generations of 1 prompt × 4"
+    );
+    // generation_batch_size is S in completions; both, or a size off the micro-batch, refused
+    let mut c = cfg.clone();
+    c.grpo.steps_per_generation = None;
+    c.grpo.generation_batch_size = Some(24);
+    assert_eq!(prefer::config::grpo::GrpoParams::steps_per_generation(&c).unwrap(), 3);
+    c.grpo.generation_batch_size = Some(20);
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("multiple of per_device_train_batch_size"));
+    c.grpo.steps_per_generation = Some(2);
+    assert!(c.validate().unwrap_err().to_string().contains("keep one"));
+    c.grpo.generation_batch_size = None;
+    c.grpo.steps_per_generation = Some(0);
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("steps_per_generation must be ≥ 1"));
+    c.grpo.steps_per_generation = Some(5);
+    c.validate().unwrap();
 }

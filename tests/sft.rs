@@ -190,7 +190,7 @@ fn sft_loss_is_the_token_mean_nll_and_the_toy_corpus_is_learned() {
     let m = model::load(&dir.join("model"), DType::F32, &Device::Cpu).unwrap();
     let (ex, _) = load_sft_examples(Path::new(&cfg.train_file), &m.tokenizer, &cfg.sft_options(), false).unwrap();
     // step 1 reads the first 8 units (shuffled by the seeded order): take them from the trainer
-    let mut t = prefer::train::Trainer::new(&cfg).unwrap();
+    let t = prefer::train::Trainer::new(&cfg).unwrap();
     let first: Vec<usize> = (0..2).flat_map(|a| t.order.micro_batch(a)).collect();
     drop(t);
     let (mut sum, mut n) = (0f64, 0usize);

@@ -5,10 +5,16 @@
 //! variants and normalisations ([`super::grpo_loss`]) and, with `beta` > 0, the k3 estimate of
 //! the KL to a frozen reference.
 //!
-//! A generation serves `num_iterations` (μ) optimizer steps on the same prompts (the trainer
-//! core repeats the step's data μ times): the first trains at ratio 1, the later ones against
-//! the log-probs at generation time, where the clipping binds. Generation happens once per
-//! optimizer step otherwise (TRL's default `steps_per_generation` = gradient accumulation).
+//! A generation covers `steps_per_generation` (S) micro-batches of prompts and serves them
+//! `num_iterations` (μ) times, as TRL's `_prepare_inputs` does: micro-step t (counted over the
+//! run) trains on slice t mod S of generation ⌊t / (S·μ)⌋, whose prompts are the data order's
+//! micro-batches S·g … S·g + S − 1. With TRL's default S = gradient accumulation and μ = 1
+//! that is one generation per optimizer step, on that step's own micro-batches. A step that
+//! trains on a generation made at an earlier step (μ > 1, or S above the accumulation) uses the
+//! log-probs at generation time as the ratio's denominator, where the clipping binds; a step
+//! that made it trains at ratio 1. With S ≠ the accumulation the generation's completions are
+//! shuffled across its slices (seeded), as TRL shuffles the generation batch before splitting
+//! it, and `dapo`'s normaliser is the generation's tokens × accumulation / S (TRL's).
 //! Log-probs are those of the sampling distribution, `log softmax(logits / temperature)`, and
 //! the logged `entropy` is that distribution's, as TRL computes them.
 //!
@@ -35,7 +41,8 @@ use serde_json::Value;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
-/// One prompt's completions in the current generation.
+/// One prompt's completions in the current generation (all of them, or after the shuffle of a
+/// generation spread over steps, those that fell in one slice).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Group {
     prompt: Vec<u32>,
@@ -50,15 +57,56 @@ struct Group {
     old: Option<Vec<f64>>,
 }
 
-/// A generation: its micro-batches' groups and what it logged, kept for the `num_iterations`
-/// steps that train on it (and in checkpoints taken between them).
+impl Group {
+    /// The completions `which` of this group, as a group of their own (their per-token
+    /// reference and old log-probs cut out of the group's).
+    fn subset(&self, which: &[usize]) -> Group {
+        let mut starts = vec![0usize];
+        for c in &self.completions {
+            starts.push(starts.last().expect("non-empty") + c.len());
+        }
+        let cut = |v: &Option<Vec<f64>>| {
+            v.as_ref().map(|v| {
+                which
+                    .iter()
+                    .flat_map(|&i| v[starts[i]..starts[i + 1]].iter().copied())
+                    .collect()
+            })
+        };
+        Group {
+            prompt: self.prompt.clone(),
+            completions: which.iter().map(|&i| self.completions[i].clone()).collect(),
+            advantages: which.iter().map(|&i| self.advantages[i]).collect(),
+            keep: which.iter().map(|&i| self.keep[i]).collect(),
+            reference: cut(&self.reference),
+            old: cut(&self.old),
+        }
+    }
+}
+
+/// A generation: its slices' groups (one slice per micro-batch it serves) and what it logged,
+/// kept for the steps that train on it (and in checkpoints taken between them).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Generation {
+    /// Its number g: it covers micro-steps g·S·μ … (g+1)·S·μ − 1.
+    #[serde(default)]
+    number: usize,
     /// The optimizer step that sampled it.
     step: usize,
     batches: Vec<Vec<Group>>,
     /// Completion tokens the loss counts over the whole generation (`dapo`'s normaliser).
     tokens: usize,
+    metrics: Vec<(String, f64)>,
+}
+
+/// One micro-batch's share of a generation, queued for the step that trains on it.
+struct Slice {
+    groups: Vec<Group>,
+    /// Whether the generation was sampled in this optimizer step (the policy is unchanged
+    /// since, so its own log-probs are the old ones: ratio 1).
+    fresh: bool,
+    /// `dapo`'s normaliser for this slice: the generation's tokens × accumulation / S.
+    step_tokens: f64,
     metrics: Vec<(String, f64)>,
 }
 
@@ -82,6 +130,10 @@ pub struct Grpo {
     scale: ScaleRewards,
     aggregation: MultiObjectiveAggregation,
     num_iterations: usize,
+    /// Micro-batches each generation covers (S).
+    steps_per_generation: usize,
+    /// Micro-batches per optimizer step.
+    accumulation: usize,
     mask_truncated: bool,
     top_entropy_quantile: f64,
     sampling: SamplingParams,
@@ -92,12 +144,12 @@ pub struct Grpo {
     generation: Option<Generation>,
     /// The current step's micro-batches, in the order they come (a prompt may appear twice in
     /// a step, across an epoch's end).
-    rollout: VecDeque<Vec<Group>>,
+    rollout: VecDeque<Slice>,
     /// Prompt and completion tokens of every generation so far (TRL's `num_tokens`).
     num_tokens: f64,
 }
 
-/// Where a run keeps the generation that later steps reuse (`num_iterations` > 1).
+/// Where a run keeps the generation that later steps reuse (when generations span steps).
 const GENERATION_FILE: &str = "grpo_generation.json";
 
 impl Grpo {
@@ -132,11 +184,13 @@ impl Grpo {
                 beta,
                 max_completion_length: g.max_completion_length,
                 accumulation: 1,
-                step_tokens: 0,
+                step_tokens: 0.0,
             },
             scale: g.scale_rewards,
             aggregation: g.multi_objective_aggregation,
             num_iterations: g.num_iterations.max(1),
+            steps_per_generation: GrpoParams::steps_per_generation(cfg)?,
+            accumulation: cfg.gradient_accumulation_steps.max(1),
             mask_truncated: g.mask_truncated_completions,
             top_entropy_quantile: g.top_entropy_quantile,
             sampling: rollout::sampling(cfg, policy.tokenizer.eos_id),
@@ -170,13 +224,27 @@ impl Grpo {
         Ok(out)
     }
 
-    /// Sample, score and lay out a generation for the micro-batches `batches` of step `step`.
-    fn generate(&mut self, ctx: &StepCtx, batches: &[Vec<usize>]) -> Result<Generation> {
+    /// Whether a generation outlives the optimizer step that samples it (μ > 1, or S not a
+    /// divisor of the accumulation): then it keeps the log-probs at generation time, and
+    /// checkpoints keep it.
+    fn spans_steps(&self) -> bool {
+        !self
+            .accumulation
+            .is_multiple_of(self.steps_per_generation * self.num_iterations)
+    }
+
+    /// Sample, score and lay out generation `number`, for the data-order micro-batches `batches`.
+    fn generate(&mut self, ctx: &StepCtx, batches: &[Vec<usize>], number: usize) -> Result<Generation> {
         let g = self.num_generations;
         let order: Vec<usize> = batches.concat();
         let prompts: Vec<Vec<u32>> = order.iter().map(|&i| ctx.data.prompts[i].ids.clone()).collect();
-        // a seed per generation: a resumed run draws the same completions
-        let seed = rollout::step_seed(self.seed, ctx.step);
+        // a seed per generation, so a resumed run draws the same completions: the step's
+        // seed when the generation begins a step (always, by default), else one of its own
+        let first = number * self.steps_per_generation * self.num_iterations;
+        let seed = match first.is_multiple_of(self.accumulation) {
+            true => rollout::step_seed(self.seed, first / self.accumulation),
+            false => rollout::step_seed(self.seed ^ 0x5350_4745_4e45_5241, number),
+        };
         let comps = sample(
             &ctx.policy.transformer,
             &prompts,
@@ -200,7 +268,7 @@ impl Grpo {
             Some(r) => Some(self.token_logps(&r.model, &prompts, &by_prompt)?),
             None => None,
         };
-        let old_logps = match self.num_iterations > 1 {
+        let old_logps = match self.spans_steps() {
             true => Some(self.token_logps(&ctx.policy.transformer, &prompts, &by_prompt)?),
             false => None,
         };
@@ -322,13 +390,43 @@ impl Grpo {
                 old: old_logps.as_ref().map(|o| o[k].clone()),
             });
         }
-        let mut groups = groups.into_iter();
+        let slices: Vec<Vec<Group>> = match self.steps_per_generation == self.accumulation {
+            // one slice per micro-batch, each with its prompts' whole groups
+            true => {
+                let mut groups = groups.into_iter();
+                batches
+                    .iter()
+                    .map(|b| groups.by_ref().take(b.len()).collect())
+                    .collect()
+            }
+            // TRL shuffles the generation's completions before splitting it into slices
+            false => {
+                let mut items: Vec<(usize, usize)> =
+                    (0..groups.len()).flat_map(|k| (0..g).map(move |i| (k, i))).collect();
+                crate::util::Rng::new(seed ^ 0x5348_5546_464c_4521).shuffle(&mut items);
+                let mut rest = items.as_slice();
+                batches
+                    .iter()
+                    .map(|b| {
+                        let (take, left) = rest.split_at((b.len() * g).min(rest.len()));
+                        rest = left;
+                        // the slice's completions, grouped by prompt in order of appearance
+                        let mut by: Vec<(usize, Vec<usize>)> = Vec::new();
+                        for &(k, i) in take {
+                            match by.iter_mut().find(|(kk, _)| *kk == k) {
+                                Some((_, v)) => v.push(i),
+                                None => by.push((k, vec![i])),
+                            }
+                        }
+                        by.iter().map(|(k, which)| groups[*k].subset(which)).collect()
+                    })
+                    .collect()
+            }
+        };
         Ok(Generation {
+            number,
             step: ctx.step,
-            batches: batches
-                .iter()
-                .map(|b| groups.by_ref().take(b.len()).collect())
-                .collect(),
+            batches: slices,
             tokens,
             metrics: m,
         })
@@ -386,34 +484,44 @@ impl Algorithm for Grpo {
         self.num_iterations
     }
 
-    /// Sample the step's completions, score them, and compute their advantages; with
-    /// `num_iterations` > 1, reuse the generation of the step that began this iteration cycle.
-    fn begin_step(&mut self, ctx: &StepCtx, batches: &[Vec<usize>]) -> Result<()> {
-        let first = ctx.step - ctx.step % self.num_iterations;
-        if self.generation.as_ref().map(|g| g.step) != Some(first) {
-            if ctx.step != first {
-                return Err(Error::msg(format!(
-                    "GRPO: step {} reuses the generation of step {first}, which this run does not hold",
-                    ctx.step + 1
-                )));
+    /// Queue the step's micro-batches: slice t mod S of generation ⌊t / (S·μ)⌋ for each of its
+    /// micro-steps t, sampling (and scoring) each generation when its first micro-step comes.
+    fn begin_step(&mut self, ctx: &StepCtx, _batches: &[Vec<usize>]) -> Result<()> {
+        let (s, every) = (
+            self.steps_per_generation,
+            self.steps_per_generation * self.num_iterations,
+        );
+        self.rollout.clear();
+        for a in 0..ctx.accumulation {
+            let t = ctx.step * ctx.accumulation + a;
+            let number = t / every;
+            if self.generation.as_ref().map(|g| g.number) != Some(number) {
+                if !t.is_multiple_of(every) {
+                    return Err(Error::msg(format!(
+                        "GRPO: step {} trains on generation {number}, sampled earlier, which this run does not hold",
+                        ctx.step + 1
+                    )));
+                }
+                let window: Vec<Vec<usize>> = (0..s).map(|j| ctx.order.micro_batch(number * s + j)).collect();
+                self.generation = Some(self.generate(ctx, &window, number)?);
             }
-            self.generation = Some(self.generate(ctx, batches)?);
+            let gen = self.generation.as_ref().expect("generated above");
+            self.rollout.push_back(Slice {
+                groups: gen.batches[t % s].clone(),
+                fresh: gen.step == ctx.step,
+                step_tokens: gen.tokens as f64 * ctx.accumulation as f64 / s as f64,
+                metrics: gen.metrics.clone(),
+            });
         }
-        let gen = self.generation.as_ref().expect("generated above");
-        if gen.batches.iter().map(Vec::len).collect::<Vec<_>>() != batches.iter().map(Vec::len).collect::<Vec<_>>() {
-            return Err(Error::msg("GRPO: the step's micro-batches do not match its generation"));
-        }
-        self.rollout = gen.batches.iter().cloned().collect();
         Ok(())
     }
 
-    fn micro_batch(&mut self, ctx: &StepCtx, indices: &[usize]) -> Result<MicroBatch> {
-        let rollout = self
+    fn micro_batch(&mut self, ctx: &StepCtx, _indices: &[usize]) -> Result<MicroBatch> {
+        let slice = self
             .rollout
             .pop_front()
-            .filter(|r| r.len() == indices.len())
             .ok_or_else(|| Error::msg("GRPO: a micro-batch without its rollout"))?;
-        let gen = self.generation.as_ref().expect("begin_step generated");
+        let rollout = &slice.groups;
         let groups: Vec<ScoredGroup> = rollout
             .iter()
             .map(|r| ScoredGroup {
@@ -442,7 +550,7 @@ impl Algorithm for Grpo {
             _ => None,
         };
         // the policy at generation time: itself on a generation's first step
-        let old = match rollout.iter().all(|r| r.old.is_some()) && ctx.step != gen.step {
+        let old = match rollout.iter().all(|r| r.old.is_some()) && !slice.fresh {
             true => {
                 let v: Vec<f64> = rollout.iter().flat_map(|r| r.old.clone().unwrap_or_default()).collect();
                 Tensor::new(v, &dev)?.to_dtype(dt)?
@@ -472,7 +580,7 @@ impl Algorithm for Grpo {
         };
         let spec = LossSpec {
             accumulation: ctx.accumulation,
-            step_tokens: gen.tokens,
+            step_tokens: slice.step_tokens,
             ..self.spec
         };
         let (loss, mut metrics) = match self.method {
@@ -495,7 +603,7 @@ impl Algorithm for Grpo {
             )?,
         };
         metrics.push(("entropy".into(), entropy));
-        metrics.extend(gen.metrics.iter().cloned());
+        metrics.extend(slice.metrics.iter().cloned());
         let tokens = groups
             .iter()
             .map(|g| g.responses.iter().map(|r| g.prompt.len() + r.len()).sum::<usize>())
@@ -530,10 +638,10 @@ impl Algorithm for Grpo {
         Ok(serde_json::json!({ "num_tokens": self.num_tokens }))
     }
 
-    /// With `num_iterations` > 1 the current generation is kept, so that a resumed run trains
-    /// the remaining iterations on the same completions; with `sync_ref_model`, the reference.
+    /// When generations span steps, the current one is kept, so that a resumed run trains the
+    /// rest of it on the same completions; with `sync_ref_model`, the reference.
     fn save_checkpoint(&self, dir: &Path, policy: &LoadedModel) -> Result<()> {
-        if let (Some(gen), true) = (&self.generation, self.num_iterations > 1) {
+        if let (Some(gen), true) = (&self.generation, self.spans_steps()) {
             let text = serde_json::to_string(gen).map_err(|e| Error::msg(format!("GRPO generation: {e}")))?;
             crate::util::fs::write_atomic(&dir.join(GENERATION_FILE), text.as_bytes())?;
         }
@@ -559,6 +667,25 @@ impl Algorithm for Grpo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A generation spread over steps is shuffled by completion: a group's subset carries each
+    /// completion's advantage, mask and per-token reference log-probs with it.
+    #[test]
+    fn a_groups_subset_keeps_each_completions_own_token_values() {
+        let g = Group {
+            prompt: vec![1, 2],
+            completions: vec![vec![5], vec![6, 7, 8], vec![9, 10]],
+            advantages: vec![0.5, -1.0, 0.25],
+            keep: vec![true, false, true],
+            reference: Some(vec![-0.1, -0.2, -0.3, -0.4, -0.5, -0.6]),
+            old: None,
+        };
+        let s = g.subset(&[2, 1]);
+        assert_eq!(s.completions, vec![vec![9, 10], vec![6, 7, 8]]);
+        assert_eq!((s.advantages, s.keep), (vec![0.25, -1.0], vec![true, false]));
+        assert_eq!(s.reference, Some(vec![-0.5, -0.6, -0.2, -0.3, -0.4]));
+        assert_eq!((s.old, s.prompt), (None, vec![1, 2]));
+    }
 
     /// GDPO's normalize_then_sum by hand: two rewards, two groups of two.
     #[test]

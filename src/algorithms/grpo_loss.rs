@@ -115,8 +115,8 @@ pub struct LossSpec {
     /// core does).
     pub accumulation: usize,
     /// Completion tokens of the whole step that count (`dapo`'s, `cispo`'s and `vespo`'s
-    /// normaliser).
-    pub step_tokens: usize,
+    /// normaliser; TRL's generation tokens × accumulation / steps_per_generation).
+    pub step_tokens: f64,
 }
 
 /// Which tokens a micro-batch's loss counts.
@@ -370,7 +370,7 @@ pub fn grpo_loss_masked(
         GrpoLoss::Bnpo => (per.sum_all()? / counted)?,
         GrpoLoss::DrGrpo => (per.sum_all()? / (completions * spec.max_completion_length) as f64)?,
         GrpoLoss::Dapo | GrpoLoss::Cispo | GrpoLoss::Vespo => {
-            (per.sum_all()? * (spec.accumulation as f64 / spec.step_tokens.max(1) as f64))?
+            (per.sum_all()? * (spec.accumulation as f64 / spec.step_tokens.max(1.0)))?
         }
         GrpoLoss::Luspo => crate::model::logprobs::segment_sums(&per, offsets)?.mean_all()?,
     };
@@ -420,7 +420,7 @@ mod tests {
             beta,
             max_completion_length: 4,
             accumulation: 2,
-            step_tokens: 10,
+            step_tokens: 10.0,
         };
         // per-token loss −A: [−.5, −.5, 2, 2, 2]
         let cases = [
@@ -528,7 +528,7 @@ mod tests {
             beta: 0.0,
             max_completion_length: 4,
             accumulation: 2,
-            step_tokens: 10,
+            step_tokens: 10.0,
         };
         // luspo at ρ = 1: per completion Σ_t −A, then the mean: (−0.5·2 + 2·3) / 2
         let (l, _) = grpo_loss(lp.as_tensor(), &old, &offsets, &adv, None, &spec(GrpoLoss::Luspo)).unwrap();

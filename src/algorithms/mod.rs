@@ -58,6 +58,15 @@ pub struct StepCtx<'a> {
     pub accumulation: usize,
     /// Micro-batches in one pass over the training set.
     pub batches_per_epoch: usize,
+    /// The data order, for an algorithm whose data window is not the step's own micro-batches
+    /// (GRPO's `steps_per_generation`).
+    pub order: &'a dyn DataOrder,
+}
+
+/// The run's data order as the core keeps it: the units micro-batch `k` holds (`k` counts
+/// micro-batches from the start of training, across epochs).
+pub trait DataOrder {
+    fn micro_batch(&self, k: usize) -> Vec<usize>;
 }
 
 /// One micro-batch's loss and what it measured.

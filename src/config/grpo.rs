@@ -109,6 +109,14 @@ settings! {
         /// μ: optimizer steps on each generation's completions (the clipped ratio against the
         /// log-probs at generation time binds from the second on).
         pub num_iterations: usize = 1,
+        /// Micro-batches each generation serves (TRL's; default gradient_accumulation_steps:
+        /// one generation per optimizer step). More spreads one generation over several
+        /// optimizer steps, with the log-probs at generation time as the ratio's denominator; the
+        /// generation's completions are then shuffled across its micro-batches, as TRL does.
+        pub steps_per_generation: Option<usize> = None,
+        /// Completions sampled at once (TRL's; instead of steps_per_generation, which is then
+        /// generation_batch_size / per_device_train_batch_size).
+        pub generation_batch_size: Option<usize> = None,
         /// group | batch | none: how rewards are scaled into advantages.
         pub scale_rewards: ScaleRewards = ScaleRewards::Group,
         /// Reward functions: accuracy, format, length, cmd:<command line>, or a reward model
@@ -144,6 +152,32 @@ impl GrpoParams {
     }
 
     /// The checks a GRPO or RLOO run needs before it loads anything.
+    /// Micro-batches per generation: steps_per_generation, or generation_batch_size in
+    /// micro-batches, else gradient_accumulation_steps (TRL's rules).
+    pub fn steps_per_generation(cfg: &TrainConfig) -> Result<usize> {
+        let g = &cfg.grpo;
+        let b = cfg.per_device_train_batch_size;
+        let s = match (g.steps_per_generation, g.generation_batch_size) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "steps_per_generation and generation_batch_size set the same thing; keep one".into(),
+                ))
+            }
+            (Some(s), None) => s,
+            (None, Some(n)) if b > 0 && n.is_multiple_of(b) => n / b,
+            (None, Some(n)) => {
+                return Err(Error::Config(format!(
+                    "generation_batch_size ({n}) must be a multiple of per_device_train_batch_size ({b})"
+                )))
+            }
+            (None, None) => cfg.gradient_accumulation_steps,
+        };
+        if s == 0 {
+            return Err(Error::Config("steps_per_generation must be ≥ 1".into()));
+        }
+        Ok(s)
+    }
+
     pub fn validate(cfg: &TrainConfig) -> Result<()> {
         let g = &cfg.grpo;
         let bad = |m: String| Err(Error::Config(m));
@@ -172,6 +206,7 @@ impl GrpoParams {
         if g.num_iterations == 0 {
             return bad("num_iterations must be ≥ 1".into());
         }
+        GrpoParams::steps_per_generation(cfg)?;
         if g.reward_funcs.is_empty() {
             return bad("task = \"grpo\" needs reward_funcs, e.g. [\"accuracy\"] (accuracy, format, length, cmd:<command line>)".into());
         }

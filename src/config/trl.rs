@@ -72,10 +72,6 @@ fn handling(key: &str) -> Option<Handling> {
             off(),
             "not implemented in training; sample and score after it with `prefer eval --model OUTPUT_DIR --prompts FILE`",
         ),
-        "steps_per_generation" | "generation_batch_size" => OnlyDefault(
-            toml::Value::String(String::new()),
-            "not implemented: each GRPO step samples its own batch (num_iterations reuses one generation for μ steps)",
-        ),
         "pad_token" | "eos_token" | "chat_template_path" => OnlyDefault(
             toml::Value::String(String::new()),
             "prefer takes these from the model's tokenizer files; edit tokenizer_config.json (or the GGUF) instead",

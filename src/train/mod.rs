@@ -108,6 +108,7 @@ macro_rules! ctx {
             total_steps: $t.total,
             accumulation: $t.cfg.gradient_accumulation_steps,
             batches_per_epoch: $t.order.batches_per_epoch(),
+            order: &$t.order,
         }
     };
 }

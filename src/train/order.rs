@@ -11,7 +11,6 @@ pub struct Order {
     batch: usize,
     seed: u64,
     shuffle: bool,
-    cached_epoch: Option<(usize, Vec<usize>)>,
 }
 
 impl Order {
@@ -21,25 +20,27 @@ impl Order {
             batch,
             seed,
             shuffle,
-            cached_epoch: None,
         }
     }
     pub fn batches_per_epoch(&self) -> usize {
         self.n.div_ceil(self.batch)
     }
-    /// Indices of micro-batch `k`.
-    pub fn micro_batch(&mut self, k: usize) -> Vec<usize> {
+    /// Indices of micro-batch `k` (its epoch's permutation is drawn again on each call: a few
+    /// microseconds for thousands of units, next to a training step's seconds).
+    pub fn micro_batch(&self, k: usize) -> Vec<usize> {
         let per = self.batches_per_epoch();
         let (epoch, j) = (k / per, k % per);
-        if self.cached_epoch.as_ref().map(|c| c.0) != Some(epoch) {
-            let mut idx: Vec<usize> = (0..self.n).collect();
-            if self.shuffle {
-                Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut idx);
-            }
-            self.cached_epoch = Some((epoch, idx));
+        let mut idx: Vec<usize> = (0..self.n).collect();
+        if self.shuffle {
+            Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut idx);
         }
-        let idx = &self.cached_epoch.as_ref().expect("just set").1;
         idx[j * self.batch..((j + 1) * self.batch).min(self.n)].to_vec()
+    }
+}
+
+impl crate::algorithms::DataOrder for Order {
+    fn micro_batch(&self, k: usize) -> Vec<usize> {
+        Order::micro_batch(self, k)
     }
 }
 
@@ -60,7 +61,7 @@ mod tests {
 
     #[test]
     fn data_order_is_seeded_and_file_order_without_shuffle() {
-        let mut plain = Order::new(10, 4, 42, false);
+        let plain = Order::new(10, 4, 42, false);
         assert_eq!(plain.batches_per_epoch(), 3);
         assert_eq!(plain.micro_batch(0), vec![0, 1, 2, 3]);
         assert_eq!(plain.micro_batch(2), vec![8, 9]);
@@ -69,8 +70,8 @@ mod tests {
             vec![0, 1, 2, 3],
             "epoch 2 starts over in file order"
         );
-        let mut a = Order::new(10, 4, 42, true);
-        let mut b = Order::new(10, 4, 42, true);
+        let a = Order::new(10, 4, 42, true);
+        let b = Order::new(10, 4, 42, true);
         let ea: Vec<usize> = (0..3).flat_map(|k| a.micro_batch(k)).collect();
         let eb: Vec<usize> = (0..3).flat_map(|k| b.micro_batch(k)).collect();
         assert_eq!(ea, eb, "same seed, same order");
@@ -80,7 +81,7 @@ mod tests {
         assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "an epoch visits every pair once");
         let e2: Vec<usize> = (3..6).flat_map(|k| a.micro_batch(k)).collect();
         assert_ne!(ea, e2, "each epoch is reshuffled");
-        let mut c = Order::new(10, 4, 7, true);
+        let c = Order::new(10, 4, 7, true);
         let ec: Vec<usize> = (0..3).flat_map(|k| c.micro_batch(k)).collect();
         assert_ne!(ea, ec, "another seed, another order");
     }
