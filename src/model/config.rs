@@ -15,6 +15,88 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: f64,
 }
 
+impl Llama3RopeScaling {
+    /// llama.cpp's form of this scaling (`rope_freqs.weight`, what its converter writes): one
+    /// divisor per frequency of `1/theta^(2i/d)`, 1 for the high frequencies, `factor` for the
+    /// low ones, `1/((1 − s)/factor + s)` between.
+    pub fn freq_factors(&self, theta: f64, head_dim: usize) -> Vec<f64> {
+        let (lo, hi) = (
+            self.original_max_position_embeddings / self.low_freq_factor,
+            self.original_max_position_embeddings / self.high_freq_factor,
+        );
+        (0..head_dim / 2)
+            .map(|i| {
+                let wavelen = 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / head_dim as f64);
+                if wavelen < hi {
+                    1.0
+                } else if wavelen > lo {
+                    self.factor
+                } else {
+                    let s = (self.original_max_position_embeddings / wavelen - self.low_freq_factor)
+                        / (self.high_freq_factor - self.low_freq_factor);
+                    1.0 / ((1.0 - s) / self.factor + s)
+                }
+            })
+            .collect()
+    }
+
+    /// The scaling whose [`Self::freq_factors`] are `factors` (a GGUF's `rope_freqs.weight`),
+    /// `None` when they are all 1. The factors fix only the ratios of
+    /// `original_max_position_embeddings`, `low_freq_factor` and `high_freq_factor`, so
+    /// `low_freq_factor` is taken as 1 (as every Llama 3.x has it): the same frequencies.
+    /// Needs two frequencies between the high and the low band to solve for the others.
+    pub fn from_freq_factors(factors: &[f64], theta: f64, head_dim: usize) -> std::result::Result<Option<Self>, String> {
+        if factors.len() != head_dim / 2 {
+            return Err(format!("{} rope factors for head_dim {head_dim}", factors.len()));
+        }
+        let factor = factors.iter().cloned().fold(1.0, f64::max);
+        if factor <= 1.0 + 1e-6 {
+            return Ok(None);
+        }
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+        // between the bands, s = (L/wavelen − 1)/(hi − 1) is linear in the frequency
+        let points: Vec<(f64, f64)> = factors
+            .iter()
+            .enumerate()
+            .filter(|(_, &f)| !close(f, 1.0) && !close(f, factor))
+            .map(|(i, &f)| {
+                let inv = theta.powf(-((2 * i) as f64) / head_dim as f64);
+                (inv, (1.0 / f - 1.0 / factor) / (1.0 - 1.0 / factor))
+            })
+            .collect();
+        if points.len() < 2 {
+            return Err("rope_freqs.weight has fewer than two frequencies between its bands, so its Llama-3 parameters cannot be recovered".into());
+        }
+        let n = points.len() as f64;
+        let (mx, my) = (
+            points.iter().map(|p| p.0).sum::<f64>() / n,
+            points.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let a = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+            / points.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+        let b = my - a * mx;
+        // s = (L·inv/2π − 1)/(hi − 1): b = −1/(hi − 1), a = L/(2π(hi − 1))
+        let hi = 1.0 - 1.0 / b;
+        let len = -2.0 * std::f64::consts::PI * a / b;
+        // they were written as f32: round to the values configs carry
+        let round = |x: f64, places: i32| {
+            let p = 10f64.powi(places);
+            (x * p).round() / p
+        };
+        let s = Llama3RopeScaling {
+            factor: round(factor, 4),
+            low_freq_factor: 1.0,
+            high_freq_factor: round(hi, 4),
+            original_max_position_embeddings: round(len, 0),
+        };
+        let back = s.freq_factors(theta, head_dim);
+        if !back.iter().zip(factors).all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs()) {
+            return Err("rope_freqs.weight is not a Llama-3 scaling prefer can express".into());
+        }
+        Ok(Some(s))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub model_type: String,
@@ -308,6 +390,66 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// llama.cpp's rope_freqs of Llama 3.2 (factor 32) and 3.1 (factor 8), by its converter's
+    /// formula, are our inverse frequencies' divisors; and read back (stored as f32) they give
+    /// parameters with the same frequencies, exactly those of the config when low_freq_factor
+    /// is 1, and equivalent ones when it is not.
+    #[test]
+    fn llama3_rope_freqs_match_llama_cpp_and_read_back() {
+        for (theta, d, factor, lo, hi, len) in [
+            (500000.0, 64, 32.0, 1.0, 4.0, 8192.0),
+            (500000.0, 128, 8.0, 1.0, 4.0, 8192.0),
+            (10000.0, 64, 8.0, 2.0, 8.0, 32.0),
+        ] {
+            let s = Llama3RopeScaling {
+                factor,
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                original_max_position_embeddings: len,
+            };
+            let f = s.freq_factors(theta, d);
+            // convert_hf_to_gguf.py's loop, by hand
+            let mut want = Vec::new();
+            for i in 0..d / 2 {
+                let freq = 1.0 / f64::powf(theta, (2 * i) as f64 / d as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                want.push(if wavelen < len / hi {
+                    1.0
+                } else if wavelen > len / lo {
+                    factor
+                } else {
+                    let smooth = (len / wavelen - lo) / (hi - lo);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                });
+            }
+            for (x, y) in f.iter().zip(&want) {
+                assert!((x - y).abs() <= 1e-14 * y, "{x} vs {y}");
+            }
+            let cfg = |r: Option<Llama3RopeScaling>| ModelConfig {
+                rope_theta: theta,
+                head_dim: d,
+                rope_scaling: r,
+                ..ModelConfig::from_json(&serde_json::json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}), Path::new("x")).unwrap()
+            };
+            let plain = cfg(None).rope_inv_freq();
+            let scaled = cfg(Some(s.clone())).rope_inv_freq();
+            for i in 0..d / 2 {
+                assert!((plain[i] / f[i] - scaled[i]).abs() <= 1e-12 * plain[i], "{i}");
+            }
+            let stored: Vec<f64> = f.iter().map(|&x| x as f32 as f64).collect();
+            let back = Llama3RopeScaling::from_freq_factors(&stored, theta, d).unwrap().unwrap();
+            if lo == 1.0 {
+                assert_eq!(back, s);
+            }
+            let again = cfg(Some(back)).rope_inv_freq();
+            for i in 0..d / 2 {
+                assert!((again[i] - scaled[i]).abs() <= 1e-6 * scaled[i], "{i}: {} vs {}", again[i], scaled[i]);
+            }
+        }
+        assert_eq!(Llama3RopeScaling::from_freq_factors(&[1.0; 32], 1e4, 64), Ok(None));
+        assert!(Llama3RopeScaling::from_freq_factors(&[1.0, 3.0, 1.0, 8.0], 1e4, 8).is_err());
+    }
 
     #[test]
     fn reads_both_rope_dialects() {

@@ -255,6 +255,9 @@ fn read_content(path: &Path) -> Result<(std::fs::File, Content)> {
     Ok((file, content))
 }
 
+/// llama.cpp's tensor of Llama-3 RoPE scaling: one divisor per rotary frequency.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// Only the tokenizer of a `.gguf` file (no weights are read).
 pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer> {
     let (_, content) = read_content(path)?;
@@ -316,13 +319,22 @@ fn load(path: &Path, dtype: DType, device: &Device, compact: bool) -> Result<Loa
         content: &content,
         path,
     };
-    let cfg = config_from_meta(&m, content.tensor_infos.contains_key("output.weight"))?;
+    let mut cfg = config_from_meta(&m, content.tensor_infos.contains_key("output.weight"))?;
     let mut f = GgufFile {
         file,
         content: &content,
         path,
         device,
     };
+    // Llama 3.x: llama.cpp keeps its RoPE scaling as a tensor of per-frequency divisors
+    if content.tensor_infos.contains_key(ROPE_FREQS) {
+        let q = content
+            .tensor(&mut f.file, ROPE_FREQS, device)
+            .map_err(|e| Error::model(path, format!("tensor `{ROPE_FREQS}`: {e}")))?;
+        let factors: Vec<f64> = q.dequantize(device)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        cfg.rope_scaling = crate::model::config::Llama3RopeScaling::from_freq_factors(&factors, cfg.rope_theta, cfg.head_dim)
+            .map_err(|e| Error::model(path, e))?;
+    }
     let widen = |q: &candle_core::quantized::QTensor, name: &str| -> Result<Tensor> {
         let mut t = q.dequantize(device)?;
         if let Some(h) = qk_heads(name, &cfg) {
@@ -583,12 +595,6 @@ pub fn save_gguf(model: &LoadedModel, path: &Path, quant: ExportQuant) -> Result
             "a reward model (score head) has no GGUF form llama.cpp runs; export a language model",
         ));
     }
-    if cfg.rope_scaling.is_some() {
-        return Err(Error::model(
-            &model.source,
-            "Llama-3 rope scaling is not written to GGUF yet (llama.cpp needs its rope_freqs tensor); export the HF directory with llama.cpp's convert_hf_to_gguf.py instead",
-        ));
-    }
     let transformer = match model.transformer.adapters().is_some() || model.transformer.compact_layers().is_some() {
         true => model.transformer.merged()?,
         false => model.transformer.clone(),
@@ -627,6 +633,13 @@ pub fn save_gguf(model: &LoadedModel, path: &Path, quant: ExportQuant) -> Result
     ];
     meta.extend(tokenizer_meta(&model.tokenizer, cfg.vocab_size)?);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    if let Some(s) = &cfg.rope_scaling {
+        // llama.cpp's form of Llama-3 scaling, as its converter writes it
+        let f: Vec<f32> = s.freq_factors(cfg.rope_theta, cfg.head_dim).iter().map(|&x| x as f32).collect();
+        let n = f.len();
+        let t = Tensor::from_vec(f, n, &candle_core::Device::Cpu)?;
+        tensors.push((ROPE_FREQS.into(), QTensor::quantize(&t, GgmlDType::F32)?));
+    }
     for (name, t) in transformer.params() {
         let mut t = t.detach().to_dtype(DType::F32)?;
         if let Some(h) = qk_heads(name, cfg) {
