@@ -123,6 +123,12 @@ fn config_flags_as_set(args: Vec<String>) -> Vec<String> {
 }
 
 fn main() {
+    // `prefer objectives list | head`: end quietly when the reader goes away, as Unix tools do,
+    // instead of panicking on a write to a closed pipe. SAFETY: first thing, one thread.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse_from(config_flags_as_set(std::env::args().collect()));
     prefer::util::tune_allocator();
     if cli.threads > 0 {

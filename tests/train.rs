@@ -843,6 +843,41 @@ fn cli_tools_work_on_a_gguf_model() {
         o.status.success() && s.contains("24 usable") && s.contains("prompt tokens"),
         "{s}"
     );
+    // --json on the commands that print tables: validate, inspect, objectives list
+    let o = bin()
+        .args(["data", "validate", "--json", "--data"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["rows"].as_u64(), v["invalid"].as_u64()), (Some(2), Some(1)));
+    assert!(
+        v["errors"][0].as_str().unwrap().contains("bad.jsonl:2: field `chosen`"),
+        "{v}"
+    );
+    let o = bin()
+        .args(["data", "inspect", "--json", "--model"])
+        .arg(&gguf)
+        .arg("--data")
+        .arg(&cfg.train_file)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["usable"], 24);
+    let p = &v["prompt_tokens"];
+    assert!(
+        p["min"].as_u64() <= p["median"].as_u64() && p["median"].as_u64() <= p["max"].as_u64(),
+        "{v}"
+    );
+    assert!(v["prompt_share"].as_f64().unwrap() > 0.0 && v["prompt_share"].as_f64().unwrap() < 1.0);
+    let o = bin().args(["objectives", "list", "--json"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let sigmoid = v.as_array().unwrap().iter().find(|r| r["name"] == "sigmoid").unwrap();
+    assert_eq!(
+        (&sigmoid["shape"], &sigmoid["needs_reference"]),
+        (&Value::from("pairwise"), &Value::from(true))
+    );
     // objectives eval: losses from a statistics file, no model
     let st = dir.join("stats.jsonl");
     std::fs::write(&st, "{\"policy_chosen_logps\": -1, \"policy_rejected_logps\": -2, \"ref_chosen_logps\": -1.5, \"ref_rejected_logps\": -1.5}\n").unwrap();

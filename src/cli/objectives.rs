@@ -5,7 +5,11 @@ use super::*;
 #[derive(Subcommand)]
 pub enum ObjectivesCmd {
     /// Every objective name, its data shape, whether it needs a reference, and its source.
-    List,
+    List {
+        /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Per-example losses and implicit rewards from a JSONL of sequence statistics, without a
     /// model. Fields per line: policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     /// ref_rejected_logps (reference objectives), chosen_tokens, rejected_tokens (default 1).
@@ -25,21 +29,38 @@ pub enum ObjectivesCmd {
 
 pub fn run(cmd: ObjectivesCmd) -> Result<()> {
     match cmd {
-        ObjectivesCmd::List => list(),
+        ObjectivesCmd::List { json } => list(json),
         ObjectivesCmd::Eval { loss_type, stats, set } => objectives_eval(&loss_type, &stats, &set),
     }
 }
 
-fn list() -> Result<()> {
+fn list(as_json: bool) -> Result<()> {
+    let status = |e: &prefer::objectives::ObjectiveEntry| match e.status {
+        prefer::objectives::Status::Checked => "checked",
+        prefer::objectives::Status::Experimental => "experimental",
+    };
+    if as_json {
+        let rows: Vec<Value> = prefer::objectives::REGISTRY
+            .iter()
+            .map(|e| {
+                json!({
+                    "name": e.name,
+                    "shape": e.loss.shape().to_string(),
+                    "needs_reference": e.needs_reference,
+                    "status": status(e),
+                    "source": e.source,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(rows));
+        return Ok(());
+    }
     println!(
         "{:<18} {:<9} {:<10} {:<13} source",
         "name", "shape", "reference", "status"
     );
     for e in prefer::objectives::REGISTRY {
-        let status = match e.status {
-            prefer::objectives::Status::Checked => "checked",
-            prefer::objectives::Status::Experimental => "experimental",
-        };
+        let status = status(e);
         let reference = if e.needs_reference { "yes" } else { "no" };
         let shape = e.loss.shape().to_string();
         println!(

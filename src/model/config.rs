@@ -45,7 +45,11 @@ impl Llama3RopeScaling {
     /// `original_max_position_embeddings`, `low_freq_factor` and `high_freq_factor`, so
     /// `low_freq_factor` is taken as 1 (as every Llama 3.x has it): the same frequencies.
     /// Needs two frequencies between the high and the low band to solve for the others.
-    pub fn from_freq_factors(factors: &[f64], theta: f64, head_dim: usize) -> std::result::Result<Option<Self>, String> {
+    pub fn from_freq_factors(
+        factors: &[f64],
+        theta: f64,
+        head_dim: usize,
+    ) -> std::result::Result<Option<Self>, String> {
         if factors.len() != head_dim / 2 {
             return Err(format!("{} rope factors for head_dim {head_dim}", factors.len()));
         }
@@ -426,11 +430,13 @@ mod tests {
             for (x, y) in f.iter().zip(&want) {
                 assert!((x - y).abs() <= 1e-14 * y, "{x} vs {y}");
             }
-            let cfg = |r: Option<Llama3RopeScaling>| ModelConfig {
+            let cfg = |r: Option<Llama3RopeScaling>| {
+                ModelConfig {
                 rope_theta: theta,
                 head_dim: d,
                 rope_scaling: r,
                 ..ModelConfig::from_json(&serde_json::json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}), Path::new("x")).unwrap()
+            }
             };
             let plain = cfg(None).rope_inv_freq();
             let scaled = cfg(Some(s.clone())).rope_inv_freq();
@@ -438,13 +444,20 @@ mod tests {
                 assert!((plain[i] / f[i] - scaled[i]).abs() <= 1e-12 * plain[i], "{i}");
             }
             let stored: Vec<f64> = f.iter().map(|&x| x as f32 as f64).collect();
-            let back = Llama3RopeScaling::from_freq_factors(&stored, theta, d).unwrap().unwrap();
+            let back = Llama3RopeScaling::from_freq_factors(&stored, theta, d)
+                .unwrap()
+                .unwrap();
             if lo == 1.0 {
                 assert_eq!(back, s);
             }
             let again = cfg(Some(back)).rope_inv_freq();
             for i in 0..d / 2 {
-                assert!((again[i] - scaled[i]).abs() <= 1e-6 * scaled[i], "{i}: {} vs {}", again[i], scaled[i]);
+                assert!(
+                    (again[i] - scaled[i]).abs() <= 1e-6 * scaled[i],
+                    "{i}: {} vs {}",
+                    again[i],
+                    scaled[i]
+                );
             }
         }
         assert_eq!(Llama3RopeScaling::from_freq_factors(&[1.0; 32], 1e4, 64), Ok(None));

@@ -332,8 +332,9 @@ fn load(path: &Path, dtype: DType, device: &Device, compact: bool) -> Result<Loa
             .tensor(&mut f.file, ROPE_FREQS, device)
             .map_err(|e| Error::model(path, format!("tensor `{ROPE_FREQS}`: {e}")))?;
         let factors: Vec<f64> = q.dequantize(device)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-        cfg.rope_scaling = crate::model::config::Llama3RopeScaling::from_freq_factors(&factors, cfg.rope_theta, cfg.head_dim)
-            .map_err(|e| Error::model(path, e))?;
+        cfg.rope_scaling =
+            crate::model::config::Llama3RopeScaling::from_freq_factors(&factors, cfg.rope_theta, cfg.head_dim)
+                .map_err(|e| Error::model(path, e))?;
     }
     let widen = |q: &candle_core::quantized::QTensor, name: &str| -> Result<Tensor> {
         let mut t = q.dequantize(device)?;
@@ -635,7 +636,11 @@ pub fn save_gguf(model: &LoadedModel, path: &Path, quant: ExportQuant) -> Result
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     if let Some(s) = &cfg.rope_scaling {
         // llama.cpp's form of Llama-3 scaling, as its converter writes it
-        let f: Vec<f32> = s.freq_factors(cfg.rope_theta, cfg.head_dim).iter().map(|&x| x as f32).collect();
+        let f: Vec<f32> = s
+            .freq_factors(cfg.rope_theta, cfg.head_dim)
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
         let n = f.len();
         let t = Tensor::from_vec(f, n, &candle_core::Device::Cpu)?;
         tensors.push((ROPE_FREQS.into(), QTensor::quantize(&t, GgmlDType::F32)?));
