@@ -940,6 +940,8 @@ mod tests {
         c.online.alpha_per_epoch = Some(vec![0.1]);
         c.online.mixture_coef_per_epoch = Some(vec![0.5]);
         c.online.judge = Some("cmd:x".into());
+        c.grpo.steps_per_generation = Some(2);
+        c.grpo.generation_batch_size = Some(16);
         c.metric_for_best_model = Some("loss".into());
         c.greater_is_better = Some(false);
         c.peft.lora_target_modules = Some(vec!["q_proj".into()]);
