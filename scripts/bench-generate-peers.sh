@@ -3,7 +3,10 @@
 # one run, on the same prompts: SmolLM2-135M-Instruct, the first GSM8K questions as chat prompts,
 # temperature 1, 128 new tokens per completion; batch 1 and 4 prompts × 8 generations.
 # Makes a Python venv with transformers and llama-cpp-python (which builds llama.cpp) unless
-# $PEER_PYTHON names one.   THREADS=2 scripts/bench-generate-peers.sh
+# $PEER_PYTHON names one ($TRANSFORMERS_PYTHON / $LLAMACPP_PYTHON, when set, run that peer
+# instead, e.g. the TRL venv's python for transformers; LLAMACPP_NO_REPACK=1 turns off llama.cpp's
+# weight repacking, whose AMX path crashed a llama-cpp-python build here).
+#   THREADS=2 scripts/bench-generate-peers.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-$(nproc)}
@@ -25,9 +28,9 @@ lscpu | grep -E "Model name|^CPU\(s\)" || true
 echo "== prefer (threads $threads, f32 weights from the GGUF)"
 target/release/prefer --threads "$threads" bench generate --model $gguf --data "$data" --json | tee target/bench-generate-prefer.json
 echo "== transformers generate (f32)"
-"$py" -W ignore scripts/peers/transformers_generate_bench.py --model "$hf" --data "$data" --threads "$threads" | tail -1 | tee target/bench-generate-transformers.json
+"${TRANSFORMERS_PYTHON:-$py}" -W ignore scripts/peers/transformers_generate_bench.py --model "$hf" --data "$data" --threads "$threads" | tail -1 | tee target/bench-generate-transformers.json
 echo "== llama.cpp (Q4_1 GGUF)"
-"$py" -W ignore scripts/peers/llamacpp_generate_bench.py --model $gguf --data "$data" --threads "$threads" | tail -1 | tee target/bench-generate-llamacpp.json
+"${LLAMACPP_PYTHON:-$py}" -W ignore scripts/peers/llamacpp_generate_bench.py --model $gguf --data "$data" --threads "$threads" ${LLAMACPP_NO_REPACK:+--no-repack} | tail -1 | tee target/bench-generate-llamacpp.json
 python3 - <<'PY'
 import json
 p = json.load(open("target/bench-generate-prefer.json"))

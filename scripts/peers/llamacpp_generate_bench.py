@@ -17,7 +17,20 @@ def main():
     ap.add_argument("--data", required=True)
     ap.add_argument("--max-completion-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-repack", action="store_true",
+                    help="turn off llama.cpp's CPU weight repacking (AMX/AVX-512), which crashed some builds")
     a = ap.parse_args()
+    if a.no_repack:
+        import llama_cpp.llama_cpp as lib
+
+        defaults = lib.llama_model_default_params
+
+        def no_repack():
+            p = defaults()
+            p.use_extra_bufts = False
+            return p
+
+        lib.llama_model_default_params = no_repack
     llm = Llama(model_path=a.model, n_ctx=2048, n_threads=a.threads, n_batch=512, verbose=False)
     q = json.loads(open(a.data).readline())["question"]
     prompt = llm.tokenize(("<|im_start|>user\n" + q + "<|im_end|>\n<|im_start|>assistant\n").encode(), special=True)
@@ -35,6 +48,7 @@ def main():
     whole, made = run(n)
     print(json.dumps({
         "peer": "llama.cpp (llama-cpp-python)", "threads": a.threads, "completion_tokens": made,
+        "repack": not a.no_repack,
         "batch1_decode_tokens_per_second": (made - 1) / max(whole - prefill, 1e-9),
         "batch1_end_to_end_tokens_per_second": made / whole,
     }))
