@@ -27,6 +27,8 @@ hf=target/smollm2-135m-hf
 lscpu | grep -E "Model name|^CPU\(s\)" || true
 echo "== prefer (threads $threads, f32 weights from the GGUF)"
 target/release/prefer --threads "$threads" bench generate --model $gguf --data "$data" --json | tee target/bench-generate-prefer.json
+echo "== prefer, decoding from bf16 copies of the weights (--bf16-weights)"
+target/release/prefer --threads "$threads" bench generate --model $gguf --data "$data" --json --bf16-weights | tee target/bench-generate-prefer-bf16.json
 echo "== transformers generate (f32)"
 "${TRANSFORMERS_PYTHON:-$py}" -W ignore scripts/peers/transformers_generate_bench.py --model "$hf" --data "$data" --threads "$threads" | tail -1 | tee target/bench-generate-transformers.json
 echo "== llama.cpp (Q4_1 GGUF)"

@@ -432,3 +432,94 @@ fn logprob_entropies_equal_the_softmax_entropy() {
         }
     }
 }
+
+/// Decoding from bf16 copies of the weight matrices (`bf16_weights`, `--bf16-weights`) is the
+/// decoding of the model with those matrices rounded to bf16: cached logits against a full
+/// forward of the rounded f32 model at every step (tied and untied heads, Qwen2's biases), and
+/// the same completions sampled with the same seed.
+#[test]
+fn bf16_weight_decoding_is_the_rounded_models_decoding() {
+    for spec in [
+        TinySpec::default(),
+        TinySpec {
+            tie_embeddings: false,
+            model_type: "qwen2",
+            kv_heads: 1,
+            ..TinySpec::default()
+        },
+    ] {
+        let m = model(&spec, 11);
+        let fast = m.with_bf16_matrices().unwrap();
+        let round = |t: &candle_core::Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        // the rounded model: its projections rounded; a tied head is a rounded copy of the
+        // embedding, so that model reads its input through the f32 embedding
+        let rounded_layers = m
+            .map(
+                |name, t| match name.ends_with("_proj.weight") || name == "lm_head.weight" {
+                    true => Ok(round(t)),
+                    false => Ok(t.clone()),
+                },
+            )
+            .unwrap();
+        let prompt: Vec<u32> = vec![5, 17, 9, 40, 3];
+        let (first, mut cache) = fast.prefill(&prompt).unwrap();
+        let mut seq = prompt.clone();
+        // a full forward of the rounded model, its last hidden state times the rounded head
+        let full = |s: &[u32]| -> Vec<f32> {
+            let r = &rounded_layers;
+            let dev = r.device();
+            let input = candle_core::Tensor::new(s, dev).unwrap().unsqueeze(0).unwrap();
+            let attn = prefer::model::AttentionInputs::padded(&r.cfg, &[vec![true; s.len()]], r.dtype(), dev).unwrap();
+            let h = r.hidden_states(&input, &attn).unwrap();
+            let last = h
+                .narrow(1, s.len() - 1, 1)
+                .unwrap()
+                .reshape((1, r.cfg.hidden_size))
+                .unwrap();
+            let head = round(r.output_weight());
+            last.matmul(&head.t().unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert!(
+            max_diff(&first.to_vec1().unwrap(), &full(&seq)) < 1e-4,
+            "{spec:?}: prefill"
+        );
+        for step in 0..5 {
+            let t = ((step * 11 + 3) % 60) as u32;
+            seq.push(t);
+            let row: Vec<f32> = fast
+                .decode(&mut cache, &[t])
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(max_diff(&row, &full(&seq)) < 1e-4, "{spec:?}: step {step}");
+        }
+        // sampling: the bf16 copy is made inside the sampler
+        let p = SamplingParams {
+            temperature: 0.0,
+            max_completion_length: 6,
+            ..Default::default()
+        };
+        let a = sample(
+            &m,
+            std::slice::from_ref(&prompt),
+            1,
+            &SamplingParams {
+                bf16_weights: true,
+                ..p.clone()
+            },
+            3,
+            &|_| false,
+            &mut |_| {},
+        )
+        .unwrap();
+        let b = sample(&fast, std::slice::from_ref(&prompt), 1, &p, 3, &|_| false, &mut |_| {}).unwrap();
+        assert_eq!(a[0].ids, b[0].ids, "{spec:?}");
+    }
+}

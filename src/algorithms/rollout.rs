@@ -57,6 +57,7 @@ pub fn sampling(cfg: &TrainConfig, eos_id: u32) -> SamplingParams {
         repetition_penalty: g.repetition_penalty,
         max_completion_length: g.max_completion_length,
         stop_tokens: vec![eos_id],
+        bf16_weights: g.bf16_sampling,
     }
 }
 

@@ -31,6 +31,9 @@ pub struct GenerateBenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Decode from bf16 copies of the weight matrices (`prefer generate --bf16-weights`).
+    #[arg(long)]
+    pub bf16_weights: bool,
 }
 
 /// Best-of-3 read bandwidth in GB/s: summing a 512 MiB buffer of f32 on every thread.
@@ -90,6 +93,7 @@ pub fn generate(args: &GenerateBenchArgs) -> Result<()> {
         temperature: 1.0,
         max_completion_length: args.max_completion_length,
         stop_tokens: vec![],
+        bf16_weights: args.bf16_weights,
         ..Default::default()
     };
     let run = |ps: &[Vec<u32>], g: usize, params: &SamplingParams| -> Result<f64> {

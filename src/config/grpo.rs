@@ -77,6 +77,11 @@ settings! {
         pub min_p: f64 = 0.0,
         /// transformers' repetition penalty while sampling (1 = off).
         pub repetition_penalty: f64 = 1.0,
+        /// Sample from bf16 copies of the weight matrices: decoding reads half the bytes per
+        /// token. The completions then follow the bf16-rounded model, while the log-probs the
+        /// loss uses stay the policy's own (as with vLLM sampling in bf16); the logged
+        /// sampling log-probs show the difference.
+        pub bf16_sampling: bool = false,
         /// Clipping ε of the probability ratio (lower bound 1 − ε).
         pub epsilon: f64 = 0.2,
         /// Upper clipping bound 1 + epsilon_high (default: epsilon); cispo's ε_max.

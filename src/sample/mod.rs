@@ -32,6 +32,9 @@ pub struct SamplingParams {
     pub max_completion_length: usize,
     /// Tokens that end a completion (included in it, like EOS in training data).
     pub stop_tokens: Vec<u32>,
+    /// Decode from bf16 copies of the weight matrices ([`Transformer::with_bf16_matrices`]):
+    /// half the bytes read per token, with the distribution of the bf16-rounded weights.
+    pub bf16_weights: bool,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +47,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             max_completion_length: 256,
             stop_tokens: Vec::new(),
+            bf16_weights: false,
         }
     }
 }
@@ -207,7 +211,10 @@ pub fn sample_mixture(
     // the whole generation, not at every token
     let models: Vec<Transformer> = models
         .iter()
-        .map(|(m, _)| m.detached()?.widened())
+        .map(|(m, _)| match params.bf16_weights {
+            true => m.detached()?.with_bf16_matrices(),
+            false => m.detached()?.widened(),
+        })
         .collect::<Result<_>>()?;
     let g = num_generations;
     let max = models

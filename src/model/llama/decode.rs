@@ -10,7 +10,7 @@
 
 use super::{Block, Linear, Transformer};
 use crate::error::{Error, Result};
-use crate::model::kernels::matmul::few_rows;
+use crate::model::kernels::matmul::{few_rows, few_rows_many};
 use crate::model::kernels::primitive::{apply_rope, softmax_last};
 use crate::model::kernels::Kernels;
 use candle_core::{DType, Tensor};
@@ -116,21 +116,60 @@ fn shared_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
     Ok(o.reshape((kvh, g, r, d))?.transpose(0, 1)?)
 }
 
-/// `l(x)` while decoding: the few-rows product where it applies (f32), else the layer's own.
+/// `l(x)` while decoding: the few-rows product where it applies (f32, or f32 rows against a bf16
+/// copy of the weights), else the layer's own (a bf16 copy widened first).
 fn lin(l: &Linear, x: &Tensor, k: Kernels) -> Result<Tensor> {
-    if !k.bf16_for(x) {
-        if let Some(y) = few_rows(x, &l.weight)? {
-            let y = match &l.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            };
-            return Ok(match &l.lora {
-                Some(lora) => (y + lora.delta(x, k)?)?,
-                None => y,
-            });
-        }
+    let copy = l.weight.dtype() != x.dtype();
+    let fast = match k.bf16_for(x) && !copy {
+        true => None,
+        false => few_rows(x, &l.weight)?,
+    };
+    if let Some(y) = fast {
+        let y = match &l.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        return Ok(match &l.lora {
+            Some(lora) => (y + lora.delta(x, k)?)?,
+            None => y,
+        });
+    }
+    if copy {
+        let wide = Linear {
+            weight: l.weight.to_dtype(x.dtype())?,
+            ..l.clone()
+        };
+        return wide.forward(x, k);
     }
     l.forward(x, k)
+}
+
+/// [`lin`] of several layers on the same `x` (q, k and v; gate and up): their few-rows products
+/// in one parallel pass where they apply, each the same as alone.
+fn lin_many(ls: &[&Linear], x: &Tensor, k: Kernels) -> Result<Vec<Tensor>> {
+    let weights: Vec<&Tensor> = ls.iter().map(|l| &l.weight).collect();
+    let same = ls.iter().all(|l| l.weight.dtype() == x.dtype());
+    let fast = match k.bf16_for(x) && same {
+        true => None,
+        false => few_rows_many(x, &weights)?,
+    };
+    match fast {
+        Some(ys) => ls
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| {
+                let y = match &l.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                Ok(match &l.lora {
+                    Some(lora) => (y + lora.delta(x, k)?)?,
+                    None => y,
+                })
+            })
+            .collect(),
+        None => ls.iter().map(|l| lin(l, x, k)).collect(),
+    }
 }
 
 /// One group's part of a decoding step through a layer: its cache, samples, new tokens per
@@ -152,11 +191,11 @@ impl Block {
         let (k, eps) = (t.kernels, t.cfg.rms_norm_eps);
         let at = &self.self_attn;
         let n1 = k.rms_norm(x, &self.input_layernorm, eps)?;
-        let (q, kn, vn) = (
-            lin(&at.q_proj, &n1, k)?,
-            lin(&at.k_proj, &n1, k)?,
-            lin(&at.v_proj, &n1, k)?,
-        );
+        let mut qkv = lin_many(&[&at.q_proj, &at.k_proj, &at.v_proj], &n1, k)?.into_iter();
+        let (q, kn, vn) = match (qkv.next(), qkv.next(), qkv.next()) {
+            (Some(q), Some(kn), Some(vn)) => (q, kn, vn),
+            _ => return Err(Error::msg("decode: q, k and v expected")),
+        };
         let mut outs = Vec::with_capacity(groups.len());
         let mut row = 0;
         for gs in groups.iter_mut() {
@@ -173,7 +212,8 @@ impl Block {
         let hdn = (x + lin(&at.o_proj, &out, k)?)?;
         let n2 = k.rms_norm(&hdn, &self.post_attention_layernorm, eps)?;
         let m = &self.mlp;
-        let s = k.swiglu(&lin(&m.gate_proj, &n2, k)?, &lin(&m.up_proj, &n2, k)?)?;
+        let gu = lin_many(&[&m.gate_proj, &m.up_proj], &n2, k)?;
+        let s = k.swiglu(&gu[0], &gu[1])?;
         Ok((&hdn + lin(&m.down_proj, &s, k)?)?)
     }
 
@@ -322,6 +362,9 @@ impl Transformer {
         };
         let logits = match logits {
             Some(l) => l,
+            None if self.output_weight().dtype() != x.dtype() => {
+                x.matmul(&self.output_weight().to_dtype(x.dtype())?.t()?)?
+            }
             None => self.logits(&x)?,
         };
         let logits = logits.to_dtype(DType::F32)?.detach();

@@ -233,6 +233,29 @@ impl Transformer {
         Ok(m)
     }
 
+    /// A copy for sampling whose weight matrices are bf16: the decoder layers' projections and
+    /// the output head (a separate copy when tied; the embedding and the norms stay as they
+    /// are), adapters and a compact base merged in first. Decoding multiplies f32 activations by
+    /// the bf16 weights widened on the fly ([`crate::model::kernels::matmul::few_rows`]), so it
+    /// reads half the bytes per token and computes what the bf16-rounded weights give.
+    pub fn with_bf16_matrices(&self) -> Result<Self> {
+        let base = match self.adapters.is_some() || self.compact.is_some() {
+            true => self.merged()?,
+            false => self.clone(),
+        };
+        let head = base.output_weight().to_dtype(DType::BF16)?;
+        let mut m = base.map(
+            |name, t| match name.starts_with("model.layers.") && name.ends_with("_proj.weight") {
+                true => Ok(t.to_dtype(DType::BF16)?),
+                false => Ok(t.clone()),
+            },
+        )?;
+        m.lm_head = Some(head);
+        // f32 activations against the bf16 weights, not bf16 products
+        m.kernels.bf16 = false;
+        Ok(m)
+    }
+
     /// Set (or with `None` clear) the training step the adapters' dropout masks are drawn for.
     pub fn set_dropout_step(&self, step: Option<usize>) {
         self.dropout_clock.set_step(step);

@@ -218,6 +218,43 @@ mod wide {
         s
     }
 
+    /// [`dot_rows`] with `w` in bf16 (its bits as `u16`), each chunk widened in registers as it
+    /// is loaded: the same sums as [`dot_rows`] on the widened `w`, bit for bit, reading half
+    /// the bytes (decoding one sequence is bound by them).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_rows_bf16(ys: &mut [f32], xs: &[f32], w: &[u16], m: usize, k: usize) {
+        let (full, wn) = (k / 16 * 16, w.len() / k);
+        let widen = |b: u16| f32::from_bits((b as u32) << 16);
+        for r in 0..m {
+            let x = &xs[r * k..(r + 1) * k];
+            for j in (0..wn).step_by(4) {
+                let jn = (wn - j).min(4);
+                let wr: [usize; 4] = std::array::from_fn(|a| (j + a.min(jn - 1)) * k);
+                let mut acc = [_mm512_setzero_ps(); 4];
+                let mut c = 0;
+                while c < full {
+                    let xv = _mm512_loadu_ps(x.as_ptr().add(c));
+                    for a in 0..4 {
+                        let h = _mm256_loadu_si256(w.as_ptr().add(wr[a] + c) as *const __m256i);
+                        let wv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+                        acc[a] = _mm512_fmadd_ps(xv, wv, acc[a]);
+                    }
+                    c += 16;
+                }
+                for (a, &acc) in acc.iter().enumerate().take(jn) {
+                    let mut s = _mm512_reduce_add_ps(acc);
+                    for cc in full..k {
+                        s += x[cc] * widen(w[wr[a] + cc]);
+                    }
+                    ys[(j + a) * m + r] = s;
+                }
+            }
+        }
+    }
+
     /// `ys[j·m + r] = x_r · w_j` for every row of `xs` (see [`super::dot_rows`]), four rows of
     /// `w` at a time (four independent sums, so no addition waits on the one before).
     ///
@@ -288,6 +325,12 @@ mod wide {
     }
 }
 
+/// The bits of bf16 values (`half::bf16` is a transparent `u16`).
+fn bytemuck_u16(v: &[half::bf16]) -> &[u16] {
+    // SAFETY: bf16 is #[repr(transparent)] over u16: same size, alignment and validity.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) }
+}
+
 /// The output of [`few_rows`], written by its tasks, each to its own columns.
 struct SharedOut(*mut f32);
 
@@ -337,42 +380,131 @@ pub fn few_rows(x: &Tensor, w: &Tensor) -> crate::error::Result<Option<Tensor>> 
     few_rows_on(CpuPath::active(), x, w)
 }
 
+/// Rows of `x` up to which [`few_rows`] takes a bf16 `w` (decoding from bf16 copies of the
+/// weights): above [`FEW_ROWS`] too, since widening `w` for `gemm` would cost more.
+pub const FEW_ROWS_BF16: usize = 4096;
+
+/// Rows of bf16 `w` widened at a time by a task (then multiplied by the f32 kernels).
+const BF16_BLOCK: usize = 16;
+
 /// [`few_rows`] with the kernels of `path` (at most the CPU's).
 pub(crate) fn few_rows_on(path: CpuPath, x: &Tensor, w: &Tensor) -> crate::error::Result<Option<Tensor>> {
-    let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
+    Ok(few_rows_many_on(path, x, &[w])?.map(|mut v| v.remove(0)))
+}
+
+/// [`few_rows`] of one `x` against several weights at once (a layer's q, k and v; its gate and
+/// up), in one parallel pass: decoding one token makes hundreds of these products, and each
+/// parallel region costs its threads a wake-up. Each result is what [`few_rows`] gives alone.
+/// `None` where [`few_rows`] would not apply to every weight (or their dtypes differ).
+pub fn few_rows_many(x: &Tensor, ws: &[&Tensor]) -> crate::error::Result<Option<Vec<Tensor>>> {
+    few_rows_many_on(CpuPath::active(), x, ws)
+}
+
+/// A weight's values, as a task reads them.
+enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+pub(crate) fn few_rows_many_on(path: CpuPath, x: &Tensor, ws: &[&Tensor]) -> crate::error::Result<Option<Vec<Tensor>>> {
+    use candle_core::{CpuStorage, DType, Storage};
+    let Ok((m, k)) = x.dims2() else { return Ok(None) };
+    let Some(dtype) = ws.first().map(|w| w.dtype()) else {
         return Ok(None);
     };
-    if m > FEW_ROWS || k != k2 || x.dtype() != candle_core::DType::F32 || w.dtype() != candle_core::DType::F32 {
+    let cap = match dtype {
+        DType::F32 => FEW_ROWS,
+        DType::BF16 => FEW_ROWS_BF16,
+        _ => return Ok(None),
+    };
+    let mut dims = Vec::with_capacity(ws.len());
+    for w in ws {
+        match w.dims2() {
+            Ok((n, k2)) if k2 == k && w.dtype() == dtype => dims.push(n),
+            _ => return Ok(None),
+        }
+    }
+    if m > cap || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let path = path.min(CpuPath::detected());
     let x = x.contiguous()?;
-    let out = with_f32(&x, |xs| {
-        with_f32(w, |ws| {
-            // about four tasks per thread, whole tiles of w's rows each
-            let per_task = n
-                .div_ceil(4 * rayon::current_num_threads().max(1))
-                .next_multiple_of(4)
-                .max(8);
-            let mut y = vec![0f32; m * n];
-            let out = SharedOut(y.as_mut_ptr());
-            (0..n.div_ceil(per_task)).into_par_iter().for_each(|c| {
-                let j0 = c * per_task;
-                let rows = per_task.min(n - j0);
-                let w = &ws[j0 * k..(j0 + rows) * k];
-                // this task's columns of y, transposed: yt[j·m + r] = y[r][j0 + j]
-                let mut yt = vec![0f32; rows * m];
-                few_rows_task(path, &mut yt, xs, w, m, k);
-                for (j, col) in yt.chunks_exact(m).enumerate() {
-                    for (r, &v) in col.iter().enumerate() {
-                        // SAFETY: each task writes only its own columns j0..j0 + rows of the
-                        // [m, n] buffer, which outlives the parallel loop.
-                        unsafe { *out.at(r * n + j0 + j) = v };
-                    }
+    let ws: Vec<Tensor> = ws.iter().map(|w| w.contiguous()).collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ws.len());
+    for (st, l) in &guards {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            return Ok(None);
+        };
+        slices.push(match &**st {
+            Storage::Cpu(CpuStorage::F32(v)) => Weights::F32(&v[a..b]),
+            Storage::Cpu(CpuStorage::BF16(v)) => Weights::Bf16(&v[a..b]),
+            _ => return Ok(None),
+        });
+    }
+    let outs = with_f32(&x, |xs| {
+        // about four tasks per thread over all the weights' rows, whole tiles of rows each
+        let total: usize = dims.iter().sum();
+        let per_task = total
+            .div_ceil(4 * rayon::current_num_threads().max(1))
+            .next_multiple_of(BF16_BLOCK)
+            .max(BF16_BLOCK);
+        let jobs: Vec<(usize, usize, usize)> = dims
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &n)| (0..n).step_by(per_task).map(move |j0| (i, j0, per_task.min(n - j0))))
+            .collect();
+        let mut ys: Vec<Vec<f32>> = dims.iter().map(|&n| vec![0f32; m * n]).collect();
+        let outs: Vec<SharedOut> = ys.iter_mut().map(|y| SharedOut(y.as_mut_ptr())).collect();
+        jobs.into_par_iter().for_each(|(i, j0, rows)| {
+            let n = dims[i];
+            // this task's columns of y, transposed: yt[j·m + r] = y[r][j0 + j]
+            let mut yt = vec![0f32; rows * m];
+            match &slices[i] {
+                Weights::F32(w) => few_rows_task(path, &mut yt, xs, &w[j0 * k..(j0 + rows) * k], m, k),
+                Weights::Bf16(w) => few_rows_task_bf16(path, &mut yt, xs, &w[j0 * k..(j0 + rows) * k], m, k),
+            }
+            for (j, col) in yt.chunks_exact(m).enumerate() {
+                for (r, &v) in col.iter().enumerate() {
+                    // SAFETY: each task writes only its own columns j0..j0 + rows of weight i's
+                    // [m, n] buffer, which outlives the parallel loop.
+                    unsafe { *outs[i].at(r * n + j0 + j) = v };
                 }
-            });
-            Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu)
-        })
+            }
+        });
+        Ok(ys)
     })?;
-    Ok(Some(out))
+    Ok(Some(
+        outs.into_iter()
+            .zip(&dims)
+            .map(|(y, &n)| Tensor::from_vec(y, (m, n), &candle_core::Device::Cpu))
+            .collect::<candle_core::Result<_>>()?,
+    ))
+}
+
+/// [`few_rows_task`] with `w` in bf16: widened in registers row by row for a few rows of `x`
+/// on AVX-512, else in blocks of [`BF16_BLOCK`] rows into an f32 buffer; either way the sums of
+/// `w` widened first (a bf16 is the top half of an f32), bit for bit, from half the bytes.
+fn few_rows_task_bf16(path: CpuPath, yt: &mut [f32], xs: &[f32], w: &[half::bf16], m: usize, k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if m < 4 && path >= CpuPath::Avx512 {
+        // SAFETY: AVX-512 F is present (the path is at most the detected one).
+        unsafe { wide::dot_rows_bf16(yt, xs, bytemuck_u16(w), m, k) };
+        return;
+    }
+    let mut wide = vec![0f32; BF16_BLOCK * k];
+    for (b, rows) in w.chunks(BF16_BLOCK * k).enumerate() {
+        let br = rows.len() / k;
+        for (d, s) in wide.iter_mut().zip(rows) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+        few_rows_task(
+            path,
+            &mut yt[b * BF16_BLOCK * m..(b * BF16_BLOCK + br) * m],
+            xs,
+            &wide[..br * k],
+            m,
+            k,
+        );
+    }
 }

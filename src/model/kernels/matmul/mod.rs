@@ -145,9 +145,10 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 }
 
 mod linear;
+pub use linear::{few_rows, few_rows_many, linear, linear_bwd, linear_bwd_input, FEW_ROWS};
 #[cfg(test)]
-use linear::few_rows_on;
-pub use linear::{few_rows, linear, linear_bwd, linear_bwd_input, FEW_ROWS};
+#[cfg(test)]
+use linear::{few_rows_many_on, few_rows_on};
 
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to

@@ -303,4 +303,47 @@ fn few_rows_on_path(path: CpuPath) {
     let big = Tensor::zeros((FEW_ROWS + 1, 8), candle_core::DType::F32, &dev).unwrap();
     let w = Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap();
     assert!(few_rows(&big, &w).unwrap().is_none());
+    // bf16 weights (decoding from bf16 copies): bit for bit the f32 product with the weights
+    // widened first, for one row (widened in registers) and many (widened in blocks), above
+    // FEW_ROWS too; and several weights at once give each one's product alone
+    for (m, k, n) in [(1, 37, 67), (2, 576, 130), (5, 100, 33), (40, 48, 21)] {
+        let x = Tensor::from_vec(
+            (0..m * k).map(|_| rng.uniform() as f32 - 0.5).collect::<Vec<f32>>(),
+            (m, k),
+            &dev,
+        )
+        .unwrap();
+        let w = Tensor::from_vec(
+            (0..n * k).map(|_| rng.uniform() as f32 - 0.5).collect::<Vec<f32>>(),
+            (n, k),
+            &dev,
+        )
+        .unwrap()
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap();
+        let got: Vec<Vec<f32>> = few_rows(&x, &w).unwrap().unwrap().to_vec2().unwrap();
+        let widened = w.to_dtype(candle_core::DType::F32).unwrap();
+        let want: Vec<Vec<f32>> = match m <= FEW_ROWS {
+            true => few_rows(&x, &widened).unwrap().unwrap().to_vec2().unwrap(),
+            // past FEW_ROWS the f32 path does not apply: per row instead (the same sums)
+            false => (0..m)
+                .map(|r| {
+                    few_rows(&x.narrow(0, r, 1).unwrap(), &widened)
+                        .unwrap()
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap()
+                        .remove(0)
+                })
+                .collect(),
+        };
+        assert_eq!(got, want, "{path:?}: bf16 m {m} k {k} n {n}");
+        let w2 = w.narrow(0, 0, n / 2).unwrap();
+        let both = few_rows_many_on(path, &x, &[&w, &w2]).unwrap().unwrap();
+        assert_eq!(both[0].to_vec2::<f32>().unwrap(), got);
+        let alone: Vec<Vec<f32>> = few_rows(&x, &w2).unwrap().unwrap().to_vec2().unwrap();
+        assert_eq!(both[1].to_vec2::<f32>().unwrap(), alone);
+        // mixed dtypes, or another k: not for this path
+        assert!(few_rows_many_on(path, &x, &[&w, &widened]).unwrap().is_none());
+    }
 }
