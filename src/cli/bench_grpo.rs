@@ -34,6 +34,9 @@ pub struct GrpoBenchArgs {
     /// How AdamW keeps its moments: f32, or bf16 (half their memory; `adam_moments_dtype`).
     #[arg(long, default_value = "f32")]
     pub adam_moments_dtype: String,
+    /// Sample from bf16 copies of the weight matrices (`bf16_sampling`).
+    #[arg(long)]
+    pub bf16_sampling: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +85,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
     cfg.grpo.num_generations = args.num_generations;
     cfg.grpo.max_completion_length = args.max_completion_length;
     cfg.grpo.reward_funcs = vec!["accuracy".into()];
+    cfg.grpo.bf16_sampling = args.bf16_sampling;
     cfg.validate()?;
     let mut tr = Trainer::new(&cfg)?;
     let warm = tr.step()?;
@@ -117,6 +121,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         "prompts": args.prompts,
         "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length,
+        "bf16_sampling": args.bf16_sampling,
         "gradient_checkpointing": args.gradient_checkpointing,
         "s_per_step_mean": total / args.steps.max(1) as f64,
         "phase_seconds_per_step": phases,
