@@ -5,14 +5,10 @@
 # About 15 minutes on 2 cores (README: the figures and the CPU they were measured on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-model.sh
-cargo build --release --quiet
-prefer=target/release/prefer
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
-data=runs/arithmetic/data
+# shellcheck source=scripts/demo-env.sh
+. scripts/demo-env.sh
 seed=${SEED:-42}
 out=runs/arithmetic/grpo-seed$seed
-$prefer data make-arithmetic --out $data --train 400 --eval 100 --seed 0
 eval_args=(--prompts $data/eval_prompts.jsonl --reward accuracy --temperature 0 --max-completion-length 32)
 echo
 echo "== before training: greedy answers to 100 held-out questions"

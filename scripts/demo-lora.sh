@@ -5,12 +5,8 @@
 # (examples/arithmetic-dpo-lora.toml), with each run's time and peak memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-model.sh
-cargo build --release --quiet
-prefer=target/release/prefer
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
-data=runs/arithmetic/data
-$prefer data make-arithmetic --out $data --train 400 --eval 100 --seed 0
+# shellcheck source=scripts/demo-env.sh
+. scripts/demo-env.sh
 rm -rf runs/arithmetic/dpo runs/arithmetic/dpo-lora
 echo "== before training"
 $prefer eval --model $model --data $data/eval.jsonl --json > runs/arithmetic/before.json

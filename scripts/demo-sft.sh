@@ -4,13 +4,9 @@
 # before and after (`prefer eval --prompts ... --reward accuracy`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-model.sh
-cargo build --release --quiet
-prefer=target/release/prefer
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
-data=runs/arithmetic/data
+# shellcheck source=scripts/demo-env.sh
+. scripts/demo-env.sh
 mkdir -p runs/arithmetic/sft
-$prefer data make-arithmetic --out $data --train 400 --eval 100 --seed 0
 # the pairs' chosen answers as prompt-completion rows
 python3 -c '
 import json, sys

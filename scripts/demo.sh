@@ -4,12 +4,8 @@
 # before/after on 100 held-out questions. About 5 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-model.sh
-cargo build --release --quiet
-prefer=target/release/prefer
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
-data=runs/arithmetic/data
-$prefer data make-arithmetic --out $data --train 400 --eval 100 --seed 0
+# shellcheck source=scripts/demo-env.sh
+. scripts/demo-env.sh
 echo
 echo "== before training: SmolLM2-135M-Instruct on 100 held-out questions"
 $prefer eval --model $model --data $data/eval.jsonl | tee runs/arithmetic/before.txt

@@ -3,6 +3,7 @@
 
 use candle_core::DType;
 use prefer::config::{Task, TrainConfig};
+use prefer::testing::metrics;
 use prefer::testing::{tiny_model, write_hf, TinySpec};
 use serde_json::Value;
 use std::path::Path;
@@ -61,14 +62,6 @@ fn setup_with(name: &str, spec: &TinySpec) -> TrainConfig {
     cfg
 }
 
-fn metrics(cfg: &TrainConfig) -> Vec<Value> {
-    std::fs::read_to_string(Path::new(&cfg.output_dir).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn grpo_raises_a_learnable_reward_and_logs_trls_metrics() {
     let cfg = setup("learn");
@@ -122,7 +115,6 @@ fn grpo_resumes_exactly_and_refuses_bad_configs() {
     })
     .unwrap();
     let resumed = metrics(&c2);
-    assert_eq!(resumed.len(), whole.len());
     let read = |d: &str| std::fs::read_to_string(Path::new(d).join("completions.jsonl")).unwrap();
     assert_eq!(
         read(&cfg.output_dir),
@@ -211,6 +203,53 @@ fn rloo_raises_a_learnable_reward() {
     assert!(e.contains("remove loss_type"), "{e}");
 }
 
+/// Steps two by two share one generation: the first (which sampled it) at ratio 1, the second
+/// sampling nothing and logging the same completions' metrics; the third samples anew.
+fn each_generation_serves_two_steps(whole: &[Value]) {
+    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    for pair in whole.chunks(2) {
+        assert_eq!(
+            f(&pair[0], "clip_ratio/region_mean"),
+            0.0,
+            "the sampling step is at ratio 1"
+        );
+        assert_eq!(
+            f(&pair[0], "num_tokens"),
+            f(&pair[1], "num_tokens"),
+            "no sampling on the second step"
+        );
+        assert_eq!(
+            f(&pair[0], "reward"),
+            f(&pair[1], "reward"),
+            "one generation's completions"
+        );
+    }
+    assert!(f(&whole[2], "num_tokens") > f(&whole[1], "num_tokens"));
+}
+
+/// `cfg` run again, stopped after step 3 (inside a generation that serves two steps) and
+/// resumed from its checkpoint, logs what the uninterrupted run logged (`whole`).
+fn resumes_after_step_3_with_the_same_metrics(cfg: &TrainConfig, whole: &[Value]) {
+    let c2 = TrainConfig {
+        output_dir: format!("{}-2", cfg.output_dir),
+        save_steps: 3,
+        ..cfg.clone()
+    };
+    let resumed = prefer::testing::stop_and_resume(&c2, 3);
+    for (a, b) in whole.iter().zip(&resumed) {
+        for k in [
+            "loss",
+            "reward",
+            "grad_norm",
+            "entropy",
+            "num_tokens",
+            "clip_ratio/region_mean",
+        ] {
+            assert_eq!(a[k], b[k], "step {}: {k}", a["step"]);
+        }
+    }
+}
+
 /// num_iterations = 2: each generation serves two steps (the second against the log-probs at
 /// generation time, where the clipping can bind), a run stopped between them resumes on the
 /// same completions, and TRL's `entropy` and `num_tokens` are logged.
@@ -224,21 +263,10 @@ fn grpo_num_iterations_reuses_a_generation_and_resumes_between_its_steps() {
     let whole = metrics(&cfg);
     assert_eq!(whole.len(), 6);
     let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    each_generation_serves_two_steps(&whole);
     for pair in whole.chunks(2) {
-        assert_eq!(
-            f(&pair[0], "clip_ratio/region_mean"),
-            0.0,
-            "a generation's first step is at ratio 1"
-        );
-        assert_eq!(
-            f(&pair[0], "num_tokens"),
-            f(&pair[1], "num_tokens"),
-            "no new tokens on the reuse"
-        );
-        assert_eq!(f(&pair[0], "reward"), f(&pair[1], "reward"), "the same completions");
         assert!(f(&pair[0], "entropy") > 0.0);
     }
-    assert!(f(&whole[2], "num_tokens") > f(&whole[1], "num_tokens"));
     assert!(
         whole.chunks(2).any(|p| f(&p[1], "clip_ratio/region_mean") > 0.0),
         "the second iteration clips somewhere: {whole:?}"
@@ -246,33 +274,7 @@ fn grpo_num_iterations_reuses_a_generation_and_resumes_between_its_steps() {
     let comps = std::fs::read_to_string(Path::new(&cfg.output_dir).join("completions.jsonl")).unwrap();
     assert_eq!(comps.lines().count(), 3 * 8, "three generations of 2 prompts × 4");
     // stop after step 3, between the second generation's two steps, and resume
-    let c2 = TrainConfig {
-        output_dir: format!("{}-2", cfg.output_dir),
-        save_steps: 3,
-        ..cfg.clone()
-    };
-    let mut t = prefer::train::Trainer::new(&c2).unwrap();
-    t.stop_after_step = Some(3);
-    assert!(t.run().unwrap().interrupted);
-    drop(t); // its hold on the output_dir
-    prefer::train::train(&TrainConfig {
-        resume_from_checkpoint: Some("latest".into()),
-        ..c2.clone()
-    })
-    .unwrap();
-    let resumed = metrics(&c2);
-    for (a, b) in whole.iter().zip(&resumed) {
-        for k in [
-            "loss",
-            "reward",
-            "grad_norm",
-            "entropy",
-            "num_tokens",
-            "clip_ratio/region_mean",
-        ] {
-            assert_eq!(a[k], b[k], "step {}: {k}", a["step"]);
-        }
-    }
+    resumes_after_step_3_with_the_same_metrics(&cfg, &whole);
 }
 
 /// mask_truncated_completions leaves completions cut at max_completion_length out of the loss
@@ -448,21 +450,7 @@ fn steps_per_generation_spreads_a_generation_over_steps_and_resumes_inside_it() 
     prefer::train::train(&cfg).unwrap();
     let whole = metrics(&cfg);
     assert_eq!(whole.len(), 6);
-    let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
-    for pair in whole.chunks(2) {
-        assert_eq!(
-            f(&pair[0], "clip_ratio/region_mean"),
-            0.0,
-            "the sampling step is at ratio 1"
-        );
-        assert_eq!(
-            f(&pair[0], "num_tokens"),
-            f(&pair[1], "num_tokens"),
-            "no sampling on the second step"
-        );
-        assert_eq!(f(&pair[0], "reward"), f(&pair[1], "reward"), "one generation's metrics");
-    }
-    assert!(f(&whole[2], "num_tokens") > f(&whole[1], "num_tokens"));
+    each_generation_serves_two_steps(&whole);
     // one generation every two steps, of 2 micro-batches × 2 prompts × 4 completions
     let comps = std::fs::read_to_string(Path::new(&cfg.output_dir).join("completions.jsonl")).unwrap();
     let steps: Vec<u64> = comps
@@ -475,33 +463,7 @@ fn steps_per_generation_spreads_a_generation_over_steps_and_resumes_inside_it() 
         "{steps:?}"
     );
     // stop after step 3, inside the second generation, and resume
-    let c2 = TrainConfig {
-        output_dir: format!("{}-2", cfg.output_dir),
-        save_steps: 3,
-        ..cfg.clone()
-    };
-    let mut t = prefer::train::Trainer::new(&c2).unwrap();
-    t.stop_after_step = Some(3);
-    assert!(t.run().unwrap().interrupted);
-    drop(t);
-    prefer::train::train(&TrainConfig {
-        resume_from_checkpoint: Some("latest".into()),
-        ..c2.clone()
-    })
-    .unwrap();
-    let resumed = metrics(&c2);
-    for (a, b) in whole.iter().zip(&resumed) {
-        for k in [
-            "loss",
-            "reward",
-            "grad_norm",
-            "entropy",
-            "num_tokens",
-            "clip_ratio/region_mean",
-        ] {
-            assert_eq!(a[k], b[k], "step {}: {k}", a["step"]);
-        }
-    }
+    resumes_after_step_3_with_the_same_metrics(&cfg, &whole);
     // S below the accumulation: two generations in each step, each of one micro-batch
     let c3 = TrainConfig {
         output_dir: format!("{}-3", cfg.output_dir),

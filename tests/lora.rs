@@ -9,6 +9,7 @@ use prefer::batch::{Layout, PaddingSide, ScoredGroup, ScoredSeq};
 use prefer::config::TrainConfig;
 use prefer::model::lora::{self, Adapters, LoraSpec, Module};
 use prefer::model::{self, LoadedModel, Transformer};
+use prefer::testing::metrics;
 use prefer::testing::{max_abs_diff, tiny_model, write_gguf, write_hf, TinySpec};
 use prefer::train::Trainer;
 use serde_json::Value;
@@ -398,14 +399,6 @@ fn toy_data(dir: &Path, n: usize) -> PathBuf {
     p
 }
 
-fn metrics(cfg: &TrainConfig) -> Vec<Value> {
-    std::fs::read_to_string(Path::new(&cfg.output_dir).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn lora_setup(name: &str) -> (PathBuf, TrainConfig) {
     prefer::testing::set_threads_for_tests();
     let dir = tmp(name);
@@ -496,16 +489,7 @@ fn lora_dpo_learns_saves_peft_checkpoints_and_resumes_exactly() {
         output_dir: dir.join("out2").display().to_string(),
         ..cfg.clone()
     };
-    let mut t = Trainer::new(&cfg2).unwrap();
-    t.stop_after_step = Some(7);
-    t.run().unwrap();
-    drop(t);
-    let resumed = TrainConfig {
-        resume_from_checkpoint: Some("latest".into()),
-        ..cfg2
-    };
-    prefer::train::train(&resumed).unwrap();
-    let again = metrics(&resumed);
+    let again = prefer::testing::stop_and_resume(&cfg2, 7);
     assert_eq!(again.len(), full.len());
     for (x, y) in again.iter().zip(&full) {
         for k in ["loss", "grad_norm", "rewards/margins", "logps/chosen"] {

@@ -6,6 +6,7 @@
 use candle_core::DType;
 use prefer::config::{Task, TrainConfig};
 use prefer::rewards::RewardInput;
+use prefer::testing::metrics;
 use prefer::testing::{tiny_model, write_hf, TinySpec};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -54,14 +55,6 @@ fn setup(name: &str, task: Task) -> TrainConfig {
     cfg.grpo.reward_funcs = vec![COUNT_ALNUM.into()];
     cfg.validate().unwrap();
     cfg
-}
-
-fn metrics(cfg: &TrainConfig) -> Vec<Value> {
-    std::fs::read_to_string(Path::new(&cfg.output_dir).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// The policy's expected reward over the run's prompts, computed exactly: with one-token
@@ -279,16 +272,7 @@ fn nash_md_raises_a_learnable_reward_and_resumes_exactly() {
         save_steps: 3,
         ..cfg.clone()
     };
-    let mut t = prefer::train::Trainer::new(&c2).unwrap();
-    t.stop_after_step = Some(3);
-    assert!(t.run().unwrap().interrupted);
-    drop(t); // its hold on the output_dir
-    prefer::train::train(&TrainConfig {
-        resume_from_checkpoint: Some("latest".into()),
-        ..c2.clone()
-    })
-    .unwrap();
-    let resumed = metrics(&c2);
+    let resumed = prefer::testing::stop_and_resume(&c2, 3);
     assert_eq!(resumed.len(), whole.len());
     for (a, b) in whole.iter().zip(&resumed) {
         for k in ["loss", "reward", "loss/kl", "grad_norm"] {

@@ -370,14 +370,10 @@ fn crm_filters_planted_noise_and_resumes_exactly() {
         ..c2.clone()
     })
     .unwrap();
-    let read = |d: &str| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(Path::new(d).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
-    for (a, b) in read(&cfg.output_dir).iter().zip(read(&c2.output_dir).iter()) {
+    for (a, b) in prefer::testing::metrics(&cfg)
+        .iter()
+        .zip(prefer::testing::metrics(&c2).iter())
+    {
         assert_eq!(a["loss"], b["loss"], "step {}", a["step"]);
         assert_eq!(a["accuracy"], b["accuracy"]);
     }

@@ -9,6 +9,7 @@ use prefer::config::{Task, TrainConfig};
 use prefer::data::sft::{load_sft_examples, pack_bfd, SftOptions};
 use prefer::data::TruncationMode;
 use prefer::model;
+use prefer::testing::metrics;
 use prefer::testing::{fixture, tiny_model, write_hf, TinySpec};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -143,14 +144,6 @@ fn setup(name: &str) -> (PathBuf, TrainConfig) {
     (dir, cfg)
 }
 
-fn metrics(cfg: &TrainConfig) -> Vec<Value> {
-    std::fs::read_to_string(Path::new(&cfg.output_dir).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn sft_defaults_are_trls() {
     let (_dir, cfg) = setup("defaults");
@@ -254,16 +247,7 @@ fn sft_resumes_exactly_and_packs() {
         output_dir: format!("{}-2", cfg.output_dir),
         ..cfg.clone()
     };
-    let mut t = prefer::train::Trainer::new(&c2).unwrap();
-    t.stop_after_step = Some(7);
-    t.run().unwrap();
-    drop(t);
-    let resumed = TrainConfig {
-        resume_from_checkpoint: Some("latest".into()),
-        ..c2
-    };
-    prefer::train::train(&resumed).unwrap();
-    let again = metrics(&resumed);
+    let again = prefer::testing::stop_and_resume(&c2, 7);
     assert_eq!(again.len(), full.len());
     for (x, y) in again.iter().zip(&full) {
         for k in ["loss", "mean_token_accuracy", "entropy", "num_tokens", "grad_norm"] {

@@ -5,6 +5,7 @@ use prefer::algorithms::preference::Preference;
 use prefer::algorithms::reward::RewardModel;
 use prefer::config::{Task, TrainConfig};
 use prefer::stats::reference::Reference;
+use prefer::testing::metrics;
 use prefer::testing::{tiny_model, write_gguf, write_hf, TinySpec};
 use prefer::train::Trainer;
 use serde_json::Value;
@@ -63,14 +64,6 @@ fn tiny_setup(name: &str) -> (PathBuf, TrainConfig) {
         ..TrainConfig::default()
     };
     (dir, cfg)
-}
-
-fn metrics(cfg: &TrainConfig) -> Vec<Value> {
-    std::fs::read_to_string(Path::new(&cfg.output_dir).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn f(v: &Value, k: &str) -> f64 {
@@ -497,16 +490,7 @@ fn bf16_adam_moments_resume_exactly_and_train_near_f32() {
         output_dir: format!("{}-2", c.output_dir),
         ..c.clone()
     };
-    let mut t = Trainer::new(&c2).unwrap();
-    t.stop_after_step = Some(6);
-    t.run().unwrap();
-    drop(t); // its hold on the output_dir
-    prefer::train::train(&TrainConfig {
-        resume_from_checkpoint: Some("latest".into()),
-        ..c2.clone()
-    })
-    .unwrap();
-    let resumed = metrics(&c2);
+    let resumed = prefer::testing::stop_and_resume(&c2, 6);
     assert_eq!(resumed.len(), straight.len());
     for (x, y) in resumed.iter().zip(&straight) {
         for k in TRL_KEYS.iter().filter(|k| **k != "tokens_per_second") {

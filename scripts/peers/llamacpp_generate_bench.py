@@ -21,16 +21,9 @@ def main():
                     help="turn off llama.cpp's CPU weight repacking (AMX/AVX-512), which crashed some builds")
     a = ap.parse_args()
     if a.no_repack:
-        import llama_cpp.llama_cpp as lib
+        from llamacpp_no_repack import no_repack
 
-        defaults = lib.llama_model_default_params
-
-        def no_repack():
-            p = defaults()
-            p.use_extra_bufts = False
-            return p
-
-        lib.llama_model_default_params = no_repack
+        no_repack()
     llm = Llama(model_path=a.model, n_ctx=2048, n_threads=a.threads, n_batch=512, verbose=False)
     q = json.loads(open(a.data).readline())["question"]
     prompt = llm.tokenize(("<|im_start|>user\n" + q + "<|im_end|>\n<|im_start|>assistant\n").encode(), special=True)

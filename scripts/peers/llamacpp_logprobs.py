@@ -8,23 +8,13 @@ usage: llamacpp_logprobs.py MODEL.gguf TEXTS.jsonl [FIELD]
 import json
 import sys
 
-import llama_cpp.llama_cpp as lib
 import numpy as np
 from llama_cpp import Llama
 
-# Without llama.cpp's "extra buffer types" (the CPU repacking of Q4_0/Q4_1/Q8_0/K-quant weights
-# for AMX and AVX-512): llama-cpp-python 0.3.36 crashed on this machine (Xeon with AMX) in that
-# path on every quantised file, SmolLM2's own Q4_1 GGUF included; the plain CPU path runs.
-_defaults = lib.llama_model_default_params
+from llamacpp_no_repack import no_repack
 
-
-def _no_repack():
-    p = _defaults()
-    p.use_extra_bufts = False
-    return p
-
-
-lib.llama_model_default_params = _no_repack
+# the repacking path crashed here on every quantised file (see llamacpp_no_repack)
+no_repack()
 
 path, texts = sys.argv[1], sys.argv[2]
 field = sys.argv[3] if len(sys.argv) > 3 else "text"

@@ -54,9 +54,10 @@ impl TrainData {
     pub fn load_sft(cfg: &TrainConfig, tokenizer: &TextTokenizer) -> Result<TrainData> {
         use crate::data::sft::{load_sft_examples, pack_bfd};
         let opts = cfg.sft_options();
-        // the examples of `f`, or the held-out share of train_file's with `held_out`
-        let load = |f: &str, what: &str, held_out: bool| -> Result<Vec<Vec<crate::data::sft::SftExample>>> {
-            let (mut ex, report) = load_sft_examples(Path::new(f), tokenizer, &opts, cfg.skip_invalid)?;
+        type Units = Vec<Vec<crate::data::sft::SftExample>>;
+        // the examples of `f`, each reported
+        let read = |f: &str, what: &str| -> Result<Vec<crate::data::sft::SftExample>> {
+            let (ex, report) = load_sft_examples(Path::new(f), tokenizer, &opts, cfg.skip_invalid)?;
             for e in &report.skipped {
                 eprintln!("skipped ({what}): {e}");
             }
@@ -65,39 +66,47 @@ impl TrainData {
                     "{f}: no SFT example left to train on (every row was skipped, or lost its targets to truncation)"
                 )));
             }
-            if holds_out(cfg) {
-                let (t, e) = crate::data::hold_out(ex, cfg.eval_fraction, hold_out_seed(cfg), f)?;
-                ex = if held_out { e } else { t };
-            }
-            let units: Vec<Vec<_>> = if opts.packing {
-                let lengths: Vec<usize> = ex.iter().map(|e| e.ids.len()).collect();
-                pack_bfd(&lengths, opts.max_length)
-                    .into_iter()
-                    .map(|bin| bin.into_iter().map(|i| ex[i].clone()).collect())
-                    .collect()
-            } else {
-                ex.into_iter().map(|e| vec![e]).collect()
-            };
             eprintln!(
-                "{what}: {} SFT examples ({:?}; {} skipped, {} truncated, {} without a target dropped){}",
-                units.iter().map(Vec::len).sum::<usize>(),
+                "{what}: {} SFT examples ({:?}; {} skipped, {} truncated, {} without a target dropped)",
+                ex.len(),
                 report.kind,
                 report.skipped.len(),
                 report.truncated,
-                report.dropped,
-                if opts.packing {
-                    format!(", packed into {} rows of ≤ {} tokens", units.len(), opts.max_length)
-                } else {
-                    String::new()
-                }
+                report.dropped
             );
-            Ok(units)
+            Ok(ex)
         };
-        let train = load(&cfg.train_file, "train_file", false)?;
-        let eval = match &cfg.eval_file {
-            Some(f) => load(f, "eval_file", false)?,
-            None if holds_out(cfg) => load(&cfg.train_file, "eval (held out of train_file by eval_fraction)", true)?,
-            None => vec![],
+        // examples as training units: one each, or with packing a bin each
+        let units = |ex: Vec<crate::data::sft::SftExample>, what: &str| -> Units {
+            if !opts.packing {
+                return ex.into_iter().map(|e| vec![e]).collect();
+            }
+            let lengths: Vec<usize> = ex.iter().map(|e| e.ids.len()).collect();
+            let bins: Units = pack_bfd(&lengths, opts.max_length)
+                .into_iter()
+                .map(|bin| bin.into_iter().map(|i| ex[i].clone()).collect())
+                .collect();
+            eprintln!(
+                "{what}: packed into {} rows of ≤ {} tokens",
+                bins.len(),
+                opts.max_length
+            );
+            bins
+        };
+        let train_ex = read(&cfg.train_file, "train_file")?;
+        let (train, eval) = match &cfg.eval_file {
+            Some(f) => (units(train_ex, "train_file"), units(read(f, "eval_file")?, "eval_file")),
+            // held out of train_file's examples before packing, tokenised once
+            None if holds_out(cfg) => {
+                let (t, e) = crate::data::hold_out(train_ex, cfg.eval_fraction, hold_out_seed(cfg), &cfg.train_file)?;
+                eprintln!(
+                    "eval: {} SFT examples held out of train_file (eval_fraction {})",
+                    e.len(),
+                    cfg.eval_fraction
+                );
+                (units(t, "train_file"), units(e, "eval"))
+            }
+            None => (units(train_ex, "train_file"), vec![]),
         };
         Ok(TrainData {
             train: vec![],

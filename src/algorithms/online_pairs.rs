@@ -207,21 +207,27 @@ impl Algorithm for OnlinePairs {
         let seed = rollout::step_seed(self.seed, ctx.step);
         let policy = &ctx.policy.transformer;
         let none = |_: &[u32]| false;
+        // `n` completions of every prompt from `model`, or from Nash-MD's geometric mixture of
+        // the policy and the reference; each source's draws seeded apart by `salt`
+        let from = |model: Option<&Transformer>, n: usize, salt: u64| match model {
+            Some(m) => sample(m, &prompts, n, &self.sampling, seed ^ salt, &none, &mut |_| {}),
+            None => sample_mixture(
+                &[(policy, 1.0 - mixture_coef), (&self.reference.model, mixture_coef)],
+                &prompts,
+                n,
+                &self.sampling,
+                seed ^ salt,
+                &none,
+                &mut |_| {},
+            ),
+        };
         // a[k] and b[k]: prompt k's two completions (b: the policy's again, the reference's,
         // or the mixture's)
         let (a, b): (Vec<Completion>, Vec<Completion>) = match self.method {
             Method::OnlineDpo | Method::IpoMd => {
                 let both = match self.method {
-                    Method::OnlineDpo => sample(policy, &prompts, 2, &self.sampling, seed, &none, &mut |_| {})?,
-                    _ => sample_mixture(
-                        &[(policy, 1.0 - mixture_coef), (&self.reference.model, mixture_coef)],
-                        &prompts,
-                        2,
-                        &self.sampling,
-                        seed ^ 0x4950_4f4d,
-                        &none,
-                        &mut |_| {},
-                    )?,
+                    Method::OnlineDpo => from(Some(policy), 2, 0)?,
+                    _ => from(None, 2, 0x4950_4f4d)?,
                 };
                 let mut it = both.into_iter();
                 let mut pairs = (Vec::new(), Vec::new());
@@ -232,29 +238,10 @@ impl Algorithm for OnlinePairs {
                 pairs
             }
             Method::Xpo => (
-                sample(policy, &prompts, 1, &self.sampling, seed, &none, &mut |_| {})?,
-                sample(
-                    &self.reference.model,
-                    &prompts,
-                    1,
-                    &self.sampling,
-                    seed ^ 0x0058_504f,
-                    &none,
-                    &mut |_| {},
-                )?,
+                from(Some(policy), 1, 0)?,
+                from(Some(&self.reference.model), 1, 0x0058_504f)?,
             ),
-            Method::NashMd => (
-                sample(policy, &prompts, 1, &self.sampling, seed, &none, &mut |_| {})?,
-                sample_mixture(
-                    &[(policy, 1.0 - mixture_coef), (&self.reference.model, mixture_coef)],
-                    &prompts,
-                    1,
-                    &self.sampling,
-                    seed ^ 0x004e_4d44,
-                    &none,
-                    &mut |_| {},
-                )?,
-            ),
+            Method::NashMd => (from(Some(policy), 1, 0)?, from(None, 1, 0x004e_4d44)?),
         };
         let n = prompts.len();
         let all: Vec<Completion> = a.iter().chain(&b).cloned().collect();

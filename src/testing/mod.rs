@@ -271,6 +271,34 @@ mod scratch {
     }
 }
 
+/// The records a run logged: `output_dir/metrics.jsonl`, one JSON object per line.
+pub fn metrics(cfg: &crate::config::TrainConfig) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(cfg.output_dir().join("metrics.jsonl"))
+        .expect("the run's metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
+        .collect()
+}
+
+/// Run `cfg` (its own `output_dir`) as if Ctrl-C came after step `stop`, then resume it from
+/// its latest checkpoint to the end, and return what the whole run logged: what a run that was
+/// never stopped logs, if resuming is exact.
+pub fn stop_and_resume(cfg: &crate::config::TrainConfig, stop: usize) -> Vec<serde_json::Value> {
+    let mut t = crate::train::Trainer::new(cfg).expect("the run starts");
+    t.stop_after_step = Some(stop);
+    assert!(
+        t.run().expect("the run until the stop").interrupted,
+        "the run stopped at step {stop}"
+    );
+    drop(t); // its hold on the output_dir
+    crate::train::train(&crate::config::TrainConfig {
+        resume_from_checkpoint: Some("latest".into()),
+        ..cfg.clone()
+    })
+    .expect("the resumed run");
+    metrics(cfg)
+}
+
 /// The largest absolute difference between two tensors of the same shape, as f32.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar()?)

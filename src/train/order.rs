@@ -11,6 +11,9 @@ pub struct Order {
     batch: usize,
     seed: u64,
     shuffle: bool,
+    /// The last epoch's permutation: drawn once per epoch, not once per micro-batch (an SFT
+    /// set can hold millions of rows).
+    cached_epoch: std::sync::Mutex<Option<(usize, std::sync::Arc<Vec<usize>>)>>,
 }
 
 impl Order {
@@ -20,20 +23,31 @@ impl Order {
             batch,
             seed,
             shuffle,
+            cached_epoch: std::sync::Mutex::new(None),
         }
     }
     pub fn batches_per_epoch(&self) -> usize {
         self.n.div_ceil(self.batch)
     }
-    /// Indices of micro-batch `k` (its epoch's permutation is drawn again on each call: a few
-    /// microseconds for thousands of units, next to a training step's seconds).
+    /// Indices of micro-batch `k`.
     pub fn micro_batch(&self, k: usize) -> Vec<usize> {
         let per = self.batches_per_epoch();
         let (epoch, j) = (k / per, k % per);
-        let mut idx: Vec<usize> = (0..self.n).collect();
-        if self.shuffle {
-            Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut idx);
-        }
+        let idx = {
+            let mut cache = self.cached_epoch.lock().unwrap_or_else(|e| e.into_inner());
+            match &*cache {
+                Some((e, idx)) if *e == epoch => idx.clone(),
+                _ => {
+                    let mut idx: Vec<usize> = (0..self.n).collect();
+                    if self.shuffle {
+                        Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407)).shuffle(&mut idx);
+                    }
+                    let idx = std::sync::Arc::new(idx);
+                    *cache = Some((epoch, idx.clone()));
+                    idx
+                }
+            }
+        };
         idx[j * self.batch..((j + 1) * self.batch).min(self.n)].to_vec()
     }
 }

@@ -119,57 +119,43 @@ fn shared_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// `l(x)` while decoding: the few-rows product where it applies (f32, or f32 rows against a bf16
 /// copy of the weights), else the layer's own (a bf16 copy widened first).
 fn lin(l: &Linear, x: &Tensor, k: Kernels) -> Result<Tensor> {
-    let copy = l.weight.dtype() != x.dtype();
-    let fast = match k.bf16_for(x) && !copy {
-        true => None,
-        false => few_rows(x, &l.weight)?,
-    };
-    if let Some(y) = fast {
-        let y = match &l.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        return Ok(match &l.lora {
-            Some(lora) => (y + lora.delta(x, k)?)?,
-            None => y,
-        });
-    }
-    if copy {
-        let wide = Linear {
-            weight: l.weight.to_dtype(x.dtype())?,
-            ..l.clone()
-        };
-        return wide.forward(x, k);
-    }
-    l.forward(x, k)
+    Ok(lin_many(&[l], x, k)?.remove(0))
 }
 
 /// [`lin`] of several layers on the same `x` (q, k and v; gate and up): their few-rows products
 /// in one parallel pass where they apply, each the same as alone.
 fn lin_many(ls: &[&Linear], x: &Tensor, k: Kernels) -> Result<Vec<Tensor>> {
-    let weights: Vec<&Tensor> = ls.iter().map(|l| &l.weight).collect();
-    let same = ls.iter().all(|l| l.weight.dtype() == x.dtype());
-    let fast = match k.bf16_for(x) && same {
+    let copy = ls.iter().any(|l| l.weight.dtype() != x.dtype());
+    let fast = match k.bf16_for(x) && !copy {
         true => None,
-        false => few_rows_many(x, &weights)?,
+        false => few_rows_many(x, &ls.iter().map(|l| &l.weight).collect::<Vec<_>>())?,
     };
-    match fast {
-        Some(ys) => ls
+    let Some(ys) = fast else {
+        return ls
             .iter()
-            .zip(ys)
-            .map(|(l, y)| {
-                let y = match &l.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                Ok(match &l.lora {
-                    Some(lora) => (y + lora.delta(x, k)?)?,
-                    None => y,
-                })
+            .map(|l| match l.weight.dtype() != x.dtype() {
+                true => Linear {
+                    weight: l.weight.to_dtype(x.dtype())?,
+                    ..(*l).clone()
+                }
+                .forward(x, k),
+                false => l.forward(x, k),
             })
-            .collect(),
-        None => ls.iter().map(|l| lin(l, x, k)).collect(),
-    }
+            .collect();
+    };
+    ls.iter()
+        .zip(ys)
+        .map(|(l, y)| {
+            let y = match &l.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            Ok(match &l.lora {
+                Some(lora) => (y + lora.delta(x, k)?)?,
+                None => y,
+            })
+        })
+        .collect()
 }
 
 /// One group's part of a decoding step through a layer: its cache, samples, new tokens per

@@ -207,61 +207,61 @@ multiversioned! {
 mod wide {
     use std::arch::x86_64::*;
 
+    /// A weight element the row kernel reads: f32 as it is, or bf16 (its bits as `u16`) widened
+    /// in registers as it is loaded (a bf16 is the top half of an f32, so the sums are those of
+    /// the widened weights, bit for bit, from half the bytes).
+    pub trait Weight: Copy {
+        /// Sixteen weights from `p`, as f32 lanes.
+        ///
+        /// # Safety
+        /// Sixteen elements must be readable at `p`, and the CPU must have AVX-512 F.
+        unsafe fn load16(p: *const Self) -> __m512;
+        fn widen(self) -> f32;
+    }
+
+    impl Weight for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    impl Weight for u16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const u16) -> __m512 {
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            f32::from_bits((self as u32) << 16)
+        }
+    }
+
     /// The sixteen lanes of `acc` added (a fixed tree of halves), then the tail of the dot
     /// product past the last full chunk.
     #[inline(always)]
-    unsafe fn finish(acc: __m512, x: &[f32], w: &[f32], full: usize) -> f32 {
+    unsafe fn finish<W: Weight>(acc: __m512, x: &[f32], w: &[W], full: usize) -> f32 {
         let mut s = _mm512_reduce_add_ps(acc);
         for c in full..x.len() {
-            s += x[c] * w[c];
+            s += x[c] * w[c].widen();
         }
         s
     }
 
-    /// [`dot_rows`] with `w` in bf16 (its bits as `u16`), each chunk widened in registers as it
-    /// is loaded: the same sums as [`dot_rows`] on the widened `w`, bit for bit, reading half
-    /// the bytes (decoding one sequence is bound by them).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_rows_bf16(ys: &mut [f32], xs: &[f32], w: &[u16], m: usize, k: usize) {
-        let (full, wn) = (k / 16 * 16, w.len() / k);
-        let widen = |b: u16| f32::from_bits((b as u32) << 16);
-        for r in 0..m {
-            let x = &xs[r * k..(r + 1) * k];
-            for j in (0..wn).step_by(4) {
-                let jn = (wn - j).min(4);
-                let wr: [usize; 4] = std::array::from_fn(|a| (j + a.min(jn - 1)) * k);
-                let mut acc = [_mm512_setzero_ps(); 4];
-                let mut c = 0;
-                while c < full {
-                    let xv = _mm512_loadu_ps(x.as_ptr().add(c));
-                    for a in 0..4 {
-                        let h = _mm256_loadu_si256(w.as_ptr().add(wr[a] + c) as *const __m256i);
-                        let wv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
-                        acc[a] = _mm512_fmadd_ps(xv, wv, acc[a]);
-                    }
-                    c += 16;
-                }
-                for (a, &acc) in acc.iter().enumerate().take(jn) {
-                    let mut s = _mm512_reduce_add_ps(acc);
-                    for cc in full..k {
-                        s += x[cc] * widen(w[wr[a] + cc]);
-                    }
-                    ys[(j + a) * m + r] = s;
-                }
-            }
-        }
-    }
-
     /// `ys[j·m + r] = x_r · w_j` for every row of `xs` (see [`super::dot_rows`]), four rows of
-    /// `w` at a time (four independent sums, so no addition waits on the one before).
+    /// `w` at a time (four independent sums, so no addition waits on the one before); `w` in
+    /// f32, or in bf16 widened as it is loaded ([`Weight`]: decoding one sequence is bound by
+    /// the bytes of `w`).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_rows(ys: &mut [f32], xs: &[f32], w: &[f32], m: usize, k: usize) {
+    pub unsafe fn dot_rows<W: Weight>(ys: &mut [f32], xs: &[f32], w: &[W], m: usize, k: usize) {
         let (full, wn) = (k / 16 * 16, w.len() / k);
         for r in 0..m {
             let x = &xs[r * k..(r + 1) * k];
@@ -273,7 +273,7 @@ mod wide {
                 while c < full {
                     let xv = _mm512_loadu_ps(x.as_ptr().add(c));
                     for a in 0..4 {
-                        acc[a] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w.as_ptr().add(wr[a] + c)), acc[a]);
+                        acc[a] = _mm512_fmadd_ps(xv, W::load16(w.as_ptr().add(wr[a] + c)), acc[a]);
                     }
                     c += 16;
                 }
@@ -489,7 +489,7 @@ fn few_rows_task_bf16(path: CpuPath, yt: &mut [f32], xs: &[f32], w: &[half::bf16
     #[cfg(target_arch = "x86_64")]
     if m < 4 && path >= CpuPath::Avx512 {
         // SAFETY: AVX-512 F is present (the path is at most the detected one).
-        unsafe { wide::dot_rows_bf16(yt, xs, bytemuck_u16(w), m, k) };
+        unsafe { wide::dot_rows(yt, xs, bytemuck_u16(w), m, k) };
         return;
     }
     let mut wide = vec![0f32; BF16_BLOCK * k];
