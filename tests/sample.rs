@@ -433,12 +433,22 @@ fn logprob_entropies_equal_the_softmax_entropy() {
     }
 }
 
-/// Decoding from bf16 copies of the weight matrices (`bf16_weights`, `--bf16-weights`) is the
-/// decoding of the model with those matrices rounded to bf16: cached logits against a full
-/// forward of the rounded f32 model at every step (tied and untied heads, Qwen2's biases), and
-/// the same completions sampled with the same seed.
+/// Decoding from bf16 weights (`bf16_weights`, `--bf16-weights`), both ways it runs:
+/// - below AMX, bf16 copies of the weight matrices widened on the fly: the decoding of the f32
+///   model with those matrices rounded to bf16 (cached logits against a full forward of the
+///   rounded model at every step, to 1e-4);
+/// - on AMX (where this CPU has it), the matrices packed into tiles and the activations rounded
+///   too: a full forward with training's bf16 products (`Kernels::bf16`), to 1e-4 as well.
+///
+/// Tied and untied heads, Qwen2's biases; and the sampler's own bf16 copy samples what the copy
+/// made here samples.
 #[test]
 fn bf16_weight_decoding_is_the_rounded_models_decoding() {
+    use prefer::model::kernels::CpuPath;
+    let mut paths = vec![CpuPath::Avx512.min(CpuPath::detected())];
+    if CpuPath::Amx.allows() {
+        paths.push(CpuPath::Amx);
+    }
     for spec in [
         TinySpec::default(),
         TinySpec {
@@ -448,78 +458,97 @@ fn bf16_weight_decoding_is_the_rounded_models_decoding() {
             ..TinySpec::default()
         },
     ] {
-        let m = model(&spec, 11);
-        let fast = m.with_bf16_matrices().unwrap();
-        let round = |t: &candle_core::Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
-        // the rounded model: its projections rounded; a tied head is a rounded copy of the
-        // embedding, so that model reads its input through the f32 embedding
-        let rounded_layers = m
-            .map(
-                |name, t| match name.ends_with("_proj.weight") || name == "lm_head.weight" {
-                    true => Ok(round(t)),
-                    false => Ok(t.clone()),
+        for &path in &paths {
+            let m = model(&spec, 11);
+            let fast = m.with_bf16_matrices_on(path).unwrap();
+            let tiles = path == CpuPath::Amx;
+            assert_eq!(fast.decodes_from_tiles(), tiles, "{path:?}");
+            let round = |t: &candle_core::Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+            // the reference: below AMX the rounded model (its projections rounded; a tied head is a
+            // rounded copy of the embedding, so that model reads its input through the f32
+            // embedding); on AMX the model with bf16 products
+            let reference = match tiles {
+                false => m
+                    .map(
+                        |name, t| match name.ends_with("_proj.weight") || name == "lm_head.weight" {
+                            true => Ok(round(t)),
+                            false => Ok(t.clone()),
+                        },
+                    )
+                    .unwrap(),
+                true => {
+                    let mut r = m.clone();
+                    r.kernels.bf16 = true;
+                    r
+                }
+            };
+            let prompt: Vec<u32> = vec![5, 17, 9, 40, 3];
+            let (first, mut cache) = fast.prefill(&prompt).unwrap();
+            let mut seq = prompt.clone();
+            // a full forward of the reference, its last hidden state times the rounded head (the
+            // hidden state rounded too on AMX)
+            let full = |s: &[u32]| -> Vec<f32> {
+                let r = &reference;
+                let dev = r.device();
+                let input = candle_core::Tensor::new(s, dev).unwrap().unsqueeze(0).unwrap();
+                let attn =
+                    prefer::model::AttentionInputs::padded(&r.cfg, &[vec![true; s.len()]], r.dtype(), dev).unwrap();
+                let h = r.hidden_states(&input, &attn).unwrap();
+                let last = h
+                    .narrow(1, s.len() - 1, 1)
+                    .unwrap()
+                    .reshape((1, r.cfg.hidden_size))
+                    .unwrap();
+                let last = if tiles { round(&last) } else { last };
+                let head = round(r.output_weight());
+                last.matmul(&head.t().unwrap())
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert!(
+                max_diff(&first.to_vec1().unwrap(), &full(&seq)) < 1e-4,
+                "{spec:?} {path:?}: prefill"
+            );
+            for step in 0..5 {
+                let t = ((step * 11 + 3) % 60) as u32;
+                seq.push(t);
+                let row: Vec<f32> = fast
+                    .decode(&mut cache, &[t])
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let d = max_diff(&row, &full(&seq));
+                assert!(d < 1e-4, "{spec:?} {path:?}: step {step}: {d}");
+            }
+            if path != *paths.last().unwrap() {
+                continue;
+            }
+            // sampling: the bf16 copy is made inside the sampler
+            let p = SamplingParams {
+                temperature: 0.0,
+                max_completion_length: 6,
+                ..Default::default()
+            };
+            let a = sample(
+                &m,
+                std::slice::from_ref(&prompt),
+                1,
+                &SamplingParams {
+                    bf16_weights: true,
+                    ..p.clone()
                 },
+                3,
+                &|_| false,
+                &mut |_| {},
             )
             .unwrap();
-        let prompt: Vec<u32> = vec![5, 17, 9, 40, 3];
-        let (first, mut cache) = fast.prefill(&prompt).unwrap();
-        let mut seq = prompt.clone();
-        // a full forward of the rounded model, its last hidden state times the rounded head
-        let full = |s: &[u32]| -> Vec<f32> {
-            let r = &rounded_layers;
-            let dev = r.device();
-            let input = candle_core::Tensor::new(s, dev).unwrap().unsqueeze(0).unwrap();
-            let attn = prefer::model::AttentionInputs::padded(&r.cfg, &[vec![true; s.len()]], r.dtype(), dev).unwrap();
-            let h = r.hidden_states(&input, &attn).unwrap();
-            let last = h
-                .narrow(1, s.len() - 1, 1)
-                .unwrap()
-                .reshape((1, r.cfg.hidden_size))
-                .unwrap();
-            let head = round(r.output_weight());
-            last.matmul(&head.t().unwrap())
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
-        assert!(
-            max_diff(&first.to_vec1().unwrap(), &full(&seq)) < 1e-4,
-            "{spec:?}: prefill"
-        );
-        for step in 0..5 {
-            let t = ((step * 11 + 3) % 60) as u32;
-            seq.push(t);
-            let row: Vec<f32> = fast
-                .decode(&mut cache, &[t])
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert!(max_diff(&row, &full(&seq)) < 1e-4, "{spec:?}: step {step}");
+            let b = sample(&fast, std::slice::from_ref(&prompt), 1, &p, 3, &|_| false, &mut |_| {}).unwrap();
+            assert_eq!(a[0].ids, b[0].ids, "{spec:?}");
         }
-        // sampling: the bf16 copy is made inside the sampler
-        let p = SamplingParams {
-            temperature: 0.0,
-            max_completion_length: 6,
-            ..Default::default()
-        };
-        let a = sample(
-            &m,
-            std::slice::from_ref(&prompt),
-            1,
-            &SamplingParams {
-                bf16_weights: true,
-                ..p.clone()
-            },
-            3,
-            &|_| false,
-            &mut |_| {},
-        )
-        .unwrap();
-        let b = sample(&fast, std::slice::from_ref(&prompt), 1, &p, 3, &|_| false, &mut |_| {}).unwrap();
-        assert_eq!(a[0].ids, b[0].ids, "{spec:?}");
     }
 }

@@ -31,7 +31,7 @@ pub struct GenerateBenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Decode from bf16 copies of the weight matrices (`prefer generate --bf16-weights`).
+    /// Decode in bf16 (`prefer generate --bf16-weights`: AMX tiles where the CPU has them).
     #[arg(long)]
     pub bf16_weights: bool,
 }
@@ -128,10 +128,18 @@ pub fn generate(args: &GenerateBenchArgs) -> Result<()> {
     let weight_bytes = params_count as f64 * 4.0;
     let bw = read_bandwidth_gbs();
     let mm = super::bench::matmul_gflops(1024, m.transformer.cfg.hidden_size, 2048)?;
+    // what the products of decoding read: f32 weights; bf16 copies widened on the fly; or bf16
+    // tiles on AMX (activations rounded to bf16 too)
+    let decode_weights = match (args.bf16_weights, prefer::model::kernels::CpuPath::Amx.allows()) {
+        (false, _) => "f32",
+        (true, false) => "bf16 (widened to f32 in registers)",
+        (true, true) => "bf16 (AMX tiles, bf16 activations)",
+    };
     let rec = json!({
         "model": model.display().to_string(),
         "threads": candle_core::utils::get_num_threads(),
         "max_completion_length": args.max_completion_length,
+        "decode_weights": decode_weights,
         "batch1_decode_tokens_per_second": decode_b1,
         "batch1_end_to_end_tokens_per_second": n / whole,
         "prompts": prompts.len(),
@@ -150,7 +158,7 @@ pub fn generate(args: &GenerateBenchArgs) -> Result<()> {
     }
     let f = |k: &str| rec[k].as_f64().unwrap_or(f64::NAN);
     println!(
-        "generation on {} (f32 weights, {:.2} GiB), {} new tokens per completion",
+        "generation on {} (f32 weights {:.2} GiB; decoding from {decode_weights}), {} new tokens per completion",
         model.display(),
         f("weights_gib_f32"),
         args.max_completion_length

@@ -34,7 +34,7 @@ pub struct GrpoBenchArgs {
     /// How AdamW keeps its moments: f32, or bf16 (half their memory; `adam_moments_dtype`).
     #[arg(long, default_value = "f32")]
     pub adam_moments_dtype: String,
-    /// Sample from bf16 copies of the weight matrices (`bf16_sampling`).
+    /// Sample in bf16 (`bf16_sampling`: AMX tiles where the CPU has them).
     #[arg(long)]
     pub bf16_sampling: bool,
     /// Print one JSON object instead of the table.

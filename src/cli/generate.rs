@@ -54,8 +54,8 @@ pub struct GenerateArgs {
     /// Seed: the same seed draws the same completions.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Decode from bf16 copies of the weight matrices: half the bytes read per token (faster
-    /// where memory bandwidth bounds decoding), sampling the bf16-rounded model.
+    /// Decode in bf16: the weight matrices read as bf16, half the bytes per token; on CPUs with
+    /// AMX packed into tiles, with the activations rounded to bf16 too. Samples the bf16 model.
     #[arg(long)]
     pub bf16_weights: bool,
 }

@@ -77,10 +77,13 @@ settings! {
         pub min_p: f64 = 0.0,
         /// transformers' repetition penalty while sampling (1 = off).
         pub repetition_penalty: f64 = 1.0,
-        /// Sample from bf16 copies of the weight matrices: decoding reads half the bytes per
-        /// token. The completions then follow the bf16-rounded model, while the log-probs the
-        /// loss uses stay the policy's own (as with vLLM sampling in bf16); the logged
-        /// sampling log-probs show the difference.
+        /// Sample in bf16: decoding reads the weight matrices as bf16, half the bytes per
+        /// token. On CPUs with AMX they are packed once per generation into AMX tiles and the
+        /// activations are rounded to bf16 too (bf16 products with f32 sums, as `bf16 = true`
+        /// trains; about twice the batched decoding speed of f32); elsewhere f32 activations
+        /// meet the bf16 weights widened on the fly. The completions then follow the bf16
+        /// model, while the log-probs the loss uses stay the policy's own (as with vLLM
+        /// sampling in bf16); the logged sampling log-probs show the difference.
         pub bf16_sampling: bool = false,
         /// Clipping ε of the probability ratio (lower bound 1 − ε).
         pub epsilon: f64 = 0.2,

@@ -48,7 +48,7 @@ pub fn evaluate_generation(
     params: &SamplingParams,
     seed: u64,
     rewards: &mut [Box<dyn Reward>],
-    progress: &mut dyn FnMut(usize),
+    progress: &mut (dyn FnMut(usize) + Send),
 ) -> Result<(GenerationSummary, Vec<ScoredCompletion>)> {
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let comps: Vec<Completion> = sample(

@@ -32,8 +32,8 @@ pub struct SamplingParams {
     pub max_completion_length: usize,
     /// Tokens that end a completion (included in it, like EOS in training data).
     pub stop_tokens: Vec<u32>,
-    /// Decode from bf16 copies of the weight matrices ([`Transformer::with_bf16_matrices`]):
-    /// half the bytes read per token, with the distribution of the bf16-rounded weights.
+    /// Decode in bf16 ([`Transformer::with_bf16_matrices`]): the weight matrices read as bf16
+    /// (half the bytes per token), on AMX with bf16 activations too; samples the bf16 model.
     pub bf16_weights: bool,
 }
 
@@ -183,8 +183,8 @@ pub fn sample(
     num_generations: usize,
     params: &SamplingParams,
     seed: u64,
-    stop: &dyn Fn(&[u32]) -> bool,
-    progress: &mut dyn FnMut(usize),
+    stop: &(dyn Fn(&[u32]) -> bool + Sync),
+    progress: &mut (dyn FnMut(usize) + Send),
 ) -> Result<Vec<Completion>> {
     sample_mixture(&[(model, 1.0)], prompts, num_generations, params, seed, stop, progress)
 }
@@ -200,8 +200,24 @@ pub fn sample_mixture(
     num_generations: usize,
     params: &SamplingParams,
     seed: u64,
-    stop: &dyn Fn(&[u32]) -> bool,
-    progress: &mut dyn FnMut(usize),
+    stop: &(dyn Fn(&[u32]) -> bool + Sync),
+    progress: &mut (dyn FnMut(usize) + Send),
+) -> Result<Vec<Completion>> {
+    // on a worker of the thread pool: each decoding step runs a few hundred parallel regions,
+    // and one started from outside the pool waits for the pool to wake it when it ends (75 µs
+    // a region measured on a 2-vCPU Xeon, against 13 µs for a whole small product inside it)
+    rayon::scope(|_| sample_mixture_in_pool(models, prompts, num_generations, params, seed, stop, progress))
+}
+
+/// [`sample_mixture`], run on a worker of the thread pool.
+fn sample_mixture_in_pool(
+    models: &[(&Transformer, f64)],
+    prompts: &[Vec<u32>],
+    num_generations: usize,
+    params: &SamplingParams,
+    seed: u64,
+    stop: &(dyn Fn(&[u32]) -> bool + Sync),
+    progress: &mut (dyn FnMut(usize) + Send),
 ) -> Result<Vec<Completion>> {
     if models.is_empty() {
         return Err(Error::msg("sampling needs a model"));

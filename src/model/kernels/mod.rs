@@ -353,6 +353,7 @@ pub(crate) fn tensor_to_storage(t: &Tensor, op: &str) -> CResult<(CpuStorage, Sh
 }
 
 pub mod attention;
+pub mod cached_attention;
 pub mod cpu;
 pub mod logprob_head;
 pub mod matmul;

@@ -7,24 +7,105 @@
 //! This is the inference twin of the training forward (`Block::forward`): the same weights,
 //! norms, projections and SwiGLU kernels, with attention over cached keys instead of the fused
 //! training op. Tests check its logits against a full forward at every step.
+//!
+//! The cache is f32 whatever the model's dtype, kept per kv head with the keys transposed, and
+//! grows in place ([`HeadCache`]); the attention of each new row is one loop over it
+//! (`kernels::cached_attention`), all groups' rows in one parallel pass. A copy made by
+//! [`Transformer::with_bf16_matrices`] on a CPU with AMX carries its weight matrices packed into
+//! tiles ([`DecodeTiles`]), and its products are bf16 products with f32 sums.
 
 use super::{Block, Linear, Transformer};
 use crate::error::{Error, Result};
+use crate::model::kernels::cached_attention::HeadCache;
+use crate::model::kernels::matmul::packed::{packed_products, PackedWeight};
 use crate::model::kernels::matmul::{few_rows, few_rows_many};
-use crate::model::kernels::primitive::{apply_rope, softmax_last};
-use crate::model::kernels::Kernels;
+use crate::model::kernels::{CpuPath, Kernels};
 use candle_core::{DType, Tensor};
 
-/// One layer's cached keys (after RoPE) and values.
-#[derive(Clone, Debug)]
-struct LayerKv {
-    /// The prompt's, shared by the group's samples: `[kv_heads, prompt, head_dim]`.
-    shared: Option<(Tensor, Tensor)>,
-    /// Each sample's own: `[samples, kv_heads, generated, head_dim]`.
-    own: Option<(Tensor, Tensor)>,
+/// One decoder layer's projections packed into AMX tiles ([`PackedWeight`]).
+#[derive(Debug)]
+struct LayerTiles {
+    qkv: [PackedWeight; 3],
+    o: PackedWeight,
+    gate_up: [PackedWeight; 2],
+    down: PackedWeight,
 }
 
-/// The key/value cache of a group: one prompt and the samples drawn from it.
+/// A model's weight matrices packed once into AMX tiles for decoding
+/// ([`Transformer::with_bf16_matrices`] on CPUs with AMX): every layer's projections and the
+/// output head. The products round the activations to bf16 too, as training's `bf16 = true`
+/// does. Valid only for the weights they were packed from: a model that trains never has them.
+#[derive(Debug)]
+pub struct DecodeTiles {
+    layers: Vec<LayerTiles>,
+    head: PackedWeight,
+}
+
+impl DecodeTiles {
+    /// `t`'s matrices packed, where `path` (at most the CPU's) allows AMX; else `None`.
+    pub(crate) fn new(t: &Transformer, path: CpuPath) -> Result<Option<DecodeTiles>> {
+        let pack = |w: &Tensor| PackedWeight::new_on(path, w);
+        let Some(head) = pack(t.output_weight())? else {
+            return Ok(None);
+        };
+        let mut layers = Vec::new();
+        for i in 0..t.cfg.num_hidden_layers {
+            let b = t.layer(i)?;
+            let (at, m) = (&b.self_attn, &b.mlp);
+            let packed = |l: &Linear| -> Result<PackedWeight> {
+                pack(&l.weight)?.ok_or_else(|| Error::msg("AMX became unavailable while packing"))
+            };
+            layers.push(LayerTiles {
+                qkv: [packed(&at.q_proj)?, packed(&at.k_proj)?, packed(&at.v_proj)?],
+                o: packed(&at.o_proj)?,
+                gate_up: [packed(&m.gate_proj)?, packed(&m.up_proj)?],
+                down: packed(&m.down_proj)?,
+            });
+        }
+        Ok(Some(DecodeTiles { layers, head }))
+    }
+
+    /// Bytes of all the packed tiles.
+    pub fn bytes(&self) -> usize {
+        self.head.bytes()
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.qkv.iter().chain(&l.gate_up).map(PackedWeight::bytes).sum::<usize>()
+                        + l.o.bytes()
+                        + l.down.bytes()
+                })
+                .sum::<usize>()
+    }
+}
+
+/// Keys (after RoPE) and values of some positions of one sequence: one [`HeadCache`] per kv
+/// head.
+#[derive(Clone, Debug, Default)]
+struct Kv {
+    heads: Vec<HeadCache>,
+}
+
+impl Kv {
+    fn new(kv_heads: usize, head_dim: usize) -> Kv {
+        Kv {
+            heads: vec![HeadCache::new(head_dim); kv_heads],
+        }
+    }
+}
+
+/// One layer's cache of a group.
+#[derive(Clone, Debug)]
+struct LayerKv {
+    /// The prompt's, shared by the group's samples (`None` before the prompt is computed).
+    shared: Option<std::sync::Arc<Kv>>,
+    /// Each sample's own: the tokens it generated.
+    own: Vec<Kv>,
+}
+
+/// The key/value cache of a group: one prompt and the samples drawn from it. Keys and values
+/// are kept in f32 whatever the model's dtype, and grow in place as tokens are decoded.
 #[derive(Clone, Debug)]
 pub struct GroupCache {
     layers: Vec<LayerKv>,
@@ -50,7 +131,7 @@ impl GroupCache {
     }
 
     /// `samples` samples that share this cache (a prompt's, after [`Transformer::prefill`]):
-    /// what they have cached so far becomes their shared prefix. Cheap: tensors are shared.
+    /// what they have cached so far becomes their shared prefix, held once for all of them.
     pub fn fork(&self, samples: usize) -> Result<GroupCache> {
         if self.samples != 1 {
             return Err(Error::msg("only a single sequence's cache can be forked into samples"));
@@ -58,18 +139,21 @@ impl GroupCache {
         let layers = self
             .layers
             .iter()
-            .map(|l| -> Result<LayerKv> {
-                let own = match &l.own {
-                    Some((k, v)) => Some((k.squeeze(0)?, v.squeeze(0)?)),
-                    None => None,
+            .map(|l| {
+                let own = &l.own[0];
+                let shared = Kv {
+                    heads: match &l.shared {
+                        Some(s) => s.heads.iter().zip(&own.heads).map(|(s, o)| s.joined(o)).collect(),
+                        None => own.heads.clone(),
+                    },
                 };
-                let shared = match (&l.shared, own) {
-                    (Some((sk, sv)), Some((k, v))) => Some((Tensor::cat(&[sk, &k], 1)?, Tensor::cat(&[sv, &v], 1)?)),
-                    (s, o) => s.clone().or(o),
-                };
-                Ok(LayerKv { shared, own: None })
+                let d = own.heads.first().map_or(0, |h| h.d());
+                LayerKv {
+                    own: vec![Kv::new(shared.heads.len(), d); samples],
+                    shared: Some(std::sync::Arc::new(shared)),
+                }
             })
-            .collect::<Result<_>>()?;
+            .collect();
         Ok(GroupCache {
             layers,
             shared_len: self.len(),
@@ -79,9 +163,9 @@ impl GroupCache {
     }
 }
 
-/// Cos and sin `[n, head_dim]` of rotary positions `start..start + n`, as the training forward
-/// computes them (f64, then the model's dtype).
-fn rope_rows(t: &Transformer, start: usize, n: usize) -> Result<(Tensor, Tensor)> {
+/// Cos and sin `[n, head_dim]` (row-major) of rotary positions `start..start + n`, as the
+/// training forward computes them (f64, then f32).
+fn rope_rows(t: &Transformer, start: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
     let inv = t.cfg.rope_inv_freq();
     let d = t.cfg.head_dim;
     let (mut cos, mut sin) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
@@ -89,46 +173,29 @@ fn rope_rows(t: &Transformer, start: usize, n: usize) -> Result<(Tensor, Tensor)
         for _half in 0..2 {
             for f in &inv {
                 let a = p as f64 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
             }
         }
     }
-    let mk = |v: Vec<f64>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (n, d), t.device())?.to_dtype(t.dtype())?) };
-    Ok((mk(cos)?, mk(sin)?))
-}
-
-/// `q · kᵀ` of `q` `[G, kvh, R, d]` against a key tensor shared by the group `[kvh, t, d]`.
-fn shared_scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
-    let (g, kvh, r, d) = q.dims4()?;
-    let q = q.transpose(0, 1)?.reshape((kvh, g * r, d))?;
-    let s = q.matmul(&k.t()?)?; // [kvh, G·R, t]
-    let t = s.dim(2)?;
-    Ok(s.reshape((kvh, g, r, t))?.transpose(0, 1)?)
-}
-
-/// `p · v` of probabilities `[G, kvh, R, t]` against values shared by the group `[kvh, t, d]`.
-fn shared_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (g, kvh, r, t) = p.dims4()?;
-    let p = p.transpose(0, 1)?.contiguous()?.reshape((kvh, g * r, t))?;
-    let o = p.matmul(v)?; // [kvh, G·R, d]
-    let d = o.dim(2)?;
-    Ok(o.reshape((kvh, g, r, d))?.transpose(0, 1)?)
+    (cos, sin)
 }
 
 /// `l(x)` while decoding: the few-rows product where it applies (f32, or f32 rows against a bf16
 /// copy of the weights), else the layer's own (a bf16 copy widened first).
-fn lin(l: &Linear, x: &Tensor, k: Kernels) -> Result<Tensor> {
-    Ok(lin_many(&[l], x, k)?.remove(0))
+fn lin(l: &Linear, packed: Option<&PackedWeight>, x: &Tensor, k: Kernels) -> Result<Tensor> {
+    Ok(lin_many(&[l], packed.map(|p| vec![p]), x, k)?.remove(0))
 }
 
 /// [`lin`] of several layers on the same `x` (q, k and v; gate and up): their few-rows products
-/// in one parallel pass where they apply, each the same as alone.
-fn lin_many(ls: &[&Linear], x: &Tensor, k: Kernels) -> Result<Vec<Tensor>> {
+/// in one parallel pass where they apply, each the same as alone. With `packed` (the layers'
+/// weights in AMX tiles), their packed products.
+fn lin_many(ls: &[&Linear], packed: Option<Vec<&PackedWeight>>, x: &Tensor, k: Kernels) -> Result<Vec<Tensor>> {
     let copy = ls.iter().any(|l| l.weight.dtype() != x.dtype());
-    let fast = match k.bf16_for(x) && !copy {
-        true => None,
-        false => few_rows_many(x, &ls.iter().map(|l| &l.weight).collect::<Vec<_>>())?,
+    let fast = match (packed, k.bf16_for(x) && !copy) {
+        (Some(p), _) => Some(packed_products(x, &p)?),
+        (None, true) => None,
+        (None, false) => few_rows_many(x, &ls.iter().map(|l| &l.weight).collect::<Vec<_>>())?,
     };
     let Some(ys) = fast else {
         return ls
@@ -164,7 +231,7 @@ struct GroupStep<'a> {
     kv: &'a mut LayerKv,
     g: usize,
     n: usize,
-    rope: &'a (Tensor, Tensor),
+    rope: &'a (Vec<f32>, Vec<f32>),
 }
 
 impl Block {
@@ -173,90 +240,96 @@ impl Block {
     /// and causally to its other new tokens; their keys and values are appended to the
     /// samples' own cache. The projections and the MLP run on all groups' rows at once (one
     /// pass over the weights per step), the attention group by group.
-    fn decode(&self, x: &Tensor, groups: &mut [GroupStep], t: &Transformer) -> Result<Tensor> {
+    fn decode(
+        &self,
+        x: &Tensor,
+        groups: &mut [GroupStep],
+        t: &Transformer,
+        tiles: Option<&LayerTiles>,
+    ) -> Result<Tensor> {
         let (k, eps) = (t.kernels, t.cfg.rms_norm_eps);
         let at = &self.self_attn;
         let n1 = k.rms_norm(x, &self.input_layernorm, eps)?;
-        let mut qkv = lin_many(&[&at.q_proj, &at.k_proj, &at.v_proj], &n1, k)?.into_iter();
+        let qkv_tiles = tiles.map(|l| l.qkv.iter().collect());
+        let mut qkv = lin_many(&[&at.q_proj, &at.k_proj, &at.v_proj], qkv_tiles, &n1, k)?.into_iter();
         let (q, kn, vn) = match (qkv.next(), qkv.next(), qkv.next()) {
             (Some(q), Some(kn), Some(vn)) => (q, kn, vn),
             _ => return Err(Error::msg("decode: q, k and v expected")),
         };
-        let mut outs = Vec::with_capacity(groups.len());
-        let mut row = 0;
-        for gs in groups.iter_mut() {
-            let rows = gs.g * gs.n;
-            let part = |z: &Tensor| z.narrow(0, row, rows);
-            outs.push(self.attend_group(&part(&q)?, &part(&kn)?, &part(&vn)?, gs)?);
-            row += rows;
-        }
-        let out = if outs.len() == 1 {
-            outs.remove(0)
-        } else {
-            Tensor::cat(&outs, 0)?
-        };
-        let hdn = (x + lin(&at.o_proj, &out, k)?)?;
+        let out = self.attend(&q, &kn, &vn, groups)?.to_dtype(x.dtype())?;
+        let hdn = (x + lin(&at.o_proj, tiles.map(|l| &l.o), &out, k)?)?;
         let n2 = k.rms_norm(&hdn, &self.post_attention_layernorm, eps)?;
         let m = &self.mlp;
-        let gu = lin_many(&[&m.gate_proj, &m.up_proj], &n2, k)?;
+        let gu_tiles = tiles.map(|l| l.gate_up.iter().collect());
+        let gu = lin_many(&[&m.gate_proj, &m.up_proj], gu_tiles, &n2, k)?;
         let s = k.swiglu(&gu[0], &gu[1])?;
-        Ok((&hdn + lin(&m.down_proj, &s, k)?)?)
+        Ok((&hdn + lin(&m.down_proj, tiles.map(|l| &l.down), &s, k)?)?)
     }
 
-    /// The attention of one group's new rows (projected `q`, `k`, `v`, `[G·n, heads·D]`).
-    fn attend_group(&self, q: &Tensor, kn: &Tensor, vn: &Tensor, gs: &mut GroupStep) -> Result<Tensor> {
+    /// The attention of every group's new rows (projected `q` `[rows, heads·D]`, `k` and `v`
+    /// `[rows, kv_heads·D]`, group after group), in f32: RoPE on the new queries and keys, the
+    /// new keys and values appended to their samples' caches, then each new row's heads over
+    /// its group's shared cache and its sample's own up to its position, in parallel over rows.
+    fn attend(&self, q: &Tensor, kn: &Tensor, vn: &Tensor, groups: &mut [GroupStep]) -> Result<Tensor> {
+        use crate::model::kernels::cached_attention::{attend, rope_head};
+        use rayon::prelude::*;
         let at = &self.self_attn;
         let (h, kvh, d) = (at.n_heads, at.n_kv_heads, at.head_dim);
-        let (g, n) = (gs.g, gs.n);
         let rep = h / kvh;
-        let kv = &mut *gs.kv;
-        // q: [G, kvh, rep·n, d], rows ordered (rep, n) within a kv head, as repeat_kv groups heads
-        let q = q
-            .reshape((g, n, kvh, rep, d))?
-            .permute((0, 2, 3, 1, 4))?
-            .contiguous()?
-            .reshape((g, kvh, rep * n, d))?;
-        let (cos, sin) = gs.rope;
-        let q = apply_rope(&q, &cos.repeat((rep, 1))?, &sin.repeat((rep, 1))?)?;
-        let kn = apply_rope(&kn.reshape((g, n, kvh, d))?.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let vn = vn.reshape((g, n, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let (own_k, own_v) = match kv.own.take() {
-            Some((ok, ov)) => (Tensor::cat(&[&ok, &kn], 2)?, Tensor::cat(&[&ov, &vn], 2)?),
-            None => (kn, vn),
-        };
-        let own_scores = q.matmul(&own_k.t()?)?; // [G, kvh, rep·n, t_own]
-        let t_own = own_k.dim(2)?;
-        let scores = match &kv.shared {
-            Some((sk, _)) => Tensor::cat(&[&shared_scores(&q, sk)?, &own_scores], 3)?,
-            None => own_scores,
-        };
-        let scores = (scores * (1.0 / (d as f64).sqrt()))?;
-        let scores = if n > 1 {
-            // new token i sees the own cache up to its own position
-            let total = scores.dim(3)?;
-            let before = total - n;
-            let mask: Vec<f32> = (0..rep * n)
-                .flat_map(|r| (0..total).map(move |j| if j < before || j - before <= r % n { 0.0 } else { -1e9 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (rep * n, total), q.device())?.to_dtype(scores.dtype())?;
-            scores.broadcast_add(&mask)?
-        } else {
-            scores
-        };
-        let probs = softmax_last(&scores)?;
-        let total = probs.dim(3)?;
-        let own_probs = probs.narrow(3, total - t_own, t_own)?.contiguous()?;
-        let mut out = own_probs.matmul(&own_v)?; // [G, kvh, rep·n, d]
-        if let Some((_, sv)) = &kv.shared {
-            out = (out + shared_values(&probs.narrow(3, 0, total - t_own)?, sv)?)?;
+        let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let (mut q, kn, vn) = (f32s(q)?, f32s(kn)?, f32s(vn)?);
+        // each group's first row
+        let mut first = Vec::with_capacity(groups.len());
+        let mut row = 0;
+        for gs in groups.iter_mut() {
+            first.push(row);
+            let (cos, sin) = gs.rope;
+            for s in 0..gs.g {
+                let own = &mut gs.kv.own[s];
+                for i in 0..gs.n {
+                    let r = row + s * gs.n + i;
+                    let (cos, sin) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
+                    for x in q[r * h * d..(r + 1) * h * d].chunks_exact_mut(d) {
+                        rope_head(x, cos, sin);
+                    }
+                    for (kh, head) in own.heads.iter_mut().enumerate() {
+                        let at = r * kvh * d + kh * d;
+                        let mut key = kn[at..at + d].to_vec();
+                        rope_head(&mut key, cos, sin);
+                        head.push(&key, &vn[at..at + d]);
+                    }
+                }
+            }
+            row += gs.g * gs.n;
         }
-        kv.own = Some((own_k, own_v));
-        Ok(out
-            .reshape((g, kvh, rep, n, d))?
-            .permute((0, 3, 1, 2, 4))?
-            .contiguous()?
-            .reshape((g * n, h * d))?)
+        let rows = row;
+        let groups: Vec<&GroupStep> = groups.iter().collect();
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let mut out = vec![0f32; rows * h * d];
+        out.par_chunks_mut(h * d)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (r, o)| {
+                let gi = first.partition_point(|&f| f <= r) - 1;
+                let gs = groups[gi];
+                let (s, i) = ((r - first[gi]) / gs.n, (r - first[gi]) % gs.n);
+                let own = &gs.kv.own[s];
+                for (hh, o) in o.chunks_exact_mut(d).enumerate() {
+                    let kh = hh / rep;
+                    // this row sees its sample's own cache up to its own position
+                    let mine = (&own.heads[kh], own.heads[kh].len() - gs.n + i + 1);
+                    let qh = &q[r * h * d + hh * d..][..d];
+                    match &gs.kv.shared {
+                        Some(sh) => attend(qh, &[(&sh.heads[kh], sh.heads[kh].len()), mine], scale, scores, o),
+                        None => attend(qh, &[mine], scale, scores, o),
+                    }
+                }
+            });
+        Ok(Tensor::from_vec(out, (rows, h * d), q_device())?)
     }
+}
+
+fn q_device() -> &'static candle_core::Device {
+    &candle_core::Device::Cpu
 }
 
 impl Transformer {
@@ -270,7 +343,7 @@ impl Transformer {
             layers: vec![
                 LayerKv {
                     shared: None,
-                    own: None
+                    own: vec![Kv::new(self.cfg.num_key_value_heads, self.cfg.head_dim)],
                 };
                 self.cfg.num_hidden_layers
             ],
@@ -310,10 +383,7 @@ impl Transformer {
     /// sample), through every layer; each group's logits of its samples' last new tokens,
     /// `[samples, V]`.
     fn decode_rows(&self, caches: &mut [GroupCache], ids: &[u32], n: usize) -> Result<Vec<Tensor>> {
-        let ropes: Vec<(Tensor, Tensor)> = caches
-            .iter()
-            .map(|c| rope_rows(self, c.len(), n))
-            .collect::<Result<_>>()?;
+        let ropes: Vec<(Vec<f32>, Vec<f32>)> = caches.iter().map(|c| rope_rows(self, c.len(), n)).collect();
         let mut x = self
             .embed_tokens
             .index_select(&Tensor::new(ids, self.device())?, 0)?
@@ -330,7 +400,8 @@ impl Transformer {
                     kv: &mut c.layers[i],
                 })
                 .collect();
-            x = blk.decode(&x, &mut steps, self)?;
+            let tiles = self.decode_tiles.as_ref().map(|d| &d.layers[i]);
+            x = blk.decode(&x, &mut steps, self, tiles)?;
         }
         // each sample's last new row
         let mut last = Vec::new();
@@ -342,9 +413,10 @@ impl Transformer {
         }
         let x = x.index_select(&Tensor::new(last, self.device())?, 0)?;
         let x = self.kernels.rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        let logits = match self.kernels.bf16_for(&x) {
-            false => few_rows(&x, self.output_weight())?,
-            true => None,
+        let logits = match (&self.decode_tiles, self.kernels.bf16_for(&x)) {
+            (Some(d), _) => Some(packed_products(&x, &[&d.head])?.remove(0)),
+            (None, false) => few_rows(&x, self.output_weight())?,
+            (None, true) => None,
         };
         let logits = match logits {
             Some(l) => l,

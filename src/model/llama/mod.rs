@@ -60,6 +60,16 @@ pub struct Transformer {
     pub(crate) adapters: Option<std::sync::Arc<Adapters>>,
     /// Which training forward pass the adapters' dropout is in (shared by clones).
     pub(crate) dropout_clock: std::sync::Arc<DropoutClock>,
+    /// The weight matrices packed for decoding on AMX ([`Self::with_bf16_matrices`]): only on
+    /// a copy made for one generation, never on a model whose weights change.
+    pub(crate) decode_tiles: Option<std::sync::Arc<decode::DecodeTiles>>,
+}
+
+impl Transformer {
+    /// Whether decoding runs on weights packed into AMX tiles ([`Self::with_bf16_matrices`]).
+    pub fn decodes_from_tiles(&self) -> bool {
+        self.decode_tiles.is_some()
+    }
 }
 
 impl Transformer {
@@ -119,6 +129,7 @@ impl Transformer {
             compact: None,
             adapters: None,
             dropout_clock: Default::default(),
+            decode_tiles: None,
         })
     }
 
@@ -129,6 +140,8 @@ impl Transformer {
         if let Some(a) = &self.adapters {
             m.adapters = Some(std::sync::Arc::new(a.map(|_, t| Ok(t.detach()))?));
         }
+        // the same values: tiles packed from them still hold
+        m.decode_tiles = self.decode_tiles.clone();
         Ok(m)
     }
 
@@ -235,14 +248,33 @@ impl Transformer {
 
     /// A copy for sampling whose weight matrices are bf16: the decoder layers' projections and
     /// the output head (a separate copy when tied; the embedding and the norms stay as they
-    /// are), adapters and a compact base merged in first. Decoding multiplies f32 activations by
-    /// the bf16 weights widened on the fly ([`crate::model::kernels::matmul::few_rows`]), so it
-    /// reads half the bytes per token and computes what the bf16-rounded weights give.
+    /// are), adapters and a compact base merged in first.
+    ///
+    /// On CPUs with AMX the matrices are packed once into AMX tiles ([`decode::DecodeTiles`])
+    /// and decoding multiplies bf16-rounded activations by them with f32 sums: the products of
+    /// training's `bf16 = true`. Elsewhere decoding multiplies f32 activations by bf16 copies of
+    /// the weights widened on the fly ([`crate::model::kernels::matmul::few_rows`]): the f32
+    /// model with its matrices rounded to bf16, from half the bytes per token.
     pub fn with_bf16_matrices(&self) -> Result<Self> {
+        self.with_bf16_matrices_on(crate::model::kernels::CpuPath::active())
+    }
+
+    /// [`Self::with_bf16_matrices`] with the kernels of `path` (at most the CPU's): AMX tiles
+    /// where it allows AMX. Tests use it to run both kinds on one machine.
+    pub fn with_bf16_matrices_on(&self, path: crate::model::kernels::CpuPath) -> Result<Self> {
+        if self.decode_tiles.is_some() && path >= crate::model::kernels::CpuPath::Amx {
+            return Ok(self.clone());
+        }
         let base = match self.adapters.is_some() || self.compact.is_some() {
             true => self.merged()?,
             false => self.clone(),
         };
+        if let Some(tiles) = decode::DecodeTiles::new(&base, path)? {
+            let mut m = base;
+            m.decode_tiles = Some(std::sync::Arc::new(tiles));
+            m.kernels.bf16 = false;
+            return Ok(m);
+        }
         let head = base.output_weight().to_dtype(DType::BF16)?;
         let mut m = base.map(
             |name, t| match name.starts_with("model.layers.") && name.ends_with("_proj.weight") {

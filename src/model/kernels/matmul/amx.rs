@@ -231,3 +231,39 @@ pub unsafe fn pack_lhs_rows(a: View, i0: usize, nkb: usize, chunk: &mut [u16]) {
         }
     }
 }
+
+/// `out[16×32] = A·B` for one 16-row tile of A (`a0`, `nkb` consecutive tiles) and the two
+/// column halves `b0`/`b1`: the upper half of [`kernel_32x32`], for decoding a few rows. Each
+/// element is summed exactly as there, so a row's result does not depend on the rows beside it.
+///
+/// # Safety
+/// As for [`kernel_32x32`]; `out` valid for 16×32 f32.
+#[inline(always)]
+pub unsafe fn kernel_16x32(a0: *const u16, b0: *const u16, b1: *const u16, nkb: usize, out: *mut f32) {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "2:",
+        "tileloadd tmm4, [{a0} + {s}*1]",
+        "tileloadd tmm6, [{b0} + {s}*1]",
+        "tileloadd tmm7, [{b1} + {s}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "add {a0}, 1024",
+        "add {b0}, 1024",
+        "add {b1}, 1024",
+        "dec {n}",
+        "jnz 2b",
+        "tilestored [{c} + {cs}*1], tmm0",
+        "add {c}, 64",
+        "tilestored [{c} + {cs}*1], tmm1",
+        a0 = inout(reg) a0 => _,
+        b0 = inout(reg) b0 => _,
+        b1 = inout(reg) b1 => _,
+        n = inout(reg) nkb => _,
+        c = inout(reg) out => _,
+        s = in(reg) 64usize,
+        cs = in(reg) 128usize,
+        options(nostack),
+    );
+}

@@ -332,7 +332,7 @@ fn bytemuck_u16(v: &[half::bf16]) -> &[u16] {
 }
 
 /// The output of [`few_rows`], written by its tasks, each to its own columns.
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 
 // SAFETY: the tasks write disjoint elements (see `few_rows_on`).
 unsafe impl Sync for SharedOut {}
@@ -340,7 +340,7 @@ unsafe impl Sync for SharedOut {}
 impl SharedOut {
     /// # Safety
     /// `i` must lie in the buffer, and no other task may touch element `i`.
-    unsafe fn at(&self, i: usize) -> *mut f32 {
+    pub(super) unsafe fn at(&self, i: usize) -> *mut f32 {
         self.0.add(i)
     }
 }

@@ -119,6 +119,9 @@ mod amx {
     pub unsafe fn kernel_32x32(_: *const u16, _: *const u16, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
         unreachable!("AMX is x86_64 Linux only")
     }
+    pub unsafe fn kernel_16x32(_: *const u16, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
+        unreachable!("AMX is x86_64 Linux only")
+    }
     pub unsafe fn pack_rhs_columns(_: super::View, _: usize, _: usize, _: &mut [u32]) {
         unreachable!("AMX is x86_64 Linux only")
     }
@@ -145,6 +148,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 }
 
 mod linear;
+pub mod packed;
 pub use linear::{few_rows, few_rows_many, linear, linear_bwd, linear_bwd_input, FEW_ROWS};
 #[cfg(test)]
 #[cfg(test)]

@@ -347,3 +347,55 @@ fn few_rows_on_path(path: CpuPath) {
         assert!(few_rows_many_on(path, &x, &[&w, &widened]).unwrap().is_none());
     }
 }
+
+/// Weights packed into AMX tiles for decoding (`packed::packed_products`): against an f64 sum
+/// of the bf16-rounded operands' products, for shapes that are not multiples of the tiles, from
+/// 1 row to past one 32-row block; each row's result bit for bit the same alone as among the
+/// others (batched sampling draws what sampling one by one draws); several weights at once each
+/// as alone. Below AMX nothing is packed.
+#[test]
+fn packed_products_are_bf16_products_whatever_the_rows_beside() {
+    use super::packed::{packed_products, PackedWeight};
+    let dev = candle_core::Device::Cpu;
+    for path in CpuPath::supported() {
+        let w = Tensor::from_vec(lcg(1, 6 * 40), (6, 40), &dev).unwrap();
+        let packed = PackedWeight::new_on(path, &w).unwrap();
+        if path < CpuPath::Amx {
+            assert!(packed.is_none(), "{path:?}");
+            continue;
+        }
+        for (m, k, n) in [(1, 40, 6), (5, 70, 50), (16, 576, 33), (17, 64, 64), (40, 100, 96)] {
+            let xs = lcg(m as u64 * 31 + k as u64, m * k);
+            let ws = lcg(n as u64 * 17 + k as u64, n * k);
+            let x = Tensor::from_vec(xs.clone(), (m, k), &dev).unwrap();
+            let w = Tensor::from_vec(ws.clone(), (n, k), &dev).unwrap();
+            let p = PackedWeight::new_on(path, &w).unwrap().unwrap();
+            let got: Vec<Vec<f32>> = packed_products(&x, &[&p]).unwrap().remove(0).to_vec2().unwrap();
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|c| round_to_bf16(xs[r * k + c]) as f64 * round_to_bf16(ws[j * k + c]) as f64)
+                        .sum();
+                    assert!((got[r][j] as f64 - want).abs() < 1e-4, "m {m} k {k} n {n} ({r}, {j})");
+                }
+                let alone: Vec<f32> = packed_products(&x.narrow(0, r, 1).unwrap(), &[&p])
+                    .unwrap()
+                    .remove(0)
+                    .to_vec2()
+                    .unwrap()
+                    .remove(0);
+                assert_eq!(alone, got[r], "m {m} k {k} n {n}: row {r}");
+            }
+            let half = PackedWeight::new_on(path, &w.narrow(0, 0, n.div_ceil(2)).unwrap())
+                .unwrap()
+                .unwrap();
+            let both = packed_products(&x, &[&p, &half]).unwrap();
+            assert_eq!(both[0].to_vec2::<f32>().unwrap(), got);
+            let want_half: Vec<Vec<f32>> = got.iter().map(|row| row[..n.div_ceil(2)].to_vec()).collect();
+            assert_eq!(both[1].to_vec2::<f32>().unwrap(), want_half);
+        }
+        // a k that does not match is an error, not a wrong product
+        let x = Tensor::zeros((2, 41), candle_core::DType::F32, &dev).unwrap();
+        assert!(packed_products(&x, &[&packed.unwrap()]).is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! Weights packed once into AMX tiles, for sampling from bf16 weights on CPUs with AMX
+//! (`bf16_sampling`, `--bf16-weights`).
+//!
+//! Decoding multiplies a few rows (one token per sequence) by every weight matrix at every
+//! step, while the weights stay fixed for the whole generation. So each matrix `W` `[n, k]` is
+//! rounded to bf16 and packed into the tile layout of [`super::Rhs::Tiles`] once
+//! ([`PackedWeight::new`]), and each step only packs its few rows of activations (rounded to
+//! bf16 too) and runs `tdpbf16ps` over the weight's tiles, in parallel over the weight's columns
+//! ([`packed_products`]). The sums are f32, as in training's `bf16 = true` products.
+//!
+//! Each element of the result is the same sequence of tile products whatever rows come with it
+//! (16-row and 32-row blocks sum alike, padding rows are zero), so batched sampling draws what
+//! sampling prompt by prompt draws.
+
+use super::linear::SharedOut;
+use super::{amx, bytemuck_u32, round_up, CpuPath, View};
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+/// A weight `[n, k]` rounded to bf16 and packed for `x·Wᵀ` on AMX tiles: per 16 of its rows
+/// (the product's columns), per 32 of k, 16 pairs along k × 16 rows; n and k zero-padded to
+/// multiples of 32.
+pub struct PackedWeight {
+    tiles: Vec<u16>,
+    n: usize,
+    k: usize,
+    nkb: usize,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight[{}, {}]", self.n, self.k)
+    }
+}
+
+impl PackedWeight {
+    /// `w` (a 2-D f32 or bf16 CPU tensor) packed, where the kernels may use AMX; else `None`.
+    pub fn new(w: &Tensor) -> crate::error::Result<Option<PackedWeight>> {
+        Self::new_on(CpuPath::active(), w)
+    }
+
+    /// [`Self::new`] where `path` (at most the CPU's) allows AMX.
+    pub fn new_on(path: CpuPath, w: &Tensor) -> crate::error::Result<Option<PackedWeight>> {
+        if path.min(CpuPath::detected()) < CpuPath::Amx {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        let w = w.to_dtype(candle_core::DType::F32)?;
+        let nkb = k.div_ceil(32).max(1);
+        let mut tiles = vec![0u16; round_up(n.max(1), 32) * nkb * 32];
+        super::with_f32(&w, |v| {
+            // Wᵀ `[k, n]`: each of its columns (a row of W) contiguous along k
+            let wt = View::row_major(v, n, k).t();
+            tiles.par_chunks_mut(nkb * 512).enumerate().for_each(|(jb, chunk)| {
+                // SAFETY: AMX implies AVX-512 F and BW (checked when AMX is enabled).
+                unsafe { amx::pack_rhs_columns(wt, jb * 16, nkb, bytemuck_u32(chunk)) };
+            });
+            Ok(())
+        })?;
+        Ok(Some(PackedWeight { tiles, n, k, nkb }))
+    }
+
+    /// Rows of the weight (columns of the product).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes of the packed tiles.
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * 2
+    }
+}
+
+/// `x·Wᵀ` for each packed weight `W` of `ws` (all with `k` columns, like `x` `[m, k]`, f32),
+/// in one parallel pass over the weights' columns (a layer's q, k and v; its gate and up). The
+/// rows of `x` are rounded to bf16 and packed once for all of them.
+pub fn packed_products(x: &Tensor, ws: &[&PackedWeight]) -> crate::error::Result<Vec<Tensor>> {
+    let (m, k) = x.dims2()?;
+    if let Some(w) = ws.iter().find(|w| w.k != k) {
+        return Err(crate::error::Error::msg(format!(
+            "packed product: x has {k} columns, the weight [{}, {}]",
+            w.n, w.k
+        )));
+    }
+    let Some(nkb) = ws.first().map(|w| w.nkb) else {
+        return Ok(Vec::new());
+    };
+    // the rows in 16-row tiles: one tile for up to 16 rows, else whole 32-row blocks
+    let mp = if m <= 16 { 16 } else { round_up(m, 32) };
+    let tile = nkb * 512; // u16 per 16-row (or 16-column) block
+    let mut at = vec![0u16; mp / 16 * tile];
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    super::with_f32(&x, |xs| {
+        let view = View::row_major(xs, m, k);
+        for (ib, chunk) in at.chunks_mut(tile).enumerate() {
+            // SAFETY: AMX implies AVX-512 F and BW.
+            unsafe { amx::pack_lhs_rows(view, ib * 16, nkb, chunk) };
+        }
+        Ok(())
+    })?;
+    // about four tasks per thread over all the weights' 32-column blocks
+    let blocks: Vec<usize> = ws.iter().map(|w| w.n.div_ceil(32)).collect();
+    let per_task = blocks
+        .iter()
+        .sum::<usize>()
+        .div_ceil(4 * rayon::current_num_threads().max(1))
+        .max(1);
+    let jobs: Vec<(usize, usize, usize)> = blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &nb)| (0..nb).step_by(per_task).map(move |b0| (i, b0, per_task.min(nb - b0))))
+        .collect();
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
+    let outs: Vec<SharedOut> = ys.iter_mut().map(|y| SharedOut(y.as_mut_ptr())).collect();
+    jobs.into_par_iter().for_each(|(i, first, count)| {
+        let (w, n) = (ws[i], ws[i].n);
+        let mut out = [0f32; 32 * 32];
+        // SAFETY: PackedWeight exists only where AMX is enabled.
+        let _tiles = unsafe { amx::Tiles::configure() };
+        for nb in first..first + count {
+            let b0 = w.tiles[2 * nb * tile..].as_ptr();
+            let b1 = w.tiles[(2 * nb + 1) * tile..].as_ptr();
+            let jn = 32.min(n - nb * 32);
+            for mb in 0..mp.div_ceil(32) {
+                // SAFETY: the tiles are configured; `at` holds mp rows and `w.tiles` 32-padded
+                // columns, nkb tiles each; `out` holds 32×32.
+                unsafe {
+                    match mp {
+                        16 => amx::kernel_16x32(at.as_ptr(), b0, b1, nkb, out.as_mut_ptr()),
+                        _ => amx::kernel_32x32(
+                            at[2 * mb * tile..].as_ptr(),
+                            at[(2 * mb + 1) * tile..].as_ptr(),
+                            b0,
+                            b1,
+                            nkb,
+                            out.as_mut_ptr(),
+                        ),
+                    }
+                }
+                for r in 0..32.min(m - mb * 32) {
+                    for (c, &v) in out[r * 32..r * 32 + jn].iter().enumerate() {
+                        // SAFETY: each task writes only its own columns of weight i's [m, n]
+                        // buffer, which outlives the parallel loop.
+                        unsafe { *outs[i].at((mb * 32 + r) * n + nb * 32 + c) = v };
+                    }
+                }
+            }
+        }
+    });
+    Ok(ys
+        .into_iter()
+        .zip(ws)
+        .map(|(y, w)| Tensor::from_vec(y, (m, w.n), &candle_core::Device::Cpu))
+        .collect::<candle_core::Result<_>>()?)
+}
