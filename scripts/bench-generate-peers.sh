@@ -36,12 +36,17 @@ echo "== llama.cpp (Q4_1 GGUF)"
 python3 - <<'PY'
 import json
 p = json.load(open("target/bench-generate-prefer.json"))
+b = json.load(open("target/bench-generate-prefer-bf16.json"))
 t = json.load(open("target/bench-generate-transformers.json"))
 l = json.load(open("target/bench-generate-llamacpp.json"))
-print(f"{'tokens/s':34}{'prefer':>10}{'transformers':>14}{'llama.cpp':>11}")
-print(f"{'batch 1, decode':34}{p['batch1_decode_tokens_per_second']:10.1f}{t['batch1_decode_tokens_per_second']:14.1f}{l['batch1_decode_tokens_per_second']:11.1f}")
-print(f"{'4 prompts x 8 generations':34}{p['batch_tokens_per_second']:10.1f}{t['batch_tokens_per_second']:14.1f}{'':>11}")
-print(f"prefer's batch vs llama.cpp's one stream: {p['batch_tokens_per_second']/l['batch1_decode_tokens_per_second']:.2f}x; "
-      f"vs transformers' batch: {p['batch_tokens_per_second']/t['batch_tokens_per_second']:.2f}x; "
-      f"batch-1 decode vs llama.cpp: {p['batch1_decode_tokens_per_second']/l['batch1_decode_tokens_per_second']:.2f}x")
+print(f"{'tokens/s':34}{'prefer':>10}{'prefer bf16':>13}{'transformers':>14}{'llama.cpp':>11}")
+print(f"{'batch 1, decode':34}{p['batch1_decode_tokens_per_second']:10.1f}{b['batch1_decode_tokens_per_second']:13.1f}"
+      f"{t['batch1_decode_tokens_per_second']:14.1f}{l['batch1_decode_tokens_per_second']:11.1f}")
+print(f"{'4 prompts x 8 generations':34}{p['batch_tokens_per_second']:10.1f}{b['batch_tokens_per_second']:13.1f}"
+      f"{t['batch_tokens_per_second']:14.1f}{'':>11}")
+print(f"prefer bf16 decodes from: {b['decode_weights']}")
+for name, r in (("prefer", p), ("prefer bf16", b)):
+    print(f"{name}: batch vs llama.cpp's one stream {r['batch_tokens_per_second']/l['batch1_decode_tokens_per_second']:.2f}x; "
+          f"vs transformers' batch {r['batch_tokens_per_second']/t['batch_tokens_per_second']:.2f}x; "
+          f"batch-1 decode vs llama.cpp {r['batch1_decode_tokens_per_second']/l['batch1_decode_tokens_per_second']:.2f}x")
 PY

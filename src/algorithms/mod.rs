@@ -102,7 +102,7 @@ impl<T: Any> AsAny for T {
 }
 
 /// A training method, as the trainer core runs it.
-pub trait Algorithm: AsAny {
+pub trait Algorithm: AsAny + Send {
     /// Before a step's micro-batches (`batches`: the indices of each): an online method's
     /// rollout, MaxMin's E-step.
     fn begin_step(&mut self, _ctx: &StepCtx, _batches: &[Vec<usize>]) -> Result<()> {

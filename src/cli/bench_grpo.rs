@@ -37,6 +37,9 @@ pub struct GrpoBenchArgs {
     /// Sample in bf16 (`bf16_sampling`: AMX tiles where the CPU has them).
     #[arg(long)]
     pub bf16_sampling: bool,
+    /// Train with bf16 products (`bf16`: AMX or AVX512-BF16 where the CPU has them).
+    #[arg(long)]
+    pub bf16: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -86,6 +89,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
     cfg.grpo.max_completion_length = args.max_completion_length;
     cfg.grpo.reward_funcs = vec!["accuracy".into()];
     cfg.grpo.bf16_sampling = args.bf16_sampling;
+    cfg.bf16 = args.bf16;
     cfg.validate()?;
     let mut tr = Trainer::new(&cfg)?;
     let warm = tr.step()?;
@@ -122,6 +126,7 @@ pub fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length,
         "bf16_sampling": args.bf16_sampling,
+        "bf16": args.bf16,
         "gradient_checkpointing": args.gradient_checkpointing,
         "s_per_step_mean": total / args.steps.max(1) as f64,
         "phase_seconds_per_step": phases,

@@ -29,7 +29,7 @@ pub struct RewardInput<'a> {
 }
 
 /// A reward function.
-pub trait Reward {
+pub trait Reward: Send {
     /// The name its metrics are logged under (`rewards/<name>/mean`).
     fn name(&self) -> &str;
     /// One score per input, in order.

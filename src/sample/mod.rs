@@ -121,6 +121,25 @@ pub fn sample_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &m
     for x in z.iter_mut() {
         *x /= p.temperature;
     }
+    if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+        // no cut (TRL's defaults): the draw below over every token in order, with the weights
+        // in `z` itself instead of two vocabulary-sized lists per token
+        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        for x in z.iter_mut() {
+            *x = (*x - m).exp();
+        }
+        let total: f64 = z.iter().sum();
+        let mut u = rng.uniform() * total;
+        let mut token = z.len().saturating_sub(1);
+        for (i, &x) in z.iter().enumerate() {
+            if u < x {
+                token = i;
+                break;
+            }
+            u -= x;
+        }
+        return (token as u32, logprob_at(logits, report_t, token) as f32);
+    }
     // candidates, most likely first where a cut needs an order
     let mut keep: Vec<usize> = (0..z.len()).collect();
     if p.top_k > 0 && p.top_k < keep.len() {
@@ -425,6 +444,30 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 0.015, "{got:?} vs {want:?}");
         }
+    }
+
+    /// Without a cut, the draw takes a shortcut (no candidate lists); a top-k of the whole
+    /// vocabulary goes the general way over the same tokens in the same order: the same token
+    /// for every seed.
+    #[test]
+    fn the_uncut_draw_equals_the_general_one() {
+        let logits: Vec<f32> = (0..300).map(|i| ((i * 7919 % 113) as f32 / 17.0) - 3.0).collect();
+        let fast = SamplingParams {
+            temperature: 0.7,
+            ..SamplingParams::default()
+        };
+        let general = SamplingParams {
+            top_k: logits.len(),
+            ..fast.clone()
+        };
+        let mut distinct = std::collections::BTreeSet::new();
+        for seed in 0..500 {
+            let (mut a, mut b) = (Rng::new(seed), Rng::new(seed));
+            let x = sample_token(&logits, &[], &fast, &mut a);
+            assert_eq!(x, sample_token(&logits, &[], &general, &mut b), "seed {seed}");
+            distinct.insert(x.0);
+        }
+        assert!(distinct.len() > 20, "{distinct:?}");
     }
 
     #[test]

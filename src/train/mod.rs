@@ -192,7 +192,14 @@ impl Trainer {
     }
 
     /// One optimizer step over `gradient_accumulation_steps` micro-batches.
+    /// Runs on a worker of the thread pool (see [`crate::sample::sample_mixture`]): a step makes
+    /// thousands of parallel regions, and each one entered from outside the pool waits for a
+    /// cold wake-up when it ends (back to back on `prefer bench dpo`: 143 against 139 tokens/s).
     pub fn step(&mut self) -> Result<StepReport> {
+        rayon::scope(|_| self.step_on_worker())
+    }
+
+    fn step_on_worker(&mut self) -> Result<StepReport> {
         let step = self.state.global_step;
         let accum = self.cfg.gradient_accumulation_steps;
         // the data of step ⌊step / μ⌋ (μ = the algorithm's steps per batch, GRPO's num_iterations)

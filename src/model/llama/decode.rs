@@ -276,26 +276,23 @@ impl Block {
         let at = &self.self_attn;
         let (h, kvh, d) = (at.n_heads, at.n_kv_heads, at.head_dim);
         let rep = h / kvh;
+        let dev = q.device().clone();
         let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-        let (mut q, kn, vn) = (f32s(q)?, f32s(kn)?, f32s(vn)?);
-        // each group's first row
+        let (q, kn, vn) = (f32s(q)?, f32s(kn)?, f32s(vn)?);
+        // the new keys (after RoPE) and values onto their samples' caches; each group's first row
         let mut first = Vec::with_capacity(groups.len());
         let mut row = 0;
+        let mut key = vec![0f32; d];
         for gs in groups.iter_mut() {
             first.push(row);
             let (cos, sin) = gs.rope;
             for s in 0..gs.g {
-                let own = &mut gs.kv.own[s];
                 for i in 0..gs.n {
                     let r = row + s * gs.n + i;
-                    let (cos, sin) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
-                    for x in q[r * h * d..(r + 1) * h * d].chunks_exact_mut(d) {
-                        rope_head(x, cos, sin);
-                    }
-                    for (kh, head) in own.heads.iter_mut().enumerate() {
+                    for (kh, head) in gs.kv.own[s].heads.iter_mut().enumerate() {
                         let at = r * kvh * d + kh * d;
-                        let mut key = kn[at..at + d].to_vec();
-                        rope_head(&mut key, cos, sin);
+                        key.copy_from_slice(&kn[at..at + d]);
+                        rope_head(&mut key, &cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
                         head.push(&key, &vn[at..at + d]);
                     }
                 }
@@ -306,30 +303,30 @@ impl Block {
         let groups: Vec<&GroupStep> = groups.iter().collect();
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let mut out = vec![0f32; rows * h * d];
-        out.par_chunks_mut(h * d)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (r, o)| {
+        // each row: its queries after RoPE, each head over what its row sees
+        out.par_chunks_mut(h * d).enumerate().for_each_init(
+            || (Vec::new(), vec![0f32; d]),
+            |(scores, qh), (r, o)| {
                 let gi = first.partition_point(|&f| f <= r) - 1;
                 let gs = groups[gi];
                 let (s, i) = ((r - first[gi]) / gs.n, (r - first[gi]) % gs.n);
+                let (cos, sin) = (&gs.rope.0[i * d..(i + 1) * d], &gs.rope.1[i * d..(i + 1) * d]);
                 let own = &gs.kv.own[s];
                 for (hh, o) in o.chunks_exact_mut(d).enumerate() {
                     let kh = hh / rep;
+                    qh.copy_from_slice(&q[r * h * d + hh * d..][..d]);
+                    rope_head(qh, cos, sin);
                     // this row sees its sample's own cache up to its own position
                     let mine = (&own.heads[kh], own.heads[kh].len() - gs.n + i + 1);
-                    let qh = &q[r * h * d + hh * d..][..d];
                     match &gs.kv.shared {
                         Some(sh) => attend(qh, &[(&sh.heads[kh], sh.heads[kh].len()), mine], scale, scores, o),
                         None => attend(qh, &[mine], scale, scores, o),
                     }
                 }
-            });
-        Ok(Tensor::from_vec(out, (rows, h * d), q_device())?)
+            },
+        );
+        Ok(Tensor::from_vec(out, (rows, h * d), &dev)?)
     }
-}
-
-fn q_device() -> &'static candle_core::Device {
-    &candle_core::Device::Cpu
 }
 
 impl Transformer {
