@@ -102,7 +102,19 @@ impl DirLock {
         {
             use std::os::unix::io::AsRawFd;
             // SAFETY: flock on a descriptor this function owns; no memory is involved.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let try_lock = || unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+            // A lock just released can look held for a moment: a process that forks (to run a
+            // reward command) copies every open descriptor into the child until it execs, and
+            // the copy holds the lock meanwhile. So a refusal is only believed after a second.
+            let mut locked = try_lock();
+            for _ in 0..50 {
+                if locked {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                locked = try_lock();
+            }
+            if !locked {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
                 return Err(Error::msg(format!(
                     "output_dir {}: another run is writing to it ({}); wait for it to end, stop it, or choose another output_dir",
