@@ -181,8 +181,9 @@ fn rope_rows(t: &Transformer, start: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// `l(x)` while decoding: the few-rows product where it applies (f32, or f32 rows against a bf16
-/// copy of the weights), else the layer's own (a bf16 copy widened first).
+/// `l(x)` while decoding: with `packed`, the product with the layer's weights in AMX tiles; else
+/// the few-rows product where it applies (f32, or f32 rows against a bf16 copy of the weights),
+/// else the layer's own (a bf16 copy widened first).
 fn lin(l: &Linear, packed: Option<&PackedWeight>, x: &Tensor, k: Kernels) -> Result<Tensor> {
     Ok(lin_many(&[l], packed.map(|p| vec![p]), x, k)?.remove(0))
 }
