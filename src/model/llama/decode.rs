@@ -64,25 +64,11 @@ impl DecodeTiles {
         }
         Ok(Some(DecodeTiles { layers, head }))
     }
-
-    /// Bytes of all the packed tiles.
-    pub fn bytes(&self) -> usize {
-        self.head.bytes()
-            + self
-                .layers
-                .iter()
-                .map(|l| {
-                    l.qkv.iter().chain(&l.gate_up).map(PackedWeight::bytes).sum::<usize>()
-                        + l.o.bytes()
-                        + l.down.bytes()
-                })
-                .sum::<usize>()
-    }
 }
 
 /// Keys (after RoPE) and values of some positions of one sequence: one [`HeadCache`] per kv
 /// head.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Kv {
     heads: Vec<HeadCache>,
 }

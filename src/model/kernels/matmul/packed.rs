@@ -59,16 +59,6 @@ impl PackedWeight {
         })?;
         Ok(Some(PackedWeight { tiles, n, k, nkb }))
     }
-
-    /// Rows of the weight (columns of the product).
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Bytes of the packed tiles.
-    pub fn bytes(&self) -> usize {
-        self.tiles.len() * 2
-    }
 }
 
 /// `x·Wᵀ` for each packed weight `W` of `ws` (all with `k` columns, like `x` `[m, k]`, f32),
