@@ -4,7 +4,9 @@
 use super::config::ModelConfig;
 use crate::batch::Collated;
 use crate::error::{Error, Result};
+use crate::model::kernels::AttentionPart;
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// Positions and attention pattern for one forward pass over a `[B, T]` batch.
 ///
@@ -28,6 +30,9 @@ pub struct AttentionBlock {
     pub start: usize,
     pub len: usize,
     pub mask: Tensor,
+    /// The same attention as dense parts that skip the pairs the mask forbids, where that
+    /// saves work (a prompt shared by several responses); the fused kernel then uses them.
+    pub parts: Option<Arc<Vec<AttentionPart>>>,
 }
 
 /// `allowed(query, key)` within one attention block.
@@ -73,6 +78,51 @@ fn mask_tensor(
         }
     }
     Ok(Tensor::from_vec(mask, (rows, 1, len, len), device)?.to_dtype(dtype)?)
+}
+
+/// A block's attention as dense parts, one per run of equal `segments`: each run's queries
+/// attend the runs up to it that `allowed` lets any of its queries see. `None` when the block
+/// has fewer than three runs (nothing to skip), or when some allowed pair would be left out
+/// (so the split never changes what is computed).
+fn split_block(
+    segments: &[u32],
+    allowed: BlockMask,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<Vec<AttentionPart>>> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, s) in segments.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if segments[r.0] == *s => r.1 += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    if runs.len() < 3 {
+        return Ok(None);
+    }
+    let mut parts = Vec::with_capacity(runs.len());
+    for (k, &(r0, rl)) in runs.iter().enumerate() {
+        let sees = |&&(s, n): &&(usize, usize)| (r0..r0 + rl).any(|i| (s..s + n).any(|j| allowed(i, j)));
+        let keys: Vec<(usize, usize)> = runs[..=k].iter().filter(sees).copied().collect();
+        let skipped = runs.iter().filter(|r| !keys.contains(r));
+        for &(s, n) in skipped {
+            if (r0..r0 + rl).any(|i| (s..s + n).any(|j| allowed(i, j))) {
+                return Ok(None);
+            }
+        }
+        let cols: Vec<usize> = keys.iter().flat_map(|&(s, n)| s..s + n).collect();
+        let mut mask = Vec::with_capacity(rl * cols.len());
+        for i in r0..r0 + rl {
+            mask.extend(cols.iter().map(|&j| if allowed(i, j) { 0f32 } else { -1e9 }));
+        }
+        let mask = Tensor::from_vec(mask, (1, 1, rl, cols.len()), device)?.to_dtype(dtype)?;
+        parts.push(AttentionPart {
+            rows: (r0, rl),
+            keys,
+            mask,
+        });
+    }
+    Ok(Some(parts))
 }
 
 impl AttentionInputs {
@@ -121,16 +171,25 @@ impl AttentionInputs {
         Ok(AttentionInputs {
             cos,
             sin,
-            blocks: vec![AttentionBlock { start: 0, len: t, mask }],
+            blocks: vec![AttentionBlock {
+                start: 0,
+                len: t,
+                mask,
+                parts: None,
+            }],
         })
     }
 
     /// A single row made of consecutive blocks (padding-free packing). `positions` covers the
     /// whole row; `blocks[k]` is `(len, allowed(query, key))` with indices local to the block.
+    /// With `segments` (one per token of the row; equal neighbours form a run, as in
+    /// [`Collated::segments`]), a block of three or more runs whose forbidden pairs cover whole
+    /// runs is also split into dense parts ([`AttentionPart`]).
     pub fn packed(
         cfg: &ModelConfig,
         positions: &[usize],
         blocks: &[(usize, BlockMask)],
+        segments: Option<&[u32]>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -146,7 +205,16 @@ impl AttentionInputs {
         let mut out = Vec::with_capacity(blocks.len());
         for &(len, allowed) in blocks {
             let mask = mask_tensor(1, len, |_, i, j| allowed(i, j), dtype, device)?;
-            out.push(AttentionBlock { start, len, mask });
+            let parts = match segments {
+                Some(seg) => split_block(&seg[start..start + len], allowed, dtype, device)?.map(Arc::new),
+                None => None,
+            };
+            out.push(AttentionBlock {
+                start,
+                len,
+                mask,
+                parts,
+            });
             start += len;
         }
         Ok(AttentionInputs { cos, sin, blocks: out })
@@ -169,7 +237,7 @@ impl AttentionInputs {
                 .zip(&preds)
                 .map(|(&(_, len), f)| (len, f.as_ref()))
                 .collect();
-            Self::packed(cfg, &batch.positions, &blocks, dtype, device)
+            Self::packed(cfg, &batch.positions, &blocks, Some(&batch.segments), dtype, device)
         } else {
             Self::new(
                 cfg,

@@ -47,15 +47,17 @@ fn with_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> CResult<R>) -> CRe
     }
 }
 
-/// `f(row, logits of the row, logsumexp of the row)` for every row of `h`; with `entropies`,
-/// each row's entropy is pushed there too (computed in parallel with the logsumexps).
-fn for_each_logit_row<T: Elem>(
+/// `f(first row, logits of the chunk's rows, their logsumexps)` for every chunk of at most
+/// `chunk_rows` rows of `h`, in order; with `entropies` (and `tops`), each row's entropy (and
+/// largest log-prob) is pushed there too (computed in parallel with the logsumexps).
+fn for_each_logit_chunk<T: Elem>(
     h: &Tensor,
     w: &Tensor,
     bf16: bool,
+    chunk_rows: usize,
     mut entropies: Option<&mut Vec<f64>>,
     mut tops: Option<&mut Vec<f64>>,
-    mut f: impl FnMut(usize, &[T], T),
+    mut f: impl FnMut(usize, &[T], &[T]) -> CResult<()>,
 ) -> CResult<()> {
     let (n, v) = (h.dim(0)?, w.dim(0)?);
     let wt = w.t()?;
@@ -64,8 +66,8 @@ fn for_each_logit_row<T: Elem>(
         true => Some(super::matmul::rhs_of(w, true)?),
         false => None,
     };
-    for start in (0..n).step_by(HEAD_CHUNK_ROWS) {
-        let c = HEAD_CHUNK_ROWS.min(n - start);
+    for start in (0..n).step_by(chunk_rows.max(1)) {
+        let c = chunk_rows.min(n - start);
         let logits = match &packed {
             Some(p) => super::matmul::matmul_tensor(&h.narrow(0, start, c)?, false, p)?,
             None => h.narrow(0, start, c)?.matmul(&wt)?,
@@ -91,10 +93,7 @@ fn for_each_logit_row<T: Elem>(
                     .collect();
                 t.extend(rows);
             }
-            for (i, row) in l.chunks(v).enumerate() {
-                f(start + i, row, lse[i]);
-            }
-            Ok(())
+            f(start, l, &lse)
         })?;
     }
     Ok(())
@@ -107,13 +106,20 @@ fn head_fwd<T: Elem>(op: &TokenLogps, s1: &CpuStorage, l1: &Layout) -> CResult<(
     let mut tops = Vec::new();
     let want = op.entropies.is_some();
     let want_top = op.top_logps.is_some();
-    for_each_logit_row::<T>(
+    let v = op.w.dim(0)?;
+    for_each_logit_chunk::<T>(
         &h,
         &op.w,
         op.bf16,
+        HEAD_CHUNK_ROWS,
         want.then_some(&mut ent),
         want_top.then_some(&mut tops),
-        |i, row, lse| res[i] = row[op.targets[i] as usize] - lse,
+        |start, logits, lse| {
+            for (i, (row, &m)) in logits.chunks(v).zip(lse).enumerate() {
+                res[start + i] = row[op.targets[start + i] as usize] - m;
+            }
+            Ok(())
+        },
     )?;
     let poisoned = |_| candle_core::Error::Msg("fused-token-logps: poisoned buffer".into());
     if let Some(e) = &op.entropies {
@@ -126,34 +132,94 @@ fn head_fwd<T: Elem>(op: &TokenLogps, s1: &CpuStorage, l1: &Layout) -> CResult<(
     out(res, Shape::from(n))
 }
 
+/// Logit values the backward pass holds at once (`[rows, V]` of its logits' gradient): 64 MiB
+/// of f32, 341 rows of SmolLM2's 49152-token vocabulary (a unit test's budget is one chunk of
+/// [`HEAD_CHUNK_ROWS`], so that several chunks are tested).
+const HEAD_BWD_VALUES: usize = if cfg!(test) { 1 } else { 1 << 24 };
+
 /// dlogits = g·(onehot(target) − softmax(logits)); dh = dlogits·W, dW = dlogitsᵀ·h.
 /// `dh`, and `dW` when `want_dw` (a frozen head, e.g. under LoRA, gets none: candle would
 /// otherwise add a `[V, H]` gradient of an untracked weight into its store).
+///
+/// In f32 the logits' gradient is made a chunk of rows at a time ([`HEAD_BWD_VALUES`]), each
+/// chunk's products written into `dh`'s rows and added into `dW` in place: GRPO's 3264
+/// completion tokens would otherwise hold a 642 MB `[rows, V]` gradient at the peak of the step.
 fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResult<(Tensor, Option<Tensor>)> {
+    let h = h.contiguous()?;
+    if T::DTYPE == candle_core::DType::F32 {
+        return head_bwd_f32(op, &h, g, want_dw);
+    }
     let (n, v) = (h.dim(0)?, op.w.dim(0)?);
     let g: Vec<T> = g.to_dtype(T::DTYPE)?.to_vec1()?;
-    let h = h.contiguous()?;
     let mut dl = vec![T::zero(); n * v];
-    for_each_logit_row::<T>(&h, &op.w, op.bf16, None, None, |i, row, lse| {
-        let d = &mut dl[i * v..(i + 1) * v];
-        neg_softmax_row(d, row, lse, g[i]);
-        d[op.targets[i] as usize] += g[i];
+    for_each_logit_chunk::<T>(&h, &op.w, false, HEAD_CHUNK_ROWS, None, None, |start, logits, lse| {
+        let rows = dl[start * v..(start + lse.len()) * v].chunks_mut(v);
+        for (i, ((d, row), &m)) in rows.zip(logits.chunks(v)).zip(lse).enumerate() {
+            let r = start + i;
+            neg_softmax_row(d, row, m, g[r]);
+            d[op.targets[r] as usize] += g[r];
+        }
+        Ok(())
     })?;
     let dl = Tensor::from_vec(dl, (n, v), h.device())?;
-    let msg = |e: crate::error::Error| candle_core::Error::Msg(e.to_string());
-    if op.bf16 && T::DTYPE == candle_core::DType::F32 {
-        // the products of a linear layer's backward: dl·W and dlᵀ·h
-        if !want_dw {
-            return Ok((super::matmul::linear_bwd_input(&op.w, &dl, true).map_err(msg)?, None));
-        }
-        let (dh, dw) = super::matmul::linear_bwd(&h, &op.w, &dl, true).map_err(msg)?;
-        return Ok((dh, Some(dw)));
-    }
     let dw = match want_dw {
         true => Some(dl.t()?.matmul(&h)?),
         false => None,
     };
     Ok((dl.matmul(&op.w)?, dw))
+}
+
+/// [`head_bwd`] in f32: chunked, bf16 products with `op.bf16`.
+fn head_bwd_f32(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResult<(Tensor, Option<Tensor>)> {
+    use super::matmul::{matmul, matmul_f32, rhs_of, with_f32, View};
+    let ((n, hd), v) = (h.dims2()?, op.w.dim(0)?);
+    let g: Vec<f32> = g.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let chunk_rows = (HEAD_BWD_VALUES / v.max(1)).max(HEAD_CHUNK_ROWS);
+    let mut dl = vec![0f32; chunk_rows.min(n) * v];
+    let mut dh = vec![0f32; n * hd];
+    let mut dw = vec![0f32; if want_dw { v * hd } else { 0 }];
+    // W `[V, H]` as the right operand of dl·W, rounded and packed once for every chunk
+    let w_rhs = match op.bf16 {
+        true => Some(rhs_of(&op.w, false)?),
+        false => None,
+    };
+    with_f32(&op.w, |wv| {
+        with_f32(h, |hv| {
+            for_each_logit_chunk::<f32>(h, &op.w, op.bf16, chunk_rows, None, None, |start, logits, lse| {
+                let c = lse.len();
+                let d = &mut dl[..c * v];
+                d.par_chunks_mut(v)
+                    .zip(logits.par_chunks(v))
+                    .zip(lse.par_iter())
+                    .enumerate()
+                    .for_each(|(i, ((d, row), &m))| {
+                        let r = start + i;
+                        neg_softmax_row(d, row, m, g[r]);
+                        d[op.targets[r] as usize] += g[r];
+                    });
+                let d = View::row_major(d, c, v);
+                let dh_rows = &mut dh[start * hd..(start + c) * hd];
+                let h_rows = View::row_major(&hv[start * hd..(start + c) * hd], c, hd);
+                match &w_rhs {
+                    Some(w) => matmul(d, w, dh_rows, hd, false)?,
+                    None => matmul_f32(d, View::row_major(wv, v, hd), dh_rows, hd, false)?,
+                }
+                if want_dw {
+                    match op.bf16 {
+                        true => matmul(d.t(), &rhs_of(&h.narrow(0, start, c)?, false)?, &mut dw, hd, start > 0)?,
+                        false => matmul_f32(d.t(), h_rows, &mut dw, hd, start > 0)?,
+                    }
+                }
+                Ok(())
+            })
+        })
+    })?;
+    let dev = h.device();
+    let dw = match want_dw {
+        true => Some(Tensor::from_vec(dw, (v, hd), dev)?),
+        false => None,
+    };
+    Ok((Tensor::from_vec(dh, (n, hd), dev)?, dw))
 }
 
 custom_op!(

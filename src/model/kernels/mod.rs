@@ -364,7 +364,7 @@ pub mod swiglu;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{attention, attention_grads, masked_softmax, Attention};
+pub use attention::{attention, attention_grads, masked_softmax, Attention, AttentionPart};
 pub use cpu::CpuPath;
 pub use logprob_head::{token_logps, token_logps_entropy, token_logps_stats, TokenLogps};
 pub use norm::{rms_norm, rms_norm_grads};

@@ -152,6 +152,57 @@ fn fused_attention_matches_primitive() {
     }
 }
 
+/// A packed row whose first unit is a prompt shared by three responses (split into one dense
+/// part per run: the fused kernel's block-sparse path) and whose second is a prompt with one
+/// response (one dense block): values and gradients equal masked attention on primitives.
+#[test]
+fn fused_attention_of_shared_prompt_parts_matches_primitive() {
+    use crate::batch::{collate, Layout, ScoredGroup};
+    use crate::model::AttentionInputs;
+    use crate::testing::{tiny_model, TinySpec};
+    let (p1, r1) = (
+        vec![1u32, 2, 3],
+        vec![vec![4u32, 5, 6, 7], vec![8], vec![9, 10, 11, 12, 13]],
+    );
+    let (p2, r2) = (vec![3u32, 4], vec![vec![5u32, 6]]);
+    let groups = [
+        ScoredGroup {
+            prompt: &p1,
+            responses: &r1,
+        },
+        ScoredGroup {
+            prompt: &p2,
+            responses: &r2,
+        },
+    ];
+    let batch = collate(&groups, Layout::PACKED).unwrap();
+    for (dt, tol) in DTYPES {
+        for kv_heads in [1, 2, 4] {
+            let spec = TinySpec {
+                heads: 4,
+                kv_heads,
+                layers: 1,
+                ..TinySpec::default()
+            };
+            let m = tiny_model(&spec, dt, 9).unwrap().transformer;
+            let attn = AttentionInputs::for_batch(&m.cfg, &batch, dt, &Device::Cpu).unwrap();
+            let parts = attn.blocks[0]
+                .parts
+                .as_ref()
+                .expect("the shared prompt's block is split");
+            let rows: Vec<(usize, usize)> = parts.iter().map(|p| p.rows).collect();
+            assert_eq!(rows, [(0, 3), (3, 4), (7, 1), (8, 5)]);
+            let keys: Vec<Vec<(usize, usize)>> = parts.iter().map(|p| p.keys.clone()).collect();
+            assert_eq!(keys[3], [(0, 3), (8, 5)], "a response sees the prompt and itself");
+            assert!(attn.blocks[1].parts.is_none(), "one response: nothing to skip");
+            let layer = m.layers[0].self_attn.clone();
+            compare(dt, tol, &[&[batch.cols, m.cfg.hidden_size]], &[true], |k, x| {
+                layer.forward(&x[0], &attn, k).unwrap().out
+            });
+        }
+    }
+}
+
 /// The fused head against log-softmax on primitives, over more rows than one chunk, with
 /// gradients for both the hidden rows and the projection.
 #[test]
@@ -173,6 +224,68 @@ fn fused_token_logps_matches_primitive() {
                 (logits.gather(&t, 1).unwrap().squeeze(1).unwrap() - lse).unwrap()
             }
         });
+    }
+}
+
+/// With `bf16`, the head's values and gradients are those of bf16-rounded operands with
+/// exact sums (f64 here), over several backward chunks (a unit test's chunk is 64 rows): the
+/// logits from rounded `h` and `W`, `dh` and `dW` from the rounded logits' gradient.
+#[test]
+fn fused_bf16_token_logps_gradients_are_products_of_rounded_operands() {
+    use crate::model::kernels::matmul::round_to_bf16;
+    let (n, v, k) = (super::logprob_head::HEAD_CHUNK_ROWS * 2 + 5, 50, 40);
+    let dev = Device::Cpu;
+    let h = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+    let w = Tensor::randn(0f32, 0.5, (v, k), &dev).unwrap();
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 17) % v as u32).collect();
+    let r: Vec<f32> = (0..n).map(|i| ((i * 7919 % 97) as f32 / 48.5) - 1.0).collect();
+    let (hv, wv) = (Var::from_tensor(&h).unwrap(), Var::from_tensor(&w).unwrap());
+    let lp = super::token_logps(hv.as_tensor(), wv.as_tensor(), &targets, true).unwrap();
+    let grads = (&lp * Tensor::new(r.as_slice(), &dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (got_lp, got_dh, got_dw) = (
+        flat(&lp),
+        flat(grads.get(hv.as_tensor()).unwrap()),
+        flat(grads.get(wv.as_tensor()).unwrap()),
+    );
+    let rb = |x: f64| round_to_bf16(x as f32) as f64;
+    let (h, w) = (flat(&h), flat(&w));
+    let (mut dh, mut dw) = (vec![0f64; n * k], vec![0f64; v * k]);
+    for i in 0..n {
+        let logits: Vec<f64> = (0..v)
+            .map(|c| (0..k).map(|j| rb(h[i * k + j] as f64) * rb(w[c * k + j] as f64)).sum())
+            .collect();
+        let mx = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = mx + logits.iter().map(|z| (z - mx).exp()).sum::<f64>().ln();
+        let t = targets[i] as usize;
+        assert!(
+            (got_lp[i] as f64 - (logits[t] - lse)).abs() < 1e-4,
+            "log-prob of row {i}: {} vs {}",
+            got_lp[i],
+            logits[t] - lse
+        );
+        for c in 0..v {
+            let dl = rb(r[i] as f64 * ((c == t) as u8 as f64 - (logits[c] - lse).exp()));
+            for j in 0..k {
+                dh[i * k + j] += dl * rb(w[c * k + j] as f64);
+                dw[c * k + j] += dl * rb(h[i * k + j] as f64);
+            }
+        }
+    }
+    for (what, got, want) in [("dh", &got_dh, &dh), ("dW", &got_dw, &dw)] {
+        let scale = want.iter().fold(0f64, |a, x| a.max(x.abs()));
+        for (i, (&g, &e)) in got.iter().zip(want.iter()).enumerate() {
+            // a logit gradient an ulp away from a bf16 tie may round the other way
+            assert!(
+                (g as f64 - e).abs() < 5e-3 * scale,
+                "{what}[{i}]: {g} vs {e} (scale {scale})"
+            );
+        }
     }
 }
 

@@ -175,14 +175,7 @@ impl Block {
         keep: bool,
     ) -> Result<(Tensor, Option<Activations>)> {
         let n1 = k.rms_norm(x, &self.input_layernorm, eps)?;
-        let AttentionPass {
-            q,
-            k: kk,
-            v,
-            ops,
-            att,
-            out,
-        } = self.self_attn.forward(&n1, a, k)?;
+        let AttentionPass { q, k: kk, v, ops, out } = self.self_attn.forward(&n1, a, k)?;
         let h = (x + out)?;
         let n2 = k.rms_norm(&h, &self.post_attention_layernorm, eps)?;
         let m = &self.mlp;
@@ -193,16 +186,12 @@ impl Block {
             Some(ops) if keep && x.dtype() == DType::F32 => Some(Activations {
                 ops,
                 x: x.clone(),
-                n1,
                 q,
                 k: kk,
                 v,
-                a: att,
                 h,
-                n2,
                 g,
                 u,
-                s,
             }),
             _ => None,
         };
@@ -309,14 +298,13 @@ impl Block {
 /// A fused attention op and the rows of its block (`None`: all rows).
 type FusedBlock = (kernels::Attention, Option<(usize, usize)>);
 
-/// What [`Attention::forward`] computed: the projections, the fused ops (if they applied), the
-/// attention before the output projection, and the sublayer's output.
+/// What [`Attention::forward`] computed: the projections, the fused ops (if they applied), and
+/// the sublayer's output.
 pub(crate) struct AttentionPass {
     q: Tensor,
     k: Tensor,
     v: Tensor,
     ops: Option<Vec<FusedBlock>>,
-    att: Tensor,
     pub(crate) out: Tensor,
 }
 
@@ -343,7 +331,7 @@ impl Attention {
             None => self.attend_unfused(&q, &k, &v, a, kern)?,
         };
         let out = self.o_proj.forward(&att, kern)?;
-        Ok(AttentionPass { q, k, v, ops, att, out })
+        Ok(AttentionPass { q, k, v, ops, out })
     }
 
     /// Attention of projected `q, k, v` rows `[B·T, heads·D]` of a `[B, T]` batch (the shape
@@ -406,6 +394,7 @@ impl Attention {
                 n_heads: self.n_heads,
                 n_kv_heads: self.n_kv_heads,
                 head_dim: self.head_dim,
+                parts: blk.parts.clone(),
             };
             ops.push((op, rows));
         }
@@ -479,22 +468,22 @@ impl Attention {
     }
 }
 /// A decoder layer's activations, for its hand-written backward (fused kernels, f32): the
-/// input, both norms' outputs, the projections, the attention output, the residual between the
-/// two halves, and the MLP's gate, up and SwiGLU outputs.
+/// input, the projections, the residual between the two halves, and the MLP's gate and up
+/// outputs. Both norms' outputs, the attention output and the SwiGLU output are not kept: the
+/// backward makes them again from these (the same values bit for bit; the norms and SwiGLU are
+/// one pass over each row, the attention output one more attention pass, cheap beside the
+/// layer's products), which keeps 3264 of every 8448 floats a token costs a SmolLM2 layer out
+/// of memory.
 pub struct Activations {
     /// The fused attention op of each block, as the forward built them.
     ops: Vec<FusedBlock>,
     x: Tensor,
-    n1: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    a: Tensor,
     h: Tensor,
-    n2: Tensor,
     g: Tensor,
     u: Tensor,
-    s: Tensor,
 }
 /// The input gradient of a layer kept by [`Block::run`], for the output gradient `dy`,
 /// by the fused kernels' backward functions in reverse order; parameter gradients go to
@@ -527,18 +516,24 @@ fn backward_by_hand(
         Ok(dx)
     };
     let m = &layer.mlp;
-    let ds = lin(&m.down_proj, &s.s, dy)?;
+    let ds = lin(&m.down_proj, &k.swiglu(&s.g, &s.u)?, dy)?;
     let (dg, du) = swiglu_grads(&s.g, &s.u, &ds)?;
-    let dn2 = (lin(&m.gate_proj, &s.n2, &dg)? + lin(&m.up_proj, &s.n2, &du)?)?;
+    let n2 = k.rms_norm(&s.h, &layer.post_attention_layernorm.detach(), eps)?;
+    let dn2 = (lin(&m.gate_proj, &n2, &dg)? + lin(&m.up_proj, &n2, &du)?)?;
+    drop(n2);
     let (dh_norm, dw_post) = rms_norm_grads(&s.h, &layer.post_attention_layernorm, &dn2, eps)?;
     if layer.post_attention_layernorm.is_variable() {
         sink.add(layer.post_attention_layernorm.id(), dw_post)?;
     }
     let dh = (dy + dh_norm)?;
     let at = &layer.self_attn;
-    let da = lin(&at.o_proj, &s.a, &dh)?;
+    let a = Attention::attend_fused(&s.q, &s.k, &s.v, &s.ops)?;
+    let da = lin(&at.o_proj, &a, &dh)?;
+    drop(a);
     let (dq, dk, dv) = Attention::attend_fused_bwd(&s.q, &s.k, &s.v, &s.ops, &da)?;
-    let dn1 = ((lin(&at.q_proj, &s.n1, &dq)? + lin(&at.k_proj, &s.n1, &dk)?)? + lin(&at.v_proj, &s.n1, &dv)?)?;
+    let n1 = k.rms_norm(&s.x, &layer.input_layernorm.detach(), eps)?;
+    let dn1 = ((lin(&at.q_proj, &n1, &dq)? + lin(&at.k_proj, &n1, &dk)?)? + lin(&at.v_proj, &n1, &dv)?)?;
+    drop(n1);
     let (dx_norm, dw_in) = rms_norm_grads(&s.x, &layer.input_layernorm, &dn1, eps)?;
     if layer.input_layernorm.is_variable() {
         sink.add(layer.input_layernorm.id(), dw_in)?;
