@@ -111,7 +111,7 @@ pub struct Attention {
     pub head_dim: usize,
     /// When set (one row, `B = 1`), the block's attention as independent dense parts that
     /// cover its rows in order; `mask` is then not read. See [`AttentionPart`].
-    pub parts: Option<std::sync::Arc<Vec<AttentionPart>>>,
+    pub split: Option<std::sync::Arc<Vec<AttentionPart>>>,
 }
 
 /// One dense piece of a block's attention: the queries of rows `rows.0 .. rows.0 + rows.1`
@@ -303,7 +303,7 @@ fn attention_fwd<T: Elem>(
         tensor_of::<T>(s3, l3)?,
     );
     let l = a.rows(&q)?;
-    let o = match &a.parts {
+    let o = match &a.split {
         Some(parts) => a.split_forward(&q, &k, &v, parts)?,
         None => {
             let parts = a.parts(&q, &k, &v)?;
@@ -328,7 +328,7 @@ custom_op!(
         d_out: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, h, kvh, d) = (self.batch, self.n_heads, self.n_kv_heads, self.head_dim);
-        if let Some(parts) = &self.parts {
+        if let Some(parts) = &self.split {
             let (dq, dk, dv) = self.split_backward(q, k, v, parts, d_out)?;
             let dq = self.merge(&self.rope(&dq, true)?, h)?;
             let dk = self.merge(&self.rope(&dk, true)?, kvh)?;

@@ -130,6 +130,20 @@ fn fused_masked_softmax_matches_primitive() {
 #[test]
 fn fused_attention_matches_primitive() {
     use crate::model::AttentionInputs;
+    for_one_layer_models(|dt, tol, m| {
+        // two batch rows, the second left-padded by two
+        let valid = vec![vec![true; 6], vec![false, false, true, true, true, true]];
+        let attn = AttentionInputs::padded(&m.cfg, &valid, dt, &Device::Cpu).unwrap();
+        let layer = m.layers[0].self_attn.clone();
+        compare(dt, tol, &[&[2 * 6, m.cfg.hidden_size]], &[true], |k, x| {
+            layer.forward(&x[0], &attn, k).unwrap().out
+        });
+    });
+}
+
+/// `f(dtype, tolerance, model)` for one-layer tiny models with 4 heads over 1, 2 and 4 kv
+/// heads, in each of [`DTYPES`].
+fn for_one_layer_models(f: impl Fn(DType, f64, &crate::model::Transformer)) {
     use crate::testing::{tiny_model, TinySpec};
     for (dt, tol) in DTYPES {
         for kv_heads in [1, 2, 4] {
@@ -139,15 +153,7 @@ fn fused_attention_matches_primitive() {
                 layers: 1,
                 ..TinySpec::default()
             };
-            let m = tiny_model(&spec, dt, 9).unwrap().transformer;
-            let cfg = m.cfg.clone();
-            // two batch rows, the second left-padded by two
-            let valid = vec![vec![true; 6], vec![false, false, true, true, true, true]];
-            let attn = AttentionInputs::padded(&cfg, &valid, dt, &Device::Cpu).unwrap();
-            let layer = m.layers[0].self_attn.clone();
-            compare(dt, tol, &[&[2 * 6, cfg.hidden_size]], &[true], |k, x| {
-                layer.forward(&x[0], &attn, k).unwrap().out
-            });
+            f(dt, tol, &tiny_model(&spec, dt, 9).unwrap().transformer);
         }
     }
 }
@@ -159,7 +165,6 @@ fn fused_attention_matches_primitive() {
 fn fused_attention_of_shared_prompt_parts_matches_primitive() {
     use crate::batch::{collate, Layout, ScoredGroup};
     use crate::model::AttentionInputs;
-    use crate::testing::{tiny_model, TinySpec};
     let (p1, r1) = (
         vec![1u32, 2, 3],
         vec![vec![4u32, 5, 6, 7], vec![8], vec![9, 10, 11, 12, 13]],
@@ -176,31 +181,22 @@ fn fused_attention_of_shared_prompt_parts_matches_primitive() {
         },
     ];
     let batch = collate(&groups, Layout::PACKED).unwrap();
-    for (dt, tol) in DTYPES {
-        for kv_heads in [1, 2, 4] {
-            let spec = TinySpec {
-                heads: 4,
-                kv_heads,
-                layers: 1,
-                ..TinySpec::default()
-            };
-            let m = tiny_model(&spec, dt, 9).unwrap().transformer;
-            let attn = AttentionInputs::for_batch(&m.cfg, &batch, dt, &Device::Cpu).unwrap();
-            let parts = attn.blocks[0]
-                .parts
-                .as_ref()
-                .expect("the shared prompt's block is split");
-            let rows: Vec<(usize, usize)> = parts.iter().map(|p| p.rows).collect();
-            assert_eq!(rows, [(0, 3), (3, 4), (7, 1), (8, 5)]);
-            let keys: Vec<Vec<(usize, usize)>> = parts.iter().map(|p| p.keys.clone()).collect();
-            assert_eq!(keys[3], [(0, 3), (8, 5)], "a response sees the prompt and itself");
-            assert!(attn.blocks[1].parts.is_none(), "one response: nothing to skip");
-            let layer = m.layers[0].self_attn.clone();
-            compare(dt, tol, &[&[batch.cols, m.cfg.hidden_size]], &[true], |k, x| {
-                layer.forward(&x[0], &attn, k).unwrap().out
-            });
-        }
-    }
+    for_one_layer_models(|dt, tol, m| {
+        let attn = AttentionInputs::for_batch(&m.cfg, &batch, dt, &Device::Cpu).unwrap();
+        let parts = attn.blocks[0]
+            .parts
+            .as_ref()
+            .expect("the shared prompt's block is split");
+        let rows: Vec<(usize, usize)> = parts.iter().map(|p| p.rows).collect();
+        assert_eq!(rows, [(0, 3), (3, 4), (7, 1), (8, 5)]);
+        let keys: Vec<Vec<(usize, usize)>> = parts.iter().map(|p| p.keys.clone()).collect();
+        assert_eq!(keys[3], [(0, 3), (8, 5)], "a response sees the prompt and itself");
+        assert!(attn.blocks[1].parts.is_none(), "one response: nothing to skip");
+        let layer = m.layers[0].self_attn.clone();
+        compare(dt, tol, &[&[batch.cols, m.cfg.hidden_size]], &[true], |k, x| {
+            layer.forward(&x[0], &attn, k).unwrap().out
+        });
+    });
 }
 
 /// The fused head against log-softmax on primitives, over more rows than one chunk, with

@@ -394,7 +394,7 @@ impl Attention {
                 n_heads: self.n_heads,
                 n_kv_heads: self.n_kv_heads,
                 head_dim: self.head_dim,
-                parts: blk.parts.clone(),
+                split: blk.parts.clone(),
             };
             ops.push((op, rows));
         }
