@@ -102,14 +102,20 @@ fn split_block(
     }
     let mut parts = Vec::with_capacity(runs.len());
     for (k, &(r0, rl)) in runs.iter().enumerate() {
-        let sees = |&&(s, n): &&(usize, usize)| (r0..r0 + rl).any(|i| (s..s + n).any(|j| allowed(i, j)));
-        let keys: Vec<(usize, usize)> = runs[..=k].iter().filter(sees).copied().collect();
-        let skipped = runs.iter().filter(|r| !keys.contains(r));
-        for &(s, n) in skipped {
-            if (r0..r0 + rl).any(|i| (s..s + n).any(|j| allowed(i, j))) {
-                return Ok(None);
-            }
+        // which runs any query of this one may see: only earlier runs and itself can be keys
+        let seen: Vec<bool> = runs
+            .iter()
+            .map(|&(s, n)| (r0..r0 + rl).any(|i| (s..s + n).any(|j| allowed(i, j))))
+            .collect();
+        if seen[k + 1..].iter().any(|&b| b) {
+            return Ok(None);
         }
+        let keys: Vec<(usize, usize)> = runs[..=k]
+            .iter()
+            .zip(&seen)
+            .filter(|(_, &b)| b)
+            .map(|(&r, _)| r)
+            .collect();
         let cols: Vec<usize> = keys.iter().flat_map(|&(s, n)| s..s + n).collect();
         let mut mask = Vec::with_capacity(rl * cols.len());
         for i in r0..r0 + rl {
