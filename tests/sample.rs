@@ -18,7 +18,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// At every step, each sample's cached logits equal a full forward pass over its prompt and
-/// tokens so far: GQA, q/k/v bias (Qwen2) and Llama-3 RoPE scaling, 1 and 3 samples.
+/// tokens so far: GQA, q/k/v bias (Qwen2) and Llama-3 RoPE scaling, 1 and 3 samples. The
+/// prompt (18 tokens) fills one block of 16 cached keys and starts another, the 36 steps two.
 #[test]
 fn cached_logits_equal_a_full_forward_at_every_step() {
     let specs = [
@@ -37,14 +38,14 @@ fn cached_logits_equal_a_full_forward_at_every_step() {
     ];
     for (i, spec) in specs.iter().enumerate() {
         let m = model(spec, 3 + i as u64);
-        let prompt: Vec<u32> = vec![5, 17, 9, 40, 3, 22, 8];
+        let prompt: Vec<u32> = vec![5, 17, 9, 40, 3, 22, 8, 31, 2, 14, 50, 6, 27, 11, 44, 19, 1, 33];
         let (first, cache) = m.prefill(&prompt).unwrap();
         let full: Vec<f32> = full_forward_logits(&m, &prompt).unwrap().to_vec1().unwrap();
         assert!(max_diff(&first.to_vec1().unwrap(), &full) < 1e-4, "{spec:?}: prefill");
         for g in [1usize, 3] {
             let mut cache = cache.fork(g).unwrap();
             let mut seqs: Vec<Vec<u32>> = vec![prompt.clone(); g];
-            for step in 0..6 {
+            for step in 0..36 {
                 let next: Vec<u32> = (0..g).map(|s| ((step * 7 + s * 13 + 1) % 60) as u32).collect();
                 for (s, t) in seqs.iter_mut().zip(&next) {
                     s.push(*t);

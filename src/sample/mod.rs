@@ -138,7 +138,14 @@ pub fn sample_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &m
             }
             u -= x;
         }
-        return (token as u32, logprob_at(logits, report_t, token) as f32);
+        // log softmax(logits / T) from the weights just summed (`logprob_at` would take a
+        // second pass of exponentials over the vocabulary), equal to it in f64 to ~1e-15
+        // (without a repetition penalty, which the weights carry and the log-prob does not)
+        let logprob = match z.get(token) {
+            Some(_) if p.repetition_penalty == 1.0 => (logits[token] as f64 / p.temperature - m) - total.ln(),
+            _ => logprob_at(logits, report_t, token),
+        };
+        return (token as u32, logprob as f32);
     }
     // candidates, most likely first where a cut needs an order
     let mut keep: Vec<usize> = (0..z.len()).collect();
@@ -282,7 +289,9 @@ pub fn sample_mixture(
             for m in &models {
                 let (first, cache) = m.prefill(prompt)?;
                 firsts.push(first.to_vec1::<f32>()?);
-                caches.push(Some(cache.fork(g)?));
+                let mut cache = cache.fork(g)?;
+                cache.reserve(params.max_completion_length);
+                caches.push(Some(cache));
             }
             let first = mix_rows(&firsts.iter().map(Vec::as_slice).collect::<Vec<_>>(), &weights);
             groups.push(Group {
@@ -435,28 +444,42 @@ mod tests {
         }
     }
 
-    /// Without a cut, the draw takes a shortcut (no candidate lists); a top-k of the whole
-    /// vocabulary goes the general way over the same tokens in the same order: the same token
-    /// for every seed.
+    /// Without a cut, the draw takes a shortcut (no candidate lists, the log-prob from the
+    /// weights it summed); a top-k of the whole vocabulary goes the general way over the same
+    /// tokens in the same order: the same token for every seed, and the same log-prob, which is
+    /// log softmax(logits / T) of the unpenalised logits, with a repetition penalty too.
     #[test]
     fn the_uncut_draw_equals_the_general_one() {
         let logits: Vec<f32> = (0..300).map(|i| ((i * 7919 % 113) as f32 / 17.0) - 3.0).collect();
-        let fast = SamplingParams {
-            temperature: 0.7,
-            ..SamplingParams::default()
-        };
-        let general = SamplingParams {
-            top_k: logits.len(),
-            ..fast.clone()
-        };
-        let mut distinct = std::collections::BTreeSet::new();
-        for seed in 0..500 {
-            let (mut a, mut b) = (Rng::new(seed), Rng::new(seed));
-            let x = sample_token(&logits, &[], &fast, &mut a);
-            assert_eq!(x, sample_token(&logits, &[], &general, &mut b), "seed {seed}");
-            distinct.insert(x.0);
+        for (temperature, repetition_penalty) in [(0.7, 1.0), (1.0, 1.0), (1.3, 1.0), (0.7, 1.2)] {
+            let fast = SamplingParams {
+                temperature,
+                repetition_penalty,
+                ..SamplingParams::default()
+            };
+            let general = SamplingParams {
+                top_k: logits.len(),
+                ..fast.clone()
+            };
+            let history = [3u32, 40, 41, 250];
+            let mut distinct = std::collections::BTreeSet::new();
+            for seed in 0..500 {
+                let (mut a, mut b) = (Rng::new(seed), Rng::new(seed));
+                let x = sample_token(&logits, &history, &fast, &mut a);
+                let y = sample_token(&logits, &history, &general, &mut b);
+                assert_eq!(x.0, y.0, "T {temperature} seed {seed}");
+                let z: Vec<f64> = logits.iter().map(|&l| l as f64 / temperature).collect();
+                let want = softmax(&z)[x.0 as usize].ln();
+                for lp in [x.1, y.1] {
+                    assert!(
+                        (lp as f64 - want).abs() < 1e-6,
+                        "T {temperature} seed {seed}: {lp} vs {want}"
+                    );
+                }
+                distinct.insert(x.0);
+            }
+            assert!(distinct.len() > 20, "{distinct:?}");
         }
-        assert!(distinct.len() > 20, "{distinct:?}");
     }
 
     #[test]

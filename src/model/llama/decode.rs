@@ -8,9 +8,9 @@
 //! norms, projections and SwiGLU kernels, with attention over cached keys instead of the fused
 //! training op. Tests check its logits against a full forward at every step.
 //!
-//! The cache is f32 whatever the model's dtype, kept per kv head with the keys transposed, and
-//! grows in place ([`HeadCache`]); the attention of each new row is one loop over it
-//! (`kernels::cached_attention`), all groups' rows in one parallel pass. A copy made by
+//! The cache is f32 whatever the model's dtype, kept per kv head and grown in place
+//! ([`HeadCache`]); the attention of each new row is one loop over it for all the query heads
+//! of a kv head (`kernels::cached_attention`), all groups' rows in one parallel pass. A copy made by
 //! [`Transformer::with_bf16_matrices`] on a CPU with AMX carries its weight matrices packed into
 //! tiles ([`DecodeTiles`]), and its products are bf16 products with f32 sums.
 
@@ -102,6 +102,18 @@ pub struct GroupCache {
 }
 
 impl GroupCache {
+    /// Room for `positions` more tokens per sample (the most a generation will decode), so
+    /// that the samples' caches grow in place.
+    pub fn reserve(&mut self, positions: usize) {
+        for layer in &mut self.layers {
+            for kv in &mut layer.own {
+                for head in &mut kv.heads {
+                    head.reserve(positions);
+                }
+            }
+        }
+    }
+
     /// The number of samples of the group.
     pub fn samples(&self) -> usize {
         self.samples
@@ -254,9 +266,10 @@ impl Block {
     }
 
     /// The attention of every group's new rows (projected `q` `[rows, heads·D]`, `k` and `v`
-    /// `[rows, kv_heads·D]`, group after group), in f32: RoPE on the new queries and keys, the
-    /// new keys and values appended to their samples' caches, then each new row's heads over
-    /// its group's shared cache and its sample's own up to its position, in parallel over rows.
+    /// `[rows, kv_heads·D]`, group after group), in f32: RoPE on the new keys, appended with the
+    /// values to their samples' caches (in parallel over samples); then RoPE on the new queries,
+    /// and the query heads of each kv head over its group's shared cache and its sample's own
+    /// up to its position (in parallel over rows and kv heads).
     fn attend(&self, q: &Tensor, kn: &Tensor, vn: &Tensor, groups: &mut [GroupStep]) -> Result<Tensor> {
         use crate::model::kernels::cached_attention::{attend, rope_head};
         use rayon::prelude::*;
@@ -266,49 +279,55 @@ impl Block {
         let dev = q.device().clone();
         let f32s = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
         let (q, kn, vn) = (f32s(q)?, f32s(kn)?, f32s(vn)?);
-        // the new keys (after RoPE) and values onto their samples' caches; each group's first row
+        // each group's first row; each sample's cache with its first row, new rows and rotations
         let mut first = Vec::with_capacity(groups.len());
+        let mut samples = Vec::new();
         let mut row = 0;
-        let mut key = vec![0f32; d];
         for gs in groups.iter_mut() {
             first.push(row);
-            let (cos, sin) = gs.rope;
-            for s in 0..gs.g {
-                for i in 0..gs.n {
-                    let r = row + s * gs.n + i;
-                    for (kh, head) in gs.kv.own[s].heads.iter_mut().enumerate() {
-                        let at = r * kvh * d + kh * d;
-                        key.copy_from_slice(&kn[at..at + d]);
-                        rope_head(&mut key, &cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
-                        head.push(&key, &vn[at..at + d]);
-                    }
-                }
+            let (n, rope) = (gs.n, gs.rope);
+            for (s, own) in gs.kv.own.iter_mut().enumerate() {
+                samples.push((own, row + s * n, n, rope));
             }
             row += gs.g * gs.n;
         }
         let rows = row;
+        samples.into_par_iter().for_each_init(
+            || vec![0f32; d],
+            |key, (own, r0, n, (cos, sin))| {
+                for i in 0..n {
+                    for (kh, head) in own.heads.iter_mut().enumerate() {
+                        let at = (r0 + i) * kvh * d + kh * d;
+                        key.copy_from_slice(&kn[at..at + d]);
+                        rope_head(key, &cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
+                        head.push(key, &vn[at..at + d]);
+                    }
+                }
+            },
+        );
         let groups: Vec<&GroupStep> = groups.iter().collect();
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let mut out = vec![0f32; rows * h * d];
-        // each row: its queries after RoPE, each head over what its row sees
-        out.par_chunks_mut(h * d).enumerate().for_each_init(
-            || (Vec::new(), vec![0f32; d]),
-            |(scores, qh), (r, o)| {
+        // each row and kv head: the row's query heads of that kv head (adjacent, as HF's
+        // repeat_kv pairs them) after RoPE, over what the row sees
+        out.par_chunks_mut(rep * d).enumerate().for_each_init(
+            || (Vec::new(), vec![0f32; rep * d]),
+            |(scores, qs), (task, o)| {
+                let (r, kh) = (task / kvh, task % kvh);
                 let gi = first.partition_point(|&f| f <= r) - 1;
                 let gs = groups[gi];
                 let (s, i) = ((r - first[gi]) / gs.n, (r - first[gi]) % gs.n);
                 let (cos, sin) = (&gs.rope.0[i * d..(i + 1) * d], &gs.rope.1[i * d..(i + 1) * d]);
-                let own = &gs.kv.own[s];
-                for (hh, o) in o.chunks_exact_mut(d).enumerate() {
-                    let kh = hh / rep;
-                    qh.copy_from_slice(&q[r * h * d + hh * d..][..d]);
+                qs.copy_from_slice(&q[(r * h + kh * rep) * d..(r * h + (kh + 1) * rep) * d]);
+                for qh in qs.chunks_exact_mut(d) {
                     rope_head(qh, cos, sin);
-                    // this row sees its sample's own cache up to its own position
-                    let mine = (&own.heads[kh], own.heads[kh].len() - gs.n + i + 1);
-                    match &gs.kv.shared {
-                        Some(sh) => attend(qh, &[(&sh.heads[kh], sh.heads[kh].len()), mine], scale, scores, o),
-                        None => attend(qh, &[mine], scale, scores, o),
-                    }
+                }
+                // this row sees its sample's own cache up to its own position
+                let own = &gs.kv.own[s].heads[kh];
+                let mine = (own, own.len() - gs.n + i + 1);
+                match &gs.kv.shared {
+                    Some(sh) => attend(qs, &[(&sh.heads[kh], sh.heads[kh].len()), mine], scale, scores, o),
+                    None => attend(qs, &[mine], scale, scores, o),
                 }
             },
         );
