@@ -143,7 +143,9 @@ impl Trainer {
         let lock = crate::util::fs::DirLock::acquire(&cfg.output_dir())?;
         let resume = resolve_resume(cfg)?;
         let start_path = PathBuf::from(&cfg.model_name_or_path);
+        crate::util::memtrace("before load_policy");
         let mut policy = algorithms::load_policy(cfg, resume.as_deref().unwrap_or(&start_path))?;
+        crate::util::memtrace("after load_policy");
         policy.transformer.kernels = cfg.kernels();
         if let Some(notice) = cfg.bf16_notice() {
             eprintln!("{notice}");
@@ -157,7 +159,9 @@ impl Trainer {
                     .into(),
             ));
         }
+        crate::util::memtrace("after build");
         let (policy, mut opt) = algorithms::trainable(policy, &cfg)?;
+        crate::util::memtrace("after trainable");
         let units = algorithm.units_per_micro_batch(cfg.per_device_train_batch_size);
         let total = total_steps(&cfg, data.len(), units, algorithm.steps_per_batch());
         let warmup = schedule::warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total);

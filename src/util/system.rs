@@ -24,7 +24,8 @@ pub fn tune_allocator() {
     }
 }
 
-/// Debug aid: with `PREFER_MEMTRACE` set, print current and peak RSS with a label.
+/// Debug aid: with `PREFER_MEMTRACE` set, print current and peak RSS with a label, and (glibc)
+/// how much of the heap is in use and how much is free but kept.
 pub fn memtrace(label: &str) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if !*ON.get_or_init(|| std::env::var_os("PREFER_MEMTRACE").is_some()) {
@@ -37,8 +38,20 @@ pub fn memtrace(label: &str) {
             .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let heap = {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let m = unsafe { libc::mallinfo2() };
+        format!(
+            ", heap in use {:.3} GiB, free {:.3} GiB",
+            m.uordblks as f64 / (1u64 << 30) as f64,
+            m.fordblks as f64 / (1u64 << 30) as f64
+        )
+    };
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let heap = String::new();
     eprintln!(
-        "memtrace {label}: rss {:.3} GiB, peak {:.3} GiB",
+        "memtrace {label}: rss {:.3} GiB, peak {:.3} GiB{heap}",
         kb("VmRSS:") / 1048576.0,
         kb("VmHWM:") / 1048576.0
     );

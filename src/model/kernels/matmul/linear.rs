@@ -201,8 +201,8 @@ multiversioned! {
     }
 }
 
-/// The AVX-512 twins of [`dot_rows`] and [`dot_tiles`]: sixteen lanes, and tiles of 4 rows of
-/// `w` by 4 rows of `x` (sixteen accumulators), each product summed the same way by both.
+/// The AVX-512 twins of [`dot_rows`] and [`dot_tiles`]: sixteen lanes, and tiles of 8 rows of
+/// `w` by 2 rows of `x` (sixteen accumulators), each product summed the same way by both.
 #[cfg(target_arch = "x86_64")]
 mod wide {
     use std::arch::x86_64::*;
