@@ -90,6 +90,9 @@ struct LayerKv {
     own: Vec<Kv>,
 }
 
+/// Tokens per sample that [`GroupCache::reserve`] makes room for at most.
+pub const RESERVE_MAX: usize = 1024;
+
 /// The key/value cache of a group: one prompt and the samples drawn from it. Keys and values
 /// are kept in f32 whatever the model's dtype, and grow in place as tokens are decoded.
 #[derive(Clone, Debug)]
@@ -103,8 +106,10 @@ pub struct GroupCache {
 
 impl GroupCache {
     /// Room for `positions` more tokens per sample (the most a generation will decode), so
-    /// that the samples' caches grow in place.
+    /// that the samples' caches grow in place; at most [`RESERVE_MAX`] (past that, growing by
+    /// doubling costs little, and a huge `max_completion_length` reserves nothing absurd).
     pub fn reserve(&mut self, positions: usize) {
+        let positions = positions.min(RESERVE_MAX);
         for layer in &mut self.layers {
             for kv in &mut layer.own {
                 for head in &mut kv.heads {
