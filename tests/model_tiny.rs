@@ -168,6 +168,21 @@ fn logps_and_grads_with(
     let w = Tensor::new(w, &Device::Cpu).unwrap().to_dtype(dt).unwrap();
     let loss = (&lp.sums * w).unwrap().sum_all().unwrap();
     let grads = tm.transformer.backward(&loss).unwrap();
+    if checkpointing || opts.layer_graphs {
+        // a second backward pass through the same graph, whose layers' saved inputs or
+        // activations the first one consumed, recomputes them and gives the same gradients (the
+        // layers': the embedding's scattered rows went to the first)
+        let again = tm.transformer.backward(&loss).unwrap();
+        for (name, v) in vars.iter().filter(|(n, _)| n.contains(".layers.")) {
+            let (a, b) = (grads.get(v.as_tensor()).unwrap(), again.get(v.as_tensor()).unwrap());
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(
+                d.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+                0.0,
+                "{name}"
+            );
+        }
+    }
     if checkpointing {
         // the layers really were recomputed: candle's own backward sees no layer parameter
         let raw = loss.backward().unwrap();

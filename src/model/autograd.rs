@@ -2,16 +2,20 @@
 //! plus the gradients that these options route around candle's graph. Nothing here knows a
 //! model family: a decoder layer comes in as a [`LayerCall`].
 //!
-//! **One op per decoder layer** (`layer_op`), for a model that is being trained, with either
-//! of two options:
+//! **The decoder layers as one op** (`layers_op`), for a model that is being trained, with
+//! either of two options:
 //!
-//! - *Gradient checkpointing*: the op's forward computes the layer outside the autograd graph,
-//!   so only the layer's input is kept for backward; its backward recomputes the layer. Activation
-//!   memory drops from every layer's intermediates to one `[rows, H]` tensor per layer, at the
-//!   cost of a second forward pass of the layers.
-//! - *Per-layer graphs* (`layer_graphs`): the op's forward keeps the layer's activations until
-//!   its own backward has run, so they are freed layer by layer during the backward pass instead
-//!   of all at its end, while the gradients are being allocated.
+//! - *Gradient checkpointing*: the op's forward computes the layers outside the autograd graph,
+//!   so only each layer's input is kept for backward; its backward recomputes each layer, last
+//!   first. Activation memory drops from every layer's intermediates to one `[rows, H]` tensor
+//!   per layer, at the cost of a second forward pass of the layers.
+//! - *Per-layer graphs* (`layer_graphs`): the op's forward keeps each layer's activations until
+//!   that layer's backward has run, so they are freed layer by layer during the backward pass
+//!   instead of all at its end, while the gradients are being allocated.
+//!
+//! The layers are one op rather than one op each so that what a layer saved is freed right
+//! after its backward: candle's graph would hold every op's input until the whole backward pass
+//! ends, at the moment when all the parameter gradients exist too (the peak).
 //!
 //! Either way the layer's backward is written by hand where the fused kernels run on f32 rows
 //! ([`LayerCall::backward_by_hand`]): the fused kernels' backward functions and the linear layers' products
@@ -122,7 +126,7 @@ impl GradSink {
     }
 }
 
-/// A decoder layer as [`layer_op`] runs it: its forward with an autograd graph through its
+/// A decoder layer as [`layers_op`] runs it: its forward with an autograd graph through its
 /// parameters, the same forward outside any graph, optionally keeping what its hand-written
 /// backward reads, and that backward (parameter gradients into a [`GradSink`]).
 pub trait LayerCall: Send + Sync + 'static {
@@ -150,17 +154,22 @@ pub trait LayerCall: Send + Sync + 'static {
     }
 }
 
-/// One decoder layer as one op of the model's graph; see the module docs.
-struct CheckpointedLayer<L: LayerCall> {
-    call: L,
+/// The decoder layers as one op of the model's graph; see the module docs.
+struct CheckpointedLayers<L: LayerCall> {
+    calls: Vec<L>,
     sink: Arc<GradSink>,
-    /// `Some` for a layer graph ([`BackwardOptions::layer_graphs`]): what the forward kept
-    /// for backward, until backward takes it.
-    kept: Option<Mutex<Option<Kept<L::Kept>>>>,
+    /// Keep each layer's activations (or graph) for backward (layer graphs), or only its input
+    /// (checkpointing).
+    keep: bool,
+    /// What the forward saved for each layer's backward, until backward takes it. Layer 0's
+    /// input is the op's argument, which candle's graph holds anyway.
+    saved: Mutex<Vec<Saved<L::Kept>>>,
 }
 
-/// What a layer op's forward keeps for its backward.
-enum Kept<A> {
+/// What a layer op's forward saves for its backward.
+enum Saved<A> {
+    /// Nothing beyond the layer's input (checkpointing: the layer is recomputed).
+    Input(Option<Tensor>),
     /// The input variable and the output, with the layer's own autograd graph.
     Graph(Var, Tensor),
     /// The activations of the hand-written backward.
@@ -171,83 +180,108 @@ fn msg(e: crate::error::Error) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-impl<L: LayerCall> CustomOp1 for CheckpointedLayer<L> {
-    fn name(&self) -> &'static str {
-        "checkpointed-layer"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = storage_to_tensor(s, l, self.name())?;
-        if let Some(kept) = &self.kept {
-            let (y, k) = match self.call.forward_keeping(&x).map_err(msg)? {
-                Some((y, acts)) => (y, Kept::Activations(acts)),
-                None => {
-                    let x = Var::from_tensor(&x)?;
-                    let y = self.call.forward(x.as_tensor()).map_err(msg)?;
-                    (y.clone(), Kept::Graph(x, y))
+impl<L: LayerCall> CheckpointedLayers<L> {
+    /// The layers' forward from `x` (outside any graph), with what each layer's backward needs.
+    fn run(&self, mut x: Tensor, keep: bool) -> candle_core::Result<(Tensor, Vec<Saved<L::Kept>>)> {
+        let mut saved = Vec::with_capacity(self.calls.len());
+        for (i, call) in self.calls.iter().enumerate() {
+            let (y, kept) = match keep {
+                false => {
+                    let y = call.forward_untracked(&x).map_err(msg)?;
+                    (y, Saved::Input((i > 0).then_some(x)))
                 }
+                true => match call.forward_keeping(&x).map_err(msg)? {
+                    Some((y, acts)) => (y, Saved::Activations(acts)),
+                    None => {
+                        let x = Var::from_tensor(&x)?;
+                        let y = call.forward(x.as_tensor()).map_err(msg)?;
+                        (y.clone(), Saved::Graph(x, y))
+                    }
+                },
             };
-            let out = tensor_to_storage(&y, self.name())?;
-            *kept
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("layer graph poisoned".into()))? = Some(k);
-            return Ok(out);
+            saved.push(kept);
+            x = y;
         }
-        let y = self.call.forward_untracked(&x).map_err(msg)?;
-        tensor_to_storage(&y, self.name())
+        Ok((x, saved))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let kept = match &self.kept {
-            Some(k) => k
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("layer graph poisoned".into()))?
-                .take(),
-            None => None,
-        };
-        // the kept activations or graph (freed at the end of this function), or the layer
-        // recomputed (checkpointing)
-        let kept = match kept {
-            None => {
-                let x = arg.detach();
-                if let Some(dx) = self.call.recompute_backward(&x, grad_res, &self.sink).map_err(msg)? {
-                    return Ok(Some(dx));
+    /// One layer's backward: its input gradient for the output gradient `dy`, from what its
+    /// forward saved (freed when this returns); `arg` is the layer's input when it was not saved.
+    fn layer_bwd(&self, call: &L, saved: Saved<L::Kept>, arg: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        let (x, y) = match saved {
+            Saved::Activations(acts) => return call.backward_by_hand(&acts, dy, &self.sink).map_err(msg),
+            Saved::Graph(x, y) => (x, y),
+            Saved::Input(input) => {
+                let x = input.unwrap_or_else(|| arg.detach());
+                if let Some(dx) = call.recompute_backward(&x, dy, &self.sink).map_err(msg)? {
+                    return Ok(dx);
                 }
-                None
-            }
-            k => k,
-        };
-        let (x, y) = match kept {
-            Some(Kept::Activations(acts)) => {
-                let dx = self.call.backward_by_hand(&acts, grad_res, &self.sink).map_err(msg)?;
-                return Ok(Some(dx));
-            }
-            Some(Kept::Graph(x, y)) => (x, y),
-            None => {
-                let x = Var::from_tensor(&arg.detach())?;
-                let y = self.call.forward(x.as_tensor()).map_err(msg)?;
+                let x = Var::from_tensor(&x)?;
+                let y = call.forward(x.as_tensor()).map_err(msg)?;
                 (x, y)
             }
         };
         // d/dy Σ y·g = g: backpropagating this gives the layer's vector-Jacobian products
-        let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
-        for p in self.call.params() {
+        let grads = (y * dy.detach())?.sum_all()?.backward()?;
+        for p in call.params() {
             if let Some(g) = grads.get(p) {
                 self.sink.add(p.id(), g.clone())?;
             }
         }
-        Ok(grads.get(x.as_tensor()).cloned())
+        grads
+            .get(x.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("a decoder layer's input received no gradient".into()))
     }
 }
 
-/// `call.forward(x)` as one op whose parameter gradients go to `sink`: recomputed in backward
-/// (`keep = false`, gradient checkpointing) or kept in a graph of the layer's own until its
-/// backward (`keep = true`, [`BackwardOptions::layer_graphs`]).
-pub fn layer_op<L: LayerCall>(call: L, x: &Tensor, sink: &Arc<GradSink>, keep: bool) -> Result<Tensor> {
-    let op = CheckpointedLayer {
-        call,
+impl<L: LayerCall> CustomOp1 for CheckpointedLayers<L> {
+    fn name(&self) -> &'static str {
+        "checkpointed-layers"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, saved) = self.run(storage_to_tensor(s, l, self.name())?, self.keep)?;
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("layer op poisoned".into()))? = saved;
+        tensor_to_storage(&y, self.name())
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let mut saved = std::mem::take(
+            &mut *self
+                .saved
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("layer op poisoned".into()))?,
+        );
+        if saved.len() != self.calls.len() {
+            // a second backward pass through this graph: the layers are recomputed
+            saved = self.run(arg.detach(), false)?.1;
+        }
+        // the last layer first; each layer's saved input or activations are freed after its
+        // backward, so the gradients that accumulate replace them
+        let mut dy = grad_res.clone();
+        for (call, kept) in self.calls.iter().zip(saved.drain(..)).rev() {
+            dy = self.layer_bwd(call, kept, arg, &dy)?;
+        }
+        Ok(Some(dy))
+    }
+}
+
+/// The decoder layers `calls`, in order, as one op whose parameter gradients go to `sink`:
+/// recomputed in backward from each layer's input (`keep = false`, gradient checkpointing) or
+/// kept until the layer's backward (`keep = true`, [`BackwardOptions::layer_graphs`]). Either
+/// way each layer's saved tensors are freed as soon as its backward has run; in candle's graph
+/// the stack is one node, so the layers' inputs are not held there until the whole backward
+/// pass ends.
+pub fn layers_op<L: LayerCall>(calls: Vec<L>, x: &Tensor, sink: &Arc<GradSink>, keep: bool) -> Result<Tensor> {
+    let op = CheckpointedLayers {
+        calls,
         sink: sink.clone(),
-        kept: keep.then(|| Mutex::new(None)),
+        keep,
+        saved: Mutex::new(Vec::new()),
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }

@@ -102,7 +102,9 @@ custom_op!(
         let rows = x.elem_count() / h;
         let both = x.apply_op3_no_bwd(w, &dy.contiguous()?, &RmsNormBwd { eps: self.eps })?;
         let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = both.narrow(0, rows, 1)?.reshape(h)?;
+        // a copy: a view would keep the whole [rows + 1, H] buffer alive for as long as the
+        // optimizer holds this gradient (2 norms × 30 layers × rows × H on SmolLM2)
+        let dw = both.narrow(0, rows, 1)?.reshape(h)?.force_contiguous()?;
         Ok((Some(dx), Some(dw)))
     }
 );

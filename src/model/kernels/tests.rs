@@ -88,6 +88,24 @@ fn fused_rms_norm_matches_primitive() {
     }
 }
 
+/// The weight gradient owns its `H` values: a view into the `[rows + 1, H]` buffer the backward
+/// kernel writes would keep the whole buffer alive for as long as the optimizer holds it.
+#[test]
+fn rms_norm_weight_gradient_owns_only_its_values() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (64, 16), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, 16, &dev).unwrap();
+    let dy = Tensor::randn(0f32, 1.0, (64, 16), &dev).unwrap();
+    let (dx, dw) = super::rms_norm_grads(&x, &w, &dy, 1e-5).unwrap();
+    assert_eq!(dx.dims(), [64, 16]);
+    let (storage, layout) = dw.storage_and_layout();
+    let len = match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
+        _ => panic!("an f32 CPU gradient"),
+    };
+    assert_eq!((len, layout.start_offset(), dw.dims()), (16, 0, &[16][..]));
+}
+
 #[test]
 fn fused_rope_matches_primitive() {
     for (dt, tol) in DTYPES {

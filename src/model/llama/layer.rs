@@ -1,6 +1,6 @@
 //! One decoder layer of the Llama family (Llama, SmolLM2, Mistral, Qwen2): its parts, its one
 //! forward pass, and its hand-written backward (fused kernels on f32 rows), which
-//! [`crate::model::autograd`] runs as one op per layer.
+//! [`crate::model::autograd`] runs inside one op for all the layers.
 
 use crate::error::Result;
 use crate::model::autograd::{GradSink, LayerCall};
@@ -601,7 +601,7 @@ impl LayerSource {
     }
 }
 
-/// A layer with its attention inputs and kernels, as [`crate::model::autograd::layer_op`] runs
+/// A layer with its attention inputs and kernels, as [`crate::model::autograd::layers_op`] runs
 /// it: `layer` reads the parameters (variables), `detached` the same values outside the graph.
 pub struct BlockCall {
     pub layer: LayerSource,

@@ -15,7 +15,7 @@ pub use decode::GroupCache;
 pub use layer::{Attention, Block, Linear, Mlp};
 
 use crate::error::{Error, Result};
-use crate::model::autograd::{layer_op, BackwardOptions, GradSink};
+use crate::model::autograd::{layers_op, BackwardOptions, GradSink};
 use crate::model::config::ModelConfig;
 use crate::model::inputs::AttentionInputs;
 use crate::model::kernels::{matmul, Kernels};
@@ -351,11 +351,12 @@ impl Transformer {
             x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
         }
         let key = training_adapters.and_then(|a| self.dropout_clock.next_key(a.seed));
-        for i in 0..self.cfg.num_hidden_layers {
-            let opts = self.backward_options;
-            x = if (opts.gradient_checkpointing || opts.layer_graphs) && x.track_op() {
-                // one op per layer: keep only the layer's input and recompute in backward
-                // (checkpointing), or keep the layer's graph until its backward
+        let opts = self.backward_options;
+        if (opts.gradient_checkpointing || opts.layer_graphs) && x.track_op() {
+            // the layers as one op: keep only each layer's input and recompute it in backward
+            // (checkpointing), or keep each layer's activations until its backward
+            let mut calls = Vec::with_capacity(self.cfg.num_hidden_layers);
+            for i in 0..self.cfg.num_hidden_layers {
                 let layer = match (&self.compact, &self.adapters) {
                     // a stored base is widened only while the op uses it
                     (Some(store), Some(a)) => layer::LayerSource::Stored {
@@ -366,17 +367,19 @@ impl Transformer {
                     },
                     _ => layer::LayerSource::Held(self.layer_for(i, key)?.into_owned()),
                 };
-                let call = layer::BlockCall {
+                calls.push(layer::BlockCall {
                     detached: layer.detached(),
                     layer,
                     attn: a.clone(),
                     kernels: k,
                     eps,
-                };
-                layer_op(call, &x, &self.sink, !opts.gradient_checkpointing)?
-            } else {
-                self.layer_for(i, key)?.forward(&x, a, k, eps)?
-            };
+                });
+            }
+            x = layers_op(calls, &x, &self.sink, !opts.gradient_checkpointing)?;
+        } else {
+            for i in 0..self.cfg.num_hidden_layers {
+                x = self.layer_for(i, key)?.forward(&x, a, k, eps)?;
+            }
         }
         Ok(k.rms_norm(&x, &self.norm, eps)?.reshape((b, t, self.cfg.hidden_size))?)
     }
