@@ -64,7 +64,10 @@ pub fn exp_f32(x: f32) -> f32 {
     let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
         + 0.5;
-    let y = (p * r * r + r + 1.0) * f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2^k from k's bits after adding 1.5·2^23 (k is an integer in [-127, 128] here): exact, and
+    // unlike `k as i32` (which saturates) it vectorises
+    let ki = (k + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    let y = (p * r * r + r + 1.0) * f32::from_bits(((ki + 127) as u32) << 23);
     if underflow {
         0.0
     } else {
