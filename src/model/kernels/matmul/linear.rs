@@ -246,11 +246,53 @@ mod wide {
     /// product past the last full chunk.
     #[inline(always)]
     unsafe fn finish<W: Weight>(acc: __m512, x: &[f32], w: &[W], full: usize) -> f32 {
-        let mut s = _mm512_reduce_add_ps(acc);
+        tail(sum_lanes(acc), x, w, full)
+    }
+
+    /// `s` plus the products of `x` and `w` past `full`, in order.
+    #[inline(always)]
+    fn tail<W: Weight>(mut s: f32, x: &[f32], w: &[W], full: usize) -> f32 {
         for c in full..x.len() {
             s += x[c] * w[c].widen();
         }
         s
+    }
+
+    /// The sum of `v`'s sixteen lanes by halves: lane i plus lane i + 8, then i and i + 4, i and
+    /// i + 2, and the last two ([`sum16`] makes the same pairs for sixteen vectors at once).
+    #[inline(always)]
+    unsafe fn sum_lanes(v: __m512) -> f32 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let s8 = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+    }
+
+    /// [`sum_lanes`] of sixteen vectors, with the same pairs, in a quarter of the instructions:
+    /// lane `4q + i` of the result is the sum of `v[4i + q]`.
+    #[inline(always)]
+    unsafe fn sum16(v: &[__m512; 16]) -> __m512 {
+        // each vector's halves: two vectors' eight sums per register
+        let w: [__m512; 8] = std::array::from_fn(|p| {
+            let (a, b) = (v[2 * p], v[2 * p + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+        });
+        // their quarters: four vectors' four sums per register, one per 128-bit lane
+        let u: [__m512; 4] = std::array::from_fn(|p| {
+            let (a, b) = (w[2 * p], w[2 * p + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+        });
+        // within each 128-bit lane: elements i and i + 2, then the two left
+        let t0 = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(u[0], u[1]),
+            _mm512_shuffle_ps::<0xEE>(u[0], u[1]),
+        );
+        let t1 = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(u[2], u[3]),
+            _mm512_shuffle_ps::<0xEE>(u[2], u[3]),
+        );
+        _mm512_add_ps(_mm512_shuffle_ps::<0x88>(t0, t1), _mm512_shuffle_ps::<0xDD>(t0, t1))
     }
 
     /// `ys[j·m + r] = x_r · w_j` for every row of `xs` (see [`super::dot_rows`]), four rows of
@@ -303,8 +345,15 @@ mod wide {
                 let wr: [usize; WR] = std::array::from_fn(|a| (j + a.min(jn - 1)) * k);
                 let xr: [usize; XR] = std::array::from_fn(|b| (r + b.min(rn - 1)) * k);
                 let mut acc = [[_mm512_setzero_ps(); XR]; WR];
+                // the next tile column's weight rows, one row per tile of this column (fetched
+                // from memory while these, already in L1, are multiplied)
+                let ahead = r / XR;
+                let prefetch = (ahead < WR && j + WR + ahead < wn).then(|| w.as_ptr().add((j + WR + ahead) * k));
                 let mut c = 0;
                 while c < full {
+                    if let Some(p) = prefetch {
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(c) as *const i8);
+                    }
                     let xv: [__m512; XR] = std::array::from_fn(|b| _mm512_loadu_ps(xs.as_ptr().add(xr[b] + c)));
                     for a in 0..WR {
                         let wv = _mm512_loadu_ps(w.as_ptr().add(wr[a] + c));
@@ -314,10 +363,15 @@ mod wide {
                     }
                     c += 16;
                 }
-                for (a, acc) in acc.iter().enumerate().take(jn) {
-                    for (b, &acc) in acc.iter().enumerate().take(rn) {
+                // the tile's sixteen sums at once (the pairs of `sum_lanes`, bit for bit)
+                let flat: [__m512; WR * XR] = std::array::from_fn(|i| acc[i / XR][i % XR]);
+                let mut sums = [0f32; 16];
+                _mm512_storeu_ps(sums.as_mut_ptr(), sum16(&flat));
+                for i in 0..WR * XR {
+                    let (a, b) = (i / XR, i % XR);
+                    if a < jn && b < rn {
                         let (x, wj) = (&xs[xr[b]..xr[b] + k], &w[wr[a]..wr[a] + k]);
-                        yt[(j + a) * m + r + b] = finish(acc, x, wj, full);
+                        yt[(j + a) * m + r + b] = tail(sums[(i % 4) * 4 + i / 4], x, wj, full);
                     }
                 }
             }
