@@ -13,5 +13,5 @@ pub use hash::Fnv64;
 pub use math::{d_log_ndtr, gaussian_preference_probability, log_ndtr, log_sigmoid};
 pub use progress::{progress_bar, say};
 pub use rng::Rng;
-pub use system::{memtrace, peak_rss_bytes, tune_allocator};
+pub use system::{memtrace, peak_rss_bytes, tune_allocator, with_workers_awake};
 pub use text::{closest, edit_distance, text_histogram};

@@ -64,3 +64,68 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// Run `f` on a worker of the thread pool while the pool's other workers stay awake: each one
+/// runs a job that takes the pool's pending jobs one at a time (`rayon::yield_now`) and spins
+/// between them, until `f` returns. Decoding a token runs hundreds of small parallel regions,
+/// and between two of them an idle worker would otherwise go to sleep and have to be woken by
+/// the kernel for the next (a tenth of a decoding batch's profile on a 2-vCPU VM). The other
+/// workers burn their cores meanwhile, as OpenMP's spinning threads do: use it where `f` is
+/// all parallel work.
+pub fn with_workers_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Lets the other workers go when `f` returns or panics.
+    struct Release<'a>(&'a AtomicBool);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    rayon::scope(|_| {
+        let runner = rayon::current_thread_index();
+        let done = AtomicBool::new(false);
+        rayon::in_place_scope(|s| {
+            // one job per worker, each kept on its own worker; the runner's returns at once (it
+            // runs it only while waiting for other jobs, or at the end of the scope)
+            s.spawn_broadcast(|_, ctx| {
+                if Some(ctx.index()) == runner {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+            let _release = Release(&done);
+            f()
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_workers_awake;
+    use rayon::prelude::*;
+
+    /// `f`'s value comes back, computed on a worker with the parallel regions inside it done by
+    /// the pool; calls from several threads at once, nested ones, and a panicking `f` (which
+    /// must release the other workers, not leave them spinning) all return.
+    #[test]
+    fn workers_kept_awake_run_the_work_and_let_go() {
+        let sum = |n: u64| with_workers_awake(|| (0..n).into_par_iter().map(|i| i * i).sum::<u64>());
+        assert_eq!(sum(1000), 332_833_500);
+        assert!(with_workers_awake(|| rayon::current_thread_index().is_some()));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| std::thread::spawn(move || (0..50).map(|_| sum(1000 + t)).collect::<Vec<_>>()))
+            .collect();
+        for (t, h) in threads.into_iter().enumerate() {
+            let want = (0..1000 + t as u64).map(|i| i * i).sum::<u64>();
+            assert!(h.join().unwrap().iter().all(|&s| s == want));
+        }
+        assert_eq!(with_workers_awake(|| with_workers_awake(|| sum(10))), 285);
+        let panicked = std::panic::catch_unwind(|| with_workers_awake(|| panic!("inside")));
+        assert!(panicked.is_err());
+        assert_eq!(sum(1000), 332_833_500);
+    }
+}
