@@ -125,23 +125,26 @@ fn uncut_draw(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng
     let (m, sums) = exp_weights(&mut w);
     let total: f64 = sums.iter().sum();
     let mut u = rng.uniform() * total;
-    // the last token with a weight, where rounding leaves `u` past every block
-    let mut token = w.iter().rposition(|&x| x > 0.0).unwrap_or(w.len().saturating_sub(1));
-    'blocks: for (b, &s) in sums.iter().enumerate() {
+    // the last token with a weight in `w[from..to]`: where rounding leaves `u` past the last one
+    let last = |from: usize, to: usize| from + w[from..to].iter().rposition(|&x| x > 0.0).unwrap_or(0);
+    let mut token = None;
+    for (b, &s) in sums.iter().enumerate() {
         if u < s {
             let block = &w[b * DRAW_BLOCK..((b + 1) * DRAW_BLOCK).min(w.len())];
-            token = b * DRAW_BLOCK + block.iter().rposition(|&x| x > 0.0).unwrap_or(0);
+            let mut at = None;
             for (i, &x) in block.iter().enumerate() {
                 if u < x as f64 {
-                    token = b * DRAW_BLOCK + i;
-                    break 'blocks;
+                    at = Some(b * DRAW_BLOCK + i);
+                    break;
                 }
                 u -= x as f64;
             }
+            token = Some(at.unwrap_or_else(|| last(b * DRAW_BLOCK, b * DRAW_BLOCK + block.len())));
             break;
         }
         u -= s;
     }
+    let token = token.unwrap_or_else(|| last(0, w.len()));
     let logprob = match p.repetition_penalty == 1.0 {
         true => (logits[token] / t - m) as f64 - total.ln(),
         false => logprob_at(logits, p.temperature, token),
