@@ -124,6 +124,39 @@ unsafe fn rounded16(p: *const f32, n: usize) -> __m512i {
     _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0_0000))
 }
 
+/// Transposes 16 × 16 32-bit words held in 16 registers (register i, lane j → register j,
+/// lane i): pairs of words and of double words within 128-bit lanes, then the 128-bit lanes
+/// across each four registers.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // s[4g + q]: lane l holds word 4l + q of rows 4g..4g + 4
+    let mut s = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+        s[4 * g] = _mm512_unpacklo_epi64(a, c);
+        s[4 * g + 1] = _mm512_unpackhi_epi64(a, c);
+        s[4 * g + 2] = _mm512_unpacklo_epi64(b, d);
+        s[4 * g + 3] = _mm512_unpackhi_epi64(b, d);
+    }
+    for q in 0..4 {
+        let (a, b, c, d) = (s[q], s[4 + q], s[8 + q], s[12 + q]);
+        let u0 = _mm512_shuffle_i32x4::<0x44>(a, b);
+        let u1 = _mm512_shuffle_i32x4::<0xEE>(a, b);
+        let u2 = _mm512_shuffle_i32x4::<0x44>(c, d);
+        let u3 = _mm512_shuffle_i32x4::<0xEE>(c, d);
+        r[q] = _mm512_shuffle_i32x4::<0x88>(u0, u2);
+        r[4 + q] = _mm512_shuffle_i32x4::<0xDD>(u0, u2);
+        r[8 + q] = _mm512_shuffle_i32x4::<0x88>(u1, u3);
+        r[12 + q] = _mm512_shuffle_i32x4::<0xDD>(u1, u3);
+    }
+}
+
 /// Packs columns `j0..j0 + 16` of `b` into `nkb` tiles of 16 × 16 pair words (the bf16 of
 /// rows 2p and 2p + 1 of a column in one word, the even row in the low half).
 ///
@@ -143,20 +176,17 @@ pub unsafe fn pack_rhs_columns(b: View, j0: usize, nkb: usize, words: &mut [u32]
         if b.rs == 1 {
             // columns contiguous along k (a transposed row-major weight): adjacent floats
             // make a pair, so the column's bf16 values in order are its pair words
-            let mut cols = [[0u32; 16]; 16];
+            // column c's 16 pair words in register c, then transposed in registers
+            let mut cols = [_mm512_setzero_si512(); 16];
             for (c, col) in cols.iter_mut().enumerate().take(jn) {
                 let src = b.data[(j0 + c) * b.cs + kb * 32..][..kn].as_ptr();
-                for half in 0..2 {
-                    let n = kn.saturating_sub(half * 16).min(16);
-                    let r = rounded16(src.add(half * 16), n);
-                    let w = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-                    _mm256_storeu_si256(col[half * 8..].as_mut_ptr() as *mut __m256i, w);
-                }
+                let lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded16(src, kn.min(16)), 16));
+                let hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded16(src.add(16), kn.saturating_sub(16)), 16));
+                *col = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             }
-            for p in 0..16 {
-                for c in 0..16 {
-                    tile[p * 16 + c] = cols[c][p];
-                }
+            transpose16(&mut cols);
+            for (p, row) in cols.iter().enumerate() {
+                _mm512_storeu_si512(tile[p * 16..].as_mut_ptr() as *mut __m512i, *row);
             }
         } else if b.cs == 1 {
             for p in 0..kn.div_ceil(2) {
@@ -211,16 +241,22 @@ pub unsafe fn pack_lhs_rows(a: View, i0: usize, nkb: usize, chunk: &mut [u16]) {
             }
         } else if a.rs == 1 {
             // a transposed row-major matrix: the tile's 16 rows are contiguous for each k
-            let mut tmp = [[0u16; 16]; 32];
-            for (c, t) in tmp.iter_mut().enumerate().take(kn) {
-                let src = a.data[(kb * 32 + c) * a.cs + i0..][..rows].as_ptr();
-                let w = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded16(src, rows), 16));
-                _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, w);
+            // register q holds the 16 rows' pair words of k = 2q, 2q + 1 (even k in the low
+            // half, as a row-major tile stores them); transposed, register r is row r's tile row
+            let hi_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+            let mut pairs = [_mm512_setzero_si512(); 16];
+            for (q, pair) in pairs.iter_mut().enumerate().take(kn.div_ceil(2)) {
+                let at = |c: usize| a.data[(kb * 32 + c) * a.cs + i0..][..rows].as_ptr();
+                let lo = _mm512_srli_epi32(rounded16(at(2 * q), rows), 16);
+                let hi = match 2 * q + 1 < kn {
+                    true => _mm512_and_si512(rounded16(at(2 * q + 1), rows), hi_mask),
+                    false => _mm512_setzero_si512(),
+                };
+                *pair = _mm512_or_si512(lo, hi);
             }
-            for r in 0..rows {
-                for c in 0..32 {
-                    tile[r * 32 + c] = tmp[c][r];
-                }
+            transpose16(&mut pairs);
+            for (r, row) in pairs.iter().enumerate().take(rows) {
+                _mm512_storeu_si512(tile[r * 32..].as_mut_ptr() as *mut __m512i, *row);
             }
         } else {
             for r in 0..rows {
