@@ -435,10 +435,10 @@ fn logprob_entropies_equal_the_softmax_entropy() {
 }
 
 /// Decoding from bf16 weights (`bf16_weights`, `--bf16-weights`), both ways it runs:
-/// - below AMX, bf16 copies of the weight matrices widened on the fly: the decoding of the f32
+/// - below AVX512-BF16, bf16 copies of the weight matrices widened on the fly: the decoding of the f32
 ///   model with those matrices rounded to bf16 (cached logits against a full forward of the
 ///   rounded model at every step, to 1e-4);
-/// - on AMX (where this CPU has it), the matrices packed into tiles and the activations rounded
+/// - on AVX512-BF16 and AMX (where this CPU has them), the matrices packed into tiles and the activations rounded
 ///   too: a full forward with training's bf16 products (`Kernels::bf16`), to 1e-4 as well.
 ///
 /// Tied and untied heads, Qwen2's biases; and the sampler's own bf16 copy samples what the copy
@@ -447,9 +447,12 @@ fn logprob_entropies_equal_the_softmax_entropy() {
 fn bf16_weight_decoding_is_the_rounded_models_decoding() {
     use prefer::model::kernels::CpuPath;
     let mut paths = vec![CpuPath::Avx512.min(CpuPath::detected())];
-    if CpuPath::Amx.allows() {
-        paths.push(CpuPath::Amx);
+    for p in [CpuPath::Avx512Bf16, CpuPath::Amx] {
+        if p.allows() {
+            paths.push(p);
+        }
     }
+    eprintln!("bf16 decoding paths tested on this CPU: {paths:?}");
     for spec in [
         TinySpec::default(),
         TinySpec {
@@ -462,12 +465,12 @@ fn bf16_weight_decoding_is_the_rounded_models_decoding() {
         for &path in &paths {
             let m = model(&spec, 11);
             let fast = m.with_bf16_matrices_on(path).unwrap();
-            let tiles = path == CpuPath::Amx;
+            let tiles = path >= CpuPath::Avx512Bf16;
             assert_eq!(fast.decodes_from_tiles(), tiles, "{path:?}");
             let round = |t: &candle_core::Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
-            // the reference: below AMX the rounded model (its projections rounded; a tied head is a
+            // the reference: below the tiles the rounded model (its projections rounded; a tied head is a
             // rounded copy of the embedding, so that model reads its input through the f32
-            // embedding); on AMX the model with bf16 products
+            // embedding); with tiles the model with bf16 products
             let reference = match tiles {
                 false => m
                     .map(
@@ -487,7 +490,7 @@ fn bf16_weight_decoding_is_the_rounded_models_decoding() {
             let (first, mut cache) = fast.prefill(&prompt).unwrap();
             let mut seq = prompt.clone();
             // a full forward of the reference, its last hidden state times the rounded head (the
-            // hidden state rounded too on AMX)
+            // hidden state rounded too with tiles)
             let full = |s: &[u32]| -> Vec<f32> {
                 let r = &reference;
                 let dev = r.device();
@@ -526,7 +529,8 @@ fn bf16_weight_decoding_is_the_rounded_models_decoding() {
                 let d = max_diff(&row, &full(&seq));
                 assert!(d < 1e-4, "{spec:?} {path:?}: step {step}: {d}");
             }
-            if path != *paths.last().unwrap() {
+            // the path the sampler's own copy takes: the fast bf16 product, else widened copies
+            if path != CpuPath::fast_bf16().unwrap_or(paths[0]) {
                 continue;
             }
             // sampling: the bf16 copy is made inside the sampler

@@ -31,7 +31,8 @@ pub struct GenerateBenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Decode in bf16 (`prefer generate --bf16-weights`: AMX tiles where the CPU has them).
+    /// Decode in bf16 (`prefer generate --bf16-weights`: bf16 tiles where the CPU has AMX or
+    /// AMD's AVX512-BF16).
     #[arg(long)]
     pub bf16_weights: bool,
 }
@@ -129,11 +130,12 @@ pub fn generate(args: &GenerateBenchArgs) -> Result<()> {
     let bw = read_bandwidth_gbs();
     let mm = super::bench::matmul_gflops(1024, m.transformer.cfg.hidden_size, 2048)?;
     // what the products of decoding read: f32 weights; bf16 copies widened on the fly; or bf16
-    // tiles on AMX (activations rounded to bf16 too)
-    let decode_weights = match (args.bf16_weights, prefer::model::kernels::CpuPath::Amx.allows()) {
+    // tiles for AMX or AVX512-BF16 (activations rounded to bf16 too)
+    let decode_weights = match (args.bf16_weights, prefer::model::kernels::CpuPath::fast_bf16()) {
         (false, _) => "f32",
-        (true, false) => "bf16 (widened to f32 in registers)",
-        (true, true) => "bf16 (AMX tiles, bf16 activations)",
+        (true, None) => "bf16 (widened to f32 in registers)",
+        (true, Some(prefer::model::kernels::CpuPath::Amx)) => "bf16 (AMX tiles, bf16 activations)",
+        (true, Some(_)) => "bf16 (tiles multiplied with vdpbf16ps, bf16 activations)",
     };
     let rec = json!({
         "model": model.display().to_string(),

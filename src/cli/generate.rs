@@ -55,7 +55,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Decode in bf16: the weight matrices read as bf16, half the bytes per token; on CPUs with
-    /// AMX packed into tiles, with the activations rounded to bf16 too. Samples the bf16 model.
+    /// AMX or AMD's AVX512-BF16 packed into tiles, with the activations rounded to bf16 too.
+    /// Samples the bf16 model.
     #[arg(long)]
     pub bf16_weights: bool,
 }

@@ -33,7 +33,7 @@ pub struct SamplingParams {
     /// Tokens that end a completion (included in it, like EOS in training data).
     pub stop_tokens: Vec<u32>,
     /// Decode in bf16 ([`Transformer::with_bf16_matrices`]): the weight matrices read as bf16
-    /// (half the bytes per token), on AMX with bf16 activations too; samples the bf16 model.
+    /// (half the bytes per token), on AMX or AMD's AVX512-BF16 with bf16 activations too; samples the bf16 model.
     pub bf16_weights: bool,
 }
 

@@ -11,8 +11,8 @@
 //! The cache is f32 whatever the model's dtype, kept per kv head and grown in place
 //! ([`HeadCache`]); the attention of each new row is one loop over it for all the query heads
 //! of a kv head (`kernels::cached_attention`), all groups' rows in one parallel pass. A copy made by
-//! [`Transformer::with_bf16_matrices`] on a CPU with AMX carries its weight matrices packed into
-//! tiles ([`DecodeTiles`]), and its products are bf16 products with f32 sums.
+//! [`Transformer::with_bf16_matrices`] on a CPU with AMX or AMD's AVX512-BF16 carries its weight
+//! matrices packed into tiles ([`DecodeTiles`]), and its products are bf16 products with f32 sums.
 
 use super::{Block, Linear, Transformer};
 use crate::error::{Error, Result};
@@ -22,7 +22,7 @@ use crate::model::kernels::matmul::{few_rows, few_rows_many};
 use crate::model::kernels::{CpuPath, Kernels};
 use candle_core::{DType, Tensor};
 
-/// One decoder layer's projections packed into AMX tiles ([`PackedWeight`]).
+/// One decoder layer's projections packed into bf16 tiles ([`PackedWeight`]).
 #[derive(Debug)]
 struct LayerTiles {
     qkv: [PackedWeight; 3],
@@ -31,8 +31,8 @@ struct LayerTiles {
     down: PackedWeight,
 }
 
-/// A model's weight matrices packed once into AMX tiles for decoding
-/// ([`Transformer::with_bf16_matrices`] on CPUs with AMX): every layer's projections and the
+/// A model's weight matrices packed once into bf16 tiles for decoding
+/// ([`Transformer::with_bf16_matrices`] on CPUs with AMX or AMD's AVX512-BF16): every layer's projections and the
 /// output head. The products round the activations to bf16 too, as training's `bf16 = true`
 /// does. Valid only for the weights they were packed from: a model that trains never has them.
 #[derive(Debug)]
@@ -42,7 +42,13 @@ pub struct DecodeTiles {
 }
 
 impl DecodeTiles {
-    /// `t`'s matrices packed, where `path` (at most the CPU's) allows AMX; else `None`.
+    /// Whether these tiles are multiplied by the kernel `path` (at most the CPU's) chooses.
+    pub(crate) fn packed_for(&self, path: CpuPath) -> bool {
+        PackedWeight::kernel_of(path) == Some(self.head.on_amx())
+    }
+
+    /// `t`'s matrices packed, where `path` (at most the CPU's) allows AVX512-BF16 or AMX; else
+    /// `None`.
     pub(crate) fn new(t: &Transformer, path: CpuPath) -> Result<Option<DecodeTiles>> {
         let pack = |w: &Tensor| PackedWeight::new_on(path, w);
         let Some(head) = pack(t.output_weight())? else {
@@ -53,7 +59,7 @@ impl DecodeTiles {
             let b = t.layer(i)?;
             let (at, m) = (&b.self_attn, &b.mlp);
             let packed = |l: &Linear| -> Result<PackedWeight> {
-                pack(&l.weight)?.ok_or_else(|| Error::msg("AMX became unavailable while packing"))
+                pack(&l.weight)?.ok_or_else(|| Error::msg("the bf16 tile kernel became unavailable while packing"))
             };
             layers.push(LayerTiles {
                 qkv: [packed(&at.q_proj)?, packed(&at.k_proj)?, packed(&at.v_proj)?],
@@ -184,7 +190,7 @@ fn rope_rows(t: &Transformer, start: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// `l(x)` while decoding: with `packed`, the product with the layer's weights in AMX tiles; else
+/// `l(x)` while decoding: with `packed`, the product with the layer's weights in bf16 tiles; else
 /// the few-rows product where it applies (f32, or f32 rows against a bf16 copy of the weights),
 /// else the layer's own (a bf16 copy widened first).
 fn lin(l: &Linear, packed: Option<&PackedWeight>, x: &Tensor, k: Kernels) -> Result<Tensor> {
@@ -193,7 +199,7 @@ fn lin(l: &Linear, packed: Option<&PackedWeight>, x: &Tensor, k: Kernels) -> Res
 
 /// [`lin`] of several layers on the same `x` (q, k and v; gate and up): their few-rows products
 /// in one parallel pass where they apply, each the same as alone. With `packed` (the layers'
-/// weights in AMX tiles), their packed products.
+/// weights in bf16 tiles), their packed products.
 fn lin_many(ls: &[&Linear], packed: Option<Vec<&PackedWeight>>, x: &Tensor, k: Kernels) -> Result<Vec<Tensor>> {
     let copy = ls.iter().any(|l| l.weight.dtype() != x.dtype());
     let fast = match (packed, k.bf16_for(x) && !copy) {

@@ -60,13 +60,13 @@ pub struct Transformer {
     pub(crate) adapters: Option<std::sync::Arc<Adapters>>,
     /// Which training forward pass the adapters' dropout is in (shared by clones).
     pub(crate) dropout_clock: std::sync::Arc<DropoutClock>,
-    /// The weight matrices packed for decoding on AMX ([`Self::with_bf16_matrices`]): only on
+    /// The weight matrices packed for decoding in bf16 tiles ([`Self::with_bf16_matrices`]): only on
     /// a copy made for one generation, never on a model whose weights change.
     pub(crate) decode_tiles: Option<std::sync::Arc<decode::DecodeTiles>>,
 }
 
 impl Transformer {
-    /// Whether decoding runs on weights packed into AMX tiles ([`Self::with_bf16_matrices`]).
+    /// Whether decoding runs on weights packed into bf16 tiles ([`Self::with_bf16_matrices`]).
     pub fn decodes_from_tiles(&self) -> bool {
         self.decode_tiles.is_some()
     }
@@ -250,19 +250,24 @@ impl Transformer {
     /// the output head (a separate copy when tied; the embedding and the norms stay as they
     /// are), adapters and a compact base merged in first.
     ///
-    /// On CPUs with AMX the matrices are packed once into AMX tiles ([`decode::DecodeTiles`])
-    /// and decoding multiplies bf16-rounded activations by them with f32 sums: the products of
-    /// training's `bf16 = true`. Elsewhere decoding multiplies f32 activations by bf16 copies of
-    /// the weights widened on the fly ([`crate::model::kernels::matmul::few_rows`]): the f32
-    /// model with its matrices rounded to bf16, from half the bytes per token.
+    /// On CPUs with a fast bf16 product (AMX, or AVX512-BF16 on AMD:
+    /// [`crate::model::kernels::CpuPath::fast_bf16`]) the matrices are packed once into bf16
+    /// tiles ([`decode::DecodeTiles`]) and decoding multiplies bf16-rounded activations by them
+    /// with f32 sums: the products of training's `bf16 = true`. Elsewhere decoding multiplies f32
+    /// activations by bf16 copies of the weights widened on the fly
+    /// ([`crate::model::kernels::matmul::few_rows`]): the f32 model with its matrices rounded to
+    /// bf16, from half the bytes per token.
     pub fn with_bf16_matrices(&self) -> Result<Self> {
-        self.with_bf16_matrices_on(crate::model::kernels::CpuPath::active())
+        use crate::model::kernels::CpuPath;
+        // below the fast paths, a path that packs nothing
+        let path = CpuPath::fast_bf16().unwrap_or(CpuPath::active().min(CpuPath::Avx512));
+        self.with_bf16_matrices_on(path)
     }
 
-    /// [`Self::with_bf16_matrices`] with the kernels of `path` (at most the CPU's): AMX tiles
-    /// where it allows AMX. Tests use it to run both kinds on one machine.
+    /// [`Self::with_bf16_matrices`] with the kernels of `path` (at most the CPU's): tiles where
+    /// it allows AVX512-BF16 (`vdpbf16ps`) or AMX. Tests use it to run every kind on one machine.
     pub fn with_bf16_matrices_on(&self, path: crate::model::kernels::CpuPath) -> Result<Self> {
-        if self.decode_tiles.is_some() && path >= crate::model::kernels::CpuPath::Amx {
+        if self.decode_tiles.as_ref().is_some_and(|t| t.packed_for(path)) {
             return Ok(self.clone());
         }
         let base = match self.adapters.is_some() || self.compact.is_some() {

@@ -18,27 +18,38 @@ use std::arch::x86_64::*;
 /// for `out`).
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn kernel_32x32(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16, nkb: usize, out: *mut f32) {
-    let (b0, b1) = (b0 as *const u32, b1 as *const u32);
     for eighth in 0..4 {
-        let a = (if eighth < 2 { a0 } else { a1 }) as *const u32;
-        let r0 = (eighth % 2) * 8;
-        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-        for kb in 0..nkb {
-            let (at, bt0, bt1) = (a.add(kb * 256 + r0 * 16), b0.add(kb * 256), b1.add(kb * 256));
-            for p in 0..16 {
-                let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt0.add(p * 16) as *const __m512i));
-                let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt1.add(p * 16) as *const __m512i));
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at.add(r * 16 + p) as i32));
-                    row[0] = _mm512_dpbf16_ps(row[0], x, w0);
-                    row[1] = _mm512_dpbf16_ps(row[1], x, w1);
-                }
+        let a = if eighth < 2 { a0 } else { a1 };
+        kernel_8x32(a, (eighth % 2) * 8, b0, b1, nkb, out.add(eighth * 8 * 32));
+    }
+}
+
+/// `out[8×32]`: rows `r0..r0 + 8` (`r0` 0 or 8) of the 16-row tiles at `a` times the two column
+/// halves, summed exactly as [`kernel_32x32`] sums them (which is four of these), so a row's
+/// result does not depend on the rows packed beside it: decoding a few rows uses it alone.
+///
+/// # Safety
+/// As for [`kernel_32x32`]; `out` valid for 8×32 f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn kernel_8x32(a: *const u16, r0: usize, b0: *const u16, b1: *const u16, nkb: usize, out: *mut f32) {
+    let (a, b0, b1) = (a as *const u32, b0 as *const u32, b1 as *const u32);
+    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    for kb in 0..nkb {
+        let (at, bt0, bt1) = (a.add(kb * 256 + r0 * 16), b0.add(kb * 256), b1.add(kb * 256));
+        for p in 0..16 {
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt0.add(p * 16) as *const __m512i));
+            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt1.add(p * 16) as *const __m512i));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at.add(r * 16 + p) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], x, w0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, w1);
             }
         }
-        for (r, row) in acc.iter().enumerate() {
-            let o = out.add((eighth * 8 + r) * 32);
-            _mm512_storeu_ps(o, row[0]);
-            _mm512_storeu_ps(o.add(16), row[1]);
-        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let o = out.add(r * 32);
+        _mm512_storeu_ps(o, row[0]);
+        _mm512_storeu_ps(o.add(16), row[1]);
     }
 }

@@ -1,30 +1,34 @@
-//! Weights packed once into AMX tiles, for sampling from bf16 weights on CPUs with AMX
-//! (`bf16_sampling`, `--bf16-weights`).
+//! Weights packed once into bf16 tiles, for sampling from bf16 weights on CPUs with a fast bf16
+//! product (`bf16_sampling`, `--bf16-weights`): AMX, or AVX512-BF16 on AMD
+//! ([`CpuPath::fast_bf16`]).
 //!
 //! Decoding multiplies a few rows (one token per sequence) by every weight matrix at every
 //! step, while the weights stay fixed for the whole generation. So each matrix `W` `[n, k]` is
 //! rounded to bf16 and packed into the tile layout of [`super::Rhs::Tiles`] once
 //! ([`PackedWeight::new`]), and each step only packs its few rows of activations (rounded to
-//! bf16 too) and runs `tdpbf16ps` over the weight's tiles, in parallel over the weight's columns
-//! ([`packed_products`]). The sums are f32, as in training's `bf16 = true` products.
+//! bf16 too) and runs `tdpbf16ps` (AMX) or `vdpbf16ps` (AVX512-BF16, eight rows at a time) over
+//! the weight's tiles, in parallel over the weight's columns ([`packed_products`]). The sums are
+//! f32, as in training's `bf16 = true` products.
 //!
 //! Each element of the result is the same sequence of tile products whatever rows come with it
 //! (16-row and 32-row blocks sum alike, padding rows are zero), so batched sampling draws what
 //! sampling prompt by prompt draws.
 
 use super::linear::SharedOut;
-use super::{amx, bytemuck_u32, round_up, CpuPath, View};
+use super::{amx, bytemuck_u32, dpbf16, round_up, CpuPath, View};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-/// A weight `[n, k]` rounded to bf16 and packed for `x·Wᵀ` on AMX tiles: per 16 of its rows
-/// (the product's columns), per 32 of k, 16 pairs along k × 16 rows; n and k zero-padded to
+/// A weight `[n, k]` rounded to bf16 and packed for `x·Wᵀ` in AMX's tile layout: per 16 of its
+/// rows (the product's columns), per 32 of k, 16 pairs along k × 16 rows; n and k zero-padded to
 /// multiples of 32.
 pub struct PackedWeight {
     tiles: Vec<u16>,
     n: usize,
     k: usize,
     nkb: usize,
+    /// Multiplied on AMX tiles, else with `vdpbf16ps`.
+    amx: bool,
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -34,16 +38,32 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// `w` (a 2-D f32 or bf16 CPU tensor) packed, where the kernels may use AMX; else `None`.
+    /// `w` (a 2-D f32 or bf16 CPU tensor) packed, where this CPU has a fast bf16 product
+    /// ([`CpuPath::fast_bf16`]); else `None`.
     pub fn new(w: &Tensor) -> crate::error::Result<Option<PackedWeight>> {
-        Self::new_on(CpuPath::active(), w)
+        match CpuPath::fast_bf16() {
+            Some(path) => Self::new_on(path, w),
+            None => Ok(None),
+        }
     }
 
-    /// [`Self::new`] where `path` (at most the CPU's) allows AMX.
+    /// Which kernel `path` (at most the CPU's) multiplies packed weights with: `Some(true)` AMX
+    /// tiles, `Some(false)` `vdpbf16ps`, `None` neither (nothing is packed).
+    pub fn kernel_of(path: CpuPath) -> Option<bool> {
+        let path = path.min(CpuPath::detected());
+        (path >= CpuPath::Avx512Bf16).then_some(path >= CpuPath::Amx)
+    }
+
+    /// Whether this weight is multiplied on AMX tiles (else with `vdpbf16ps`).
+    pub fn on_amx(&self) -> bool {
+        self.amx
+    }
+
+    /// `w` packed for the kernel of `path` ([`Self::kernel_of`]); `None` below AVX512-BF16.
     pub fn new_on(path: CpuPath, w: &Tensor) -> crate::error::Result<Option<PackedWeight>> {
-        if path.min(CpuPath::detected()) < CpuPath::Amx {
+        let Some(amx) = Self::kernel_of(path) else {
             return Ok(None);
-        }
+        };
         let (n, k) = w.dims2()?;
         let w = w.to_dtype(candle_core::DType::F32)?;
         let nkb = k.div_ceil(32).max(1);
@@ -52,12 +72,12 @@ impl PackedWeight {
             // Wᵀ `[k, n]`: each of its columns (a row of W) contiguous along k
             let wt = View::row_major(v, n, k).t();
             tiles.par_chunks_mut(nkb * 512).enumerate().for_each(|(jb, chunk)| {
-                // SAFETY: AMX implies AVX-512 F and BW (checked when AMX is enabled).
+                // SAFETY: AVX512-BF16 and AMX imply AVX-512 F and BW (CpuPath::detect).
                 unsafe { amx::pack_rhs_columns(wt, jb * 16, nkb, bytemuck_u32(chunk)) };
             });
             Ok(())
         })?;
-        Ok(Some(PackedWeight { tiles, n, k, nkb }))
+        Ok(Some(PackedWeight { tiles, n, k, nkb, amx }))
     }
 }
 
@@ -83,7 +103,7 @@ pub fn packed_products(x: &Tensor, ws: &[&PackedWeight]) -> crate::error::Result
     super::with_f32(&x, |xs| {
         let view = View::row_major(xs, m, k);
         for (ib, chunk) in at.chunks_mut(tile).enumerate() {
-            // SAFETY: AMX implies AVX-512 F and BW.
+            // SAFETY: packed weights exist only on the AVX512-BF16 and AMX paths (AVX-512 F, BW).
             unsafe { amx::pack_lhs_rows(view, ib * 16, nkb, chunk) };
         }
         Ok(())
@@ -105,12 +125,30 @@ pub fn packed_products(x: &Tensor, ws: &[&PackedWeight]) -> crate::error::Result
     jobs.into_par_iter().for_each(|(i, first, count)| {
         let (w, n) = (ws[i], ws[i].n);
         let mut out = [0f32; 32 * 32];
-        // SAFETY: PackedWeight exists only where AMX is enabled.
-        let _tiles = unsafe { amx::Tiles::configure() };
+        // SAFETY: an AMX weight exists only where AMX is enabled.
+        let _tiles = w.amx.then(|| unsafe { amx::Tiles::configure() });
         for nb in first..first + count {
             let b0 = w.tiles[2 * nb * tile..].as_ptr();
             let b1 = w.tiles[(2 * nb + 1) * tile..].as_ptr();
             let jn = 32.min(n - nb * 32);
+            if !w.amx {
+                // eight rows at a time: one stream multiplies no padding rows but seven
+                for e in 0..m.div_ceil(8) {
+                    // SAFETY: AVX512-BF16 (the weight was packed for it); `at` holds mp ≥ 8e + 8
+                    // rows in 16-row tiles, `w.tiles` 32-padded columns, nkb tiles each.
+                    unsafe {
+                        dpbf16::kernel_8x32(at[e / 2 * tile..].as_ptr(), e % 2 * 8, b0, b1, nkb, out.as_mut_ptr())
+                    };
+                    for r in 0..8.min(m - e * 8) {
+                        for (c, &v) in out[r * 32..r * 32 + jn].iter().enumerate() {
+                            // SAFETY: each task writes only its own columns of weight i's
+                            // [m, n] buffer, which outlives the parallel loop.
+                            unsafe { *outs[i].at((e * 8 + r) * n + nb * 32 + c) = v };
+                        }
+                    }
+                }
+                continue;
+            }
             for mb in 0..mp.div_ceil(32) {
                 // SAFETY: the tiles are configured; `at` holds mp rows and `w.tiles` 32-padded
                 // columns, nkb tiles each; `out` holds 32×32.

@@ -348,11 +348,12 @@ fn few_rows_on_path(path: CpuPath) {
     }
 }
 
-/// Weights packed into AMX tiles for decoding (`packed::packed_products`): against an f64 sum
+/// Weights packed into bf16 tiles for decoding (`packed::packed_products`), multiplied on AMX
+/// tiles and with `vdpbf16ps` (where this CPU has them): against an f64 sum
 /// of the bf16-rounded operands' products, for shapes that are not multiples of the tiles, from
 /// 1 row to past one 32-row block; each row's result bit for bit the same alone as among the
 /// others (batched sampling draws what sampling one by one draws); several weights at once each
-/// as alone. Below AMX nothing is packed.
+/// as alone. Below AVX512-BF16 nothing is packed.
 #[test]
 fn packed_products_are_bf16_products_whatever_the_rows_beside() {
     use super::packed::{packed_products, PackedWeight};
@@ -360,10 +361,15 @@ fn packed_products_are_bf16_products_whatever_the_rows_beside() {
     for path in CpuPath::supported() {
         let w = Tensor::from_vec(lcg(1, 6 * 40), (6, 40), &dev).unwrap();
         let packed = PackedWeight::new_on(path, &w).unwrap();
-        if path < CpuPath::Amx {
+        if path < CpuPath::Avx512Bf16 {
             assert!(packed.is_none(), "{path:?}");
             continue;
         }
+        assert_eq!(
+            packed.as_ref().map(|p| p.on_amx()),
+            Some(path >= CpuPath::Amx),
+            "{path:?}"
+        );
         for (m, k, n) in [(1, 40, 6), (5, 70, 50), (16, 576, 33), (17, 64, 64), (40, 100, 96)] {
             let xs = lcg(m as u64 * 31 + k as u64, m * k);
             let ws = lcg(n as u64 * 17 + k as u64, n * k);
