@@ -18,6 +18,7 @@ use super::linear::SharedOut;
 use super::{amx, bytemuck_u32, dpbf16, round_up, CpuPath, View};
 use candle_core::Tensor;
 use rayon::prelude::*;
+use std::ptr::copy_nonoverlapping;
 
 /// A weight `[n, k]` rounded to bf16 and packed for `x·Wᵀ` in AMX's tile layout: per 16 of its
 /// rows (the product's columns), per 32 of k, 16 pairs along k × 16 rows; n and k zero-padded to
@@ -140,11 +141,11 @@ pub fn packed_products(x: &Tensor, ws: &[&PackedWeight]) -> crate::error::Result
                         dpbf16::kernel_8x32(at[e / 2 * tile..].as_ptr(), e % 2 * 8, b0, b1, nkb, out.as_mut_ptr())
                     };
                     for r in 0..8.min(m - e * 8) {
-                        for (c, &v) in out[r * 32..r * 32 + jn].iter().enumerate() {
-                            // SAFETY: each task writes only its own columns of weight i's
-                            // [m, n] buffer, which outlives the parallel loop.
-                            unsafe { *outs[i].at((e * 8 + r) * n + nb * 32 + c) = v };
-                        }
+                        // SAFETY: each task writes only its own columns of weight i's [m, n]
+                        // buffer, which outlives the parallel loop.
+                        unsafe {
+                            copy_nonoverlapping(out[r * 32..].as_ptr(), outs[i].at((e * 8 + r) * n + nb * 32), jn)
+                        };
                     }
                 }
                 continue;
@@ -166,11 +167,9 @@ pub fn packed_products(x: &Tensor, ws: &[&PackedWeight]) -> crate::error::Result
                     }
                 }
                 for r in 0..32.min(m - mb * 32) {
-                    for (c, &v) in out[r * 32..r * 32 + jn].iter().enumerate() {
-                        // SAFETY: each task writes only its own columns of weight i's [m, n]
-                        // buffer, which outlives the parallel loop.
-                        unsafe { *outs[i].at((mb * 32 + r) * n + nb * 32 + c) = v };
-                    }
+                    // SAFETY: each task writes only its own columns of weight i's [m, n] buffer,
+                    // which outlives the parallel loop.
+                    unsafe { copy_nonoverlapping(out[r * 32..].as_ptr(), outs[i].at((mb * 32 + r) * n + nb * 32), jn) };
                 }
             }
         }
