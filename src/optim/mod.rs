@@ -69,8 +69,8 @@ impl<F: FnMut(&mut [f32])> InplaceOp1 for InPlace<F> {
 }
 
 /// `Σ g²` in f64, in 8 independent lanes (so the loop vectorises), compiled a second time for
-/// AVX2 and chosen at run time. The lanes and the fixed chunks of [`Optimizer::grad_norm`] make
-/// the sum the same whatever the number of threads.
+/// AVX2 and chosen at run time. With the fixed chunks of [`Optimizer::grad_norm`], added in
+/// order, the norm is the same whatever the number of threads.
 fn sum_of_squares(g: &[f32]) -> f64 {
     #[inline(always)]
     fn imp(g: &[f32]) -> f64 {
@@ -116,22 +116,28 @@ struct AdamConsts {
     step: f32,
 }
 
-/// AdamW on f32 moments, in place: the same operations in the same order as the bf16-moment
-/// path's per-element `adam`, so the values are identical; compiled a second time for AVX2,
-/// chosen at run time (the crate targets the baseline, whose loop ran 4 lanes at a time and
-/// took 0.25 s per step of SmolLM2-135M on a 2-vCPU EPYC).
+impl AdamConsts {
+    /// One element's update from its gradient and moments (f32 whatever the moments are
+    /// stored in); returns the new moments.
+    #[inline(always)]
+    fn update(&self, w: &mut f32, g: f32, m: f32, v: f32) -> (f32, f32) {
+        let g = g * self.scale;
+        let m = self.b1 * m + (1.0 - self.b1) * g;
+        let v = self.b2 * v + (1.0 - self.b2) * g * g;
+        let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+        *w = *w * self.decay - self.step * m / denom;
+        (m, v)
+    }
+}
+
+/// AdamW on f32 moments, in place ([`AdamConsts::update`] per element); compiled a second time
+/// for AVX2, chosen at run time (the crate targets the baseline, whose loop ran 4 lanes at a
+/// time and took 0.25 s per step of SmolLM2-135M on a 2-vCPU EPYC).
 fn adamw_f32(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamConsts) {
     #[inline(always)]
     fn imp(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamConsts) {
-        let (scale, b1, b2, bc2_sqrt, eps, decay, step) = (c.scale, c.b1, c.b2, c.bc2_sqrt, c.eps, c.decay, c.step);
         for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let g = g * scale;
-            let nm = b1 * *m + (1.0 - b1) * g;
-            let nv = b2 * *v + (1.0 - b2) * g * g;
-            let denom = nv.sqrt() / bc2_sqrt + eps;
-            *w = *w * decay - step * nm / denom;
-            *m = nm;
-            *v = nv;
+            (*m, *v) = c.update(w, g, *m, *v);
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -326,7 +332,11 @@ impl Optimizer {
         for p in &self.params {
             total += p
                 .grad
-                .with(|g| g.par_chunks(1 << 16).map(sum_of_squares).sum::<f64>())?
+                .with(|g| {
+                    // chunk sums in parallel, added in order: the same whatever the threads
+                    let parts: Vec<f64> = g.par_chunks(1 << 16).map(sum_of_squares).collect();
+                    parts.iter().sum::<f64>()
+                })?
                 .unwrap_or(0.0);
         }
         Ok(total.sqrt())
@@ -373,33 +383,22 @@ impl Optimizer {
                         let bc2_sqrt = ((1.0 - beta2.powi(t)).sqrt()) as f32;
                         let step = (lr / bc1) as f32;
                         let decay = if decay { (1.0 - lr * wd) as f32 } else { 1.0 };
-                        let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
-                        // the update of one element from its moments; returns the new moments
-                        let adam = |w: &mut f32, g: f32, m: f32, v: f32| -> (f32, f32) {
-                            let g = g * scale;
-                            let m = b1 * m + (1.0 - b1) * g;
-                            let v = b2 * v + (1.0 - b2) * g * g;
-                            let denom = v.sqrt() / bc2_sqrt + eps;
-                            *w = *w * decay - step * m / denom;
-                            (m, v)
+                        let adam = AdamConsts {
+                            scale,
+                            b1: beta1 as f32,
+                            b2: beta2 as f32,
+                            bc2_sqrt,
+                            eps: eps as f32,
+                            decay,
+                            step,
                         };
                         match (&mut *m, &mut *v) {
-                            (Moment::F32(m), Moment::F32(v)) => {
-                                let c = AdamConsts {
-                                    scale,
-                                    b1,
-                                    b2,
-                                    bc2_sqrt,
-                                    eps,
-                                    decay,
-                                    step,
-                                };
-                                w.par_chunks_mut(chunk)
-                                    .zip(g.par_chunks(chunk))
-                                    .zip(m.par_chunks_mut(chunk))
-                                    .zip(v.par_chunks_mut(chunk))
-                                    .for_each(|(((w, g), m), v)| adamw_f32(w, g, m, v, &c))
-                            }
+                            (Moment::F32(m), Moment::F32(v)) => w
+                                .par_chunks_mut(chunk)
+                                .zip(g.par_chunks(chunk))
+                                .zip(m.par_chunks_mut(chunk))
+                                .zip(v.par_chunks_mut(chunk))
+                                .for_each(|(((w, g), m), v)| adamw_f32(w, g, m, v, &adam)),
                             (Moment::Bf16(m), Moment::Bf16(v)) => {
                                 let key = rounding_key(t as u64, pid as u64);
                                 w.par_chunks_mut(chunk)
@@ -410,7 +409,7 @@ impl Optimizer {
                                     .for_each(|(c, (((w, g), m), v))| {
                                         let items = w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
                                         for (j, (((w, &g), m), v)) in items.enumerate() {
-                                            let (nm, nv) = adam(w, g, bf16_to_f32(*m), bf16_to_f32(*v));
+                                            let (nm, nv) = adam.update(w, g, bf16_to_f32(*m), bf16_to_f32(*v));
                                             let r = rounding_bits(key, (c * chunk + j) as u32);
                                             *m = bf16_stochastic(nm, r);
                                             *v = bf16_stochastic(nv, r >> 16);
@@ -603,6 +602,21 @@ mod tests {
             let got = sum_of_squares(&g);
             assert!((got - exact).abs() <= 1e-14 * exact, "n {n}: {got} vs {exact}");
         }
+        // the global norm is the same, bit for bit, on 1, 2 and 3 threads
+        let g: Vec<f32> = (0..(1 << 16) * 37 + 5)
+            .map(|_| (rng.normal() * 10f64.powf(6.0 * rng.uniform())) as f32)
+            .collect();
+        let var = Var::new(vec![0f32; g.len()], &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(OptimKind::Sgd, 0.0, vec![("w".into(), var)]);
+        opt.params[0].grad = Grad::Host(g);
+        let norms: Vec<u64> = [1, 2, 3]
+            .iter()
+            .map(|&t| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+                pool.install(|| opt.grad_norm().unwrap()).to_bits()
+            })
+            .collect();
+        assert!(norms.iter().all(|&n| n == norms[0]), "{norms:?}");
     }
 
     /// Over all 2^16 values of the random bits, stochastic rounding's mean is the value itself,

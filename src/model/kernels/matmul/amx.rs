@@ -181,7 +181,11 @@ pub unsafe fn pack_rhs_columns(b: View, j0: usize, nkb: usize, words: &mut [u32]
             for (c, col) in cols.iter_mut().enumerate().take(jn) {
                 let src = b.data[(j0 + c) * b.cs + kb * 32..][..kn].as_ptr();
                 let lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded16(src, kn.min(16)), 16));
-                let hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded16(src.add(16), kn.saturating_sub(16)), 16));
+                // (with kn ≤ 16 nothing is loaded from past the column's end)
+                let hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                    rounded16(src.wrapping_add(16), kn.saturating_sub(16)),
+                    16,
+                ));
                 *col = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             }
             transpose16(&mut cols);
