@@ -5,7 +5,7 @@
 //! Decoding multiplies a few rows (one token per sequence) by every weight matrix at every
 //! step, while the weights stay fixed for the whole generation. So each matrix `W` `[n, k]` is
 //! rounded to bf16 and packed into the tile layout of [`super::Rhs::Tiles`] once
-//! ([`PackedWeight::new`]), and each step only packs its few rows of activations (rounded to
+//! ([`PackedWeight::new_on`]), and each step only packs its few rows of activations (rounded to
 //! bf16 too) and runs `tdpbf16ps` (AMX) or `vdpbf16ps` (AVX512-BF16, eight rows at a time) over
 //! the weight's tiles, in parallel over the weight's columns ([`packed_products`]). The sums are
 //! f32, as in training's `bf16 = true` products.
@@ -39,15 +39,6 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// `w` (a 2-D f32 or bf16 CPU tensor) packed, where this CPU has a fast bf16 product
-    /// ([`CpuPath::fast_bf16`]); else `None`.
-    pub fn new(w: &Tensor) -> crate::error::Result<Option<PackedWeight>> {
-        match CpuPath::fast_bf16() {
-            Some(path) => Self::new_on(path, w),
-            None => Ok(None),
-        }
-    }
-
     /// Which kernel `path` (at most the CPU's) multiplies packed weights with: `Some(true)` AMX
     /// tiles, `Some(false)` `vdpbf16ps`, `None` neither (nothing is packed).
     pub fn kernel_of(path: CpuPath) -> Option<bool> {
@@ -60,7 +51,9 @@ impl PackedWeight {
         self.amx
     }
 
-    /// `w` packed for the kernel of `path` ([`Self::kernel_of`]); `None` below AVX512-BF16.
+    /// `w` (a 2-D f32 or bf16 CPU tensor) packed for the kernel of `path` ([`Self::kernel_of`]);
+    /// `None` below AVX512-BF16. Decoding asks with [`CpuPath::fast_bf16`]'s path
+    /// (`Transformer::with_bf16_matrices`).
     pub fn new_on(path: CpuPath, w: &Tensor) -> crate::error::Result<Option<PackedWeight>> {
         let Some(amx) = Self::kernel_of(path) else {
             return Ok(None);
