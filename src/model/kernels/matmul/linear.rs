@@ -298,7 +298,9 @@ mod wide {
     /// `ys[j·m + r] = x_r · w_j` for every row of `xs` (see [`super::dot_rows`]), four rows of
     /// `w` at a time (four independent sums, so no addition waits on the one before); `w` in
     /// f32, or in bf16 widened as it is loaded ([`Weight`]: decoding one sequence is bound by
-    /// the bytes of `w`).
+    /// the bytes of `w`). The rows 16 ahead are fetched into L2 while these are multiplied:
+    /// batch-1 decoding from f32 weights went from 43-46 to 52 tokens/s on an AMD EPYC (the
+    /// hardware prefetcher alone leaves the loop waiting on memory).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F.
@@ -311,8 +313,16 @@ mod wide {
                 let jn = (wn - j).min(4);
                 let wr: [usize; 4] = std::array::from_fn(|a| (j + a.min(jn - 1)) * k);
                 let mut acc = [_mm512_setzero_ps(); 4];
+                // the rows 16 ahead, fetched into L2 on the first row's pass (one line per row
+                // and iteration; a bf16 `w` fetches each line twice)
+                let ahead: [usize; 4] = std::array::from_fn(|a| (j + 16 + a).min(wn - 1) * k);
                 let mut c = 0;
                 while c < full {
+                    if r == 0 {
+                        for &o in &ahead {
+                            _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(o + c) as *const i8);
+                        }
+                    }
                     let xv = _mm512_loadu_ps(x.as_ptr().add(c));
                     for a in 0..4 {
                         acc[a] = _mm512_fmadd_ps(xv, W::load16(w.as_ptr().add(wr[a] + c)), acc[a]);
