@@ -33,11 +33,39 @@ pub unsafe fn kernel_32x32(a0: *const u16, a1: *const u16, b0: *const u16, b1: *
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn kernel_8x32(a: *const u16, r0: usize, b0: *const u16, b1: *const u16, nkb: usize, out: *mut f32) {
+    kernel_rows_x32::<8>(a, r0, b0, b1, nkb, out, std::ptr::null())
+}
+
+/// [`kernel_8x32`] for the first `R` (1, 2, 4 or 8) of the eight rows: each row summed the same
+/// way, so a decoding step with fewer rows than eight multiplies no padding rows (one sequence:
+/// an eighth of the work). With `ahead` non-null, the `2·nkb` KiB from `ahead` (the next column
+/// block's two tiles) are fetched into L2 meanwhile, two lines per step: decoding one sequence
+/// is bound by reading the weights, and the hardware prefetcher alone leaves the loop waiting.
+///
+/// # Safety
+/// As for [`kernel_8x32`]; `out` valid for `R`×32 f32, `ahead` null or valid for `2·nkb` KiB.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn kernel_rows_x32<const R: usize>(
+    a: *const u16,
+    r0: usize,
+    b0: *const u16,
+    b1: *const u16,
+    nkb: usize,
+    out: *mut f32,
+    ahead: *const u16,
+) {
     let (a, b0, b1) = (a as *const u32, b0 as *const u32, b1 as *const u32);
-    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    let ahead = ahead as *const i8;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for kb in 0..nkb {
         let (at, bt0, bt1) = (a.add(kb * 256 + r0 * 16), b0.add(kb * 256), b1.add(kb * 256));
         for p in 0..16 {
+            if !ahead.is_null() {
+                let line = (kb * 16 + p) * 128;
+                _mm_prefetch::<_MM_HINT_T1>(ahead.add(line));
+                _mm_prefetch::<_MM_HINT_T1>(ahead.add(line + 64));
+            }
             let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt0.add(p * 16) as *const __m512i));
             let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt1.add(p * 16) as *const __m512i));
             for (r, row) in acc.iter_mut().enumerate() {

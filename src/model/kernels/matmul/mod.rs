@@ -141,6 +141,17 @@ mod dpbf16 {
     pub unsafe fn kernel_8x32(_: *const u16, _: usize, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
         unreachable!("AVX512-BF16 is x86_64 only")
     }
+    pub unsafe fn kernel_rows_x32<const R: usize>(
+        _: *const u16,
+        _: usize,
+        _: *const u16,
+        _: *const u16,
+        _: usize,
+        _: *mut f32,
+        _: *const u16,
+    ) {
+        unreachable!("AVX512-BF16 is x86_64 only")
+    }
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {

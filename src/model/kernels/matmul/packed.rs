@@ -6,9 +6,10 @@
 //! step, while the weights stay fixed for the whole generation. So each matrix `W` `[n, k]` is
 //! rounded to bf16 and packed into the tile layout of [`super::Rhs::Tiles`] once
 //! ([`PackedWeight::new_on`]), and each step only packs its few rows of activations (rounded to
-//! bf16 too) and runs `tdpbf16ps` (AMX) or `vdpbf16ps` (AVX512-BF16, eight rows at a time) over
-//! the weight's tiles, in parallel over the weight's columns ([`packed_products`]). The sums are
-//! f32, as in training's `bf16 = true` products.
+//! bf16 too) and runs `tdpbf16ps` (AMX) or `vdpbf16ps` (AVX512-BF16, eight rows at a time, or
+//! one, two or four for the last few, fetching the next column block meanwhile) over the
+//! weight's tiles, in parallel over the weight's columns ([`packed_products`]). The sums are f32,
+//! as in training's `bf16 = true` products.
 //!
 //! Each element of the result is the same sequence of tile products whatever rows come with it
 //! (16-row and 32-row blocks sum alike, padding rows are zero), so batched sampling draws what
@@ -126,12 +127,26 @@ pub fn packed_products(x: &Tensor, ws: &[&PackedWeight]) -> crate::error::Result
             let b1 = w.tiles[(2 * nb + 1) * tile..].as_ptr();
             let jn = 32.min(n - nb * 32);
             if !w.amx {
-                // eight rows at a time: one stream multiplies no padding rows but seven
+                // the next column block's tiles, fetched while this block's first rows are
+                // multiplied
+                let ahead = match nb + 1 < first + count {
+                    true => w.tiles[2 * (nb + 1) * tile..].as_ptr(),
+                    false => std::ptr::null(),
+                };
+                // eight rows at a time, the last few in a kernel of 1, 2 or 4 rows
                 for e in 0..m.div_ceil(8) {
+                    let (a, r0, o) = (at[e / 2 * tile..].as_ptr(), e % 2 * 8, out.as_mut_ptr());
+                    let ahead = if e == 0 { ahead } else { std::ptr::null() };
                     // SAFETY: AVX512-BF16 (the weight was packed for it); `at` holds mp ≥ 8e + 8
-                    // rows in 16-row tiles, `w.tiles` 32-padded columns, nkb tiles each.
+                    // rows in 16-row tiles, `w.tiles` 32-padded columns, nkb tiles each, and
+                    // the block after `nb` when `ahead` is not null.
                     unsafe {
-                        dpbf16::kernel_8x32(at[e / 2 * tile..].as_ptr(), e % 2 * 8, b0, b1, nkb, out.as_mut_ptr())
+                        match m - e * 8 {
+                            1 => dpbf16::kernel_rows_x32::<1>(a, r0, b0, b1, nkb, o, ahead),
+                            2 => dpbf16::kernel_rows_x32::<2>(a, r0, b0, b1, nkb, o, ahead),
+                            3 | 4 => dpbf16::kernel_rows_x32::<4>(a, r0, b0, b1, nkb, o, ahead),
+                            _ => dpbf16::kernel_rows_x32::<8>(a, r0, b0, b1, nkb, o, ahead),
+                        }
                     };
                     for r in 0..8.min(m - e * 8) {
                         // SAFETY: each task writes only its own columns of weight i's [m, n]

@@ -370,7 +370,15 @@ fn packed_products_are_bf16_products_whatever_the_rows_beside() {
             Some(path >= CpuPath::Amx),
             "{path:?}"
         );
-        for (m, k, n) in [(1, 40, 6), (5, 70, 50), (16, 576, 33), (17, 64, 64), (40, 100, 96)] {
+        for (m, k, n) in [
+            (1, 40, 6),
+            (5, 70, 50),
+            (10, 64, 70),
+            (11, 96, 130),
+            (16, 576, 33),
+            (17, 64, 64),
+            (40, 100, 96),
+        ] {
             let xs = lcg(m as u64 * 31 + k as u64, m * k);
             let ws = lcg(n as u64 * 17 + k as u64, n * k);
             let x = Tensor::from_vec(xs.clone(), (m, k), &dev).unwrap();
