@@ -299,8 +299,8 @@ mod wide {
     /// `w` at a time (four independent sums, so no addition waits on the one before); `w` in
     /// f32, or in bf16 widened as it is loaded ([`Weight`]: decoding one sequence is bound by
     /// the bytes of `w`). The rows 16 ahead are fetched into L2 while these are multiplied:
-    /// batch-1 decoding from f32 weights went from 43-46 to 52 tokens/s on an AMD EPYC (the
-    /// hardware prefetcher alone leaves the loop waiting on memory).
+    /// batch-1 decoding from f32 weights went from 43–47 to 61–63 tokens/s on an AMD EPYC, its
+    /// read-bandwidth bound (the hardware prefetcher alone leaves the loop waiting on memory).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F.
@@ -340,9 +340,9 @@ mod wide {
     /// [`super::dot_tiles`]): 24 accumulators, and ten loads for every 24 fused multiply-adds.
     /// While a tile column is multiplied, the next column's rows of `w` are fetched into L2 a
     /// few lines per iteration, spread over the whole column's work: without it the loop
-    /// waits on memory for every new row of `w` (34 → 68 GFLOP/s on one core at 8 rows of
-    /// `x`, measured on an AMD EPYC), and with `x` streaming through L1 a fetch into L1 is
-    /// evicted before it is used.
+    /// waits on memory for every new row of `w` (8 rows of `x` by the output projection on one
+    /// core of an AMD EPYC: 38 → 68 GFLOP/s). Fetching into L1 instead gained less: `x`
+    /// streams through L1 for every tile column.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F.
