@@ -20,30 +20,29 @@ use std::arch::x86_64::*;
 pub unsafe fn kernel_32x32(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16, nkb: usize, out: *mut f32) {
     for eighth in 0..4 {
         let a = if eighth < 2 { a0 } else { a1 };
-        kernel_8x32(a, (eighth % 2) * 8, b0, b1, nkb, out.add(eighth * 8 * 32));
+        kernel_rows_x32::<8>(
+            a,
+            (eighth % 2) * 8,
+            b0,
+            b1,
+            nkb,
+            out.add(eighth * 8 * 32),
+            std::ptr::null(),
+        );
     }
 }
 
-/// `out[8×32]`: rows `r0..r0 + 8` (`r0` 0 or 8) of the 16-row tiles at `a` times the two column
-/// halves, summed exactly as [`kernel_32x32`] sums them (which is four of these), so a row's
-/// result does not depend on the rows packed beside it: decoding a few rows uses it alone.
+/// `out[R×32]`: rows `r0..r0 + R` (`r0` 0 or 8; `R` 1, 2, 4 or 8) of the 16-row tiles at `a`
+/// times the two column halves, each row summed exactly as [`kernel_32x32`] sums it (which is
+/// four of these with `R` = 8), so a row's result does not depend on the rows packed beside it:
+/// decoding a few rows uses it alone, and a step with fewer rows than eight multiplies no
+/// padding rows (one sequence: an eighth of the work). With `ahead` non-null, the `2·nkb` KiB
+/// from `ahead` (the next column block's two tiles) are fetched into L2 meanwhile, two lines per
+/// step: decoding one sequence is bound by reading the weights, and the hardware prefetcher
+/// alone leaves the loop waiting.
 ///
 /// # Safety
-/// As for [`kernel_32x32`]; `out` valid for 8×32 f32.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bf16")]
-pub unsafe fn kernel_8x32(a: *const u16, r0: usize, b0: *const u16, b1: *const u16, nkb: usize, out: *mut f32) {
-    kernel_rows_x32::<8>(a, r0, b0, b1, nkb, out, std::ptr::null())
-}
-
-/// [`kernel_8x32`] for the first `R` (1, 2, 4 or 8) of the eight rows: each row summed the same
-/// way, so a decoding step with fewer rows than eight multiplies no padding rows (one sequence:
-/// an eighth of the work). With `ahead` non-null, the `2·nkb` KiB from `ahead` (the next column
-/// block's two tiles) are fetched into L2 meanwhile, two lines per step: decoding one sequence
-/// is bound by reading the weights, and the hardware prefetcher alone leaves the loop waiting.
-///
-/// # Safety
-/// As for [`kernel_8x32`]; `out` valid for `R`×32 f32, `ahead` null or valid for `2·nkb` KiB.
+/// As for [`kernel_32x32`]; `out` valid for `R`×32 f32, `ahead` null or valid for `2·nkb` KiB.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn kernel_rows_x32<const R: usize>(

@@ -138,9 +138,6 @@ mod dpbf16 {
     pub unsafe fn kernel_32x32(_: *const u16, _: *const u16, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
         unreachable!("AVX512-BF16 is x86_64 only")
     }
-    pub unsafe fn kernel_8x32(_: *const u16, _: usize, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
-        unreachable!("AVX512-BF16 is x86_64 only")
-    }
     pub unsafe fn kernel_rows_x32<const R: usize>(
         _: *const u16,
         _: usize,
