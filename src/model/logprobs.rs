@@ -174,12 +174,13 @@ fn gather_logps_full(
     if !with_sum_sq && model.kernels.fused && super::kernels::supported(hidden) {
         let h = hidden.index_select(&Tensor::new(rows, dev)?, 0)?;
         let bf16 = model.kernels.bf16_for(&h);
+        let (w, sink) = (model.output_weight(), model.head_grad_sink());
         if with_entropy {
-            let (lp, e, t) = super::kernels::token_logps_stats(&h, model.output_weight(), targets, bf16)?;
+            let (lp, e, t) = super::kernels::token_logps_stats_into(&h, w, targets, bf16, sink)?;
             return Ok((lp, None, Some((e, t))));
         }
         return Ok((
-            super::kernels::token_logps(&h, model.output_weight(), targets, bf16)?,
+            super::kernels::token_logps_into(&h, w, targets, bf16, sink)?,
             None,
             None,
         ));

@@ -21,6 +21,11 @@ pub struct TokenLogps {
     /// `max_v logit_v − logsumexp` here: the target is the top-1 token where its log-prob
     /// equals it (SFT's `mean_token_accuracy`).
     pub top_logps: Option<std::sync::Arc<std::sync::Mutex<Vec<f64>>>>,
+    /// When set, the projection's gradient goes here (added under the weight's id) instead of
+    /// to candle's store, which would first add it to a zero tensor of its size: two more
+    /// `[V, H]` buffers at the peak of a step (226 MB for SmolLM2's tied embedding). The model
+    /// sets it where its own backward collects the sink.
+    pub sink: Option<std::sync::Arc<crate::model::autograd::GradSink>>,
 }
 
 /// `−Σ_v softmax(row)_v · log softmax(row)_v = lse − Σ_v softmax(row)_v · row_v`.
@@ -169,7 +174,9 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> 
     Ok((dl.matmul(&op.w)?, dw))
 }
 
-/// [`head_bwd`] in f32: chunked, bf16 products with `op.bf16`.
+/// [`head_bwd`] in f32: chunked, bf16 products with `op.bf16`. Each chunk's logits are made
+/// in the gradient's own buffer and turned into their gradient in place, so the pass holds one
+/// `[rows, V]` buffer, not two (the peak of a DPO step is here: 64 MiB of SmolLM2's).
 fn head_bwd_f32(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResult<(Tensor, Option<Tensor>)> {
     use super::matmul::{matmul, matmul_f32, rhs_of, with_f32, View};
     let ((n, hd), v) = (h.dims2()?, op.w.dim(0)?);
@@ -178,31 +185,34 @@ fn head_bwd_f32(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResu
     let mut dl = vec![0f32; chunk_rows.min(n) * v];
     let mut dh = vec![0f32; n * hd];
     let mut dw = vec![0f32; if want_dw { v * hd } else { 0 }];
-    // W `[V, H]` as the right operand of dl·W, rounded and packed once for every chunk
-    let w_rhs = match op.bf16 {
-        true => Some(rhs_of(&op.w, false)?),
-        false => None,
+    // with bf16, W `[V, H]` rounded and packed once for every chunk: transposed for the logits
+    // h·Wᵀ (as the forward pass packs it), as it is for dl·W
+    let (wt_rhs, w_rhs) = match op.bf16 {
+        true => (Some(rhs_of(&op.w, true)?), Some(rhs_of(&op.w, false)?)),
+        false => (None, None),
     };
     with_f32(&op.w, |wv| {
         with_f32(h, |hv| {
-            for_each_logit_chunk::<f32>(h, &op.w, op.bf16, chunk_rows, None, None, |start, logits, lse| {
-                let c = lse.len();
+            let w = View::row_major(wv, v, hd);
+            for start in (0..n).step_by(chunk_rows) {
+                let c = chunk_rows.min(n - start);
                 let d = &mut dl[..c * v];
-                d.par_chunks_mut(v)
-                    .zip(logits.par_chunks(v))
-                    .zip(lse.par_iter())
-                    .enumerate()
-                    .for_each(|(i, ((d, row), &m))| {
-                        let r = start + i;
-                        neg_softmax_row(d, row, m, g[r]);
-                        d[op.targets[r] as usize] += g[r];
-                    });
+                let h_rows = View::row_major(&hv[start * hd..(start + c) * hd], c, hd);
+                match &wt_rhs {
+                    Some(wt) => matmul(h_rows, wt, d, v, false)?,
+                    None => matmul_f32(h_rows, w.t(), d, v, false)?,
+                }
+                d.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
+                    let r = start + i;
+                    let lse = logsumexp(d);
+                    neg_softmax_in_place(d, lse, g[r]);
+                    d[op.targets[r] as usize] += g[r];
+                });
                 let d = View::row_major(d, c, v);
                 let dh_rows = &mut dh[start * hd..(start + c) * hd];
-                let h_rows = View::row_major(&hv[start * hd..(start + c) * hd], c, hd);
                 match &w_rhs {
                     Some(w) => matmul(d, w, dh_rows, hd, false)?,
-                    None => matmul_f32(d, View::row_major(wv, v, hd), dh_rows, hd, false)?,
+                    None => matmul_f32(d, w, dh_rows, hd, false)?,
                 }
                 if want_dw {
                     match op.bf16 {
@@ -210,8 +220,8 @@ fn head_bwd_f32(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResu
                         false => matmul_f32(d.t(), h_rows, &mut dw, hd, start > 0)?,
                     }
                 }
-                Ok(())
-            })
+            }
+            Ok(())
         })
     })?;
     let dev = h.device();
@@ -234,19 +244,38 @@ custom_op!(
             candle_core::DType::F64 => head_bwd::<f64>(self, h, g, want_dw)?,
             dt => candle_core::bail!("fused-token-logps: no kernel for {dt:?}"),
         };
-        Ok((Some(dh), dw))
+        match (&self.sink, dw) {
+            (Some(sink), Some(dw)) => {
+                sink.add(w.id(), dw)?;
+                Ok((Some(dh), None))
+            }
+            (_, dw) => Ok((Some(dh), dw)),
+        }
     }
 );
 
 /// `log softmax(h · Wᵀ)[targets]` per row of `h` `[n, H]`, fused; see [`TokenLogps`]. With
 /// `bf16` the logits come from bf16-rounded operands ([`super::matmul`]).
 pub fn token_logps(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Result<Tensor> {
+    token_logps_into(h, w, targets, bf16, None)
+}
+
+/// [`token_logps`] whose projection gradient goes to `sink` when one is given (see
+/// [`TokenLogps::sink`]).
+pub fn token_logps_into(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    bf16: bool,
+    sink: Option<std::sync::Arc<crate::model::autograd::GradSink>>,
+) -> Result<Tensor> {
     let op = TokenLogps {
         w: w.detach(),
         targets: targets.to_vec(),
         bf16,
         entropies: None,
         top_logps: None,
+        sink,
     };
     Ok(h.contiguous()?.apply_op2(w, op)?)
 }
@@ -260,6 +289,17 @@ pub fn token_logps_entropy(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) 
 /// [`token_logps`] with each row's entropy and largest log-prob (no gradient), from the same
 /// pass over the logits.
 pub fn token_logps_stats(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    token_logps_stats_into(h, w, targets, bf16, None)
+}
+
+/// [`token_logps_stats`] whose projection gradient goes to `sink` when one is given.
+pub fn token_logps_stats_into(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    bf16: bool,
+    sink: Option<std::sync::Arc<crate::model::autograd::GradSink>>,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
     let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let tops = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let op = TokenLogps {
@@ -268,6 +308,7 @@ pub fn token_logps_stats(h: &Tensor, w: &Tensor, targets: &[u32], bf16: bool) ->
         bf16,
         entropies: Some(buf.clone()),
         top_logps: Some(tops.clone()),
+        sink,
     };
     let lp = h.contiguous()?.apply_op2(w, op)?;
     let take = |b: &std::sync::Mutex<Vec<f64>>| -> Result<Vec<f64>> {

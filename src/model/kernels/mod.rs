@@ -234,6 +234,15 @@ multiversioned! {
 }
 
 multiversioned! {
+    /// [`neg_softmax_row`] in place: the logits of `d` become `-g·exp(logit − lse)`.
+    fn neg_softmax_in_place<T>(d: &mut [T], lse: T, g: T) {
+        for d in d.iter_mut() {
+            *d = -g * (*d - lse).exp_fast();
+        }
+    }
+}
+
+multiversioned! {
     /// `y = silu(g)·u`.
     fn swiglu_chunk<T>(y: &mut [T], g: &[T], u: &[T]) {
         for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
@@ -369,7 +378,9 @@ mod tests;
 
 pub use attention::{attention, attention_grads, masked_softmax, Attention, AttentionPart};
 pub use cpu::CpuPath;
-pub use logprob_head::{token_logps, token_logps_entropy, token_logps_stats, TokenLogps};
+pub use logprob_head::{
+    token_logps, token_logps_entropy, token_logps_into, token_logps_stats, token_logps_stats_into, TokenLogps,
+};
 pub use norm::{rms_norm, rms_norm_grads};
 pub use rope::rope;
 pub use swiglu::{swiglu, swiglu_grads};

@@ -476,6 +476,13 @@ impl Transformer {
         self.sink.lookup(&self.embed_tokens, ids)
     }
 
+    /// Where the fused log-prob head leaves its projection's gradient: this model's sink when
+    /// [`Self::backward`] collects the embedding's gradient there (sparse embedding gradients on,
+    /// the projection trained), else candle's store.
+    pub(crate) fn head_grad_sink(&self) -> Option<std::sync::Arc<GradSink>> {
+        (self.backward_options.sparse_embedding_grad && self.output_weight().is_variable()).then(|| self.sink.clone())
+    }
+
     /// `loss.backward()`, plus the gradients that [`BackwardOptions`] route around candle's
     /// graph: use this, not `Tensor::backward`, for a loss that depends on a model with either
     /// option on. Lookups recorded by forward passes that were never backpropagated (e.g.
