@@ -717,3 +717,48 @@ fn gguf_export_reads_back_exactly_at_f32_and_f16_and_closely_quantised() {
         .zip(&logps(t, &seqs(), PaddingSide::Right))
         .any(|(p, q)| (p - q).abs() > 1e-3));
 }
+
+/// A frozen copy whose layers are packed for bf16 products (a live reference under
+/// `bf16 = true`) computes the f32 copy's bf16 log-probs bit for bit, for every variant
+/// (untied head, q/k/v biases, grouped heads) and either padding; its layers take half the
+/// bytes; it cannot be merged, and with bf16 off it refuses instead of multiplying otherwise.
+/// Where the CPU has no AVX512-BF16 (or `PREFER_KERNELS` caps it below) nothing is packed.
+#[test]
+fn packed_frozen_copy_gives_the_f32_copys_bf16_log_probs() {
+    use prefer::model::kernels::CpuPath;
+    prefer::testing::set_threads_for_tests();
+    for spec in variants() {
+        let mut m = tiny_model(&spec, DType::F32, 9).unwrap().transformer;
+        m.kernels = Kernels {
+            fused: true,
+            bf16: true,
+        };
+        let packed = m.frozen_packed_copy().unwrap();
+        if !CpuPath::Avx512Bf16.allows() {
+            assert!(packed.is_none(), "packed without AVX512-BF16");
+            eprintln!("kernel path {:?}: no bf16 tiles, nothing packed", CpuPath::active());
+            continue;
+        }
+        let packed = packed.expect("AVX512-BF16 packs");
+        assert!(packed.layers.is_empty());
+        for side in [PaddingSide::Right, PaddingSide::Left] {
+            let (want, got) = (logps(&m, &seqs(), side), logps(&packed, &seqs(), side));
+            assert!(want.iter().all(|x| x.is_finite()));
+            assert_eq!(got, want, "{} {side:?}", spec.model_type);
+        }
+        let c = packed.compact_layers().unwrap();
+        assert!(!c.holds_weights());
+        let dense: usize = m
+            .layers
+            .iter()
+            .flat_map(|b| b.tensors())
+            .map(|t| t.elem_count() * 4)
+            .sum();
+        assert_eq!(c.widened_bytes(), dense);
+        assert!(c.bytes() < dense * 6 / 10, "{} of {dense} bytes", c.bytes());
+        assert!(packed.merged().is_err());
+        let mut f32_kernels = packed.clone();
+        f32_kernels.kernels = Kernels::FUSED;
+        assert!(model::sequence_logps(&f32_kernels, &seqs(), PaddingSide::Right).is_err());
+    }
+}

@@ -228,6 +228,41 @@ fn bf16_option_reaches_both_models_and_trains_near_f32() {
     );
 }
 
+/// Under `bf16 = true` on a CPU with a fast bf16 product, the live reference keeps its layers
+/// only packed for the bf16 products, and the run's metrics equal, bit for bit, those of a run
+/// whose reference is a dense f32 copy (`sync_ref_model` keeps it dense; its sync is beyond the
+/// run). Elsewhere neither run packs and they equal each other too.
+#[test]
+fn bf16_reference_packed_trains_exactly_as_a_dense_one() {
+    use prefer::model::kernels::CpuPath;
+    let fast = CpuPath::fast_bf16().is_some() && CpuPath::Avx512Bf16.allows();
+    let (_dir, cfg) = tiny_setup("packed-ref");
+    let mut logs = Vec::new();
+    for sync in [false, true] {
+        let c = TrainConfig {
+            bf16: true,
+            max_steps: 3,
+            logging_steps: 1,
+            sync_ref_model: sync,
+            ref_model_sync_steps: 1000,
+            output_dir: format!("{}-{sync}", cfg.output_dir),
+            ..cfg.clone()
+        };
+        let tr = Trainer::new(&c).unwrap();
+        let packed = live_reference(&tr).compact_layers().is_some_and(|l| !l.holds_weights());
+        assert_eq!(packed, fast && !sync, "sync_ref_model {sync}");
+        drop(tr); // its hold on the output_dir
+        prefer::train::train(&c).unwrap();
+        logs.push(metrics(&c));
+    }
+    assert_eq!(logs[0].len(), 3);
+    for (a, b) in logs[0].iter().zip(&logs[1]) {
+        for k in ["loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"] {
+            assert_eq!(f(a, k), f(b, k), "{k}: {a} vs {b}");
+        }
+    }
+}
+
 /// A quantised GGUF starting model: the live reference keeps its layers quantised (unless
 /// `sync_ref_model` must mix weights into them) and still equals the policy at the first step,
 /// so the first DPO loss is ln 2 and both runs train to the same metrics.

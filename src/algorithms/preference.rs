@@ -168,6 +168,26 @@ pub fn reference_for_run(
         None => vec![start_path.clone()],
     };
     let synced_ref = resume.map(|d| d.join(SYNCED_REF_DIR)).filter(|d| d.is_dir());
+    // with bf16 products, a live reference whose weights never change keeps its layers only
+    // as the products' packed operands (half the bytes, no packing at every pass)
+    let pack = cfg.kernels().bf16 && !cfg.precompute_ref_log_probs && !cfg.sync_ref_model && !dense;
+    // `m`'s frozen copy with packed layers, where that applies
+    let packed = |m: &LoadedModel| -> Result<Option<LoadedModel>> {
+        let Some(t) = pack.then(|| m.transformer.frozen_packed_copy()).transpose()?.flatten() else {
+            return Ok(None);
+        };
+        if let Some(c) = &t.compact {
+            eprintln!(
+                "reference model: decoder layers kept packed for bf16 products ({:.1} MiB instead of {:.1} MiB)",
+                c.bytes() as f64 / 1048576.0,
+                c.widened_bytes() as f64 / 1048576.0
+            );
+        }
+        Ok(Some(LoadedModel {
+            transformer: t,
+            ..m.clone()
+        }))
+    };
     let load_ref = || -> Result<LoadedModel> {
         let mut m = if let Some(d) = &synced_ref {
             crate::model::load(d, dtype, &dev)?
@@ -195,10 +215,15 @@ pub fn reference_for_run(
                     }
                     m
                 }
-                None => policy.frozen_copy()?,
+                // packed straight from the policy's weights: no f32 copy of the layers
+                None => match packed(policy)? {
+                    Some(m) => m,
+                    None => policy.frozen_copy()?,
+                },
             }
         } else {
-            crate::model::load_soup(&ref_paths, dtype, &dev)?
+            let m = crate::model::load_soup(&ref_paths, dtype, &dev)?;
+            packed(&m)?.unwrap_or(m)
         };
         m.transformer.kernels = cfg.kernels();
         Ok(m)

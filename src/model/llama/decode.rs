@@ -205,6 +205,8 @@ fn lin_many(ls: &[&Linear], packed: Option<Vec<&PackedWeight>>, x: &Tensor, k: K
     let fast = match (packed, k.bf16_for(x) && !copy) {
         (Some(p), _) => Some(packed_products(x, &p)?),
         (None, true) => None,
+        // layers packed for bf16 products multiply through their own forward
+        (None, false) if ls.iter().any(|l| l.packed.is_some()) => None,
         (None, false) => few_rows_many(x, &ls.iter().map(|l| &l.weight).collect::<Vec<_>>())?,
     };
     let Some(ys) = fast else {

@@ -19,6 +19,10 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// A LoRA adapter on this layer (attached per forward pass by `Transformer::layer`).
     pub lora: Option<Lora>,
+    /// `Wᵀ` rounded to bf16 and packed once for `bf16 = true` products (a frozen reference's
+    /// layers, [`crate::model::load::compact::PackedLayers`]): the forward pass multiplies by it
+    /// instead of packing `weight` again, and `weight` is then only a placeholder of its shape.
+    pub packed: Option<Arc<matmul::Rhs>>,
 }
 
 impl Linear {
@@ -34,7 +38,14 @@ impl Linear {
         } else {
             x.reshape((rows, inp))?
         };
-        let y = if k.bf16_for(&x2) || k.fused_for(&x2) && x2.dtype() == DType::F32 {
+        let y = if let Some(rhs) = &self.packed {
+            if !k.bf16_for(&x2) || x2.track_op() {
+                return Err(crate::error::Error::msg(
+                    "a layer packed for bf16 products runs only forward passes without gradients, with bf16 = true",
+                ));
+            }
+            matmul::matmul_tensor(&x2, false, rhs)?
+        } else if k.bf16_for(&x2) || k.fused_for(&x2) && x2.dtype() == DType::F32 {
             matmul::linear(&x2, &self.weight, k.bf16_for(&x2))?
         } else {
             x2.matmul(&self.weight.t()?)?
@@ -92,6 +103,8 @@ impl Linear {
                 b: f(&l.b),
                 ..l.clone()
             }),
+            // the weight it was packed from is not `weight`; maps keep the values (detach)
+            packed: self.packed.clone(),
         }
     }
 
@@ -127,6 +140,7 @@ impl Block {
                 weight,
                 bias,
                 lora: None,
+                packed: None,
             })
         };
         let self_attn = Attention {
@@ -221,7 +235,7 @@ impl Block {
     }
 
     /// The layer's linear layers, in [`Module::ALL`]'s order.
-    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
             &mut a.q_proj,

@@ -32,6 +32,12 @@ pub trait LayerStore: std::fmt::Debug + Send + Sync {
     fn bytes(&self) -> usize;
     /// Bytes they would take widened.
     fn widened_bytes(&self) -> usize;
+    /// Whether [`Self::layer`] gives the layers' weights themselves. A store that keeps only
+    /// the operands of bf16 products ([`crate::model::load::compact::PackedLayers`]) gives
+    /// placeholders: its model runs forward passes, and cannot be merged, widened or saved.
+    fn holds_weights(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -133,6 +139,34 @@ impl Transformer {
         })
     }
 
+    /// A frozen copy for `bf16 = true` on a CPU with a fast bf16 product (a live reference):
+    /// the decoder layers' projections packed once into bf16 tiles
+    /// ([`crate::model::load::compact::PackedLayers`]), every other tensor copied. Its forward
+    /// passes give the f32 copy's `bf16 = true` numbers bit for bit, from half the layers' bytes
+    /// and without packing them at every pass. `None` where that does not apply: no fast bf16
+    /// product, an f32 model with dense layers and no adapters only.
+    pub fn frozen_packed_copy(&self) -> Result<Option<Self>> {
+        if self.compact.is_some() || self.adapters.is_some() || self.dtype() != DType::F32 || !self.device().is_cpu() {
+            return Ok(None);
+        }
+        let Some(packed) = crate::model::load::compact::PackedLayers::new(&self.layers)? else {
+            return Ok(None);
+        };
+        let mut rest = self.params.iter().filter(|(n, _)| !n.starts_with("model.layers."));
+        let mut m = Self::build_parts(
+            &self.cfg,
+            |name, _| {
+                let (n, t) = rest.next().ok_or_else(|| Error::msg("parameter walk mismatch"))?;
+                debug_assert_eq!(n, name);
+                Ok(t.detach().copy()?)
+            },
+            false,
+        )?;
+        m.compact = Some(std::sync::Arc::new(packed));
+        m.kernels = self.kernels;
+        Ok(Some(m))
+    }
+
     /// The same model reading the same storage outside any autograd graph (cheap: no copy), for
     /// inference on a model that is being trained (sampling, scoring).
     pub fn detached(&self) -> Result<Self> {
@@ -193,6 +227,12 @@ impl Transformer {
     /// The adapters merged into the weights (`W + s·B·A` of each adapted module): a dense model
     /// without adapters and with every layer widened, detached.
     pub fn merged(&self) -> Result<Self> {
+        if self.compact.as_ref().is_some_and(|c| !c.holds_weights()) {
+            return Err(Error::msg(
+                "this model's layers are held only packed for bf16 products (a frozen reference): \
+                 they cannot be merged or widened",
+            ));
+        }
         let base = self.without_adapters()?;
         let mut current: Option<(usize, Block)> = None;
         let mut m = Self::build(&self.cfg, |name, _| {

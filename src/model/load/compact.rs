@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+use crate::model::kernels::{matmul, CpuPath};
 use crate::model::llama::{Block, LayerStore};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
@@ -115,6 +116,86 @@ impl CompactLayers {
             })
             .sum();
         elems * self.dtype.size_in_bytes()
+    }
+}
+
+/// The decoder layers of a frozen model for `bf16 = true` on a CPU with a fast bf16 product
+/// (AVX512-BF16 or AMX): each projection's `Wᵀ` rounded to bf16 and packed once into the tiles
+/// the bf16 products multiply by ([`matmul::Rhs`]), the norms (and biases) as they are. The
+/// products are those of the same layers held in f32, bit for bit (the same tiles, made once
+/// instead of at every forward pass), from half the bytes; the layers' f32 weights are not
+/// kept, so [`Self::layer`] gives placeholders for them ([`LayerStore::holds_weights`]).
+pub struct PackedLayers {
+    blocks: Vec<Block>,
+}
+
+impl std::fmt::Debug for PackedLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedLayers({} layers, {} bytes)", self.blocks.len(), self.bytes())
+    }
+}
+
+impl PackedLayers {
+    /// `layers` (f32, dense) packed; `None` where the CPU has no fast bf16 product (the tiles
+    /// would be f32 copies, no smaller than the weights).
+    pub fn new(layers: &[Block]) -> Result<Option<Self>> {
+        if !CpuPath::Avx512Bf16.allows() {
+            return Ok(None);
+        }
+        let blocks = layers
+            .iter()
+            .map(|b| {
+                let mut b = b.map_tensors(|t| t.detach());
+                for l in b.linears_mut() {
+                    let (n, k) = l.weight.dims2()?;
+                    let rhs = matmul::with_f32(&l.weight, |w| matmul::Rhs::new(matmul::View::row_major(w, n, k).t()))?;
+                    l.packed = Some(std::sync::Arc::new(rhs));
+                    // a placeholder of the weight's shape (one value): NaN, so that a product
+                    // that ever read it instead of the tiles would show
+                    l.weight = Tensor::new(f32::NAN, l.weight.device())?.broadcast_as((n, k))?;
+                }
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(PackedLayers { blocks }))
+    }
+
+    fn bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| {
+                let norms = 2 * b.input_layernorm.elem_count() * 4;
+                let lin: usize = crate::model::lora::Module::ALL
+                    .iter()
+                    .map(|&m| b.linear(m))
+                    .map(|l| {
+                        l.packed.as_ref().map_or(0, |r| r.bytes()) + l.bias.as_ref().map_or(0, |t| t.elem_count() * 4)
+                    })
+                    .sum();
+                norms + lin
+            })
+            .sum()
+    }
+}
+
+impl LayerStore for PackedLayers {
+    fn layer(&self, _cfg: &ModelConfig, i: usize) -> Result<Block> {
+        self.blocks
+            .get(i)
+            .cloned()
+            .ok_or_else(|| Error::msg(format!("packed layers: no layer {i}")))
+    }
+    fn bytes(&self) -> usize {
+        PackedLayers::bytes(self)
+    }
+    fn widened_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| b.tensors().iter().map(|t| t.elem_count() * 4).sum::<usize>())
+            .sum()
+    }
+    fn holds_weights(&self) -> bool {
+        false
     }
 }
 

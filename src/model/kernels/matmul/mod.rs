@@ -195,6 +195,16 @@ pub enum Rhs {
     Rounded { data: Vec<f32>, k: usize, n: usize },
 }
 
+impl std::fmt::Debug for Rhs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Rhs::Tiles { .. } => "bf16 tiles",
+            Rhs::Rounded { .. } => "rounded f32",
+        };
+        write!(f, "Rhs[{}, {}] ({kind})", self.k(), self.n())
+    }
+}
+
 impl Rhs {
     pub fn new(b: View) -> candle_core::Result<Rhs> {
         Self::prepare(b, CpuPath::Avx512Bf16.allows())
@@ -217,6 +227,14 @@ impl Rhs {
             unsafe { amx::pack_rhs_columns(b, jb * 16, nkb, words) };
         });
         Ok(Rhs::Tiles { data, k, n, nkb })
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Rhs::Tiles { data, .. } => data.len() * 2,
+            Rhs::Rounded { data, .. } => data.len() * 4,
+        }
     }
 
     fn k(&self) -> usize {
