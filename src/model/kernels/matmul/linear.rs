@@ -24,11 +24,8 @@ fn product(a: &Tensor, ta: bool, b: &Tensor, tb: bool, bf16: bool) -> candle_cor
         }
     }
     let (m, n) = (if ta { ac } else { ar }, if tb { br } else { bc });
-    let mut out = vec![0f32; m * n];
-    with_f32(a, |av| {
-        with_f32(b, |bv| {
-            matmul_f32(view(av, ar, ac, ta), view(bv, br, bc, tb), &mut out, n, false)
-        })
+    let out = with_f32(a, |av| {
+        with_f32(b, |bv| matmul_f32_new(view(av, ar, ac, ta), view(bv, br, bc, tb)))
     })?;
     Tensor::from_vec(out, (m, n), a.device())
 }
@@ -56,12 +53,10 @@ impl CustomOp2 for LinearOp {
         }
         let (x, w) = (f32_slice(s1, l1, "the input")?, f32_slice(s2, l2, "the weight")?);
         let (x, wt) = (View::row_major(x, rows, inp), View::row_major(w, out, inp).t());
-        let mut y = vec![0f32; rows * out];
-        if self.bf16 {
-            matmul(x, &Rhs::new(wt)?, &mut y, out, false)?;
-        } else {
-            matmul_f32(x, wt, &mut y, out, false)?;
-        }
+        let y = match self.bf16 {
+            true => matmul_new(x, &Rhs::new(wt)?)?,
+            false => matmul_f32_new(x, wt)?,
+        };
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 

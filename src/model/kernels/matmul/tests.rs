@@ -86,7 +86,7 @@ fn bf16_matmul_matches_an_f64_sum_of_rounded_products() {
                 let init = lcg(99, m * ldc);
                 for accumulate in [false, true] {
                     let mut c = init.clone();
-                    matmul_on(path, av, &rhs, &mut c, ldc, accumulate).unwrap();
+                    on(path, av, &rhs, &mut c, ldc, accumulate).unwrap();
                     for i in 0..m {
                         for j in 0..n {
                             let (mut want, mut scale) = (0f64, 0f64);
@@ -137,7 +137,7 @@ fn bf16_matmul_propagates_nan_and_infinity_on_every_path() {
     for (tiles, path) in paths {
         let rhs = Rhs::prepare(View::row_major(&b, k, n), tiles).unwrap();
         let mut c = vec![0f32; m * n];
-        matmul_on(path, View::row_major(&a, m, k), &rhs, &mut c, n, false).unwrap();
+        on(path, View::row_major(&a, m, k), &rhs, &mut c, n, false).unwrap();
         for i in 0..m {
             for j in 0..n {
                 let v = c[i * n + j];
@@ -411,5 +411,49 @@ fn packed_products_are_bf16_products_whatever_the_rows_beside() {
         // a k that does not match is an error, not a wrong product
         let x = Tensor::zeros((2, 41), candle_core::DType::F32, &dev).unwrap();
         assert!(packed_products(&x, &[&packed.unwrap()]).is_err());
+    }
+}
+
+/// [`matmul_on`] into a slice, checked as [`matmul`] checks it.
+fn on(path: CpuPath, a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
+    check_out("test", a.rows, b.n(), c.len(), ldc)?;
+    // SAFETY: `c` holds [a.rows, ldc], initialised.
+    unsafe { matmul_on(path, a, b, c.as_mut_ptr(), ldc, accumulate) }
+}
+
+/// The products into new buffers (not zero-filled first) equal those into zero-filled ones, bit
+/// for bit, for every kind of right operand this CPU has, transposed operands, shapes that are
+/// no multiple of a tile, and an empty inner dimension (whose product is all zeros).
+#[test]
+fn products_into_new_buffers_equal_those_into_zeroed_ones() {
+    for (m, k, n) in [(1, 7, 3), (37, 70, 33), (64, 576, 65), (5, 0, 9)] {
+        let a = lcg(m as u64 + 7, m * k);
+        let b = lcg(n as u64 + 11, k * n);
+        for at in [false, true] {
+            let av = match at {
+                true => View::row_major(&a, k, m).t(),
+                false => View::row_major(&a, m, k),
+            };
+            let bv = View::row_major(&b, k, n);
+            let mut want = vec![0f32; m * n];
+            matmul_f32(av, bv, &mut want, n, false).unwrap();
+            assert_eq!(matmul_f32_new(av, bv).unwrap(), want, "f32 ({m},{k},{n}) at {at}");
+            if k == 0 {
+                assert!(want.iter().all(|&v| v == 0.0));
+            }
+            for tiles in [false, true] {
+                if tiles && !CpuPath::Avx512Bf16.allows() {
+                    continue;
+                }
+                let rhs = Rhs::prepare(bv, tiles).unwrap();
+                let mut want = vec![0f32; m * n];
+                matmul(av, &rhs, &mut want, n, false).unwrap();
+                assert_eq!(
+                    matmul_new(av, &rhs).unwrap(),
+                    want,
+                    "bf16 tiles {tiles} ({m},{k},{n}) at {at}"
+                );
+            }
+        }
     }
 }
