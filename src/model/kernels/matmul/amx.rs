@@ -158,20 +158,26 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
 }
 
 /// Packs columns `j0..j0 + 16` of `b` into `nkb` tiles of 16 × 16 pair words (the bf16 of
-/// rows 2p and 2p + 1 of a column in one word, the even row in the low half).
+/// rows 2p and 2p + 1 of a column in one word, the even row in the low half). Every one of the
+/// `nkb · 256` words is written (padding with zeros), so `words` need not be initialised.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BW.
+/// The CPU must have AVX-512 F and BW; `words` must be valid for `nkb · 256` writes.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn pack_rhs_columns(b: View, j0: usize, nkb: usize, words: &mut [u32]) {
+pub unsafe fn pack_rhs_columns(b: View, j0: usize, nkb: usize, words: *mut u32) {
     let (k, n) = (b.rows, b.cols);
     let jn = 16.min(n.saturating_sub(j0));
+    // whole tiles along k of a weight's transpose (columns contiguous), or of a row-major
+    // operand, are written whole below; anything else is zeroed first for its padding
+    if jn < 16 || !k.is_multiple_of(32) && b.rs != 1 || b.rs != 1 && b.cs != 1 {
+        std::ptr::write_bytes(words, 0, nkb * 256);
+    }
     if jn == 0 {
-        return; // padding columns stay zero
+        return; // padding columns are zero
     }
     let hi_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
     for kb in 0..nkb {
-        let tile = &mut words[kb * 256..(kb + 1) * 256];
+        let tile = words.add(kb * 256);
         let kn = 32.min(k - (kb * 32).min(k));
         if b.rs == 1 {
             // columns contiguous along k (a transposed row-major weight): adjacent floats
@@ -190,7 +196,7 @@ pub unsafe fn pack_rhs_columns(b: View, j0: usize, nkb: usize, words: &mut [u32]
             }
             transpose16(&mut cols);
             for (p, row) in cols.iter().enumerate() {
-                _mm512_storeu_si512(tile[p * 16..].as_mut_ptr() as *mut __m512i, *row);
+                _mm512_storeu_si512(tile.add(p * 16) as *mut __m512i, *row);
             }
         } else if b.cs == 1 {
             for p in 0..kn.div_ceil(2) {
@@ -202,7 +208,7 @@ pub unsafe fn pack_rhs_columns(b: View, j0: usize, nkb: usize, words: &mut [u32]
                     _mm512_setzero_si512()
                 };
                 let w = _mm512_or_si512(_mm512_and_si512(hi, hi_mask), _mm512_srli_epi32(lo, 16));
-                _mm512_storeu_si512(tile[p * 16..].as_mut_ptr() as *mut __m512i, w);
+                _mm512_storeu_si512(tile.add(p * 16) as *mut __m512i, w);
             }
         } else {
             for p in 0..kn.div_ceil(2) {
@@ -213,26 +219,33 @@ pub unsafe fn pack_rhs_columns(b: View, j0: usize, nkb: usize, words: &mut [u32]
                     } else {
                         0
                     };
-                    tile[p * 16 + c] = ((hi as u32) << 16) | super::to_bf16_bits(at(kb * 32 + 2 * p)) as u32;
+                    tile.add(p * 16 + c)
+                        .write_unaligned(((hi as u32) << 16) | super::to_bf16_bits(at(kb * 32 + 2 * p)) as u32);
                 }
             }
         }
     }
 }
 
-/// Packs rows `i0..i0 + 16` of `a` into `nkb` tiles of 16 rows × 32 bf16.
+/// Packs rows `i0..i0 + 16` of `a` into `nkb` tiles of 16 rows × 32 bf16. Every one of the
+/// `nkb · 512` values is written (padding with zeros), so `chunk` need not be initialised.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BW.
+/// The CPU must have AVX-512 F and BW; `chunk` must be valid for `nkb · 512` writes.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn pack_lhs_rows(a: View, i0: usize, nkb: usize, chunk: &mut [u16]) {
+pub unsafe fn pack_lhs_rows(a: View, i0: usize, nkb: usize, chunk: *mut u16) {
     let (m, k) = (a.rows, a.cols);
     let rows = 16.min(m.saturating_sub(i0));
+    // 16 rows of a row-major operand, or of a transposed one, are written whole below
+    // (the values past k as zeros); anything else is zeroed first for its padding
+    if rows < 16 || a.cs != 1 && a.rs != 1 {
+        std::ptr::write_bytes(chunk, 0, nkb * 512);
+    }
     if rows == 0 {
-        return; // padding rows stay zero
+        return; // padding rows are zero
     }
     for kb in 0..nkb {
-        let tile = &mut chunk[kb * 512..(kb + 1) * 512];
+        let tile = chunk.add(kb * 512);
         let kn = 32.min(k - (kb * 32).min(k));
         if a.cs == 1 {
             for r in 0..rows {
@@ -240,7 +253,7 @@ pub unsafe fn pack_lhs_rows(a: View, i0: usize, nkb: usize, chunk: &mut [u16]) {
                 for half in 0..2 {
                     let n = kn.saturating_sub(half * 16).min(16);
                     let w = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded16(src.add(half * 16), n), 16));
-                    _mm256_storeu_si256(tile[r * 32 + half * 16..].as_mut_ptr() as *mut __m256i, w);
+                    _mm256_storeu_si256(tile.add(r * 32 + half * 16) as *mut __m256i, w);
                 }
             }
         } else if a.rs == 1 {
@@ -260,12 +273,12 @@ pub unsafe fn pack_lhs_rows(a: View, i0: usize, nkb: usize, chunk: &mut [u16]) {
             }
             transpose16(&mut pairs);
             for (r, row) in pairs.iter().enumerate().take(rows) {
-                _mm512_storeu_si512(tile[r * 32..].as_mut_ptr() as *mut __m512i, *row);
+                _mm512_storeu_si512(tile.add(r * 32) as *mut __m512i, *row);
             }
         } else {
             for r in 0..rows {
                 for c in 0..kn {
-                    tile[r * 32 + c] = super::to_bf16_bits(a.data[(i0 + r) * a.rs + (kb * 32 + c) * a.cs]);
+                    *tile.add(r * 32 + c) = super::to_bf16_bits(a.data[(i0 + r) * a.rs + (kb * 32 + c) * a.cs]);
                 }
             }
         }

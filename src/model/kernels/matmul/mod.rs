@@ -122,10 +122,10 @@ mod amx {
     pub unsafe fn kernel_16x32(_: *const u16, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
         unreachable!("AMX is x86_64 Linux only")
     }
-    pub unsafe fn pack_rhs_columns(_: super::View, _: usize, _: usize, _: &mut [u32]) {
+    pub unsafe fn pack_rhs_columns(_: super::View, _: usize, _: usize, _: *mut u32) {
         unreachable!("AMX is x86_64 Linux only")
     }
-    pub unsafe fn pack_lhs_rows(_: super::View, _: usize, _: usize, _: &mut [u16]) {
+    pub unsafe fn pack_lhs_rows(_: super::View, _: usize, _: usize, _: *mut u16) {
         unreachable!("AMX is x86_64 Linux only")
     }
 }
@@ -218,14 +218,17 @@ impl Rhs {
         }
         let nkb = k.div_ceil(32).max(1);
         let np = round_up(n.max(1), 32);
-        let mut data = vec![0u16; np * nkb * 32];
         // one chunk per 16 columns: nkb tiles of [16 row pairs][16 columns] u32 words, each
         // word the bf16 pair (row 2p, row 2p + 1) of one column
-        data.par_chunks_mut(nkb * 512).enumerate().for_each(|(jb, chunk)| {
-            let words: &mut [u32] = bytemuck_u32(chunk);
-            // SAFETY: tiles are only prepared on the AVX512-BF16 or AMX paths (hence AVX-512).
-            unsafe { amx::pack_rhs_columns(b, jb * 16, nkb, words) };
-        });
+        // SAFETY: the packer writes all nkb · 512 values of each of the np / 16 chunks; tiles
+        // are only prepared on the AVX512-BF16 or AMX paths (hence AVX-512).
+        let data = unsafe {
+            unfilled_u16(np * nkb * 32, |d| {
+                (0..np / 16)
+                    .into_par_iter()
+                    .for_each(|jb| amx::pack_rhs_columns(b, jb * 16, nkb, d.at(jb * nkb * 512) as *mut u32))
+            })
+        };
         Ok(Rhs::Tiles { data, k, n, nkb })
     }
 
@@ -250,23 +253,52 @@ impl Rhs {
     }
 }
 
-/// Views a `u16` buffer of even length, 4-byte aligned, as `u32` words.
-fn bytemuck_u32(v: &mut [u16]) -> &mut [u32] {
-    assert!(v.len().is_multiple_of(2) && (v.as_ptr() as usize).is_multiple_of(4));
-    // SAFETY: length and alignment checked; every bit pattern is a valid u32.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u32, v.len() / 2) }
-}
-
 /// Packs `a` `[m, k]` into 16-row tiles: per 16 rows, per 32 of k, 16 rows × 32 bf16; m padded
 /// to a multiple of 32 and k to one of 32, with zeros.
 fn pack_lhs(a: View, nkb: usize) -> Vec<u16> {
     let mp = round_up(a.rows.max(1), 32);
-    let mut data = vec![0u16; mp * nkb * 32];
-    data.par_chunks_mut(nkb * 512).enumerate().for_each(|(ib, chunk)| {
-        // SAFETY: tiles are only packed on the AVX512-BF16 or AMX paths (hence AVX-512).
-        unsafe { amx::pack_lhs_rows(a, ib * 16, nkb, chunk) }
-    });
-    data
+    // SAFETY: the packer writes all nkb · 512 values of each of the mp / 16 chunks; tiles are
+    // only packed on the AVX512-BF16 or AMX paths (hence AVX-512).
+    unsafe {
+        unfilled_u16(mp * nkb * 32, |d| {
+            (0..mp / 16)
+                .into_par_iter()
+                .for_each(|ib| amx::pack_lhs_rows(a, ib * 16, nkb, d.at(ib * nkb * 512)))
+        })
+    }
+}
+
+/// A `*mut u16` that parallel tasks write through, each to its own values.
+#[derive(Clone, Copy)]
+struct SharedU16(*mut u16);
+
+// SAFETY: the tasks write disjoint values (each packer call its own chunk).
+unsafe impl Sync for SharedU16 {}
+unsafe impl Send for SharedU16 {}
+
+impl SharedU16 {
+    /// # Safety
+    /// `i` must lie in the buffer.
+    unsafe fn at(self, i: usize) -> *mut u16 {
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// A buffer of `len` u16 that `write` fills, every value, through the pointer it is given (the
+/// packers write whole tiles, their padding included): not zero-filled first, which on a bf16
+/// training step was ~1 GB of `memset`. In unit tests it holds 0xffff (a bf16 NaN) first, so
+/// that a packer leaving a value unwritten fails them.
+///
+/// # Safety
+/// `write` must initialise all `len` values.
+unsafe fn unfilled_u16(len: usize, write: impl FnOnce(SharedU16)) -> Vec<u16> {
+    let mut v: Vec<u16> = Vec::with_capacity(len);
+    #[cfg(test)]
+    v.spare_capacity_mut().fill(std::mem::MaybeUninit::new(0xffff));
+    write(SharedU16(v.spare_capacity_mut().as_mut_ptr() as *mut u16));
+    // SAFETY: the caller's contract: `write` initialised the first `len` values.
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// `c = a·b` (or `c += a·b` with `accumulate`) with bf16 operands and f32 sums; `c` is

@@ -16,7 +16,7 @@
 //! sampling prompt by prompt draws.
 
 use super::linear::SharedOut;
-use super::{amx, bytemuck_u32, dpbf16, round_up, CpuPath, View};
+use super::{amx, dpbf16, round_up, CpuPath, View};
 use candle_core::Tensor;
 use rayon::prelude::*;
 use std::ptr::copy_nonoverlapping;
@@ -62,15 +62,19 @@ impl PackedWeight {
         let (n, k) = w.dims2()?;
         let w = w.to_dtype(candle_core::DType::F32)?;
         let nkb = k.div_ceil(32).max(1);
-        let mut tiles = vec![0u16; round_up(n.max(1), 32) * nkb * 32];
-        super::with_f32(&w, |v| {
+        let np = round_up(n.max(1), 32);
+        let tiles = super::with_f32(&w, |v| {
             // Wᵀ `[k, n]`: each of its columns (a row of W) contiguous along k
             let wt = View::row_major(v, n, k).t();
-            tiles.par_chunks_mut(nkb * 512).enumerate().for_each(|(jb, chunk)| {
-                // SAFETY: AVX512-BF16 and AMX imply AVX-512 F and BW (CpuPath::detect).
-                unsafe { amx::pack_rhs_columns(wt, jb * 16, nkb, bytemuck_u32(chunk)) };
-            });
-            Ok(())
+            // SAFETY: the packer writes all nkb · 512 values of each of the np / 16 chunks;
+            // AVX512-BF16 and AMX imply AVX-512 F and BW (CpuPath::detect).
+            Ok(unsafe {
+                super::unfilled_u16(np * nkb * 32, |d| {
+                    (0..np / 16)
+                        .into_par_iter()
+                        .for_each(|jb| amx::pack_rhs_columns(wt, jb * 16, nkb, d.at(jb * nkb * 512) as *mut u32))
+                })
+            })
         })?;
         Ok(Some(PackedWeight { tiles, n, k, nkb, amx }))
     }
@@ -93,15 +97,16 @@ pub fn packed_products(x: &Tensor, ws: &[&PackedWeight]) -> crate::error::Result
     // the rows in 16-row tiles: one tile for up to 16 rows, else whole 32-row blocks
     let mp = if m <= 16 { 16 } else { round_up(m, 32) };
     let tile = nkb * 512; // u16 per 16-row (or 16-column) block
-    let mut at = vec![0u16; mp / 16 * tile];
     let x = x.to_dtype(candle_core::DType::F32)?;
-    super::with_f32(&x, |xs| {
+    let at = super::with_f32(&x, |xs| {
         let view = View::row_major(xs, m, k);
-        for (ib, chunk) in at.chunks_mut(tile).enumerate() {
-            // SAFETY: packed weights exist only on the AVX512-BF16 and AMX paths (AVX-512 F, BW).
-            unsafe { amx::pack_lhs_rows(view, ib * 16, nkb, chunk) };
-        }
-        Ok(())
+        // SAFETY: the packer writes all `tile` values of each of the mp / 16 chunks; packed
+        // weights exist only on the AVX512-BF16 and AMX paths (AVX-512 F, BW).
+        Ok(unsafe {
+            super::unfilled_u16(mp / 16 * tile, |d| {
+                (0..mp / 16).for_each(|ib| amx::pack_lhs_rows(view, ib * 16, nkb, d.at(ib * tile)))
+            })
+        })
     })?;
     // about four tasks per thread over all the weights' 32-column blocks
     let blocks: Vec<usize> = ws.iter().map(|w| w.n.div_ceil(32)).collect();
