@@ -228,6 +228,28 @@ fn bf16_option_reaches_both_models_and_trains_near_f32() {
     );
 }
 
+/// The metrics of two runs of `cfg`, without and with `sync_ref_model` (its sync far beyond
+/// the run, so the reference stays the starting model, but held dense for mixing); `check` sees
+/// each trainer before it trains.
+fn runs_without_and_with_sync(cfg: &TrainConfig, check: impl Fn(&Trainer, bool)) -> Vec<Vec<Value>> {
+    [false, true]
+        .into_iter()
+        .map(|sync| {
+            let c = TrainConfig {
+                sync_ref_model: sync,
+                ref_model_sync_steps: 1000,
+                output_dir: format!("{}-{sync}", cfg.output_dir),
+                ..cfg.clone()
+            };
+            let tr = Trainer::new(&c).unwrap();
+            check(&tr, sync);
+            drop(tr); // its hold on the output_dir
+            prefer::train::train(&c).unwrap();
+            metrics(&c)
+        })
+        .collect()
+}
+
 /// Under `bf16 = true` on a CPU with a fast bf16 product, the live reference keeps its layers
 /// only packed for the bf16 products, and the run's metrics equal, bit for bit, those of a run
 /// whose reference is a dense f32 copy (`sync_ref_model` keeps it dense; its sync is beyond the
@@ -237,24 +259,16 @@ fn bf16_reference_packed_trains_exactly_as_a_dense_one() {
     use prefer::model::kernels::CpuPath;
     let fast = CpuPath::fast_bf16().is_some() && CpuPath::Avx512Bf16.allows();
     let (_dir, cfg) = tiny_setup("packed-ref");
-    let mut logs = Vec::new();
-    for sync in [false, true] {
-        let c = TrainConfig {
-            bf16: true,
-            max_steps: 3,
-            logging_steps: 1,
-            sync_ref_model: sync,
-            ref_model_sync_steps: 1000,
-            output_dir: format!("{}-{sync}", cfg.output_dir),
-            ..cfg.clone()
-        };
-        let tr = Trainer::new(&c).unwrap();
-        let packed = live_reference(&tr).compact_layers().is_some_and(|l| !l.holds_weights());
+    let c = TrainConfig {
+        bf16: true,
+        max_steps: 3,
+        logging_steps: 1,
+        ..cfg
+    };
+    let logs = runs_without_and_with_sync(&c, |tr, sync| {
+        let packed = live_reference(tr).compact_layers().is_some_and(|l| !l.holds_weights());
         assert_eq!(packed, fast && !sync, "sync_ref_model {sync}");
-        drop(tr); // its hold on the output_dir
-        prefer::train::train(&c).unwrap();
-        logs.push(metrics(&c));
-    }
+    });
     assert_eq!(logs[0].len(), 3);
     for (a, b) in logs[0].iter().zip(&logs[1]) {
         for k in ["loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"] {
@@ -272,23 +286,14 @@ fn quantised_reference_stays_compact_and_exact() {
     let gguf = dir.join("tiny-q8.gguf");
     let m = tiny_model(&TinySpec::default(), candle_core::DType::F32, 11).unwrap();
     write_gguf(&m, &gguf, candle_core::quantized::GgmlDType::Q8_0).unwrap();
-    let mut logs = Vec::new();
-    for sync in [false, true] {
-        let c = TrainConfig {
-            model_name_or_path: gguf.display().to_string(),
-            max_steps: 3,
-            sync_ref_model: sync,
-            // a sync far beyond the run: the reference stays the starting model
-            ref_model_sync_steps: 1000,
-            output_dir: format!("{}-{sync}", cfg.output_dir),
-            ..cfg.clone()
-        };
-        let tr = Trainer::new(&c).unwrap();
-        assert_eq!(live_reference(&tr).compact_layers().is_some(), !sync);
-        drop(tr); // its hold on the output_dir
-        prefer::train::train(&c).unwrap();
-        logs.push(metrics(&c));
-    }
+    let c = TrainConfig {
+        model_name_or_path: gguf.display().to_string(),
+        max_steps: 3,
+        ..cfg
+    };
+    let logs = runs_without_and_with_sync(&c, |tr, sync| {
+        assert_eq!(live_reference(tr).compact_layers().is_some(), !sync);
+    });
     assert!(
         (f(&logs[0][0], "loss") - std::f64::consts::LN_2).abs() < 1e-6,
         "{}",
