@@ -721,7 +721,8 @@ fn gguf_export_reads_back_exactly_at_f32_and_f16_and_closely_quantised() {
 /// A frozen copy whose layers are packed for bf16 products (a live reference under
 /// `bf16 = true`) computes the f32 copy's bf16 log-probs bit for bit, for every variant
 /// (untied head, q/k/v biases, grouped heads) and either padding; its layers take half the
-/// bytes; it cannot be merged, and with bf16 off it refuses instead of multiplying otherwise.
+/// bytes; it cannot be merged, and with bf16 off it refuses instead of multiplying otherwise. It
+/// is a copy: the model it was made from, changed in place afterwards, leaves it as it was.
 /// Where the CPU has no AVX512-BF16 (or `PREFER_KERNELS` caps it below) nothing is packed.
 #[test]
 fn packed_frozen_copy_gives_the_f32_copys_bf16_log_probs() {
@@ -733,7 +734,20 @@ fn packed_frozen_copy_gives_the_f32_copys_bf16_log_probs() {
             fused: true,
             bf16: true,
         };
-        let packed = m.frozen_packed_copy().unwrap();
+        // a policy whose parameters are variables, changed in place after the copy below
+        let mut vars = Vec::new();
+        let mut policy = m
+            .map(|_, t| {
+                let v = candle_core::Var::from_tensor(t)?;
+                vars.push(v.clone());
+                Ok(v.as_tensor().clone())
+            })
+            .unwrap();
+        policy.kernels = m.kernels;
+        let packed = policy.frozen_packed_copy().unwrap();
+        for v in &vars {
+            v.set(&v.as_tensor().zeros_like().unwrap()).unwrap();
+        }
         if !CpuPath::Avx512Bf16.allows() {
             assert!(packed.is_none(), "packed without AVX512-BF16");
             eprintln!("kernel path {:?}: no bf16 tiles, nothing packed", CpuPath::active());

@@ -145,8 +145,12 @@ impl PackedLayers {
         let blocks = layers
             .iter()
             .map(|b| {
+                // norms and biases copied: the layers they come from may be trained in place
                 let mut b = b.map_tensors(|t| t.detach());
+                b.input_layernorm = b.input_layernorm.copy()?;
+                b.post_attention_layernorm = b.post_attention_layernorm.copy()?;
                 for l in b.linears_mut() {
+                    l.bias = l.bias.as_ref().map(|t| t.copy()).transpose()?;
                     let (n, k) = l.weight.dims2()?;
                     let rhs = matmul::with_f32(&l.weight, |w| matmul::Rhs::new(matmul::View::row_major(w, n, k).t()))?;
                     l.packed = Some(std::sync::Arc::new(rhs));
