@@ -121,7 +121,7 @@ impl CompactLayers {
 
 /// The decoder layers of a frozen model for `bf16 = true` on a CPU with a fast bf16 product
 /// (AVX512-BF16 or AMX): each projection's `Wᵀ` rounded to bf16 and packed once into the tiles
-/// the bf16 products multiply by ([`matmul::Rhs`]), the norms (and biases) as they are. The
+/// the bf16 products multiply by ([`matmul::Rhs`]), the norms (and biases) copied as they are. The
 /// products are those of the same layers held in f32, bit for bit (the same tiles, made once
 /// instead of at every forward pass), from half the bytes; the layers' f32 weights are not
 /// kept, so [`Self::layer`] gives placeholders for them ([`LayerStore::holds_weights`]).
