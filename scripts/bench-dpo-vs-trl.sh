@@ -53,5 +53,5 @@ for c in os.environ["CONFIGS"].split():
     dl = max(abs(a - b) for a, b in zip(p["losses"], t["losses"]))
     print(f"{c:15}{pm:7.2f} ({pd:5.2f}){tm:6.2f} ({td:5.2f}){tm/pm:5.2f} ({td/pd:.2f}){tok/pm:11.0f}{tok/tm:11.0f}{p['peak_rss_gib']:12.2f}{t['peak_rss_gib']:9.2f}{p['peak_rss_gib']/t['peak_rss_gib']:8.2f}{dl:13.1e}")
 first = json.load(open(f"{out}/{os.environ['CONFIGS'].split()[0]}-prefer.json"))
-print(f"prefer's kernel path: {first.get('kernel_path')}, Adam moments {first.get('adam_moments_dtype')}; {first['tokens_per_step']:.0f} tokens per step on both sides (the same rows)")
+print(f"prefer's kernel path: {first.get('kernel_path')}, Adam moments {first.get('adam_moments_dtype')}, optimizer_in_backward {first.get('optimizer_in_backward', False)}; {first['tokens_per_step']:.0f} tokens per step on both sides (the same rows)")
 PY

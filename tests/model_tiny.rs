@@ -259,6 +259,7 @@ fn every_layout_gives_the_same_logps_and_gradients() {
                             gradient_checkpointing,
                             sparse_embedding_grad,
                             layer_graphs,
+                            ..Default::default()
                         };
                         let (lp, g) = logps_and_grads_with(&m, layout, kernels, opts);
                         let what = format!("{} {dtype:?} {layout:?} {kernels:?} {opts:?}", spec.model_type);
@@ -311,6 +312,7 @@ fn bf16_matmuls_agree_across_layouts_and_stay_near_f32() {
             gradient_checkpointing: true,
             sparse_embedding_grad: true,
             layer_graphs: false,
+            ..Default::default()
         };
         let layer_graphs = BackwardOptions {
             sparse_embedding_grad: true,
@@ -774,5 +776,78 @@ fn packed_frozen_copy_gives_the_f32_copys_bf16_log_probs() {
         let mut f32_kernels = packed.clone();
         f32_kernels.kernels = Kernels::FUSED;
         assert!(model::sequence_logps(&f32_kernels, &seqs(), PaddingSide::Right).is_err());
+    }
+}
+
+/// `optimizer_in_backward` at the model level: `backward` keeps no decoder-layer gradient, only
+/// its squared norm, equal to that of the plain backward's gradient; `backward_again` then hands
+/// over exactly the plain gradients, each parameter once, last layer first. The other
+/// parameters' gradients are the plain ones. A loss through two forward passes of the layers
+/// is refused (streaming cannot sum them).
+#[test]
+fn a_streamed_backward_measures_then_hands_over_the_plain_gradients() {
+    prefer::testing::set_threads_for_tests();
+    let m = tiny_model(&TinySpec::default(), DType::F32, 3).unwrap();
+    let g = groups();
+    let groups: Vec<ScoredGroup> = g
+        .iter()
+        .map(|(p, r)| ScoredGroup {
+            prompt: p,
+            responses: r,
+        })
+        .collect();
+    let loss_of = |t: &Transformer| {
+        let lp = model::group_sequence_logps(t, &groups, Layout::PACKED, false).unwrap();
+        let w: Vec<f32> = (0..lp.sums.dim(0).unwrap()).map(|i| 0.3 + 0.5 * i as f32).collect();
+        (&lp.sums * Tensor::new(w, &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    for checkpointing in [false, true] {
+        let opts = BackwardOptions {
+            gradient_checkpointing: checkpointing,
+            sparse_embedding_grad: true,
+            layer_graphs: true,
+            optimizer_in_backward: false,
+        };
+        let mut m = m.clone();
+        m.transformer.backward_options = opts;
+        let (mut tm, vars) = m.into_trainable().unwrap();
+        let plain = tm.transformer.backward(&loss_of(&tm.transformer)).unwrap();
+        tm.transformer.set_optimizer_in_backward(true);
+        let mut grads = tm.transformer.backward(&loss_of(&tm.transformer)).unwrap();
+        let norms = tm.transformer.streamed_norms().unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut layer_params = Vec::new();
+        for (name, v) in &vars {
+            let want = values(plain.get(v.as_tensor()).unwrap());
+            if name.contains(".layers.") {
+                assert!(grads.get(v.as_tensor()).is_none(), "{name} kept its gradient");
+                let sq: f64 = want.iter().map(|&x| x as f64 * x as f64).sum();
+                let got = norms[&v.as_tensor().id()];
+                assert!((got - sq).abs() <= 1e-12 * sq, "{name}: {got} vs {sq}");
+                layer_params.push((v.as_tensor().id(), name.clone(), want));
+            } else {
+                assert_eq!(values(&grads.remove(v.as_tensor()).unwrap()), want, "{name}");
+            }
+        }
+        assert_eq!(norms.len(), layer_params.len());
+        let mut order = Vec::new();
+        let mut done = |id, g: Tensor| {
+            let (_, name, want) = layer_params.iter().find(|p| p.0 == id).unwrap();
+            assert_eq!(&values(&g), want, "{name}, checkpointing {checkpointing}");
+            order.push(name.clone());
+            Ok(())
+        };
+        tm.transformer.backward_again(Some(&mut done)).unwrap();
+        assert_eq!(order.len(), layer_params.len(), "each parameter once");
+        let last = format!(".layers.{}.", TinySpec::default().layers - 1);
+        assert!(order[0].contains(&last), "the last layer first: {order:?}");
+        // nothing is left for another pass
+        assert!(tm.transformer.backward_again(Some(&mut |_, _| Ok(()))).is_err());
+        let twice = (loss_of(&tm.transformer) + loss_of(&tm.transformer)).unwrap();
+        let e = tm.transformer.backward(&twice).unwrap_err().to_string();
+        assert!(e.contains("backpropagated twice"), "{e}");
     }
 }

@@ -507,6 +507,166 @@ fn weights(t: &Trainer) -> Vec<f32> {
         .collect()
 }
 
+/// A step's metrics, the weights after it, and the parameters left without a kept gradient.
+type StepSeen = (Vec<(String, f64)>, Vec<f32>, usize);
+
+/// Each step of `c` for `steps` steps: its metrics and gradient norm, the policy's weights after
+/// it, and how many parameters were left without a kept gradient (the ones
+/// `optimizer_in_backward` streamed).
+fn steps_of(c: &TrainConfig, steps: usize) -> Vec<StepSeen> {
+    let mut t = Trainer::new(c).unwrap();
+    (0..steps)
+        .map(|_| {
+            let r = t.step().unwrap();
+            let mut m: Vec<(String, f64)> = r.metrics.into_iter().collect();
+            m.push(("grad_norm".into(), r.grad_norm));
+            let streamed = t
+                .opt
+                .params
+                .iter()
+                .filter(|p| matches!(p.grad, prefer::optim::Grad::None))
+                .count();
+            (m, weights(&t), streamed)
+        })
+        .collect()
+}
+
+/// `optimizer_in_backward`: a first backward pass keeps only the squared norms of the decoder
+/// layers' gradients, a second computes them again and updates each layer as soon as it is
+/// done. The run equals one without it, bit for bit (metrics, gradient norm, weights after every
+/// step): with per-layer graphs or checkpointing, f32 or bf16 moments, clipping that cuts or
+/// not, AdamW or SGD. Every decoder-layer parameter was streamed, none of the others.
+#[test]
+fn optimizer_in_backward_trains_exactly_as_without() {
+    let (_dir, cfg) = tiny_setup("opt-in-bwd");
+    let base = TrainConfig {
+        gradient_accumulation_steps: 1,
+        max_steps: 3,
+        save_steps: 100,
+        ..cfg
+    };
+    let layer_params = Trainer::new(&TrainConfig {
+        output_dir: format!("{}-count", base.output_dir),
+        ..base.clone()
+    })
+    .unwrap()
+    .opt
+    .params
+    .iter()
+    .filter(|p| p.name.starts_with("model.layers."))
+    .count();
+    assert!(layer_params > 0);
+    let variants = [
+        (
+            "graphs",
+            false,
+            prefer::config::MomentsDtype::F32,
+            prefer::config::Optim::AdamwTorch,
+            1.0,
+        ),
+        (
+            "checkpointing",
+            true,
+            prefer::config::MomentsDtype::F32,
+            prefer::config::Optim::AdamwTorch,
+            1.0,
+        ),
+        (
+            "clipped",
+            true,
+            prefer::config::MomentsDtype::F32,
+            prefer::config::Optim::AdamwTorch,
+            1e-3,
+        ),
+        (
+            "bf16-moments",
+            false,
+            prefer::config::MomentsDtype::Bf16,
+            prefer::config::Optim::AdamwTorch,
+            1e-3,
+        ),
+        (
+            "sgd",
+            false,
+            prefer::config::MomentsDtype::F32,
+            prefer::config::Optim::Sgd,
+            1e-3,
+        ),
+    ];
+    for (name, checkpointing, moments, optim, max_grad_norm) in variants {
+        let c = TrainConfig {
+            gradient_checkpointing: checkpointing,
+            adam_moments_dtype: moments,
+            optim,
+            max_grad_norm,
+            weight_decay: 0.01,
+            ..base.clone()
+        };
+        let run = |on: bool| {
+            steps_of(
+                &TrainConfig {
+                    optimizer_in_backward: on,
+                    output_dir: format!("{}-{name}-{on}", c.output_dir),
+                    ..c.clone()
+                },
+                3,
+            )
+        };
+        let (plain, streamed) = (run(false), run(true));
+        for (step, (a, b)) in plain.iter().zip(&streamed).enumerate() {
+            assert_eq!(a.0, b.0, "{name}, step {step}: metrics");
+            assert!(a.1 == b.1, "{name}, step {step}: weights differ");
+            assert_eq!(
+                (a.2, b.2),
+                (0, layer_params),
+                "{name}, step {step}: parameters streamed"
+            );
+        }
+        let norm = plain[0].0.iter().find(|(k, _)| k == "grad_norm").unwrap().1;
+        assert!(norm.is_finite() && norm > 0.0);
+        if max_grad_norm < 1.0 {
+            assert!(norm > max_grad_norm, "{name}: the test means to clip ({norm})");
+        }
+        assert_ne!(plain[0].1, plain[2].1, "{name}: the weights train");
+    }
+}
+
+/// `optimizer_in_backward` with a step whose loss is NaN: the second backward pass is not run,
+/// the weights stay, and the next step trains (no pass left over from the skipped step). With
+/// two micro-batches per step it is refused by the config check, and by the step itself.
+#[test]
+fn optimizer_in_backward_skips_a_nonfinite_step_and_needs_one_micro_batch() {
+    let (_dir, cfg) = tiny_setup("opt-in-bwd-nan");
+    let c = TrainConfig {
+        gradient_accumulation_steps: 1,
+        optimizer_in_backward: true,
+        gradient_checkpointing: true,
+        save_steps: 100,
+        ..cfg.clone()
+    };
+    let mut t = Trainer::new(&c).unwrap();
+    t.inject_nonfinite = vec![1];
+    t.step().unwrap();
+    let before = weights(&t);
+    assert!(t.step().unwrap().metrics["loss"].is_nan());
+    assert_eq!(weights(&t), before, "a NaN step changed the weights");
+    t.step().unwrap();
+    assert_ne!(weights(&t), before, "the next step trains");
+    drop(t);
+    let two = TrainConfig {
+        gradient_accumulation_steps: 2,
+        output_dir: format!("{}-two", c.output_dir),
+        ..c
+    };
+    let e = two.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("optimizer_in_backward") && e.contains("gradient_accumulation_steps = 2"),
+        "{e}"
+    );
+    let e = Trainer::new(&two).unwrap().step().unwrap_err().to_string();
+    assert!(e.contains("optimizer_in_backward"), "{e}");
+}
+
 /// `adam_moments_dtype = "bf16"`: the moments are bf16 in the checkpoint, a resumed run equals
 /// an uninterrupted one metric for metric, and training stays near the f32-moment run.
 #[test]

@@ -70,6 +70,10 @@ pub struct DpoBenchArgs {
     /// Recompute each decoder layer in backward instead of keeping its activations.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Update each layer during a second backward pass instead of keeping all the layers'
+    /// gradients (`optimizer_in_backward`: less memory, one more backward pass of the layers).
+    #[arg(long)]
+    pub optimizer_in_backward: bool,
     /// bf16 matmuls with f32 sums (TRL's `bf16 = true`): AMX tiles where the CPU has them.
     #[arg(long)]
     pub bf16: bool,
@@ -269,6 +273,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         padding_free: !args.no_padding_free,
         fused_kernels: !args.no_fused_kernels,
         gradient_checkpointing: args.gradient_checkpointing,
+        optimizer_in_backward: args.optimizer_in_backward,
         bf16: args.bf16,
         adam_moments_dtype: prefer::config::MomentsDtype::parse(&args.adam_moments_dtype).map_err(Error::msg)?,
         peft: prefer::config::peft::PeftParams {
@@ -336,7 +341,7 @@ pub fn dpo(args: &DpoBenchArgs) -> Result<()> {
         "losses": losses, "s_per_step": secs, "s_per_step_median": median, "tokens_per_second": tokens as f64 / total, "tokens_per_step": tokens as f64 / args.steps as f64,
         "pairs_per_second": (args.steps * args.batch_size) as f64 / total,
         "dtype": if args.bf16 { "bf16" } else { "f32" }, "bf16_kernel": if args.bf16 { prefer::model::kernels::matmul::bf16_kernel() } else { None }, "kernel_path": prefer::model::kernels::CpuPath::active().name(), "share_prompt": !args.no_share_prompt, "padding_free": !args.no_padding_free, "fused_kernels": !args.no_fused_kernels,
-        "gradient_checkpointing": args.gradient_checkpointing, "adam_moments_dtype": args.adam_moments_dtype,
+        "gradient_checkpointing": args.gradient_checkpointing, "optimizer_in_backward": args.optimizer_in_backward, "adam_moments_dtype": args.adam_moments_dtype,
         "peft": args.peft.then(|| serde_json::json!({"lora_r": args.lora_r, "lora_target_modules": args.lora_target_modules})),
         "peak_rss_gib": peak, "gflops_achieved": achieved, "gflops_trl_equivalent": equivalent,
         "computed_positions_per_second": positions as f64 / total,

@@ -50,18 +50,47 @@ pub struct BackwardOptions {
     /// layer's backward has run (instead of when the whole backward pass ends). Same numbers,
     /// no recomputation; ignored when `gradient_checkpointing` is on.
     pub layer_graphs: bool,
+    /// The optimizer's update runs in a second backward pass of the layers, one layer at a
+    /// time, so their gradients never all exist at once (`optimizer_in_backward`): the layer op's
+    /// first pass leaves only each layer gradient's squared norm in the sink (for clipping and
+    /// the non-finite check), and a [`LayerReplay`] that computes them again.
+    pub optimizer_in_backward: bool,
 }
 
 /// A lookup's leaf output and the token ids it gathered.
 type Lookup = (TensorId, Vec<u32>);
 
 /// Gradients that bypass candle's graph until `Transformer::backward` collects them:
-/// parameter gradients of recomputed layers, and the embedding lookups to scatter.
+/// parameter gradients of recomputed layers, and the embedding lookups to scatter. With
+/// [`BackwardOptions::optimizer_in_backward`], also what the layers' first backward pass left
+/// for the second: the squared norms of the gradients it dropped, and the pass to run again.
 #[derive(Debug, Default)]
 pub struct GradSink {
     params: Mutex<HashMap<TensorId, Tensor>>,
     /// Lookups since the last backward.
     lookups: Mutex<Vec<Lookup>>,
+    /// `Σ g²` of each layer parameter's dropped gradient.
+    norms: Mutex<HashMap<TensorId, f64>>,
+    /// The layers' backward to run again.
+    replay: Mutex<Option<Replay>>,
+}
+
+/// The second backward pass of the decoder layers (`optimizer_in_backward`): from the gradient
+/// of the layers' output and each layer's input, kept by the first pass, it recomputes each
+/// layer (last first) and hands its parameter gradients over as soon as that layer is done.
+pub trait LayerReplay: Send + Sync {
+    /// Run it; `done` receives each parameter's gradient (and may change the parameter: the
+    /// layers below never read it).
+    fn run(self: Box<Self>, sink: &GradSink, done: &mut dyn FnMut(TensorId, Tensor) -> Result<()>) -> Result<()>;
+}
+
+/// A [`LayerReplay`] held by the sink.
+pub struct Replay(Box<dyn LayerReplay>);
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Replay")
+    }
 }
 
 impl GradSink {
@@ -76,6 +105,49 @@ impl GradSink {
             None => grad,
         };
         map.insert(id, sum);
+        Ok(())
+    }
+
+    /// Replace the gradients held for `params` by their squared norms (the first pass of
+    /// `optimizer_in_backward`, after a layer's backward). A parameter measured twice means the
+    /// layers were backpropagated twice in one pass, which streaming cannot sum: an error.
+    fn reduce_to_norms(&self, params: &[&Tensor]) -> Result<()> {
+        let mut held = self.params.lock().map_err(poisoned)?;
+        let mut norms = self.norms.lock().map_err(poisoned)?;
+        for p in params {
+            let Some(g) = held.remove(&p.id()) else { continue };
+            if norms.insert(p.id(), crate::optim::squared_norm(&g)?).is_some() {
+                return Err(twice());
+            }
+        }
+        Ok(())
+    }
+
+    /// Take the gradients held for `params`.
+    fn take(&self, params: &[&Tensor]) -> Result<Vec<(TensorId, Tensor)>> {
+        let mut held = self.params.lock().map_err(poisoned)?;
+        Ok(params
+            .iter()
+            .filter_map(|p| held.remove(&p.id()).map(|g| (p.id(), g)))
+            .collect())
+    }
+
+    /// The squared norms of the gradients the first pass dropped (and forget them).
+    pub fn take_norms(&self) -> Result<HashMap<TensorId, f64>> {
+        Ok(std::mem::take(&mut *self.norms.lock().map_err(poisoned)?))
+    }
+
+    /// The second pass the first one left, if any (and forget it).
+    pub fn take_replay(&self) -> Result<Option<Box<dyn LayerReplay>>> {
+        Ok(self.replay.lock().map_err(poisoned)?.take().map(|r| r.0))
+    }
+
+    fn set_replay(&self, r: Box<dyn LayerReplay>) -> Result<()> {
+        let mut slot = self.replay.lock().map_err(poisoned)?;
+        if slot.is_some() {
+            return Err(twice());
+        }
+        *slot = Some(Replay(r));
         Ok(())
     }
 
@@ -156,14 +228,18 @@ pub trait LayerCall: Send + Sync + 'static {
 
 /// The decoder layers as one op of the model's graph; see the module docs.
 struct CheckpointedLayers<L: LayerCall> {
-    calls: Vec<L>,
+    calls: Arc<Vec<L>>,
     sink: Arc<GradSink>,
     /// Keep each layer's activations (or graph) for backward (layer graphs), or only its input
     /// (checkpointing).
     keep: bool,
+    /// [`BackwardOptions::optimizer_in_backward`].
+    stream: bool,
     /// What the forward saved for each layer's backward, until backward takes it. Layer 0's
     /// input is the op's argument, which candle's graph holds anyway.
     saved: Mutex<Vec<Saved<L::Kept>>>,
+    /// With `stream`: the input of each layer after the first, for the second backward pass.
+    inputs: Mutex<Vec<Tensor>>,
 }
 
 /// What a layer op's forward saves for its backward.
@@ -180,59 +256,82 @@ fn msg(e: crate::error::Error) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-impl<L: LayerCall> CheckpointedLayers<L> {
-    /// The layers' forward from `x` (outside any graph), with what each layer's backward needs.
-    fn run(&self, mut x: Tensor, keep: bool) -> candle_core::Result<(Tensor, Vec<Saved<L::Kept>>)> {
-        let mut saved = Vec::with_capacity(self.calls.len());
-        for (i, call) in self.calls.iter().enumerate() {
-            let (y, kept) = match keep {
-                false => {
-                    let y = call.forward_untracked(&x).map_err(msg)?;
-                    (y, Saved::Input((i > 0).then_some(x)))
-                }
-                true => match call.forward_keeping(&x).map_err(msg)? {
-                    Some((y, acts)) => (y, Saved::Activations(acts)),
-                    None => {
-                        let x = Var::from_tensor(&x)?;
-                        let y = call.forward(x.as_tensor()).map_err(msg)?;
-                        (y.clone(), Saved::Graph(x, y))
-                    }
-                },
-            };
-            saved.push(kept);
-            x = y;
-        }
-        Ok((x, saved))
-    }
+/// What [`run_layers`] returns: the output, what each layer saved, the inputs it kept.
+type LayersRun<A> = (Tensor, Vec<Saved<A>>, Vec<Tensor>);
 
-    /// One layer's backward: its input gradient for the output gradient `dy`, from what its
-    /// forward saved (freed when this returns); `arg` is the layer's input when it was not saved.
-    fn layer_bwd(&self, call: &L, saved: Saved<L::Kept>, arg: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
-        let (x, y) = match saved {
-            Saved::Activations(acts) => return call.backward_by_hand(&acts, dy, &self.sink).map_err(msg),
-            Saved::Graph(x, y) => (x, y),
-            Saved::Input(input) => {
-                let x = input.unwrap_or_else(|| arg.detach());
-                if let Some(dx) = call.recompute_backward(&x, dy, &self.sink).map_err(msg)? {
-                    return Ok(dx);
-                }
-                let x = Var::from_tensor(&x)?;
-                let y = call.forward(x.as_tensor()).map_err(msg)?;
-                (x, y)
-            }
-        };
-        // d/dy Σ y·g = g: backpropagating this gives the layer's vector-Jacobian products
-        let grads = (y * dy.detach())?.sum_all()?.backward()?;
-        for p in call.params() {
-            if let Some(g) = grads.get(p) {
-                self.sink.add(p.id(), g.clone())?;
-            }
+/// The layers' forward from `x` (outside any graph), with what each layer's backward needs, and
+/// (with `inputs`) each layer's input after the first.
+fn run_layers<L: LayerCall>(
+    calls: &[L],
+    mut x: Tensor,
+    keep: bool,
+    inputs: bool,
+) -> candle_core::Result<LayersRun<L::Kept>> {
+    let mut saved = Vec::with_capacity(calls.len());
+    let mut kept_inputs = Vec::new();
+    for (i, call) in calls.iter().enumerate() {
+        if inputs && i > 0 {
+            kept_inputs.push(x.clone());
         }
-        grads
-            .get(x.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("a decoder layer's input received no gradient".into()))
+        let (y, kept) = match keep {
+            false => {
+                let y = call.forward_untracked(&x).map_err(msg)?;
+                (y, Saved::Input((i > 0).then_some(x)))
+            }
+            true => match call.forward_keeping(&x).map_err(msg)? {
+                Some((y, acts)) => (y, Saved::Activations(acts)),
+                None => {
+                    let x = Var::from_tensor(&x)?;
+                    let y = call.forward(x.as_tensor()).map_err(msg)?;
+                    (y.clone(), Saved::Graph(x, y))
+                }
+            },
+        };
+        saved.push(kept);
+        x = y;
     }
+    Ok((x, saved, kept_inputs))
+}
+
+/// One layer's backward: its input gradient for the output gradient `dy`, from what its forward
+/// saved (freed when this returns), parameter gradients into `sink`; `arg` is the layer's input
+/// when it was not saved.
+fn layer_bwd<L: LayerCall>(
+    call: &L,
+    saved: Saved<L::Kept>,
+    arg: &Tensor,
+    dy: &Tensor,
+    sink: &GradSink,
+) -> candle_core::Result<Tensor> {
+    let (x, y) = match saved {
+        Saved::Activations(acts) => return call.backward_by_hand(&acts, dy, sink).map_err(msg),
+        Saved::Graph(x, y) => (x, y),
+        Saved::Input(input) => {
+            let x = input.unwrap_or_else(|| arg.detach());
+            if let Some(dx) = call.recompute_backward(&x, dy, sink).map_err(msg)? {
+                return Ok(dx);
+            }
+            let x = Var::from_tensor(&x)?;
+            let y = call.forward(x.as_tensor()).map_err(msg)?;
+            (x, y)
+        }
+    };
+    // d/dy Σ y·g = g: backpropagating this gives the layer's vector-Jacobian products
+    let grads = (y * dy.detach())?.sum_all()?.backward()?;
+    for p in call.params() {
+        if let Some(g) = grads.get(p) {
+            sink.add(p.id(), g.clone())?;
+        }
+    }
+    grads
+        .get(x.as_tensor())
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("a decoder layer's input received no gradient".into()))
+}
+
+fn locked<T>(m: &Mutex<T>) -> candle_core::Result<std::sync::MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| candle_core::Error::Msg("layer op poisoned".into()))
 }
 
 impl<L: LayerCall> CustomOp1 for CheckpointedLayers<L> {
@@ -241,32 +340,72 @@ impl<L: LayerCall> CustomOp1 for CheckpointedLayers<L> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, saved) = self.run(storage_to_tensor(s, l, self.name())?, self.keep)?;
-        *self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("layer op poisoned".into()))? = saved;
+        let x = storage_to_tensor(s, l, self.name())?;
+        let (y, saved, inputs) = run_layers(&self.calls, x, self.keep, self.stream)?;
+        *locked(&self.saved)? = saved;
+        *locked(&self.inputs)? = inputs;
         tensor_to_storage(&y, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let mut saved = std::mem::take(
-            &mut *self
-                .saved
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("layer op poisoned".into()))?,
-        );
+        let mut saved = std::mem::take(&mut *locked(&self.saved)?);
         if saved.len() != self.calls.len() {
             // a second backward pass through this graph: the layers are recomputed
-            saved = self.run(arg.detach(), false)?.1;
+            saved = run_layers(&self.calls, arg.detach(), false, false)?.1;
         }
         // the last layer first; each layer's saved input or activations are freed after its
         // backward, so the gradients that accumulate replace them
         let mut dy = grad_res.clone();
         for (call, kept) in self.calls.iter().zip(saved.drain(..)).rev() {
-            dy = self.layer_bwd(call, kept, arg, &dy)?;
+            dy = layer_bwd(call, kept, arg, &dy, &self.sink)?;
+            if self.stream {
+                self.sink.reduce_to_norms(&call.params()).map_err(msg)?;
+            }
+        }
+        if self.stream {
+            let inputs = std::mem::take(&mut *locked(&self.inputs)?);
+            if inputs.len() + 1 != self.calls.len() {
+                candle_core::bail!("optimizer_in_backward: the layer op's inputs were not kept (a second backward pass through one graph)")
+            }
+            let replay = SecondPass {
+                calls: self.calls.clone(),
+                first_input: arg.detach(),
+                inputs,
+                dy: grad_res.detach(),
+            };
+            self.sink.set_replay(Box::new(replay)).map_err(msg)?;
         }
         Ok(Some(dy))
+    }
+}
+
+/// The [`LayerReplay`] of a layer op.
+struct SecondPass<L: LayerCall> {
+    calls: Arc<Vec<L>>,
+    first_input: Tensor,
+    /// The input of each layer after the first.
+    inputs: Vec<Tensor>,
+    /// The gradient of the last layer's output.
+    dy: Tensor,
+}
+
+impl<L: LayerCall> LayerReplay for SecondPass<L> {
+    fn run(self: Box<Self>, sink: &GradSink, done: &mut dyn FnMut(TensorId, Tensor) -> Result<()>) -> Result<()> {
+        let SecondPass {
+            calls,
+            first_input,
+            mut inputs,
+            mut dy,
+        } = *self;
+        for call in calls.iter().rev() {
+            // each input is dropped once its layer has run
+            let x = inputs.pop().unwrap_or_else(|| first_input.clone());
+            dy = layer_bwd(call, Saved::Input(Some(x)), &first_input, &dy, sink)?;
+            for (id, g) in sink.take(&call.params())? {
+                done(id, g)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -275,13 +414,22 @@ impl<L: LayerCall> CustomOp1 for CheckpointedLayers<L> {
 /// kept until the layer's backward (`keep = true`, [`BackwardOptions::layer_graphs`]). Either
 /// way each layer's saved tensors are freed as soon as its backward has run; in candle's graph
 /// the stack is one node, so the layers' inputs are not held there until the whole backward
-/// pass ends.
-pub fn layers_op<L: LayerCall>(calls: Vec<L>, x: &Tensor, sink: &Arc<GradSink>, keep: bool) -> Result<Tensor> {
+/// pass ends. With `stream` ([`BackwardOptions::optimizer_in_backward`]) the backward leaves
+/// squared norms and a second pass in the sink instead of the parameter gradients.
+pub fn layers_op<L: LayerCall>(
+    calls: Vec<L>,
+    x: &Tensor,
+    sink: &Arc<GradSink>,
+    keep: bool,
+    stream: bool,
+) -> Result<Tensor> {
     let op = CheckpointedLayers {
-        calls,
+        calls: Arc::new(calls),
         sink: sink.clone(),
         keep,
+        stream,
         saved: Mutex::new(Vec::new()),
+        inputs: Mutex::new(Vec::new()),
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
@@ -321,6 +469,13 @@ impl candle_core::InplaceOp2 for ScatterAddRows<'_> {
         }
         Ok(())
     }
+}
+
+fn twice() -> crate::error::Error {
+    crate::error::Error::msg(
+        "optimizer_in_backward: the decoder layers were backpropagated twice before the optimizer step (the \
+         algorithm runs more than one forward pass of the policy per step); turn optimizer_in_backward off",
+    )
 }
 
 fn poisoned<T>(_: T) -> crate::error::Error {

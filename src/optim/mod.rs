@@ -9,7 +9,7 @@ pub mod schedule;
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 use crate::error::{Error, Result};
-use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Tensor, TensorId, Var};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -23,6 +23,10 @@ pub enum Grad {
     Tensor(Tensor),
     /// A sum over micro-batches.
     Host(Vec<f32>),
+    /// Only its squared norm (`optimizer_in_backward`): the gradient of a decoder layer was
+    /// dropped after a first backward pass measured it, and a second pass computes it again
+    /// and hands it to [`Optimizer::update_streamed`] (when the update is done, `None`).
+    Streamed(f64),
 }
 
 /// Run `f` on the f32 contents of `t` (in place when `t` is a contiguous f32 CPU tensor).
@@ -39,10 +43,10 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 }
 
 impl Grad {
-    /// Run `f` on the gradient's values; `None` when there is none.
+    /// Run `f` on the gradient's values; `None` when there is none (or only its norm).
     fn with<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
         match self {
-            Grad::None => Ok(None),
+            Grad::None | Grad::Streamed(_) => Ok(None),
             Grad::Tensor(t) => with_f32(t, f).map(Some),
             Grad::Host(v) => Ok(Some(f(v))),
         }
@@ -101,6 +105,19 @@ fn sum_of_squares(g: &[f32]) -> f64 {
     imp(g)
 }
 
+/// `Σ g²` of a whole gradient: fixed chunks summed in parallel, then added in order, so it is
+/// the same whatever the threads (and wherever it is computed: [`Optimizer::grad_norm`] and
+/// the first pass of `optimizer_in_backward` agree to the bit).
+fn squared_norm_of(g: &[f32]) -> f64 {
+    let parts: Vec<f64> = g.par_chunks(1 << 16).map(sum_of_squares).collect();
+    parts.iter().sum()
+}
+
+/// [`squared_norm_of`] a gradient tensor.
+pub(crate) fn squared_norm(g: &Tensor) -> Result<f64> {
+    with_f32(g, squared_norm_of)
+}
+
 /// The scalars of one AdamW update of a parameter (PyTorch's `AdamW` arithmetic, f32).
 struct AdamConsts {
     /// The clipping factor applied to the gradient.
@@ -153,6 +170,87 @@ fn adamw_f32(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamCon
         }
     }
     imp(w, g, m, v, c)
+}
+
+/// One optimizer step's update of one parameter: the step's constants.
+struct UpdateOf<'a> {
+    kind: &'a OptimKind,
+    /// The step's number (1 for the first).
+    t: u64,
+    lr: f64,
+    weight_decay: f64,
+    /// The clipping factor.
+    scale: f32,
+    /// The parameter's index (bf16 moments' rounding bits depend on it).
+    pid: usize,
+}
+
+impl UpdateOf<'_> {
+    /// Update `var` (named `name`) in place from its gradient `g`, and its moments.
+    fn apply(&self, name: &str, var: &Var, m: &mut Moment, v: &mut Moment, decay: bool, g: &[f32]) -> Result<()> {
+        let n = var.as_tensor().elem_count();
+        if g.len() != n {
+            return Err(Error::msg(format!(
+                "parameter `{name}`: gradient size {} != {n}",
+                g.len()
+            )));
+        }
+        let (t, lr, wd, scale) = (self.t as i32, self.lr, self.weight_decay, self.scale);
+        let chunk = (n / (4 * rayon::current_num_threads())).max(1 << 14);
+        let update = |w: &mut [f32]| match *self.kind {
+            OptimKind::AdamW { beta1, beta2, eps, .. } => {
+                let bc1 = 1.0 - beta1.powi(t);
+                let bc2_sqrt = ((1.0 - beta2.powi(t)).sqrt()) as f32;
+                let step = (lr / bc1) as f32;
+                let decay = if decay { (1.0 - lr * wd) as f32 } else { 1.0 };
+                let adam = AdamConsts {
+                    scale,
+                    b1: beta1 as f32,
+                    b2: beta2 as f32,
+                    bc2_sqrt,
+                    eps: eps as f32,
+                    decay,
+                    step,
+                };
+                match (&mut *m, &mut *v) {
+                    (Moment::F32(m), Moment::F32(v)) => w
+                        .par_chunks_mut(chunk)
+                        .zip(g.par_chunks(chunk))
+                        .zip(m.par_chunks_mut(chunk))
+                        .zip(v.par_chunks_mut(chunk))
+                        .for_each(|(((w, g), m), v)| adamw_f32(w, g, m, v, &adam)),
+                    (Moment::Bf16(m), Moment::Bf16(v)) => {
+                        let key = rounding_key(t as u64, self.pid as u64);
+                        w.par_chunks_mut(chunk)
+                            .zip(g.par_chunks(chunk))
+                            .zip(m.par_chunks_mut(chunk))
+                            .zip(v.par_chunks_mut(chunk))
+                            .enumerate()
+                            .for_each(|(c, (((w, g), m), v))| {
+                                let items = w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+                                for (j, (((w, &g), m), v)) in items.enumerate() {
+                                    let (nm, nv) = adam.update(w, g, bf16_to_f32(*m), bf16_to_f32(*v));
+                                    let r = rounding_bits(key, (c * chunk + j) as u32);
+                                    *m = bf16_stochastic(nm, r);
+                                    *v = bf16_stochastic(nv, r >> 16);
+                                }
+                            })
+                    }
+                    _ => unreachable!("both moments share one dtype"),
+                }
+            }
+            OptimKind::Sgd => {
+                let wd = if decay { wd as f32 } else { 0.0 };
+                let lr = lr as f32;
+                w.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).for_each(|(w, g)| {
+                    for (w, &g) in w.iter_mut().zip(g) {
+                        *w -= lr * (g * scale + wd * *w);
+                    }
+                });
+            }
+        };
+        Ok(var.as_tensor().inplace_op1(&InPlace(RefCell::new(update)))?)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -307,6 +405,9 @@ impl Optimizer {
     /// of `grads`; the first is kept as it is, later ones are summed on the host.
     pub fn accumulate(&mut self, grads: &mut GradStore) -> Result<()> {
         for p in &mut self.params {
+            if matches!(p.grad, Grad::Streamed(_)) {
+                continue;
+            }
             let g = grads
                 .remove(p.var.as_tensor())
                 .ok_or_else(|| Error::msg(format!("parameter `{}` received no gradient", p.name)))?;
@@ -321,23 +422,46 @@ impl Optimizer {
                     with_f32(&g, |g| sum.par_iter_mut().zip(g.par_iter()).for_each(|(a, b)| *a += b))?;
                     Grad::Host(sum)
                 }
+                Grad::Streamed(_) => unreachable!("skipped above"),
             };
         }
         Ok(())
+    }
+
+    /// [`Self::accumulate`] for a backward pass whose decoder layers left only the squared
+    /// norms of their gradients (`optimizer_in_backward`'s first pass): the parameters in
+    /// `norms` get [`Grad::Streamed`], the others their gradient from `grads`. One micro-batch
+    /// per step only: a streamed gradient cannot be summed.
+    pub fn accumulate_streamed(
+        &mut self,
+        grads: &mut GradStore,
+        norms: &std::collections::HashMap<TensorId, f64>,
+    ) -> Result<()> {
+        for p in &mut self.params {
+            let Some(&sq) = norms.get(&p.var.as_tensor().id()) else {
+                continue;
+            };
+            if !matches!(p.grad, Grad::None) || grads.get(p.var.as_tensor()).is_some() {
+                return Err(Error::msg(format!(
+                    "optimizer_in_backward: parameter `{}` has a gradient besides the one its layer streams \
+                     (more than one micro-batch per step, or a weight shared outside its layer); turn \
+                     optimizer_in_backward off",
+                    p.name
+                )));
+            }
+            p.grad = Grad::Streamed(sq);
+        }
+        self.accumulate(grads)
     }
 
     /// Global L2 norm of the accumulated gradient (before clipping).
     pub fn grad_norm(&self) -> Result<f64> {
         let mut total = 0.0;
         for p in &self.params {
-            total += p
-                .grad
-                .with(|g| {
-                    // chunk sums in parallel, added in order: the same whatever the threads
-                    let parts: Vec<f64> = g.par_chunks(1 << 16).map(sum_of_squares).collect();
-                    parts.iter().sum::<f64>()
-                })?
-                .unwrap_or(0.0);
+            total += match p.grad {
+                Grad::Streamed(sq) => sq,
+                _ => p.grad.with(squared_norm_of)?.unwrap_or(0.0),
+            };
         }
         Ok(total.sqrt())
     }
@@ -357,81 +481,25 @@ impl Optimizer {
     }
 
     /// Apply one update with learning rate `lr`, writing the weights in place: one parallel
-    /// pass over weight, gradient and moments per parameter.
+    /// pass over weight, gradient and moments per parameter. A parameter whose gradient is
+    /// [`Grad::Streamed`] is left for [`Self::update_streamed`], which comes after this step.
     pub fn step(&mut self, lr: f64) -> Result<()> {
         self.t += 1;
-        let t = self.t as i32;
-        let wd = self.weight_decay;
-        let scale = self.grad_scale;
-        let kind = self.kind.clone();
-        for (pid, p) in self.params.iter_mut().enumerate() {
-            let n = p.var.as_tensor().elem_count();
-            let (m, v) = (&mut p.m, &mut p.v);
-            let decay = p.decay;
-            let applied = p.grad.with(|g| -> Result<()> {
-                if g.len() != n {
-                    return Err(Error::msg(format!(
-                        "parameter `{}`: gradient size {} != {n}",
-                        p.name,
-                        g.len()
-                    )));
-                }
-                let chunk = (n / (4 * rayon::current_num_threads())).max(1 << 14);
-                let update = |w: &mut [f32]| match kind {
-                    OptimKind::AdamW { beta1, beta2, eps, .. } => {
-                        let bc1 = 1.0 - beta1.powi(t);
-                        let bc2_sqrt = ((1.0 - beta2.powi(t)).sqrt()) as f32;
-                        let step = (lr / bc1) as f32;
-                        let decay = if decay { (1.0 - lr * wd) as f32 } else { 1.0 };
-                        let adam = AdamConsts {
-                            scale,
-                            b1: beta1 as f32,
-                            b2: beta2 as f32,
-                            bc2_sqrt,
-                            eps: eps as f32,
-                            decay,
-                            step,
-                        };
-                        match (&mut *m, &mut *v) {
-                            (Moment::F32(m), Moment::F32(v)) => w
-                                .par_chunks_mut(chunk)
-                                .zip(g.par_chunks(chunk))
-                                .zip(m.par_chunks_mut(chunk))
-                                .zip(v.par_chunks_mut(chunk))
-                                .for_each(|(((w, g), m), v)| adamw_f32(w, g, m, v, &adam)),
-                            (Moment::Bf16(m), Moment::Bf16(v)) => {
-                                let key = rounding_key(t as u64, pid as u64);
-                                w.par_chunks_mut(chunk)
-                                    .zip(g.par_chunks(chunk))
-                                    .zip(m.par_chunks_mut(chunk))
-                                    .zip(v.par_chunks_mut(chunk))
-                                    .enumerate()
-                                    .for_each(|(c, (((w, g), m), v))| {
-                                        let items = w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
-                                        for (j, (((w, &g), m), v)) in items.enumerate() {
-                                            let (nm, nv) = adam.update(w, g, bf16_to_f32(*m), bf16_to_f32(*v));
-                                            let r = rounding_bits(key, (c * chunk + j) as u32);
-                                            *m = bf16_stochastic(nm, r);
-                                            *v = bf16_stochastic(nv, r >> 16);
-                                        }
-                                    })
-                            }
-                            _ => unreachable!("both moments share one dtype"),
-                        }
-                    }
-                    OptimKind::Sgd => {
-                        let wd = if decay { wd as f32 } else { 0.0 };
-                        let lr = lr as f32;
-                        w.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).for_each(|(w, g)| {
-                            for (w, &g) in w.iter_mut().zip(g) {
-                                *w -= lr * (g * scale + wd * *w);
-                            }
-                        });
-                    }
-                };
-                Ok(p.var.as_tensor().inplace_op1(&InPlace(RefCell::new(update)))?)
-            })?;
-            match applied {
+        for pid in 0..self.params.len() {
+            let p = &mut self.params[pid];
+            if matches!(p.grad, Grad::Streamed(_)) {
+                continue;
+            }
+            let update = UpdateOf {
+                kind: &self.kind,
+                t: self.t,
+                lr,
+                weight_decay: self.weight_decay,
+                scale: self.grad_scale,
+                pid,
+            };
+            let (grad, m, v) = (&p.grad, &mut p.m, &mut p.v);
+            match grad.with(|g| update.apply(&p.name, &p.var, m, v, p.decay, g))? {
                 Some(r) => r?,
                 None => {
                     return Err(Error::msg(format!(
@@ -442,6 +510,48 @@ impl Optimizer {
             }
         }
         Ok(())
+    }
+
+    /// The update of [`Self::step`] (which must have run: it counts the step) for the parameter
+    /// `id`, whose gradient was [`Grad::Streamed`] and is now `g`, computed again by the second
+    /// backward pass of `optimizer_in_backward`. Same arithmetic, same clipping factor.
+    pub fn update_streamed(&mut self, id: TensorId, g: &Tensor, lr: f64) -> Result<()> {
+        let Some(pid) = self.params.iter().position(|p| p.var.as_tensor().id() == id) else {
+            return Err(Error::msg(
+                "optimizer_in_backward: a layer streamed the gradient of a tensor the optimizer does not train",
+            ));
+        };
+        let p = &mut self.params[pid];
+        if !matches!(p.grad, Grad::Streamed(_)) {
+            return Err(Error::msg(format!(
+                "optimizer_in_backward: parameter `{}` was streamed a gradient it did not expect (a second one, or one \
+                 the first backward pass did not measure)",
+                p.name
+            )));
+        }
+        let update = UpdateOf {
+            kind: &self.kind,
+            t: self.t,
+            lr,
+            weight_decay: self.weight_decay,
+            scale: self.grad_scale,
+            pid,
+        };
+        with_f32(g, |g| update.apply(&p.name, &p.var, &mut p.m, &mut p.v, p.decay, g))??;
+        p.grad = Grad::None;
+        Ok(())
+    }
+
+    /// After [`Self::update_streamed`]: an error naming a parameter whose streamed gradient never
+    /// came (its weights were not updated this step).
+    pub fn check_streamed_done(&self) -> Result<()> {
+        match self.params.iter().find(|p| matches!(p.grad, Grad::Streamed(_))) {
+            Some(p) => Err(Error::msg(format!(
+                "optimizer_in_backward: the second backward pass gave no gradient for `{}`",
+                p.name
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Optimizer state as named tensors (for checkpoints).

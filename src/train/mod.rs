@@ -160,7 +160,9 @@ impl Trainer {
             ));
         }
         crate::util::memtrace("after build");
-        let (policy, mut opt) = algorithms::trainable(policy, &cfg)?;
+        let (mut policy, mut opt) = algorithms::trainable(policy, &cfg)?;
+        // the policy's only: an extra model an algorithm trains steps on its own
+        policy.transformer.set_optimizer_in_backward(cfg.optimizer_in_backward);
         crate::util::memtrace("after trainable");
         let units = algorithm.units_per_micro_batch(cfg.per_device_train_batch_size);
         let total = total_steps(&cfg, data.len(), units, algorithm.steps_per_batch());
@@ -254,7 +256,13 @@ impl Trainer {
             let mut grads = self.policy.transformer.backward(&(out.loss / accum as f64)?)?;
             lap("backward");
             crate::util::memtrace("after backward");
-            self.opt.accumulate(&mut grads)?;
+            match self.cfg.optimizer_in_backward {
+                // the layers' gradients are only measured so far
+                true => self
+                    .opt
+                    .accumulate_streamed(&mut grads, &self.policy.transformer.streamed_norms()?)?,
+                false => self.opt.accumulate(&mut grads)?,
+            }
             drop(grads);
             lap("optimizer");
         }
@@ -263,8 +271,19 @@ impl Trainer {
         let loss = metrics.get("loss").copied().unwrap_or(0.0);
         if loss.is_finite() && grad_norm.is_finite() {
             self.opt.step(lr)?;
+            if self.cfg.optimizer_in_backward {
+                lap("optimizer");
+                // the layers' gradients again, each applied as soon as its layer is done
+                let opt = &mut self.opt;
+                let mut apply = |id, g: candle_core::Tensor| opt.update_streamed(id, &g, lr);
+                self.policy.transformer.backward_again(Some(&mut apply))?;
+                self.opt.check_streamed_done()?;
+                lap("backward");
+                crate::util::memtrace("after second backward");
+            }
             self.state.nonfinite_in_a_row = 0;
         } else {
+            self.policy.transformer.backward_again(None)?;
             // the weights and the optimizer's moments stay as they were
             self.state.nonfinite_steps += 1;
             self.state.nonfinite_in_a_row += 1;

@@ -420,7 +420,13 @@ impl Transformer {
                     eps,
                 });
             }
-            x = layers_op(calls, &x, &self.sink, !opts.gradient_checkpointing)?;
+            x = layers_op(
+                calls,
+                &x,
+                &self.sink,
+                !opts.gradient_checkpointing,
+                opts.optimizer_in_backward,
+            )?;
         } else {
             for i in 0..self.cfg.num_hidden_layers {
                 x = self.layer_for(i, key)?.forward(&x, a, k, eps)?;
@@ -500,6 +506,36 @@ impl Transformer {
     /// Turn per-layer graphs on or off ([`BackwardOptions::layer_graphs`]).
     pub fn set_layer_graphs(&mut self, on: bool) {
         self.backward_options.layer_graphs = on;
+    }
+
+    /// Turn `optimizer_in_backward` on or off ([`BackwardOptions::optimizer_in_backward`]): after
+    /// [`Self::backward`], [`Self::streamed_norms`] and [`Self::backward_again`].
+    pub fn set_optimizer_in_backward(&mut self, on: bool) {
+        self.backward_options.optimizer_in_backward = on;
+    }
+
+    /// With `optimizer_in_backward`, after [`Self::backward`]: the squared norm of each decoder
+    /// layer parameter's gradient, which that backward did not keep.
+    pub fn streamed_norms(&self) -> Result<std::collections::HashMap<candle_core::TensorId, f64>> {
+        self.sink.take_norms()
+    }
+
+    /// With `optimizer_in_backward`, after [`Self::backward`]: the decoder layers' backward run
+    /// again, last layer first, handing each parameter's gradient to `done` as soon as its layer
+    /// is done (`done` may update that parameter in place). Without `done` (`None`), forget that
+    /// second pass (a step that is not applied).
+    pub fn backward_again(
+        &self,
+        done: Option<&mut dyn FnMut(candle_core::TensorId, Tensor) -> Result<()>>,
+    ) -> Result<()> {
+        let replay = self.sink.take_replay()?;
+        match (replay, done) {
+            (Some(r), Some(done)) => r.run(&self.sink, done),
+            (None, Some(_)) => Err(crate::error::Error::msg(
+                "optimizer_in_backward: no second backward pass to run (the policy's layers were not backpropagated)",
+            )),
+            (_, None) => Ok(()),
+        }
     }
 
     /// Turn sparse embedding gradients on or off (see the module docs).
