@@ -521,3 +521,29 @@ fn online_methods_with_lora_raise_a_learnable_reward() {
         );
     }
 }
+
+/// Online DPO with `optimizer_in_backward` on an untied model (the embedding and the head are
+/// updated from kept gradients, the layers in the second pass): the same metrics, bit for bit.
+#[test]
+fn online_dpo_with_optimizer_in_backward_equals_without() {
+    let base = setup("oib", Task::OnlineDpo);
+    let runs: Vec<Vec<Value>> = [false, true]
+        .into_iter()
+        .map(|on| {
+            let c = TrainConfig {
+                max_steps: 3,
+                optimizer_in_backward: on,
+                output_dir: format!("{}-{on}", base.output_dir),
+                ..base.clone()
+            };
+            prefer::train::train(&c).unwrap();
+            prefer::testing::without_timings(metrics(&c))
+        })
+        .collect();
+    assert_eq!(runs[0].len(), 3);
+    assert!(
+        runs[0].iter().all(|r| r["grad_norm"].as_f64().unwrap() > 0.0),
+        "the policy learns"
+    );
+    assert_eq!(runs[0], runs[1]);
+}

@@ -535,7 +535,8 @@ fn steps_of(c: &TrainConfig, steps: usize) -> Vec<StepSeen> {
 /// layers' gradients, a second computes them again and updates each layer as soon as it is
 /// done. The run equals one without it, bit for bit (metrics, gradient norm, weights after every
 /// step): with per-layer graphs or checkpointing, f32 or bf16 moments, clipping that cuts or
-/// not, AdamW or SGD. Every decoder-layer parameter was streamed, none of the others.
+/// not, AdamW or SGD, bf16 products, and for a reward model. Every decoder-layer parameter was streamed, none
+/// of the others.
 #[test]
 fn optimizer_in_backward_trains_exactly_as_without() {
     let (_dir, cfg) = tiny_setup("opt-in-bwd");
@@ -556,52 +557,52 @@ fn optimizer_in_backward_trains_exactly_as_without() {
     .filter(|p| p.name.starts_with("model.layers."))
     .count();
     assert!(layer_params > 0);
+    use prefer::config::{MomentsDtype, Optim};
+    let clipped = TrainConfig {
+        max_grad_norm: 1e-3,
+        weight_decay: 0.01,
+        ..base.clone()
+    };
     let variants = [
-        (
-            "graphs",
-            false,
-            prefer::config::MomentsDtype::F32,
-            prefer::config::Optim::AdamwTorch,
-            1.0,
-        ),
+        ("graphs", base.clone()),
         (
             "checkpointing",
-            true,
-            prefer::config::MomentsDtype::F32,
-            prefer::config::Optim::AdamwTorch,
-            1.0,
+            TrainConfig {
+                gradient_checkpointing: true,
+                ..base.clone()
+            },
         ),
         (
             "clipped",
-            true,
-            prefer::config::MomentsDtype::F32,
-            prefer::config::Optim::AdamwTorch,
-            1e-3,
+            TrainConfig {
+                gradient_checkpointing: true,
+                ..clipped.clone()
+            },
         ),
         (
             "bf16-moments",
-            false,
-            prefer::config::MomentsDtype::Bf16,
-            prefer::config::Optim::AdamwTorch,
-            1e-3,
+            TrainConfig {
+                adam_moments_dtype: MomentsDtype::Bf16,
+                ..clipped.clone()
+            },
         ),
         (
             "sgd",
-            false,
-            prefer::config::MomentsDtype::F32,
-            prefer::config::Optim::Sgd,
-            1e-3,
+            TrainConfig {
+                optim: Optim::Sgd,
+                ..clipped.clone()
+            },
+        ),
+        (
+            "bf16",
+            TrainConfig {
+                bf16: true,
+                gradient_checkpointing: true,
+                ..clipped.clone()
+            },
         ),
     ];
-    for (name, checkpointing, moments, optim, max_grad_norm) in variants {
-        let c = TrainConfig {
-            gradient_checkpointing: checkpointing,
-            adam_moments_dtype: moments,
-            optim,
-            max_grad_norm,
-            weight_decay: 0.01,
-            ..base.clone()
-        };
+    for (name, c) in variants {
         let run = |on: bool| {
             steps_of(
                 &TrainConfig {
@@ -624,10 +625,31 @@ fn optimizer_in_backward_trains_exactly_as_without() {
         }
         let norm = plain[0].0.iter().find(|(k, _)| k == "grad_norm").unwrap().1;
         assert!(norm.is_finite() && norm > 0.0);
-        if max_grad_norm < 1.0 {
-            assert!(norm > max_grad_norm, "{name}: the test means to clip ({norm})");
+        if c.max_grad_norm < 1.0 {
+            assert!(norm > c.max_grad_norm, "{name}: the test means to clip ({norm})");
         }
         assert_ne!(plain[0].1, plain[2].1, "{name}: the weights train");
+    }
+    // a reward model: its score head is updated from a kept gradient, its layers streamed
+    let reward = TrainConfig {
+        task: Task::Reward,
+        ..base.clone()
+    };
+    let run = |on: bool| {
+        steps_of(
+            &TrainConfig {
+                optimizer_in_backward: on,
+                output_dir: format!("{}-reward-{on}", reward.output_dir),
+                ..reward.clone()
+            },
+            2,
+        )
+    };
+    let (plain, streamed) = (run(false), run(true));
+    for (a, b) in plain.iter().zip(&streamed) {
+        assert_eq!(a.0, b.0, "reward: metrics");
+        assert!(a.1 == b.1, "reward: weights differ");
+        assert_eq!((a.2, b.2), (0, layer_params), "reward: parameters streamed");
     }
 }
 

@@ -280,6 +280,20 @@ pub fn metrics(cfg: &crate::config::TrainConfig) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `records` without the keys that measure time (`tokens_per_second`, `*_runtime`,
+/// `*_per_second`): what two runs that compute the same numbers log alike.
+pub fn without_timings(records: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    records
+        .into_iter()
+        .map(|mut r| {
+            if let Some(o) = r.as_object_mut() {
+                o.retain(|k, _| !(k.ends_with("per_second") || k.ends_with("runtime")));
+            }
+            r
+        })
+        .collect()
+}
+
 /// Run `cfg` (its own `output_dir`) as if Ctrl-C came after step `stop`, then resume it from
 /// its latest checkpoint to the end, and return what the whole run logged: what a run that was
 /// never stopped logs, if resuming is exact.
