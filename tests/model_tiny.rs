@@ -779,15 +779,16 @@ fn packed_frozen_copy_gives_the_f32_copys_bf16_log_probs() {
     }
 }
 
-/// `optimizer_in_backward` at the model level: `backward` keeps no decoder-layer gradient, only
-/// its squared norm, equal to that of the plain backward's gradient; `backward_again` then hands
-/// over exactly the plain gradients, each parameter once, last layer first. The other
-/// parameters' gradients are the plain ones. A loss through two forward passes of the layers
-/// is refused (streaming cannot sum them).
+/// `optimizer_in_backward` at the model level: `backward` keeps no gradient of a decoder layer,
+/// of the fused head's projection or of the embedding, only each one's squared norm, equal to
+/// that of the plain backward's gradient; `backward_again` then hands over exactly the plain
+/// gradients, in order, each value once (the layers last first, the matrices a block of rows at
+/// a time). The other parameters' gradients are the plain ones. Tied and untied embeddings, with
+/// and without checkpointing. A loss through two forward passes of the layers is refused
+/// (streaming cannot sum them).
 #[test]
 fn a_streamed_backward_measures_then_hands_over_the_plain_gradients() {
     prefer::testing::set_threads_for_tests();
-    let m = tiny_model(&TinySpec::default(), DType::F32, 3).unwrap();
     let g = groups();
     let groups: Vec<ScoredGroup> = g
         .iter()
@@ -804,50 +805,61 @@ fn a_streamed_backward_measures_then_hands_over_the_plain_gradients() {
             .sum_all()
             .unwrap()
     };
-    for checkpointing in [false, true] {
-        let opts = BackwardOptions {
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (tie_embeddings, checkpointing) in [(true, false), (true, true), (false, false)] {
+        let what = format!("tied {tie_embeddings}, checkpointing {checkpointing}");
+        let spec = TinySpec {
+            tie_embeddings,
+            ..TinySpec::default()
+        };
+        let mut m = tiny_model(&spec, DType::F32, 3).unwrap();
+        m.transformer.backward_options = BackwardOptions {
             gradient_checkpointing: checkpointing,
             sparse_embedding_grad: true,
             layer_graphs: true,
             optimizer_in_backward: false,
         };
-        let mut m = m.clone();
-        m.transformer.backward_options = opts;
         let (mut tm, vars) = m.into_trainable().unwrap();
         let plain = tm.transformer.backward(&loss_of(&tm.transformer)).unwrap();
         tm.transformer.set_optimizer_in_backward(true);
         let mut grads = tm.transformer.backward(&loss_of(&tm.transformer)).unwrap();
         let norms = tm.transformer.streamed_norms().unwrap();
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let mut layer_params = Vec::new();
+        let mut streamed = Vec::new();
         for (name, v) in &vars {
             let want = values(plain.get(v.as_tensor()).unwrap());
-            if name.contains(".layers.") {
-                assert!(grads.get(v.as_tensor()).is_none(), "{name} kept its gradient");
+            let is_matrix = name.contains("embed_tokens") || name.contains("lm_head");
+            if name.contains(".layers.") || is_matrix {
+                assert!(grads.get(v.as_tensor()).is_none(), "{what}: {name} kept its gradient");
                 let sq: f64 = want.iter().map(|&x| x as f64 * x as f64).sum();
                 let got = norms[&v.as_tensor().id()];
-                assert!((got - sq).abs() <= 1e-12 * sq, "{name}: {got} vs {sq}");
-                layer_params.push((v.as_tensor().id(), name.clone(), want));
+                assert!((got - sq).abs() <= 1e-12 * sq, "{what}: {name}: {got} vs {sq}");
+                streamed.push((v.as_tensor().id(), name.clone(), want, Vec::<f32>::new()));
             } else {
-                assert_eq!(values(&grads.remove(v.as_tensor()).unwrap()), want, "{name}");
+                assert_eq!(values(&grads.remove(v.as_tensor()).unwrap()), want, "{what}: {name}");
             }
         }
-        assert_eq!(norms.len(), layer_params.len());
-        let mut order = Vec::new();
-        let mut done = |id, g: Tensor| {
-            let (_, name, want) = layer_params.iter().find(|p| p.0 == id).unwrap();
-            assert_eq!(&values(&g), want, "{name}, checkpointing {checkpointing}");
-            order.push(name.clone());
+        assert_eq!(norms.len(), streamed.len(), "{what}");
+        let mut parts = Vec::new();
+        let mut done = |id, offset: usize, g: &[f32]| {
+            let (_, name, _, got) = streamed.iter_mut().find(|p| p.0 == id).unwrap();
+            assert_eq!(offset, got.len(), "{name}: in order");
+            got.extend_from_slice(g);
+            parts.push(name.clone());
             Ok(())
         };
         tm.transformer.backward_again(Some(&mut done)).unwrap();
-        assert_eq!(order.len(), layer_params.len(), "each parameter once");
-        let last = format!(".layers.{}.", TinySpec::default().layers - 1);
-        assert!(order[0].contains(&last), "the last layer first: {order:?}");
+        for (_, name, want, got) in &streamed {
+            assert!(got == want, "{what}: {name}: the second pass's gradient differs");
+        }
+        let last = format!(".layers.{}.", spec.layers - 1);
+        assert!(parts[0].contains(&last), "{what}: the last layer first: {parts:?}");
+        // the matrices came in several blocks
+        let blocks = parts.iter().filter(|n| n.contains("embed_tokens")).count();
+        assert!(blocks > 1, "{what}: {blocks} blocks of the embedding");
         // nothing is left for another pass
-        assert!(tm.transformer.backward_again(Some(&mut |_, _| Ok(()))).is_err());
+        assert!(tm.transformer.backward_again(Some(&mut |_, _, _| Ok(()))).is_err());
         let twice = (loss_of(&tm.transformer) + loss_of(&tm.transformer)).unwrap();
         let e = tm.transformer.backward(&twice).unwrap_err().to_string();
-        assert!(e.contains("backpropagated twice"), "{e}");
+        assert!(e.contains("backpropagated twice"), "{what}: {e}");
     }
 }

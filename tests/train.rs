@@ -532,11 +532,11 @@ fn steps_of(c: &TrainConfig, steps: usize) -> Vec<StepSeen> {
 }
 
 /// `optimizer_in_backward`: a first backward pass keeps only the squared norms of the decoder
-/// layers' gradients, a second computes them again and updates each layer as soon as it is
-/// done. The run equals one without it, bit for bit (metrics, gradient norm, weights after every
-/// step): with per-layer graphs or checkpointing, f32 or bf16 moments, clipping that cuts or
-/// not, AdamW or SGD, bf16 products, and for a reward model. Every decoder-layer parameter was streamed, none
-/// of the others.
+/// layers' gradients and of the (tied) embedding's, a second computes them again and updates
+/// each layer, and each block of the embedding's rows, as soon as it is done. The run equals one
+/// without it, bit for bit (metrics, gradient norm, weights after every step): with per-layer
+/// graphs or checkpointing, f32 or bf16 moments, clipping that cuts or not, AdamW or SGD, bf16
+/// products, and for a reward model. Those parameters were streamed, the final norm was not.
 #[test]
 fn optimizer_in_backward_trains_exactly_as_without() {
     let (_dir, cfg) = tiny_setup("opt-in-bwd");
@@ -554,7 +554,7 @@ fn optimizer_in_backward_trains_exactly_as_without() {
     .opt
     .params
     .iter()
-    .filter(|p| p.name.starts_with("model.layers."))
+    .filter(|p| p.name.starts_with("model.layers.") || p.name.contains("embed_tokens"))
     .count();
     assert!(layer_params > 0);
     use prefer::config::{MomentsDtype, Optim};
@@ -630,7 +630,8 @@ fn optimizer_in_backward_trains_exactly_as_without() {
         }
         assert_ne!(plain[0].1, plain[2].1, "{name}: the weights train");
     }
-    // a reward model: its score head is updated from a kept gradient, its layers streamed
+    // a reward model: its score head is updated from a kept gradient, its layers and its
+    // embedding (reached by lookups only) streamed
     let reward = TrainConfig {
         task: Task::Reward,
         ..base.clone()

@@ -27,6 +27,18 @@
 //! therefore go into a [`GradSink`], and `Transformer::backward` moves them into the
 //! `GradStore` that the optimizer reads.
 //!
+//! **Optimizer in backward** ([`BackwardOptions::optimizer_in_backward`]). The update of a
+//! step needs the global gradient norm (clipping, the non-finite check) before it touches any
+//! weight, so the gradients that would be the step's largest buffers are made twice. The first
+//! backward pass keeps only their squared norms: each decoder layer's, as its backward ends
+//! ([`GradSink`] reduces them), and the fused log-prob head's projection's, made a block of
+//! vocabulary rows at a time ([`StreamedRows`]; the rows the embedding lookups add into are
+//! kept, and when the projection is the tied embedding they are added there). With the norm
+//! known, the second pass ([`LayerReplay`]) makes them again, a layer or a block at a time, and
+//! hands each part to the optimizer as soon as it exists. Same values to the bit: the second
+//! pass repeats the first one's products (the head's backward makes its logits and `dW` in the
+//! same blocks whether or not it streams).
+//!
 //! **Sparse embedding gradients.** candle's backward of the embedding lookup materialises a
 //! dense `[vocab, H]` zero tensor, adds the rows into it, and then adds that into the tied
 //! output projection's gradient: ~4 passes over 113 MB for SmolLM2 to move a few hundred rows.
@@ -69,11 +81,20 @@ pub struct GradSink {
     params: Mutex<HashMap<TensorId, Tensor>>,
     /// Lookups since the last backward.
     lookups: Mutex<Vec<Lookup>>,
-    /// `Σ g²` of each layer parameter's dropped gradient.
+    /// [`BackwardOptions::optimizer_in_backward`]: the log-prob head measures its projection's
+    /// gradient instead of leaving it here.
+    streams: std::sync::atomic::AtomicBool,
+    /// `Σ g²` of each streamed parameter's dropped gradient.
     norms: Mutex<HashMap<TensorId, f64>>,
     /// The layers' backward to run again.
     replay: Mutex<Option<Replay>>,
+    /// Matrices whose gradient is made again a block of rows at a time.
+    rows: Mutex<Vec<StreamedRows>>,
 }
+
+/// Where the second pass of `optimizer_in_backward` hands a gradient over: the parameter, the
+/// index of the first value given, the values (a whole gradient, or a run of rows, in order).
+pub type HandOver<'a> = &'a mut dyn FnMut(TensorId, usize, &[f32]) -> Result<()>;
 
 /// The second backward pass of the decoder layers (`optimizer_in_backward`): from the gradient
 /// of the layers' output and each layer's input, kept by the first pass, it recomputes each
@@ -81,7 +102,7 @@ pub struct GradSink {
 pub trait LayerReplay: Send + Sync {
     /// Run it; `done` receives each parameter's gradient (and may change the parameter: the
     /// layers below never read it).
-    fn run(self: Box<Self>, sink: &GradSink, done: &mut dyn FnMut(TensorId, Tensor) -> Result<()>) -> Result<()>;
+    fn run(self: Box<Self>, sink: &GradSink, done: HandOver) -> Result<()>;
 }
 
 /// A [`LayerReplay`] held by the sink.
@@ -90,6 +111,136 @@ pub struct Replay(Box<dyn LayerReplay>);
 impl std::fmt::Debug for Replay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Replay")
+    }
+}
+
+/// Makes the gradient of rows `start..start + out.len() / cols` of a matrix into `out`.
+pub type RowBlock = Box<dyn Fn(usize, &mut [f32]) -> Result<()> + Send + Sync>;
+
+/// A `[rows, cols]` matrix parameter (the output projection, an embedding) whose gradient
+/// `optimizer_in_backward` never holds whole: the first pass measures it a block of rows at a
+/// time, keeping only each row's `Σ g²` and the rows that other gradients add into (the
+/// embedding lookups' tokens); the second makes each block again and hands it over.
+pub struct StreamedRows {
+    id: TensorId,
+    rows: usize,
+    cols: usize,
+    /// The part of the gradient made by blocks (the projection's), or none (zeros: an
+    /// embedding that only lookups reach).
+    block: Option<RowBlock>,
+    /// The kept rows' values: the block's, plus what was added since.
+    kept: std::collections::BTreeMap<u32, Vec<f32>>,
+    /// `Σ g²` of each row (a kept row's is redone when the norm is taken).
+    row_sums: Vec<f64>,
+}
+
+impl std::fmt::Debug for StreamedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "StreamedRows([{}, {}], {} kept)",
+            self.rows,
+            self.cols,
+            self.kept.len()
+        )
+    }
+}
+
+impl StreamedRows {
+    /// Rows per block: about a quarter of the matrix (so that small test models have several
+    /// blocks), at most 4096 (`[4096, H]` f32 at a time), a multiple of 64.
+    pub(crate) fn block_rows(rows: usize) -> usize {
+        (rows / 4).div_ceil(64).clamp(1, 64) * 64
+    }
+
+    /// The first pass over a `[rows, cols]` matrix `id`: each row's `Σ g²` of what `block`
+    /// makes (zeros without one), and the rows `keep` (ids past the matrix are ignored).
+    pub fn measure(
+        id: TensorId,
+        rows: usize,
+        cols: usize,
+        block: Option<RowBlock>,
+        keep: impl IntoIterator<Item = u32>,
+    ) -> Result<Self> {
+        let mut kept: std::collections::BTreeMap<u32, Vec<f32>> = keep
+            .into_iter()
+            .filter(|&t| (t as usize) < rows)
+            .map(|t| (t, vec![0f32; cols]))
+            .collect();
+        let mut row_sums = vec![0f64; rows];
+        if let Some(f) = &block {
+            let per = Self::block_rows(rows);
+            let mut buf = vec![0f32; per.min(rows) * cols];
+            for start in (0..rows).step_by(per) {
+                let r = per.min(rows - start);
+                let b = &mut buf[..r * cols];
+                f(start, b)?;
+                row_sums[start..start + r].copy_from_slice(&crate::optim::row_sums_of_squares(b, cols));
+                for (&t, row) in kept.range_mut(start as u32..(start + r) as u32) {
+                    let at = (t as usize - start) * cols;
+                    row.copy_from_slice(&b[at..at + cols]);
+                }
+            }
+        }
+        Ok(StreamedRows {
+            id,
+            rows,
+            cols,
+            block,
+            kept,
+            row_sums,
+        })
+    }
+
+    /// `row[ids[r]] += src[r]` for each row r of `src` `[N, cols]`, in order (what
+    /// [`ScatterAddRows`] does to a whole gradient).
+    fn add_rows(&mut self, ids: &[u32], src: &[f32]) -> Result<()> {
+        if src.len() != ids.len() * self.cols {
+            return Err(crate::error::Error::msg(
+                "streamed rows: a lookup's rows do not match its ids",
+            ));
+        }
+        for (r, t) in ids.iter().enumerate() {
+            let Some(row) = self.kept.get_mut(t) else {
+                return Err(crate::error::Error::msg(format!(
+                    "streamed rows: token {t} was looked up but its row was not kept"
+                )));
+            };
+            for (d, &s) in row.iter_mut().zip(&src[r * self.cols..(r + 1) * self.cols]) {
+                *d += s;
+            }
+        }
+        Ok(())
+    }
+
+    /// `Σ g²` of the whole gradient, once everything is added: the rows' sums in row order (as
+    /// [`crate::optim::squared_norm`] adds them).
+    fn squared_norm(&mut self) -> f64 {
+        for (&t, row) in &self.kept {
+            self.row_sums[t as usize] = crate::optim::row_sums_of_squares(row, self.cols)[0];
+        }
+        self.row_sums.iter().sum()
+    }
+}
+
+impl LayerReplay for StreamedRows {
+    fn run(self: Box<Self>, _sink: &GradSink, done: HandOver) -> Result<()> {
+        let per = Self::block_rows(self.rows);
+        let mut buf = vec![0f32; per.min(self.rows) * self.cols];
+        for start in (0..self.rows).step_by(per) {
+            let r = per.min(self.rows - start);
+            let b = &mut buf[..r * self.cols];
+            match &self.block {
+                Some(f) => f(start, b)?,
+                None => b.fill(0.0),
+            }
+            for (&t, row) in self.kept.range(start as u32..(start + r) as u32) {
+                let at = (t as usize - start) * self.cols;
+                b[at..at + self.cols].copy_from_slice(row);
+            }
+            done(self.id, start * self.cols, b)?;
+        }
+        Ok(())
     }
 }
 
@@ -123,6 +274,32 @@ impl GradSink {
         Ok(())
     }
 
+    /// Whether [`BackwardOptions::optimizer_in_backward`] is on for the model of this sink.
+    pub fn streams(&self) -> bool {
+        self.streams.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turn streaming on or off (the model's `set_optimizer_in_backward`).
+    pub fn set_streams(&self, on: bool) {
+        self.streams.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every token id the lookups since the last backward gathered.
+    pub fn lookup_ids(&self) -> Result<std::collections::BTreeSet<u32>> {
+        let lookups = self.lookups.lock().map_err(poisoned)?;
+        Ok(lookups.iter().flat_map(|(_, ids)| ids.iter().copied()).collect())
+    }
+
+    /// Hold a matrix's streamed gradient (one per matrix per step).
+    pub fn add_rows(&self, rows: StreamedRows) -> Result<()> {
+        let mut held = self.rows.lock().map_err(poisoned)?;
+        if held.iter().any(|r| r.id == rows.id) {
+            return Err(twice());
+        }
+        held.push(rows);
+        Ok(())
+    }
+
     /// Take the gradients held for `params`.
     fn take(&self, params: &[&Tensor]) -> Result<Vec<(TensorId, Tensor)>> {
         let mut held = self.params.lock().map_err(poisoned)?;
@@ -137,9 +314,17 @@ impl GradSink {
         Ok(std::mem::take(&mut *self.norms.lock().map_err(poisoned)?))
     }
 
-    /// The second pass the first one left, if any (and forget it).
-    pub fn take_replay(&self) -> Result<Option<Box<dyn LayerReplay>>> {
-        Ok(self.replay.lock().map_err(poisoned)?.take().map(|r| r.0))
+    /// The second passes the first one left: the layers' and the streamed matrices' (and
+    /// forget them).
+    pub fn take_replays(&self) -> Result<Vec<Box<dyn LayerReplay>>> {
+        let mut all: Vec<Box<dyn LayerReplay>> = Vec::new();
+        if let Some(r) = self.replay.lock().map_err(poisoned)?.take() {
+            all.push(r.0);
+        }
+        for r in std::mem::take(&mut *self.rows.lock().map_err(poisoned)?) {
+            all.push(Box::new(r));
+        }
+        Ok(all)
     }
 
     fn set_replay(&self, r: Box<dyn LayerReplay>) -> Result<()> {
@@ -182,17 +367,44 @@ impl GradSink {
                 grads.insert(p, g);
             }
         }
+        drop(held);
         let lookups = std::mem::take(&mut *self.lookups.lock().map_err(poisoned)?);
+        let mut streamed = self.rows.lock().map_err(poisoned)?;
+        // streaming, an embedding that only its lookups reach is streamed too (its whole
+        // gradient would be a `[V, H]` buffer of zeros but for those rows)
+        let reached = lookups.iter().any(|(id, _)| grads.get_id(*id).is_some());
+        if self.streams()
+            && reached
+            && embedding.is_variable()
+            && grads.get(embedding).is_none()
+            && !streamed.iter().any(|r| r.id == embedding.id())
+        {
+            let (v, h) = embedding.dims2()?;
+            let ids = lookups.iter().flat_map(|(_, ids)| ids.iter().copied());
+            streamed.push(StreamedRows::measure(embedding.id(), v, h, None, ids)?);
+        }
         for (id, ids) in lookups {
             let Some(rows) = grads.get_id(id).cloned() else {
                 continue;
             };
+            if let Some(s) = streamed.iter_mut().find(|r| r.id == embedding.id()) {
+                let rows: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+                s.add_rows(&ids, &rows)?;
+                continue;
+            }
             let dw = match grads.remove(embedding) {
                 Some(g) => g.contiguous()?,
                 None => embedding.zeros_like()?,
             };
             dw.inplace_op2(&rows.contiguous()?, &ScatterAddRows(&ids))?;
             grads.insert(embedding, dw);
+        }
+        // the streamed matrices are complete: their norms join the layers'
+        let mut norms = self.norms.lock().map_err(poisoned)?;
+        for s in streamed.iter_mut() {
+            if norms.insert(s.id, s.squared_norm()).is_some() {
+                return Err(twice());
+            }
         }
         Ok(())
     }
@@ -390,7 +602,7 @@ struct SecondPass<L: LayerCall> {
 }
 
 impl<L: LayerCall> LayerReplay for SecondPass<L> {
-    fn run(self: Box<Self>, sink: &GradSink, done: &mut dyn FnMut(TensorId, Tensor) -> Result<()>) -> Result<()> {
+    fn run(self: Box<Self>, sink: &GradSink, done: HandOver) -> Result<()> {
         let SecondPass {
             calls,
             first_input,
@@ -402,7 +614,7 @@ impl<L: LayerCall> LayerReplay for SecondPass<L> {
             let x = inputs.pop().unwrap_or_else(|| first_input.clone());
             dy = layer_bwd(call, Saved::Input(Some(x)), &first_input, &dy, sink)?;
             for (id, g) in sink.take(&call.params())? {
-                done(id, g)?;
+                crate::optim::with_f32(&g, |g| done(id, 0, g))??;
             }
         }
         Ok(())

@@ -23,14 +23,15 @@ pub enum Grad {
     Tensor(Tensor),
     /// A sum over micro-batches.
     Host(Vec<f32>),
-    /// Only its squared norm (`optimizer_in_backward`): the gradient of a decoder layer was
-    /// dropped after a first backward pass measured it, and a second pass computes it again
-    /// and hands it to [`Optimizer::update_streamed`] (when the update is done, `None`).
-    Streamed(f64),
+    /// Only its squared norm `sq` (`optimizer_in_backward`): the gradient was dropped after a
+    /// first backward pass measured it, and a second pass computes it again and hands it to
+    /// [`Optimizer::update_streamed`], whole or a run of rows at a time, in order; `done` values
+    /// are updated so far (when all are, `None`).
+    Streamed { sq: f64, done: usize },
 }
 
 /// Run `f` on the f32 contents of `t` (in place when `t` is a contiguous f32 CPU tensor).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.flatten_all()?.to_dtype(DType::F32)?.contiguous()?;
     let (st, l) = t.storage_and_layout();
     match (&*st, l.contiguous_offsets()) {
@@ -46,7 +47,7 @@ impl Grad {
     /// Run `f` on the gradient's values; `None` when there is none (or only its norm).
     fn with<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
         match self {
-            Grad::None | Grad::Streamed(_) => Ok(None),
+            Grad::None | Grad::Streamed { .. } => Ok(None),
             Grad::Tensor(t) => with_f32(t, f).map(Some),
             Grad::Host(v) => Ok(Some(f(v))),
         }
@@ -105,17 +106,28 @@ fn sum_of_squares(g: &[f32]) -> f64 {
     imp(g)
 }
 
-/// `Σ g²` of a whole gradient: fixed chunks summed in parallel, then added in order, so it is
-/// the same whatever the threads (and wherever it is computed: [`Optimizer::grad_norm`] and
-/// the first pass of `optimizer_in_backward` agree to the bit).
-fn squared_norm_of(g: &[f32]) -> f64 {
-    let parts: Vec<f64> = g.par_chunks(1 << 16).map(sum_of_squares).collect();
-    parts.iter().sum()
+/// `Σ g²` of each row of `row` values of `g` (the last one may be shorter), computed in
+/// parallel.
+pub(crate) fn row_sums_of_squares(g: &[f32], row: usize) -> Vec<f64> {
+    g.par_chunks(row.max(1)).map(sum_of_squares).collect()
+}
+
+/// `Σ g²` of a gradient whose rows have `row` values: each row's sum, added in row order, so
+/// it is the same whatever the threads, and wherever it is computed ([`Optimizer::grad_norm`],
+/// and the first pass of `optimizer_in_backward`, which may have a matrix's rows one block at a
+/// time: the sums agree to the bit).
+pub(crate) fn squared_norm_of(g: &[f32], row: usize) -> f64 {
+    row_sums_of_squares(g, row).iter().sum()
+}
+
+/// The length of a row of `t` (its last dimension; 1 for a scalar): the rows of its norm.
+pub(crate) fn row_len(t: &Tensor) -> usize {
+    t.dims().last().copied().unwrap_or(1)
 }
 
 /// [`squared_norm_of`] a gradient tensor.
 pub(crate) fn squared_norm(g: &Tensor) -> Result<f64> {
-    with_f32(g, squared_norm_of)
+    with_f32(g, |v| squared_norm_of(v, row_len(g)))
 }
 
 /// The scalars of one AdamW update of a parameter (PyTorch's `AdamW` arithmetic, f32).
@@ -186,15 +198,29 @@ struct UpdateOf<'a> {
 }
 
 impl UpdateOf<'_> {
-    /// Update `var` (named `name`) in place from its gradient `g`, and its moments.
-    fn apply(&self, name: &str, var: &Var, m: &mut Moment, v: &mut Moment, decay: bool, g: &[f32]) -> Result<()> {
-        let n = var.as_tensor().elem_count();
-        if g.len() != n {
+    /// Update values `offset..offset + g.len()` of `var` (named `name`) in place from their
+    /// gradient `g`, and the same values of its moments; `offset` 0 with the whole gradient for
+    /// the whole parameter.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        name: &str,
+        var: &Var,
+        m: &mut Moment,
+        v: &mut Moment,
+        decay: bool,
+        offset: usize,
+        g: &[f32],
+    ) -> Result<()> {
+        let total = var.as_tensor().elem_count();
+        if offset + g.len() > total {
             return Err(Error::msg(format!(
-                "parameter `{name}`: gradient size {} != {n}",
-                g.len()
+                "parameter `{name}`: gradient values {offset}..{} of {total}",
+                offset + g.len()
             )));
         }
+        let n = g.len();
+        let range = offset..offset + n;
         let (t, lr, wd, scale) = (self.t as i32, self.lr, self.weight_decay, self.scale);
         let chunk = (n / (4 * rayon::current_num_threads())).max(1 << 14);
         let update = |w: &mut [f32]| match *self.kind {
@@ -212,25 +238,27 @@ impl UpdateOf<'_> {
                     decay,
                     step,
                 };
+                let w = &mut w[range.clone()];
                 match (&mut *m, &mut *v) {
                     (Moment::F32(m), Moment::F32(v)) => w
                         .par_chunks_mut(chunk)
                         .zip(g.par_chunks(chunk))
-                        .zip(m.par_chunks_mut(chunk))
-                        .zip(v.par_chunks_mut(chunk))
+                        .zip(m[range.clone()].par_chunks_mut(chunk))
+                        .zip(v[range.clone()].par_chunks_mut(chunk))
                         .for_each(|(((w, g), m), v)| adamw_f32(w, g, m, v, &adam)),
                     (Moment::Bf16(m), Moment::Bf16(v)) => {
                         let key = rounding_key(t as u64, self.pid as u64);
                         w.par_chunks_mut(chunk)
                             .zip(g.par_chunks(chunk))
-                            .zip(m.par_chunks_mut(chunk))
-                            .zip(v.par_chunks_mut(chunk))
+                            .zip(m[range.clone()].par_chunks_mut(chunk))
+                            .zip(v[range.clone()].par_chunks_mut(chunk))
                             .enumerate()
                             .for_each(|(c, (((w, g), m), v))| {
                                 let items = w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
                                 for (j, (((w, &g), m), v)) in items.enumerate() {
                                     let (nm, nv) = adam.update(w, g, bf16_to_f32(*m), bf16_to_f32(*v));
-                                    let r = rounding_bits(key, (c * chunk + j) as u32);
+                                    // the value's index in the parameter, wherever the part starts
+                                    let r = rounding_bits(key, (offset + c * chunk + j) as u32);
                                     *m = bf16_stochastic(nm, r);
                                     *v = bf16_stochastic(nv, r >> 16);
                                 }
@@ -242,11 +270,14 @@ impl UpdateOf<'_> {
             OptimKind::Sgd => {
                 let wd = if decay { wd as f32 } else { 0.0 };
                 let lr = lr as f32;
-                w.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).for_each(|(w, g)| {
-                    for (w, &g) in w.iter_mut().zip(g) {
-                        *w -= lr * (g * scale + wd * *w);
-                    }
-                });
+                w[range.clone()]
+                    .par_chunks_mut(chunk)
+                    .zip(g.par_chunks(chunk))
+                    .for_each(|(w, g)| {
+                        for (w, &g) in w.iter_mut().zip(g) {
+                            *w -= lr * (g * scale + wd * *w);
+                        }
+                    });
             }
         };
         Ok(var.as_tensor().inplace_op1(&InPlace(RefCell::new(update)))?)
@@ -405,7 +436,7 @@ impl Optimizer {
     /// of `grads`; the first is kept as it is, later ones are summed on the host.
     pub fn accumulate(&mut self, grads: &mut GradStore) -> Result<()> {
         for p in &mut self.params {
-            if matches!(p.grad, Grad::Streamed(_)) {
+            if matches!(p.grad, Grad::Streamed { .. }) {
                 continue;
             }
             let g = grads
@@ -422,7 +453,7 @@ impl Optimizer {
                     with_f32(&g, |g| sum.par_iter_mut().zip(g.par_iter()).for_each(|(a, b)| *a += b))?;
                     Grad::Host(sum)
                 }
-                Grad::Streamed(_) => unreachable!("skipped above"),
+                Grad::Streamed { .. } => unreachable!("skipped above"),
             };
         }
         Ok(())
@@ -449,7 +480,7 @@ impl Optimizer {
                     p.name
                 )));
             }
-            p.grad = Grad::Streamed(sq);
+            p.grad = Grad::Streamed { sq, done: 0 };
         }
         self.accumulate(grads)
     }
@@ -459,8 +490,11 @@ impl Optimizer {
         let mut total = 0.0;
         for p in &self.params {
             total += match p.grad {
-                Grad::Streamed(sq) => sq,
-                _ => p.grad.with(squared_norm_of)?.unwrap_or(0.0),
+                Grad::Streamed { sq, .. } => sq,
+                _ => {
+                    let row = row_len(p.var.as_tensor());
+                    p.grad.with(|g| squared_norm_of(g, row))?.unwrap_or(0.0)
+                }
             };
         }
         Ok(total.sqrt())
@@ -487,7 +521,7 @@ impl Optimizer {
         self.t += 1;
         for pid in 0..self.params.len() {
             let p = &mut self.params[pid];
-            if matches!(p.grad, Grad::Streamed(_)) {
+            if matches!(p.grad, Grad::Streamed { .. }) {
                 continue;
             }
             let update = UpdateOf {
@@ -499,7 +533,16 @@ impl Optimizer {
                 pid,
             };
             let (grad, m, v) = (&p.grad, &mut p.m, &mut p.v);
-            match grad.with(|g| update.apply(&p.name, &p.var, m, v, p.decay, g))? {
+            let n = p.var.as_tensor().elem_count();
+            let whole = |g: &[f32]| match g.len() == n {
+                true => update.apply(&p.name, &p.var, m, v, p.decay, 0, g),
+                false => Err(Error::msg(format!(
+                    "parameter `{}`: gradient size {} != {n}",
+                    p.name,
+                    g.len()
+                ))),
+            };
+            match grad.with(whole)? {
                 Some(r) => r?,
                 None => {
                     return Err(Error::msg(format!(
@@ -512,21 +555,30 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The update of [`Self::step`] (which must have run: it counts the step) for the parameter
-    /// `id`, whose gradient was [`Grad::Streamed`] and is now `g`, computed again by the second
-    /// backward pass of `optimizer_in_backward`. Same arithmetic, same clipping factor.
-    pub fn update_streamed(&mut self, id: TensorId, g: &Tensor, lr: f64) -> Result<()> {
+    /// The update of [`Self::step`] (which must have run: it counts the step) for values
+    /// `offset..offset + g.len()` of the parameter `id`, whose gradient was [`Grad::Streamed`]:
+    /// `g` is that part of it, computed again by the second backward pass of
+    /// `optimizer_in_backward`. The parts come in order. Same arithmetic, same clipping factor.
+    pub fn update_streamed(&mut self, id: TensorId, offset: usize, g: &[f32], lr: f64) -> Result<()> {
         let Some(pid) = self.params.iter().position(|p| p.var.as_tensor().id() == id) else {
             return Err(Error::msg(
-                "optimizer_in_backward: a layer streamed the gradient of a tensor the optimizer does not train",
+                "optimizer_in_backward: the second backward pass gave the gradient of a tensor the optimizer does not train",
             ));
         };
         let p = &mut self.params[pid];
-        if !matches!(p.grad, Grad::Streamed(_)) {
+        let n = p.var.as_tensor().elem_count();
+        let Grad::Streamed { sq, done } = p.grad else {
             return Err(Error::msg(format!(
-                "optimizer_in_backward: parameter `{}` was streamed a gradient it did not expect (a second one, or one \
+                "optimizer_in_backward: parameter `{}` was given a gradient it did not expect (a second one, or one \
                  the first backward pass did not measure)",
                 p.name
+            )));
+        };
+        if offset != done || offset + g.len() > n {
+            return Err(Error::msg(format!(
+                "optimizer_in_backward: parameter `{}` was given values {offset}..{} after {done} of {n}",
+                p.name,
+                offset + g.len()
             )));
         }
         let update = UpdateOf {
@@ -537,15 +589,19 @@ impl Optimizer {
             scale: self.grad_scale,
             pid,
         };
-        with_f32(g, |g| update.apply(&p.name, &p.var, &mut p.m, &mut p.v, p.decay, g))??;
-        p.grad = Grad::None;
+        update.apply(&p.name, &p.var, &mut p.m, &mut p.v, p.decay, offset, g)?;
+        let done = offset + g.len();
+        p.grad = match done == n {
+            true => Grad::None,
+            false => Grad::Streamed { sq, done },
+        };
         Ok(())
     }
 
     /// After [`Self::update_streamed`]: an error naming a parameter whose streamed gradient never
     /// came (its weights were not updated this step).
     pub fn check_streamed_done(&self) -> Result<()> {
-        match self.params.iter().find(|p| matches!(p.grad, Grad::Streamed(_))) {
+        match self.params.iter().find(|p| matches!(p.grad, Grad::Streamed { .. })) {
             Some(p) => Err(Error::msg(format!(
                 "optimizer_in_backward: the second backward pass gave no gradient for `{}`",
                 p.name

@@ -275,7 +275,7 @@ impl Trainer {
                 lap("optimizer");
                 // the layers' gradients again, each applied as soon as its layer is done
                 let opt = &mut self.opt;
-                let mut apply = |id, g: candle_core::Tensor| opt.update_streamed(id, &g, lr);
+                let mut apply = |id, offset, g: &[f32]| opt.update_streamed(id, offset, g, lr);
                 self.policy.transformer.backward_again(Some(&mut apply))?;
                 self.opt.check_streamed_done()?;
                 lap("backward");

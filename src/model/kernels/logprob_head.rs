@@ -178,18 +178,47 @@ fn head_bwd<T: Elem>(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> 
 /// in the gradient's own buffer and turned into their gradient in place, so the pass holds one
 /// `[rows, V]` buffer, not two (the peak of a DPO step is here: 64 MiB of SmolLM2's).
 fn head_bwd_f32(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResult<(Tensor, Option<Tensor>)> {
+    let g: Vec<f32> = g.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    head_bwd_f32_with(op, h, &g, want_dw, None, bwd_chunk_rows(op.w.dim(0)?))
+}
+
+/// Rows of `h` per chunk of [`head_bwd_f32`] for a vocabulary of `v`.
+fn bwd_chunk_rows(v: usize) -> usize {
+    (HEAD_BWD_VALUES / v.max(1)).max(HEAD_CHUNK_ROWS)
+}
+
+/// [`head_bwd_f32`] for the upstream gradient `g`, `chunk_rows` rows at a time, leaving each
+/// row's logsumexp in `lse` when given. Without `dW`, the chunks change no value (each row of
+/// `dh` is its own product); with it they set the order of `dW`'s sums.
+fn head_bwd_f32_with(
+    op: &TokenLogps,
+    h: &Tensor,
+    g: &[f32],
+    want_dw: bool,
+    mut lse_out: Option<&mut Vec<f32>>,
+    chunk_rows: usize,
+) -> CResult<(Tensor, Option<Tensor>)> {
     use super::matmul::{matmul, matmul_f32, rhs_of, with_f32, View};
     let ((n, hd), v) = (h.dims2()?, op.w.dim(0)?);
-    let g: Vec<f32> = g.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-    let chunk_rows = (HEAD_BWD_VALUES / v.max(1)).max(HEAD_CHUNK_ROWS);
+    if let Some(l) = lse_out.as_deref_mut() {
+        l.resize(n, 0.0);
+    }
+    let chunk_rows = chunk_rows.max(1);
     let mut dl = vec![0f32; chunk_rows.min(n) * v];
     let mut dh = vec![0f32; n * hd];
     let mut dw = vec![0f32; if want_dw { v * hd } else { 0 }];
+    let blocks = vocab_blocks(v);
     // with bf16, W `[V, H]` rounded and packed once for every chunk: transposed for the logits
-    // h·Wᵀ (as the forward pass packs it), as it is for dl·W
+    // h·Wᵀ (a block of rows at a time), as it is for dl·W
     let (wt_rhs, w_rhs) = match op.bf16 {
-        true => (Some(rhs_of(&op.w, true)?), Some(rhs_of(&op.w, false)?)),
-        false => (None, None),
+        true => (
+            blocks
+                .iter()
+                .map(|&(s, vb)| rhs_of(&op.w.narrow(0, s, vb)?, true))
+                .collect::<CResult<Vec<_>>>()?,
+            Some(rhs_of(&op.w, false)?),
+        ),
+        false => (Vec::new(), None),
     };
     with_f32(&op.w, |wv| {
         with_f32(h, |hv| {
@@ -198,26 +227,49 @@ fn head_bwd_f32(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResu
                 let c = chunk_rows.min(n - start);
                 let d = &mut dl[..c * v];
                 let h_rows = View::row_major(&hv[start * hd..(start + c) * hd], c, hd);
-                match &wt_rhs {
-                    Some(wt) => matmul(h_rows, wt, d, v, false)?,
-                    None => matmul_f32(h_rows, w.t(), d, v, false)?,
+                for (b, &(s, vb)) in blocks.iter().enumerate() {
+                    match wt_rhs.get(b) {
+                        Some(wt) => matmul(h_rows, wt, &mut d[s..], v, false)?,
+                        None => matmul_f32(h_rows, block_of(wv, s, vb, hd).t(), &mut d[s..], v, false)?,
+                    }
                 }
-                d.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
-                    let r = start + i;
-                    let lse = logsumexp(d);
-                    neg_softmax_in_place(d, lse, g[r]);
-                    d[op.targets[r] as usize] += g[r];
-                });
-                let d = View::row_major(d, c, v);
+                let mut lses = vec![0f32; c];
+                d.par_chunks_mut(v)
+                    .zip(lses.par_iter_mut())
+                    .enumerate()
+                    .for_each(|(i, (d, l))| {
+                        let r = start + i;
+                        let lse = logsumexp(d);
+                        neg_softmax_in_place(d, lse, g[r]);
+                        d[op.targets[r] as usize] += g[r];
+                        *l = lse;
+                    });
+                if let Some(l) = lse_out.as_deref_mut() {
+                    l[start..start + c].copy_from_slice(&lses);
+                }
                 let dh_rows = &mut dh[start * hd..(start + c) * hd];
                 match &w_rhs {
-                    Some(w) => matmul(d, w, dh_rows, hd, false)?,
-                    None => matmul_f32(d, w, dh_rows, hd, false)?,
+                    Some(w) => matmul(View::row_major(d, c, v), w, dh_rows, hd, false)?,
+                    None => matmul_f32(View::row_major(d, c, v), w, dh_rows, hd, false)?,
                 }
                 if want_dw {
-                    match op.bf16 {
-                        true => matmul(d.t(), &rhs_of(&h.narrow(0, start, c)?, false)?, &mut dw, hd, start > 0)?,
-                        false => matmul_f32(d.t(), h_rows, &mut dw, hd, start > 0)?,
+                    let h_rhs = match op.bf16 {
+                        true => Some(rhs_of(&h.narrow(0, start, c)?, false)?),
+                        false => None,
+                    };
+                    for &(s, vb) in &blocks {
+                        let db = View {
+                            data: &d[s..],
+                            rows: c,
+                            cols: vb,
+                            rs: v,
+                            cs: 1,
+                        };
+                        let out = &mut dw[s * hd..(s + vb) * hd];
+                        match &h_rhs {
+                            Some(hr) => matmul(db.t(), hr, out, hd, start > 0)?,
+                            None => matmul_f32(db.t(), h_rows, out, hd, start > 0)?,
+                        }
                     }
                 }
             }
@@ -232,6 +284,134 @@ fn head_bwd_f32(op: &TokenLogps, h: &Tensor, g: &Tensor, want_dw: bool) -> CResu
     Ok((Tensor::from_vec(dh, (n, hd), dev)?, dw))
 }
 
+/// The blocks of vocabulary rows (`(first row, rows)`) in which the backward pass makes the
+/// logits and W's gradient: one product per block, so that a block made alone (the second pass
+/// of `optimizer_in_backward`, [`HeadGrad::block`]) has the same values, to the bit, as the same
+/// block of a whole pass. The blocks of [`crate::model::autograd::StreamedRows`].
+fn vocab_blocks(v: usize) -> Vec<(usize, usize)> {
+    let per = crate::model::autograd::StreamedRows::block_rows(v);
+    (0..v).step_by(per.max(1)).map(|s| (s, per.min(v - s))).collect()
+}
+
+/// Rows `s..s + vb` of the row-major `[V, hd]` matrix `w`.
+fn block_of(w: &[f32], s: usize, vb: usize, hd: usize) -> super::matmul::View<'_> {
+    super::matmul::View::row_major(&w[s * hd..(s + vb) * hd], vb, hd)
+}
+
+/// What the second backward pass of `optimizer_in_backward` needs to make the projection's
+/// gradient again, a block of vocabulary rows at a time: the op, its input rows, the upstream
+/// gradient and each row's logsumexp from the first pass.
+struct HeadGrad {
+    op: TokenLogps,
+    h: Tensor,
+    g: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+impl HeadGrad {
+    /// The gradient of W's rows `start..start + out.len() / H` into `out`, bit for bit what
+    /// [`head_bwd_f32`] adds into those rows of `dW`: the same chunks of rows of `h`, the same
+    /// products restricted to the block's columns of the logits.
+    fn block(&self, start: usize, out: &mut [f32]) -> CResult<()> {
+        use super::matmul::{matmul, matmul_f32, rhs_of, with_f32, View};
+        let ((n, hd), v) = (self.h.dims2()?, self.op.w.dim(0)?);
+        let vb = out.len() / hd.max(1);
+        if vb * hd != out.len() || start + vb > v {
+            candle_core::bail!(
+                "fused-token-logps: a block of {} values at row {start} of [{v}, {hd}]",
+                out.len()
+            )
+        }
+        if !vocab_blocks(v).contains(&(start, vb)) {
+            candle_core::bail!(
+                "fused-token-logps: rows {start}..{} are not one of the backward pass's blocks",
+                start + vb
+            )
+        }
+        let chunk_rows = bwd_chunk_rows(v);
+        let wb = self.op.w.narrow(0, start, vb)?;
+        let wt_rhs = match self.op.bf16 {
+            true => Some(rhs_of(&wb, true)?),
+            false => None,
+        };
+        let mut dl = vec![0f32; chunk_rows.min(n) * vb];
+        with_f32(&wb, |wv| {
+            with_f32(&self.h, |hv| {
+                let w = block_of(wv, 0, vb, hd);
+                for first in (0..n).step_by(chunk_rows) {
+                    let c = chunk_rows.min(n - first);
+                    let d = &mut dl[..c * vb];
+                    let h_rows = View::row_major(&hv[first * hd..(first + c) * hd], c, hd);
+                    match &wt_rhs {
+                        Some(wt) => matmul(h_rows, wt, d, vb, false)?,
+                        None => matmul_f32(h_rows, w.t(), d, vb, false)?,
+                    }
+                    d.par_chunks_mut(vb).enumerate().for_each(|(i, d)| {
+                        let r = first + i;
+                        neg_softmax_in_place(d, self.lse[r], self.g[r]);
+                        let t = self.op.targets[r] as usize;
+                        if (start..start + vb).contains(&t) {
+                            d[t - start] += self.g[r];
+                        }
+                    });
+                    let d = View::row_major(d, c, vb);
+                    match self.op.bf16 {
+                        true => matmul(d.t(), &rhs_of(&self.h.narrow(0, first, c)?, false)?, out, hd, first > 0)?,
+                        false => matmul_f32(d.t(), h_rows, out, hd, first > 0)?,
+                    }
+                }
+                if n == 0 {
+                    out.fill(0.0);
+                }
+                Ok(())
+            })
+        })
+    }
+}
+
+/// The backward pass of the op under `optimizer_in_backward` (its sink streams): `dh` as
+/// always, and the projection's gradient measured a block of rows at a time and left in the
+/// sink as a [`StreamedRows`], never held whole.
+fn head_bwd_streamed(
+    op: &TokenLogps,
+    sink: &crate::model::autograd::GradSink,
+    h: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+) -> CResult<Tensor> {
+    use crate::model::autograd::StreamedRows;
+    let h = h.contiguous()?;
+    let g: Vec<f32> = g.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let mut lse = Vec::new();
+    // without dW this pass is not at the step's peak only if its logits are: a quarter of the
+    // usual chunk (the same values)
+    let chunk_rows = (HEAD_BWD_VALUES / 4 / op.w.dim(0)?.max(1)).max(HEAD_CHUNK_ROWS);
+    let (dh, _) = head_bwd_f32_with(op, &h, &g, false, Some(&mut lse), chunk_rows)?;
+    let grad = HeadGrad {
+        op: TokenLogps {
+            w: op.w.clone(),
+            targets: op.targets.clone(),
+            bf16: op.bf16,
+            entropies: None,
+            top_logps: None,
+            sink: None,
+        },
+        h,
+        g,
+        lse,
+    };
+    let (v, hd) = op.w.dims2()?;
+    let block = move |start: usize, out: &mut [f32]| grad.block(start, out).map_err(crate::error::Error::from);
+    let rows =
+        StreamedRows::measure(w.id(), v, hd, Some(Box::new(block)), sink.lookup_ids().map_err(msg)?).map_err(msg)?;
+    sink.add_rows(rows).map_err(msg)?;
+    Ok(dh)
+}
+
+fn msg(e: crate::error::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
 custom_op!(
     2,
     TokenLogps,
@@ -239,6 +419,13 @@ custom_op!(
     |op, s1, l1, _s2, _l2| by_dtype!(s1, "fused-token-logps", head_fwd(op, s1, l1)),
     fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let want_dw = w.track_op();
+        if let Some(sink) = self
+            .sink
+            .as_ref()
+            .filter(|s| s.streams() && want_dw && h.dtype() == candle_core::DType::F32)
+        {
+            return Ok((Some(head_bwd_streamed(self, sink, h, w, g)?), None));
+        }
         let (dh, dw) = match h.dtype() {
             candle_core::DType::F32 => head_bwd::<f32>(self, h, g, want_dw)?,
             candle_core::DType::F64 => head_bwd::<f64>(self, h, g, want_dw)?,

@@ -512,29 +512,37 @@ impl Transformer {
     /// [`Self::backward`], [`Self::streamed_norms`] and [`Self::backward_again`].
     pub fn set_optimizer_in_backward(&mut self, on: bool) {
         self.backward_options.optimizer_in_backward = on;
+        self.sink.set_streams(on);
     }
 
-    /// With `optimizer_in_backward`, after [`Self::backward`]: the squared norm of each decoder
-    /// layer parameter's gradient, which that backward did not keep.
+    /// With `optimizer_in_backward`, after [`Self::backward`]: the squared norm of each gradient
+    /// that backward did not keep (the decoder layers', the fused log-prob head's projection,
+    /// an embedding that only lookups reach).
     pub fn streamed_norms(&self) -> Result<std::collections::HashMap<candle_core::TensorId, f64>> {
         self.sink.take_norms()
     }
 
-    /// With `optimizer_in_backward`, after [`Self::backward`]: the decoder layers' backward run
-    /// again, last layer first, handing each parameter's gradient to `done` as soon as its layer
-    /// is done (`done` may update that parameter in place). Without `done` (`None`), forget that
-    /// second pass (a step that is not applied).
-    pub fn backward_again(
-        &self,
-        done: Option<&mut dyn FnMut(candle_core::TensorId, Tensor) -> Result<()>>,
-    ) -> Result<()> {
-        let replay = self.sink.take_replay()?;
-        match (replay, done) {
-            (Some(r), Some(done)) => r.run(&self.sink, done),
-            (None, Some(_)) => Err(crate::error::Error::msg(
-                "optimizer_in_backward: no second backward pass to run (the policy's layers were not backpropagated)",
-            )),
-            (_, None) => Ok(()),
+    /// With `optimizer_in_backward`, after [`Self::backward`]: the gradients it did not keep,
+    /// made again (the decoder layers' backward, last layer first; the projection a block of
+    /// rows at a time) and handed to `done` as soon as each part exists (`done` may update that
+    /// part of the parameter in place: nothing later reads it). Without `done` (`None`), forget
+    /// that second pass (a step that is not applied).
+    pub fn backward_again(&self, done: Option<crate::model::autograd::HandOver>) -> Result<()> {
+        let replays = self.sink.take_replays()?;
+        match done {
+            Some(done) if replays.is_empty() => {
+                let _ = done;
+                Err(crate::error::Error::msg(
+                    "optimizer_in_backward: no second backward pass to run (the policy was not backpropagated)",
+                ))
+            }
+            Some(done) => {
+                for r in replays {
+                    r.run(&self.sink, &mut *done)?;
+                }
+                Ok(())
+            }
+            None => Ok(()),
         }
     }
 

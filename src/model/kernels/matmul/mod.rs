@@ -305,7 +305,7 @@ unsafe fn unfilled_u16(len: usize, write: impl FnOnce(SharedU16)) -> Vec<u16> {
 /// row-major `[a.rows, b.n]` with `ldc` values per row.
 pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
     check_out("bf16 matmul", a.rows, b.n(), c.len(), ldc)?;
-    // SAFETY: `c` holds [a.rows, ldc] (checked), initialised.
+    // SAFETY: `c` holds [a.rows, n] at stride ldc (checked), initialised.
     unsafe { matmul_on(CpuPath::active(), a, b, c.as_mut_ptr(), ldc, accumulate) }
 }
 
@@ -333,9 +333,10 @@ unsafe fn unfilled(
     Ok(v)
 }
 
-/// That an output of `len` values holds `[m, n]` with `ldc` values per row.
+/// That an output of `len` values holds `[m, n]` with `ldc` values per row (`(m − 1)·ldc + n`
+/// values: the last row need not be whole, so a block of columns of a wider matrix is an output).
 fn check_out(what: &str, m: usize, n: usize, len: usize, ldc: usize) -> candle_core::Result<()> {
-    if ldc < n || len < m * ldc {
+    if ldc < n || (m > 0 && len < (m - 1) * ldc + n) {
         candle_core::bail!("{what}: output of {len} values for [{m}, {n}] with row stride {ldc}")
     }
     Ok(())
@@ -346,7 +347,8 @@ fn check_out(what: &str, m: usize, n: usize, len: usize, ldc: usize) -> candle_c
 /// Without `accumulate`, every value of `c`'s `[m, n]` is written and none is read.
 ///
 /// # Safety
-/// `c` must hold `[a.rows, ldc]` values with `ldc ≥ b.n`, initialised where `accumulate`.
+/// `c` must hold `[a.rows, b.n]` at row stride `ldc ≥ b.n` ([`check_out`]), initialised where
+/// `accumulate`.
 unsafe fn matmul_on(
     path: CpuPath,
     a: View,
@@ -459,7 +461,7 @@ pub fn matmul_tensor(a: &Tensor, transpose: bool, b: &Rhs) -> candle_core::Resul
 /// row-major with `ldc` values per row.
 pub fn matmul_f32(a: View, b: View, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
     check_out("matmul", a.rows, b.cols, c.len(), ldc)?;
-    // SAFETY: `c` holds [a.rows, ldc] (checked), initialised.
+    // SAFETY: `c` holds [a.rows, n] at stride ldc (checked), initialised.
     unsafe { matmul_f32_raw(a, b, c.as_mut_ptr(), ldc, accumulate) }
 }
 
@@ -475,7 +477,8 @@ pub fn matmul_f32_new(a: View, b: View) -> candle_core::Result<Vec<f32>> {
 /// written and none is read.
 ///
 /// # Safety
-/// `c` must hold `[a.rows, ldc]` values with `ldc ≥ b.cols`, initialised where `accumulate`.
+/// `c` must hold `[a.rows, b.cols]` at row stride `ldc ≥ b.cols` ([`check_out`]), initialised
+/// where `accumulate`.
 unsafe fn matmul_f32_raw(a: View, b: View, c: *mut f32, ldc: usize, accumulate: bool) -> candle_core::Result<()> {
     a.check()?;
     b.check()?;
@@ -493,7 +496,7 @@ unsafe fn matmul_f32_raw(a: View, b: View, c: *mut f32, ldc: usize, accumulate: 
         }
         return Ok(());
     }
-    // SAFETY: the views were checked to lie inside their slices, and `c` holds [m, ldc]; gemm
+    // SAFETY: the views were checked to lie inside their slices, and `c` holds [m, n] at stride ldc; gemm
     // with `read_dst` false writes every value of [m, n] without reading it.
     unsafe {
         gemm::gemm(

@@ -417,7 +417,7 @@ fn packed_products_are_bf16_products_whatever_the_rows_beside() {
 /// [`matmul_on`] into a slice, checked as [`matmul`] checks it.
 fn on(path: CpuPath, a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
     check_out("test", a.rows, b.n(), c.len(), ldc)?;
-    // SAFETY: `c` holds [a.rows, ldc], initialised.
+    // SAFETY: `c` holds [a.rows, b.n] at stride ldc (checked), initialised.
     unsafe { matmul_on(path, a, b, c.as_mut_ptr(), ldc, accumulate) }
 }
 
