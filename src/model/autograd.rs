@@ -376,6 +376,7 @@ impl GradSink {
         if self.streams()
             && reached
             && embedding.is_variable()
+            && embedding.dtype() == candle_core::DType::F32
             && grads.get(embedding).is_none()
             && !streamed.iter().any(|r| r.id == embedding.id())
         {
