@@ -126,6 +126,16 @@ fn every_parameter_gets_a_gradient() {
 }
 
 /// Prompts with one, two and three responses of different lengths.
+/// [`groups`] as the scorer takes them.
+fn scored(g: &[(Vec<u32>, Vec<Vec<u32>>)]) -> Vec<ScoredGroup<'_>> {
+    g.iter()
+        .map(|(p, r)| ScoredGroup {
+            prompt: p,
+            responses: r,
+        })
+        .collect()
+}
+
 fn groups() -> Vec<(Vec<u32>, Vec<Vec<u32>>)> {
     vec![
         (vec![5, 9, 17], vec![vec![200, 33, 2], vec![41, 2]]),
@@ -155,13 +165,7 @@ fn logps_and_grads_with(
     let checkpointing = opts.gradient_checkpointing;
     tm.transformer.kernels = kernels;
     let g = groups();
-    let groups: Vec<ScoredGroup> = g
-        .iter()
-        .map(|(p, r)| ScoredGroup {
-            prompt: p,
-            responses: r,
-        })
-        .collect();
+    let groups = scored(&g);
     let lp = model::group_sequence_logps(&tm.transformer, &groups, layout, false).unwrap();
     let dt = lp.sums.dtype();
     let w: Vec<f64> = (0..lp.sums.dim(0).unwrap()).map(|i| 0.3 + 0.5 * i as f64).collect();
@@ -790,13 +794,7 @@ fn packed_frozen_copy_gives_the_f32_copys_bf16_log_probs() {
 fn a_streamed_backward_measures_then_hands_over_the_plain_gradients() {
     prefer::testing::set_threads_for_tests();
     let g = groups();
-    let groups: Vec<ScoredGroup> = g
-        .iter()
-        .map(|(p, r)| ScoredGroup {
-            prompt: p,
-            responses: r,
-        })
-        .collect();
+    let groups = scored(&g);
     let loss_of = |t: &Transformer| {
         let lp = model::group_sequence_logps(t, &groups, Layout::PACKED, false).unwrap();
         let w: Vec<f32> = (0..lp.sums.dim(0).unwrap()).map(|i| 0.3 + 0.5 * i as f32).collect();

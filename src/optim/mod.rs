@@ -197,7 +197,18 @@ struct UpdateOf<'a> {
     pid: usize,
 }
 
-impl UpdateOf<'_> {
+impl<'a> UpdateOf<'a> {
+    fn of(kind: &'a OptimKind, t: u64, lr: f64, weight_decay: f64, scale: f32, pid: usize) -> Self {
+        UpdateOf {
+            kind,
+            t,
+            lr,
+            weight_decay,
+            scale,
+            pid,
+        }
+    }
+
     /// Update values `offset..offset + g.len()` of `var` (named `name`) in place from their
     /// gradient `g`, and the same values of its moments; `offset` 0 with the whole gradient for
     /// the whole parameter.
@@ -524,14 +535,7 @@ impl Optimizer {
             if matches!(p.grad, Grad::Streamed { .. }) {
                 continue;
             }
-            let update = UpdateOf {
-                kind: &self.kind,
-                t: self.t,
-                lr,
-                weight_decay: self.weight_decay,
-                scale: self.grad_scale,
-                pid,
-            };
+            let update = UpdateOf::of(&self.kind, self.t, lr, self.weight_decay, self.grad_scale, pid);
             let (grad, m, v) = (&p.grad, &mut p.m, &mut p.v);
             let n = p.var.as_tensor().elem_count();
             let whole = |g: &[f32]| match g.len() == n {
@@ -581,14 +585,7 @@ impl Optimizer {
                 offset + g.len()
             )));
         }
-        let update = UpdateOf {
-            kind: &self.kind,
-            t: self.t,
-            lr,
-            weight_decay: self.weight_decay,
-            scale: self.grad_scale,
-            pid,
-        };
+        let update = UpdateOf::of(&self.kind, self.t, lr, self.weight_decay, self.grad_scale, pid);
         update.apply(&p.name, &p.var, &mut p.m, &mut p.v, p.decay, offset, g)?;
         let done = offset + g.len();
         p.grad = match done == n {
