@@ -383,8 +383,8 @@ fn head_bwd_streamed(
     let h = h.contiguous()?;
     let g: Vec<f32> = g.to_dtype(candle_core::DType::F32)?.to_vec1()?;
     let mut lse = Vec::new();
-    // without dW this pass is not at the step's peak only if its logits are: a quarter of the
-    // usual chunk (the same values)
+    // this pass makes no dW, so its logits are the largest buffer at this point of the step:
+    // a quarter of the usual chunk (each row's values do not depend on the chunks)
     let chunk_rows = (HEAD_BWD_VALUES / 4 / op.w.dim(0)?.max(1)).max(HEAD_CHUNK_ROWS);
     let (dh, _) = head_bwd_f32_with(op, &h, &g, false, Some(&mut lse), chunk_rows)?;
     let grad = HeadGrad {
