@@ -263,7 +263,6 @@ fn every_layout_gives_the_same_logps_and_gradients() {
                             gradient_checkpointing,
                             sparse_embedding_grad,
                             layer_graphs,
-                            ..Default::default()
                         };
                         let (lp, g) = logps_and_grads_with(&m, layout, kernels, opts);
                         let what = format!("{} {dtype:?} {layout:?} {kernels:?} {opts:?}", spec.model_type);
@@ -316,7 +315,6 @@ fn bf16_matmuls_agree_across_layouts_and_stay_near_f32() {
             gradient_checkpointing: true,
             sparse_embedding_grad: true,
             layer_graphs: false,
-            ..Default::default()
         };
         let layer_graphs = BackwardOptions {
             sparse_embedding_grad: true,
@@ -815,7 +813,6 @@ fn a_streamed_backward_measures_then_hands_over_the_plain_gradients() {
             gradient_checkpointing: checkpointing,
             sparse_embedding_grad: true,
             layer_graphs: true,
-            optimizer_in_backward: false,
         };
         let (mut tm, vars) = m.into_trainable().unwrap();
         let plain = tm.transformer.backward(&loss_of(&tm.transformer)).unwrap();

@@ -27,7 +27,7 @@
 //! therefore go into a [`GradSink`], and `Transformer::backward` moves them into the
 //! `GradStore` that the optimizer reads.
 //!
-//! **Optimizer in backward** ([`BackwardOptions::optimizer_in_backward`]). The update of a
+//! **Optimizer in backward** (`optimizer_in_backward`, [`GradSink::streams`]). The update of a
 //! step needs the global gradient norm (clipping, the non-finite check) before it touches any
 //! weight, so the gradients that would be the step's largest buffers are made twice. The first
 //! backward pass keeps only their squared norms: each decoder layer's, as its backward ends
@@ -62,27 +62,22 @@ pub struct BackwardOptions {
     /// layer's backward has run (instead of when the whole backward pass ends). Same numbers,
     /// no recomputation; ignored when `gradient_checkpointing` is on.
     pub layer_graphs: bool,
-    /// The optimizer's update runs in a second backward pass of the layers, one layer at a
-    /// time, so their gradients never all exist at once (`optimizer_in_backward`): the layer op's
-    /// first pass leaves only each layer gradient's squared norm in the sink (for clipping and
-    /// the non-finite check), and a [`LayerReplay`] that computes them again.
-    pub optimizer_in_backward: bool,
 }
 
 /// A lookup's leaf output and the token ids it gathered.
 type Lookup = (TensorId, Vec<u32>);
 
 /// Gradients that bypass candle's graph until `Transformer::backward` collects them:
-/// parameter gradients of recomputed layers, and the embedding lookups to scatter. With
-/// [`BackwardOptions::optimizer_in_backward`], also what the layers' first backward pass left
-/// for the second: the squared norms of the gradients it dropped, and the pass to run again.
+/// parameter gradients of recomputed layers, and the embedding lookups to scatter. When it
+/// [streams](Self::streams) (`optimizer_in_backward`), also what the first backward pass left
+/// for the second: the squared norms of the gradients it dropped, and the passes to run again.
 #[derive(Debug, Default)]
 pub struct GradSink {
     params: Mutex<HashMap<TensorId, Tensor>>,
     /// Lookups since the last backward.
     lookups: Mutex<Vec<Lookup>>,
-    /// [`BackwardOptions::optimizer_in_backward`]: the log-prob head measures its projection's
-    /// gradient instead of leaving it here.
+    /// `optimizer_in_backward` is on for the model of this sink: its layer op and its log-prob
+    /// head measure their parameters' gradients instead of leaving them here.
     streams: std::sync::atomic::AtomicBool,
     /// `Σ g²` of each streamed parameter's dropped gradient.
     norms: Mutex<HashMap<TensorId, f64>>,
@@ -274,7 +269,8 @@ impl GradSink {
         Ok(())
     }
 
-    /// Whether [`BackwardOptions::optimizer_in_backward`] is on for the model of this sink.
+    /// Whether `optimizer_in_backward` is on for the model of this sink (the one place that
+    /// says so).
     pub fn streams(&self) -> bool {
         self.streams.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -446,7 +442,7 @@ struct CheckpointedLayers<L: LayerCall> {
     /// Keep each layer's activations (or graph) for backward (layer graphs), or only its input
     /// (checkpointing).
     keep: bool,
-    /// [`BackwardOptions::optimizer_in_backward`].
+    /// Its sink [streams](GradSink::streams) (when the op was made).
     stream: bool,
     /// What the forward saved for each layer's backward, until backward takes it. Layer 0's
     /// input is the op's argument, which candle's graph holds anyway.
@@ -627,20 +623,14 @@ impl<L: LayerCall> LayerReplay for SecondPass<L> {
 /// kept until the layer's backward (`keep = true`, [`BackwardOptions::layer_graphs`]). Either
 /// way each layer's saved tensors are freed as soon as its backward has run; in candle's graph
 /// the stack is one node, so the layers' inputs are not held there until the whole backward
-/// pass ends. With `stream` ([`BackwardOptions::optimizer_in_backward`]) the backward leaves
-/// squared norms and a second pass in the sink instead of the parameter gradients.
-pub fn layers_op<L: LayerCall>(
-    calls: Vec<L>,
-    x: &Tensor,
-    sink: &Arc<GradSink>,
-    keep: bool,
-    stream: bool,
-) -> Result<Tensor> {
+/// pass ends. When the sink [streams](GradSink::streams) the backward leaves squared norms and
+/// a second pass there instead of the parameter gradients.
+pub fn layers_op<L: LayerCall>(calls: Vec<L>, x: &Tensor, sink: &Arc<GradSink>, keep: bool) -> Result<Tensor> {
     let op = CheckpointedLayers {
         calls: Arc::new(calls),
         sink: sink.clone(),
         keep,
-        stream,
+        stream: sink.streams(),
         saved: Mutex::new(Vec::new()),
         inputs: Mutex::new(Vec::new()),
     };

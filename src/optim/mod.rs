@@ -485,7 +485,7 @@ impl Optimizer {
             };
             if !matches!(p.grad, Grad::None) || grads.get(p.var.as_tensor()).is_some() {
                 return Err(Error::msg(format!(
-                    "optimizer_in_backward: parameter `{}` has a gradient besides the one its layer streams \
+                    "optimizer_in_backward: parameter `{}` has a gradient besides the streamed one \
                      (more than one micro-batch per step, or a weight shared outside its layer); turn \
                      optimizer_in_backward off",
                     p.name

@@ -256,13 +256,9 @@ impl Trainer {
             let mut grads = self.policy.transformer.backward(&(out.loss / accum as f64)?)?;
             lap("backward");
             crate::util::memtrace("after backward");
-            match self.cfg.optimizer_in_backward {
-                // the layers' gradients are only measured so far
-                true => self
-                    .opt
-                    .accumulate_streamed(&mut grads, &self.policy.transformer.streamed_norms()?)?,
-                false => self.opt.accumulate(&mut grads)?,
-            }
+            // with optimizer_in_backward, some gradients are only measured so far (none without)
+            let streamed = self.policy.transformer.streamed_norms()?;
+            self.opt.accumulate_streamed(&mut grads, &streamed)?;
             drop(grads);
             lap("optimizer");
         }
@@ -273,7 +269,7 @@ impl Trainer {
             self.opt.step(lr)?;
             if self.cfg.optimizer_in_backward {
                 lap("optimizer");
-                // the layers' gradients again, each applied as soon as its layer is done
+                // the streamed gradients again, each part applied as soon as it is made
                 let opt = &mut self.opt;
                 let mut apply = |id, offset, g: &[f32]| opt.update_streamed(id, offset, g, lr);
                 self.policy.transformer.backward_again(Some(&mut apply))?;

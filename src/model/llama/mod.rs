@@ -420,13 +420,7 @@ impl Transformer {
                     eps,
                 });
             }
-            x = layers_op(
-                calls,
-                &x,
-                &self.sink,
-                !opts.gradient_checkpointing,
-                opts.optimizer_in_backward,
-            )?;
+            x = layers_op(calls, &x, &self.sink, !opts.gradient_checkpointing)?;
         } else {
             for i in 0..self.cfg.num_hidden_layers {
                 x = self.layer_for(i, key)?.forward(&x, a, k, eps)?;
@@ -508,10 +502,9 @@ impl Transformer {
         self.backward_options.layer_graphs = on;
     }
 
-    /// Turn `optimizer_in_backward` on or off ([`BackwardOptions::optimizer_in_backward`]): after
+    /// Turn `optimizer_in_backward` on or off (see [`crate::model::autograd`]): after
     /// [`Self::backward`], [`Self::streamed_norms`] and [`Self::backward_again`].
     pub fn set_optimizer_in_backward(&mut self, on: bool) {
-        self.backward_options.optimizer_in_backward = on;
         self.sink.set_streams(on);
     }
 
@@ -529,21 +522,16 @@ impl Transformer {
     /// that second pass (a step that is not applied).
     pub fn backward_again(&self, done: Option<crate::model::autograd::HandOver>) -> Result<()> {
         let replays = self.sink.take_replays()?;
-        match done {
-            Some(done) if replays.is_empty() => {
-                let _ = done;
-                Err(crate::error::Error::msg(
-                    "optimizer_in_backward: no second backward pass to run (the policy was not backpropagated)",
-                ))
-            }
-            Some(done) => {
-                for r in replays {
-                    r.run(&self.sink, &mut *done)?;
-                }
-                Ok(())
-            }
-            None => Ok(()),
+        let Some(done) = done else { return Ok(()) };
+        if replays.is_empty() {
+            return Err(crate::error::Error::msg(
+                "optimizer_in_backward: no second backward pass to run (the policy was not backpropagated)",
+            ));
         }
+        for r in replays {
+            r.run(&self.sink, &mut *done)?;
+        }
+        Ok(())
     }
 
     /// Turn sparse embedding gradients on or off (see the module docs).
