@@ -11,24 +11,30 @@ use std::arch::x86_64::*;
 
 /// `out[32×32] = A·B` over `nkb` blocks of 32 along k, the operands as for AMX: `a0`/`a1`
 /// are the packed 16-row tiles of the block's two row halves, `b0`/`b1` those of its two column
-/// halves (each `nkb` consecutive 1 KiB tiles); `out` is row-major with 32 f32 per row.
+/// halves (each `nkb` consecutive 1 KiB tiles); `out` is row-major with `ldo` f32 per row
+/// (a block buffer's 32, or the product's own rows: no copy out of a block buffer), and with
+/// `accumulate` each sum is added to the value there (one f32 addition, as adding the block
+/// afterwards would).
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BF16; the pointers valid for `nkb` tiles (and 32×32 f32
-/// for `out`).
+/// The CPU must have AVX-512 F and BF16; the pointers valid for `nkb` tiles (and 32 rows of
+/// 32 f32 at stride `ldo` for `out`, initialised where `accumulate`).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub unsafe fn kernel_32x32(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16, nkb: usize, out: *mut f32) {
+pub unsafe fn kernel_32x32(
+    a0: *const u16,
+    a1: *const u16,
+    b0: *const u16,
+    b1: *const u16,
+    nkb: usize,
+    out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
+) {
     for eighth in 0..4 {
         let a = if eighth < 2 { a0 } else { a1 };
-        kernel_rows_x32::<8>(
-            a,
-            (eighth % 2) * 8,
-            b0,
-            b1,
-            nkb,
-            out.add(eighth * 8 * 32),
-            std::ptr::null(),
-        );
+        let o = out.add(eighth * 8 * ldo);
+        kernel_rows_x32::<8>(a, (eighth % 2) * 8, b0, b1, nkb, o, ldo, accumulate, std::ptr::null());
     }
 }
 
@@ -41,8 +47,12 @@ pub unsafe fn kernel_32x32(a0: *const u16, a1: *const u16, b0: *const u16, b1: *
 /// step: decoding one sequence is bound by reading the weights, and the hardware prefetcher
 /// alone leaves the loop waiting.
 ///
+/// `out` and `accumulate` as for [`kernel_32x32`].
+///
 /// # Safety
-/// As for [`kernel_32x32`]; `out` valid for `R`×32 f32, `ahead` null or valid for `2·nkb` KiB.
+/// As for [`kernel_32x32`]; `out` valid for `R` rows of 32 f32 at stride `ldo`, `ahead` null
+/// or valid for `2·nkb` KiB.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn kernel_rows_x32<const R: usize>(
@@ -52,6 +62,8 @@ pub unsafe fn kernel_rows_x32<const R: usize>(
     b1: *const u16,
     nkb: usize,
     out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
     ahead: *const u16,
 ) {
     let (a, b0, b1) = (a as *const u32, b0 as *const u32, b1 as *const u32);
@@ -75,8 +87,13 @@ pub unsafe fn kernel_rows_x32<const R: usize>(
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        let o = out.add(r * 32);
-        _mm512_storeu_ps(o, row[0]);
-        _mm512_storeu_ps(o.add(16), row[1]);
+        let o = out.add(r * ldo);
+        let (mut lo, mut hi) = (row[0], row[1]);
+        if accumulate {
+            lo = _mm512_add_ps(_mm512_loadu_ps(o), lo);
+            hi = _mm512_add_ps(_mm512_loadu_ps(o.add(16)), hi);
+        }
+        _mm512_storeu_ps(o, lo);
+        _mm512_storeu_ps(o.add(16), hi);
     }
 }

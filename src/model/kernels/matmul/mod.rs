@@ -135,9 +135,20 @@ mod dpbf16;
 
 #[cfg(not(target_arch = "x86_64"))]
 mod dpbf16 {
-    pub unsafe fn kernel_32x32(_: *const u16, _: *const u16, _: *const u16, _: *const u16, _: usize, _: *mut f32) {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kernel_32x32(
+        _: *const u16,
+        _: *const u16,
+        _: *const u16,
+        _: *const u16,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+        _: bool,
+    ) {
         unreachable!("AVX512-BF16 is x86_64 only")
     }
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn kernel_rows_x32<const R: usize>(
         _: *const u16,
         _: usize,
@@ -145,6 +156,8 @@ mod dpbf16 {
         _: *const u16,
         _: usize,
         _: *mut f32,
+        _: usize,
+        _: bool,
         _: *const u16,
     ) {
         unreachable!("AVX512-BF16 is x86_64 only")
@@ -384,38 +397,53 @@ unsafe fn matmul_on(
             let nkb = *nkb;
             let at = pack_lhs(a, nkb);
             let (mblocks, nblocks) = (m.div_ceil(32), n.div_ceil(32));
-            let per = mblocks.div_ceil(rayon::current_num_threads().max(1));
+            // each task takes an equal run of the 32×32 blocks in column-major order (a column
+            // block's two B tiles stay in cache while the A tiles pass): splitting the rows
+            // alone left one of two threads idle for a ninth of a product of 9 row blocks
+            let blocks = mblocks * nblocks;
+            let tasks = rayon::current_num_threads().clamp(1, blocks);
             let tile = nkb * 512; // u16 per 16-row (or 16-column) block
             let out = linear::SharedOut(c);
-            (0..mblocks.div_ceil(per)).into_par_iter().for_each(|t| {
+            (0..tasks).into_par_iter().for_each(|t| {
                 let mut blk = [0f32; 32 * 32];
                 let on_amx = path >= CpuPath::Amx;
                 // SAFETY: AMX is checked; pointers stay inside `at`, `bt` (32-padded) and `blk`.
                 let _tiles = on_amx.then(|| unsafe { amx::Tiles::configure() });
-                for nb in 0..nblocks {
+                for b in t * blocks / tasks..(t + 1) * blocks / tasks {
+                    let (nb, mb) = (b / mblocks, b % mblocks);
                     let b0 = bt[2 * nb * tile..].as_ptr();
                     let b1 = bt[(2 * nb + 1) * tile..].as_ptr();
                     let jn = 32.min(n - nb * 32);
-                    for mb in t * per..((t + 1) * per).min(mblocks) {
-                        let a0 = at[2 * mb * tile..].as_ptr();
-                        let a1 = at[(2 * mb + 1) * tile..].as_ptr();
-                        // SAFETY: tiles exist only on the AVX512-BF16 or AMX paths.
+                    let a0 = at[2 * mb * tile..].as_ptr();
+                    let a1 = at[(2 * mb + 1) * tile..].as_ptr();
+                    let rows = 32.min(m - mb * 32);
+                    if !on_amx && rows == 32 && jn == 32 {
+                        // a whole block: vdpbf16ps's sums go straight to (or onto) `c`
+                        // SAFETY: AVX512-BF16 (tiles without AMX); rows mb·32.. + 32 ≤ m and
+                        // columns nb·32.. + 32 ≤ n ≤ ldc lie inside `c`, and only this task
+                        // writes block (mb, nb).
                         unsafe {
-                            match on_amx {
-                                true => amx::kernel_32x32(a0, a1, b0, b1, nkb, blk.as_mut_ptr()),
-                                false => dpbf16::kernel_32x32(a0, a1, b0, b1, nkb, blk.as_mut_ptr()),
-                            }
+                            let dst = out.at(mb * 32 * ldc + nb * 32);
+                            dpbf16::kernel_32x32(a0, a1, b0, b1, nkb, dst, ldc, accumulate)
                         };
-                        for r in 0..32.min(m - mb * 32) {
-                            let src = &blk[r * 32..][..jn];
-                            // SAFETY: row mb·32 + r < m, columns nb·32.. + jn ≤ n ≤ ldc: inside
-                            // `c`; this task alone writes its rows.
-                            unsafe {
-                                let dst = out.at((mb * 32 + r) * ldc + nb * 32);
-                                match accumulate {
-                                    true => src.iter().enumerate().for_each(|(j, s)| *dst.add(j) += s),
-                                    false => std::ptr::copy_nonoverlapping(src.as_ptr(), dst, jn),
-                                }
+                        continue;
+                    }
+                    // SAFETY: tiles exist only on the AVX512-BF16 or AMX paths.
+                    unsafe {
+                        match on_amx {
+                            true => amx::kernel_32x32(a0, a1, b0, b1, nkb, blk.as_mut_ptr()),
+                            false => dpbf16::kernel_32x32(a0, a1, b0, b1, nkb, blk.as_mut_ptr(), 32, false),
+                        }
+                    };
+                    for r in 0..rows {
+                        let src = &blk[r * 32..][..jn];
+                        // SAFETY: row mb·32 + r < m, columns nb·32.. + jn ≤ n ≤ ldc: inside
+                        // `c`; only the task of block (mb, nb) writes it.
+                        unsafe {
+                            let dst = out.at((mb * 32 + r) * ldc + nb * 32);
+                            match accumulate {
+                                true => src.iter().enumerate().for_each(|(j, s)| *dst.add(j) += s),
+                                false => std::ptr::copy_nonoverlapping(src.as_ptr(), dst, jn),
                             }
                         }
                     }

@@ -147,10 +147,10 @@ pub fn packed_products(x: &Tensor, ws: &[&PackedWeight]) -> crate::error::Result
                     // the block after `nb` when `ahead` is not null.
                     unsafe {
                         match m - e * 8 {
-                            1 => dpbf16::kernel_rows_x32::<1>(a, r0, b0, b1, nkb, o, ahead),
-                            2 => dpbf16::kernel_rows_x32::<2>(a, r0, b0, b1, nkb, o, ahead),
-                            3 | 4 => dpbf16::kernel_rows_x32::<4>(a, r0, b0, b1, nkb, o, ahead),
-                            _ => dpbf16::kernel_rows_x32::<8>(a, r0, b0, b1, nkb, o, ahead),
+                            1 => dpbf16::kernel_rows_x32::<1>(a, r0, b0, b1, nkb, o, 32, false, ahead),
+                            2 => dpbf16::kernel_rows_x32::<2>(a, r0, b0, b1, nkb, o, 32, false, ahead),
+                            3 | 4 => dpbf16::kernel_rows_x32::<4>(a, r0, b0, b1, nkb, o, 32, false, ahead),
+                            _ => dpbf16::kernel_rows_x32::<8>(a, r0, b0, b1, nkb, o, 32, false, ahead),
                         }
                     };
                     for r in 0..8.min(m - e * 8) {
