@@ -1,4 +1,3 @@
-use super::rope::Rope;
 use super::*;
 
 // ---------------------------------------------------------------- attention softmax
@@ -130,161 +129,394 @@ pub struct AttentionPart {
     pub mask: Tensor,
 }
 
-/// What each part of a split block computes in the forward pass and its backward pass needs.
-struct SplitParts {
-    /// `[1, kvh, rep, L, D]`: rotated queries, grouped under their key/value head.
-    q: Tensor,
-    /// Per part: its queries `[1, kvh, rep·rows, D]`, keys and values `[1, kvh, keys, D]`
-    /// (rotated keys), probabilities `[1, kvh, rep·rows, keys]`.
-    parts: Vec<[Tensor; 4]>,
+/// A run of a block's query rows and the keys they attend, computed by one task: batch row
+/// `b`, query rows `rows.0 .. rows.0 + rows.1`, keys the first `n_keys` of `keys` (ranges of
+/// the row, in order; keys past them are masked for every one of these queries), additive
+/// mask rows `mask` (`rows.1` rows of `stride` values, the first `n_keys` read).
+struct Piece<'a, T> {
+    b: usize,
+    rows: (usize, usize),
+    keys: &'a [(usize, usize)],
+    n_keys: usize,
+    mask: &'a [T],
+    stride: usize,
 }
 
-/// What the forward pass computes and the backward pass needs again.
-struct AttentionParts {
-    /// `[B, kvh, rep·L, D]`: rotated queries, grouped under their key/value head.
-    q: Tensor,
-    /// `[B, kvh, L, D]`: rotated keys and values.
-    k: Tensor,
-    v: Tensor,
-    /// `[B, kvh, rep·L, L]` attention probabilities.
-    p: Tensor,
+impl<T> Piece<'_, T> {
+    /// The keys' rows in the batch row, in order.
+    fn key_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        self.keys.iter().flat_map(|&(s, n)| s..s + n).take(self.n_keys)
+    }
+}
+
+/// Query rows per [`Piece`]: a run of 64 rows fills the products' register tiles, and each run
+/// stops at the last key one of its rows may see (a causal block's first rows skip most of it).
+const PIECE_ROWS: usize = 64;
+
+/// The pieces of a block: per batch row (or per part of a split block), runs of
+/// [`PIECE_ROWS`] query rows, each with the keys up to the last one any of its rows may see.
+fn pieces<'a, T: Elem>(
+    a: &'a Attention,
+    l: usize,
+    mask: &'a [T],
+    part_masks: &'a [&'a [T]],
+    whole: &'a [(usize, usize)],
+) -> Vec<Piece<'a, T>> {
+    let cut: T = num(MASKED);
+    let mut out = Vec::new();
+    let mut add = |b: usize, r0: usize, rl: usize, keys: &'a [(usize, usize)], mask: &'a [T]| {
+        let stride = keys.iter().map(|k| k.1).sum::<usize>();
+        for c0 in (0..rl).step_by(PIECE_ROWS) {
+            let cn = PIECE_ROWS.min(rl - c0);
+            let rows = &mask[c0 * stride..(c0 + cn) * stride];
+            // one past the last key a row of the run may see (at least one: a row sees itself)
+            let n_keys = rows
+                .chunks(stride)
+                .map(|m| m.iter().rposition(|&v| v > cut).map_or(1, |j| j + 1))
+                .max()
+                .unwrap_or(1);
+            out.push(Piece {
+                b,
+                rows: (r0 + c0, cn),
+                keys,
+                n_keys,
+                mask: rows,
+                stride,
+            });
+        }
+    };
+    match &a.split {
+        Some(parts) => {
+            for (part, m) in parts.iter().zip(part_masks) {
+                add(0, part.rows.0, part.rows.1, &part.keys, m);
+            }
+        }
+        None => {
+            for b in 0..a.batch {
+                add(b, 0, l, whole, &mask[b * l * l..(b + 1) * l * l]);
+            }
+        }
+    }
+    out
+}
+
+/// `y = x·cos + rotate_half(x)·sin` of one head's row (`inverse`: the adjoint, as [`Rope`]).
+#[inline]
+fn rotate<T: Elem>(y: &mut [T], x: &[T], c: &[T], s: &[T], inverse: bool) {
+    let half = x.len() / 2;
+    for j in 0..half {
+        let (x1, x2) = (x[j], x[j + half]);
+        if inverse {
+            y[j] = x1 * c[j] + x2 * s[j + half];
+            y[j + half] = x2 * c[j + half] - x1 * s[j];
+        } else {
+            y[j] = x1 * c[j] - x2 * s[j];
+            y[j + half] = x2 * c[j + half] + x1 * s[j + half];
+        }
+    }
+}
+
+/// `c = a·b` (or `c += a·b`), single-threaded (the tasks are the parallelism): `[m, k]` by
+/// `[k, n]` with each operand at `(row stride, column stride)`, `c` row-major at stride `ldc`.
+///
+/// # Safety
+/// Every pointer must be valid for its strided matrix.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product<T: Elem>(
+    (m, k, n): (usize, usize, usize),
+    c: *mut T,
+    ldc: usize,
+    accumulate: bool,
+    a: *const T,
+    (ars, acs): (usize, usize),
+    b: *const T,
+    (brs, bcs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the caller's contract; with `accumulate` false gemm writes [m, n] without reading.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            accumulate,
+            a,
+            acs as isize,
+            ars as isize,
+            b,
+            bcs as isize,
+            brs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// A `*mut T` that parallel tasks write through, each to its own elements.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: the tasks write disjoint elements (each piece its own rows of its own head).
+unsafe impl<T> Sync for Shared<T> {}
+unsafe impl<T> Send for Shared<T> {}
+
+/// What one (head, piece) task computes first in both passes: rotated queries `[rows, D]`,
+/// rotated keys and values `[n_keys, D]`, and the probabilities `[rows, n_keys]`.
+struct Probabilities<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    p: Vec<T>,
+}
+
+/// The inputs of one block's attention as slices: `q` `[B·L, H·D]`, `k`, `v` `[B·L, kvh·D]`,
+/// `cos`, `sin` `[B, 1, L, D]`.
+struct Block<'a, T> {
+    a: &'a Attention,
+    l: usize,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    cos: &'a [T],
+    sin: &'a [T],
+}
+
+impl<T: Elem> Block<'_, T> {
+    fn probabilities(&self, h: usize, pc: &Piece<T>) -> Probabilities<T> {
+        let a = self.a;
+        let (d, hd, kd) = (a.head_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+        let g = h / (a.n_heads / a.n_kv_heads);
+        let (r0, rl) = pc.rows;
+        let nk = pc.n_keys;
+        let row = |t: usize| pc.b * self.l + t;
+        let table = |t: usize| (&self.cos[row(t) * d..][..d], &self.sin[row(t) * d..][..d]);
+        let mut q = vec![T::zero(); rl * d];
+        for (i, y) in q.chunks_mut(d).enumerate() {
+            let (c, s) = table(r0 + i);
+            rotate(y, &self.q[row(r0 + i) * hd + h * d..][..d], c, s, false);
+        }
+        let (mut k, mut v) = (vec![T::zero(); nk * d], vec![T::zero(); nk * d]);
+        for ((t, ky), vy) in pc.key_rows().zip(k.chunks_mut(d)).zip(v.chunks_mut(d)) {
+            let (c, s) = table(t);
+            rotate(ky, &self.k[row(t) * kd + g * d..][..d], c, s, false);
+            vy.copy_from_slice(&self.v[row(t) * kd + g * d..][..d]);
+        }
+        let mut scores = vec![T::zero(); rl * nk];
+        // SAFETY: q is [rl, d], k [nk, d] (read as kᵀ), scores [rl, nk].
+        unsafe {
+            product(
+                (rl, d, nk),
+                scores.as_mut_ptr(),
+                nk,
+                false,
+                q.as_ptr(),
+                (d, 1),
+                k.as_ptr(),
+                (1, d),
+            )
+        };
+        let mut p = vec![T::zero(); rl * nk];
+        let scale: T = num(a.scale());
+        for (i, (y, x)) in p.chunks_mut(nk).zip(scores.chunks(nk)).enumerate() {
+            softmax_row(y, x, &pc.mask[i * pc.stride..][..nk], scale);
+        }
+        Probabilities { q, k, v, p }
+    }
+
+    /// The output `[B·L, H·D]`.
+    fn forward(&self, pieces: &[Piece<T>]) -> Vec<T> {
+        let a = self.a;
+        let (d, hd) = (a.head_dim, a.n_heads * a.head_dim);
+        let mut out = vec![T::zero(); a.batch * self.l * hd];
+        let o = Shared(out.as_mut_ptr());
+        (0..a.n_heads * pieces.len()).into_par_iter().for_each(|t| {
+            let (h, pc) = (t % a.n_heads, &pieces[t / a.n_heads]);
+            let pr = self.probabilities(h, pc);
+            let (r0, rl) = pc.rows;
+            let o = o;
+            // SAFETY: p [rl, nk], v [nk, d]; the output rows r0.. of head h (columns h·d..)
+            // are this task's alone.
+            unsafe {
+                product(
+                    (rl, pc.n_keys, d),
+                    o.0.add((pc.b * self.l + r0) * hd + h * d),
+                    hd,
+                    false,
+                    pr.p.as_ptr(),
+                    (pc.n_keys, 1),
+                    pr.v.as_ptr(),
+                    (d, 1),
+                )
+            };
+        });
+        out
+    }
+
+    /// The gradients of `q`, `k`, `v` (their layouts) for the output gradient `d_out`.
+    fn backward(&self, pieces: &[Piece<T>], d_out: &[T]) -> [Vec<T>; 3] {
+        let a = self.a;
+        let (d, hd, kd) = (a.head_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+        let rows = a.batch * self.l;
+        let mut dq = vec![T::zero(); rows * hd];
+        let dqp = Shared(dq.as_mut_ptr());
+        let scale: T = num(a.scale());
+        // per task: the rotated keys' and the values' gradients of its keys, added below
+        let partial: Vec<(Vec<T>, Vec<T>)> = (0..a.n_heads * pieces.len())
+            .into_par_iter()
+            .map(|t| {
+                let (h, pc) = (t % a.n_heads, &pieces[t / a.n_heads]);
+                let Probabilities { q, k, v, p } = self.probabilities(h, pc);
+                let ((r0, rl), nk) = (pc.rows, pc.n_keys);
+                let first = (pc.b * self.l + r0) * hd + h * d;
+                let d_o = d_out[first..].as_ptr();
+                let (mut dk, mut dv, mut ds) = (vec![T::zero(); nk * d], vec![T::zero(); nk * d], vec![T::zero(); rl * nk]);
+                let mut dqr = vec![T::zero(); rl * d];
+                // SAFETY: every operand lies in its buffer: p, dp, ds [rl, nk]; q, dqr [rl, d];
+                // k, v, dk, dv [nk, d]; d_out's rows r0.. of head h at stride hd.
+                unsafe {
+                    // dV = Pᵀ·dO, dP = dO·Vᵀ
+                    product((nk, rl, d), dv.as_mut_ptr(), d, false, p.as_ptr(), (1, nk), d_o, (hd, 1));
+                    product((rl, d, nk), ds.as_mut_ptr(), nk, false, d_o, (hd, 1), v.as_ptr(), (1, d));
+                }
+                for (g, pr) in ds.chunks_mut(nk).zip(p.chunks(nk)) {
+                    let dp = g.to_vec();
+                    softmax_bwd_row(g, pr, &dp, scale);
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // dQ = dS·K, dK = dSᵀ·Q (rotated)
+                    product((rl, nk, d), dqr.as_mut_ptr(), d, false, ds.as_ptr(), (nk, 1), k.as_ptr(), (d, 1));
+                    product((nk, rl, d), dk.as_mut_ptr(), d, false, ds.as_ptr(), (1, nk), q.as_ptr(), (d, 1));
+                }
+                let dqp = dqp;
+                for (i, g) in dqr.chunks(d).enumerate() {
+                    let t = pc.b * self.l + r0 + i;
+                    let (c, s) = (&self.cos[t * d..][..d], &self.sin[t * d..][..d]);
+                    // SAFETY: row t of head h is this task's alone.
+                    let y = unsafe { std::slice::from_raw_parts_mut(dqp.0.add(t * hd + h * d), d) };
+                    rotate(y, g, c, s, true);
+                }
+                (dk, dv)
+            })
+            .collect();
+        // each key/value head adds its tasks' gradients in task order (the same sums whatever
+        // the threads), then the keys' rotation is undone
+        let rep = a.n_heads / a.n_kv_heads;
+        let per_head: Vec<(Vec<T>, Vec<T>)> = (0..a.n_kv_heads)
+            .into_par_iter()
+            .map(|g| {
+                let (mut dk, mut dv) = (vec![T::zero(); rows * d], vec![T::zero(); rows * d]);
+                for (t, (pk, pv)) in partial.iter().enumerate() {
+                    let (h, pc) = (t % a.n_heads, &pieces[t / a.n_heads]);
+                    if h / rep != g {
+                        continue;
+                    }
+                    for ((kr, gk), gv) in pc.key_rows().zip(pk.chunks(d)).zip(pv.chunks(d)) {
+                        let r = pc.b * self.l + kr;
+                        dk[r * d..][..d].iter_mut().zip(gk).for_each(|(x, y)| *x += *y);
+                        dv[r * d..][..d].iter_mut().zip(gv).for_each(|(x, y)| *x += *y);
+                    }
+                }
+                (dk, dv)
+            })
+            .collect();
+        let (mut dk, mut dv) = (vec![T::zero(); rows * kd], vec![T::zero(); rows * kd]);
+        for (g, (gk, gv)) in per_head.iter().enumerate() {
+            for r in 0..rows {
+                let (c, s) = (&self.cos[r * d..][..d], &self.sin[r * d..][..d]);
+                rotate(&mut dk[r * kd + g * d..][..d], &gk[r * d..][..d], c, s, true);
+                dv[r * kd + g * d..][..d].copy_from_slice(&gv[r * d..][..d]);
+            }
+        }
+        [dq, dk, dv]
+    }
+}
+
+/// Runs `f` on the values of contiguous f32/f64 CPU tensors of type `T`.
+fn with_slices<T: Elem, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> CResult<R>) -> CResult<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(st, l)| match &**st {
+            candle_core::Storage::Cpu(s) => slice::<T>(s, l, "fused-attention"),
+            _ => candle_core::bail!("fused-attention: CPU tensors only"),
+        })
+        .collect::<CResult<Vec<_>>>()?;
+    f(&slices)
 }
 
 impl Attention {
-    fn rows(&self, t: &Tensor) -> CResult<usize> {
-        Ok(t.dim(0)? / self.batch)
-    }
-
     fn scale(&self) -> f64 {
         1.0 / (self.head_dim as f64).sqrt()
     }
 
-    /// `[B·L, n·D]` to `[B, n, L, D]`.
-    fn split(&self, x: &Tensor, n: usize) -> CResult<Tensor> {
-        let l = self.rows(x)?;
-        x.reshape((self.batch, l, n, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    /// `[B, n, L, D]` to `[B·L, n·D]`.
-    fn merge(&self, x: &Tensor, n: usize) -> CResult<Tensor> {
-        let l = x.dim(2)?;
-        x.transpose(1, 2)?.reshape((self.batch * l, n * self.head_dim))
-    }
-
-    fn rope(&self, x: &Tensor, transpose: bool) -> CResult<Tensor> {
-        x.apply_op3_no_bwd(&self.cos, &self.sin, &Rope { transpose })
-    }
-
-    fn parts(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> CResult<AttentionParts> {
-        let (b, kvh, d) = (self.batch, self.n_kv_heads, self.head_dim);
-        let l = self.rows(q)?;
-        let rep = self.n_heads / kvh;
-        let q = self
-            .rope(&self.split(q, self.n_heads)?, false)?
-            .reshape((b, kvh, rep * l, d))?;
-        let k = self.rope(&self.split(k, kvh)?, false)?;
-        let v = self.split(v, kvh)?;
-        let scores = q.matmul(&k.t()?)?;
-        let p = scores.apply_op2_no_bwd(&self.mask, &MaskedSoftmax { scale: self.scale() })?;
-        Ok(AttentionParts { q, k, v, p })
-    }
-
-    /// The key rows `ranges` of `[1, kvh, L, D]` rows, concatenated.
-    fn key_rows(t: &Tensor, ranges: &[(usize, usize)]) -> CResult<Tensor> {
-        let pieces = ranges
-            .iter()
-            .map(|&(s, n)| t.narrow(2, s, n))
-            .collect::<CResult<Vec<_>>>()?;
-        match pieces.len() {
-            1 => pieces[0].contiguous(),
-            _ => Tensor::cat(&pieces, 2),
+    /// Runs `f` on the block's slices and pieces: `q`, `k`, `v` as given, the op's tables and
+    /// masks from its tensors.
+    fn on_block<T: Elem, R>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        f: impl FnOnce(&Block<T>, &[Piece<T>]) -> CResult<R>,
+    ) -> CResult<R> {
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        if kvh == 0 || h % kvh != 0 || d % 2 != 0 || self.batch == 0 {
+            candle_core::bail!("fused-attention: {h} heads over {kvh} key/value heads of {d}")
         }
-    }
-
-    /// [`Self::parts`] for a block split into `parts` (one row).
-    fn split_parts(&self, q: &Tensor, k: &Tensor, v: &Tensor, parts: &[AttentionPart]) -> CResult<SplitParts> {
-        let (kvh, d) = (self.n_kv_heads, self.head_dim);
-        if self.batch != 1 {
+        let l = q.len() / (self.batch * h * d);
+        if q.len() != self.batch * l * h * d || k.len() != self.batch * l * kvh * d || v.len() != k.len() {
+            candle_core::bail!(
+                "fused-attention: q, k, v of {}, {}, {} values for {} rows of {h}, {kvh} heads of {d}",
+                q.len(),
+                k.len(),
+                v.len(),
+                self.batch
+            )
+        }
+        if self.split.is_some() && self.batch != 1 {
             candle_core::bail!(
                 "fused-attention: a block split into parts must be one row, not {}",
                 self.batch
             );
         }
-        let l = self.rows(q)?;
-        let rep = self.n_heads / kvh;
-        let q = self
-            .rope(&self.split(q, self.n_heads)?, false)?
-            .reshape((1, kvh, rep, l, d))?;
-        let k = self.rope(&self.split(k, kvh)?, false)?;
-        let v = self.split(v, kvh)?;
-        let scale = self.scale();
-        let parts = parts
-            .iter()
-            .map(|part| {
-                let (r0, rl) = part.rows;
-                let qi = q.narrow(3, r0, rl)?.reshape((1, kvh, rep * rl, d))?;
-                let (ki, vi) = (Self::key_rows(&k, &part.keys)?, Self::key_rows(&v, &part.keys)?);
-                let p = qi
-                    .matmul(&ki.t()?)?
-                    .apply_op2_no_bwd(&part.mask, &MaskedSoftmax { scale })?;
-                Ok([qi, ki, vi, p])
-            })
-            .collect::<CResult<Vec<_>>>()?;
-        Ok(SplitParts { q, parts })
-    }
-
-    /// The output `[1, H, L, D]` of a block split into `parts`.
-    fn split_forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, parts: &[AttentionPart]) -> CResult<Tensor> {
-        let (h, d) = (self.n_heads, self.head_dim);
-        let sp = self.split_parts(q, k, v, parts)?;
-        let outs = sp
-            .parts
-            .iter()
-            .zip(parts)
-            .map(|([_, _, vi, p], part)| p.matmul(vi)?.reshape((1, h, part.rows.1, d)))
-            .collect::<CResult<Vec<_>>>()?;
-        Tensor::cat(&outs, 2)
-    }
-
-    /// The gradients of `q, k, v` (`[1, heads, L, D]`, before the inverse rotation) of a block
-    /// split into `parts`: each part's key and value gradients are added into the rows they
-    /// came from (a prompt's keys collect those of every response that attends them).
-    fn split_backward(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        parts: &[AttentionPart],
-        d_out: &Tensor,
-    ) -> CResult<(Tensor, Tensor, Tensor)> {
-        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (l, rep) = (self.rows(q)?, h / kvh);
-        let sp = self.split_parts(q, k, v, parts)?;
-        let d_o = self.split(&d_out.contiguous()?, h)?.reshape((1, kvh, rep, l, d))?;
-        let mut dk = Tensor::zeros((1, kvh, l, d), sp.q.dtype(), sp.q.device())?;
-        let mut dv = dk.clone();
-        let mut dqs = Vec::with_capacity(parts.len());
-        for ([qi, ki, vi, p], part) in sp.parts.iter().zip(parts) {
-            let (r0, rl) = part.rows;
-            let d_oi = d_o.narrow(3, r0, rl)?.reshape((1, kvh, rep * rl, d))?;
-            let dvi = p.t()?.matmul(&d_oi)?;
-            let dp = d_oi.matmul(&vi.t()?)?;
-            let ds = p.apply_op2_no_bwd(&dp, &MaskedSoftmaxBwd { scale: self.scale() })?;
-            dqs.push(ds.matmul(ki)?.reshape((1, kvh, rep, rl, d))?);
-            let dki = ds.t()?.matmul(qi)?;
-            let rows: Vec<u32> = part
-                .keys
-                .iter()
-                .flat_map(|&(s, n)| (s as u32)..(s + n) as u32)
-                .collect();
-            let rows = Tensor::from_vec(rows, part.keys.iter().map(|r| r.1).sum::<usize>(), sp.q.device())?;
-            dk = dk.index_add(&rows, &dki, 2)?;
-            dv = dv.index_add(&rows, &dvi, 2)?;
-        }
-        let dq = Tensor::cat(&dqs, 3)?.reshape((1, h, l, d))?;
-        Ok((dq, dk, dv))
+        let split: &[AttentionPart] = self.split.as_deref().map_or(&[], |v| v.as_slice());
+        let mut tensors = vec![&self.cos, &self.sin, &self.mask];
+        tensors.extend(split.iter().map(|p| &p.mask));
+        with_slices::<T, R>(&tensors, |s| {
+            let table = self.batch * l * d;
+            if s[0].len() != table || s[1].len() != table {
+                candle_core::bail!("fused-attention: rotary tables of {} values for {table}", s[0].len())
+            }
+            for (p, m) in split.iter().zip(&s[3..]) {
+                let n = p.keys.iter().map(|k| k.1).sum::<usize>();
+                if p.rows.0 + p.rows.1 > l || p.keys.iter().any(|k| k.0 + k.1 > l) || m.len() != p.rows.1 * n {
+                    candle_core::bail!("fused-attention: a part {:?} does not fit {l} rows", p.rows)
+                }
+            }
+            if split.is_empty() && s[2].len() != self.batch * l * l {
+                candle_core::bail!("fused-attention: a mask of {} values for {} rows of {l}", s[2].len(), self.batch)
+            }
+            let whole = [(0, l)];
+            let pieces = pieces(self, l, s[2], &s[3..], &whole);
+            let block = Block {
+                a: self,
+                l,
+                q,
+                k,
+                v,
+                cos: s[0],
+                sin: s[1],
+            };
+            f(&block, &pieces)
+        })
     }
 }
 
@@ -297,21 +529,32 @@ fn attention_fwd<T: Elem>(
     s3: &CpuStorage,
     l3: &Layout,
 ) -> CResult<(CpuStorage, Shape)> {
-    let (q, k, v) = (
-        tensor_of::<T>(s1, l1)?,
-        tensor_of::<T>(s2, l2)?,
-        tensor_of::<T>(s3, l3)?,
-    );
-    let l = a.rows(&q)?;
-    let o = match &a.split {
-        Some(parts) => a.split_forward(&q, &k, &v, parts)?,
-        None => {
-            let parts = a.parts(&q, &k, &v)?;
-            // [B, kvh, rep·L, D] = [B, H, L, D]
-            parts.p.matmul(&parts.v)?.reshape((a.batch, a.n_heads, l, a.head_dim))?
+    let op = "fused-attention";
+    let (q, k, v) = (slice::<T>(s1, l1, op)?, slice::<T>(s2, l2, op)?, slice::<T>(s3, l3, op)?);
+    let y = a.on_block(q, k, v, |b, pieces| Ok(b.forward(pieces)))?;
+    out(y, l1.shape().clone())
+}
+
+fn attention_bwd<T: Elem>(
+    a: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_out: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (q, k, v, d_out) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, d_out.contiguous()?);
+    let [dq, dk, dv] = with_slices::<T, _>(&[&q, &k, &v, &d_out], |s| {
+        if s[3].len() != s[0].len() {
+            candle_core::bail!("fused-attention: an output gradient of {} values for {}", s[3].len(), s[0].len())
         }
-    };
-    storage_of::<T>(&a.merge(&o, a.n_heads)?)
+        a.on_block(s[0], s[1], s[2], |b, pieces| Ok(b.backward(pieces, s[3])))
+    })?;
+    let dev = q.device();
+    Ok((
+        Some(Tensor::from_vec(dq, q.shape(), dev)?),
+        Some(Tensor::from_vec(dk, k.shape(), dev)?),
+        Some(Tensor::from_vec(dv, v.shape(), dev)?),
+    ))
 }
 
 custom_op!(
@@ -327,28 +570,11 @@ custom_op!(
         _res: &Tensor,
         d_out: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, kvh, d) = (self.batch, self.n_heads, self.n_kv_heads, self.head_dim);
-        if let Some(parts) = &self.split {
-            let (dq, dk, dv) = self.split_backward(q, k, v, parts, d_out)?;
-            let dq = self.merge(&self.rope(&dq, true)?, h)?;
-            let dk = self.merge(&self.rope(&dk, true)?, kvh)?;
-            return Ok((Some(dq), Some(dk), Some(self.merge(&dv, kvh)?)));
+        match q.dtype() {
+            DType::F32 => attention_bwd::<f32>(self, q, k, v, d_out),
+            DType::F64 => attention_bwd::<f64>(self, q, k, v, d_out),
+            d => candle_core::bail!("fused-attention: only f32 and f64 have a fused kernel, not {d:?}"),
         }
-        let l = self.rows(q)?;
-        let AttentionParts { q: qg, k: kr, v: v4, p } = self.parts(q, k, v)?;
-        let d_o = self
-            .split(&d_out.contiguous()?, h)?
-            .reshape((b, kvh, (h / kvh) * l, d))?;
-        // grouped heads share k and v, so these matmuls also sum over the group
-        let dv = p.t()?.matmul(&d_o)?;
-        let dp = d_o.matmul(&v4.t()?)?;
-        let ds = p.apply_op2_no_bwd(&dp, &MaskedSoftmaxBwd { scale: self.scale() })?;
-        let dq = ds.matmul(&kr)?.reshape((b, h, l, d))?;
-        let dk = ds.t()?.matmul(&qg)?;
-        let dq = self.merge(&self.rope(&dq, true)?, h)?;
-        let dk = self.merge(&self.rope(&dk, true)?, kvh)?;
-        let dv = self.merge(&dv, kvh)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
     }
 );
 

@@ -217,6 +217,45 @@ fn fused_attention_of_shared_prompt_parts_matches_primitive() {
     });
 }
 
+/// Rows longer than the fused kernel's runs of query rows (64), each run attending only the
+/// keys up to the last one it may see: a padded batch whose second row is left-padded, and a
+/// packed row with a 70-token prompt shared by responses of 80, 3 and 90 tokens (split into
+/// parts) followed by a unit of its own. Values and gradients equal masked attention on
+/// primitives.
+#[test]
+fn fused_attention_over_long_rows_matches_primitive() {
+    use crate::batch::{collate, Layout, ScoredGroup};
+    use crate::model::AttentionInputs;
+    let t = 150;
+    let valid = vec![vec![true; t], (0..t).map(|i| i >= 37).collect()];
+    let ids = |n: usize, from: u32| (0..n as u32).map(|i| (from + i) % 50).collect::<Vec<u32>>();
+    let (p1, r1) = (ids(70, 1), vec![ids(80, 2), ids(3, 3), ids(90, 4)]);
+    let (p2, r2) = (ids(20, 5), vec![ids(100, 6)]);
+    let groups = [
+        ScoredGroup {
+            prompt: &p1,
+            responses: &r1,
+        },
+        ScoredGroup {
+            prompt: &p2,
+            responses: &r2,
+        },
+    ];
+    let batch = collate(&groups, Layout::PACKED).unwrap();
+    for_one_layer_models(|dt, tol, m| {
+        let padded = AttentionInputs::padded(&m.cfg, &valid, dt, &Device::Cpu).unwrap();
+        let packed = AttentionInputs::for_batch(&m.cfg, &batch, dt, &Device::Cpu).unwrap();
+        assert!(packed.blocks[0].parts.is_some(), "the shared prompt's block is split");
+        let layer = m.layers[0].self_attn.clone();
+        compare(dt, tol, &[&[2 * t, m.cfg.hidden_size]], &[true], |k, x| {
+            layer.forward(&x[0], &padded, k).unwrap().out
+        });
+        compare(dt, tol, &[&[batch.cols, m.cfg.hidden_size]], &[true], |k, x| {
+            layer.forward(&x[0], &packed, k).unwrap().out
+        });
+    });
+}
+
 /// The fused head against log-softmax on primitives, over more rows than one chunk, with
 /// gradients for both the hidden rows and the projection.
 #[test]
