@@ -286,7 +286,7 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn bf16_matmuls_agree_across_layouts_and_stay_near_f32() {
     prefer::testing::set_threads_for_tests();
-    let bf16 = |fused| Kernels { fused, bf16: true };
+    let bf16 = Kernels::bf16;
     for spec in variants() {
         let m = tiny_model(&spec, DType::F32, 5).unwrap();
         let (lp32, g32) = logps_and_grads(&m, Layout::PADDED, Kernels::PRIMITIVE);
@@ -734,10 +734,7 @@ fn packed_frozen_copy_gives_the_f32_copys_bf16_log_probs() {
     prefer::testing::set_threads_for_tests();
     for spec in variants() {
         let mut m = tiny_model(&spec, DType::F32, 9).unwrap().transformer;
-        m.kernels = Kernels {
-            fused: true,
-            bf16: true,
-        };
+        m.kernels = Kernels::bf16(true);
         // a policy whose parameters are variables, changed in place after the copy below
         let mut vars = Vec::new();
         let mut policy = m

@@ -158,14 +158,7 @@ fn smollm2_packed_layout_matches_padded_on_hh_pairs() {
     let sums: Vec<f32> = padded.sums.to_vec1().unwrap();
     assert!(sums.iter().all(|x| *x < -1.0), "sums {sums:?}");
     // bf16 matmuls (`bf16 = true`): near the f32 numbers, as PyTorch's autocast is
-    let bf16 = run(
-        &m,
-        Layout::PACKED,
-        model::Kernels {
-            fused: true,
-            bf16: true,
-        },
-    );
+    let bf16 = run(&m, Layout::PACKED, model::Kernels::bf16(true));
     let (bt, bs) = (err(&bf16.token_logps, &truth.token_logps), err(&bf16.sums, &truth.sums));
     let mean_abs = |t: &candle_core::Tensor| -> f64 {
         let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().to_vec1().unwrap();

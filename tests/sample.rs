@@ -481,6 +481,7 @@ fn bf16_weight_decoding_is_the_rounded_models_decoding() {
                     )
                     .unwrap(),
                 true => {
+                    // bf16 linear products; attention f32, as decoding's cached attention
                     let mut r = m.clone();
                     r.kernels.bf16 = true;
                     r

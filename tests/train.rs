@@ -200,6 +200,7 @@ fn bf16_option_reaches_both_models_and_trains_near_f32() {
         let want = Kernels {
             fused: true,
             bf16: bf16 && fast,
+            bf16_attention: bf16 && fast,
         };
         assert_eq!(tr.policy.transformer.kernels, want);
         assert_eq!(live_reference(&tr).kernels, want);

@@ -753,9 +753,11 @@ impl TrainConfig {
     /// ([`crate::model::kernels::CpuPath::fast_bf16`]); elsewhere bf16 would cost rounding and
     /// give no speed, so the run is f32 (and [`Self::bf16_notice`] says so).
     pub fn kernels(&self) -> crate::model::Kernels {
+        let bf16 = self.bf16 && crate::model::kernels::CpuPath::fast_bf16().is_some();
         crate::model::Kernels {
             fused: self.fused_kernels,
-            bf16: self.bf16 && crate::model::kernels::CpuPath::fast_bf16().is_some(),
+            bf16,
+            bf16_attention: bf16,
         }
     }
 

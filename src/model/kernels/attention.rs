@@ -111,6 +111,9 @@ pub struct Attention {
     /// When set (one row, `B = 1`), the block's attention as independent dense parts that
     /// cover its rows in order; `mask` is then not read. See [`AttentionPart`].
     pub split: Option<std::sync::Arc<Vec<AttentionPart>>>,
+    /// Multiply bf16-rounded operands with f32 sums (`bf16 = true`, f32 only): the scores, the
+    /// probabilities times the values, and the four products of the backward pass.
+    pub bf16: bool,
 }
 
 /// One dense piece of a block's attention: the queries of rows `rows.0 .. rows.0 + rows.1`
@@ -218,11 +221,14 @@ fn rotate<T: Elem>(y: &mut [T], x: &[T], c: &[T], s: &[T], inverse: bool) {
 
 /// `c = a·b` (or `c += a·b`), single-threaded (the tasks are the parallelism): `[m, k]` by
 /// `[k, n]` with each operand at `(row stride, column stride)`, `c` row-major at stride `ldc`.
+/// With `bf16` (f32 only) the operands are rounded to bf16 and the sums are f32
+/// ([`super::matmul::matmul_serial`]), as PyTorch's autocast runs attention.
 ///
 /// # Safety
 /// Every pointer must be valid for its strided matrix.
 #[allow(clippy::too_many_arguments)]
 unsafe fn product<T: Elem>(
+    bf16: bool,
     (m, k, n): (usize, usize, usize),
     c: *mut T,
     ldc: usize,
@@ -231,9 +237,33 @@ unsafe fn product<T: Elem>(
     (ars, acs): (usize, usize),
     b: *const T,
     (brs, bcs): (usize, usize),
-) {
+) -> CResult<()> {
     if m == 0 || n == 0 {
-        return;
+        return Ok(());
+    }
+    if bf16 && T::DTYPE == DType::F32 && k > 0 {
+        use super::matmul::{matmul_serial, View};
+        // SAFETY: T is f32; the caller's contract bounds each strided matrix.
+        let view = |p: *const T, rows: usize, cols: usize, (rs, cs): (usize, usize)| unsafe {
+            let len = (rows - 1) * rs + (cols - 1) * cs + 1;
+            View {
+                data: std::slice::from_raw_parts(p as *const f32, len),
+                rows,
+                cols,
+                rs,
+                cs,
+            }
+        };
+        // SAFETY: as above; `c` is this task's alone.
+        return unsafe {
+            matmul_serial(
+                view(a, m, k, (ars, acs)),
+                view(b, k, n, (brs, bcs)),
+                c as *mut f32,
+                ldc,
+                accumulate,
+            )
+        };
     }
     // SAFETY: the caller's contract; with `accumulate` false gemm writes [m, n] without reading.
     unsafe {
@@ -259,6 +289,7 @@ unsafe fn product<T: Elem>(
             gemm::Parallelism::None,
         )
     }
+    Ok(())
 }
 
 /// A `*mut T` that parallel tasks write through, each to its own elements.
@@ -290,7 +321,7 @@ struct Block<'a, T> {
 }
 
 impl<T: Elem> Block<'_, T> {
-    fn probabilities(&self, h: usize, pc: &Piece<T>) -> Probabilities<T> {
+    fn probabilities(&self, h: usize, pc: &Piece<T>) -> CResult<Probabilities<T>> {
         let a = self.a;
         let (d, hd, kd) = (a.head_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
         let g = h / (a.n_heads / a.n_kv_heads);
@@ -313,6 +344,7 @@ impl<T: Elem> Block<'_, T> {
         // SAFETY: q is [rl, d], k [nk, d] (read as kᵀ), scores [rl, nk].
         unsafe {
             product(
+                a.bf16,
                 (rl, d, nk),
                 scores.as_mut_ptr(),
                 nk,
@@ -321,31 +353,32 @@ impl<T: Elem> Block<'_, T> {
                 (d, 1),
                 k.as_ptr(),
                 (1, d),
-            )
+            )?
         };
         let mut p = vec![T::zero(); rl * nk];
         let scale: T = num(a.scale());
         for (i, (y, x)) in p.chunks_mut(nk).zip(scores.chunks(nk)).enumerate() {
             softmax_row(y, x, &pc.mask[i * pc.stride..][..nk], scale);
         }
-        Probabilities { q, k, v, p }
+        Ok(Probabilities { q, k, v, p })
     }
 
     /// The output `[B·L, H·D]`.
-    fn forward(&self, pieces: &[Piece<T>]) -> Vec<T> {
+    fn forward(&self, pieces: &[Piece<T>]) -> CResult<Vec<T>> {
         let a = self.a;
         let (d, hd) = (a.head_dim, a.n_heads * a.head_dim);
         let mut out = vec![T::zero(); a.batch * self.l * hd];
         let o = Shared(out.as_mut_ptr());
-        (0..a.n_heads * pieces.len()).into_par_iter().for_each(|t| {
+        (0..a.n_heads * pieces.len()).into_par_iter().try_for_each(|t| {
             let (h, pc) = (t % a.n_heads, &pieces[t / a.n_heads]);
-            let pr = self.probabilities(h, pc);
+            let pr = self.probabilities(h, pc)?;
             let (r0, rl) = pc.rows;
             let o = o;
             // SAFETY: p [rl, nk], v [nk, d]; the output rows r0.. of head h (columns h·d..)
             // are this task's alone.
             unsafe {
                 product(
+                    a.bf16,
                     (rl, pc.n_keys, d),
                     o.0.add((pc.b * self.l + r0) * hd + h * d),
                     hd,
@@ -355,36 +388,60 @@ impl<T: Elem> Block<'_, T> {
                     pr.v.as_ptr(),
                     (d, 1),
                 )
-            };
-        });
-        out
+            }
+        })?;
+        Ok(out)
     }
 
     /// The gradients of `q`, `k`, `v` (their layouts) for the output gradient `d_out`.
-    fn backward(&self, pieces: &[Piece<T>], d_out: &[T]) -> [Vec<T>; 3] {
+    fn backward(&self, pieces: &[Piece<T>], d_out: &[T]) -> CResult<[Vec<T>; 3]> {
         let a = self.a;
         let (d, hd, kd) = (a.head_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
         let rows = a.batch * self.l;
         let mut dq = vec![T::zero(); rows * hd];
         let dqp = Shared(dq.as_mut_ptr());
-        let scale: T = num(a.scale());
+        let (scale, bf16): (T, bool) = (num(a.scale()), a.bf16);
         // per task: the rotated keys' and the values' gradients of its keys, added below
         let partial: Vec<(Vec<T>, Vec<T>)> = (0..a.n_heads * pieces.len())
             .into_par_iter()
             .map(|t| {
                 let (h, pc) = (t % a.n_heads, &pieces[t / a.n_heads]);
-                let Probabilities { q, k, v, p } = self.probabilities(h, pc);
+                let Probabilities { q, k, v, p } = self.probabilities(h, pc)?;
                 let ((r0, rl), nk) = (pc.rows, pc.n_keys);
                 let first = (pc.b * self.l + r0) * hd + h * d;
                 let d_o = d_out[first..].as_ptr();
-                let (mut dk, mut dv, mut ds) = (vec![T::zero(); nk * d], vec![T::zero(); nk * d], vec![T::zero(); rl * nk]);
+                let (mut dk, mut dv, mut ds) = (
+                    vec![T::zero(); nk * d],
+                    vec![T::zero(); nk * d],
+                    vec![T::zero(); rl * nk],
+                );
                 let mut dqr = vec![T::zero(); rl * d];
                 // SAFETY: every operand lies in its buffer: p, dp, ds [rl, nk]; q, dqr [rl, d];
                 // k, v, dk, dv [nk, d]; d_out's rows r0.. of head h at stride hd.
                 unsafe {
                     // dV = Pᵀ·dO, dP = dO·Vᵀ
-                    product((nk, rl, d), dv.as_mut_ptr(), d, false, p.as_ptr(), (1, nk), d_o, (hd, 1));
-                    product((rl, d, nk), ds.as_mut_ptr(), nk, false, d_o, (hd, 1), v.as_ptr(), (1, d));
+                    product(
+                        bf16,
+                        (nk, rl, d),
+                        dv.as_mut_ptr(),
+                        d,
+                        false,
+                        p.as_ptr(),
+                        (1, nk),
+                        d_o,
+                        (hd, 1),
+                    )?;
+                    product(
+                        bf16,
+                        (rl, d, nk),
+                        ds.as_mut_ptr(),
+                        nk,
+                        false,
+                        d_o,
+                        (hd, 1),
+                        v.as_ptr(),
+                        (1, d),
+                    )?;
                 }
                 for (g, pr) in ds.chunks_mut(nk).zip(p.chunks(nk)) {
                     let dp = g.to_vec();
@@ -393,8 +450,28 @@ impl<T: Elem> Block<'_, T> {
                 // SAFETY: as above.
                 unsafe {
                     // dQ = dS·K, dK = dSᵀ·Q (rotated)
-                    product((rl, nk, d), dqr.as_mut_ptr(), d, false, ds.as_ptr(), (nk, 1), k.as_ptr(), (d, 1));
-                    product((nk, rl, d), dk.as_mut_ptr(), d, false, ds.as_ptr(), (1, nk), q.as_ptr(), (d, 1));
+                    product(
+                        bf16,
+                        (rl, nk, d),
+                        dqr.as_mut_ptr(),
+                        d,
+                        false,
+                        ds.as_ptr(),
+                        (nk, 1),
+                        k.as_ptr(),
+                        (d, 1),
+                    )?;
+                    product(
+                        bf16,
+                        (nk, rl, d),
+                        dk.as_mut_ptr(),
+                        d,
+                        false,
+                        ds.as_ptr(),
+                        (1, nk),
+                        q.as_ptr(),
+                        (d, 1),
+                    )?;
                 }
                 let dqp = dqp;
                 for (i, g) in dqr.chunks(d).enumerate() {
@@ -404,9 +481,9 @@ impl<T: Elem> Block<'_, T> {
                     let y = unsafe { std::slice::from_raw_parts_mut(dqp.0.add(t * hd + h * d), d) };
                     rotate(y, g, c, s, true);
                 }
-                (dk, dv)
+                Ok((dk, dv))
             })
-            .collect();
+            .collect::<CResult<_>>()?;
         // each key/value head adds its tasks' gradients in task order (the same sums whatever
         // the threads), then the keys' rotation is undone
         let rep = a.n_heads / a.n_kv_heads;
@@ -436,7 +513,7 @@ impl<T: Elem> Block<'_, T> {
                 dv[r * kd + g * d..][..d].copy_from_slice(&gv[r * d..][..d]);
             }
         }
-        [dq, dk, dv]
+        Ok([dq, dk, dv])
     }
 }
 
@@ -502,7 +579,11 @@ impl Attention {
                 }
             }
             if split.is_empty() && s[2].len() != self.batch * l * l {
-                candle_core::bail!("fused-attention: a mask of {} values for {} rows of {l}", s[2].len(), self.batch)
+                candle_core::bail!(
+                    "fused-attention: a mask of {} values for {} rows of {l}",
+                    s[2].len(),
+                    self.batch
+                )
             }
             let whole = [(0, l)];
             let pieces = pieces(self, l, s[2], &s[3..], &whole);
@@ -530,8 +611,12 @@ fn attention_fwd<T: Elem>(
     l3: &Layout,
 ) -> CResult<(CpuStorage, Shape)> {
     let op = "fused-attention";
-    let (q, k, v) = (slice::<T>(s1, l1, op)?, slice::<T>(s2, l2, op)?, slice::<T>(s3, l3, op)?);
-    let y = a.on_block(q, k, v, |b, pieces| Ok(b.forward(pieces)))?;
+    let (q, k, v) = (
+        slice::<T>(s1, l1, op)?,
+        slice::<T>(s2, l2, op)?,
+        slice::<T>(s3, l3, op)?,
+    );
+    let y = a.on_block(q, k, v, |b, pieces| b.forward(pieces))?;
     out(y, l1.shape().clone())
 }
 
@@ -545,9 +630,13 @@ fn attention_bwd<T: Elem>(
     let (q, k, v, d_out) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, d_out.contiguous()?);
     let [dq, dk, dv] = with_slices::<T, _>(&[&q, &k, &v, &d_out], |s| {
         if s[3].len() != s[0].len() {
-            candle_core::bail!("fused-attention: an output gradient of {} values for {}", s[3].len(), s[0].len())
+            candle_core::bail!(
+                "fused-attention: an output gradient of {} values for {}",
+                s[3].len(),
+                s[0].len()
+            )
         }
-        a.on_block(s[0], s[1], s[2], |b, pieces| Ok(b.backward(pieces, s[3])))
+        a.on_block(s[0], s[1], s[2], |b, pieces| b.backward(pieces, s[3]))
     })?;
     let dev = q.device();
     Ok((

@@ -396,6 +396,10 @@ pub struct Kernels {
     /// The linear layers and the log-prob head multiply bf16-rounded operands with f32 sums
     /// ([`matmul`], `bf16 = true`), where the tensors are f32 CPU tensors.
     pub bf16: bool,
+    /// With `bf16`, attention's products too (scores, probabilities times values, and their
+    /// backward), as PyTorch's autocast runs them; `bf16 = true` sets both. Without it
+    /// attention stays f32 (decoding from bf16 weights, whose cached attention is f32).
+    pub bf16_attention: bool,
 }
 
 impl Default for Kernels {
@@ -409,12 +413,24 @@ impl Kernels {
     pub const FUSED: Kernels = Kernels {
         fused: true,
         bf16: false,
+        bf16_attention: false,
     };
     /// Primitive ops, f32 matmuls.
     pub const PRIMITIVE: Kernels = Kernels {
         fused: false,
         bf16: false,
+        bf16_attention: false,
     };
+
+    /// `bf16 = true`'s kernels: every product in bf16 (linear layers, head, attention), fused
+    /// or not.
+    pub const fn bf16(fused: bool) -> Kernels {
+        Kernels {
+            fused,
+            bf16: true,
+            bf16_attention: true,
+        }
+    }
 
     pub(crate) fn fused_for(self, x: &Tensor) -> bool {
         self.fused && supported(x)
@@ -423,6 +439,11 @@ impl Kernels {
     /// Whether a matmul with the activation `x` runs in bf16.
     pub fn bf16_for(self, x: &Tensor) -> bool {
         self.bf16 && x.dtype() == DType::F32 && x.device().is_cpu()
+    }
+
+    /// Whether attention's products with the activation `x` run in bf16.
+    pub fn bf16_attention_for(self, x: &Tensor) -> bool {
+        self.bf16_attention && self.bf16_for(x)
     }
 
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

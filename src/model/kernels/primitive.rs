@@ -32,3 +32,62 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
 }
+
+/// `x` with its values rounded to bf16 (`values`) and/or its gradient rounded to bf16 in the
+/// backward pass (`gradient`), f32 only: what a bf16 product does to its operands (`values`)
+/// and to the gradient of its result (`gradient`, which both backward products read rounded).
+/// The reference attention with `bf16 = true` builds its products from these.
+struct Bf16Round {
+    values: bool,
+    gradient: bool,
+}
+
+impl candle_core::CustomOp1 for Bf16Round {
+    fn name(&self) -> &'static str {
+        "bf16-round"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use super::matmul::round_to_bf16;
+        let v = match (s, l.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("bf16-round: a contiguous f32 CPU tensor"),
+        };
+        let out: Vec<f32> = match self.values {
+            true => v.iter().map(|&x| round_to_bf16(x)).collect(),
+            false => v.to_vec(),
+        };
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(match self.gradient {
+            true => g.contiguous()?.apply_op1_no_bwd(&Bf16Round {
+                values: true,
+                gradient: false,
+            })?,
+            false => g.clone(),
+        }))
+    }
+}
+
+/// An operand of a bf16 product: its values rounded to bf16, its gradient passed through.
+pub fn bf16_operand(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Bf16Round {
+        values: true,
+        gradient: false,
+    })?)
+}
+
+/// A bf16 product's result: unchanged, but its gradient rounded to bf16 (the backward products
+/// multiply the rounded gradient).
+pub fn bf16_result(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Bf16Round {
+        values: false,
+        gradient: true,
+    })?)
+}

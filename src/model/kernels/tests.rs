@@ -4,11 +4,29 @@ use candle_core::{DType, Device, Tensor, Var};
 /// Values and input gradients of `f` under fused and primitive kernels, for a random
 /// linear functional of the output.
 fn compare(dtype: DType, tol: f64, shapes: &[&[usize]], trainable: &[bool], f: impl Fn(Kernels, &[Tensor]) -> Tensor) {
-    let dev = Device::Cpu;
     let inputs: Vec<Tensor> = shapes
         .iter()
-        .map(|s| Tensor::randn(0f64, 1.0, *s, &dev).unwrap().to_dtype(dtype).unwrap())
+        .map(|s| {
+            Tensor::randn(0f64, 1.0, *s, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        })
         .collect();
+    compare_kernels(dtype, tol, &inputs, trainable, [Kernels::FUSED, Kernels::PRIMITIVE], f);
+}
+
+/// [`compare`] on `inputs` between the two kernel choices `kernels` (fused first, the
+/// reference second), returning both's values and gradients.
+fn compare_kernels(
+    dtype: DType,
+    tol: f64,
+    inputs: &[Tensor],
+    trainable: &[bool],
+    kernels: [Kernels; 2],
+    f: impl Fn(Kernels, &[Tensor]) -> Tensor,
+) -> [(Vec<f64>, Vec<Vec<f64>>); 2] {
+    let dev = Device::Cpu;
     let run = |k: Kernels| -> (Vec<f64>, Vec<Vec<f64>>) {
         let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let ts: Vec<Tensor> = vars
@@ -45,8 +63,8 @@ fn compare(dtype: DType, tol: f64, shapes: &[&[usize]], trainable: &[bool], f: i
             .collect();
         (flat(&y), g)
     };
-    let (yf, gf) = run(Kernels::FUSED);
-    let (yp, gp) = run(Kernels::PRIMITIVE);
+    let (yf, gf) = run(kernels[0]);
+    let (yp, gp) = run(kernels[1]);
     let close = |a: &[f64], b: &[f64], what: &str| {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -60,6 +78,7 @@ fn compare(dtype: DType, tol: f64, shapes: &[&[usize]], trainable: &[bool], f: i
     for (k, (a, b)) in gf.iter().zip(&gp).enumerate() {
         close(a, b, &format!("gradient of input {k}"));
     }
+    [(yf, gf), (yp, gp)]
 }
 
 const DTYPES: [(DType, f64); 2] = [(DType::F64, 1e-12), (DType::F32, 1e-5)];
@@ -253,6 +272,54 @@ fn fused_attention_over_long_rows_matches_primitive() {
         compare(dt, tol, &[&[batch.cols, m.cfg.hidden_size]], &[true], |k, x| {
             layer.forward(&x[0], &packed, k).unwrap().out
         });
+    });
+}
+
+/// With `bf16 = true` the fused attention multiplies bf16-rounded operands (and rounded result
+/// gradients) with f32 sums, on this process's CPU path (the tests rerun on every lower one):
+/// it equals the reference attention built from rounded operands (to 2e-3: the two sum the
+/// scores in different orders, so now and then a probability rounds to the neighbouring bf16
+/// value), and differs from f32 attention by far more (the rounding is really applied).
+#[test]
+fn fused_bf16_attention_is_attention_of_rounded_operands() {
+    use crate::model::AttentionInputs;
+    let t = 150;
+    let valid = vec![vec![true; t], (0..t).map(|i| i >= 37).collect()];
+    let bf16 = Kernels::bf16;
+    for_one_layer_models(|dt, _, m| {
+        if dt != DType::F32 {
+            return;
+        }
+        let attn = AttentionInputs::padded(&m.cfg, &valid, dt, &Device::Cpu).unwrap();
+        let layer = m.layers[0].self_attn.clone();
+        // seeded values in [-1, 1)
+        let mut state = 12345u64;
+        let x: Vec<f32> = (0..2 * t * m.cfg.hidden_size)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        let x = [Tensor::from_vec(x, (2 * t, m.cfg.hidden_size), &Device::Cpu).unwrap()];
+        let f = |k: Kernels, x: &[Tensor]| layer.forward(&x[0], &attn, k).unwrap().out;
+        let [fused, reference] = compare_kernels(dt, 2e-3, &x, &[true], [bf16(true), bf16(false)], f);
+        let [_, f32_reference] = compare_kernels(dt, 1e-5, &x, &[true], [Kernels::FUSED, Kernels::PRIMITIVE], f);
+        let apart = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        let to_reference = (apart(&fused.0, &reference.0), apart(&fused.1[0], &reference.1[0]));
+        let to_f32 = (
+            apart(&reference.0, &f32_reference.0),
+            apart(&reference.1[0], &f32_reference.1[0]),
+        );
+        eprintln!(
+            "bf16 attention: values {:.2e} from the reference, {:.2e} from f32; gradients {:.2e}, {:.2e}",
+            to_reference.0, to_f32.0, to_reference.1, to_f32.1
+        );
+        assert!(
+            to_reference.0 < 0.25 * to_f32.0 && to_reference.1 < 0.25 * to_f32.1,
+            "bf16 attention is as far from the rounded reference as from f32"
+        );
     });
 }
 

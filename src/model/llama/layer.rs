@@ -409,6 +409,7 @@ impl Attention {
                 n_kv_heads: self.n_kv_heads,
                 head_dim: self.head_dim,
                 split: blk.parts.clone(),
+                bf16: kern.bf16_attention_for(x),
             };
             ops.push((op, rows));
         }
@@ -476,6 +477,16 @@ impl Attention {
             let repeat = |z: Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![&z; rep], 2)?.reshape((b, h, t, d))?) };
             (repeat(k)?, repeat(v)?)
         };
+        if kern.bf16_attention_for(&q) {
+            // the fused kernel's bf16 products: rounded operands, rounded result gradients
+            use kernels::primitive::{bf16_operand, bf16_result};
+            let (q, k, v) = (bf16_operand(&q)?, bf16_operand(&k)?, bf16_operand(&v)?);
+            let scores = bf16_result(&q.matmul(&k.t()?.contiguous()?)?)?;
+            let probs = bf16_operand(&kern.masked_softmax(&scores, mask, 1.0 / (d as f64).sqrt())?)?;
+            return Ok(bf16_result(&probs.matmul(&v)?)?
+                .transpose(1, 2)?
+                .reshape((b, t, h * d))?);
+        }
         let scores = q.matmul(&k.t()?.contiguous()?)?;
         let probs = kern.masked_softmax(&scores, mask, 1.0 / (d as f64).sqrt())?;
         Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?)

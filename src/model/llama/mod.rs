@@ -317,7 +317,7 @@ impl Transformer {
         if let Some(tiles) = decode::DecodeTiles::new(&base, path)? {
             let mut m = base;
             m.decode_tiles = Some(std::sync::Arc::new(tiles));
-            m.kernels.bf16 = false;
+            (m.kernels.bf16, m.kernels.bf16_attention) = (false, false);
             return Ok(m);
         }
         let head = base.output_weight().to_dtype(DType::BF16)?;
@@ -329,7 +329,7 @@ impl Transformer {
         )?;
         m.lm_head = Some(head);
         // f32 activations against the bf16 weights, not bf16 products
-        m.kernels.bf16 = false;
+        (m.kernels.bf16, m.kernels.bf16_attention) = (false, false);
         Ok(m)
     }
 

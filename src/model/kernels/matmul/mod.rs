@@ -182,14 +182,27 @@ fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
+/// `f(i)` for `i` in `0..n`: in parallel on the pool, or on this thread alone (a product that
+/// is one of many parallel tasks, such as attention's).
+fn for_each_index(n: usize, parallel: bool, f: impl Fn(usize) + Send + Sync) {
+    match parallel {
+        true => (0..n).into_par_iter().for_each(f),
+        false => (0..n).for_each(f),
+    }
+}
+
 /// `v` rounded to bf16 (and widened back), row-major.
-fn rounded(v: View) -> Vec<f32> {
+fn rounded(v: View, parallel: bool) -> Vec<f32> {
     let mut data = vec![0f32; v.rows * v.cols];
-    data.par_chunks_mut(v.cols.max(1)).enumerate().for_each(|(i, row)| {
+    let round_row = |(i, row): (usize, &mut [f32])| {
         for (j, d) in row.iter_mut().enumerate() {
             *d = round_to_bf16(v.data[i * v.rs + j * v.cs]);
         }
-    });
+    };
+    match parallel {
+        true => data.par_chunks_mut(v.cols.max(1)).enumerate().for_each(round_row),
+        false => data.chunks_mut(v.cols.max(1)).enumerate().for_each(round_row),
+    }
     data
 }
 
@@ -220,14 +233,18 @@ impl std::fmt::Debug for Rhs {
 
 impl Rhs {
     pub fn new(b: View) -> candle_core::Result<Rhs> {
-        Self::prepare(b, CpuPath::Avx512Bf16.allows())
+        Self::prepare(b, CpuPath::Avx512Bf16.allows(), true)
     }
 
-    fn prepare(b: View, tiles: bool) -> candle_core::Result<Rhs> {
+    fn prepare(b: View, tiles: bool, parallel: bool) -> candle_core::Result<Rhs> {
         b.check()?;
         let (k, n) = (b.rows, b.cols);
         if !tiles {
-            return Ok(Rhs::Rounded { data: rounded(b), k, n });
+            return Ok(Rhs::Rounded {
+                data: rounded(b, parallel),
+                k,
+                n,
+            });
         }
         let nkb = k.div_ceil(32).max(1);
         let np = round_up(n.max(1), 32);
@@ -237,9 +254,9 @@ impl Rhs {
         // are only prepared on the AVX512-BF16 or AMX paths (hence AVX-512).
         let data = unsafe {
             unfilled_u16(np * nkb * 32, |d| {
-                (0..np / 16)
-                    .into_par_iter()
-                    .for_each(|jb| amx::pack_rhs_columns(b, jb * 16, nkb, d.at(jb * nkb * 512) as *mut u32))
+                for_each_index(np / 16, parallel, |jb| {
+                    amx::pack_rhs_columns(b, jb * 16, nkb, d.at(jb * nkb * 512) as *mut u32)
+                })
             })
         };
         Ok(Rhs::Tiles { data, k, n, nkb })
@@ -268,15 +285,15 @@ impl Rhs {
 
 /// Packs `a` `[m, k]` into 16-row tiles: per 16 rows, per 32 of k, 16 rows × 32 bf16; m padded
 /// to a multiple of 32 and k to one of 32, with zeros.
-fn pack_lhs(a: View, nkb: usize) -> Vec<u16> {
+fn pack_lhs(a: View, nkb: usize, parallel: bool) -> Vec<u16> {
     let mp = round_up(a.rows.max(1), 32);
     // SAFETY: the packer writes all nkb · 512 values of each of the mp / 16 chunks; tiles are
     // only packed on the AVX512-BF16 or AMX paths (hence AVX-512).
     unsafe {
         unfilled_u16(mp * nkb * 32, |d| {
-            (0..mp / 16)
-                .into_par_iter()
-                .for_each(|ib| amx::pack_lhs_rows(a, ib * 16, nkb, d.at(ib * nkb * 512)))
+            for_each_index(mp / 16, parallel, |ib| {
+                amx::pack_lhs_rows(a, ib * 16, nkb, d.at(ib * nkb * 512))
+            })
         })
     }
 }
@@ -319,7 +336,20 @@ unsafe fn unfilled_u16(len: usize, write: impl FnOnce(SharedU16)) -> Vec<u16> {
 pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
     check_out("bf16 matmul", a.rows, b.n(), c.len(), ldc)?;
     // SAFETY: `c` holds [a.rows, n] at stride ldc (checked), initialised.
-    unsafe { matmul_on(CpuPath::active(), a, b, c.as_mut_ptr(), ldc, accumulate) }
+    unsafe { matmul_on(CpuPath::active(), a, b, c.as_mut_ptr(), ldc, accumulate, true) }
+}
+
+/// `c = a·b` (or `c += a·b`) with bf16 operands and f32 sums, as [`matmul`], but on the calling
+/// thread alone: for the small products of tasks that already run in parallel (attention's,
+/// per head and run of rows). `c` is row-major with `ldc` values per row.
+///
+/// # Safety
+/// `c` must hold `[a.rows, b.cols]` at row stride `ldc ≥ b.cols`, initialised where
+/// `accumulate`, and no other thread may touch it meanwhile.
+pub unsafe fn matmul_serial(a: View, b: View, c: *mut f32, ldc: usize, accumulate: bool) -> candle_core::Result<()> {
+    let rhs = Rhs::prepare(b, CpuPath::Avx512Bf16.allows(), false)?;
+    // SAFETY: the caller's contract.
+    unsafe { matmul_on(CpuPath::active(), a, &rhs, c, ldc, accumulate, false) }
 }
 
 /// `a·b` with bf16 operands and f32 sums as a new row-major `[a.rows, b.n]` buffer, which the
@@ -328,7 +358,7 @@ pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> 
 pub fn matmul_new(a: View, b: &Rhs) -> candle_core::Result<Vec<f32>> {
     let n = b.n();
     // SAFETY: matmul_on with `accumulate` false writes every value of `[a.rows, n]`.
-    unsafe { unfilled(a.rows * n, |c| matmul_on(CpuPath::active(), a, b, c, n, false)) }
+    unsafe { unfilled(a.rows * n, |c| matmul_on(CpuPath::active(), a, b, c, n, false, true)) }
 }
 
 /// A buffer of `len` f32 that `write` fills, every value, through the pointer it is given.
@@ -357,7 +387,8 @@ fn check_out(what: &str, m: usize, n: usize, len: usize, ldc: usize) -> candle_c
 
 /// [`matmul`] with tiles multiplied by the kernel of `path`: AMX's `tdpbf16ps` on
 /// [`CpuPath::Amx`], AVX512-BF16's `vdpbf16ps` below it (the same tiles, the same 32×32 blocks).
-/// Without `accumulate`, every value of `c`'s `[m, n]` is written and none is read.
+/// Without `accumulate`, every value of `c`'s `[m, n]` is written and none is read. With
+/// `parallel` false it runs on the calling thread alone.
 ///
 /// # Safety
 /// `c` must hold `[a.rows, b.n]` at row stride `ldc ≥ b.n` ([`check_out`]), initialised where
@@ -369,6 +400,7 @@ unsafe fn matmul_on(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
+    parallel: bool,
 ) -> candle_core::Result<()> {
     a.check()?;
     let (m, n) = (a.rows, b.n());
@@ -381,7 +413,7 @@ unsafe fn matmul_on(
     match b {
         Rhs::Rounded { data, k, n } => {
             let (k, n) = (*k, *n);
-            let lhs = rounded(a);
+            let lhs = rounded(a, parallel);
             // SAFETY: the caller's contract on `c`.
             unsafe {
                 matmul_f32_raw(
@@ -390,21 +422,26 @@ unsafe fn matmul_on(
                     c,
                     ldc,
                     accumulate,
+                    parallel,
                 )
             }
         }
         Rhs::Tiles { data: bt, nkb, .. } => {
             let nkb = *nkb;
-            let at = pack_lhs(a, nkb);
+            let at = pack_lhs(a, nkb, parallel);
             let (mblocks, nblocks) = (m.div_ceil(32), n.div_ceil(32));
             // each task takes an equal run of the 32×32 blocks in column-major order (a column
             // block's two B tiles stay in cache while the A tiles pass): splitting the rows
             // alone left one of two threads idle for a ninth of a product of 9 row blocks
             let blocks = mblocks * nblocks;
-            let tasks = rayon::current_num_threads().clamp(1, blocks);
+            let tasks = if parallel {
+                rayon::current_num_threads().clamp(1, blocks)
+            } else {
+                1
+            };
             let tile = nkb * 512; // u16 per 16-row (or 16-column) block
             let out = linear::SharedOut(c);
-            (0..tasks).into_par_iter().for_each(|t| {
+            for_each_index(tasks, parallel, |t| {
                 let mut blk = [0f32; 32 * 32];
                 let on_amx = path >= CpuPath::Amx;
                 // SAFETY: AMX is checked; pointers stay inside `at`, `bt` (32-padded) and `blk`.
@@ -490,7 +527,7 @@ pub fn matmul_tensor(a: &Tensor, transpose: bool, b: &Rhs) -> candle_core::Resul
 pub fn matmul_f32(a: View, b: View, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
     check_out("matmul", a.rows, b.cols, c.len(), ldc)?;
     // SAFETY: `c` holds [a.rows, n] at stride ldc (checked), initialised.
-    unsafe { matmul_f32_raw(a, b, c.as_mut_ptr(), ldc, accumulate) }
+    unsafe { matmul_f32_raw(a, b, c.as_mut_ptr(), ldc, accumulate, true) }
 }
 
 /// `a·b` in f32 as a new row-major `[a.rows, b.cols]` buffer that the product writes whole (not
@@ -498,7 +535,7 @@ pub fn matmul_f32(a: View, b: View, c: &mut [f32], ldc: usize, accumulate: bool)
 pub fn matmul_f32_new(a: View, b: View) -> candle_core::Result<Vec<f32>> {
     let n = b.cols;
     // SAFETY: matmul_f32_raw with `accumulate` false writes every value of `[a.rows, n]`.
-    unsafe { unfilled(a.rows * n, |c| matmul_f32_raw(a, b, c, n, false)) }
+    unsafe { unfilled(a.rows * n, |c| matmul_f32_raw(a, b, c, n, false, true)) }
 }
 
 /// [`matmul_f32`] through a pointer: without `accumulate`, every value of `c`'s `[m, n]` is
@@ -507,7 +544,14 @@ pub fn matmul_f32_new(a: View, b: View) -> candle_core::Result<Vec<f32>> {
 /// # Safety
 /// `c` must hold `[a.rows, b.cols]` at row stride `ldc ≥ b.cols` ([`check_out`]), initialised
 /// where `accumulate`.
-unsafe fn matmul_f32_raw(a: View, b: View, c: *mut f32, ldc: usize, accumulate: bool) -> candle_core::Result<()> {
+unsafe fn matmul_f32_raw(
+    a: View,
+    b: View,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) -> candle_core::Result<()> {
     a.check()?;
     b.check()?;
     let (m, k, n) = (a.rows, a.cols, b.cols);
@@ -546,7 +590,10 @@ unsafe fn matmul_f32_raw(a: View, b: View, c: *mut f32, ldc: usize, accumulate: 
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            match parallel {
+                true => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                false => gemm::Parallelism::None,
+            },
         );
     }
     Ok(())

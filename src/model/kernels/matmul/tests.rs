@@ -80,13 +80,28 @@ fn bf16_matmul_matches_an_f64_sum_of_rounded_products() {
             };
             let at_ = |i: usize, j: usize| round_to_bf16(av.data[i * av.rs + j * av.cs]) as f64;
             let bt_ = |i: usize, j: usize| round_to_bf16(bv.data[i * bv.rs + j * bv.cs]) as f64;
-            for &(tiles, path) in &paths {
-                let rhs = Rhs::prepare(bv, tiles).unwrap();
+            for (&(tiles, path), parallel) in paths.iter().flat_map(|p| [(p, true), (p, false)]) {
+                let rhs = Rhs::prepare(bv, tiles, parallel).unwrap();
                 let ldc = n + 3;
                 let init = lcg(99, m * ldc);
                 for accumulate in [false, true] {
                     let mut c = init.clone();
-                    on(path, av, &rhs, &mut c, ldc, accumulate).unwrap();
+                    on(path, av, &rhs, &mut c, ldc, accumulate, parallel).unwrap();
+                    if !parallel {
+                        // on this thread alone: the same blocks, so the same values bit for bit
+                        let mut par = init.clone();
+                        on(
+                            path,
+                            av,
+                            &Rhs::prepare(bv, tiles, true).unwrap(),
+                            &mut par,
+                            ldc,
+                            accumulate,
+                            true,
+                        )
+                        .unwrap();
+                        assert_eq!(c, par, "{path:?} tiles {tiles} ({m},{k},{n}) serial vs parallel");
+                    }
                     for i in 0..m {
                         for j in 0..n {
                             let (mut want, mut scale) = (0f64, 0f64);
@@ -101,7 +116,7 @@ fn bf16_matmul_matches_an_f64_sum_of_rounded_products() {
                             let got = c[i * ldc + j] as f64;
                             assert!(
                                 (got - want).abs() <= 2e-6 * scale + 1e-30,
-                                "{path:?} tiles {tiles} ({m},{k},{n}) at {at} bt {bt} acc {accumulate} [{i},{j}]: {got} vs {want}"
+                                "{path:?} tiles {tiles} parallel {parallel} ({m},{k},{n}) at {at} bt {bt} acc {accumulate} [{i},{j}]: {got} vs {want}"
                             );
                         }
                         // the padding between rows is left alone
@@ -135,9 +150,9 @@ fn bf16_matmul_propagates_nan_and_infinity_on_every_path() {
     let mut b = b;
     b[69 * n] = 0.0;
     for (tiles, path) in paths {
-        let rhs = Rhs::prepare(View::row_major(&b, k, n), tiles).unwrap();
+        let rhs = Rhs::prepare(View::row_major(&b, k, n), tiles, true).unwrap();
         let mut c = vec![0f32; m * n];
-        on(path, View::row_major(&a, m, k), &rhs, &mut c, n, false).unwrap();
+        on(path, View::row_major(&a, m, k), &rhs, &mut c, n, false, true).unwrap();
         for i in 0..m {
             for j in 0..n {
                 let v = c[i * n + j];
@@ -415,10 +430,18 @@ fn packed_products_are_bf16_products_whatever_the_rows_beside() {
 }
 
 /// [`matmul_on`] into a slice, checked as [`matmul`] checks it.
-fn on(path: CpuPath, a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> candle_core::Result<()> {
+fn on(
+    path: CpuPath,
+    a: View,
+    b: &Rhs,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) -> candle_core::Result<()> {
     check_out("test", a.rows, b.n(), c.len(), ldc)?;
     // SAFETY: `c` holds [a.rows, b.n] at stride ldc (checked), initialised.
-    unsafe { matmul_on(path, a, b, c.as_mut_ptr(), ldc, accumulate) }
+    unsafe { matmul_on(path, a, b, c.as_mut_ptr(), ldc, accumulate, parallel) }
 }
 
 /// The products into new buffers (not zero-filled first) equal those into zero-filled ones, bit
@@ -445,7 +468,7 @@ fn products_into_new_buffers_equal_those_into_zeroed_ones() {
                 if tiles && !CpuPath::Avx512Bf16.allows() {
                     continue;
                 }
-                let rhs = Rhs::prepare(bv, tiles).unwrap();
+                let rhs = Rhs::prepare(bv, tiles, true).unwrap();
                 let mut want = vec![0f32; m * n];
                 matmul(av, &rhs, &mut want, n, false).unwrap();
                 assert_eq!(
