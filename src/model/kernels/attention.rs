@@ -299,6 +299,13 @@ struct Shared<T>(*mut T);
 unsafe impl<T> Sync for Shared<T> {}
 unsafe impl<T> Send for Shared<T> {}
 
+impl<T> Shared<T> {
+    /// The pointer (a method, so that a closure captures the `Shared`, not its field).
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
 /// What one (head, piece) task computes first in both passes: rotated queries `[rows, D]`,
 /// rotated keys and values `[n_keys, D]`, and the probabilities `[rows, n_keys]`.
 struct Probabilities<T> {
@@ -373,14 +380,13 @@ impl<T: Elem> Block<'_, T> {
             let (h, pc) = (t % a.n_heads, &pieces[t / a.n_heads]);
             let pr = self.probabilities(h, pc)?;
             let (r0, rl) = pc.rows;
-            let o = o;
             // SAFETY: p [rl, nk], v [nk, d]; the output rows r0.. of head h (columns h·d..)
             // are this task's alone.
             unsafe {
                 product(
                     a.bf16,
                     (rl, pc.n_keys, d),
-                    o.0.add((pc.b * self.l + r0) * hd + h * d),
+                    o.ptr().add((pc.b * self.l + r0) * hd + h * d),
                     hd,
                     false,
                     pr.p.as_ptr(),
@@ -473,12 +479,11 @@ impl<T: Elem> Block<'_, T> {
                         (d, 1),
                     )?;
                 }
-                let dqp = dqp;
                 for (i, g) in dqr.chunks(d).enumerate() {
                     let t = pc.b * self.l + r0 + i;
                     let (c, s) = (&self.cos[t * d..][..d], &self.sin[t * d..][..d]);
                     // SAFETY: row t of head h is this task's alone.
-                    let y = unsafe { std::slice::from_raw_parts_mut(dqp.0.add(t * hd + h * d), d) };
+                    let y = unsafe { std::slice::from_raw_parts_mut(dqp.ptr().add(t * hd + h * d), d) };
                     rotate(y, g, c, s, true);
                 }
                 Ok((dk, dv))

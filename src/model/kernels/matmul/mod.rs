@@ -12,9 +12,14 @@
 //!
 //! On CPUs with AMX (Intel Xeon 4th generation, "Sapphire Rapids", and later) the products run
 //! on the tile unit: the operands are converted while they are packed into 16×32 bf16 tiles,
-//! and a 32×32 block of the result is four `tdpbf16ps` accumulators. Elsewhere the same numbers
-//! come from rounding the operands and running the f32 GEMM (the results differ only in the
-//! order of the f32 sums); that path is correct but no faster than f32.
+//! and a 32×32 block of the result is four `tdpbf16ps` accumulators. With AVX512-BF16 but no
+//! AMX (AMD Zen 4/5) the same tiles are multiplied with `vdpbf16ps` ([`dpbf16`]). Elsewhere the
+//! same numbers come from rounding the operands and running the f32 GEMM (the results differ
+//! only in the order of the f32 sums); that path is correct but no faster than f32.
+//!
+//! [`matmul`] splits a product's 32×32 blocks evenly over the pool's threads;
+//! [`matmul_serial`] runs one on the calling thread, for the small products of tasks that are
+//! already parallel (attention's).
 
 use super::cpu::CpuPath;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
