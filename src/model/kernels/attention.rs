@@ -372,6 +372,9 @@ impl<T: Elem> Block<'_, T> {
 
     /// The output `[B·L, H·D]`.
     fn forward(&self, pieces: &[Piece<T>]) -> CResult<Vec<T>> {
+        if self.a.bf16 && T::DTYPE == DType::F32 {
+            return self.forward_bf16(pieces);
+        }
         let a = self.a;
         let (d, hd) = (a.head_dim, a.n_heads * a.head_dim);
         let mut out = vec![T::zero(); a.batch * self.l * hd];
@@ -397,6 +400,97 @@ impl<T: Elem> Block<'_, T> {
             }
         })?;
         Ok(out)
+    }
+
+    /// [`Self::forward`] with bf16 products (f32 only): each key/value head's rotated keys and
+    /// values are packed once per set of keys, for all the heads of its group and all the runs
+    /// of rows that attend them (each run multiplies the leading part it may see). Packing them
+    /// per task cost more than the products.
+    fn forward_bf16(&self, pieces: &[Piece<T>]) -> CResult<Vec<T>> {
+        use super::matmul::{matmul_corner_serial, Rhs, View};
+        let a = self.a;
+        let (d, hd, kd) = (a.head_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+        let rep = a.n_heads / a.n_kv_heads;
+        // SAFETY: T is f32 here (the caller checked T::DTYPE): the same values.
+        let f32s = |x: &[T]| -> &[f32] { unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) } };
+        let (qs, ks, vs, cos, sin) = (f32s(self.q), f32s(self.k), f32s(self.v), f32s(self.cos), f32s(self.sin));
+        // the distinct key sets (a part's runs of rows share theirs), and each piece's
+        let mut sets: Vec<(usize, &[(usize, usize)])> = Vec::new();
+        let set_of: Vec<usize> = pieces
+            .iter()
+            .map(|pc| {
+                let same = |s: &(usize, &[(usize, usize)])| s.0 == pc.b && std::ptr::eq(s.1, pc.keys);
+                sets.iter().position(same).unwrap_or_else(|| {
+                    sets.push((pc.b, pc.keys));
+                    sets.len() - 1
+                })
+            })
+            .collect();
+        // per (set, kv head): Kᵀ `[D, keys]` and V `[keys, D]`, packed
+        let packed: Vec<(Rhs, Rhs)> = (0..sets.len() * a.n_kv_heads)
+            .into_par_iter()
+            .map(|i| {
+                let ((b, keys), g) = (sets[i / a.n_kv_heads], i % a.n_kv_heads);
+                let rows: Vec<usize> = keys
+                    .iter()
+                    .flat_map(|&(s, n)| s..s + n)
+                    .map(|t| b * self.l + t)
+                    .collect();
+                let (mut k, mut v) = (vec![0f32; rows.len() * d], vec![0f32; rows.len() * d]);
+                for ((&r, ky), vy) in rows.iter().zip(k.chunks_mut(d)).zip(v.chunks_mut(d)) {
+                    rotate(
+                        ky,
+                        &ks[r * kd + g * d..][..d],
+                        &cos[r * d..][..d],
+                        &sin[r * d..][..d],
+                        false,
+                    );
+                    vy.copy_from_slice(&vs[r * kd + g * d..][..d]);
+                }
+                let n = rows.len();
+                Ok((
+                    Rhs::serial(View::row_major(&k, n, d).t())?,
+                    Rhs::serial(View::row_major(&v, n, d))?,
+                ))
+            })
+            .collect::<CResult<_>>()?;
+        let mut out = vec![0f32; a.batch * self.l * hd];
+        let o = Shared(out.as_mut_ptr());
+        let scale = a.scale() as f32;
+        (0..a.n_heads * pieces.len()).into_par_iter().try_for_each(|t| {
+            let (h, i) = (t % a.n_heads, t / a.n_heads);
+            let pc = &pieces[i];
+            let (kt, v) = &packed[set_of[i] * a.n_kv_heads + h / rep];
+            let ((r0, rl), nk) = (pc.rows, pc.n_keys);
+            let mut q = vec![0f32; rl * d];
+            for (j, y) in q.chunks_mut(d).enumerate() {
+                let r = pc.b * self.l + r0 + j;
+                rotate(
+                    y,
+                    &qs[r * hd + h * d..][..d],
+                    &cos[r * d..][..d],
+                    &sin[r * d..][..d],
+                    false,
+                );
+            }
+            let mut scores = vec![0f32; rl * nk];
+            // SAFETY: scores is [rl, nk], this task's own.
+            unsafe { matmul_corner_serial(View::row_major(&q, rl, d), kt, nk, scores.as_mut_ptr(), nk)? };
+            let mut p = vec![0f32; rl * nk];
+            let mask = f32s(pc.mask);
+            for (j, (y, x)) in p.chunks_mut(nk).zip(scores.chunks(nk)).enumerate() {
+                softmax_row(y, x, &mask[j * pc.stride..][..nk], scale);
+            }
+            // SAFETY: the output rows r0.. of head h (columns h·d.., stride hd) are this task's.
+            unsafe {
+                let dst = o.ptr().add((pc.b * self.l + r0) * hd + h * d);
+                matmul_corner_serial(View::row_major(&p, rl, nk), v, d, dst, hd)
+            }
+        })?;
+        // T is f32: the buffer is already a Vec<T>
+        let mut out = std::mem::ManuallyDrop::new(out);
+        // SAFETY: same type (T = f32), pointer, length and capacity.
+        Ok(unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut T, out.len(), out.capacity()) })
     }
 
     /// The gradients of `q`, `k`, `v` (their layouts) for the output gradient `d_out`.

@@ -241,6 +241,11 @@ impl Rhs {
         Self::prepare(b, CpuPath::Avx512Bf16.allows(), true)
     }
 
+    /// [`Self::new`] on the calling thread alone.
+    pub fn serial(b: View) -> candle_core::Result<Rhs> {
+        Self::prepare(b, CpuPath::Avx512Bf16.allows(), false)
+    }
+
     fn prepare(b: View, tiles: bool, parallel: bool) -> candle_core::Result<Rhs> {
         b.check()?;
         let (k, n) = (b.rows, b.cols);
@@ -352,9 +357,20 @@ pub fn matmul(a: View, b: &Rhs, c: &mut [f32], ldc: usize, accumulate: bool) -> 
 /// `c` must hold `[a.rows, b.cols]` at row stride `ldc ≥ b.cols`, initialised where
 /// `accumulate`, and no other thread may touch it meanwhile.
 pub unsafe fn matmul_serial(a: View, b: View, c: *mut f32, ldc: usize, accumulate: bool) -> candle_core::Result<()> {
-    let rhs = Rhs::prepare(b, CpuPath::Avx512Bf16.allows(), false)?;
+    let rhs = Rhs::serial(b)?;
     // SAFETY: the caller's contract.
     unsafe { matmul_on(CpuPath::active(), a, &rhs, c, ldc, accumulate, false) }
+}
+
+/// `a` times the corner `[a.cols, n]` of the prepared `b` ([`Rhs::serial`]), on the calling
+/// thread alone, into `c` (row-major, `ldc` per row): [`matmul_serial`] for several products
+/// over leading parts of one operand.
+///
+/// # Safety
+/// As [`matmul_serial`], for `[a.rows, n]`.
+pub unsafe fn matmul_corner_serial(a: View, b: &Rhs, n: usize, c: *mut f32, ldc: usize) -> candle_core::Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { matmul_corner_on(CpuPath::active(), a, b, n, c, ldc, false, false) }
 }
 
 /// `a·b` with bf16 operands and f32 sums as a new row-major `[a.rows, b.n]` buffer, which the
@@ -407,32 +423,59 @@ unsafe fn matmul_on(
     accumulate: bool,
     parallel: bool,
 ) -> candle_core::Result<()> {
-    a.check()?;
-    let (m, n) = (a.rows, b.n());
     if a.cols != b.k() {
-        candle_core::bail!("bf16 matmul: [{m}, {}] times [{}, {n}]", a.cols, b.k())
+        candle_core::bail!("bf16 matmul: [{}, {}] times [{}, {}]", a.rows, a.cols, b.k(), b.n())
+    }
+    // SAFETY: the caller's contract.
+    unsafe { matmul_corner_on(path, a, b, b.n(), c, ldc, accumulate, parallel) }
+}
+
+/// `a·b'` where `b'` is the corner `[a.cols, n]` of `b` (its first `a.cols ≤ k` rows and first
+/// `n` columns), as [`matmul_on`]: one packed operand serves products over leading parts of it
+/// (attention's keys up to the last one a run of queries may see).
+///
+/// # Safety
+/// As [`matmul_on`], for `[a.rows, n]`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_corner_on(
+    path: CpuPath,
+    a: View,
+    b: &Rhs,
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) -> candle_core::Result<()> {
+    a.check()?;
+    let m = a.rows;
+    if a.cols > b.k() || n > b.n() {
+        candle_core::bail!("bf16 matmul: [{m}, {}] times [{}, {n}] of {:?}", a.cols, a.cols, b)
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
     match b {
-        Rhs::Rounded { data, k, n } => {
-            let (k, n) = (*k, *n);
+        Rhs::Rounded { data, n: bn, .. } => {
+            let k = a.cols;
             let lhs = rounded(a, parallel);
+            // the corner of the row-major [k, bn] operand
+            let corner = View {
+                data,
+                rows: k,
+                cols: n,
+                rs: *bn,
+                cs: 1,
+            };
             // SAFETY: the caller's contract on `c`.
-            unsafe {
-                matmul_f32_raw(
-                    View::row_major(&lhs, m, k),
-                    View::row_major(data, k, n),
-                    c,
-                    ldc,
-                    accumulate,
-                    parallel,
-                )
-            }
+            unsafe { matmul_f32_raw(View::row_major(&lhs, m, k), corner, c, ldc, accumulate, parallel) }
         }
-        Rhs::Tiles { data: bt, nkb, .. } => {
-            let nkb = *nkb;
+        Rhs::Tiles {
+            data: bt, nkb: b_nkb, ..
+        } => {
+            // a's columns past a.cols are packed as zeros, so b's rows there add nothing
+            let nkb = a.cols.div_ceil(32).max(1);
+            let b_tile = *b_nkb * 512; // u16 per 16-column chunk of b
             let at = pack_lhs(a, nkb, parallel);
             let (mblocks, nblocks) = (m.div_ceil(32), n.div_ceil(32));
             // each task takes an equal run of the 32×32 blocks in column-major order (a column
@@ -444,7 +487,7 @@ unsafe fn matmul_on(
             } else {
                 1
             };
-            let tile = nkb * 512; // u16 per 16-row (or 16-column) block
+            let tile = nkb * 512; // u16 per 16-row block of a
             let out = linear::SharedOut(c);
             for_each_index(tasks, parallel, |t| {
                 let mut blk = [0f32; 32 * 32];
@@ -453,8 +496,8 @@ unsafe fn matmul_on(
                 let _tiles = on_amx.then(|| unsafe { amx::Tiles::configure() });
                 for b in t * blocks / tasks..(t + 1) * blocks / tasks {
                     let (nb, mb) = (b / mblocks, b % mblocks);
-                    let b0 = bt[2 * nb * tile..].as_ptr();
-                    let b1 = bt[(2 * nb + 1) * tile..].as_ptr();
+                    let b0 = bt[2 * nb * b_tile..].as_ptr();
+                    let b1 = bt[(2 * nb + 1) * b_tile..].as_ptr();
                     let jn = 32.min(n - nb * 32);
                     let a0 = at[2 * mb * tile..].as_ptr();
                     let a1 = at[(2 * mb + 1) * tile..].as_ptr();
