@@ -1,3 +1,4 @@
+use super::rope::rotate;
 use super::*;
 
 // ---------------------------------------------------------------- attention softmax
@@ -201,22 +202,6 @@ fn pieces<'a, T: Elem>(
         }
     }
     out
-}
-
-/// `y = x·cos + rotate_half(x)·sin` of one head's row (`inverse`: the adjoint, as [`Rope`]).
-#[inline]
-fn rotate<T: Elem>(y: &mut [T], x: &[T], c: &[T], s: &[T], inverse: bool) {
-    let half = x.len() / 2;
-    for j in 0..half {
-        let (x1, x2) = (x[j], x[j + half]);
-        if inverse {
-            y[j] = x1 * c[j] + x2 * s[j + half];
-            y[j + half] = x2 * c[j + half] - x1 * s[j];
-        } else {
-            y[j] = x1 * c[j] - x2 * s[j];
-            y[j + half] = x2 * c[j + half] + x1 * s[j + half];
-        }
-    }
 }
 
 /// `c = a·b` (or `c += a·b`), single-threaded (the tasks are the parallelism): `[m, k]` by

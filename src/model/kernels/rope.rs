@@ -24,7 +24,6 @@ fn rope_fwd<T: Elem>(
     if l2.dims() != [b, 1, l, d] || l3.dims() != [b, 1, l, d] {
         candle_core::bail!("{op}: cos/sin {:?} do not match x {:?}", l2.dims(), l1.dims());
     }
-    let half = d / 2;
     let (x, cos, sin) = (
         slice::<T>(s1, l1, op)?,
         slice::<T>(s2, l2, op)?,
@@ -39,20 +38,27 @@ fn rope_fwd<T: Elem>(
             for t in 0..l {
                 let c = &cos[base + t * d..base + (t + 1) * d];
                 let s = &sin[base + t * d..base + (t + 1) * d];
-                let (x, y) = (&x[t * d..(t + 1) * d], &mut y[t * d..(t + 1) * d]);
-                for j in 0..half {
-                    let (x1, x2) = (x[j], x[j + half]);
-                    if transpose {
-                        y[j] = x1 * c[j] + x2 * s[j + half];
-                        y[j + half] = x2 * c[j + half] - x1 * s[j];
-                    } else {
-                        y[j] = x1 * c[j] - x2 * s[j];
-                        y[j + half] = x2 * c[j + half] + x1 * s[j + half];
-                    }
-                }
+                rotate(&mut y[t * d..(t + 1) * d], &x[t * d..(t + 1) * d], c, s, transpose);
             }
         });
     out(y, l1.shape().clone())
+}
+
+/// `y = x·cos + rotate_half(x)·sin` of one head's row of `D` values (`inverse`: the adjoint,
+/// for the backward pass).
+#[inline]
+pub(super) fn rotate<T: Elem>(y: &mut [T], x: &[T], c: &[T], s: &[T], inverse: bool) {
+    let half = x.len() / 2;
+    for j in 0..half {
+        let (x1, x2) = (x[j], x[j + half]);
+        if inverse {
+            y[j] = x1 * c[j] + x2 * s[j + half];
+            y[j + half] = x2 * c[j + half] - x1 * s[j];
+        } else {
+            y[j] = x1 * c[j] - x2 * s[j];
+            y[j + half] = x2 * c[j + half] + x1 * s[j + half];
+        }
+    }
 }
 
 custom_op!(

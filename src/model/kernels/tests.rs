@@ -236,6 +236,13 @@ fn fused_attention_of_shared_prompt_parts_matches_primitive() {
     });
 }
 
+/// Two padded rows of 150 tokens, the second left-padded by 37: longer than the fused
+/// attention's runs of query rows (64). Returns the length and which tokens are real.
+fn long_rows() -> (usize, Vec<Vec<bool>>) {
+    let t = 150;
+    (t, vec![vec![true; t], (0..t).map(|i| i >= 37).collect()])
+}
+
 /// Rows longer than the fused kernel's runs of query rows (64), each run attending only the
 /// keys up to the last one it may see: a padded batch whose second row is left-padded, and a
 /// packed row with a 70-token prompt shared by responses of 80, 3 and 90 tokens (split into
@@ -245,8 +252,7 @@ fn fused_attention_of_shared_prompt_parts_matches_primitive() {
 fn fused_attention_over_long_rows_matches_primitive() {
     use crate::batch::{collate, Layout, ScoredGroup};
     use crate::model::AttentionInputs;
-    let t = 150;
-    let valid = vec![vec![true; t], (0..t).map(|i| i >= 37).collect()];
+    let (t, valid) = long_rows();
     let ids = |n: usize, from: u32| (0..n as u32).map(|i| (from + i) % 50).collect::<Vec<u32>>();
     let (p1, r1) = (ids(70, 1), vec![ids(80, 2), ids(3, 3), ids(90, 4)]);
     let (p2, r2) = (ids(20, 5), vec![ids(100, 6)]);
@@ -283,8 +289,7 @@ fn fused_attention_over_long_rows_matches_primitive() {
 #[test]
 fn fused_bf16_attention_is_attention_of_rounded_operands() {
     use crate::model::AttentionInputs;
-    let t = 150;
-    let valid = vec![vec![true; t], (0..t).map(|i| i >= 37).collect()];
+    let (t, valid) = long_rows();
     let bf16 = Kernels::bf16;
     for_one_layer_models(|dt, _, m| {
         if dt != DType::F32 {
