@@ -204,7 +204,7 @@ fn pieces<'a, T: Elem>(
     out
 }
 
-/// `c = a·b` (or `c += a·b`), single-threaded (the tasks are the parallelism): `[m, k]` by
+/// `c = a·b`, single-threaded (the tasks are the parallelism): `[m, k]` by
 /// `[k, n]` with each operand at `(row stride, column stride)`, `c` row-major at stride `ldc`.
 /// With `bf16` (f32 only) the operands are rounded to bf16 and the sums are f32
 /// ([`super::matmul::matmul_serial`]), as PyTorch's autocast runs attention.
@@ -217,7 +217,6 @@ unsafe fn product<T: Elem>(
     (m, k, n): (usize, usize, usize),
     c: *mut T,
     ldc: usize,
-    accumulate: bool,
     a: *const T,
     (ars, acs): (usize, usize),
     b: *const T,
@@ -246,11 +245,11 @@ unsafe fn product<T: Elem>(
                 view(b, k, n, (brs, bcs)),
                 c as *mut f32,
                 ldc,
-                accumulate,
+                false,
             )
         };
     }
-    // SAFETY: the caller's contract; with `accumulate` false gemm writes [m, n] without reading.
+    // SAFETY: the caller's contract; with `read_dst` false gemm writes [m, n] without reading.
     unsafe {
         gemm::gemm(
             m,
@@ -259,7 +258,7 @@ unsafe fn product<T: Elem>(
             c,
             1,
             ldc as isize,
-            accumulate,
+            false,
             a,
             acs as isize,
             ars as isize,
@@ -313,25 +312,61 @@ struct Block<'a, T> {
 }
 
 impl<T: Elem> Block<'_, T> {
+    /// Head `h`'s rotated queries `[rows, D]` of the piece's rows.
+    fn rotated_queries(&self, h: usize, pc: &Piece<T>) -> Vec<T> {
+        let (d, hd) = (self.a.head_dim, self.a.n_heads * self.a.head_dim);
+        let mut q = vec![T::zero(); pc.rows.1 * d];
+        for (i, y) in q.chunks_mut(d).enumerate() {
+            let r = pc.b * self.l + pc.rows.0 + i;
+            rotate(
+                y,
+                &self.q[r * hd + h * d..][..d],
+                &self.cos[r * d..][..d],
+                &self.sin[r * d..][..d],
+                false,
+            );
+        }
+        q
+    }
+
+    /// Key/value head `g`'s rotated keys and its values `[keys, D]` at the positions `keys` of
+    /// batch row `b`.
+    fn rotated_keys_and_values(&self, g: usize, b: usize, keys: impl Iterator<Item = usize>) -> (Vec<T>, Vec<T>) {
+        let (d, kd) = (self.a.head_dim, self.a.n_kv_heads * self.a.head_dim);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        let mut y = vec![T::zero(); d];
+        for t in keys {
+            let r = b * self.l + t;
+            rotate(
+                &mut y,
+                &self.k[r * kd + g * d..][..d],
+                &self.cos[r * d..][..d],
+                &self.sin[r * d..][..d],
+                false,
+            );
+            k.extend_from_slice(&y);
+            v.extend_from_slice(&self.v[r * kd + g * d..][..d]);
+        }
+        (k, v)
+    }
+
+    /// The probabilities `[rows, n_keys]` of the piece's `scores` under its mask.
+    fn softmax_rows(&self, pc: &Piece<T>, scores: &[T]) -> Vec<T> {
+        let nk = pc.n_keys;
+        let mut p = vec![T::zero(); scores.len()];
+        let scale: T = num(self.a.scale());
+        for (i, (y, x)) in p.chunks_mut(nk).zip(scores.chunks(nk)).enumerate() {
+            softmax_row(y, x, &pc.mask[i * pc.stride..][..nk], scale);
+        }
+        p
+    }
+
     fn probabilities(&self, h: usize, pc: &Piece<T>) -> CResult<Probabilities<T>> {
         let a = self.a;
-        let (d, hd, kd) = (a.head_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
-        let g = h / (a.n_heads / a.n_kv_heads);
-        let (r0, rl) = pc.rows;
-        let nk = pc.n_keys;
-        let row = |t: usize| pc.b * self.l + t;
-        let table = |t: usize| (&self.cos[row(t) * d..][..d], &self.sin[row(t) * d..][..d]);
-        let mut q = vec![T::zero(); rl * d];
-        for (i, y) in q.chunks_mut(d).enumerate() {
-            let (c, s) = table(r0 + i);
-            rotate(y, &self.q[row(r0 + i) * hd + h * d..][..d], c, s, false);
-        }
-        let (mut k, mut v) = (vec![T::zero(); nk * d], vec![T::zero(); nk * d]);
-        for ((t, ky), vy) in pc.key_rows().zip(k.chunks_mut(d)).zip(v.chunks_mut(d)) {
-            let (c, s) = table(t);
-            rotate(ky, &self.k[row(t) * kd + g * d..][..d], c, s, false);
-            vy.copy_from_slice(&self.v[row(t) * kd + g * d..][..d]);
-        }
+        let d = a.head_dim;
+        let (rl, nk) = (pc.rows.1, pc.n_keys);
+        let q = self.rotated_queries(h, pc);
+        let (k, v) = self.rotated_keys_and_values(h / (a.n_heads / a.n_kv_heads), pc.b, pc.key_rows());
         let mut scores = vec![T::zero(); rl * nk];
         // SAFETY: q is [rl, d], k [nk, d] (read as kᵀ), scores [rl, nk].
         unsafe {
@@ -340,18 +375,13 @@ impl<T: Elem> Block<'_, T> {
                 (rl, d, nk),
                 scores.as_mut_ptr(),
                 nk,
-                false,
                 q.as_ptr(),
                 (d, 1),
                 k.as_ptr(),
                 (1, d),
             )?
         };
-        let mut p = vec![T::zero(); rl * nk];
-        let scale: T = num(a.scale());
-        for (i, (y, x)) in p.chunks_mut(nk).zip(scores.chunks(nk)).enumerate() {
-            softmax_row(y, x, &pc.mask[i * pc.stride..][..nk], scale);
-        }
+        let p = self.softmax_rows(pc, &scores);
         Ok(Probabilities { q, k, v, p })
     }
 
@@ -376,7 +406,6 @@ impl<T: Elem> Block<'_, T> {
                     (rl, pc.n_keys, d),
                     o.ptr().add((pc.b * self.l + r0) * hd + h * d),
                     hd,
-                    false,
                     pr.p.as_ptr(),
                     (pc.n_keys, 1),
                     pr.v.as_ptr(),
@@ -394,11 +423,7 @@ impl<T: Elem> Block<'_, T> {
     fn forward_bf16(&self, pieces: &[Piece<T>]) -> CResult<Vec<T>> {
         use super::matmul::{matmul_corner_serial, Rhs, View};
         let a = self.a;
-        let (d, hd, kd) = (a.head_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
-        let rep = a.n_heads / a.n_kv_heads;
-        // SAFETY: T is f32 here (the caller checked T::DTYPE): the same values.
-        let f32s = |x: &[T]| -> &[f32] { unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) } };
-        let (qs, ks, vs, cos, sin) = (f32s(self.q), f32s(self.k), f32s(self.v), f32s(self.cos), f32s(self.sin));
+        let (d, hd) = (a.head_dim, a.n_heads * a.head_dim);
         // the distinct key sets (a part's runs of rows share theirs), and each piece's
         let mut sets: Vec<(usize, &[(usize, usize)])> = Vec::new();
         let set_of: Vec<usize> = pieces
@@ -416,66 +441,36 @@ impl<T: Elem> Block<'_, T> {
             .into_par_iter()
             .map(|i| {
                 let ((b, keys), g) = (sets[i / a.n_kv_heads], i % a.n_kv_heads);
-                let rows: Vec<usize> = keys
-                    .iter()
-                    .flat_map(|&(s, n)| s..s + n)
-                    .map(|t| b * self.l + t)
-                    .collect();
-                let (mut k, mut v) = (vec![0f32; rows.len() * d], vec![0f32; rows.len() * d]);
-                for ((&r, ky), vy) in rows.iter().zip(k.chunks_mut(d)).zip(v.chunks_mut(d)) {
-                    rotate(
-                        ky,
-                        &ks[r * kd + g * d..][..d],
-                        &cos[r * d..][..d],
-                        &sin[r * d..][..d],
-                        false,
-                    );
-                    vy.copy_from_slice(&vs[r * kd + g * d..][..d]);
-                }
-                let n = rows.len();
+                let (k, v) = self.rotated_keys_and_values(g, b, keys.iter().flat_map(|&(s, n)| s..s + n));
+                let n = k.len() / d;
                 Ok((
-                    Rhs::serial(View::row_major(&k, n, d).t())?,
-                    Rhs::serial(View::row_major(&v, n, d))?,
+                    Rhs::serial(View::row_major(f32s(&k), n, d).t())?,
+                    Rhs::serial(View::row_major(f32s(&v), n, d))?,
                 ))
             })
             .collect::<CResult<_>>()?;
-        let mut out = vec![0f32; a.batch * self.l * hd];
-        let o = Shared(out.as_mut_ptr());
-        let scale = a.scale() as f32;
+        let mut out = vec![T::zero(); a.batch * self.l * hd];
+        let o = Shared(out.as_mut_ptr() as *mut f32);
         (0..a.n_heads * pieces.len()).into_par_iter().try_for_each(|t| {
             let (h, i) = (t % a.n_heads, t / a.n_heads);
             let pc = &pieces[i];
-            let (kt, v) = &packed[set_of[i] * a.n_kv_heads + h / rep];
+            let (kt, v) = &packed[set_of[i] * a.n_kv_heads + h / (a.n_heads / a.n_kv_heads)];
             let ((r0, rl), nk) = (pc.rows, pc.n_keys);
-            let mut q = vec![0f32; rl * d];
-            for (j, y) in q.chunks_mut(d).enumerate() {
-                let r = pc.b * self.l + r0 + j;
-                rotate(
-                    y,
-                    &qs[r * hd + h * d..][..d],
-                    &cos[r * d..][..d],
-                    &sin[r * d..][..d],
-                    false,
-                );
-            }
-            let mut scores = vec![0f32; rl * nk];
-            // SAFETY: scores is [rl, nk], this task's own.
-            unsafe { matmul_corner_serial(View::row_major(&q, rl, d), kt, nk, scores.as_mut_ptr(), nk)? };
-            let mut p = vec![0f32; rl * nk];
-            let mask = f32s(pc.mask);
-            for (j, (y, x)) in p.chunks_mut(nk).zip(scores.chunks(nk)).enumerate() {
-                softmax_row(y, x, &mask[j * pc.stride..][..nk], scale);
-            }
+            let q = self.rotated_queries(h, pc);
+            let mut scores = vec![T::zero(); rl * nk];
+            // SAFETY: scores is [rl, nk] (f32: T is), this task's own.
+            unsafe {
+                let dst = scores.as_mut_ptr() as *mut f32;
+                matmul_corner_serial(View::row_major(f32s(&q), rl, d), kt, nk, dst, nk)?
+            };
+            let p = self.softmax_rows(pc, &scores);
             // SAFETY: the output rows r0.. of head h (columns h·d.., stride hd) are this task's.
             unsafe {
                 let dst = o.ptr().add((pc.b * self.l + r0) * hd + h * d);
-                matmul_corner_serial(View::row_major(&p, rl, nk), v, d, dst, hd)
+                matmul_corner_serial(View::row_major(f32s(&p), rl, nk), v, d, dst, hd)
             }
         })?;
-        // T is f32: the buffer is already a Vec<T>
-        let mut out = std::mem::ManuallyDrop::new(out);
-        // SAFETY: same type (T = f32), pointer, length and capacity.
-        Ok(unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut T, out.len(), out.capacity()) })
+        Ok(out)
     }
 
     /// The gradients of `q`, `k`, `v` (their layouts) for the output gradient `d_out`.
@@ -505,28 +500,8 @@ impl<T: Elem> Block<'_, T> {
                 // k, v, dk, dv [nk, d]; d_out's rows r0.. of head h at stride hd.
                 unsafe {
                     // dV = Pᵀ·dO, dP = dO·Vᵀ
-                    product(
-                        bf16,
-                        (nk, rl, d),
-                        dv.as_mut_ptr(),
-                        d,
-                        false,
-                        p.as_ptr(),
-                        (1, nk),
-                        d_o,
-                        (hd, 1),
-                    )?;
-                    product(
-                        bf16,
-                        (rl, d, nk),
-                        ds.as_mut_ptr(),
-                        nk,
-                        false,
-                        d_o,
-                        (hd, 1),
-                        v.as_ptr(),
-                        (1, d),
-                    )?;
+                    product(bf16, (nk, rl, d), dv.as_mut_ptr(), d, p.as_ptr(), (1, nk), d_o, (hd, 1))?;
+                    product(bf16, (rl, d, nk), ds.as_mut_ptr(), nk, d_o, (hd, 1), v.as_ptr(), (1, d))?;
                 }
                 for (g, pr) in ds.chunks_mut(nk).zip(p.chunks(nk)) {
                     let dp = g.to_vec();
@@ -540,7 +515,6 @@ impl<T: Elem> Block<'_, T> {
                         (rl, nk, d),
                         dqr.as_mut_ptr(),
                         d,
-                        false,
                         ds.as_ptr(),
                         (nk, 1),
                         k.as_ptr(),
@@ -551,7 +525,6 @@ impl<T: Elem> Block<'_, T> {
                         (nk, rl, d),
                         dk.as_mut_ptr(),
                         d,
-                        false,
                         ds.as_ptr(),
                         (1, nk),
                         q.as_ptr(),
@@ -599,6 +572,17 @@ impl<T: Elem> Block<'_, T> {
         }
         Ok([dq, dk, dv])
     }
+}
+
+/// `x` as f32 values; only for `T` = f32 (the bf16 paths check `T::DTYPE` first).
+fn f32s<T: Elem>(x: &[T]) -> &[f32] {
+    assert_eq!(
+        T::DTYPE,
+        DType::F32,
+        "fused-attention: bf16 products of f32 values only"
+    );
+    // SAFETY: T is f32 (asserted): the same values.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) }
 }
 
 /// Runs `f` on the values of contiguous f32/f64 CPU tensors of type `T`.

@@ -200,24 +200,13 @@ fn for_one_layer_models(f: impl Fn(DType, f64, &crate::model::Transformer)) {
 /// response (one dense block): values and gradients equal masked attention on primitives.
 #[test]
 fn fused_attention_of_shared_prompt_parts_matches_primitive() {
-    use crate::batch::{collate, Layout, ScoredGroup};
     use crate::model::AttentionInputs;
     let (p1, r1) = (
         vec![1u32, 2, 3],
         vec![vec![4u32, 5, 6, 7], vec![8], vec![9, 10, 11, 12, 13]],
     );
     let (p2, r2) = (vec![3u32, 4], vec![vec![5u32, 6]]);
-    let groups = [
-        ScoredGroup {
-            prompt: &p1,
-            responses: &r1,
-        },
-        ScoredGroup {
-            prompt: &p2,
-            responses: &r2,
-        },
-    ];
-    let batch = collate(&groups, Layout::PACKED).unwrap();
+    let batch = packed_batch([(&p1, &r1), (&p2, &r2)]);
     for_one_layer_models(|dt, tol, m| {
         let attn = AttentionInputs::for_batch(&m.cfg, &batch, dt, &Device::Cpu).unwrap();
         let parts = attn.blocks[0]
@@ -236,6 +225,13 @@ fn fused_attention_of_shared_prompt_parts_matches_primitive() {
     });
 }
 
+/// One packed row of the units (prompt, its responses).
+fn packed_batch(units: [(&[u32], &[Vec<u32>]); 2]) -> crate::batch::Collated {
+    use crate::batch::{collate, Layout, ScoredGroup};
+    let groups = units.map(|(prompt, responses)| ScoredGroup { prompt, responses });
+    collate(&groups, Layout::PACKED).unwrap()
+}
+
 /// Two padded rows of 150 tokens, the second left-padded by 37: longer than the fused
 /// attention's runs of query rows (64). Returns the length and which tokens are real.
 fn long_rows() -> (usize, Vec<Vec<bool>>) {
@@ -250,23 +246,12 @@ fn long_rows() -> (usize, Vec<Vec<bool>>) {
 /// primitives.
 #[test]
 fn fused_attention_over_long_rows_matches_primitive() {
-    use crate::batch::{collate, Layout, ScoredGroup};
     use crate::model::AttentionInputs;
     let (t, valid) = long_rows();
     let ids = |n: usize, from: u32| (0..n as u32).map(|i| (from + i) % 50).collect::<Vec<u32>>();
     let (p1, r1) = (ids(70, 1), vec![ids(80, 2), ids(3, 3), ids(90, 4)]);
     let (p2, r2) = (ids(20, 5), vec![ids(100, 6)]);
-    let groups = [
-        ScoredGroup {
-            prompt: &p1,
-            responses: &r1,
-        },
-        ScoredGroup {
-            prompt: &p2,
-            responses: &r2,
-        },
-    ];
-    let batch = collate(&groups, Layout::PACKED).unwrap();
+    let batch = packed_batch([(&p1, &r1), (&p2, &r2)]);
     for_one_layer_models(|dt, tol, m| {
         let padded = AttentionInputs::padded(&m.cfg, &valid, dt, &Device::Cpu).unwrap();
         let packed = AttentionInputs::for_batch(&m.cfg, &batch, dt, &Device::Cpu).unwrap();
